@@ -1,0 +1,118 @@
+"""What every converter shares: the export spec, the artifact record, manifest writing and parity.
+
+Parity at export: the artifact is loaded through the SDK (hash-checked like on a device), run on real
+images decoded exactly as the SDK decodes them, and compared with the PyTorch model on the same uint8
+batch: max |Δ log-prob| per level and per-level agreement of the tree-consistent path. The figures go
+into the manifest; below threshold the export fails loudly.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata as md
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from sdk import Classifier, InputSpec, Manifest, Taxonomy, TreeDecoder, sha256_file
+from sdk._manifest import size_bytes
+
+
+class ExportError(RuntimeError):
+    """An export could not produce a valid artifact (conversion failed or parity below threshold)."""
+
+
+class ParityError(ExportError):
+    """The exported artifact disagrees with PyTorch on real images beyond the threshold."""
+
+
+@dataclass(frozen=True)
+class ExportSpec:
+    """What to export and how to check it. `images` are uint8 (N, S, S, 3) real photos for parity."""
+
+    image_size: int
+    precision: str = "fp32"
+    images: np.ndarray | None = None
+    image_source: str = ""  # where the parity images came from (recorded in the manifest)
+    min_agreement: float = 0.995  # fine-level top-1 agreement with PyTorch required to pass
+    max_abs_logprob: float | None = 1e-3  # fp32 only: max |Δ log-prob| allowed (None: not checked)
+    options: dict[str, Any] = field(default_factory=dict)
+    model_info: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Artifact:
+    target: str
+    path: Path
+    manifest: Manifest
+    directory: Path
+
+
+def tool_versions(*packages: str) -> dict[str, str]:
+    out = {}
+    for p in ("hierfg", "torch", "numpy") + packages:
+        try:
+            out[p] = md.version(p)
+        except md.PackageNotFoundError:
+            pass
+    return out
+
+
+def output_names(taxonomy: Taxonomy) -> list[str]:
+    return [f"logp_{name}" for name in taxonomy.level_names]
+
+
+@torch.inference_mode()
+def torch_logprobs(deploy: torch.nn.Module, images: np.ndarray, batch: int = 16) -> list[np.ndarray]:
+    outs = []
+    for i in range(0, len(images), batch):
+        outs.append([o.numpy() for o in deploy(torch.from_numpy(np.ascontiguousarray(images[i:i + batch])))])
+    return [np.concatenate([o[l] for o in outs]).astype(np.float64) for l in range(len(outs[0]))]
+
+
+def parity(reference: list[np.ndarray], candidate: list[np.ndarray], taxonomy: Taxonomy) -> dict[str, Any]:
+    dec = TreeDecoder(taxonomy)
+    pr, pc = dec.paths(reference), dec.paths(candidate)
+    rec: dict[str, Any] = {"n_images": int(len(pr))}
+    for lvl, name in enumerate(taxonomy.level_names):
+        rec[f"agreement/{name}"] = float((pr[:, lvl] == pc[:, lvl]).mean())
+        rec[f"max_abs_logprob/{name}"] = float(np.max(np.abs(np.clip(reference[lvl], -80, 0) - np.clip(candidate[lvl], -80, 0))))
+    rec["agreement/path"] = float((pr == pc).all(1).mean())
+    return rec
+
+
+def write_manifest(target: str, artifact: Path, taxonomy: Taxonomy, spec: ExportSpec,
+                   versions: dict[str, str], metrics: dict[str, Any] | None = None) -> Manifest:
+    m = Manifest(
+        target=target, precision=spec.precision, file=artifact.name, sha256=sha256_file(artifact),
+        size_bytes=size_bytes(artifact), input=InputSpec(size=spec.image_size), outputs=output_names(taxonomy),
+        taxonomy=taxonomy, metrics=metrics or {}, tool_versions=versions, model=spec.model_info,
+    )
+    m.save(artifact.parent)
+    return m
+
+
+def check_parity(target: str, deploy: torch.nn.Module, artifact: Path, manifest: Manifest, spec: ExportSpec,
+                 reference: list[np.ndarray] | None = None) -> Manifest:
+    """Run the artifact through the SDK on spec.images, record parity in the manifest, raise below threshold."""
+    if spec.images is None or len(spec.images) == 0:
+        raise ExportError("parity needs real images: pass ExportSpec(images=...) (see converters.parity_images)")
+    clf = Classifier.load(artifact.parent)
+    cand = clf.logprobs(spec.images)
+    ref = reference if reference is not None else torch_logprobs(deploy, spec.images)
+    rec = parity(ref, cand, manifest.taxonomy)
+    rec["images"] = spec.image_source
+    rec["reference"] = "pytorch fp32"
+    manifest.metrics["parity"] = rec
+    manifest.save(artifact.parent)
+    fine = manifest.taxonomy.level_names[-1]
+    if rec[f"agreement/{fine}"] < spec.min_agreement:
+        raise ParityError(f"{target}: fine top-1 agreement with PyTorch {rec[f'agreement/{fine}']:.4f} is below "
+                          f"{spec.min_agreement} on {rec['n_images']} images; artifact left at {artifact} for inspection")
+    if spec.max_abs_logprob is not None:
+        worst = max(rec[f"max_abs_logprob/{n}"] for n in manifest.taxonomy.level_names)
+        if worst > spec.max_abs_logprob:
+            raise ParityError(f"{target}: max |Δ log-prob| {worst:.2e} exceeds {spec.max_abs_logprob:.0e}")
+    return manifest

@@ -1,0 +1,64 @@
+"""The table of targets and the options each accepts (validated up front), and checkpoint export."""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ._common import Artifact, ExportError, ExportSpec
+
+# target -> (module, options it accepts with their defaults)
+TARGETS: dict[str, tuple[str, dict[str, Any]]] = {
+    "onnx": ("converters.onnx", {"opset": 17, "dynamic_batch": True}),
+}
+
+
+def _module(target: str):
+    if target not in TARGETS:
+        raise ExportError(f"unknown target {target!r}; targets: {', '.join(TARGETS)}")
+    return importlib.import_module(TARGETS[target][0])
+
+
+def validate_options(target: str, options: dict[str, Any]) -> dict[str, Any]:
+    allowed = TARGETS[target][1]
+    bad = sorted(set(options) - set(allowed))
+    if bad:
+        raise ExportError(f"target {target!r} does not accept option(s) {bad}; it accepts {sorted(allowed)}")
+    return {**allowed, **options}
+
+
+def parity_images(data: str, split: str, size: int, n: int = 64, taxonomy=None) -> tuple[np.ndarray, str]:
+    """Up to n real images of a split, spread over the split, decoded exactly as the SDK decodes them."""
+    from sdk import prepare
+    from train.data import load_dataset
+
+    ds = load_dataset(data, split, taxonomy=taxonomy)
+    idx = np.linspace(0, len(ds) - 1, num=min(n, len(ds))).round().astype(int)
+    imgs = np.stack([prepare(ds.samples[i].source, size) for i in idx])
+    return imgs, f"{data}:{split} ({len(idx)} images spread over {len(ds)})"
+
+
+def export_checkpoint(checkpoint: str | Path, target: str, out_dir: str | Path, data: str | None = None,
+                      split: str = "val", n_parity: int = 64, options: dict[str, Any] | None = None,
+                      spec: ExportSpec | None = None) -> Artifact:
+    """Load a trained model directory and export it to one target with parity on real images."""
+    from train.checkpoint import load_model, file_sha256
+    from train.models import DeployWrapper
+
+    mod = _module(target)
+    opts = validate_options(target, options or {})
+    model, cfg, tax, conf = load_model(checkpoint)
+    data = data or conf.get("train", {}).get("data")
+    if not data:
+        raise ExportError("no --data given and the checkpoint does not record its dataset")
+    if spec is None:
+        images, source = parity_images(data, split, cfg.image_size, n_parity, taxonomy=tax)
+        spec = ExportSpec(image_size=cfg.image_size, images=images, image_source=source)
+    info = {"checkpoint_sha256": file_sha256(Path(checkpoint) / "model.safetensors"), "config": cfg.to_dict(),
+            "metrics_pytorch": conf.get("metrics", {})}
+    spec = replace(spec, options=opts, model_info={**info, **spec.model_info})
+    return mod.export(DeployWrapper(model).eval(), spec, out_dir)

@@ -1,0 +1,51 @@
+"""ONNX: uint8 NHWC image in (dynamic batch), one log-prob tensor per level out; opset 17.
+
+The taxonomy, input spec and output names are also written into the model's `metadata_props`, so
+the .onnx file carries its labels even without the manifest beside it.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from sdk import Taxonomy
+
+from ._common import Artifact, ExportError, ExportSpec, check_parity, output_names, tool_versions, write_manifest
+
+OPTIONS = {"opset": 17, "dynamic_batch": True}
+
+
+def export(model: torch.nn.Module, spec: ExportSpec, out_dir: str | Path) -> Artifact:
+    """Export a DeployWrapper-wrapped model (uint8 NHWC in) to `<out_dir>/model.onnx` + manifest."""
+    import onnx
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    opts = {**OPTIONS, **spec.options}
+    taxonomy: Taxonomy = model.model.taxonomy
+    names = output_names(taxonomy)
+    path = out_dir / "model.onnx"
+    example = torch.zeros(2, spec.image_size, spec.image_size, 3, dtype=torch.uint8)
+    model.eval()
+    try:
+        torch.onnx.export(
+            model, (example,), str(path), input_names=["image"], output_names=names,
+            dynamic_axes={"image": {0: "batch"}, **{n: {0: "batch"} for n in names}} if opts["dynamic_batch"] else None,
+            opset_version=opts["opset"], dynamo=False,
+        )
+    except Exception as e:
+        raise ExportError(f"torch.onnx.export failed: {e}") from e
+    proto = onnx.load(str(path))
+    meta = {"hierfg.taxonomy": json.dumps(taxonomy.to_dict()), "hierfg.input_size": str(spec.image_size),
+            "hierfg.outputs": json.dumps(names), "hierfg.precision": spec.precision}
+    for k, v in meta.items():
+        p = proto.metadata_props.add()
+        p.key, p.value = k, v
+    onnx.checker.check_model(proto)
+    onnx.save(proto, str(path))
+    manifest = write_manifest("onnx", path, taxonomy, spec, tool_versions("onnx", "onnxruntime"))
+    manifest = check_parity("onnx", model, path, manifest, spec)
+    return Artifact("onnx", path, manifest, out_dir)

@@ -1,0 +1,25 @@
+"""Typed errors of the SDK. Each message says what was wrong and what to do."""
+
+
+class HierfgError(Exception):
+    """Base class of every error the SDK raises on purpose."""
+
+
+class TaxonomyError(HierfgError, ValueError):
+    """The label tree is malformed (cycle, orphan, duplicate name, leaf above the deepest level)."""
+
+
+class InvalidImageError(HierfgError, ValueError):
+    """The input could not be decoded as an image, or is not a usable image."""
+
+
+class UnsupportedFormatError(InvalidImageError):
+    """The image decodes, but its format is outside the allowlist (decided by content)."""
+
+
+class ModelIntegrityError(HierfgError):
+    """A model artifact or its manifest failed a check (missing, hash, format, shapes, taxonomy)."""
+
+
+class ModelOutputError(HierfgError):
+    """The model produced outputs that cannot be turned into a label (NaN, Inf, wrong shape)."""

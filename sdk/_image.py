@@ -1,0 +1,190 @@
+"""Image decoding shared by training and the device, so both see the same pixels.
+
+Contract (documented in the README, tested against RELIABILITY.md):
+- accepted sources: a path (str / PathLike), bytes, a PIL image, or a numpy uint8 array HxWx3 (RGB);
+- formats allowed by *content*: JPEG, PNG, WebP, GIF, BMP, TIFF; anything else -> UnsupportedFormatError;
+- EXIF orientation is applied; a corrupt EXIF block is ignored;
+- every mode is normalized to 8-bit RGB: alpha is composited on white, 16-bit and float images are
+  rescaled from their own range (not clamped);
+- animated / multi-page files: the first frame;
+- limits: file size <= MAX_FILE_BYTES, declared size <= MAX_PIXELS (checked from the header, before
+  decoding), both sides >= 1 pixel;
+- resize policy (`prepare`): centre-crop the long side so the aspect ratio is at most MAX_ASPECT, then
+  resize (bilinear) to the model's square input. Large JPEGs are decoded with `draft()` first, so a
+  48-megapixel photo is decoded at reduced scale in bounded memory.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import warnings
+from pathlib import Path
+from typing import Any, Union
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from ._errors import InvalidImageError, UnsupportedFormatError
+
+MAX_FILE_BYTES = 64 * 1024 * 1024
+MAX_PIXELS = 100_000_000  # a 48 MP photo passes; a 30000x30000 bomb does not
+MAX_ASPECT = 4 / 3
+ALLOWED_FORMATS = frozenset({"JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF", "MPO"})
+WHITE = (255, 255, 255)
+
+ImageSource = Union[str, os.PathLike, bytes, bytearray, memoryview, Image.Image, np.ndarray]
+
+
+def _open(source: Any) -> Image.Image:
+    if isinstance(source, (str, os.PathLike)):
+        path = Path(source)
+        if not path.exists():
+            raise FileNotFoundError(f"image not found: {path}")
+        if path.is_dir():
+            raise IsADirectoryError(f"expected an image file, got a directory: {path}")
+        size = path.stat().st_size
+        if size == 0:
+            raise InvalidImageError(f"{path}: empty file")
+        if size > MAX_FILE_BYTES:
+            raise InvalidImageError(f"{path}: {size} bytes is over the {MAX_FILE_BYTES}-byte limit")
+        data = path.read_bytes()
+        where = str(path)
+    elif isinstance(source, (bytes, bytearray, memoryview)):
+        data = bytes(source)
+        where = "<bytes>"
+        if not data:
+            raise InvalidImageError("empty image bytes")
+        if len(data) > MAX_FILE_BYTES:
+            raise InvalidImageError(f"{len(data)} bytes is over the {MAX_FILE_BYTES}-byte limit")
+    else:
+        raise TypeError(f"cannot read an image from {type(source).__name__}")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            img = Image.open(io.BytesIO(data))
+    except (UnidentifiedImageError, Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        raise InvalidImageError(f"{where}: not a decodable image ({e})") from None
+    except Exception as e:  # Pillow raises a zoo of errors on hostile headers
+        raise InvalidImageError(f"{where}: not a decodable image ({type(e).__name__}: {e})") from None
+    if img.format not in ALLOWED_FORMATS:
+        raise UnsupportedFormatError(
+            f"{where}: format {img.format} is not supported; use JPEG, PNG, WebP, GIF, BMP or TIFF"
+        )
+    w, h = img.size
+    if w < 1 or h < 1:
+        raise InvalidImageError(f"{where}: zero-size image ({w}x{h})")
+    if w * h > MAX_PIXELS:
+        raise InvalidImageError(f"{where}: declared size {w}x{h} is over the {MAX_PIXELS}-pixel limit")
+    return img
+
+
+def _orient(img: Image.Image) -> Image.Image:
+    try:
+        return ImageOps.exif_transpose(img)
+    except Exception:
+        # A corrupt EXIF block must not lose the picture: use it as stored.
+        return img
+
+
+def _to_rgb(img: Image.Image) -> Image.Image:
+    mode = img.mode
+    if mode == "RGB":
+        return img
+    if mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
+        a = np.asarray(img, dtype=np.float64)
+        finite = np.isfinite(a)
+        if not finite.any():
+            raise InvalidImageError(f"{mode} image has no finite pixel values")
+        lo, hi = float(a[finite].min()), float(a[finite].max())
+        a = np.where(finite, a, lo)
+        a = (a - lo) / (hi - lo) * 255.0 if hi > lo else np.zeros_like(a)
+        g = np.clip(np.rint(a), 0, 255).astype(np.uint8)
+        return Image.fromarray(np.stack([g, g, g], axis=-1), "RGB")
+    if mode == "P" and "transparency" in img.info:
+        img = img.convert("RGBA")
+        mode = "RGBA"
+    if mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        rgba = img.convert("RGBA")
+        bg = Image.new("RGBA", rgba.size, WHITE + (255,))
+        return Image.alpha_composite(bg, rgba).convert("RGB")
+    return img.convert("RGB")
+
+
+def _decode(img: Image.Image, target: int | None) -> Image.Image:
+    try:
+        img.seek(0)
+    except EOFError:
+        pass
+    if target and img.format == "JPEG":
+        # Decode at the smallest DCT scale that still leaves >= 2x the target on the short side.
+        img.draft("RGB", (target * 2, target * 2))
+    try:
+        img.load()
+    except (OSError, SyntaxError, ValueError) as e:
+        raise InvalidImageError(f"image data is truncated or corrupt ({e})") from None
+    return _to_rgb(_orient(img))
+
+
+def _from_array(arr: np.ndarray) -> Image.Image:
+    if not isinstance(arr, np.ndarray):
+        raise TypeError(f"expected numpy.ndarray, got {type(arr).__name__}")
+    if arr.ndim != 3:
+        raise ValueError(f"image array must be HxWx3 (RGB, uint8); got ndim={arr.ndim} shape={arr.shape}")
+    if arr.shape[-1] != 3:
+        hint = " (looks like CHW: transpose to HWC)" if arr.shape[0] == 3 else ""
+        raise ValueError(f"image array must have 3 channels last (HxWx3 RGB); got shape {arr.shape}{hint}")
+    if arr.dtype != np.uint8:
+        raise ValueError(f"image array must be uint8 in 0..255; got dtype {arr.dtype} (scale and cast first)")
+    if arr.shape[0] < 1 or arr.shape[1] < 1:
+        raise InvalidImageError(f"zero-size image array {arr.shape}")
+    return Image.fromarray(np.ascontiguousarray(arr), "RGB")
+
+
+def load_image(source: ImageSource, target: int | None = None) -> Image.Image:
+    """Decode any accepted source into an upright 8-bit RGB PIL image (see module docstring)."""
+    if isinstance(source, np.ndarray):
+        return _from_array(source)
+    if isinstance(source, Image.Image):
+        w, h = source.size
+        if w < 1 or h < 1:
+            raise InvalidImageError(f"zero-size image ({w}x{h})")
+        return _to_rgb(_orient(source))
+    return _decode(_open(source), target)
+
+
+def center_crop_aspect(img: Image.Image, max_aspect: float = MAX_ASPECT) -> Image.Image:
+    """Crop the long side centrally so that long/short <= max_aspect (extreme strips stay bounded)."""
+    w, h = img.size
+    if w > h * max_aspect:
+        nw = max(1, round(h * max_aspect))
+        left = (w - nw) // 2
+        return img.crop((left, 0, left + nw, h))
+    if h > w * max_aspect:
+        nh = max(1, round(w * max_aspect))
+        top = (h - nh) // 2
+        return img.crop((0, top, w, top + nh))
+    return img
+
+
+def prepare(
+    source: ImageSource,
+    size: int,
+    crop: tuple[float, float, float, float] | None = None,
+    flip: bool = False,
+) -> np.ndarray:
+    """Decode + aspect clamp + resize to a (size, size, 3) uint8 RGB array: the model's input.
+
+    `crop` (left, top, right, bottom, as fractions of the clamped image) and `flip` exist for training
+    augmentation; the device always uses the defaults.
+    """
+    img = center_crop_aspect(load_image(source, target=size))
+    if crop is not None:
+        w, h = img.size
+        l, t, r, b = crop
+        img = img.crop((round(l * w), round(t * h), max(round(r * w), round(l * w) + 1),
+                        max(round(b * h), round(t * h) + 1)))
+    img = img.resize((size, size), Image.Resampling.BILINEAR, reducing_gap=3.0)
+    if flip:
+        img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+    return np.asarray(img, dtype=np.uint8)

@@ -1,0 +1,165 @@
+"""`manifest.json`, the pretrained config that travels beside every exported artifact."""
+
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import json
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ._errors import ModelIntegrityError, TaxonomyError
+from ._taxonomy import Taxonomy
+
+FORMAT_VERSION = 1
+MANIFEST_NAME = "manifest.json"
+TARGETS = ("onnx", "tflite", "executorch", "coreml")
+
+
+def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
+    """sha256 of a file, or of every file in a directory (Core ML packages are directories)."""
+    path = Path(path)
+    h = hashlib.sha256()
+    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+    for f in files:
+        if path.is_dir():
+            h.update(f.relative_to(path).as_posix().encode() + b"\0")
+        with open(f, "rb") as fh:
+            while block := fh.read(chunk):
+                h.update(block)
+    return h.hexdigest()
+
+
+def size_bytes(path: str | os.PathLike) -> int:
+    path = Path(path)
+    if path.is_dir():
+        return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+    return path.stat().st_size
+
+
+@dataclass(frozen=True)
+class InputSpec:
+    size: int
+    name: str = "image"
+    layout: str = "NHWC"
+    dtype: str = "uint8"
+    color: str = "RGB"
+    resize: str = "center-crop long side to aspect <= 4:3, then bilinear resize to size x size"
+    normalization: str = "inside the graph: (x - 127) / 128"
+
+
+@dataclass
+class Manifest:
+    target: str
+    precision: str
+    file: str
+    sha256: str
+    size_bytes: int
+    input: InputSpec
+    outputs: list[str]
+    taxonomy: Taxonomy
+    metrics: dict[str, Any] = field(default_factory=dict)
+    decoding: dict[str, Any] = field(default_factory=dict)
+    tool_versions: dict[str, str] = field(default_factory=dict)
+    model: dict[str, Any] = field(default_factory=dict)
+    created: str = field(default_factory=lambda: _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"))
+    format_version: int = FORMAT_VERSION
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "format_version": self.format_version,
+            "target": self.target,
+            "precision": self.precision,
+            "file": self.file,
+            "sha256": self.sha256,
+            "size_bytes": self.size_bytes,
+            "input": asdict(self.input),
+            "outputs": list(self.outputs),
+            "taxonomy_hash": self.taxonomy.hash,
+            "taxonomy": self.taxonomy.to_dict(),
+            "metrics": self.metrics,
+            "decoding": self.decoding,
+            "tool_versions": self.tool_versions,
+            "model": self.model,
+            "created": self.created,
+        }
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=1, ensure_ascii=False)
+
+    def save(self, directory: str | os.PathLike) -> Path:
+        path = Path(directory) / MANIFEST_NAME
+        tmp = path.with_suffix(".json.tmp")
+        tmp.write_text(self.to_json(), encoding="utf-8")
+        os.replace(tmp, path)
+        return path
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any], where: str = "manifest") -> "Manifest":
+        try:
+            if d.get("format_version") != FORMAT_VERSION:
+                raise ModelIntegrityError(
+                    f"{where}: manifest format_version {d.get('format_version')!r} is not {FORMAT_VERSION}; "
+                    "re-export the model with this hierfg version")
+            tax = Taxonomy.from_dict(d["taxonomy"])
+            if d.get("taxonomy_hash") != tax.hash:
+                raise ModelIntegrityError(
+                    f"{where}: taxonomy hash mismatch (manifest says {str(d.get('taxonomy_hash'))[:12]}…, "
+                    f"the taxonomy in it hashes to {tax.hash[:12]}…)")
+            if len(d["outputs"]) != tax.depth:
+                raise ModelIntegrityError(
+                    f"{where}: {len(d['outputs'])} output names for a {tax.depth}-level taxonomy")
+            return cls(
+                target=d["target"], precision=d["precision"], file=d["file"], sha256=d["sha256"],
+                size_bytes=int(d["size_bytes"]), input=InputSpec(**d["input"]), outputs=list(d["outputs"]),
+                taxonomy=tax, metrics=d.get("metrics", {}), decoding=d.get("decoding", {}),
+                tool_versions=d.get("tool_versions", {}), model=d.get("model", {}), created=d.get("created", ""),
+                format_version=d["format_version"],
+            )
+        except ModelIntegrityError:
+            raise
+        except TaxonomyError as e:
+            raise ModelIntegrityError(f"{where}: invalid taxonomy: {e}") from None
+        except (KeyError, TypeError, ValueError) as e:
+            raise ModelIntegrityError(f"{where}: malformed manifest ({type(e).__name__}: {e})") from None
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "Manifest":
+        """Read `manifest.json` (or the manifest inside a model directory)."""
+        path = Path(path)
+        if path.is_dir():
+            path = path / MANIFEST_NAME
+        if not path.is_file():
+            raise ModelIntegrityError(f"{path}: manifest not found; a model directory holds manifest.json "
+                                      "beside the artifact (export with `python -m converters`)")
+        try:
+            d = json.loads(path.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ModelIntegrityError(f"{path}: manifest is not valid JSON ({e})") from None
+        if not isinstance(d, dict):
+            raise ModelIntegrityError(f"{path}: manifest must be a JSON object")
+        return cls.from_dict(d, where=str(path))
+
+    def artifact_path(self, directory: str | os.PathLike) -> Path:
+        name = Path(self.file)
+        if name.is_absolute() or ".." in name.parts:
+            raise ModelIntegrityError(f"manifest names artifact {self.file!r} outside its directory")
+        return Path(directory) / name
+
+    def verify(self, directory: str | os.PathLike) -> Path:
+        """Check the artifact exists and matches size and sha256 — before any runtime parses it."""
+        path = self.artifact_path(directory)
+        if not path.exists():
+            raise ModelIntegrityError(f"{path}: artifact named in the manifest is missing")
+        actual_size = size_bytes(path)
+        if actual_size != self.size_bytes:
+            raise ModelIntegrityError(
+                f"{path}: size {actual_size} bytes, manifest says {self.size_bytes} (truncated or replaced?)")
+        digest = sha256_file(path)
+        if digest != self.sha256:
+            raise ModelIntegrityError(
+                f"{path}: sha256 {digest[:12]}… does not match the manifest's {self.sha256[:12]}…; "
+                "the file was changed after export — re-export or restore it")
+        return path

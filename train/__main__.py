@@ -1,0 +1,98 @@
+"""`python -m train {student,evaluate} …` — see `python -m train -h`."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from .models import ModelConfig
+from .loop import TrainConfig
+
+STUDENT_DEFAULTS = ModelConfig()
+
+
+def _add_dataclass_args(p: argparse.ArgumentParser, cls, skip=()) -> None:
+    for f in dataclasses.fields(cls):
+        if f.name in skip:
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        default = f.default
+        if isinstance(default, bool):
+            p.add_argument(flag, type=lambda s: s.lower() in ("1", "true", "yes"), default=None,
+                           metavar="BOOL", help=f"(default {default})")
+        elif isinstance(default, tuple):
+            p.add_argument(flag, type=lambda s: tuple(int(x) for x in s.split(",")), default=None,
+                           metavar="I,J", help=f"(default {','.join(map(str, default))})")
+        else:
+            p.add_argument(flag, type=type(default), default=None, help=f"(default {default})")
+
+
+def _resolve(cls, args: argparse.Namespace, file_conf: dict[str, Any], base=None):
+    d = dataclasses.asdict(base) if base is not None else {}
+    d.update({k: v for k, v in file_conf.items() if k in {f.name for f in dataclasses.fields(cls)}})
+    for f in dataclasses.fields(cls):
+        v = getattr(args, f.name, None)
+        if v is not None:
+            d[f.name] = v
+    return cls.from_dict(d)
+
+
+def _read_config(path: str | None) -> dict[str, Any]:
+    if not path:
+        return {}
+    text = Path(path).read_text()
+    if path.endswith((".yaml", ".yml")):
+        import yaml
+        return yaml.safe_load(text) or {}
+    return json.loads(text)
+
+
+def cmd_train(args: argparse.Namespace, base_model: ModelConfig) -> int:
+    from .loop import train_model
+    conf = _read_config(args.config)
+    mc = _resolve(ModelConfig, args, conf.get("model", {}), base_model)
+    tc = _resolve(TrainConfig, args, conf.get("train", {}))
+    train_model(mc, tc, args.out, resume=args.resume)
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from .evaluate import evaluate
+    m = evaluate(args.model, args.data, args.split, limit=args.limit)
+    from .metrics import format_metrics
+    print(f"{args.model} on {args.data}:{args.split} (n={int(m['n'])})")
+    for k, v in m.items():
+        print(f"  {k:24s} {v:.4f}" if isinstance(v, float) else f"  {k:24s} {v}")
+    if args.json:
+        Path(args.json).write_text(json.dumps(m, indent=1))
+        print(f"wrote {args.json}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m train", description="Train and evaluate hierfg models.")
+    sub = p.add_subparsers(dest="cmd", required=True)
+    st = sub.add_parser("student", help="fine-tune the hierarchical query student on labels")
+    st.add_argument("--out", required=True, help="model directory to write")
+    st.add_argument("--config", help="YAML/JSON with 'model' and 'train' sections; flags override it")
+    st.add_argument("--resume", action="store_true", help="continue from <out>/checkpoint after a kill")
+    _add_dataclass_args(st, ModelConfig, skip=("arch",))
+    _add_dataclass_args(st, TrainConfig)
+    ev = sub.add_parser("evaluate", help="metrics of a checkpoint or exported artifact on a split")
+    ev.add_argument("--model", required=True, help="model directory (model.safetensors) or artifact directory (manifest.json)")
+    ev.add_argument("--data", required=True, help="dataset root (Grocery Store root, folder tree, or 'synthetic')")
+    ev.add_argument("--split", default="val", help="split file name without .txt (train, val, test, …)")
+    ev.add_argument("--limit", type=int, default=0, help="evaluate only the first N images")
+    ev.add_argument("--json", help="also write the metrics to this JSON file")
+    args = p.parse_args(argv)
+    if args.cmd == "student":
+        return cmd_train(args, STUDENT_DEFAULTS)
+    return cmd_evaluate(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

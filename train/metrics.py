@@ -1,0 +1,86 @@
+"""Hierarchical metrics, one module used by training, evaluation, export parity and benchmarks.
+
+Definitions (N images, labels per level, -1 = not labelled at that level):
+- `top1/<level>`: accuracy of the tree-consistent path (sdk.TreeDecoder) at that level;
+- `argmax_top1/<level>`: accuracy of each head's own argmax;
+- `full_path`: all levels of the consistent path right (images labelled at every level);
+- `consistency`: share of images whose independent per-level argmaxes form a legal path;
+- `mistake_severity`: over wrong fine predictions, mean height of the lowest common ancestor of
+  prediction and truth (1 = siblings under the same parent … depth = different roots);
+- `hP`, `hR`, `hF1`: hierarchical precision / recall / F1 over the node sets of predicted and
+  true paths (answered depth may be shorter than the tree with back-off).
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+
+from sdk import Taxonomy, TreeDecoder
+
+
+def argmax_paths(logprobs: Sequence[np.ndarray]) -> np.ndarray:
+    return np.stack([np.asarray(lp).argmax(1) for lp in logprobs], 1)
+
+
+def consistency_rate(taxonomy: Taxonomy, paths: np.ndarray) -> float:
+    ok = np.ones(len(paths), bool)
+    for lvl in range(1, taxonomy.depth):
+        parent = np.asarray(taxonomy.parent_index(lvl))
+        ok &= parent[paths[:, lvl]] == paths[:, lvl - 1]
+    return float(ok.mean()) if len(paths) else float("nan")
+
+
+def lca_height(taxonomy: Taxonomy, pred: np.ndarray, true: np.ndarray) -> np.ndarray:
+    """Per image, height of the lowest common ancestor of two full paths (0 when equal)."""
+    depth = taxonomy.depth
+    h = np.zeros(len(pred), np.int64)
+    for lvl in range(depth):
+        # the deepest level where they still agree decides; a mismatch at lvl means height >= depth - lvl
+        h = np.where((pred[:, lvl] != true[:, lvl]) & (h == 0), depth - lvl, h)
+    return h
+
+
+def hierarchical_prf(pred_paths: Sequence[Sequence[int]], true: np.ndarray) -> tuple[float, float, float]:
+    inter = npred = ntrue = 0
+    for p, t in zip(pred_paths, true):
+        tset = {(l, int(i)) for l, i in enumerate(t) if i >= 0}
+        pset = {(l, int(i)) for l, i in enumerate(p)}
+        inter += len(pset & tset)
+        npred += len(pset)
+        ntrue += len(tset)
+    hp = inter / npred if npred else 0.0
+    hr = inter / ntrue if ntrue else 0.0
+    return hp, hr, (2 * hp * hr / (hp + hr) if hp + hr else 0.0)
+
+
+def compute_metrics(taxonomy: Taxonomy, logprobs: Sequence[np.ndarray], labels: np.ndarray,
+                    answered_paths: Sequence[Sequence[int]] | None = None) -> dict[str, float]:
+    """All metrics for per-level log-probs (list of (N, n_level)) against labels (N, depth).
+
+    `answered_paths` (possibly shortened by back-off) feeds hP/hR/hF1; default: the full consistent path.
+    """
+    labels = np.asarray(labels)
+    names = taxonomy.level_names
+    paths = TreeDecoder(taxonomy).paths(logprobs)
+    amax = argmax_paths(logprobs)
+    out: dict[str, float] = {"n": float(len(labels))}
+    for lvl, name in enumerate(names):
+        m = labels[:, lvl] >= 0
+        out[f"top1/{name}"] = float((paths[m, lvl] == labels[m, lvl]).mean()) if m.any() else float("nan")
+        out[f"argmax_top1/{name}"] = float((amax[m, lvl] == labels[m, lvl]).mean()) if m.any() else float("nan")
+    full = (labels >= 0).all(1)
+    out["full_path"] = float((paths[full] == labels[full]).all(1).mean()) if full.any() else float("nan")
+    out["consistency"] = consistency_rate(taxonomy, amax)
+    wrong = full & (paths[:, -1] != labels[:, -1])
+    out["fine_errors"] = float(wrong.sum())
+    out["mistake_severity"] = float(lca_height(taxonomy, paths[wrong], labels[wrong]).mean()) if wrong.any() else 0.0
+    hp, hr, hf = hierarchical_prf(answered_paths if answered_paths is not None else paths, labels)
+    out.update({"hP": hp, "hR": hr, "hF1": hf})
+    return out
+
+
+def format_metrics(m: dict[str, float]) -> str:
+    keys = [k for k in m if k.startswith("top1/")] + ["full_path", "consistency", "mistake_severity", "hF1"]
+    return "  ".join(f"{k}={m[k]:.4f}" for k in keys if k in m)

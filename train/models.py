@@ -1,0 +1,272 @@
+"""Hierarchical query models: a backbone, multi-scale tokens, per-level class queries, CAMP.
+
+Per level, one learnable query per class cross-attends to the backbone's feature tokens. A finer
+query starts from its own embedding plus its parent's attended query times a learned scale
+(coarse-to-fine fusion). CAMP (cross attention on multi-level queries with the coarser prediction
+as prior): each finer query attends over *all* coarser queries, with the coarser level's
+log-probabilities added to the attention logits, so the coarser prediction guides the finer one
+without forcing it — a wrong coarse argmax can still be overruled by the evidence in the queries.
+Each level ends in a per-class linear read-out of its queries and a log-softmax.
+
+Attention is written as Linear projections + `scaled_dot_product_attention` / plain matmuls, the form
+every export target takes (TOOLCHAIN.md).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any, Sequence
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from sdk import Taxonomy
+
+from .backbones import EfficientNetLite, create_backbone, normalize_uint8
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Everything needed to rebuild a model from its safetensors (written as config.json)."""
+
+    arch: str = "hsq_student"
+    backbone: str = "efficientnet_lite0"
+    image_size: int = 224
+    taps: tuple[int, ...] = (10, -1)  # backbone block indices (-1: head conv) used as token scales
+    d_model: int = 192
+    heads: int = 4
+    query_layers: int = 1  # cross-attention layers per level
+    fusion_layers: int = 0  # self-attention blocks over the multi-scale tokens
+    camp: bool = True
+    coarse_to_fine: bool = True
+    ffn_mult: int = 2
+    dropout: float = 0.1
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "ModelConfig":
+        known = {f.name for f in fields(cls)}
+        kw = {k: v for k, v in d.items() if k in known}
+        if "taps" in kw:
+            kw["taps"] = tuple(kw["taps"])
+        return cls(**kw)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["taps"] = list(self.taps)
+        return d
+
+
+class Attention(nn.Module):
+    """Multi-head attention from separate Linear projections + SDPA (exports everywhere)."""
+
+    def __init__(self, d: int, heads: int, dropout: float = 0.0):
+        super().__init__()
+        assert d % heads == 0, "d_model must be divisible by heads"
+        self.h = heads
+        self.q = nn.Linear(d, d)
+        self.k = nn.Linear(d, d)
+        self.v = nn.Linear(d, d)
+        self.o = nn.Linear(d, d)
+        self.dropout = dropout
+        self.last_attn: torch.Tensor | None = None  # kept only when `keep_attn` (part selection, analysis)
+        self.keep_attn = False
+
+    def _split(self, x: torch.Tensor) -> torch.Tensor:
+        b, n, d = x.shape
+        return x.reshape(b, n, self.h, d // self.h).transpose(1, 2)
+
+    def forward(self, xq: torch.Tensor, xkv: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        q, k, v = self._split(self.q(xq)), self._split(self.k(xkv)), self._split(self.v(xkv))
+        if bias is None and not self.keep_attn:
+            y = F.scaled_dot_product_attention(q, k, v, dropout_p=self.dropout if self.training else 0.0)
+        else:
+            logits = q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])
+            if bias is not None:
+                logits = logits + bias
+            attn = logits.softmax(-1)
+            if self.keep_attn:
+                self.last_attn = attn
+            y = F.dropout(attn, self.dropout, self.training) @ v
+        b, h, n, dh = y.shape
+        return self.o(y.transpose(1, 2).reshape(b, n, h * dh))
+
+
+class FFN(nn.Sequential):
+    def __init__(self, d: int, mult: int, dropout: float):
+        super().__init__(nn.Linear(d, d * mult), nn.GELU(approximate="tanh"), nn.Dropout(dropout), nn.Linear(d * mult, d))
+
+
+class CrossBlock(nn.Module):
+    """Pre-norm cross-attention (queries -> tokens) + FFN."""
+
+    def __init__(self, d: int, heads: int, mult: int, dropout: float):
+        super().__init__()
+        self.nq = nn.LayerNorm(d)
+        self.nkv = nn.LayerNorm(d)
+        self.attn = Attention(d, heads, dropout)
+        self.nf = nn.LayerNorm(d)
+        self.ffn = FFN(d, mult, dropout)
+
+    def forward(self, q: torch.Tensor, kv: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        q = q + self.attn(self.nq(q), self.nkv(kv), bias)
+        return q + self.ffn(self.nf(q))
+
+
+class SelfBlock(nn.Module):
+    def __init__(self, d: int, heads: int, mult: int, dropout: float):
+        super().__init__()
+        self.n1 = nn.LayerNorm(d)
+        self.attn = Attention(d, heads, dropout)
+        self.n2 = nn.LayerNorm(d)
+        self.ffn = FFN(d, mult, dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.n1(x)
+        x = x + self.attn(y, y)
+        return x + self.ffn(self.n2(x))
+
+
+class GroupReadout(nn.Module):
+    """logit_c = <w_c, q_c> + b_c: one weight vector per class query."""
+
+    def __init__(self, n: int, d: int):
+        super().__init__()
+        self.norm = nn.LayerNorm(d)
+        self.weight = nn.Parameter(torch.randn(n, d) * d ** -0.5)
+        self.bias = nn.Parameter(torch.zeros(n))
+
+    def forward(self, q: torch.Tensor) -> torch.Tensor:
+        return (self.norm(q) * self.weight).sum(-1) + self.bias
+
+
+class CAMP(nn.Module):
+    """Finer queries attend over coarser queries; the coarser log-probabilities bias the attention."""
+
+    def __init__(self, d: int, heads: int, mult: int, dropout: float):
+        super().__init__()
+        self.block = CrossBlock(d, heads, mult, dropout)
+
+    def forward(self, fine_q: torch.Tensor, coarse_q: torch.Tensor, coarse_logp: torch.Tensor) -> torch.Tensor:
+        bias = coarse_logp[:, None, None, :]  # (B, heads, n_fine, n_coarse) by broadcast
+        return self.block(fine_q, coarse_q, bias)
+
+
+class HierarchicalQueryHead(nn.Module):
+    """The per-level query heads with coarse-to-fine fusion and CAMP, on a token sequence."""
+
+    def __init__(self, taxonomy: Taxonomy, cfg: ModelConfig):
+        super().__init__()
+        d = cfg.d_model
+        self.cfg = cfg
+        self.sizes = taxonomy.sizes
+        self.queries = nn.ParameterList(nn.Parameter(torch.randn(n, d) * 0.02) for n in self.sizes)
+        self.cross = nn.ModuleList(
+            nn.ModuleList(CrossBlock(d, cfg.heads, cfg.ffn_mult, cfg.dropout) for _ in range(cfg.query_layers))
+            for _ in self.sizes)
+        self.readout = nn.ModuleList(GroupReadout(n, d) for n in self.sizes)
+        for lvl in range(1, taxonomy.depth):
+            self.register_buffer(f"parent_{lvl}", torch.tensor(taxonomy.parent_index(lvl), dtype=torch.long),
+                                 persistent=False)
+        # learned scale of the parent's query added to each finer query
+        self.fuse_scale = nn.Parameter(torch.full((max(taxonomy.depth - 1, 1),), 0.5))
+        self.camp = nn.ModuleList(CAMP(d, cfg.heads, cfg.ffn_mult, cfg.dropout) for _ in range(taxonomy.depth - 1)) \
+            if cfg.camp else None
+
+    def forward(self, tokens: torch.Tensor, return_queries: bool = False):
+        b = tokens.shape[0]
+        logps: list[torch.Tensor] = []
+        outs: list[torch.Tensor] = []
+        for lvl, n in enumerate(self.sizes):
+            q = self.queries[lvl].unsqueeze(0).expand(b, -1, -1)
+            if lvl > 0 and self.cfg.coarse_to_fine:
+                parent = getattr(self, f"parent_{lvl}")
+                q = q + self.fuse_scale[lvl - 1] * outs[-1].index_select(1, parent)
+            for blk in self.cross[lvl]:
+                q = blk(q, tokens)
+            if lvl > 0 and self.camp is not None:
+                q = self.camp[lvl - 1](q, outs[-1], logps[-1])
+            outs.append(q)
+            logps.append(F.log_softmax(self.readout[lvl](q), dim=-1))
+        return (logps, outs) if return_queries else logps
+
+
+class MultiScaleTokens(nn.Module):
+    """Project backbone taps to d_model tokens, add a learned scale embedding, optional fusion blocks."""
+
+    def __init__(self, backbone: EfficientNetLite, cfg: ModelConfig):
+        super().__init__()
+        self.taps = tuple(cfg.taps)
+        self.proj = nn.ModuleList(nn.Conv2d(backbone.channels(t), cfg.d_model, 1) for t in self.taps)
+        self.scale_embed = nn.Parameter(torch.zeros(len(self.taps), cfg.d_model))
+        self.fusion = nn.ModuleList(SelfBlock(cfg.d_model, cfg.heads, cfg.ffn_mult, cfg.dropout)
+                                    for _ in range(cfg.fusion_layers))
+        self.norm = nn.LayerNorm(cfg.d_model)
+
+    def forward(self, feats: dict[int, torch.Tensor]) -> torch.Tensor:
+        toks = []
+        for i, t in enumerate(self.taps):
+            x = self.proj[i](feats[t]).flatten(2).transpose(1, 2)
+            toks.append(x + self.scale_embed[i])
+        x = torch.cat(toks, 1)
+        for blk in self.fusion:
+            x = blk(x)
+        return self.norm(x)
+
+
+class HierarchicalQueryModel(nn.Module):
+    """Backbone + multi-scale tokens + hierarchical query head. Input: normalized float NCHW."""
+
+    def __init__(self, taxonomy: Taxonomy, cfg: ModelConfig, pretrained: bool = True):
+        super().__init__()
+        self.cfg = cfg
+        self.taxonomy = taxonomy
+        self.backbone = create_backbone(cfg.backbone, pretrained=pretrained)
+        self.backbone._fc = None  # the ImageNet classifier is not part of this model (saves 1.3 M params)
+        self.tokens = MultiScaleTokens(self.backbone, cfg)
+        self.head = HierarchicalQueryHead(taxonomy, cfg)
+
+    def forward_from(self, x: torch.Tensor, start: int = 0, return_queries: bool = False):
+        """Run from backbone block `start` (0: from the normalized image) to per-level log-probs."""
+        feats = self.backbone.forward_range(x, start, self.cfg.taps)
+        return self.head(self.tokens(feats), return_queries=return_queries)
+
+    def forward(self, x: torch.Tensor):
+        return self.forward_from(x, 0)
+
+
+_ARCHS: dict[str, type] = {}
+
+
+def register_arch(name: str, cls: type) -> None:
+    if name in _ARCHS:
+        raise ValueError(f"architecture {name!r} is already registered")
+    _ARCHS[name] = cls
+
+
+register_arch("hsq_student", HierarchicalQueryModel)
+
+
+def list_archs() -> list[str]:
+    return sorted(_ARCHS)
+
+
+def build_model(taxonomy: Taxonomy, cfg: ModelConfig, pretrained: bool = True) -> nn.Module:
+    try:
+        cls = _ARCHS[cfg.arch]
+    except KeyError:
+        raise ValueError(f"unknown arch {cfg.arch!r}; registered: {list_archs()}") from None
+    return cls(taxonomy, cfg, pretrained=pretrained)
+
+
+class DeployWrapper(nn.Module):
+    """The exported graph: uint8 NHWC RGB in, one log-probability tensor per level out."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, image: torch.Tensor):
+        x = normalize_uint8(image.permute(0, 3, 1, 2))
+        return tuple(self.model(x))

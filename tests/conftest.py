@@ -1,0 +1,55 @@
+"""Shared fixtures: the real Grocery Store photos and a tiny student trained on a few of them.
+
+The tiny student is a real training run (pretrained Lite0, 128 px, 3 photos per fine class, 2 epochs),
+small enough for CI and real enough that exports and int8 are judged on a trained network.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+GROCERY = Path(os.environ.get("HIERFG_GROCERY", ROOT.parent / "shared" / "datasets" / "grocery-store"))
+
+
+def pytest_collection_modifyitems(config, items):
+    # keep CPU use predictable on 2-core machines
+    os.environ.setdefault("OMP_NUM_THREADS", "2")
+
+
+@pytest.fixture(scope="session")
+def grocery_root() -> Path:
+    if not (GROCERY / "classes.csv").is_file():
+        pytest.fail(f"the Grocery Store dataset is expected at {GROCERY} (set HIERFG_GROCERY)")
+    return GROCERY
+
+
+@pytest.fixture(scope="session")
+def banana_jpg(grocery_root) -> Path:
+    return grocery_root / "train/Fruit/Banana/Banana_001.jpg"
+
+
+@pytest.fixture(scope="session")
+def tiny_student_dir(tmp_path_factory, grocery_root) -> Path:
+    """A model directory (model.safetensors + config.json + taxonomy.json) trained on real photos."""
+    from train.loop import TrainConfig, train_model
+    from train.models import ModelConfig
+
+    out = tmp_path_factory.mktemp("tiny_student")
+    mc = ModelConfig(image_size=128, d_model=64, heads=2)
+    tc = TrainConfig(data=str(grocery_root), epochs=2, batch_size=32, limit_per_class=3, limit_val=48,
+                     cache_views=1, freeze_blocks=11, lr=3e-3)
+    train_model(mc, tc, out, log=lambda *_: None)
+    return out
+
+
+@pytest.fixture(scope="session")
+def onnx_artifact_dir(tmp_path_factory, tiny_student_dir, grocery_root) -> Path:
+    from converters import export_checkpoint
+
+    out = tmp_path_factory.mktemp("onnx_artifact")
+    export_checkpoint(tiny_student_dir, "onnx", out, data=str(grocery_root), split="val", n_parity=24)
+    return out

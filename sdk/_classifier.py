@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 
 from ._backends import Backend, LockedBackend, create_backend
-from ._decode import TreeDecoder
+from ._decode import DEFAULT_UNKNOWN_SCORE, UNKNOWN_SCORES, TreeDecoder, unknown_scores
 from ._errors import HierfgError, ModelIntegrityError, ModelOutputError
 from ._image import ImageSource, prepare
 from ._manifest import Manifest
@@ -31,8 +31,11 @@ class HierarchicalPrediction:
     """One image's answer.
 
     `path` is the answer: root-to-node, stopping at the deepest level whose marginal clears its
-    threshold (it may be shorter than the tree is deep; empty when even the root level is unsure).
-    `full_path` is the same walk without back-off. `top_k[level]` lists (label, marginal) pairs.
+    threshold (it may be shorter than the tree is deep; empty when even the root level is unsure or
+    the item is unknown). `full_path` is the same walk without back-off. `top_k[level]` lists
+    (label, marginal) pairs, best first. Every probability is a tree-consistent marginal: along a path
+    a child's probability never exceeds its parent's. With an allow / deny list the marginals are
+    renormalized over the allowed leaves and `allowed_mass` is the share the model gave them before.
     """
 
     path: tuple[LevelPrediction, ...]
@@ -40,9 +43,11 @@ class HierarchicalPrediction:
     top_k: dict[str, tuple[tuple[str, float], ...]]
     is_unknown: bool = False
     unknown_score: float = 0.0
+    allowed_mass: float = 1.0
 
     @property
     def deepest_confident(self) -> LevelPrediction | None:
+        """The node the answer stops at (None when nothing cleared its threshold, or unknown)."""
         return self.path[-1] if self.path else None
 
     @property
@@ -51,6 +56,7 @@ class HierarchicalPrediction:
 
     @property
     def is_complete(self) -> bool:
+        """True when the answer reaches the finest level."""
         return len(self.path) == len(self.full_path)
 
     def breadcrumb(self, sep: str = " › ") -> str:
@@ -68,6 +74,7 @@ class HierarchicalPrediction:
             "deepest_confident": lv(self.path[-1]) if self.path else None,
             "is_unknown": self.is_unknown,
             "unknown_score": self.unknown_score,
+            "allowed_mass": self.allowed_mass,
             "breadcrumb": self.breadcrumb(),
         }
 
@@ -80,10 +87,18 @@ class ItemError:
     """Stands in a batch result where one item failed; the others are still answered."""
 
     index: int
-    error: HierfgError | ValueError | OSError
+    error: Exception
 
     def __str__(self) -> str:
         return f"item {self.index}: {type(self.error).__name__}: {self.error}"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"index": self.index, "error": type(self.error).__name__, "message": str(self.error)}
+
+
+_MANIFEST = object()  # sentinel: "use the manifest's value"
+# What a bad *input* may raise; anything else is a bug and propagates.
+_ITEM_ERRORS = (HierfgError, ValueError, OSError, TypeError)
 
 
 class Classifier:
@@ -92,6 +107,9 @@ class Classifier:
     >>> clf = Classifier.load("out/onnx")                                     # doctest: +SKIP
     >>> clf.classify("apple.jpg").breadcrumb()                               # doctest: +SKIP
     'Fruit › Apple › Granny-Smith'
+
+    A `Classifier` holds no per-call state: one instance may be used from many threads (backends whose
+    runtime is not thread-safe are wrapped in a lock).
     """
 
     def __init__(self, backend: Backend, manifest: Manifest, directory: Path):
@@ -102,8 +120,15 @@ class Classifier:
         self._backend = backend if backend.thread_safe else LockedBackend(backend)
         self._decoder = TreeDecoder(self.taxonomy)
         dec = manifest.decoding or {}
-        self.thresholds = self._check_thresholds(dec.get("thresholds"))
-        self.unknown_threshold = dec.get("unknown_threshold")
+        try:
+            self.thresholds = self._check_thresholds(dec.get("thresholds"))
+            self.unknown_threshold = self._check_unknown(dec.get("unknown_threshold"))
+            self.unknown_score_kind = str(dec.get("unknown_score", DEFAULT_UNKNOWN_SCORE))
+            if self.unknown_score_kind not in UNKNOWN_SCORES:
+                raise ValueError(f"unknown_score {self.unknown_score_kind!r} is not one of {sorted(UNKNOWN_SCORES)}")
+        except ValueError as e:
+            raise ModelIntegrityError(f"{directory}: manifest 'decoding' section is invalid: {e}; "
+                                      "re-run `python -m sdk calibrate`") from None
 
     @classmethod
     def load(cls, path: str | os.PathLike, backend: str | None = None, num_threads: int | None = None) -> "Classifier":
@@ -123,13 +148,32 @@ class Classifier:
         clf._check_outputs()
         return clf
 
-    def _check_thresholds(self, thresholds: Sequence[float] | None) -> tuple[float, ...]:
+    def _check_thresholds(self, thresholds: Sequence[float] | Mapping[str, float] | None) -> tuple[float, ...]:
+        """Per-level thresholds as a sequence (coarsest first) or a {level name: threshold} mapping."""
         if thresholds is None:
             return (0.0,) * self.taxonomy.depth
-        t = tuple(float(x) for x in thresholds)
+        if isinstance(thresholds, Mapping):
+            extra = set(thresholds) - set(self.taxonomy.level_names)
+            if extra:
+                raise ValueError(f"thresholds name unknown levels {sorted(extra)}; levels are {self.taxonomy.level_names}")
+            thresholds = [thresholds.get(n, 0.0) for n in self.taxonomy.level_names]
+        try:
+            t = tuple(float(x) for x in thresholds)
+        except (TypeError, ValueError):
+            raise ValueError(f"thresholds must be {self.taxonomy.depth} numbers in [0, 1]; got {thresholds!r}") from None
         if len(t) != self.taxonomy.depth or not all(0.0 <= x <= 1.0 for x in t):
-            raise ValueError(f"thresholds must be {self.taxonomy.depth} numbers in [0, 1]; got {thresholds}")
+            raise ValueError(f"thresholds must be {self.taxonomy.depth} numbers in [0, 1] "
+                             f"(one per level {self.taxonomy.level_names}); got {thresholds}")
         return t
+
+    @staticmethod
+    def _check_unknown(value: Any) -> float | None:
+        if value is None:
+            return None
+        v = float(value)
+        if not 0.0 <= v <= 1.0:
+            raise ValueError(f"unknown_threshold must be in [0, 1] (or None to disable); got {value}")
+        return v
 
     def _check_outputs(self) -> None:
         probe = np.zeros((1, self.input_size, self.input_size, 3), np.uint8)
@@ -148,57 +192,119 @@ class Classifier:
         return prepare(image, self.input_size)
 
     def logprobs(self, batch: np.ndarray) -> list[np.ndarray]:
-        """Raw per-level log-probabilities for a uint8 (N, S, S, 3) batch."""
+        """Raw per-level log-probabilities (float64) for a uint8 (N, S, S, 3) batch."""
         batch = np.ascontiguousarray(batch, dtype=np.uint8)
         fixed = self._backend.fixed_batch
         if fixed and batch.shape[0] != fixed:
-            parts = [self._backend.run(batch[i:i + fixed]) for i in range(0, batch.shape[0], fixed)]
-            return [np.concatenate([p[l] for p in parts]) for l in range(len(parts[0]))]
+            # an artifact compiled for one batch size: run full chunks, pad the last one
+            parts = []
+            for i in range(0, batch.shape[0], fixed):
+                chunk = batch[i:i + fixed]
+                n = chunk.shape[0]
+                if n < fixed:
+                    chunk = np.concatenate([chunk, np.zeros((fixed - n,) + chunk.shape[1:], np.uint8)])
+                parts.append([np.asarray(o)[:n] for o in self._backend.run(chunk)])
+            return [np.concatenate([p[l] for p in parts]).astype(np.float64) for l in range(len(parts[0]))]
         return [np.asarray(o, dtype=np.float64) for o in self._backend.run(batch)]
 
-    def _predict(self, marg: list[np.ndarray], row: int, top_k: int, thresholds: tuple[float, ...]) -> HierarchicalPrediction:
-        tax = self.taxonomy
-        idx = self._decoder.greedy_path(marg, row)
-        full = tuple(
-            LevelPrediction(tax.level_names[l], i, tax.node(l, i).name, float(marg[l][row, i]))
-            for l, i in enumerate(idx)
-        )
-        path = []
-        for p, t in zip(full, thresholds):
-            if p.probability < t:
-                break
-            path.append(p)
-        topk = {}
-        for l, name in enumerate(tax.level_names):
-            order = np.argsort(-marg[l][row], kind="stable")[:top_k]
-            topk[name] = tuple((tax.node(l, int(i)).name, float(marg[l][row, i])) for i in order)
-        unknown_score = 1.0 - float(marg[0][row].max())
-        is_unknown = self.unknown_threshold is not None and unknown_score > float(self.unknown_threshold)
-        return HierarchicalPrediction(tuple(path) if not is_unknown else (), full, topk, is_unknown, unknown_score)
+    def leaf_mask(self, allow: Iterable[str] | None = None, deny: Iterable[str] | None = None) -> np.ndarray | None:
+        """Leaves an answer may end in, for node names in `allow` / `deny` (see `TreeDecoder.leaf_mask`)."""
+        return self._decoder.leaf_mask(allow, deny)
+
+    def _decode_batch(self, lps: list[np.ndarray], top_k: int, thresholds: tuple[float, ...],
+                      unknown_threshold: float | None, mask: np.ndarray | None,
+                      ) -> list[HierarchicalPrediction | ModelOutputError]:
+        dec, tax = self._decoder, self.taxonomy
+        leaf, errors = dec.leaf_probs(lps)
+        full_marg = [np.minimum(leaf @ m, 1.0) for m in dec.member]
+        unk = unknown_scores(self.unknown_score_kind, leaf, full_marg)
+        if mask is None:
+            marg, allowed_mass = full_marg, np.ones(leaf.shape[0])
+        else:
+            allowed_mass = leaf[:, mask].sum(axis=1)
+            mleaf, merr = dec.leaf_probs(lps, mask)
+            for r, e in merr.items():
+                errors.setdefault(r, e)
+            marg = [np.minimum(mleaf @ m, 1.0) for m in dec.member]
+        keep = dec.node_allowed(mask)
+        out: list[HierarchicalPrediction | ModelOutputError] = []
+        for row in range(leaf.shape[0]):
+            if row in errors:
+                out.append(errors[row])
+                continue
+            idx = dec.greedy_path(marg, row)
+            full = tuple(LevelPrediction(tax.level_names[l], i, tax.node(l, i).name, float(marg[l][row, i]))
+                         for l, i in enumerate(idx))
+            path: list[LevelPrediction] = []
+            for p, t in zip(full, thresholds):
+                if p.probability < t:
+                    break
+                path.append(p)
+            topk = {}
+            for l, name in enumerate(tax.level_names):
+                cand = np.argsort(-marg[l][row], kind="stable")
+                if keep is not None:
+                    cand = cand[keep[l][cand]]
+                topk[name] = tuple((tax.node(l, int(i)).name, float(marg[l][row, i])) for i in cand[:top_k])
+            is_unknown = unknown_threshold is not None and float(unk[row]) > unknown_threshold
+            out.append(HierarchicalPrediction(() if is_unknown else tuple(path), full, topk, is_unknown,
+                                              float(unk[row]), float(allowed_mass[row])))
+        return out
 
     def classify(self, image: ImageSource, top_k: int = 5,
-                 thresholds: Sequence[float] | None = None) -> HierarchicalPrediction:
-        """Classify one image (path, bytes, PIL image, or uint8 HxWx3 RGB array)."""
-        return self.classify_batch([image], top_k=top_k, thresholds=thresholds, raise_errors=True)[0]
+                 thresholds: Sequence[float] | Mapping[str, float] | None = None,
+                 allow: Iterable[str] | None = None, deny: Iterable[str] | None = None,
+                 unknown_threshold: Any = _MANIFEST) -> HierarchicalPrediction:
+        """Classify one image (path, bytes, PIL image, or uint8 HxWx3 RGB array).
+
+        `thresholds`: per-level back-off thresholds (default: the manifest's calibrated ones, else 0).
+        `allow` / `deny`: node names (any level, or `level:name`) restricting the leaves the answer may
+        end in; the tree-consistent distribution is renormalized over the allowed leaves.
+        `unknown_threshold`: out-of-catalogue cut-off (default: the manifest's; None disables).
+        Raises the input's error (`InvalidImageError`, `FileNotFoundError`, `ValueError` …) or
+        `ModelOutputError` when the model's output for it is NaN / Inf.
+        """
+        return self.classify_batch([image], top_k=top_k, thresholds=thresholds, allow=allow, deny=deny,
+                                   unknown_threshold=unknown_threshold, raise_errors=True)[0]  # type: ignore[return-value]
 
     def classify_batch(self, images: Sequence[ImageSource], top_k: int = 5,
-                       thresholds: Sequence[float] | None = None,
-                       raise_errors: bool = False) -> list[HierarchicalPrediction | ItemError]:
-        """Classify many images; a bad item yields an `ItemError` naming its index, the rest are answered."""
+                       thresholds: Sequence[float] | Mapping[str, float] | None = None,
+                       allow: Iterable[str] | None = None, deny: Iterable[str] | None = None,
+                       unknown_threshold: Any = _MANIFEST, raise_errors: bool = False,
+                       batch_size: int = 16) -> list[HierarchicalPrediction | ItemError]:
+        """Classify many images, `batch_size` at a time. A bad item (undecodable, or NaN model output)
+        yields an `ItemError` naming its index and the rest are answered; `raise_errors=True` raises
+        the first such error instead. Options as in `classify`."""
+        if isinstance(images, (str, bytes, os.PathLike, np.ndarray)):
+            raise TypeError("classify_batch takes a sequence of images; use classify() for one image")
+        if not isinstance(top_k, int) or isinstance(top_k, bool) or top_k < 1:
+            raise ValueError(f"top_k must be a positive integer; got {top_k!r}")
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1; got {batch_size}")
         th = self._check_thresholds(thresholds) if thresholds is not None else self.thresholds
-        arrays: list[np.ndarray] = []
-        where: list[int] = []
+        ut = self.unknown_threshold if unknown_threshold is _MANIFEST else self._check_unknown(unknown_threshold)
+        mask = self._decoder.leaf_mask(allow, deny)
+        images = list(images)
         results: list[HierarchicalPrediction | ItemError | None] = [None] * len(images)
-        for i, img in enumerate(images):
-            try:
-                arrays.append(self.preprocess(img))
-                where.append(i)
-            except (HierfgError, ValueError, OSError, TypeError) as e:
-                if raise_errors:
-                    raise
-                results[i] = ItemError(i, e)
-        if arrays:
-            marg = self._decoder.marginals(self.logprobs(np.stack(arrays)))
-            for row, i in enumerate(where):
-                results[i] = self._predict(marg, row, top_k, th)
+        for start in range(0, len(images), batch_size):
+            arrays: list[np.ndarray] = []
+            where: list[int] = []
+            for i in range(start, min(start + batch_size, len(images))):
+                try:
+                    arrays.append(self.preprocess(images[i]))
+                    where.append(i)
+                except _ITEM_ERRORS as e:
+                    if raise_errors:
+                        raise
+                    results[i] = ItemError(i, e)
+            if not arrays:
+                continue
+            decoded = self._decode_batch(self.logprobs(np.stack(arrays)), top_k, th, ut, mask)
+            for i, d in zip(where, decoded):
+                if isinstance(d, ModelOutputError):
+                    if raise_errors:
+                        raise d
+                    results[i] = ItemError(i, d)
+                else:
+                    results[i] = d
         return results  # type: ignore[return-value]

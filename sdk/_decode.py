@@ -9,8 +9,7 @@ whose marginal clears that level's threshold.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Sequence
+from typing import Iterable, Sequence
 
 import numpy as np
 
@@ -32,7 +31,8 @@ class TreeDecoder:
             m[np.arange(self.anc.shape[0]), self.anc[:, lvl]] = 1.0
             self.member.append(m)
 
-    def check(self, logprobs: Sequence[np.ndarray]) -> list[np.ndarray]:
+    def check_shapes(self, logprobs: Sequence[np.ndarray]) -> list[np.ndarray]:
+        """Structural checks (count, shapes, batch sizes) that fail the whole batch."""
         if len(logprobs) != self.taxonomy.depth:
             raise ModelOutputError(f"model returned {len(logprobs)} outputs; taxonomy has {self.taxonomy.depth} levels")
         out = []
@@ -43,25 +43,107 @@ class TreeDecoder:
             if lp.ndim != 2 or lp.shape[1] != self.sizes[lvl]:
                 raise ModelOutputError(
                     f"output of level {lvl} has shape {lp.shape}; expected (batch, {self.sizes[lvl]})")
-            if not np.all(np.isfinite(lp) | (lp == -np.inf)) or np.isnan(lp).any() or np.isposinf(lp).any():
-                raise ModelOutputError(f"model output of level {lvl} holds NaN or +Inf; refusing to label")
             out.append(lp)
         if len({lp.shape[0] for lp in out}) != 1:
             raise ModelOutputError("outputs disagree on batch size")
         return out
 
-    def marginals(self, logprobs: Sequence[np.ndarray]) -> list[np.ndarray]:
-        """Per level, (batch, n_nodes) marginal probabilities under the tree-consistent leaf distribution."""
-        lps = self.check(logprobs)
-        score = np.zeros((lps[0].shape[0], self.anc.shape[0]))
+    def check(self, logprobs: Sequence[np.ndarray]) -> list[np.ndarray]:
+        """Shapes and finiteness of a whole batch (any NaN / +Inf raises `ModelOutputError`)."""
+        _, errors = self.leaf_probs(logprobs)
+        if errors:
+            raise next(iter(errors.values()))
+        return self.check_shapes(logprobs)
+
+    def marginals(self, logprobs: Sequence[np.ndarray], leaf_mask: np.ndarray | None = None) -> list[np.ndarray]:
+        """Per level, (batch, n_nodes) marginal probabilities under the tree-consistent leaf distribution.
+
+        Raises `ModelOutputError` if any row is unusable; `marginals_rows` isolates bad rows instead.
+        """
+        marg, errors = self.marginals_rows(logprobs, leaf_mask)
+        if errors:
+            raise next(iter(errors.values()))
+        return marg
+
+    def leaf_probs(self, logprobs: Sequence[np.ndarray], leaf_mask: np.ndarray | None = None,
+                   ) -> tuple[np.ndarray, dict[int, ModelOutputError]]:
+        """(batch, n_leaves) leaf distribution, renormalized over `leaf_mask` if given, and the rows
+        that cannot be decoded (NaN / +Inf in any level, or every allowed leaf at probability zero).
+        Bad rows hold zeros; the others are unaffected by them."""
+        lps = self.check_shapes(logprobs)
+        n = lps[0].shape[0]
+        errors: dict[int, ModelOutputError] = {}
+        for lvl, lp in enumerate(lps):
+            bad = np.isnan(lp).any(axis=1) | np.isposinf(lp).any(axis=1)
+            for r in np.flatnonzero(bad):
+                errors.setdefault(int(r), ModelOutputError(
+                    f"model output of level {lvl} ({self.taxonomy.level_names[lvl]!r}) holds NaN or +Inf for "
+                    "this image; refusing to label it (check the artifact's parity report or re-export)"))
+        score = np.zeros((n, self.anc.shape[0]))
         for lvl, lp in enumerate(lps):
             score += lp[:, self.anc[:, lvl]]
-        if np.isneginf(score).all(axis=1).any():
-            raise ModelOutputError("every leaf has probability zero; the model output is degenerate")
+        if leaf_mask is not None:
+            score[:, ~leaf_mask] = -np.inf
+        if errors:
+            score[list(errors)] = 0.0  # placeholder so the arithmetic below stays finite
+        dead = np.isneginf(score).all(axis=1) | np.isnan(score).any(axis=1)
+        for r in np.flatnonzero(dead):
+            errors.setdefault(int(r), ModelOutputError(
+                "every allowed leaf has probability zero for this image; the model output is degenerate"))
+            score[r] = 0.0
         score -= score.max(axis=1, keepdims=True)
         p = np.exp(score)
         p /= p.sum(axis=1, keepdims=True)
-        return [p @ m for m in self.member]
+        if errors:
+            p[list(errors)] = 0.0
+        return p, errors
+
+    def marginals_rows(self, logprobs: Sequence[np.ndarray], leaf_mask: np.ndarray | None = None,
+                       ) -> tuple[list[np.ndarray], dict[int, ModelOutputError]]:
+        """Marginals for every row, plus a per-row `ModelOutputError` for rows that must not be labelled."""
+        p, errors = self.leaf_probs(logprobs, leaf_mask)
+        # clip float round-off (1.0000000000000002) so probabilities stay in [0, 1]; order is kept
+        return [np.minimum(p @ m, 1.0) for m in self.member], errors
+
+    def leaf_mask(self, allow: Iterable[str] | None = None, deny: Iterable[str] | None = None) -> np.ndarray | None:
+        """Boolean mask over leaves: under any node named in `allow` (all leaves if None) and under no node
+        named in `deny`. A name is a node name (shallowest match) or `level:name`, e.g. `fine:Banana`."""
+        if allow is None and deny is None:
+            return None
+        n = self.anc.shape[0]
+
+        def under(names: Iterable[str]) -> np.ndarray:
+            hit = np.zeros(n, bool)
+            for name in names:
+                lvl, idx = self.resolve(name)
+                hit |= self.anc[:, lvl] == idx
+            return hit
+
+        if isinstance(allow, str) or isinstance(deny, str):
+            raise TypeError("allow / deny take a list of node names, not a single string")
+        mask = under(allow) if allow is not None else np.ones(n, bool)
+        if deny is not None:
+            mask &= ~under(deny)
+        if not mask.any():
+            raise ValueError(f"allow={list(allow) if allow is not None else None} and "
+                             f"deny={list(deny) if deny is not None else None} leave no leaf to answer with")
+        return mask
+
+    def resolve(self, name: str) -> tuple[int, int]:
+        """(level, index) of a node given as `name` or `level:name`."""
+        tax = self.taxonomy
+        if ":" in name:
+            level, _, rest = name.partition(":")
+            if level in tax.level_names:
+                lvl = tax.level_names.index(level)
+                return lvl, tax.index(lvl, rest)
+        return tax.find(name)
+
+    def node_allowed(self, leaf_mask: np.ndarray | None) -> list[np.ndarray] | None:
+        """Per level, which nodes keep at least one allowed leaf."""
+        if leaf_mask is None:
+            return None
+        return [(leaf_mask.astype(float) @ m) > 0 for m in self.member]
 
     def greedy_path(self, marg: Sequence[np.ndarray], row: int) -> list[int]:
         """Indices of the top-down most probable path for one batch row (always full depth)."""
@@ -76,3 +158,38 @@ class TreeDecoder:
         """(batch, depth) greedy consistent paths — the batch form used by metrics and parity checks."""
         marg = self.marginals(logprobs)
         return np.asarray([self.greedy_path(marg, r) for r in range(marg[0].shape[0])], dtype=np.int64)
+
+
+# ---- out-of-catalogue scores ----------------------------------------------------------------------
+# Each maps the *unrestricted* leaf distribution (batch, n_leaves) and the marginals to a score in
+# [0, 1], higher = less like anything in the catalogue. `python -m sdk calibrate` picks one and its
+# threshold against generated out-of-catalogue images and stores both in the manifest.
+def _coarsest_margin(leaf: np.ndarray, marg: Sequence[np.ndarray]) -> np.ndarray:
+    return 1.0 - marg[0].max(axis=1)
+
+
+def _fine_margin(leaf: np.ndarray, marg: Sequence[np.ndarray]) -> np.ndarray:
+    return 1.0 - leaf.max(axis=1)
+
+
+def _leaf_entropy(leaf: np.ndarray, marg: Sequence[np.ndarray]) -> np.ndarray:
+    with np.errstate(divide="ignore", invalid="ignore"):
+        h = -np.where(leaf > 0, leaf * np.log(leaf), 0.0).sum(axis=1)
+    return h / np.log(max(leaf.shape[1], 2))
+
+
+UNKNOWN_SCORES = {
+    "coarsest_margin": _coarsest_margin,  # 1 - max marginal at the coarsest level
+    "fine_margin": _fine_margin,  # 1 - max leaf probability
+    "leaf_entropy": _leaf_entropy,  # entropy of the leaf distribution / log(n_leaves)
+}
+DEFAULT_UNKNOWN_SCORE = "coarsest_margin"
+
+
+def unknown_scores(kind: str, leaf: np.ndarray, marg: Sequence[np.ndarray]) -> np.ndarray:
+    """Out-of-catalogue score per row (see UNKNOWN_SCORES)."""
+    try:
+        fn = UNKNOWN_SCORES[kind]
+    except KeyError:
+        raise ValueError(f"unknown out-of-catalogue score {kind!r}; choose one of {sorted(UNKNOWN_SCORES)}") from None
+    return np.clip(fn(leaf, marg), 0.0, 1.0)

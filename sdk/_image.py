@@ -59,12 +59,16 @@ def _open(source: Any) -> Image.Image:
             raise InvalidImageError(f"{len(data)} bytes is over the {MAX_FILE_BYTES}-byte limit")
     else:
         raise TypeError(f"cannot read an image from {type(source).__name__}")
+    _reject_known_other_formats(data, where)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             img = Image.open(io.BytesIO(data))
-    except (UnidentifiedImageError, Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
-        raise InvalidImageError(f"{where}: not a decodable image ({e})") from None
+    except UnidentifiedImageError:
+        raise InvalidImageError(f"{where}: not a recognised image (expected JPEG, PNG, WebP, GIF, BMP or TIFF "
+                                "content; the file name's extension does not matter)") from None
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        raise InvalidImageError(f"{where}: declared image size is too large ({e})") from None
     except Exception as e:  # Pillow raises a zoo of errors on hostile headers
         raise InvalidImageError(f"{where}: not a decodable image ({type(e).__name__}: {e})") from None
     if img.format not in ALLOWED_FORMATS:
@@ -77,6 +81,27 @@ def _open(source: Any) -> Image.Image:
     if w * h > MAX_PIXELS:
         raise InvalidImageError(f"{where}: declared size {w}x{h} is over the {MAX_PIXELS}-pixel limit")
     return img
+
+
+# Formats people do send (documents, layered or HEIF photos) that are outside the allowlist. Pillow
+# either cannot open them (PDF, HEIF without a plugin) or would open only a header (EPS without
+# Ghostscript), so they are recognised by their leading bytes for a clear `UnsupportedFormatError`.
+_OTHER_FORMATS = (
+    (b"%PDF", "PDF"),
+    (b"%!PS", "PostScript/EPS"),
+    (b"\xc5\xd0\xd3\xc6", "EPS"),
+    (b"8BPS", "PSD"),
+)
+_HEIF_BRANDS = (b"heic", b"heix", b"hevc", b"mif1", b"msf1", b"avif")
+
+
+def _reject_known_other_formats(data: bytes, where: str) -> None:
+    name = next((n for magic, n in _OTHER_FORMATS if data.startswith(magic)), None)
+    if name is None and data[4:8] == b"ftyp" and data[8:12] in _HEIF_BRANDS:
+        name = "HEIF/AVIF"
+    if name is not None:
+        raise UnsupportedFormatError(
+            f"{where}: format {name} is not supported; convert it to JPEG or PNG first")
 
 
 def _orient(img: Image.Image) -> Image.Image:

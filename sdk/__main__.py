@@ -1,0 +1,258 @@
+"""`python -m sdk classify|info|calibrate` — the SDK from the command line.
+
+Errors print one line (`error: …`) to stderr and exit non-zero; no traceback.
+Exit codes: 0 ok, 1 some images could not be classified, 2 usage / model / data error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any, Sequence
+
+from ._errors import HierfgError
+
+
+class _Progress:
+    """A dependency-free progress bar on stderr (the SDK does not depend on tqdm)."""
+
+    def __init__(self, total: int, desc: str, enabled: bool):
+        self.total, self.desc, self.n = total, desc, 0
+        self.enabled = enabled and total > 1
+
+    def update(self, k: int = 1) -> None:
+        self.n += k
+        if self.enabled:
+            width = 30
+            done = int(width * self.n / max(self.total, 1))
+            sys.stderr.write(f"\r{self.desc} [{'#' * done}{'.' * (width - done)}] {self.n}/{self.total}")
+            sys.stderr.flush()
+
+    def close(self) -> None:
+        if self.enabled:
+            sys.stderr.write("\n")
+            sys.stderr.flush()
+
+
+def _names(values: Sequence[str] | None) -> list[str] | None:
+    if not values:
+        return None
+    return [n.strip() for v in values for n in v.split(",") if n.strip()]
+
+
+def _fmt_pred(pred: Any, level_names: Sequence[str]) -> str:
+    if pred.is_unknown:
+        return f"unknown item (out-of-catalogue score {pred.unknown_score:.3f})"
+    parts = [f"{p.label} ({p.probability:.0%})" for p in pred.path]
+    text = " › ".join(parts) if parts else "uncertain"
+    if not pred.is_complete:
+        nxt = pred.full_path[len(pred.path)]
+        text += f"  [stopped above {nxt.level}; best guess {nxt.label} {nxt.probability:.0%}]"
+    return text
+
+
+def cmd_classify(args: argparse.Namespace) -> int:
+    from ._classifier import Classifier, ItemError
+
+    clf = Classifier.load(args.model, backend=args.backend, num_threads=args.threads)
+    thresholds = [float(x) for x in args.thresholds.split(",")] if args.thresholds else None
+    kw = dict(top_k=args.top_k, thresholds=thresholds, allow=_names(args.allow), deny=_names(args.deny))
+    if args.no_unknown:
+        kw["unknown_threshold"] = None
+    bar = _Progress(len(args.images), "classifying", enabled=len(args.images) >= 8 and not args.quiet)
+    failed = 0
+    # in chunks so the bar moves and memory stays bounded for thousands of files
+    chunk = 16
+    for start in range(0, len(args.images), chunk):
+        names = args.images[start:start + chunk]
+        results = clf.classify_batch(names, **kw)
+        for name, r in zip(names, results):
+            if isinstance(r, ItemError):
+                failed += 1
+                if args.json:
+                    print(json.dumps({"image": name, "error": type(r.error).__name__, "message": str(r.error)},
+                                     ensure_ascii=False))
+                else:
+                    if bar.enabled:
+                        sys.stderr.write("\n")
+                    print(f"error: {name}: {type(r.error).__name__}: {r.error}", file=sys.stderr)
+                continue
+            if args.json:
+                print(json.dumps({"image": name, **r.to_dict()}, ensure_ascii=False))
+            else:
+                if bar.enabled:
+                    sys.stderr.write("\r")
+                print(f"{name}: {_fmt_pred(r, clf.taxonomy.level_names)}")
+                if args.top_k > 1 and args.verbose:
+                    for level, items in r.top_k.items():
+                        print(f"    {level:>10}: " + ", ".join(f"{l} {s:.0%}" for l, s in items))
+        bar.update(len(names))
+    bar.close()
+    return 1 if failed else 0
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    from ._manifest import Manifest
+
+    m = Manifest.load(args.model)
+    if args.json:
+        print(m.to_json())
+        return 0
+    tax = m.taxonomy
+    print(f"model      {Path(args.model)}")
+    print(f"target     {m.target} ({m.precision})  file {m.file}  {m.size_bytes / 1e6:.1f} MB  sha256 {m.sha256[:16]}…")
+    print(f"input      {m.input.size}x{m.input.size} {m.input.color} {m.input.dtype} {m.input.layout}; {m.input.resize}")
+    print(f"taxonomy   {' > '.join(f'{n} ({s})' for n, s in zip(tax.level_names, tax.sizes))}  hash {tax.hash[:12]}…")
+    print(f"outputs    {', '.join(m.outputs)}")
+    dec = m.decoding or {}
+    if dec.get("thresholds") is not None:
+        th = ", ".join(f"{n}={t:.3f}" for n, t in zip(tax.level_names, dec["thresholds"]))
+        cal = dec.get("calibration", {})
+        print(f"back-off   {th}  (target precision {cal.get('target_precision', '?')}, data {cal.get('data', '?')})")
+    else:
+        print("back-off   none (every level answered; run `python -m sdk calibrate`)")
+    if dec.get("unknown_threshold") is not None:
+        print(f"unknown    {dec.get('unknown_score')} > {dec['unknown_threshold']:.3f}")
+    par = m.metrics.get("parity")
+    if par:
+        print(f"parity     path agreement {par.get('agreement/path', float('nan')):.3f} on {par.get('n_images')} "
+              f"images vs {par.get('reference', '?')}")
+    if m.tool_versions:
+        print("tools      " + ", ".join(f"{k} {v}" for k, v in m.tool_versions.items()))
+    print(f"created    {m.created}")
+    return 0
+
+
+def _print_report(title: str, rep: dict[str, Any]) -> None:
+    print(title)
+    for k, v in rep.items():
+        print(f"  {k:32} {v:.4f}" if isinstance(v, float) else f"  {k:32} {v}")
+
+
+def cmd_calibrate(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    from . import _calibrate as C
+    from ._classifier import Classifier
+
+    try:
+        from tqdm.auto import tqdm
+        from train.data import load_dataset
+    except ImportError as e:
+        raise HierfgError(f"calibrate needs the training extras ({e.name} is missing): pip install 'hierfg[train]'") from None
+    clf = Classifier.load(args.model, backend=args.backend, num_threads=args.threads)
+    model_dir = Path(args.model) if Path(args.model).is_dir() else Path(args.model).parent
+
+    def load(split: str):
+        ds = load_dataset(args.data, split, taxonomy=clf.taxonomy)
+        if args.holdout_list and split == args.split:
+            keep = {str(Path(l.strip())) for l in Path(args.holdout_list).read_text().splitlines() if l.strip()}
+            ds = ds.subset([i for i, s in enumerate(ds.samples) if str(Path(str(s.source))) in keep])
+            if not len(ds):
+                raise HierfgError(f"{args.holdout_list}: none of its paths are in split {split!r} of {args.data}")
+        if args.limit and len(ds) > args.limit:
+            ds = ds.subset(np.linspace(0, len(ds) - 1, args.limit).round().astype(int).tolist())
+        return ds
+
+    def logprobs(sources, desc):
+        with tqdm(total=len(sources), desc=desc, leave=False) as bar:
+            return C.batch_logprobs(clf, sources, progress=bar.update)
+
+    ds = load(args.split)
+    lp = logprobs([s.source for s in ds.samples], f"{args.split} ({len(ds)} images)")
+    ood = C.out_of_catalogue_images(args.ood_per_kind, seed=args.seed)
+    ood_lp = logprobs([img for _, img in ood], f"out-of-catalogue ({len(ood)} generated)")
+    plot_dir = Path(args.plot_dir) if args.plot_dir else model_dir / "calibration"
+    cal = C.calibrate(clf, lp, ds.labels(), ood_lp, [k for k, _ in ood], args.target_precision,
+                      args.max_false_unknown, plot_dir)
+    source = f"{args.data}:{args.split}" + (f" ({args.holdout_list})" if args.holdout_list else "") + f", {len(ds)} images"
+    decoding = cal.decoding(args.target_precision, args.max_false_unknown, source, clf.taxonomy.level_names)
+    names = clf.taxonomy.level_names
+    print("thresholds  " + ", ".join(f"{n}={t:.4f}" for n, t in zip(names, cal.thresholds)))
+    print(f"unknown     {cal.unknown_score} > {cal.unknown_threshold:.4f}")
+    _print_report(f"calibration set {source}:", cal.report)
+    _print_report(f"generated out-of-catalogue images ({', '.join(C.OUT_OF_CATALOGUE_KINDS)}):", cal.ood_report)
+    for split in args.eval_split or []:
+        eds = load(split)
+        elp = logprobs([s.source for s in eds.samples], f"{split} ({len(eds)} images)")
+        rep = C.decoding_report(C.decode_set(clf.taxonomy, elp, eds.labels()), cal.thresholds, cal.unknown_score,
+                                cal.unknown_threshold, names)
+        decoding["calibration"].setdefault("eval", {})[split] = rep
+        _print_report(f"evaluation on {args.data}:{split} at these thresholds:", rep)
+    if args.report_json:
+        Path(args.report_json).write_text(json.dumps(decoding, indent=1, default=C._json_default))
+    if args.dry_run:
+        print(f"dry run: manifest not changed; plots in {plot_dir}")
+    else:
+        path = C.write_decoding(model_dir, json.loads(json.dumps(decoding, default=C._json_default)))
+        print(f"wrote thresholds to {path} ('decoding'); plots: {', '.join(str(p) for p in cal.plots)}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m sdk", description="hierfg SDK: classify images with an exported model")
+    sub = p.add_subparsers(dest="cmd", required=True)
+
+    def model_opts(sp, positional=False):
+        if positional:
+            sp.add_argument("model", help="model directory (artifact + manifest.json) or the manifest file")
+        else:
+            sp.add_argument("--model", required=True, help="model directory (artifact + manifest.json)")
+        sp.add_argument("--backend", default=None, help="runtime backend (default: the manifest's target)")
+        sp.add_argument("--threads", type=int, default=None, help="runtime threads")
+
+    c = sub.add_parser("classify", help="classify image files; prints the (backed-off) path per image")
+    c.add_argument("images", nargs="+", help="image files (JPEG, PNG, WebP, GIF, BMP, TIFF)")
+    model_opts(c)
+    c.add_argument("--json", action="store_true", help="one JSON object per line")
+    c.add_argument("--top-k", type=int, default=3)
+    c.add_argument("--thresholds", default=None, help="per-level thresholds, comma separated (default: manifest)")
+    c.add_argument("--allow", action="append", help="only answer under these nodes (name or level:name; repeatable)")
+    c.add_argument("--deny", action="append", help="never answer under these nodes")
+    c.add_argument("--no-unknown", action="store_true", help="do not flag out-of-catalogue items")
+    c.add_argument("-v", "--verbose", action="store_true", help="also print the top-k per level")
+    c.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    c.set_defaults(fn=cmd_classify)
+
+    i = sub.add_parser("info", help="print the manifest summary of a model")
+    i.add_argument("model", help="model directory or manifest.json")
+    i.add_argument("--json", action="store_true", help="print the whole manifest")
+    i.set_defaults(fn=cmd_info)
+
+    k = sub.add_parser("calibrate", help="pick back-off and unknown thresholds on labelled data; write the manifest")
+    model_opts(k)
+    k.add_argument("--data", required=True, help="dataset root (Grocery Store root or folder tree)")
+    k.add_argument("--split", default="val")
+    k.add_argument("--holdout-list", default=None, help="only the images listed in this file (e.g. a run's holdout.txt)")
+    k.add_argument("--target-precision", type=float, default=0.98)
+    k.add_argument("--max-false-unknown", type=float, default=0.05,
+                   help="share of real items that may be flagged unknown")
+    k.add_argument("--ood-per-kind", type=int, default=16, help="generated out-of-catalogue images per kind")
+    k.add_argument("--eval-split", action="append", help="also report figures on this split (repeatable)")
+    k.add_argument("--limit", type=int, default=0, help="use at most N images of the split (evenly spaced)")
+    k.add_argument("--plot-dir", default=None, help="where the PNG curves go (default: MODEL/calibration)")
+    k.add_argument("--report-json", default=None, help="also write the full report here")
+    k.add_argument("--dry-run", action="store_true", help="do not change the manifest")
+    k.add_argument("--seed", type=int, default=0)
+    k.set_defaults(fn=cmd_calibrate)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.fn(args)
+    except (HierfgError, OSError, ValueError) as e:
+        # users get one line that says what is wrong; the exception types say which class of problem
+        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        print(f"error: {type(e).__name__}: {msg}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

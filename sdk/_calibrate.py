@@ -1,0 +1,361 @@
+"""Calibrate back-off thresholds and the out-of-catalogue cut-off of an exported model.
+
+`python -m sdk calibrate --model DIR --data ROOT --split val --target-precision 0.98`
+
+Back-off thresholds are chosen level by level, coarsest first. At level l the candidates are the
+images answered down to level l-1 under the thresholds already chosen; the threshold is the smallest
+marginal t such that, for every threshold t' >= t, the nodes answered at level l are right at least
+`target_precision` of the time. Every level then meets the target on the calibration data, so the
+answered nodes of all levels together do too. A level whose precision never reaches the target gets
+threshold 1.0 (the answer stops above it).
+
+Out-of-catalogue ("unknown") detection: each score in `sdk._decode.UNKNOWN_SCORES` is computed on the
+in-catalogue calibration images and on generated out-of-catalogue images (`out_of_catalogue_images`:
+uniform and Gaussian noise, blank frames in solid colours, colour gradients, checkerboards, and the
+coloured-shape images of `train.data.synthetic_dataset`; no photos, since the Grocery Store dataset
+has none of non-grocery objects). Its threshold is the in-catalogue quantile that flags at most
+`max_false_unknown` of real items; the score that flags the most generated images at that rate wins.
+
+This module may import `train` (for `load_dataset`), tqdm and matplotlib; `import sdk` does not import it.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+from ._classifier import Classifier
+from ._decode import DEFAULT_UNKNOWN_SCORE, UNKNOWN_SCORES, TreeDecoder, unknown_scores
+from ._manifest import MANIFEST_NAME
+
+OUT_OF_CATALOGUE_KINDS = ("uniform-noise", "gaussian-noise", "blank", "gradient", "checkerboard", "synthetic-shapes")
+
+
+# ---- generated out-of-catalogue images ------------------------------------------------------------
+def out_of_catalogue_images(n_per_kind: int = 12, seed: int = 0) -> list[tuple[str, np.ndarray]]:
+    """(kind, uint8 HxWx3 image) pairs that are certainly not grocery items (see module docstring)."""
+    rng = np.random.default_rng(seed)
+    out: list[tuple[str, np.ndarray]] = []
+    for i in range(n_per_kind):
+        h, w = int(rng.integers(180, 480)), int(rng.integers(180, 480))
+        out.append(("uniform-noise", rng.integers(0, 256, (h, w, 3), dtype=np.uint8)))
+        g = rng.normal(rng.uniform(60, 200), rng.uniform(10, 60), (h, w, 3))
+        out.append(("gaussian-noise", np.clip(g, 0, 255).astype(np.uint8)))
+        # blank frames: black, white, mid grey, then random solid colours (lens cap, wall, desk)
+        fixed = [(0, 0, 0), (255, 255, 255), (128, 128, 128)]
+        col = fixed[i] if i < len(fixed) else tuple(int(c) for c in rng.integers(0, 256, 3))
+        out.append(("blank", np.broadcast_to(np.asarray(col, np.uint8), (h, w, 3)).copy()))
+        a, b = rng.integers(0, 256, 3), rng.integers(0, 256, 3)
+        t = np.linspace(0, 1, w)[None, :, None] if i % 2 else np.linspace(0, 1, h)[:, None, None]
+        out.append(("gradient", np.broadcast_to(a + (b - a) * t, (h, w, 3)).astype(np.uint8)))
+        cell = int(rng.integers(8, 64))
+        yy, xx = np.mgrid[0:h, 0:w]
+        mask = ((yy // cell + xx // cell) % 2).astype(bool)
+        img = np.empty((h, w, 3), np.uint8)
+        img[mask], img[~mask] = rng.integers(0, 256, 3), rng.integers(0, 256, 3)
+        out.append(("checkerboard", img))
+    try:
+        from train.data import synthetic_dataset
+    except ImportError:  # calibrating without the train package: generated textures only
+        return out
+    shapes = synthetic_dataset("ood", per_class=max(1, n_per_kind // 8 + 1), size=224).samples
+    idx = np.random.default_rng(seed).permutation(len(shapes))[:n_per_kind]
+    out += [("synthetic-shapes", shapes[int(i)].source) for i in idx]
+    return out
+
+
+# ---- threshold selection --------------------------------------------------------------------------
+def pick_threshold(p: np.ndarray, correct: np.ndarray, target: float) -> float:
+    """Smallest t with precision(p >= t') >= target for every candidate t' >= t (1.0 if none)."""
+    if len(p) == 0:
+        return 1.0
+    order = np.argsort(-p, kind="stable")
+    ps, cs = p[order], correct[order].astype(np.float64)
+    prec = np.cumsum(cs) / np.arange(1, len(ps) + 1)
+    # with ties the threshold answers the whole tie group: evaluate at each group's last member
+    last = np.r_[ps[1:] != ps[:-1], True]
+    vals, prec = ps[last], prec[last]
+    ok = np.minimum.accumulate(prec >= target)  # prefix (high thresholds first) where all meet the target
+    if not ok[0]:
+        return 1.0
+    return float(vals[np.flatnonzero(ok)[-1]])
+
+
+@dataclass
+class DecodedSet:
+    """Greedy consistent paths and their marginals for a labelled set (one row per image)."""
+
+    paths: np.ndarray  # (N, depth) node indices
+    probs: np.ndarray  # (N, depth) marginal of each path node
+    labels: np.ndarray  # (N, depth), -1 = unlabelled
+    unknown: dict[str, np.ndarray]  # score kind -> (N,)
+    flat: np.ndarray  # (N, depth) ancestors of the finest head's own argmax (a flat classifier's answer)
+
+
+def decode_set(taxonomy, logprobs: Sequence[np.ndarray], labels: np.ndarray | None = None) -> DecodedSet:
+    dec = TreeDecoder(taxonomy)
+    leaf, errors = dec.leaf_probs(logprobs)
+    if errors:
+        r, e = next(iter(errors.items()))
+        raise type(e)(f"image {r} of the calibration set: {e}")
+    marg = [leaf @ m for m in dec.member]
+    n = leaf.shape[0]
+    paths = np.asarray([dec.greedy_path(marg, r) for r in range(n)], np.int64).reshape(n, taxonomy.depth)
+    probs = np.stack([marg[l][np.arange(n), paths[:, l]] for l in range(taxonomy.depth)], 1) if n else \
+        np.zeros((0, taxonomy.depth))
+    labels = np.full_like(paths, -1) if labels is None else np.asarray(labels, np.int64)
+    anc = dec.anc[np.asarray(logprobs[-1]).argmax(axis=1)] if n else np.zeros((0, taxonomy.depth), np.int64)
+    return DecodedSet(paths, probs, labels, {k: unknown_scores(k, leaf, marg) for k in UNKNOWN_SCORES}, anc)
+
+
+def answered_depth(probs: np.ndarray, thresholds: Sequence[float]) -> np.ndarray:
+    """Per row, how many levels the back-off answer keeps (0 … depth)."""
+    passed = probs >= np.asarray(thresholds)[None, :]
+    return np.cumprod(passed, axis=1).sum(axis=1)
+
+
+def calibrate_thresholds(ds: DecodedSet, target: float) -> tuple[list[float], list[dict[str, Any]]]:
+    """Per-level thresholds (see module docstring) and per-level precision/coverage curves."""
+    depth = ds.paths.shape[1]
+    labelled = (ds.labels >= 0).all(1)
+    paths, probs, labels = ds.paths[labelled], ds.probs[labelled], ds.labels[labelled]
+    correct = paths == labels
+    n = len(paths)
+    thresholds: list[float] = []
+    curves: list[dict[str, Any]] = []
+    reach = np.ones(n, bool)  # answered down to the level above
+    for lvl in range(depth):
+        t = pick_threshold(probs[reach, lvl], correct[reach, lvl], target)
+        grid = np.unique(np.r_[np.linspace(0, 1, 201), probs[reach, lvl]])
+        cov, prec = [], []
+        for g in grid:
+            ans = reach & (probs[:, lvl] >= g)
+            cov.append(ans.sum() / max(n, 1))
+            prec.append(correct[ans, lvl].mean() if ans.any() else np.nan)
+        thresholds.append(t)
+        curves.append({"threshold": grid, "coverage": np.asarray(cov), "precision": np.asarray(prec), "chosen": t})
+        reach = reach & (probs[:, lvl] >= t)
+    return thresholds, curves
+
+
+def calibrate_unknown(in_scores: dict[str, np.ndarray], ood_scores: dict[str, np.ndarray],
+                      max_false_unknown: float) -> tuple[str, float, dict[str, dict[str, float]]]:
+    """Pick the score kind and threshold (flag when score > threshold) as in the module docstring."""
+    table: dict[str, dict[str, float]] = {}
+    best = None
+    for kind in UNKNOWN_SCORES:
+        s_in, s_out = in_scores[kind], ood_scores[kind]
+        thr = float(np.quantile(s_in, 1.0 - max_false_unknown, method="higher")) if len(s_in) else 1.0
+        row = {"threshold": thr, "false_unknown_rate": float((s_in > thr).mean()) if len(s_in) else 0.0,
+               "ood_detection_rate": float((s_out > thr).mean()) if len(s_out) else 0.0}
+        table[kind] = row
+        key = (row["ood_detection_rate"], kind == DEFAULT_UNKNOWN_SCORE)
+        if best is None or key > best[0]:
+            best = (key, kind)
+    kind = best[1]  # type: ignore[index]
+    return kind, table[kind]["threshold"], table
+
+
+# ---- reporting ------------------------------------------------------------------------------------
+def lca_height(pred: np.ndarray, true: np.ndarray) -> np.ndarray:
+    """Height of the lowest common ancestor of two equally long paths (0 when equal)."""
+    depth = true.shape[1]
+    h = np.zeros(len(pred), np.int64)
+    for lvl in range(pred.shape[1]):
+        h = np.where((pred[:, lvl] != true[:, lvl]) & (h == 0), depth - lvl, h)
+    return h
+
+
+def decoding_report(ds: DecodedSet, thresholds: Sequence[float], unknown_kind: str | None,
+                    unknown_threshold: float | None, level_names: Sequence[str]) -> dict[str, Any]:
+    """Figures of the back-off answers vs plain argmax on a labelled set."""
+    labelled = (ds.labels >= 0).all(1)
+    paths, probs, labels = ds.paths[labelled], ds.probs[labelled], ds.labels[labelled]
+    n, depth = paths.shape
+    unk = (ds.unknown[unknown_kind][labelled] > unknown_threshold) if unknown_kind and unknown_threshold is not None \
+        else np.zeros(n, bool)
+    d = np.where(unk, 0, answered_depth(probs, thresholds))
+    correct = paths == labels
+    answered = np.arange(depth)[None, :] < d[:, None]
+    rep: dict[str, Any] = {"n": int(n)}
+    rep["answered_node_precision"] = float(correct[answered].mean()) if answered.any() else float("nan")
+    for l, name in enumerate(level_names):
+        a = answered[:, l]
+        rep[f"coverage/{name}"] = float(a.mean()) if n else float("nan")
+        rep[f"precision/{name}"] = float(correct[a, l].mean()) if a.any() else float("nan")
+    rep["flagged_unknown"] = float(unk.mean()) if n else float("nan")
+    # "argmax" = the full tree-consistent path without back-off; "flat_argmax" = the finest head alone.
+    # mistake severity: an answer is a mistake when its deepest node is wrong; its severity is the
+    # height of the LCA of the full predicted and true paths (1 = sibling … depth = other category)
+    h_full = lca_height(paths, labels)
+    wrong_argmax = h_full > 0
+    deepest_right = np.ones(n, bool)
+    rows = np.flatnonzero(d > 0)
+    deepest_right[rows] = correct[rows, d[rows] - 1]
+    wrong_backoff = ~deepest_right
+    h_flat = lca_height(ds.flat[labelled], labels)
+    rep["flat_argmax/fine_top1"] = float((h_flat == 0).mean()) if n else float("nan")
+    rep["flat_argmax/mistakes"] = int((h_flat > 0).sum())
+    rep["flat_argmax/mistake_severity"] = float(h_flat[h_flat > 0].mean()) if (h_flat > 0).any() else 0.0
+    rep["flat_argmax/severity_per_image"] = float(h_flat.sum() / max(n, 1))
+    rep["argmax/fine_top1"] = float((~wrong_argmax).mean()) if n else float("nan")
+    rep["argmax/mistakes"] = int(wrong_argmax.sum())
+    rep["argmax/mistake_severity"] = float(h_full[wrong_argmax].mean()) if wrong_argmax.any() else 0.0
+    rep["argmax/severity_per_image"] = float(h_full.sum() / max(n, 1))
+    # a back-off mistake at level l is wrong from the first wrong level on: same LCA as the full path
+    rep["backoff/mistakes"] = int(wrong_backoff.sum())
+    rep["backoff/mistake_severity"] = float(h_full[wrong_backoff].mean()) if wrong_backoff.any() else 0.0
+    rep["backoff/severity_per_image"] = float(h_full[wrong_backoff].sum() / max(n, 1))
+    return rep
+
+
+def ood_report(ood: DecodedSet, kinds: Sequence[str], thresholds: Sequence[float], unknown_kind: str,
+               unknown_threshold: float) -> dict[str, Any]:
+    flagged = ood.unknown[unknown_kind] > unknown_threshold
+    d = np.where(flagged, 0, answered_depth(ood.probs, thresholds))
+    depth = ood.paths.shape[1]
+    kinds_arr = np.asarray(kinds)
+    rep: dict[str, Any] = {"n": int(len(d)), "flagged_unknown": float(flagged.mean()),
+                           "answered_to_finest": float((d == depth).mean())}
+    for k in dict.fromkeys(kinds):
+        m = kinds_arr == k
+        rep[f"{k}/flagged_unknown"] = float(flagged[m].mean())
+        rep[f"{k}/answered_to_finest"] = float((d[m] == depth).mean())
+    return rep
+
+
+def plot_curves(curves: list[dict[str, Any]], level_names: Sequence[str], target: float, out_dir: Path,
+                in_scores: np.ndarray | None = None, ood_scores: np.ndarray | None = None,
+                unknown_kind: str = "", unknown_threshold: float | None = None) -> list[Path]:
+    """One coverage/precision PNG per level (and a histogram of the unknown score)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written = []
+    for name, c in zip(level_names, curves):
+        fig, ax = plt.subplots(figsize=(5, 4))
+        ax.plot(c["coverage"], c["precision"], lw=1.5)
+        i = int(np.argmin(np.abs(c["threshold"] - c["chosen"])))
+        ax.plot([c["coverage"][i]], [c["precision"][i]], "o", color="C3",
+                label=f"chosen t={c['chosen']:.3f}: coverage {c['coverage'][i]:.2f}, precision {c['precision'][i]:.3f}")
+        ax.axhline(target, ls="--", color="grey", lw=1, label=f"target {target}")
+        ax.set_xlabel(f"coverage (share of images answered to '{name}')")
+        ax.set_ylabel(f"precision at '{name}'")
+        ax.set_title(f"back-off at level '{name}' (levels above at their thresholds)", fontsize=9)
+        ax.set_xlim(0, 1.02)
+        ax.legend(fontsize=7, loc="lower left")
+        ax.grid(alpha=0.3)
+        p = out_dir / f"calibration_{name}.png"
+        fig.tight_layout()
+        fig.savefig(p, dpi=110)
+        plt.close(fig)
+        written.append(p)
+    if in_scores is not None and ood_scores is not None:
+        fig, ax = plt.subplots(figsize=(5, 4))
+        bins = np.linspace(0, 1, 41)
+        ax.hist(in_scores, bins=bins, alpha=0.6, label="in-catalogue (calibration split)", density=True)
+        ax.hist(ood_scores, bins=bins, alpha=0.6, label="generated out-of-catalogue", density=True)
+        if unknown_threshold is not None:
+            ax.axvline(unknown_threshold, color="C3", ls="--", label=f"threshold {unknown_threshold:.3f}")
+        ax.set_xlabel(f"unknown score ({unknown_kind})")
+        ax.legend(fontsize=7)
+        p = out_dir / "unknown_score.png"
+        fig.tight_layout()
+        fig.savefig(p, dpi=110)
+        plt.close(fig)
+        written.append(p)
+    return written
+
+
+# ---- the whole procedure --------------------------------------------------------------------------
+def batch_logprobs(clf: Classifier, sources: Sequence[Any], batch_size: int = 16,
+                   progress: Callable[[int], None] | None = None) -> list[np.ndarray]:
+    outs = []
+    for i in range(0, len(sources), batch_size):
+        batch = np.stack([clf.preprocess(s) for s in sources[i:i + batch_size]])
+        outs.append(clf.logprobs(batch))
+        if progress:
+            progress(len(batch))
+    if not outs:
+        return [np.zeros((0, n)) for n in clf.taxonomy.sizes]
+    return [np.concatenate([o[l] for o in outs]) for l in range(len(outs[0]))]
+
+
+@dataclass
+class Calibration:
+    thresholds: list[float]
+    unknown_score: str
+    unknown_threshold: float
+    report: dict[str, Any]
+    unknown_table: dict[str, dict[str, float]]
+    ood_report: dict[str, Any]
+    curves: list[dict[str, Any]] = field(repr=False, default_factory=list)
+    plots: list[Path] = field(default_factory=list)
+
+    def decoding(self, target: float, max_false_unknown: float, source: str, level_names: Sequence[str]) -> dict[str, Any]:
+        """The manifest's `decoding` section."""
+        return {
+            "thresholds": [round(t, 6) for t in self.thresholds],
+            "levels": list(level_names),
+            "unknown_score": self.unknown_score,
+            "unknown_threshold": round(self.unknown_threshold, 6),
+            "calibration": {
+                "data": source,
+                "target_precision": target,
+                "max_false_unknown": max_false_unknown,
+                "out_of_catalogue": "generated: " + ", ".join(OUT_OF_CATALOGUE_KINDS),
+                "report": self.report,
+                "unknown_scores": self.unknown_table,
+                "out_of_catalogue_report": self.ood_report,
+                "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+            },
+        }
+
+
+def calibrate(clf: Classifier, in_logprobs: Sequence[np.ndarray], labels: np.ndarray,
+              ood_logprobs: Sequence[np.ndarray], ood_kinds: Sequence[str], target: float = 0.98,
+              max_false_unknown: float = 0.05, plot_dir: Path | None = None) -> Calibration:
+    """Thresholds, unknown cut-off, figures and plots from precomputed log-probs."""
+    if not 0.0 < target <= 1.0:
+        raise ValueError(f"target precision must be in (0, 1]; got {target}")
+    if not 0.0 <= max_false_unknown < 1.0:
+        raise ValueError(f"max_false_unknown must be in [0, 1); got {max_false_unknown}")
+    tax = clf.taxonomy
+    ds = decode_set(tax, in_logprobs, labels)
+    if not (ds.labels >= 0).all(1).any():
+        raise ValueError("the calibration set has no image labelled at every level")
+    ood = decode_set(tax, ood_logprobs)
+    thresholds, curves = calibrate_thresholds(ds, target)
+    kind, uthr, table = calibrate_unknown(ds.unknown, ood.unknown, max_false_unknown)
+    rep = decoding_report(ds, thresholds, kind, uthr, tax.level_names)
+    orep = ood_report(ood, ood_kinds, thresholds, kind, uthr)
+    cal = Calibration(thresholds, kind, uthr, rep, table, orep, curves)
+    if plot_dir is not None:
+        cal.plots = plot_curves(curves, tax.level_names, target, plot_dir, ds.unknown[kind], ood.unknown[kind],
+                                kind, uthr)
+    return cal
+
+
+def write_decoding(model_dir: Path, decoding: dict[str, Any]) -> Path:
+    """Replace only the manifest's `decoding` section (atomically); the artifact and its hash are untouched."""
+    path = model_dir / MANIFEST_NAME if model_dir.is_dir() else model_dir
+    d = json.loads(path.read_text(encoding="utf-8"))
+    d["decoding"] = decoding
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(d, indent=1, ensure_ascii=False), encoding="utf-8")
+    os.replace(tmp, path)
+    return path
+
+
+def _json_default(o: Any) -> Any:
+    if isinstance(o, np.generic):
+        return o.item()
+    raise TypeError(type(o).__name__)

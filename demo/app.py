@@ -1,0 +1,377 @@
+"""The warehouse-scanner web app: a Flask app over `sdk.Classifier`, a `ScanStore` and a `DataFolder`.
+
+Pages (`/`, `/scans`) are static shells; everything with data goes through `/api/*`, which requires the
+shared token when one is configured (header `Authorization: Bearer <token>`). Every error answers JSON
+`{"error": "...", "kind": "..."}` with a status code; no input can take the server down.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import io
+import logging
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from flask import Flask, Response, jsonify, request, send_file, send_from_directory
+from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
+from werkzeug.serving import make_server
+
+import sdk
+
+from .datafolder import DataFolder
+from .storage import ACTIONS, PATH_SEP, Scan, ScanFilter, ScanNotFoundError, ScanStore, SQLiteScanStore
+
+log = logging.getLogger("demo")
+STATIC = Path(__file__).resolve().parent / "static"
+DEFAULT_MODEL = Path(__file__).resolve().parent / "model"
+
+# What the page says for "the next level is uncertain" ("Apple — variety uncertain").
+LEVEL_WORDS = {"category": "category", "coarse": "type", "fine": "variety"}
+MAX_ID_LEN = 64
+
+
+class DemoError(Exception):
+    """An error the API answers with `status` and a message meant for the operator."""
+
+    def __init__(self, message: str, status: int = 400, kind: str = "bad_request"):
+        super().__init__(message)
+        self.status = status
+        self.kind = kind
+
+
+class ModelMissingError(FileNotFoundError):
+    """The bundled model (or the --model folder) is not there."""
+
+
+def missing_model_message(model_dir: Path) -> str:
+    return (
+        f"no model at {model_dir} (manifest.json not found). The bundled model is produced by\n"
+        f"  python -m quantize --checkpoint <student dir> --data <grocery root> --targets onnx --out {model_dir}\n"
+        f"(or, in fp32: python -m converters onnx --checkpoint <student dir> --out {model_dir});\n"
+        f"or pass --model DIR pointing at any exported model folder (model file + manifest.json)."
+    )
+
+
+def load_classifier(model_dir: str | Path, num_threads: int | None = None) -> sdk.Classifier:
+    """Load and verify the model, with a message naming the command that produces a missing one."""
+    model_dir = Path(model_dir)
+    if not (model_dir / "manifest.json").is_file() and not (model_dir.is_file() and model_dir.suffix == ".json"):
+        raise ModelMissingError(missing_model_message(model_dir))
+    return sdk.Classifier.load(model_dir, num_threads=num_threads)
+
+
+@dataclass(frozen=True)
+class DemoConfig:
+    data_dir: Path
+    db: Path
+    token: str | None = None
+    max_upload_mb: float = 16.0
+
+
+def taxonomy_tree(tax: sdk.Taxonomy) -> list[dict[str, Any]]:
+    """The label tree as nested JSON for the correction picker."""
+    def node(level: int, index: int) -> dict[str, Any]:
+        return {"name": tax.node(level, index).name, "level": level, "index": index,
+                "children": [node(level + 1, c) for c in tax.children(level, index)]}
+    return [node(0, i) for i in range(tax.sizes[0])]
+
+
+def describe(pred: sdk.HierarchicalPrediction, tax: sdk.Taxonomy) -> dict[str, Any]:
+    """What the page shows: a headline that says plainly how far the model is sure, the breadcrumb, and
+    quick-pick candidates for the level it stopped before."""
+    path, full = list(pred.path), list(pred.full_path)
+    crumbs = [{"label": p.label, "level": p.level, "probability": p.probability} for p in path]
+    depth = tax.depth
+    if pred.is_unknown:
+        status, headline = "unknown", "Unknown item — not in the catalogue"
+        next_level = 0
+    elif not path:
+        status, headline = "uncertain", "Not sure what this is"
+        next_level = 0
+    elif len(path) < depth:
+        next_level = len(path)
+        word = LEVEL_WORDS.get(tax.level_names[next_level], tax.level_names[next_level])
+        status, headline = "backoff", f"{path[-1].label} — {word} uncertain"
+    else:
+        status, headline = "complete", path[-1].label
+        next_level = depth - 1
+    # Candidates: finest-level guesses under the last sure node, best first (what a tap would pick).
+    fine = depth - 1
+    prefix = [p.label for p in path] if status in ("backoff", "complete") else []
+    cands = []
+    for label, prob in pred.top_k.get(tax.level_names[fine], ()):
+        names = tax.path(fine, tax.index(fine, label))
+        if names[:len(prefix)] == prefix:
+            cands.append({"path": names, "probability": prob})
+    return {
+        "status": status,
+        "headline": headline,
+        "crumbs": crumbs,
+        "full_path": [{"label": p.label, "level": p.level, "probability": p.probability} for p in full],
+        "next_level": tax.level_names[next_level],
+        "candidates": cands[:4],
+        "can_confirm": bool(path) and not pred.is_unknown,
+    }
+
+
+def _clean_id(value: str | None, what: str) -> str:
+    value = (value or "").strip()
+    if len(value) > MAX_ID_LEN:
+        raise DemoError(f"{what} id is longer than {MAX_ID_LEN} characters")
+    if any(ord(c) < 32 for c in value):
+        raise DemoError(f"{what} id contains control characters")
+    return value or "unknown"
+
+
+def _validate_path(tax: sdk.Taxonomy, names: Any) -> tuple[str, int]:
+    """A root-to-node list of label names from the picker -> (joined path, level). Raises DemoError."""
+    if not isinstance(names, list) or not names or len(names) > tax.depth or \
+            not all(isinstance(n, str) for n in names):
+        raise DemoError(f"label must be a list of 1..{tax.depth} label names from the root down")
+    parent = None
+    for lvl, name in enumerate(names):
+        if name not in tax.names(lvl):
+            raise DemoError(f"{name!r} is not a {tax.level_names[lvl]} in this model's taxonomy")
+        idx = tax.index(lvl, name)
+        if lvl and tax.parent(lvl, idx) != parent:
+            raise DemoError(f"{name!r} is not under {names[lvl - 1]!r} in the taxonomy")
+        parent = idx
+    return PATH_SEP.join(names), len(names) - 1
+
+
+def create_app(classifier: sdk.Classifier, store: ScanStore, data: DataFolder, config: DemoConfig) -> Flask:
+    """The Flask app. The caller owns `store` (closes it after the server stops)."""
+    app = Flask("demo", static_folder=str(STATIC), static_url_path="/static")
+    app.config["MAX_CONTENT_LENGTH"] = int(config.max_upload_mb * 1024 * 1024)
+    tax = classifier.taxonomy
+    model_sha = classifier.manifest.sha256
+    tree = taxonomy_tree(tax)
+    data_folder = data
+    export_lock = threading.Lock()
+
+    @app.before_request
+    def check_token() -> Any:
+        if config.token and request.path.startswith("/api/"):
+            auth = request.headers.get("Authorization", "")
+            given = auth[7:] if auth.startswith("Bearer ") else request.headers.get("X-Token", "")
+            if not hmac.compare_digest(given.encode(), config.token.encode()):
+                raise DemoError("this server needs the shared token: enter it in Settings", 401, "unauthorized")
+        return None
+
+    @app.after_request
+    def headers(resp: Response) -> Response:
+        resp.headers["X-Content-Type-Options"] = "nosniff"
+        resp.headers["Content-Security-Policy"] = (
+            "default-src 'self'; img-src 'self' blob: data:; media-src 'self' blob:; style-src 'self'")
+        resp.headers["Referrer-Policy"] = "no-referrer"
+        if request.path.startswith("/api/"):
+            resp.headers["Cache-Control"] = "no-store"
+        return resp
+
+    # ---- errors: always JSON, never a crash ----------------------------------------------------
+    @app.errorhandler(DemoError)
+    def demo_error(e: DemoError):
+        return jsonify(error=str(e), kind=e.kind), e.status
+
+    @app.errorhandler(RequestEntityTooLarge)
+    def too_large(e):
+        return jsonify(error=f"upload is larger than the {config.max_upload_mb:g} MB limit; "
+                             "take the photo at a lower resolution", kind="too_large"), 413
+
+    @app.errorhandler(HTTPException)
+    def http_error(e: HTTPException):
+        return jsonify(error=e.description or e.name, kind=e.name.lower().replace(" ", "_")), e.code or 500
+
+    @app.errorhandler(Exception)
+    def unexpected(e: Exception):
+        log.exception("unexpected error on %s %s", request.method, request.path)
+        return jsonify(error=f"internal error ({type(e).__name__}); nothing was changed, see the server log",
+                       kind="internal"), 500
+
+    # ---- pages ---------------------------------------------------------------------------------
+    @app.get("/")
+    def index():
+        return send_from_directory(STATIC, "index.html")
+
+    @app.get("/scans")
+    def scans_page():
+        return send_from_directory(STATIC, "scans.html")
+
+    # ---- API -----------------------------------------------------------------------------------
+    @app.get("/api/info")
+    def info():
+        m = classifier.manifest
+        return jsonify(model_sha256=model_sha, target=m.target, precision=getattr(m, "precision", None),
+                       input_size=classifier.input_size, levels=list(tax.level_names),
+                       taxonomy_hash=tax.hash, max_upload_mb=config.max_upload_mb)
+
+    @app.get("/api/taxonomy")
+    def taxonomy():
+        return jsonify(levels=list(tax.level_names), tree=tree)
+
+    @app.post("/api/scans")
+    def classify():
+        f = request.files.get("image")
+        if f is None:
+            raise DemoError("no image in the upload (multipart field 'image')")
+        data = f.read()
+        if not data:
+            raise DemoError("the uploaded image is empty; take the photo again", 400, "invalid_image")
+        station = _clean_id(request.form.get("station"), "station")
+        operator = _clean_id(request.form.get("operator"), "operator")
+        try:
+            pred = classifier.classify(data)
+        except sdk.UnsupportedFormatError as e:
+            raise DemoError(f"unsupported image format: {e}. Use a JPEG, PNG or WebP photo.", 415,
+                            "unsupported_format") from None
+        except sdk.InvalidImageError as e:
+            raise DemoError(f"not a usable image: {e}", 400, "invalid_image") from None
+        except sdk.ModelOutputError as e:
+            raise DemoError(f"the model could not answer for this photo ({e}); try another photo", 422,
+                            "model_output") from None
+        sha = hashlib.sha256(data).hexdigest()
+        image_file = data_folder.save_image(data, sha)
+        conf = {p.level: p.probability for p in pred.full_path}
+        deepest = pred.path[-1] if pred.path else None
+        scan = store.add_scan(Scan(
+            image_sha256=sha, image_file=image_file, model_sha256=model_sha, taxonomy_hash=tax.hash,
+            station=station, operator=operator,
+            predicted_path=PATH_SEP.join(p.label for p in pred.path),
+            predicted_level=len(pred.path) - 1, confidence=deepest.probability if deepest else 0.0,
+            is_unknown=bool(pred.is_unknown), confidences=conf, prediction=pred.to_dict()))
+        return jsonify(scan=_public(scan), prediction=pred.to_dict(), display=describe(pred, tax)), 201
+
+    @app.post("/api/scans/<scan_id>/action")
+    def action(scan_id: str):
+        body = request.get_json(silent=True)
+        if not isinstance(body, dict):
+            raise DemoError("expected a JSON object {action, label?, station, operator}")
+        act = body.get("action")
+        if act not in ACTIONS:
+            raise DemoError(f"action must be one of {', '.join(ACTIONS)}")
+        station = _clean_id(body.get("station"), "station")
+        operator = _clean_id(body.get("operator"), "operator")
+        try:
+            scan = store.get(scan_id)
+        except ScanNotFoundError as e:
+            raise DemoError(str(e), 404, "not_found") from None
+        if act == "confirmed":
+            if not scan.predicted_path:
+                raise DemoError("nothing to confirm: the model gave no label; correct or reject instead")
+            final, level = scan.predicted_path, scan.predicted_level
+        elif act == "corrected":
+            final, level = _validate_path(tax, body.get("label"))
+        else:
+            final, level = None, None
+        scan = store.record_action(scan_id, act, final, level, station, operator)
+        return jsonify(scan=_public(scan))
+
+    def _filter() -> ScanFilter:
+        a = request.args
+        act = a.get("action") or None
+        if act and act not in ACTIONS + ("pending",):
+            raise DemoError(f"action filter must be one of {', '.join(ACTIONS + ('pending',))}")
+        return ScanFilter(action=act, station=a.get("station") or None, operator=a.get("operator") or None,
+                          label=a.get("label") or None, since=a.get("since") or None, until=a.get("until") or None)
+
+    @app.get("/api/scans")
+    def list_scans():
+        flt = _filter()
+        try:
+            limit = min(max(int(request.args.get("limit", 50)), 1), 500)
+            offset = max(int(request.args.get("offset", 0)), 0)
+        except ValueError:
+            raise DemoError("limit and offset must be integers") from None
+        return jsonify(scans=[_public(s) for s in store.list(flt, limit, offset)], total=store.count(flt))
+
+    @app.get("/api/scans/<scan_id>")
+    def get_scan(scan_id: str):
+        try:
+            scan = store.get(scan_id)
+        except ScanNotFoundError as e:
+            raise DemoError(str(e), 404, "not_found") from None
+        actions = store.actions(scan_id) if hasattr(store, "actions") else []
+        return jsonify(scan=_public(scan, full=True), actions=actions)
+
+    @app.get("/api/scans/<scan_id>/image")
+    def scan_image(scan_id: str):
+        try:
+            scan = store.get(scan_id)
+        except ScanNotFoundError as e:
+            raise DemoError(str(e), 404, "not_found") from None
+        path = data_folder.resolve(scan.image_file)
+        if not path.is_file():
+            raise DemoError("the image file of this scan is missing from the data folder", 404, "not_found")
+        return send_file(path, max_age=0)
+
+    @app.get("/api/export.csv")
+    def export_csv():
+        buf = io.StringIO()
+        store.export_csv(buf, _filter())
+        return Response(buf.getvalue(), mimetype="text/csv",
+                        headers={"Content-Disposition": "attachment; filename=scans.csv"})
+
+    @app.post("/api/export/dataset")
+    def export_dataset():
+        # Serialize exports: two at once would race on the temp folder name.
+        with export_lock:
+            result = data_folder.export_dataset(store, tax)
+        return jsonify({**result.to_dict(), "relative": result.directory.relative_to(data_folder.root).as_posix()})
+
+    return app
+
+
+def _public(scan: Scan, full: bool = False) -> dict[str, Any]:
+    d = scan.to_dict()
+    if not full:
+        d.pop("prediction")
+    return d
+
+
+class DemoServer:
+    """The app served by werkzeug's threaded server, in a background thread (for tests, the load
+    benchmark) or in the foreground (`serve_forever`). Port 0 picks a free port."""
+
+    def __init__(self, app: Flask, host: str = "127.0.0.1", port: int = 0, ssl_context: Any = None):
+        self._server = make_server(host, port, app, threaded=True, ssl_context=ssl_context)
+        self.host, self.port = host, self._server.server_port
+        self._thread: threading.Thread | None = None
+        scheme = "https" if ssl_context else "http"
+        self.url = f"{scheme}://{'127.0.0.1' if host in ('0.0.0.0', '') else host}:{self.port}"
+
+    def start(self) -> "DemoServer":
+        self._thread = threading.Thread(target=self._server.serve_forever, name="demo-server", daemon=True)
+        self._thread.start()
+        return self
+
+    def serve_forever(self) -> None:
+        self._server.serve_forever()
+
+    def stop(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+        if self._thread:
+            self._thread.join(timeout=10)
+
+    def __enter__(self) -> "DemoServer":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+def open_demo(model_dir: str | Path, data_dir: str | Path, db: str | Path = "scans.sqlite",
+              token: str | None = None, max_upload_mb: float = 16.0,
+              num_threads: int | None = None) -> tuple[Flask, ScanStore]:
+    """Load model, open the data folder and the SQLite log (a relative `db` lives in the data folder)."""
+    clf = load_classifier(model_dir, num_threads)
+    data = DataFolder(data_dir)
+    db = Path(db)
+    db_path = db if db.is_absolute() else data.resolve(db)
+    store = SQLiteScanStore(db_path)
+    cfg = DemoConfig(data_dir=data.root, db=db_path, token=token or None, max_upload_mb=max_upload_mb)
+    return create_app(clf, store, data, cfg), store

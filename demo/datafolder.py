@@ -1,0 +1,181 @@
+"""The demo's data folder: scanned images (content-addressed) and labelled-dataset exports.
+
+Every file the server writes goes through `DataFolder.resolve`, which refuses any path that would land
+outside the folder, so no request can make the server write elsewhere.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+from sdk import Taxonomy
+
+from .storage import PATH_SEP, ScanFilter, ScanStore
+
+# Extension from the content's magic bytes (the SDK has already decoded the bytes and checked the
+# format against its allowlist; this only names the file).
+_MAGIC = (
+    (b"\xff\xd8\xff", ".jpg"),
+    (b"\x89PNG\r\n\x1a\n", ".png"),
+    (b"GIF87a", ".gif"),
+    (b"GIF89a", ".gif"),
+    (b"BM", ".bmp"),
+    (b"II*\x00", ".tif"),
+    (b"MM\x00*", ".tif"),
+)
+
+
+def image_suffix(data: bytes) -> str:
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        return ".webp"
+    for magic, ext in _MAGIC:
+        if data.startswith(magic):
+            return ext
+    return ".img"
+
+
+class OutsideDataFolderError(ValueError):
+    """A path would land outside the data folder."""
+
+
+@dataclass(frozen=True)
+class DatasetExport:
+    directory: Path
+    split_file: Path
+    count: int
+    skipped: int  # confirmed/corrected scans that are not at the fine level or not in this taxonomy
+
+    def to_dict(self) -> dict:
+        return {"directory": str(self.directory), "split_file": str(self.split_file),
+                "count": self.count, "skipped": self.skipped}
+
+
+class DataFolder:
+    """Root folder of everything the demo writes."""
+
+    def __init__(self, root: str | os.PathLike):
+        self.root = Path(root).resolve()
+        self.root.mkdir(parents=True, exist_ok=True)
+
+    def resolve(self, relative: str | os.PathLike) -> Path:
+        """The absolute path of `relative` inside the folder; raises if it would escape it."""
+        p = (self.root / relative).resolve()
+        if p != self.root and self.root not in p.parents:
+            raise OutsideDataFolderError(f"{relative!s} resolves to {p}, outside the data folder {self.root}")
+        return p
+
+    def _write_atomic(self, relative: str, data: bytes) -> Path:
+        dest = self.resolve(relative)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=".tmp-")
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, dest)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        return dest
+
+    def save_image(self, data: bytes, sha256: str) -> str:
+        """Store the uploaded bytes under images/<sha[:2]>/<sha><ext>; returns the relative path.
+        Content-addressed, so a rescan of the same photo writes nothing new."""
+        if len(sha256) != 64 or not all(c in "0123456789abcdef" for c in sha256):
+            raise ValueError(f"not a sha256 hex digest: {sha256!r}")
+        rel = f"images/{sha256[:2]}/{sha256}{image_suffix(data)}"
+        if not self.resolve(rel).exists():
+            self._write_atomic(rel, data)
+        return rel
+
+    def export_dataset(self, store: ScanStore, taxonomy: Taxonomy, name: str | None = None) -> DatasetExport:
+        """Write confirmed and corrected scans as a Grocery-style dataset under exports/<name>/.
+
+        Layout: `train.txt` with lines `train/<Category>/<Coarse>/<Fine>/<sha>.jpg, fine_id, coarse_id`
+        (the Grocery split-file format; ids are the taxonomy's level indices, which for Grocery are the
+        dataset's own class ids), the images beside it, `taxonomy.json`, and for a three-level tree a
+        `classes.csv` so `train.data.load_dataset(<dir>, "train")` reads it like the original dataset.
+        Only scans whose final label is at the finest level can be written; the rest are counted as
+        skipped. A photo scanned several times keeps its latest label.
+        """
+        name = name or "dataset-" + datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S-%f")
+        if not name.replace("-", "").replace("_", "").isalnum():
+            raise ValueError(f"export name must be letters, digits, - and _; got {name!r}")
+        out_rel = f"exports/{name}"
+        out = self.resolve(out_rel)
+        if out.exists():
+            raise FileExistsError(f"{out} already exists; choose another name")
+        fine = taxonomy.depth - 1
+        labelled: list[tuple[str, str, str, int]] = []   # (action time, image sha, image file, fine index)
+        skipped = 0
+        for action in ("confirmed", "corrected"):
+            for scan in store.iter_all(ScanFilter(action=action)):
+                leaf = _leaf_index(taxonomy, scan.final_path)
+                if leaf is None:
+                    skipped += 1
+                    continue
+                labelled.append((scan.action_at or "", scan.image_sha256, scan.image_file, leaf))
+        latest = {sha: (image_file, leaf) for _, sha, image_file, leaf in sorted(labelled)}
+        tmp = self.resolve(f"exports/.tmp-{name}")
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir(parents=True)
+        lines = []
+        for sha, (image_file, leaf) in sorted(latest.items(), key=lambda kv: (kv[1][1], kv[0])):
+            src = self.resolve(image_file)
+            names = taxonomy.path(fine, leaf)
+            rel = "/".join(["train", *(_safe_part(n) for n in names), sha + src.suffix])
+            dest = tmp / rel
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                os.link(src, dest)   # images are immutable (content-addressed): a hard link is a copy
+            except OSError:
+                shutil.copyfile(src, dest)
+            coarse = taxonomy.ancestors(fine, leaf)[-2] if taxonomy.depth >= 2 else leaf
+            lines.append(f"{rel}, {leaf}, {coarse}")
+        (tmp / "train.txt").write_text("".join(l + "\n" for l in lines), encoding="utf-8")
+        taxonomy.save(tmp / "taxonomy.json")
+        if taxonomy.depth == 3:
+            _write_grocery_classes(taxonomy, tmp / "classes.csv")
+        os.replace(tmp, out)
+        return DatasetExport(out, out / "train.txt", len(lines), skipped)
+
+
+def _safe_part(name: str) -> str:
+    # Label names become folder names; keep them one path component.
+    cleaned = "".join(c if c.isalnum() or c in "-_ ." else "_" for c in name).strip(" .")
+    return cleaned or "_"
+
+
+def _leaf_index(taxonomy: Taxonomy, path: str | None) -> int | None:
+    """Fine-level index of a `PATH_SEP`-joined root-to-leaf path, or None if it is not one."""
+    if not path:
+        return None
+    names = path.split(PATH_SEP)
+    if len(names) != taxonomy.depth:
+        return None
+    for lvl, name in enumerate(names):
+        if name not in taxonomy.names(lvl):
+            return None
+    leaf = taxonomy.index(taxonomy.depth - 1, names[-1])
+    return leaf if taxonomy.path(taxonomy.depth - 1, leaf) == names else None
+
+
+def _write_grocery_classes(taxonomy: Taxonomy, path: Path) -> None:
+    """classes.csv in the Grocery Store layout; the category is read from the iconic-image path."""
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        w = csv.writer(f)
+        w.writerow(["Class Name (str)", "Class ID (int)", "Coarse Class Name (str)", "Coarse Class ID (int)",
+                    "Iconic Image Path (str)", "Product Description Path (str)"])
+        for leaf, fine_name in enumerate(taxonomy.names(2)):
+            cat, coarse, _ = taxonomy.ancestors(2, leaf)
+            cat_name, coarse_name = taxonomy.node(0, cat).name, taxonomy.node(1, coarse).name
+            base = f"/iconic-images-and-descriptions/{cat_name}/{coarse_name}/{fine_name}/{fine_name}"
+            w.writerow([fine_name, leaf, coarse_name, coarse, base + "_Iconic.jpg", base + "_Description.txt"])

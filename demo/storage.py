@@ -1,0 +1,341 @@
+"""The scan log: every scan and every operator action, committed in a transaction each.
+
+`ScanStore` is the small interface the app talks to. `SQLScanStore` implements it over any DB-API 2
+connection with SQL kept to what SQLite, PostgreSQL and MySQL all accept: text ids generated in Python
+(no AUTOINCREMENT / SERIAL), ISO-8601 UTC timestamps as text, DOUBLE PRECISION, no upserts, no
+RETURNING. Another database needs only a `connect` function and its placeholder style;
+`SQLiteScanStore` is the embedded default.
+"""
+
+from __future__ import annotations
+
+import abc
+import csv
+import io
+import json
+import sqlite3
+import threading
+import uuid
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Callable, Iterator, Sequence
+
+ACTIONS = ("confirmed", "corrected", "rejected")
+
+# One statement per string: DB-API drivers other than sqlite3 do not accept scripts.
+SCHEMA = (
+    """CREATE TABLE IF NOT EXISTS scans (
+        id VARCHAR(36) PRIMARY KEY,
+        created_at VARCHAR(32) NOT NULL,
+        image_sha256 CHAR(64) NOT NULL,
+        image_file VARCHAR(255) NOT NULL,
+        model_sha256 CHAR(64) NOT NULL,
+        taxonomy_hash CHAR(64) NOT NULL,
+        station VARCHAR(64) NOT NULL,
+        operator VARCHAR(64) NOT NULL,
+        predicted_path VARCHAR(1024) NOT NULL,
+        predicted_level INTEGER NOT NULL,
+        confidence DOUBLE PRECISION NOT NULL,
+        is_unknown INTEGER NOT NULL,
+        confidences TEXT NOT NULL,
+        prediction TEXT NOT NULL,
+        action VARCHAR(16),
+        final_path VARCHAR(1024),
+        final_level INTEGER,
+        action_at VARCHAR(32),
+        action_operator VARCHAR(64),
+        action_station VARCHAR(64)
+    )""",
+    "CREATE INDEX IF NOT EXISTS scans_created ON scans (created_at)",
+    "CREATE INDEX IF NOT EXISTS scans_action ON scans (action)",
+    # The audit trail: a scan may be confirmed, then corrected; `scans` holds the latest action,
+    # `scan_actions` all of them.
+    """CREATE TABLE IF NOT EXISTS scan_actions (
+        id VARCHAR(36) PRIMARY KEY,
+        scan_id VARCHAR(36) NOT NULL REFERENCES scans (id),
+        created_at VARCHAR(32) NOT NULL,
+        action VARCHAR(16) NOT NULL,
+        final_path VARCHAR(1024),
+        final_level INTEGER,
+        station VARCHAR(64) NOT NULL,
+        operator VARCHAR(64) NOT NULL
+    )""",
+    "CREATE INDEX IF NOT EXISTS scan_actions_scan ON scan_actions (scan_id)",
+)
+
+COLUMNS = ("id", "created_at", "image_sha256", "image_file", "model_sha256", "taxonomy_hash", "station",
+           "operator", "predicted_path", "predicted_level", "confidence", "is_unknown", "confidences",
+           "prediction", "action", "final_path", "final_level", "action_at", "action_operator",
+           "action_station")
+
+PATH_SEP = " > "
+
+
+class ScanNotFoundError(KeyError):
+    """No scan with that id."""
+
+    def __str__(self) -> str:
+        return f"no scan with id {self.args[0]!r}"
+
+
+def utcnow() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="milliseconds")
+
+
+@dataclass
+class Scan:
+    """One row of the scan log. Paths are root-to-node label names joined by `PATH_SEP`."""
+
+    image_sha256: str
+    image_file: str              # relative to the data folder
+    model_sha256: str
+    taxonomy_hash: str
+    station: str
+    operator: str
+    predicted_path: str          # after back-off ('' when even the root level is unsure or unknown)
+    predicted_level: int         # depth of predicted_path minus one (-1 when empty)
+    confidence: float            # marginal of the deepest predicted node (0 when empty)
+    is_unknown: bool
+    confidences: dict[str, float]  # level name -> marginal along the full path
+    prediction: dict[str, Any]     # HierarchicalPrediction.to_dict()
+    id: str = field(default_factory=lambda: str(uuid.uuid4()))
+    created_at: str = field(default_factory=utcnow)
+    action: str | None = None
+    final_path: str | None = None
+    final_level: int | None = None
+    action_at: str | None = None
+    action_operator: str | None = None
+    action_station: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def _row(self) -> tuple:
+        d = self.to_dict()
+        d["is_unknown"] = int(self.is_unknown)
+        d["confidences"] = json.dumps(self.confidences, ensure_ascii=False)
+        d["prediction"] = json.dumps(self.prediction, ensure_ascii=False)
+        return tuple(d[c] for c in COLUMNS)
+
+    @classmethod
+    def _from_row(cls, row: Sequence[Any]) -> "Scan":
+        d = dict(zip(COLUMNS, row))
+        d["is_unknown"] = bool(d["is_unknown"])
+        d["confidences"] = json.loads(d["confidences"])
+        d["prediction"] = json.loads(d["prediction"])
+        return cls(**d)
+
+
+@dataclass(frozen=True)
+class ScanFilter:
+    """Filters of the recent-scans page; None means any."""
+
+    action: str | None = None      # one of ACTIONS, or "pending" for scans with no action yet
+    station: str | None = None
+    operator: str | None = None
+    label: str | None = None       # substring of the predicted or final path
+    since: str | None = None       # ISO timestamp, inclusive
+    until: str | None = None       # ISO timestamp, exclusive
+
+
+class ScanStore(abc.ABC):
+    """What the demo needs from a database. Every method is one transaction."""
+
+    @abc.abstractmethod
+    def add_scan(self, scan: Scan) -> Scan: ...
+
+    @abc.abstractmethod
+    def record_action(self, scan_id: str, action: str, final_path: str | None, final_level: int | None,
+                      station: str, operator: str) -> Scan: ...
+
+    @abc.abstractmethod
+    def get(self, scan_id: str) -> Scan: ...
+
+    @abc.abstractmethod
+    def list(self, flt: ScanFilter = ScanFilter(), limit: int = 100, offset: int = 0,
+             oldest_first: bool = False) -> list[Scan]: ...
+
+    @abc.abstractmethod
+    def count(self, flt: ScanFilter = ScanFilter()) -> int: ...
+
+    def close(self) -> None:
+        pass
+
+    def iter_all(self, flt: ScanFilter = ScanFilter(), page: int = 500) -> Iterator[Scan]:
+        """Every matching scan, oldest first, read `page` rows at a time (bounded memory for exports)."""
+        offset = 0
+        while True:
+            rows = self.list(flt, limit=page, offset=offset, oldest_first=True)
+            yield from rows
+            if len(rows) < page:
+                return
+            offset += page
+
+    def export_csv(self, out: io.TextIOBase, flt: ScanFilter = ScanFilter()) -> int:
+        """Write matching scans as CSV (one row each, prediction JSON in a column); returns the count."""
+        w = csv.writer(out)
+        w.writerow(COLUMNS)
+        n = 0
+        for s in self.iter_all(flt):
+            d = s.to_dict()
+            d["is_unknown"] = int(s.is_unknown)
+            d["confidences"] = json.dumps(s.confidences, ensure_ascii=False)
+            d["prediction"] = json.dumps(s.prediction, ensure_ascii=False)
+            w.writerow([_csv_safe(d[c]) for c in COLUMNS])
+            n += 1
+        return n
+
+
+def _csv_safe(v: Any) -> Any:
+    # Operator and station ids are typed by people; a leading = + - @ would run as a formula when the
+    # CSV is opened in a spreadsheet.
+    if isinstance(v, str) and v[:1] in ("=", "+", "-", "@", "\t", "\r"):
+        return "'" + v
+    return "" if v is None else v
+
+
+class SQLScanStore(ScanStore):
+    """`ScanStore` over a DB-API 2 connection. `placeholder` is the driver's parameter marker
+    ('?' for sqlite3, '%s' for psycopg / mysqlclient)."""
+
+    def __init__(self, connect: Callable[[], Any], placeholder: str = "?"):
+        self._conn = connect()
+        self._ph = placeholder
+        # One connection shared by the server's threads; statements are short, so a lock is cheaper
+        # than a pool and keeps every transaction serial.
+        self._lock = threading.Lock()
+        with self._tx() as cur:
+            for stmt in SCHEMA:
+                cur.execute(stmt)
+
+    def _sql(self, sql: str) -> str:
+        return sql if self._ph == "?" else sql.replace("?", self._ph)
+
+    class _Tx:
+        def __init__(self, store: "SQLScanStore"):
+            self.store = store
+
+        def __enter__(self):
+            self.store._lock.acquire()
+            self.cur = self.store._conn.cursor()
+            return self.cur
+
+        def __exit__(self, exc_type, exc, tb):
+            try:
+                if exc_type is None:
+                    self.store._conn.commit()
+                else:
+                    self.store._conn.rollback()
+            finally:
+                self.cur.close()
+                self.store._lock.release()
+            return False
+
+    def _tx(self) -> "_Tx":
+        return SQLScanStore._Tx(self)
+
+    def add_scan(self, scan: Scan) -> Scan:
+        marks = ", ".join("?" * len(COLUMNS))
+        with self._tx() as cur:
+            cur.execute(self._sql(f"INSERT INTO scans ({', '.join(COLUMNS)}) VALUES ({marks})"), scan._row())
+        return scan
+
+    def record_action(self, scan_id: str, action: str, final_path: str | None, final_level: int | None,
+                      station: str, operator: str) -> Scan:
+        if action not in ACTIONS:
+            raise ValueError(f"action must be one of {ACTIONS}; got {action!r}")
+        now = utcnow()
+        with self._tx() as cur:
+            cur.execute(self._sql(
+                "UPDATE scans SET action = ?, final_path = ?, final_level = ?, action_at = ?, "
+                "action_operator = ?, action_station = ? WHERE id = ?"),
+                (action, final_path, final_level, now, operator, station, scan_id))
+            if cur.rowcount == 0:
+                raise ScanNotFoundError(scan_id)
+            cur.execute(self._sql(
+                "INSERT INTO scan_actions (id, scan_id, created_at, action, final_path, final_level, station, "
+                "operator) VALUES (?, ?, ?, ?, ?, ?, ?, ?)"),
+                (str(uuid.uuid4()), scan_id, now, action, final_path, final_level, station, operator))
+        return self.get(scan_id)
+
+    def get(self, scan_id: str) -> Scan:
+        with self._tx() as cur:
+            cur.execute(self._sql(f"SELECT {', '.join(COLUMNS)} FROM scans WHERE id = ?"), (scan_id,))
+            row = cur.fetchone()
+        if row is None:
+            raise ScanNotFoundError(scan_id)
+        return Scan._from_row(row)
+
+    def actions(self, scan_id: str) -> list[dict[str, Any]]:
+        """The audit trail of one scan, oldest first."""
+        cols = ("created_at", "action", "final_path", "final_level", "station", "operator")
+        with self._tx() as cur:
+            cur.execute(self._sql(f"SELECT {', '.join(cols)} FROM scan_actions WHERE scan_id = ? "
+                                  "ORDER BY created_at, id"), (scan_id,))
+            return [dict(zip(cols, r)) for r in cur.fetchall()]
+
+    def _where(self, flt: ScanFilter) -> tuple[str, list[Any]]:
+        terms, args = [], []
+        if flt.action == "pending":
+            terms.append("action IS NULL")
+        elif flt.action:
+            if flt.action not in ACTIONS:
+                raise ValueError(f"action filter must be one of {ACTIONS + ('pending',)}; got {flt.action!r}")
+            terms.append("action = ?")
+            args.append(flt.action)
+        for col in ("station", "operator"):
+            v = getattr(flt, col)
+            if v:
+                terms.append(f"{col} = ?")
+                args.append(v)
+        if flt.label:
+            # LIKE with explicit ESCAPE behaves the same on SQLite, PostgreSQL and MySQL.
+            pat = "%" + flt.label.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
+            terms.append("(predicted_path LIKE ? ESCAPE '\\' OR final_path LIKE ? ESCAPE '\\')")
+            args += [pat, pat]
+        if flt.since:
+            terms.append("created_at >= ?")
+            args.append(flt.since)
+        if flt.until:
+            terms.append("created_at < ?")
+            args.append(flt.until)
+        return (" WHERE " + " AND ".join(terms)) if terms else "", args
+
+    def list(self, flt: ScanFilter = ScanFilter(), limit: int = 100, offset: int = 0,
+             oldest_first: bool = False) -> list[Scan]:
+        where, args = self._where(flt)
+        order = "ASC" if oldest_first else "DESC"
+        sql = (f"SELECT {', '.join(COLUMNS)} FROM scans{where} ORDER BY created_at {order}, id {order} "
+               f"LIMIT {int(limit)} OFFSET {int(offset)}")
+        with self._tx() as cur:
+            cur.execute(self._sql(sql), args)
+            return [Scan._from_row(r) for r in cur.fetchall()]
+
+    def count(self, flt: ScanFilter = ScanFilter()) -> int:
+        where, args = self._where(flt)
+        with self._tx() as cur:
+            cur.execute(self._sql(f"SELECT COUNT(*) FROM scans{where}"), args)
+            return int(cur.fetchone()[0])
+
+    def close(self) -> None:
+        with self._lock:
+            self._conn.close()
+
+
+class SQLiteScanStore(SQLScanStore):
+    """The embedded default: one SQLite file, WAL journal, synchronous=FULL so a committed scan
+    survives a crash or power loss."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+
+        def connect() -> sqlite3.Connection:
+            conn = sqlite3.connect(str(self.path), check_same_thread=False, timeout=30.0)
+            conn.execute("PRAGMA journal_mode=WAL")
+            conn.execute("PRAGMA synchronous=FULL")
+            conn.execute("PRAGMA foreign_keys=ON")
+            return conn
+
+        super().__init__(connect, "?")

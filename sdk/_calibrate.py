@@ -104,7 +104,7 @@ def decode_set(taxonomy, logprobs: Sequence[np.ndarray], labels: np.ndarray | No
     if errors:
         r, e = next(iter(errors.items()))
         raise type(e)(f"image {r} of the calibration set: {e}")
-    marg = [leaf @ m for m in dec.member]
+    marg = dec.node_sums(leaf)
     n = leaf.shape[0]
     paths = np.asarray([dec.greedy_path(marg, r) for r in range(n)], np.int64).reshape(n, taxonomy.depth)
     probs = np.stack([marg[l][np.arange(n), paths[:, l]] for l in range(taxonomy.depth)], 1) if n else \

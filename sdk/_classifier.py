@@ -216,7 +216,7 @@ class Classifier:
                       ) -> list[HierarchicalPrediction | ModelOutputError]:
         dec, tax = self._decoder, self.taxonomy
         leaf, errors = dec.leaf_probs(lps)
-        full_marg = [np.minimum(leaf @ m, 1.0) for m in dec.member]
+        full_marg = dec.node_sums(leaf)
         unk = unknown_scores(self.unknown_score_kind, leaf, full_marg)
         if mask is None:
             marg, allowed_mass = full_marg, np.ones(leaf.shape[0])
@@ -225,7 +225,7 @@ class Classifier:
             mleaf, merr = dec.leaf_probs(lps, mask)
             for r, e in merr.items():
                 errors.setdefault(r, e)
-            marg = [np.minimum(mleaf @ m, 1.0) for m in dec.member]
+            marg = dec.node_sums(mleaf)
         keep = dec.node_allowed(mask)
         out: list[HierarchicalPrediction | ModelOutputError] = []
         for row in range(leaf.shape[0]):

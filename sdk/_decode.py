@@ -24,12 +24,18 @@ class TreeDecoder:
         self.taxonomy = taxonomy
         self.anc = np.asarray(taxonomy.ancestor_matrix(), dtype=np.int64)  # (n_leaves, depth)
         self.sizes = taxonomy.sizes
-        # leaf -> node membership per level, so marginals are one matmul per level
+        # leaf -> node membership per level (for callers that want a matmul)
         self.member = []
+        # and, per level, leaves grouped by node for `node_sums`: a row's sums then never depend on
+        # the other rows in the batch (a BLAS matmul may change rounding with the batch size)
+        self._groups = []
         for lvl, n in enumerate(self.sizes):
             m = np.zeros((self.anc.shape[0], n))
             m[np.arange(self.anc.shape[0]), self.anc[:, lvl]] = 1.0
             self.member.append(m)
+            order = np.argsort(self.anc[:, lvl], kind="stable")
+            starts = np.searchsorted(self.anc[order, lvl], np.arange(n))
+            self._groups.append((order, starts))
 
     def check_shapes(self, logprobs: Sequence[np.ndarray]) -> list[np.ndarray]:
         """Structural checks (count, shapes, batch sizes) that fail the whole batch."""
@@ -102,8 +108,15 @@ class TreeDecoder:
                        ) -> tuple[list[np.ndarray], dict[int, ModelOutputError]]:
         """Marginals for every row, plus a per-row `ModelOutputError` for rows that must not be labelled."""
         p, errors = self.leaf_probs(logprobs, leaf_mask)
-        # clip float round-off (1.0000000000000002) so probabilities stay in [0, 1]; order is kept
-        return [np.minimum(p @ m, 1.0) for m in self.member], errors
+        return self.node_sums(p), errors
+
+    def node_sums(self, leaf: np.ndarray) -> list[np.ndarray]:
+        """Per level, (batch, n_nodes) sums of leaf probabilities under each node, row by row."""
+        out = []
+        for order, starts in self._groups:
+            # clip float round-off (1.0000000000000002) so probabilities stay in [0, 1]; order is kept
+            out.append(np.minimum(np.add.reduceat(leaf[:, order], starts, axis=1), 1.0))
+        return out
 
     def leaf_mask(self, allow: Iterable[str] | None = None, deny: Iterable[str] | None = None) -> np.ndarray | None:
         """Boolean mask over leaves: under any node named in `allow` (all leaves if None) and under no node

@@ -5,6 +5,6 @@ One module per target, one signature: `export(model, spec, out_dir) -> Artifact`
 """
 
 from ._common import Artifact, ExportError, ExportSpec, ParityError
-from ._registry import TARGETS, export_checkpoint, parity_images
+from ._registry import TARGETS, export_all, export_checkpoint, parity_images
 
-__all__ = ["Artifact", "ExportError", "ExportSpec", "ParityError", "TARGETS", "export_checkpoint", "parity_images"]
+__all__ = ["Artifact", "ExportError", "ExportSpec", "ParityError", "TARGETS", "export_all", "export_checkpoint", "parity_images"]

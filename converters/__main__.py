@@ -7,7 +7,7 @@ import json
 import sys
 from pathlib import Path
 
-from ._registry import TARGETS, export_checkpoint
+from ._registry import TARGETS, export_all, export_checkpoint, summary_line
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -25,15 +25,14 @@ def main(argv: list[str] | None = None) -> int:
     for kv in a.option:
         k, _, v = kv.partition("=")
         opts[k] = json.loads(v)
-    targets = list(TARGETS) if a.target == "all" else [a.target]
-    for t in targets:
-        out = Path(a.out) / t if a.target == "all" else Path(a.out)
-        art = export_checkpoint(a.checkpoint, t, out, data=a.data, split=a.split, n_parity=a.parity_images,
-                                options=opts if a.target != "all" else {})
-        par = art.manifest.metrics.get("parity", {})
-        fine = art.manifest.taxonomy.level_names[-1]
-        print(f"{t}: wrote {art.path} ({art.manifest.size_bytes / 1e6:.2f} MB) + manifest.json; "
-              f"fine agreement with PyTorch {par.get(f'agreement/{fine}', float('nan')):.4f} on {par.get('n_images')} images")
+    if a.target == "all":
+        if opts:
+            p.error("--option applies to one target; 'all' uses each target's defaults")
+        export_all(a.checkpoint, a.out, data=a.data, split=a.split, n_parity=a.parity_images)
+        return 0
+    art = export_checkpoint(a.checkpoint, a.target, Path(a.out), data=a.data, split=a.split,
+                            n_parity=a.parity_images, options=opts)
+    print(summary_line(art))
     return 0
 
 

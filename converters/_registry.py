@@ -14,6 +14,9 @@ from ._common import Artifact, ExportError, ExportSpec
 # target -> (module, options it accepts with their defaults)
 TARGETS: dict[str, tuple[str, dict[str, Any]]] = {
     "onnx": ("converters.onnx", {"opset": 17, "dynamic_batch": True}),
+    "tflite": ("converters.tflite", {"batch": 1}),
+    "executorch": ("converters.executorch", {"batch": 1}),
+    "coreml": ("converters.coreml", {"batch": 1, "minimum_deployment_target": "iOS16"}),
 }
 
 
@@ -62,3 +65,49 @@ def export_checkpoint(checkpoint: str | Path, target: str, out_dir: str | Path, 
             "metrics_pytorch": conf.get("metrics", {})}
     spec = replace(spec, options=opts, model_info={**info, **spec.model_info})
     return mod.export(DeployWrapper(model).eval(), spec, out_dir)
+
+
+def export_all(checkpoint: str | Path, out_dir: str | Path, data: str | None = None, split: str = "val",
+               n_parity: int = 64, targets: list[str] | None = None, log=print) -> dict[str, Artifact]:
+    """Export one checkpoint to every target, each into `<out_dir>/<target>/` with its own manifest.
+
+    Parity images are decoded once and shared. A failing target does not stop the others; after all
+    were tried, an ExportError lists every failure (the artifacts that passed are left in place).
+    """
+    from train.checkpoint import load_model
+
+    targets = list(targets or TARGETS)
+    for t in targets:
+        _module(t)  # unknown target or missing converter: fail before any work
+    _, cfg, tax, conf = load_model(checkpoint)
+    data = data or conf.get("train", {}).get("data")
+    if not data:
+        raise ExportError("no --data given and the checkpoint does not record its dataset")
+    images, source = parity_images(data, split, cfg.image_size, n_parity, taxonomy=tax)
+    spec = ExportSpec(image_size=cfg.image_size, images=images, image_source=source)
+    done: dict[str, Artifact] = {}
+    failed: dict[str, str] = {}
+    for t in targets:
+        try:
+            done[t] = export_checkpoint(checkpoint, t, Path(out_dir) / t, data=data, split=split, spec=spec)
+        except ExportError as e:
+            failed[t] = str(e)
+            log(f"{t}: FAILED: {e}")
+        else:
+            log(summary_line(done[t]))
+    if failed:
+        raise ExportError(f"{len(failed)} of {len(targets)} targets failed: "
+                          + "; ".join(f"{t}: {msg}" for t, msg in failed.items()))
+    return done
+
+
+def summary_line(art: Artifact) -> str:
+    """One line: what was written where, its size and its parity with PyTorch (or why none)."""
+    par = art.manifest.metrics.get("parity", {})
+    fine = art.manifest.taxonomy.level_names[-1]
+    head = f"{art.target}: wrote {art.path} ({art.manifest.size_bytes / 1e6:.2f} MB) + manifest.json; "
+    if par.get("measured", True) is False:
+        return head + f"parity not measured: {par.get('reason')}"
+    worst = max(par.get(f"max_abs_logprob/{n}", float("nan")) for n in art.manifest.taxonomy.level_names)
+    return head + (f"fine agreement with PyTorch {par.get(f'agreement/{fine}', float('nan')):.4f}, "
+                   f"max |Δ log-prob| {worst:.2e} on {par.get('n_images')} images")

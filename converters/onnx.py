@@ -6,7 +6,6 @@ the .onnx file carries its labels even without the manifest beside it.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
@@ -14,6 +13,7 @@ import torch
 from sdk import Taxonomy
 
 from ._common import Artifact, ExportError, ExportSpec, check_parity, output_names, tool_versions, write_manifest
+from ._metadata import embedded_metadata
 
 OPTIONS = {"opset": 17, "dynamic_batch": True}
 
@@ -39,9 +39,7 @@ def export(model: torch.nn.Module, spec: ExportSpec, out_dir: str | Path) -> Art
     except Exception as e:
         raise ExportError(f"torch.onnx.export failed: {e}") from e
     proto = onnx.load(str(path))
-    meta = {"hierfg.taxonomy": json.dumps(taxonomy.to_dict()), "hierfg.input_size": str(spec.image_size),
-            "hierfg.outputs": json.dumps(names), "hierfg.precision": spec.precision}
-    for k, v in meta.items():
+    for k, v in embedded_metadata(taxonomy, spec).items():
         p = proto.metadata_props.add()
         p.key, p.value = k, v
     onnx.checker.check_model(proto)

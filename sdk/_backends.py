@@ -14,6 +14,10 @@ import numpy as np
 from ._errors import ModelIntegrityError
 from ._manifest import Manifest
 
+
+class BackendUnavailableError(ModelIntegrityError):
+    """The artifact is intact, but its runtime cannot run here (package missing, or wrong OS)."""
+
 _REGISTRY: dict[str, Callable[..., "Backend"]] = {}
 
 
@@ -79,6 +83,119 @@ class OnnxRuntimeBackend(Backend):
 
     def run(self, batch: np.ndarray) -> list[np.ndarray]:
         return self.session.run(self.output_names, {self.input_name: batch})
+
+
+@register_backend("tflite")
+class LiteRtBackend(Backend):
+    """ai-edge-litert's Interpreter. One Interpreter holds its tensors in place: not shareable across
+    threads, so `thread_safe` is False and the Classifier serializes calls with a lock."""
+
+    thread_safe = False
+
+    def __init__(self, path: Path, manifest: Manifest, num_threads: int | None):
+        super().__init__(path, manifest, num_threads)
+        try:
+            from ai_edge_litert.interpreter import Interpreter
+        except ImportError as e:
+            raise BackendUnavailableError("the TFLite backend needs ai-edge-litert: pip install ai-edge-litert") from e
+        try:
+            self.interpreter = Interpreter(model_path=str(path), num_threads=int(num_threads or 1))
+            sigs = self.interpreter.get_signature_list()
+            if len(sigs) != 1:
+                raise ValueError(f"expected one signature, found {sorted(sigs)}")
+            self.signature = next(iter(sigs))
+            self.runner = self.interpreter.get_signature_runner(self.signature)
+        except Exception as e:
+            raise ModelIntegrityError(f"{path}: the LiteRT interpreter could not load the model ({e})") from None
+        (self.input_name, inp), = self.runner.get_input_details().items()
+        if inp["dtype"] is not np.uint8 or list(inp["shape"][1:]) != [manifest.input.size, manifest.input.size, 3]:
+            raise ModelIntegrityError(f"{path}: input is {inp['dtype'].__name__}{list(inp['shape'])}, the manifest "
+                                      f"says uint8 [N, {manifest.input.size}, {manifest.input.size}, 3]")
+        self.fixed_batch = int(inp["shape"][0])
+        # litert-torch names the tuple outputs output_0, output_1, ...: order by that index, not by dict order
+        names = list(self.runner.get_output_details())
+        self.output_keys = sorted(names, key=lambda n: int(n.rsplit("_", 1)[-1]) if n.rsplit("_", 1)[-1].isdigit() else n)
+        if len(self.output_keys) != len(manifest.outputs):
+            raise ModelIntegrityError(f"{path}: {len(self.output_keys)} outputs, the manifest lists {len(manifest.outputs)}")
+
+    def run(self, batch: np.ndarray) -> list[np.ndarray]:
+        out = self.runner(**{self.input_name: np.ascontiguousarray(batch, dtype=np.uint8)})
+        # the runner returns views into interpreter memory: copy before the next call overwrites them
+        return [np.array(out[k], copy=True) for k in self.output_keys]
+
+
+@register_backend("executorch")
+class ExecuTorchBackend(Backend):
+    """executorch.runtime (pybindings). Needs torch tensors, so torch is imported here and only here.
+    A loaded Method reuses its planned memory between calls: not thread-safe, calls are serialized."""
+
+    thread_safe = False
+
+    def __init__(self, path: Path, manifest: Manifest, num_threads: int | None):
+        super().__init__(path, manifest, num_threads)
+        try:
+            import torch  # the one place the SDK touches torch: ExecuTorch's Python runtime takes tensors
+            from executorch.runtime import Runtime
+        except ImportError as e:
+            raise BackendUnavailableError("the ExecuTorch backend needs the executorch package (and torch): "
+                                          "pip install executorch") from e
+        self._torch = torch
+        try:
+            program = Runtime.get().load_program(str(path))
+            self.method = program.load_method("forward")
+            meta = self.method.metadata
+            in_sizes = list(meta.input_tensor_meta(0).sizes())
+            n_out = meta.num_outputs()
+        except Exception as e:
+            raise ModelIntegrityError(f"{path}: the ExecuTorch runtime could not load the program ({e})") from None
+        s = manifest.input.size
+        if in_sizes[1:] != [s, s, 3]:
+            raise ModelIntegrityError(f"{path}: input shape {in_sizes}, the manifest says [N, {s}, {s}, 3]")
+        if n_out != len(manifest.outputs):
+            raise ModelIntegrityError(f"{path}: {n_out} outputs, the manifest lists {len(manifest.outputs)}")
+        self.fixed_batch = int(in_sizes[0])
+
+    def run(self, batch: np.ndarray) -> list[np.ndarray]:
+        x = self._torch.from_numpy(np.ascontiguousarray(batch, dtype=np.uint8))
+        return [o.detach().numpy().copy() for o in self.method.execute([x])]
+
+
+@register_backend("coreml")
+class CoreMLBackend(Backend):
+    """coremltools' MLModel. Prediction runs only on macOS (Core ML framework); elsewhere loading
+    raises `BackendUnavailableError` after the integrity check. One MLModel per Classifier, behind a lock."""
+
+    thread_safe = False
+
+    def __init__(self, path: Path, manifest: Manifest, num_threads: int | None):
+        super().__init__(path, manifest, num_threads)
+        import sys
+
+        if sys.platform != "darwin":
+            raise BackendUnavailableError(
+                f"{path}: Core ML prediction needs macOS (the Core ML framework); this is {sys.platform}. "
+                "Run this artifact on a Mac/iOS device, or load the onnx/tflite/executorch export here")
+        try:
+            import coremltools as ct
+        except ImportError as e:
+            raise BackendUnavailableError("the Core ML backend needs coremltools: pip install coremltools") from e
+        try:
+            self.model = ct.models.MLModel(str(path), compute_units=ct.ComputeUnit.CPU_ONLY)
+            spec = self.model.get_spec()
+        except Exception as e:
+            raise ModelIntegrityError(f"{path}: coremltools could not load the package ({e})") from None
+        inp = spec.description.input[0]
+        self.input_name = inp.name
+        self.fixed_batch = int(inp.type.multiArrayType.shape[0])
+        names = [o.name for o in spec.description.output]
+        if names != list(manifest.outputs):
+            raise ModelIntegrityError(f"{path}: outputs {names} differ from the manifest's {manifest.outputs}")
+        self.output_names = names
+
+    def run(self, batch: np.ndarray) -> list[np.ndarray]:
+        # Core ML I/O has no uint8: the package takes float32 pixel values 0..255 (see converters/coreml.py)
+        out = self.model.predict({self.input_name: np.ascontiguousarray(batch, dtype=np.float32)})
+        return [np.asarray(out[n]) for n in self.output_names]
 
 
 class LockedBackend(Backend):

@@ -1,0 +1,118 @@
+"""ExecuTorch (.pte): torch.export -> to_edge_transform_and_lower(XnnpackPartitioner) -> to_executorch.
+
+Every convolution, linear and matmul must land in the XNNPACK delegate; export asserts it. What XNNPACK
+has no kernel for may stay on ExecuTorch's portable kernels, and only this (see PORTABLE_ALLOWED):
+
+- `native_layer_norm` (no XNNPACK LayerNorm; TOOLCHAIN.md: fine),
+- the read-out tail per level: `sum` over d_model and `_log_softmax` over <= 81 classes,
+- data movement without arithmetic: expand / unsqueeze / select / permute / index_select / view /
+  clone copies, `_to_dim_order_copy` (the uint8 -> float cast of the input) and the delegate's getitem.
+
+Anything else outside the delegate (an unlowered matmul, a quantized op needing
+`executorch.kernels.quantized`, ...) fails the export with the op names.
+
+SDPA is decomposed to matmul -> softmax -> matmul before lowering: torch's default decomposition goes
+through `_safe_softmax`, whose fully-masked-row guard (eq/any/where/full_like) XNNPACK cannot take and
+which cuts the graph into more delegate segments. The model never passes a mask to SDPA (CAMP's biased
+attention is written out with plain ops), so the plain form computes the same thing.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+from pathlib import Path
+
+import torch
+
+from sdk import Taxonomy
+
+from ._common import Artifact, ExportError, ExportSpec, check_parity, tool_versions, write_manifest
+
+OPTIONS = {"batch": 1}
+
+PORTABLE_ALLOWED = frozenset({
+    "aten.native_layer_norm.default",
+    "aten.sum.dim_IntList", "aten._log_softmax.default",
+    "aten.expand_copy.default", "aten.unsqueeze_copy.default", "aten.select_copy.int", "aten.permute_copy.default",
+    "aten.index_select.default", "aten.view_copy.default", "aten.clone.default",
+    "dim_order_ops._to_dim_order_copy.default", "dim_order_ops._clone_dim_order.default",
+})
+_DELEGATE_PLUMBING = frozenset({"executorch_call_delegate", "getitem"})
+
+
+def _sdpa_plain(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
+    if attn_mask is not None or is_causal or dropout_p != 0.0 or enable_gqa:
+        raise ExportError("executorch: SDPA with a mask, causal flag, dropout or GQA is not expected in the "
+                          "deploy graph; extend converters.executorch._sdpa_plain before exporting it")
+    s = scale if scale is not None else 1.0 / math.sqrt(q.shape[-1])
+    return torch.matmul(torch.softmax(torch.matmul(q, k.transpose(-1, -2)) * s, dim=-1), v)
+
+
+def _op_name(target) -> str:
+    name = getattr(target, "__name__", None) or str(target)
+    return name.split(":")[0].replace("<EdgeOpOverload: ", "").strip(">")
+
+
+def outside_delegate(graph_module: torch.fx.GraphModule) -> Counter:
+    """Counts of the ops of a lowered graph that run outside any delegate (delegate plumbing excluded)."""
+    ops: Counter = Counter()
+    for node in graph_module.graph.nodes:
+        if node.op == "call_function":
+            name = _op_name(node.target)
+            if name not in _DELEGATE_PLUMBING:
+                ops[name] += 1
+    return ops
+
+
+def delegate_count(graph_module: torch.fx.GraphModule) -> int:
+    return sum(1 for n in graph_module.graph.nodes if n.op == "call_function" and _op_name(n.target) == "executorch_call_delegate")
+
+
+def check_delegation(ops: Counter, allowed: frozenset[str] = PORTABLE_ALLOWED) -> None:
+    """Raise ExportError naming every op left outside XNNPACK that is not on the allowlist."""
+    bad = {k: v for k, v in ops.items() if k not in allowed}
+    if bad:
+        raise ExportError(f"executorch: ops left outside the XNNPACK delegate that are not allowed on the portable "
+                          f"path: {dict(sorted(bad.items()))}; allowed: {sorted(allowed)}")
+
+
+def export(model: torch.nn.Module, spec: ExportSpec, out_dir: str | Path) -> Artifact:
+    """Export a DeployWrapper-wrapped model (uint8 NHWC in) to `<out_dir>/model.pte` + manifest."""
+    from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
+    from executorch.exir import to_edge_transform_and_lower
+    from torch.export import default_decompositions
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    opts = {**OPTIONS, **spec.options}
+    if int(opts["batch"]) < 1:
+        raise ExportError(f"executorch: option batch must be >= 1, got {opts['batch']!r}")
+    taxonomy: Taxonomy = model.model.taxonomy
+    path = out_dir / "model.pte"
+    example = torch.zeros(int(opts["batch"]), spec.image_size, spec.image_size, 3, dtype=torch.uint8)
+    model.eval()
+    try:
+        ep = torch.export.export(model, (example,))
+        table = default_decompositions()
+        table[torch.ops.aten.scaled_dot_product_attention.default] = _sdpa_plain
+        ep = ep.run_decompositions(table)
+        edge = to_edge_transform_and_lower(ep, partitioner=[XnnpackPartitioner()])
+    except ExportError:
+        raise
+    except Exception as e:
+        raise ExportError(f"executorch lowering failed: {type(e).__name__}: {e}") from e
+    gm = edge.exported_program().graph_module
+    portable = outside_delegate(gm)
+    check_delegation(portable)
+    try:
+        program = edge.to_executorch()
+    except Exception as e:
+        raise ExportError(f"executorch to_executorch failed: {type(e).__name__}: {e}") from e
+    path.write_bytes(program.buffer)
+    manifest = write_manifest("executorch", path, taxonomy, spec, tool_versions("executorch"))
+    manifest.metrics["export"] = {"fixed_batch": int(opts["batch"]), "delegate": "XnnpackPartitioner",
+                                  "delegate_segments": delegate_count(gm),
+                                  "portable_ops": dict(sorted(portable.items())), "thread_safe": False}
+    manifest = check_parity("executorch", model, path, manifest, spec)
+    return Artifact("executorch", path, manifest, out_dir)

@@ -1,0 +1,106 @@
+"""What the per-target int8 modules share: the run context, the result record, the int8 manifest."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+from converters._common import Artifact, ExportError, ExportSpec, check_parity, write_manifest
+from sdk import Manifest, Taxonomy
+
+from .calibration import ImageSet
+from .sensitivity import Plan
+from .sim import ALWAYS_FLOAT, ATTENTION, Family, Ranges, families
+
+# int8 parity floor at export: a sanity check that the artifact is not broken. The issue's bar
+# (>= 99 % fine agreement, <= 0.5 pt fine top-1 loss) is judged on the full evaluation sets in the report.
+INT8_MIN_AGREEMENT = 0.95
+
+
+class QuantizeError(ExportError):
+    """Quantization could not produce a valid int8 artifact; the message says what to change."""
+
+
+@dataclass
+class QuantContext:
+    """Everything a target needs: the fp32 model, the measured plan and the real-photo sets."""
+
+    model: torch.nn.Module  # HierarchicalQueryModel, eval mode, fp32
+    taxonomy: Taxonomy
+    image_size: int
+    calibration: ImageSet
+    parity: ImageSet  # real photos for the export-time parity check through the SDK
+    plan: Plan
+    ranges: Ranges
+    model_info: dict[str, Any] = field(default_factory=dict)
+    log: Callable[[str], None] = print
+
+    @property
+    def families(self) -> list[Family]:
+        return families(self.model)
+
+    @property
+    def float_layer_families(self) -> list[Family]:
+        return [f for f in self.families if f.name in self.plan.float_families and f.prefixes]
+
+    @property
+    def quantize_attention(self) -> bool:
+        return ATTENTION in self.plan.quantized
+
+    def deploy(self) -> torch.nn.Module:
+        from train.models import DeployWrapper
+        return DeployWrapper(self.model).eval()
+
+    def spec(self, precision: str = "int8", **kw: Any) -> ExportSpec:
+        return ExportSpec(image_size=self.image_size, precision=precision, images=self.parity.images,
+                          image_source=self.parity.source, min_agreement=INT8_MIN_AGREEMENT if precision == "int8" else 0.995,
+                          max_abs_logprob=None if precision == "int8" else 1e-3, model_info=self.model_info, **kw)
+
+    def calibration_batches(self, batch: int = 10):
+        imgs = self.calibration.images
+        for i in range(0, len(imgs), batch):
+            yield np.ascontiguousarray(imgs[i:i + batch])
+
+
+@dataclass
+class TargetResult:
+    """One target's int8 artifact and how it was made."""
+
+    target: str
+    int8_dir: Path
+    fp32_size: int | None  # bytes of the fp32 artifact of the same target (None: not built)
+    int8_size: int
+    float_layers: list[str]  # what stayed float in this artifact, in words
+    scheme: str  # how the int8 artifact was made
+    runnable_here: bool = True  # False: the runtime needs another OS (Core ML on Linux)
+    notes: list[str] = field(default_factory=list)
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def quantization_record(ctx: QuantContext, scheme: str, float_layers: list[str], notes: list[str]) -> dict[str, Any]:
+    """The `quantization` block written into every int8 manifest."""
+    return {"scheme": scheme, "float_layers": float_layers, "notes": notes,
+            "calibration_images": ctx.calibration.source, "plan": ctx.plan.to_dict(),
+            "always_float_ops": list(ALWAYS_FLOAT)}
+
+
+def finish_int8(ctx: QuantContext, target: str, path: Path, versions: dict[str, str], scheme: str,
+                float_layers: list[str], notes: list[str], check: bool = True) -> Manifest:
+    """Write the int8 manifest (precision int8 + the quantization record) and run SDK parity on real photos."""
+    spec = ctx.spec("int8")
+    m = write_manifest(target, path, ctx.taxonomy, spec, versions,
+                       {"quantization": quantization_record(ctx, scheme, float_layers, notes)})
+    if check:
+        m = check_parity(target, ctx.deploy(), path, m, replace(spec, min_agreement=INT8_MIN_AGREEMENT))
+    return m
+
+
+def fp32_artifact(ctx: QuantContext, target: str, out_dir: Path) -> Artifact:
+    """The fp32 export of a target through its converter (parity-checked like any export)."""
+    import importlib
+    mod = importlib.import_module(f"converters.{target}")
+    return mod.export(ctx.deploy(), ctx.spec("fp32"), out_dir)

@@ -1,0 +1,101 @@
+"""Real-photo image sets for calibration, sensitivity and evaluation, decoded exactly as the SDK decodes.
+
+Calibration and the sensitivity pass draw from the training split *minus* the 20 % stratified slice
+(`train.data.stratified_holdout`), so the images that judge int8 accuracy on that slice never set a
+quantization range. No augmentation: `sdk.prepare(path, size)` is the device's own decoding.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+
+import numpy as np
+
+from sdk import Taxonomy, prepare
+
+MIN_CALIBRATION_IMAGES = 300
+
+
+class CalibrationWarning(UserWarning):
+    """Fewer calibration photos than recommended: int8 ranges may not cover real inputs."""
+
+
+@dataclass(frozen=True)
+class ImageSet:
+    """uint8 (N, S, S, 3) images, their labels (N, depth) and where they came from."""
+
+    images: np.ndarray
+    labels: np.ndarray
+    source: str
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+
+def _spread(indices: list[int], labels: np.ndarray, n: int, seed: int) -> list[int]:
+    """Up to n indices, round-robin over fine classes so every class is represented."""
+    rng = np.random.default_rng(seed)
+    by_class: dict[int, list[int]] = {}
+    for i in indices:
+        by_class.setdefault(int(labels[i, -1]), []).append(i)
+    for v in by_class.values():
+        rng.shuffle(v)
+    out: list[int] = []
+    depth = 0
+    while len(out) < n and any(depth < len(v) for v in by_class.values()):
+        for c in sorted(by_class):
+            if depth < len(by_class[c]) and len(out) < n:
+                out.append(by_class[c][depth])
+        depth += 1
+    return sorted(out)
+
+
+def _decode(ds, idx: list[int], size: int, what: str) -> ImageSet:
+    if not idx:
+        raise ValueError(f"no images selected for {what} from {ds.name}")
+    imgs = np.stack([prepare(ds.samples[i].source, size) for i in idx])
+    labels = np.asarray([ds.samples[i].labels for i in idx])
+    return ImageSet(imgs, labels, f"{ds.name}: {len(idx)} photos ({what})")
+
+
+def calibration_sets(data: str, size: int, taxonomy: Taxonomy, n_calibration: int = 300,
+                     n_sensitivity: int = 200, split: str = "train", seed: int = 0) -> tuple[ImageSet, ImageSet]:
+    """(calibration photos, disjoint sensitivity photos), both from `split` outside its 20 % slice.
+
+    Warns (CalibrationWarning) below 300 calibration photos; never falls back to random tensors.
+    """
+    from train.data import load_dataset, stratified_holdout
+
+    if n_calibration < 1:
+        raise ValueError("calibration needs at least one real photo (--calibration-images >= 1; 300 recommended)")
+    if n_calibration < MIN_CALIBRATION_IMAGES:
+        warnings.warn(f"calibrating on {n_calibration} photos; at least {MIN_CALIBRATION_IMAGES} are recommended "
+                      "so the int8 ranges cover real inputs", CalibrationWarning, stacklevel=2)
+    ds = load_dataset(data, split, taxonomy=taxonomy)
+    keep, _ = stratified_holdout(ds, 0.2, seed=0)
+    labels = ds.labels()
+    calib = _spread(keep, labels, n_calibration, seed)
+    rest = sorted(set(keep) - set(calib))
+    sens = _spread(rest, labels, n_sensitivity, seed + 1) if n_sensitivity else []
+    if len(calib) < n_calibration:
+        warnings.warn(f"{split} has only {len(calib)} photos outside its 20 % slice; calibrating on those",
+                      CalibrationWarning, stacklevel=2)
+    cal = _decode(ds, calib, size, "calibration")
+    sen = _decode(ds, sens, size, "sensitivity") if sens else ImageSet(cal.images[:0], cal.labels[:0], "none")
+    return cal, sen
+
+
+def evaluation_sets(data: str, size: int, taxonomy: Taxonomy, limit: int = 0) -> dict[str, ImageSet]:
+    """The sets int8 is judged on: all of `val` and the 20 % stratified slice of `train` (`limit` caps each)."""
+    from train.data import load_dataset, stratified_holdout
+
+    out: dict[str, ImageSet] = {}
+    val = load_dataset(data, "val", taxonomy=taxonomy)
+    idx = list(range(len(val)))
+    out["val"] = _decode(val, _spread(idx, val.labels(), limit, 0) if limit else idx, size, "val")
+    tr = load_dataset(data, "train", taxonomy=taxonomy)
+    _, hold = stratified_holdout(tr, 0.2, seed=0)
+    out["train20"] = _decode(tr, _spread(hold, tr.labels(), limit, 0) if limit else hold, size,
+                             "20 % stratified train slice")
+    return out

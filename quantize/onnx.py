@@ -1,0 +1,110 @@
+"""ONNX int8: static QDQ, int8 weights per channel, calibrated by a reader over real photos.
+
+`onnxruntime.quantization.quantize_static` on the fp32 export from `converters.onnx`. Only Conv,
+MatMul and Gemm are quantized (LayerNorm, softmax, the residual adds and log-softmax stay float);
+nodes of the float families from the sensitivity plan are excluded by name (the legacy exporter names
+nodes after their module path, `/model/backbone/_blocks.3/_project_conv/Conv`); the attention
+matmuls (MatMul with no weight initializer) are excluded unless the plan quantizes attention.
+Not `quantize_dynamic`: it turns convolutions into ConvInteger (10x slower here, batch-dependent).
+Activations are uint8 and weights int8 (U8S8, what ORT's x86 and ARM kernels take); on x86 CPUs
+without VNNI `reduce_range` (7-bit weights) avoids the int16 saturation of U8S8 convolutions.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+
+from converters._common import tool_versions
+
+from ._common import QuantContext, QuantizeError, TargetResult, finish_int8, fp32_artifact
+from .sim import ATTENTION
+
+# Clip (ReLU6) is listed so ORT folds it into the conv's output range instead of quantizing pre-activation
+QUANTIZED_OPS = ["Conv", "MatMul", "Gemm", "Clip", "Relu"]
+
+
+class PhotoCalibrationReader:
+    """onnxruntime CalibrationDataReader over real uint8 photos (never random tensors)."""
+
+    def __init__(self, input_name: str, batches):
+        self.input_name = input_name
+        self._batches = list(batches)
+        self._it = iter(self._batches)
+
+    def get_next(self):
+        b = next(self._it, None)
+        return None if b is None else {self.input_name: b}
+
+    def rewind(self) -> None:
+        self._it = iter(self._batches)
+
+
+def _module_of(node_name: str) -> str:
+    # "/model/head/cross.1.0/attn/v/MatMul" -> ".model.head.cross.1.0.attn.v.MatMul"
+    return node_name.replace("/", ".")
+
+
+def excluded_nodes(proto, ctx: QuantContext) -> tuple[list[str], list[str]]:
+    """(node names kept float, a description of each reason) for the plan's float set."""
+    inits = {i.name for i in proto.graph.initializer}
+    consts = {o for n in proto.graph.node if n.op_type == "Constant" for o in n.output}
+    out, why = [], []
+    fams = ctx.float_layer_families
+    for n in proto.graph.node:
+        if n.op_type not in QUANTIZED_OPS:
+            continue
+        dotted = _module_of(n.name)
+        fam = next((f for f in fams if any(dotted.startswith(f".model.{p}.") for p in f.prefixes)), None)
+        if fam is not None:
+            out.append(n.name)
+            why.append(fam.name)
+        elif n.op_type == "MatMul" and not any(i in inits or i in consts for i in n.input) and not ctx.quantize_attention:
+            out.append(n.name)
+            why.append(ATTENTION)
+    return out, why
+
+
+def quantize(ctx: QuantContext, out_dir: Path, reduce_range: bool = False,
+             calibrate_method: str = "MinMax") -> TargetResult:
+    """fp32 export (converters.onnx) -> quantize_static QDQ per-channel -> `<out_dir>/onnx` + manifest."""
+    import onnx
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+
+    fp32 = fp32_artifact(ctx, "onnx", out_dir / "fp32" / "onnx")
+    proto = onnx.load(str(fp32.path))
+    excl, why = excluded_nodes(proto, ctx)
+    int8_dir = out_dir / "onnx"
+    int8_dir.mkdir(parents=True, exist_ok=True)
+    path = int8_dir / "model.onnx"
+    reader = PhotoCalibrationReader(proto.graph.input[0].name, ctx.calibration_batches())
+    ctx.log(f"onnx: quantize_static QDQ per-channel on {len(ctx.calibration)} photos, "
+            f"{len(excl)} Conv/MatMul nodes kept float")
+    try:
+        quantize_static(str(fp32.path), str(path), reader, quant_format=QuantFormat.QDQ, per_channel=True,
+                        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                        op_types_to_quantize=QUANTIZED_OPS, nodes_to_exclude=excl, reduce_range=reduce_range,
+                        calibrate_method=getattr(CalibrationMethod, calibrate_method))
+    except Exception as e:
+        raise QuantizeError(f"onnxruntime quantize_static failed: {type(e).__name__}: {e}") from e
+    q = onnx.load(str(path))
+    del q.metadata_props[:]
+    for p in proto.metadata_props:
+        kv = q.metadata_props.add()
+        kv.key, kv.value = p.key, ("int8" if p.key == "hierfg.precision" else p.value)
+    n_q = sum(1 for n in q.graph.node if n.op_type == "QuantizeLinear")
+    if n_q == 0:
+        raise QuantizeError("quantize_static inserted no QuantizeLinear node: nothing was quantized")
+    onnx.save(q, str(path))
+    fams = sorted(set(why))
+    float_layers = [f"{f} ({why.count(f)} nodes)" for f in fams] + \
+        ["LayerNorm, softmax, residual adds, log-softmax (ops not quantized)"]
+    scheme = (f"onnxruntime quantize_static, QDQ, U8 activations / S8 weights per channel"
+              f"{' (reduce_range)' if reduce_range else ''}, {calibrate_method} calibration")
+    notes = [f"{n_q} QuantizeLinear nodes"]
+    m = finish_int8(ctx, "onnx", path, tool_versions("onnx", "onnxruntime"), scheme, float_layers, notes)
+    return TargetResult("onnx", int8_dir, fp32.manifest.size_bytes, m.size_bytes, float_layers, scheme,
+                        notes=notes, extra={"excluded_nodes": excl})

@@ -1,0 +1,71 @@
+"""report.json (everything) and report.md (the tables a reviewer reads) for one quantization run."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+
+def _pct(x) -> str:
+    return "–" if x is None else f"{100 * x:.2f}"
+
+
+def render_markdown(r: dict[str, Any]) -> str:
+    lines = [f"# int8 report: {r['checkpoint']}", "",
+             f"- data: `{r['data']}`, image size {r['image_size']}",
+             f"- calibration: {r['calibration']}",
+             f"- evaluation: " + "; ".join(f"{k} = {v}" for k, v in r["evaluation_sets"].items()),
+             f"- bar (ONNX, ExecuTorch, TFLite): fine top-1 drop ≤ {100 * r['bar']['max_fine_top1_drop']:.1f} pt, "
+             f"fine agreement with fp32 ≥ {100 * r['bar']['min_fine_agreement']:.0f} %, "
+             f"size ≤ {100 * r['bar']['max_size_ratio']:.0f} % of fp32", "",
+             "## What stays float (measured)", "",
+             f"Sensitivity on {r['sensitivity']['images']}: each family quantized alone (PyTorch simulation).", "",
+             "| family | fine agreement with fp32 | mean KL (fine) | in the plan |", "|---|---|---|---|"]
+    s = r["sensitivity"]
+    for f, a in s["sensitivity_fine_agreement"].items():
+        lines.append(f"| {f} | {_pct(a)} % | {s['sensitivity_fine_kl'].get(f, float('nan')):.2e} | "
+                     f"{'float' if f in s['float_families'] else 'int8'} |")
+    lines += ["", "Greedy steps (all quantized families together):", ""]
+    for st in s["greedy_steps"]:
+        lines.append(f"- float = {st['float'] or 'none'} → fine agreement {_pct(st['fine_agreement'])} %, "
+                     f"fine top-1 drop {100 * st['fine_top1_drop']:+.2f} pt")
+    lines += ["", "## Targets", ""]
+    for t, rec in r["targets"].items():
+        lines += [f"### {t}", ""]
+        if "error" in rec:
+            lines += [f"FAILED: `{rec['error']}`", ""]
+            continue
+        if t == "qat":
+            lines += ["```", json.dumps({k: v for k, v in rec.items() if k != "traceback"}, indent=1)[:4000], "```", ""]
+            continue
+        ratio = rec.get("size_ratio")
+        lines += [f"- scheme: {rec['scheme']}", f"- measured on: {rec['measured_on']}",
+                  f"- size: {rec['int8_size_bytes'] / 1e6:.2f} MB int8" +
+                  (f" vs {rec['fp32_size_bytes'] / 1e6:.2f} MB fp32 ({100 * ratio:.1f} %)" if ratio else ""),
+                  f"- stayed float: {'; '.join(rec['float_layers'])}",
+                  f"- meets the bar: **{'yes' if rec['meets_bar'] else 'no'}**"]
+        lines += [f"- note: {n}" for n in rec.get("notes", [])]
+        lines += ["", "| split | level | fp32 top-1 | int8 top-1 | agreement with fp32 | agreement with PyTorch sim |",
+                  "|---|---|---|---|---|---|"]
+        for split, sr in rec["splits"].items():
+            levels = [k.split("/", 1)[1] for k in sr["fp32"] if k.startswith("top1/")]
+            for lvl in levels:
+                lines.append(f"| {split} | {lvl} | {_pct(sr['fp32'][f'top1/{lvl}'])} | {_pct(sr['int8'][f'top1/{lvl}'])} | "
+                             f"{_pct(sr['agreement_with_fp32'][f'agreement/{lvl}'])} | "
+                             f"{_pct(sr['agreement_with_pytorch_simulation'][f'agreement/{lvl}'])} |")
+            lines.append(f"| {split} | full path | {_pct(sr['fp32']['full_path'])} | {_pct(sr['int8']['full_path'])} | "
+                         f"{_pct(sr['agreement_with_fp32']['agreement/path'])} | "
+                         f"{_pct(sr['agreement_with_pytorch_simulation']['agreement/path'])} |")
+        lines.append("")
+    lines.append(f"Run time: {r['seconds']} s.")
+    return "\n".join(lines) + "\n"
+
+
+def write_report(report: dict[str, Any], out: str | Path) -> tuple[Path, Path]:
+    out = Path(out)
+    j = out / "report.json"
+    j.write_text(json.dumps(report, indent=1, default=str))
+    md = out / "report.md"
+    md.write_text(render_markdown(report))
+    return j, md

@@ -1,0 +1,136 @@
+"""The int8 pipeline: calibrate on real photos, measure what stays float, quantize each target, judge it."""
+
+from __future__ import annotations
+
+import importlib
+import json
+import time
+import traceback
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+from converters._common import parity
+from sdk import Classifier, Manifest
+
+from ._common import QuantContext, QuantizeError, TargetResult
+from .calibration import calibration_sets, evaluation_sets
+from .sensitivity import choose_float_families
+from .sim import calibrate, model_logprobs, simulate
+
+TARGETS = ("onnx", "executorch", "tflite", "coreml")
+# the issue's bar for ONNX, ExecuTorch and TFLite
+MAX_TOP1_DROP = 0.005
+MIN_AGREEMENT = 0.99
+MAX_SIZE_RATIO = 0.30
+
+
+def _metrics_subset(m: dict[str, float]) -> dict[str, float]:
+    return {k: v for k, v in m.items() if k.startswith("top1/") or k in ("full_path", "n")}
+
+
+def sdk_logprobs(directory: Path, images: np.ndarray, batch: int = 16) -> list[np.ndarray]:
+    clf = Classifier.load(directory)
+    outs = [clf.logprobs(images[i:i + batch]) for i in range(0, len(images), batch)]
+    return [np.concatenate([o[l] for o in outs]) for l in range(len(outs[0]))]
+
+
+def judge(res: TargetResult, evals, fp32_lp, sim_lp, taxonomy, sim_weights_only=None) -> dict[str, Any]:
+    """int8 vs fp32 per split: per-level and full-path accuracy, agreement with fp32 and with the simulation."""
+    from train.metrics import compute_metrics
+    fine = taxonomy.level_names[-1]
+    rec: dict[str, Any] = {"target": res.target, "int8_dir": str(res.int8_dir), "scheme": res.scheme,
+                           "float_layers": res.float_layers, "notes": res.notes,
+                           "int8_size_bytes": res.int8_size, "fp32_size_bytes": res.fp32_size,
+                           "size_ratio": (res.int8_size / res.fp32_size) if res.fp32_size else None,
+                           "measured_on": "artifact through sdk.Classifier" if res.runnable_here else
+                           "PyTorch simulation of the int8 weights (the runtime needs macOS)", "splits": {}}
+    ok = True
+    for split, s in evals.items():
+        lp = sdk_logprobs(res.int8_dir, s.images) if res.runnable_here else sim_weights_only[split]
+        m8 = compute_metrics(taxonomy, lp, s.labels)
+        m32 = compute_metrics(taxonomy, fp32_lp[split], s.labels)
+        vs32 = parity(fp32_lp[split], lp, taxonomy)
+        vssim = parity(sim_lp[split], lp, taxonomy)
+        drop = m32[f"top1/{fine}"] - m8[f"top1/{fine}"]
+        rec["splits"][split] = {"images": s.source, "fp32": _metrics_subset(m32), "int8": _metrics_subset(m8),
+                                "fine_top1_drop": drop, "agreement_with_fp32": vs32,
+                                "agreement_with_pytorch_simulation": vssim}
+        ok &= drop <= MAX_TOP1_DROP and vs32[f"agreement/{fine}"] >= MIN_AGREEMENT
+    if rec["size_ratio"] is not None:
+        ok &= rec["size_ratio"] <= MAX_SIZE_RATIO
+    rec["meets_bar"] = bool(ok)
+    return rec
+
+
+def quantize_checkpoint(checkpoint: str | Path, data: str, targets: Sequence[str], out: str | Path,
+                        n_calibration: int = 300, n_sensitivity: int = 200, qat_epochs: int = 0,
+                        eval_limit: int = 0, n_parity: int = 64, log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Run the whole int8 pipeline for a model directory; writes `<out>/<target>/` + report.{md,json}."""
+    from train.checkpoint import file_sha256, load_model
+    from .report import write_report
+
+    bad = [t for t in targets if t not in TARGETS]
+    if bad:
+        raise QuantizeError(f"unknown target(s) {bad}; targets: {', '.join(TARGETS)}")
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    t0 = time.time()
+    model, cfg, tax, conf = load_model(checkpoint)
+    size = cfg.image_size
+    log(f"decoding real photos at {size} px (calibration {n_calibration}, sensitivity {n_sensitivity})")
+    cal, sen = calibration_sets(data, size, tax, n_calibration, n_sensitivity)
+    evals = evaluation_sets(data, size, tax, limit=eval_limit)
+    log(f"calibrating activation ranges on {cal.source}")
+    ranges = calibrate(model, cal.images)
+    log(f"sensitivity pass on {sen.source}")
+    plan = choose_float_families(model, ranges, sen.images, sen.labels, tax, source=sen.source, log=log)
+    log(f"float families: {plan.float_families}")
+    info = {"checkpoint_sha256": file_sha256(Path(checkpoint) / "model.safetensors"), "config": cfg.to_dict(),
+            "metrics_pytorch": conf.get("metrics", {})}
+    pidx = np.linspace(0, len(evals["val"]) - 1, num=min(n_parity, len(evals["val"]))).round().astype(int)
+    from .calibration import ImageSet
+    par = ImageSet(evals["val"].images[pidx], evals["val"].labels[pidx], f"{evals['val'].source}, {len(pidx)} for parity")
+    ctx = QuantContext(model, tax, size, cal, par, plan, ranges, info, log)
+
+    log("fp32 and simulated-int8 references on the evaluation sets")
+    sim = simulate(model, ranges, set(plan.quantized))
+    simw = simulate(model, ranges, {f.name for f in ctx.families if f.prefixes}, weights_only=True)
+    fp32_lp = {k: model_logprobs(model, s.images) for k, s in evals.items()}
+    sim_lp = {k: model_logprobs(sim, s.images) for k, s in evals.items()}
+    simw_lp = {k: model_logprobs(simw, s.images) for k, s in evals.items()} if "coreml" in targets else None
+
+    results: dict[str, Any] = {}
+    for t in targets:
+        log(f"== {t}")
+        try:
+            mod = importlib.import_module(f"quantize.{t}")
+            res = mod.quantize(ctx, out)
+            rec = judge(res, evals, fp32_lp, sim_lp, tax, simw_lp)
+            m = Manifest.load(res.int8_dir)
+            m.metrics["int8_evaluation"] = {k: v for k, v in rec.items() if k not in ("float_layers", "notes", "scheme")}
+            m.save(res.int8_dir)
+            results[t] = rec
+            fine = tax.level_names[-1]
+            for split, r in rec["splits"].items():
+                log(f"{t} {split}: fine top-1 fp32 {r['fp32'][f'top1/{fine}']:.4f} int8 {r['int8'][f'top1/{fine}']:.4f}, "
+                    f"agreement {r['agreement_with_fp32'][f'agreement/{fine}']:.4f} (vs sim "
+                    f"{r['agreement_with_pytorch_simulation'][f'agreement/{fine}']:.4f})")
+            if rec["size_ratio"]:
+                log(f"{t}: size {rec['int8_size_bytes'] / 1e6:.2f} MB = {rec['size_ratio'] * 100:.1f} % of fp32")
+        except Exception as e:  # one target failing must not lose the others' results
+            log(f"{t}: FAILED: {type(e).__name__}: {e}")
+            results[t] = {"target": t, "error": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc(),
+                          "meets_bar": False}
+
+    if qat_epochs > 0 and any(not r.get("meets_bar") and "error" not in r and t != "coreml" for t, r in results.items()):
+        from .qat import run_qat
+        results["qat"] = run_qat(ctx, evals, fp32_lp, out, qat_epochs, data)
+    report = {"checkpoint": str(checkpoint), "data": str(data), "image_size": size, "calibration": cal.source,
+              "sensitivity": plan.to_dict(), "evaluation_sets": {k: s.source for k, s in evals.items()},
+              "bar": {"max_fine_top1_drop": MAX_TOP1_DROP, "min_fine_agreement": MIN_AGREEMENT,
+                      "max_size_ratio": MAX_SIZE_RATIO},
+              "targets": results, "seconds": round(time.time() - t0, 1)}
+    write_report(report, out)
+    return report

@@ -1,0 +1,85 @@
+"""Which families stay float: measured, one family at a time, on real photos.
+
+For every family the PyTorch simulation (quantize.sim) quantizes that family alone and measures, on
+training photos that did not calibrate, the fine top-1 agreement of the tree-consistent path with fp32
+and the mean KL divergence of the fine distribution (finer-grained than agreement on a few hundred
+photos, so it ranks families that all agree 100 %). Then all families are quantized together; while
+that combined model agrees with fp32 less than `target_agreement` (or loses more than `max_top1_drop`
+fine top-1 on those photos), the most sensitive family still quantized moves to float (greedy, worst
+single agreement first, then worst KL). LayerNorm and log-softmax inputs are measured too but always
+stay float: no backend configuration here quantizes them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import numpy as np
+
+from sdk import Taxonomy, TreeDecoder
+
+from .sim import ALWAYS_FLOAT, Ranges, families, model_logprobs, simulate
+
+
+def fine_agreement(taxonomy: Taxonomy, ref: list[np.ndarray], cand: list[np.ndarray]) -> float:
+    dec = TreeDecoder(taxonomy)
+    return float((dec.paths(ref)[:, -1] == dec.paths(cand)[:, -1]).mean())
+
+
+@dataclass
+class Plan:
+    """The measured quantization plan: families quantized / kept float and the evidence."""
+
+    quantized: list[str]
+    float_families: list[str]
+    single: dict[str, float]  # family -> fine agreement with fp32 when only it is quantized
+    single_kl: dict[str, float] = field(default_factory=dict)  # family -> mean KL(fp32 || sim), fine level
+    steps: list[dict[str, Any]] = field(default_factory=list)  # combined configurations tried
+    agreement: float = float("nan")  # combined plan's fine agreement with fp32 (simulation)
+    n_images: int = 0
+    images: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"quantized_families": self.quantized, "float_families": self.float_families,
+                "sensitivity_fine_agreement": self.single, "sensitivity_fine_kl": self.single_kl, "greedy_steps": self.steps,
+                "simulated_fine_agreement": self.agreement, "n_images": self.n_images, "images": self.images}
+
+
+def fine_kl(ref: list[np.ndarray], cand: list[np.ndarray]) -> float:
+    p = np.exp(ref[-1])
+    return float((p * (ref[-1] - np.clip(cand[-1], -80, 0))).sum(1).mean())
+
+
+def fine_top1(taxonomy: Taxonomy, lp: list[np.ndarray], labels: np.ndarray) -> float:
+    return float((TreeDecoder(taxonomy).paths(lp)[:, -1] == labels[:, -1]).mean())
+
+
+def choose_float_families(model, ranges: Ranges, images: np.ndarray, labels: np.ndarray, taxonomy: Taxonomy,
+                          source: str = "", target_agreement: float = 0.99, max_top1_drop: float = 0.005,
+                          log: Callable[[str], None] = print) -> Plan:
+    """Measure each family's sensitivity and pick the float set (see module docstring)."""
+    ref = model_logprobs(model, images)
+    acc_ref = fine_top1(taxonomy, ref, labels)
+    fams = [f.name for f in families(model)]
+    single: dict[str, float] = {}
+    kl: dict[str, float] = {}
+    for f in fams:
+        lp = model_logprobs(simulate(model, ranges, {f}), images)
+        single[f], kl[f] = fine_agreement(taxonomy, ref, lp), fine_kl(ref, lp)
+        log(f"  sensitivity: {f:40s} fine agreement {single[f]:.4f}  KL {kl[f]:.2e}")
+    floats = [f for f in fams if f in ALWAYS_FLOAT]
+    steps = []
+    while True:
+        quant = [f for f in fams if f not in floats]
+        if quant:
+            lp = model_logprobs(simulate(model, ranges, set(quant)), images)
+            agr, drop = fine_agreement(taxonomy, ref, lp), acc_ref - fine_top1(taxonomy, lp, labels)
+        else:
+            agr, drop = 1.0, 0.0
+        steps.append({"float": list(floats), "fine_agreement": agr, "fine_top1_drop": drop})
+        log(f"  combined: float={floats} -> fine agreement {agr:.4f}, fine top-1 drop {drop * 100:+.2f} pt")
+        if (agr >= target_agreement and drop <= max_top1_drop) or not quant:
+            break
+        floats.append(min(quant, key=lambda f: (single[f], -kl[f])))
+    return Plan(quant, floats, single, kl, steps, agr, len(images), source)

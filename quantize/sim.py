@@ -1,0 +1,218 @@
+"""A PyTorch simulation of the int8 scheme the backends apply, family by family.
+
+The scheme every backend here implements for a quantized Conv2d / Linear: weights int8 per output
+channel, symmetric (max |w| / 127); the input *and the output* activation int8 per tensor, asymmetric,
+range from calibration on real photos (min/max, always containing 0). BatchNorm folding does not
+change a per-output-channel weight quantization (the BN scale is per output channel), so it is not
+simulated; a conv's output is quantized after its BatchNorm (the folded conv's output), and a
+conv followed by ReLU6 gets its output quantized as the next layer's input (the backends fold the
+clip into the output range). Measured on ONNX Runtime: simulating input quantization alone missed
+a third of the backend's disagreements, the output quantization of the linear bottlenecks and
+projections is where they came from.
+
+Families group the model's quantizable parts so one can be quantized at a time (sensitivity) and the
+sensitive ones kept float. Two families are ops, not layers: attention matmuls + softmax (their
+inputs q, k, v and the probabilities fake-quantized) and the final log-softmax input; LayerNorm input
+is a third. The names of the layer families are module-name prefixes of `HierarchicalQueryModel`,
+which every backend can map to its own graph (ONNX node names, pt2e `nn_module_stack`).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import types
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+# families that are ops rather than layers
+ATTENTION = "attention matmul+softmax"
+LAYERNORM = "layernorm inputs"
+LOGSOFTMAX = "log-softmax input"
+OP_FAMILIES = (ATTENTION, LAYERNORM, LOGSOFTMAX)
+# op families no backend configuration here quantizes; they are measured, and they stay float
+ALWAYS_FLOAT = (LAYERNORM, LOGSOFTMAX)
+
+
+@dataclass(frozen=True)
+class Family:
+    name: str
+    prefixes: tuple[str, ...] = ()  # module-name prefixes (layer families); empty for op families
+
+    def owns(self, module_name: str) -> bool:
+        return any(module_name == p or module_name.startswith(p + ".") for p in self.prefixes)
+
+
+def families(model: nn.Module) -> list[Family]:
+    """The block families of a HierarchicalQueryModel, in graph order."""
+    nb = model.backbone.num_blocks
+    cut = [0, nb // 3, 2 * nb // 3, nb]
+    fams = []
+    for j in range(3):
+        p = tuple(f"backbone._blocks.{i}" for i in range(cut[j], cut[j + 1]))
+        extra = ("backbone._conv_stem",) if j == 0 else ("backbone._conv_head",) if j == 2 else ()
+        label = f"backbone blocks {cut[j]}-{cut[j + 1] - 1}" + (" + stem" if j == 0 else " + head conv" if j == 2 else "")
+        fams.append(Family(label, extra + p))
+    fams.append(Family("token projections", ("tokens.proj",)))
+    head = model.head
+    attn, ffn = [], []
+    for lvl, blocks in enumerate(head.cross):
+        for b in range(len(blocks)):
+            attn.append(f"head.cross.{lvl}.{b}.attn")
+            ffn.append(f"head.cross.{lvl}.{b}.ffn")
+    fams.append(Family("query cross-attention projections", tuple(attn)))
+    fams.append(Family("query FFNs", tuple(ffn)))
+    if getattr(head, "camp", None) is not None:
+        fams.append(Family("CAMP block", ("head.camp",)))
+    if getattr(model.tokens, "fusion", None) is not None and len(model.tokens.fusion):
+        fams.append(Family("token fusion blocks", ("tokens.fusion",)))
+    fams += [Family(n) for n in OP_FAMILIES]
+    return fams
+
+
+def layer_family(fams: list[Family], module_name: str) -> Family | None:
+    for f in fams:
+        if f.owns(module_name):
+            return f
+    return None
+
+
+@dataclass
+class Ranges:
+    """Calibrated activation ranges: per module name, (min, max) of its input and of its output."""
+
+    inputs: dict[str, tuple[float, float]] = field(default_factory=dict)
+    outputs: dict[str, tuple[float, float]] = field(default_factory=dict)
+    n_images: int = 0
+
+
+def _update(d: dict, k: str, t: torch.Tensor) -> None:
+    lo, hi = float(t.min()), float(t.max())
+    if k in d:
+        lo, hi = min(lo, d[k][0]), max(hi, d[k][1])
+    d[k] = (lo, hi)
+
+
+def _observed(model: nn.Module):
+    from train.models import GroupReadout
+    for name, m in model.named_modules():
+        if isinstance(m, (nn.Conv2d, nn.Linear, nn.LayerNorm, nn.BatchNorm2d, GroupReadout)):
+            yield name, m
+
+
+@torch.inference_mode()
+def calibrate(model: nn.Module, images: np.ndarray, batch: int = 25) -> Ranges:
+    """Record min/max of every Conv2d/Linear/LayerNorm input and output on real uint8 photos (fp32 model)."""
+    from train.backbones import normalize_uint8
+    r = Ranges(n_images=len(images))
+    hooks = []
+    for name, m in _observed(model):
+        def hook(mod, inp, out, name=name):
+            _update(r.inputs, name, inp[0])
+            _update(r.outputs, name, out)
+        hooks.append(m.register_forward_hook(hook))
+    try:
+        model.eval()
+        for i in range(0, len(images), batch):
+            x = torch.from_numpy(np.ascontiguousarray(images[i:i + batch]))
+            model(normalize_uint8(x.permute(0, 3, 1, 2)))
+    finally:
+        for h in hooks:
+            h.remove()
+    return r
+
+
+def _qparams(lo: float, hi: float) -> tuple[float, int]:
+    lo, hi = min(lo, 0.0), max(hi, 0.0)
+    scale = max((hi - lo) / 255.0, 1e-8)
+    zp = int(round(-128 - lo / scale))
+    return scale, max(-128, min(127, zp))
+
+
+def fq_act(x: torch.Tensor, rng: tuple[float, float]) -> torch.Tensor:
+    scale, zp = _qparams(*rng)
+    return torch.fake_quantize_per_tensor_affine(x, scale, zp, -128, 127)
+
+
+def fq_weight(w: torch.Tensor) -> torch.Tensor:
+    """int8 symmetric per output channel (axis 0), quant range [-127, 127]."""
+    amax = w.detach().abs().reshape(w.shape[0], -1).amax(1).clamp_min(1e-12)
+    scale = (amax / 127.0).float()
+    return torch.fake_quantize_per_channel_affine(w, scale, torch.zeros_like(scale, dtype=torch.int32), 0, -127, 127)
+
+
+def _attention_forward(self, xq, xkv, bias=None):
+    # the explicit attention path with its matmul inputs and probabilities fake-quantized
+    q, k, v = self._split(self.q(xq)), self._split(self.k(xkv)), self._split(self.v(xkv))
+    q, k, v = fq_act(q, self._r["q"]), fq_act(k, self._r["k"]), fq_act(v, self._r["v"])
+    logits = q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])
+    if bias is not None:
+        logits = logits + bias
+    attn = fq_act(logits.softmax(-1), (0.0, 1.0))
+    y = attn @ v
+    b, h, n, dh = y.shape
+    return self.o(y.transpose(1, 2).reshape(b, n, h * dh))
+
+
+def _output_point(model: nn.Module, name: str) -> str | None:
+    """Where a quantized layer's output is quantized: after its BatchNorm for a linear bottleneck
+    (`_project_conv` -> `_bn2`), none when ReLU6 follows (the next layer's input quantization stands
+    for it), the layer itself otherwise (Linear, the token projection convs)."""
+    if name.endswith("._project_conv"):
+        return name[: -len("_project_conv")] + "_bn2"
+    if name.startswith("backbone."):
+        return None  # stem, expand, depthwise and head convs: BN + ReLU6 follow
+    return name
+
+
+def simulate(model: nn.Module, ranges: Ranges, quantized: set[str], weights_only: bool = False) -> nn.Module:
+    """A copy of `model` with the named families fake-quantized (everything else float).
+
+    `weights_only`: only weights of the layer families are quantized (the Core ML weight-only scheme).
+    """
+    from train.models import Attention, GroupReadout
+    sim = copy.deepcopy(model).eval()
+    fams = {f.name: f for f in families(model)}
+    unknown = set(quantized) - set(fams)
+    if unknown:
+        raise ValueError(f"unknown families {sorted(unknown)}; known: {sorted(fams)}")
+    layer_fams = [fams[n] for n in quantized if fams[n].prefixes]
+    for name, m in sim.named_modules():
+        if isinstance(m, (nn.Conv2d, nn.Linear)) and any(f.owns(name) for f in layer_fams):
+            with torch.no_grad():
+                m.weight.copy_(fq_weight(m.weight))
+            if not weights_only:
+                rng = ranges.inputs[name]
+                m.register_forward_pre_hook(lambda mod, inp, rng=rng: (fq_act(inp[0], rng),) + tuple(inp[1:]))
+                out_at = _output_point(sim, name)
+                if out_at is not None:
+                    mod = sim.get_submodule(out_at)
+                    orng = ranges.outputs[out_at]
+                    mod.register_forward_hook(lambda mod, inp, out, rng=orng: fq_act(out, rng))
+        if weights_only:
+            continue
+        if ATTENTION in quantized and isinstance(m, Attention):
+            m._r = {p: ranges.outputs[f"{name}.{p}"] for p in ("q", "k", "v")}
+            m.forward = types.MethodType(_attention_forward, m)
+        if LAYERNORM in quantized and isinstance(m, nn.LayerNorm):
+            rng = ranges.inputs[name]
+            m.register_forward_pre_hook(lambda mod, inp, rng=rng: (fq_act(inp[0], rng),))
+        if LOGSOFTMAX in quantized and isinstance(m, GroupReadout):
+            rng = ranges.outputs[name]
+            m.register_forward_hook(lambda mod, inp, out, rng=rng: fq_act(out, rng))
+    return sim
+
+
+@torch.inference_mode()
+def model_logprobs(model: nn.Module, images: np.ndarray, batch: int = 25) -> list[np.ndarray]:
+    """Per-level log-probs of a (float or simulated) HierarchicalQueryModel on uint8 NHWC photos."""
+    from train.backbones import normalize_uint8
+    outs = []
+    for i in range(0, len(images), batch):
+        x = torch.from_numpy(np.ascontiguousarray(images[i:i + batch]))
+        outs.append([o.numpy() for o in model(normalize_uint8(x.permute(0, 3, 1, 2)))])
+    return [np.concatenate([o[l] for o in outs]).astype(np.float64) for l in range(len(outs[0]))]

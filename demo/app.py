@@ -113,6 +113,7 @@ def describe(pred: sdk.HierarchicalPrediction, tax: sdk.Taxonomy) -> dict[str, A
         "crumbs": crumbs,
         "full_path": [{"label": p.label, "level": p.level, "probability": p.probability} for p in full],
         "next_level": tax.level_names[next_level],
+        "next_level_word": LEVEL_WORDS.get(tax.level_names[next_level], tax.level_names[next_level]),
         "candidates": cands[:4],
         "can_confirm": bool(path) and not pred.is_unknown,
     }
@@ -211,7 +212,8 @@ def create_app(classifier: sdk.Classifier, store: ScanStore, data: DataFolder, c
 
     @app.get("/api/taxonomy")
     def taxonomy():
-        return jsonify(levels=list(tax.level_names), tree=tree)
+        return jsonify(levels=list(tax.level_names), tree=tree,
+                       level_words=[LEVEL_WORDS.get(n, n) for n in tax.level_names])
 
     @app.post("/api/scans")
     def classify():

@@ -5,6 +5,7 @@ const $ = (id) => document.getElementById(id);
 let current = null;      // {scan, display} of the scan on screen
 let tree = null;         // taxonomy tree for the picker
 let levels = [];
+let levelWords = [];
 let previewUrl = null;
 
 function showMessage(text, kind = "error") {
@@ -113,11 +114,11 @@ function renderResult() {
     bc.append(el("li", {}, el("span", { class: "crumb-label", text: c.label }),
                            el("span", { class: "conf", text: pct(c.probability) })));
   }
-  if (d.status === "backoff") bc.append(el("li", { class: "unsure", text: d.next_level + "?" }));
+  if (d.status === "backoff") bc.append(el("li", { class: "unsure", text: d.next_level_word + "?" }));
   const cand = $("candidates");
   cand.replaceChildren();
   if (d.status !== "complete" && d.candidates.length) {
-    cand.append(el("div", { class: "hint", text: d.status === "backoff" ? "Pick the " + d.next_level + ":" : "Closest guesses:" }));
+    cand.append(el("div", { class: "hint", text: d.status === "backoff" ? "Pick the " + d.next_level_word + ":" : "Closest guesses:" }));
     for (const c of d.candidates) {
       cand.append(el("button", { class: "btn cand", type: "button", onclick: () => act("corrected", c.path) },
         el("span", { text: c.path[c.path.length - 1] }), el("span", { class: "conf", text: pct(c.probability) })));
@@ -160,7 +161,7 @@ let pickPath = [];   // list of nodes chosen so far
 function nodesAt(path) { return path.length ? path[path.length - 1].children : tree; }
 
 function renderPicker() {
-  $("picker-path").textContent = pickPath.length ? pickPath.map((n) => n.name).join(" › ") : "Choose " + levels[0];
+  $("picker-path").textContent = pickPath.length ? pickPath.map((n) => n.name).join(" › ") : "Choose " + levelWords[0];
   $("picker-back").disabled = pickPath.length === 0;
   const list = $("picker-list");
   list.replaceChildren();
@@ -172,7 +173,8 @@ function renderPicker() {
   }
   const use = $("picker-use");
   if (pickPath.length) {
-    use.textContent = "Use “" + pickPath[pickPath.length - 1].name + "” (" + levels[pickPath.length - 1] + " only)";
+    const unsure = levelWords[pickPath.length];
+    use.textContent = "Use “" + pickPath[pickPath.length - 1].name + "”" + (unsure ? " — " + unsure + " unknown" : "");
     use.classList.remove("hidden");
   } else {
     use.classList.add("hidden");
@@ -206,7 +208,7 @@ $("picker-use").addEventListener("click", finishPick);
 async function loadTree() {
   const r = await api("/api/taxonomy");
   const j = await r.json();
-  tree = j.tree; levels = j.levels;
+  tree = j.tree; levels = j.levels; levelWords = j.level_words || j.levels;
 }
 
 async function loadInfo() {

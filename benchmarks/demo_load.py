@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import sys
 import tempfile
@@ -40,6 +41,7 @@ def main() -> int:
     p.add_argument("--token", default=None)
     p.add_argument("--json", help="also write the summary as JSON here")
     a = p.parse_args()
+    logging.getLogger("werkzeug").setLevel(logging.WARNING)  # one access-log line per request would be measured too
     images = [(Path(a.data) / ph).read_bytes() for ph in PHOTOS]
     server = store = None
     with tempfile.TemporaryDirectory(prefix="demo-load-") as tmp:

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from flask import Flask, Response, jsonify, request, send_file, send_from_directory
+from flask import Flask, Request, Response, jsonify, request, send_file, send_from_directory
 from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 from werkzeug.serving import make_server
 
@@ -144,9 +144,18 @@ def _validate_path(tax: sdk.Taxonomy, names: Any) -> tuple[str, int]:
     return PATH_SEP.join(names), len(names) - 1
 
 
+class _InMemoryUploads(Request):
+    """Uploads stay in memory (they are capped by MAX_CONTENT_LENGTH) instead of werkzeug's temporary
+    files, so the server writes nothing outside its data folder, not even in /tmp."""
+
+    def _get_file_stream(self, total_content_length, content_type, filename=None, content_length=None):
+        return io.BytesIO()
+
+
 def create_app(classifier: sdk.Classifier, store: ScanStore, data: DataFolder, config: DemoConfig) -> Flask:
     """The Flask app. The caller owns `store` (closes it after the server stops)."""
     app = Flask("demo", static_folder=str(STATIC), static_url_path="/static")
+    app.request_class = _InMemoryUploads
     app.config["MAX_CONTENT_LENGTH"] = int(config.max_upload_mb * 1024 * 1024)
     tax = classifier.taxonomy
     model_sha = classifier.manifest.sha256

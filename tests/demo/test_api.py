@@ -331,3 +331,17 @@ def test_store_commits_each_scan_and_rolls_back_failed_actions(tmp_path):
     again = SQLiteScanStore(db)  # reopening keeps everything
     assert again.get(scan.id).action == "confirmed" and again.get(scan.id).confidences["coarse"] == 0.9
     again.close()
+
+
+def test_an_internal_failure_is_answered_and_the_server_goes_on(start_demo, demo_classifier, banana_jpg, monkeypatch):
+    run = start_demo(demo_classifier)
+
+    def disk_full(scan):
+        raise OSError(28, "No space left on device")
+
+    with monkeypatch.context() as m:
+        m.setattr(run.store, "add_scan", disk_full)
+        st, body = run.upload(banana_jpg.read_bytes())
+    assert st == 500 and body["kind"] == "internal" and "OSError" in body["error"]
+    st, body = run.upload(banana_jpg.read_bytes())
+    assert st == 201 and rows(run.db, "SELECT COUNT(*) FROM scans")[0][0] == 1

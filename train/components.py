@@ -1,0 +1,385 @@
+"""Seed components as named, registered options (issue 3, part 2). Described in docs/components.md.
+
+Architectures (`--arch`):
+  * "flat" — the baseline: pooled head features -> dropout -> Linear to the fine classes; the coarser
+    levels are the tree sums of the fine probabilities (a constant membership matrix + matmul).
+  * "hrn"  — HRN (Chen et al., CVPR 2022) head: granularity-specific blocks with residual
+    combination of parent-level features, per-level classifiers. Train it with `--losses tree,fine_ce`.
+
+Options of the query models (`ModelConfig`, arch hsq_*):
+  * `part_select=k` — TransFG part selection: the k most attended tokens feed a second fine look.
+  * `c2f_refine=True` — Coarse2Fine attention-guided refinement: crop the attended region, run again.
+
+Losses (`--losses`): "contrastive" (TransFG) and "aal" (angular asymmetric loss).
+
+Importing this module (train/models.py does, at its end) registers all of them.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from sdk import Taxonomy
+
+from .backbones import create_backbone
+from .losses import LossContext, register_loss
+from .models import Attention, ModelConfig, register_arch
+
+
+# ---- tree marginals (flat) ------------------------------------------------------------------------
+class TreeMarginals(nn.Module):
+    """Fine log-probs -> per-level log-probs: log of the summed fine probabilities under each node.
+
+    Written as a constant 0/1 membership matrix and a matmul (no scatter/index ops), so it exports
+    to ONNX/TFLite/Core ML/ExecuTorch like the rest of the graph. The max is subtracted before exp so
+    a node whose children are all far below the best class stays finite (clamped at 1e-30).
+    """
+
+    def __init__(self, taxonomy: Taxonomy):
+        super().__init__()
+        anc = torch.tensor(taxonomy.ancestor_matrix(), dtype=torch.long)  # (n_fine, depth)
+        self.depth = taxonomy.depth
+        for lvl in range(taxonomy.depth - 1):
+            m = F.one_hot(anc[:, lvl], taxonomy.sizes[lvl]).float()  # (n_fine, n_lvl)
+            self.register_buffer(f"member_{lvl}", m, persistent=False)
+
+    def forward(self, fine_logp: torch.Tensor) -> list[torch.Tensor]:
+        top = fine_logp.amax(1, keepdim=True)
+        p = (fine_logp - top).exp()
+        out = [(p @ getattr(self, f"member_{lvl}")).clamp_min(1e-30).log() + top for lvl in range(self.depth - 1)]
+        return out + [fine_logp]
+
+
+class _PooledBackboneModel(nn.Module):
+    """Shared plumbing of the pooled-feature heads: the backbone's head conv (tap -1), averaged.
+
+    Same interface as HierarchicalQueryModel (`cfg`, `taxonomy`, `backbone` with `_fc = None`,
+    `forward_from(x, start, cached, aux)`), so train_model's freezing and feature caching work
+    unchanged. `cfg.taps` is ignored: only the head conv output is used (taps cached by the
+    training loop for other archs are passed in `cached` and simply not read).
+    """
+
+    def __init__(self, taxonomy: Taxonomy, cfg: ModelConfig, pretrained: bool = True):
+        super().__init__()
+        self.cfg = cfg
+        self.taxonomy = taxonomy
+        self.backbone = create_backbone(cfg.backbone, pretrained=pretrained)
+        self.backbone._fc = None  # the ImageNet classifier is not part of this model
+
+    def pooled(self, x: torch.Tensor, start: int = 0, cached: dict | None = None) -> torch.Tensor:
+        if cached and -1 in cached:
+            f = cached[-1]
+        else:
+            f = self.backbone.forward_range(x, start, (-1,))[-1]
+        return f.mean((2, 3))
+
+    def forward(self, x: torch.Tensor, start: int = 0, cached: dict | None = None, aux: dict | None = None):
+        return self.forward_from(x, start, cached=cached, aux=aux)
+
+
+class FlatModel(_PooledBackboneModel):
+    """Flat baseline (arch "flat"): pooled head features -> dropout -> Linear over the FINE classes.
+
+    Coarser levels come from the tree (`TreeMarginals`), so the outputs are per-level log-probs like
+    every arch, always tree-consistent. Train it with `--losses fine_ce` (what a flat classifier
+    is); `ce` also works and then additionally trains the derived coarse marginals.
+    """
+
+    def __init__(self, taxonomy: Taxonomy, cfg: ModelConfig, pretrained: bool = True):
+        super().__init__(taxonomy, cfg, pretrained)
+        self.drop = nn.Dropout(cfg.dropout)
+        self.fc = nn.Linear(self.backbone.head_channels, taxonomy.sizes[-1])
+        self.tree = TreeMarginals(taxonomy)
+
+    @property
+    def fine_classifier(self) -> nn.Linear:
+        return self.fc
+
+    def forward_from(self, x: torch.Tensor, start: int = 0, cached: dict | None = None, aux: dict | None = None):
+        """Per-level log-probs; `aux` receives 'pooled', 'fine_features' (= pooled) and 'logits' (fine)."""
+        pooled = self.pooled(x, start, cached)
+        logits = self.fc(self.drop(pooled))
+        if aux is not None:
+            aux["pooled"] = aux["fine_features"] = pooled
+            aux["logits"] = [None] * (self.taxonomy.depth - 1) + [logits]
+        return self.tree(F.log_softmax(logits, dim=-1))
+
+
+class HRNModel(_PooledBackboneModel):
+    """HRN head (arch "hrn"; Chen et al., "Label Relation Graphs Enhanced Hierarchical Residual
+    Network for Hierarchical Multi-Granularity Classification", CVPR 2022).
+
+    Per level a granularity-specific block (Linear -> LayerNorm -> ReLU -> Dropout -> Linear on the
+    pooled backbone features; HRN uses conv blocks on the feature map, on a frozen-prefix CPU budget a
+    pooled MLP is the equivalent of 1x1 convs followed by pooling) gives h_l. Hierarchical residual
+    combination, top-down: z_0 = ReLU(h_0), z_l = ReLU(h_l + P_l z_{l-1}) with a learned linear P_l,
+    so each child level reuses its parent's features. Per-level linear classifiers -> log-softmax.
+
+    HRN's training objective is the probabilistic label-relation-tree loss plus cross-entropy on the
+    finest level: `--losses tree,fine_ce`. The levels are independent softmaxes (not tree-consistent by
+    construction); the tree loss and the SDK's TreeDecoder make them consistent.
+    """
+
+    def __init__(self, taxonomy: Taxonomy, cfg: ModelConfig, pretrained: bool = True):
+        super().__init__(taxonomy, cfg, pretrained)
+        c, d = self.backbone.head_channels, cfg.d_model
+        self.blocks = nn.ModuleList(
+            nn.Sequential(nn.Linear(c, d), nn.LayerNorm(d), nn.ReLU(), nn.Dropout(cfg.dropout), nn.Linear(d, d))
+            for _ in taxonomy.sizes)
+        self.parent_proj = nn.ModuleList(nn.Linear(d, d) for _ in range(taxonomy.depth - 1))
+        self.drop = nn.Dropout(cfg.dropout)
+        self.classifiers = nn.ModuleList(nn.Linear(d, n) for n in taxonomy.sizes)
+
+    @property
+    def fine_classifier(self) -> nn.Linear:
+        return self.classifiers[-1]
+
+    def forward_from(self, x: torch.Tensor, start: int = 0, cached: dict | None = None, aux: dict | None = None):
+        """Per-level log-probs; `aux` receives 'pooled', 'level_features', 'fine_features', 'logits'."""
+        pooled = self.pooled(x, start, cached)
+        zs: list[torch.Tensor] = []
+        logits: list[torch.Tensor] = []
+        for lvl, blk in enumerate(self.blocks):
+            h = blk(pooled)
+            if lvl > 0:
+                h = h + self.parent_proj[lvl - 1](zs[-1])  # residual: parent-level features into the child
+            zs.append(F.relu(h))
+            logits.append(self.classifiers[lvl](self.drop(zs[-1])))
+        if aux is not None:
+            aux["pooled"], aux["level_features"], aux["fine_features"], aux["logits"] = pooled, zs, zs[-1], logits
+        return [F.log_softmax(l, dim=-1) for l in logits]
+
+
+register_arch("flat", FlatModel)
+register_arch("hrn", HRNModel)
+
+
+# ---- refinement of the query models: TransFG part selection, Coarse2Fine ------------------------
+def setup_refinement(model: nn.Module) -> None:
+    """Called by HierarchicalQueryModel.__init__ when `part_select` or `c2f_refine` is set.
+
+    Keeps the attention map of the fine level's last cross block (both options read it) and, for
+    Coarse2Fine, initializes every attention projection orthogonally (as the C2F paper does for its
+    attention weights; their biases are zeroed).
+    """
+    model.head.cross[-1][-1].attn.keep_attn = True
+    if model.cfg.c2f_refine:
+        for m in model.modules():
+            if isinstance(m, Attention):
+                for lin in (m.q, m.k, m.v, m.o):
+                    nn.init.orthogonal_(lin.weight)
+                    nn.init.zeros_(lin.bias)
+
+
+def run_level(head: nn.Module, lvl: int, tokens: torch.Tensor, outs: list[torch.Tensor],
+              logps: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """One level of HierarchicalQueryHead on `tokens` given the coarser levels' queries and log-probs.
+
+    Mirrors the head's own loop (tests/train/test_components.py checks they agree), so a second look
+    shares every weight of the first one.
+    """
+    b = tokens.shape[0]
+    q = head.queries[lvl].unsqueeze(0).expand(b, -1, -1)
+    if lvl > 0 and head.cfg.coarse_to_fine:
+        q = q + head.fuse_scale[lvl - 1] * outs[lvl - 1].index_select(1, getattr(head, f"parent_{lvl}"))
+    for blk in head.cross[lvl]:
+        q = blk(q, tokens)
+    if lvl > 0 and head.camp is not None:
+        q = head.camp[lvl - 1](q, outs[lvl - 1], logps[lvl - 1])
+    return q, head.readout[lvl](q)
+
+
+def token_saliency(attn: torch.Tensor, fine_logp: torch.Tensor) -> torch.Tensor:
+    """(B, heads, n_fine, N) cross-attention -> (B, N) token saliency.
+
+    Attention is summed over heads and averaged over the fine queries weighted by the predicted fine
+    probabilities (detached): tokens that the *likely* classes look at count, not those looked at by
+    the 80 implausible class queries (a plain max over queries is dominated by them).
+    """
+    w = fine_logp.detach().exp()
+    return (attn.sum(1) * w[:, :, None]).sum(1)
+
+
+def _look(model: nn.Module, feats: dict[int, torch.Tensor], aux: dict) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """Tokens + head (+ TransFG part selection). Returns per-level log-probs and the first look's
+    fine-level token saliency (B, N)."""
+    head = model.head
+    tokens = model.tokens(feats)
+    aux["tokens"], aux["pooled"] = tokens, tokens.mean(1)
+    logps = head(tokens, aux=aux)
+    attn = head.cross[-1][-1].attn.last_attn  # kept by setup_refinement; overwritten by the second look
+    sal = token_saliency(attn, logps[-1])
+    k = model.cfg.part_select
+    if k > 0:
+        k = min(k, tokens.shape[1])
+        idx = sal.topk(k, dim=1).indices  # not differentiable (a selection); the gather below is
+        parts = tokens.gather(1, idx[:, :, None].expand(-1, -1, tokens.shape[2]))
+        lvl = len(logps) - 1
+        _, logits2 = run_level(head, lvl, parts, aux["queries"], logps)
+        fine = 0.5 * (aux["logits"][-1] + logits2)  # mean of the two fine logits
+        aux["part_index"], aux["part_logits"] = idx, logits2
+        aux["logits"] = aux["logits"][:-1] + [fine]
+        logps = logps[:-1] + [F.log_softmax(fine, dim=-1)]
+    return logps, sal
+
+
+def _tap_grids(model: nn.Module, feats: dict[int, torch.Tensor]) -> list[tuple[int, int, int, int]]:
+    """Per tap (in token order): (token offset, grid h, grid w, effective stride)."""
+    out, off = [], 0
+    for t, p in zip(model.tokens.taps, model.tokens.pool):
+        h, w = feats[t].shape[-2] // p, feats[t].shape[-1] // p
+        out.append((off, h, w, model.backbone.reduction(t) * p))
+        off += h * w
+    return out
+
+
+def attended_box(sal: torch.Tensor, h: int, w: int) -> torch.Tensor:
+    """Bounding box of the grid cells with saliency >= its mean, as fractions (y0, y1, x0, x1) (B, 4).
+
+    Written with comparisons, where and min/max reductions only (exportable). Never empty: the
+    maximum is always >= the mean.
+    """
+    a = sal.reshape(-1, h, w)
+    mask = (a >= a.mean((1, 2), keepdim=True)).float()
+    rows, cols = mask.amax(2), mask.amax(1)
+    iy = torch.arange(h, device=sal.device, dtype=sal.dtype)
+    ix = torch.arange(w, device=sal.device, dtype=sal.dtype)
+    y0 = torch.where(rows > 0, iy, float(h)).amin(1)
+    y1 = torch.where(rows > 0, iy, -1.0).amax(1) + 1
+    x0 = torch.where(cols > 0, ix, float(w)).amin(1)
+    x1 = torch.where(cols > 0, ix, -1.0).amax(1) + 1
+    return torch.stack([y0 / h, y1 / h, x0 / w, x1 / w], 1)
+
+
+def _interp(lo: torch.Tensor, hi: torch.Tensor, n: int) -> torch.Tensor:
+    """(B, n, n) bilinear resampling matrix from the span [lo, hi) (fractions) onto n cells."""
+    i = torch.arange(n, device=lo.device, dtype=lo.dtype) + 0.5
+    src = lo[:, None] * n + i[None, :] * ((hi - lo)[:, None]) - 0.5  # source cell-centre coordinate
+    src = src.clamp(0, n - 1)
+    j = torch.arange(n, device=lo.device, dtype=lo.dtype)
+    return (1 - (src[:, :, None] - j[None, None, :]).abs()).clamp_min(0)
+
+
+def crop_resize(x: torch.Tensor, box: torch.Tensor) -> torch.Tensor:
+    """Crop `box` (fractions y0, y1, x0, x1 per image) of NCHW `x` and resample it bilinearly to the
+    full H x W. Two batched matmuls with triangle-kernel matrices instead of grid_sample, so it is
+    differentiable in x and exports to every target."""
+    ry = _interp(box[:, 0], box[:, 1], x.shape[-2])
+    rx = _interp(box[:, 2], box[:, 3], x.shape[-1])
+    return ry[:, None] @ x @ rx.transpose(1, 2)[:, None]
+
+
+def refined_forward(model: nn.Module, x: torch.Tensor, start: int, feats: dict[int, torch.Tensor],
+                    aux: dict | None) -> list[torch.Tensor]:
+    """HierarchicalQueryModel.forward_from with part selection and/or Coarse2Fine refinement.
+
+    Coarse2Fine: the first look's fine-level token saliency on the finest tap grid with stride >= 16
+    (else the coarsest) gives the attended box (threshold at the mean). The paper crops the raw
+    image; here the *input of the trainable part* is cropped — `x` at block `start` (the cached,
+    frozen backbone prefix output when training on CPU; the raw normalized image when start == 0,
+    as in deployment with freeze_blocks=0 training and in the exported graph) together with the
+    taps that came from the cache — resampled to the original grid, and the rest of the backbone,
+    tokens and head run again. The two looks are combined by averaging their log-probs and
+    renormalizing per level (= the mean of the logits up to a per-row constant, i.e. the normalized
+    geometric mean of the two distributions).
+    """
+    aux = {} if aux is None else aux
+    logps, sal = _look(model, feats, aux)
+    if not model.cfg.c2f_refine:
+        return logps
+    grids = _tap_grids(model, feats)
+    fine16 = [g for g in grids if g[3] >= 16]
+    off, h, w, _ = min(fine16, key=lambda g: g[3]) if fine16 else max(grids, key=lambda g: g[3])
+    box = attended_box(sal[:, off:off + h * w].detach(), h, w)
+    taps = model.cfg.taps
+    cached2 = {t: crop_resize(feats[t], box) for t in taps if 0 <= t < start - 1}
+    need = tuple(t for t in taps if t not in cached2)
+    feats2 = model.backbone.forward_range(crop_resize(x, box), start, need)
+    feats2.update(cached2)
+    aux2: dict = {}
+    logps2, _ = _look(model, feats2, aux2)
+    aux["c2f_box"], aux["c2f_logps"] = box, logps2
+    return [F.log_softmax(0.5 * (a + b), dim=-1) for a, b in zip(logps, logps2)]
+
+
+# ---- losses -----------------------------------------------------------------------------------
+def _deepest(labels: torch.Tensor) -> torch.Tensor:
+    """Deepest labelled level per row (-1: unlabelled); labels are top-down (-1 below)."""
+    return (labels >= 0).long().cumprod(1).sum(1) - 1
+
+
+def contrastive_loss(features: torch.Tensor, labels: torch.Tensor, margin: float = 0.4) -> torch.Tensor:
+    """TransFG contrastive loss on L2-normalized features.
+
+    Same-class pairs cost 1 - cos, different-class pairs max(cos - margin, 0); mean over the ordered
+    pairs i != j of rows with at least one label. With mixed granularity a pair is compared at the
+    deepest level labelled in *both* rows (a coarse-only image and a fine one under the same parent
+    count as the same class; under a different parent, as different).
+    """
+    z = F.normalize(features.float(), dim=-1)
+    cos = z @ z.T
+    deep = _deepest(labels)
+    common = torch.minimum(deep[:, None], deep[None, :])  # (B, B)
+    lvl = common.clamp_min(0)
+    same = labels.gather(1, lvl) == labels.T.gather(0, lvl)  # labels[i, lvl[i, j]] == labels[j, lvl[i, j]]
+    valid = (common >= 0) & ~torch.eye(len(labels), dtype=torch.bool, device=labels.device)
+    if not valid.any():
+        return cos.new_zeros(())
+    per = torch.where(same, 1 - cos, F.relu(cos - margin))
+    return per[valid].mean()
+
+
+@register_loss("contrastive")
+def _contrastive(ctx: LossContext) -> torch.Tensor:
+    """TransFG contrastive loss on aux['pooled'] (mean token / pooled backbone features)."""
+    return contrastive_loss(ctx.aux["pooled"], ctx.labels)
+
+
+AAL_DEFAULTS = {"s": 7.0, "gamma_neg": 1.0, "gamma_pos": 0.0, "clip": 0.05}
+
+
+def angular_asymmetric_loss(cos: torch.Tensor, y: torch.Tensor, s: float = 7.0, gamma_neg: float = 1.0,
+                            gamma_pos: float = 0.0, clip: float = 0.05) -> torch.Tensor:
+    """Asymmetric loss (Ridnik et al., ICCV 2021) on cosine logits: p = sigmoid(s * cos) one-vs-all.
+
+    Positive: -(1 - p)^gamma_pos log p. Negative: with the shifted probability p_m = max(p - clip, 0),
+    -p_m^gamma_neg log(1 - p_m) (easy negatives below `clip` cost nothing). Summed over classes,
+    averaged over rows; rows with y == -1 are skipped.
+    """
+    m = y >= 0
+    if not m.any():
+        return cos.new_zeros(())
+    cos, y = cos[m].float(), y[m]
+    logit = s * cos
+    target = F.one_hot(y, cos.shape[1]).bool()
+    p = torch.sigmoid(logit)
+    pos = -(1 - p).pow(gamma_pos) * F.logsigmoid(logit)
+    pm = (p - clip).clamp_min(0)
+    neg = -pm.pow(gamma_neg) * torch.log((1 - pm).clamp_min(1e-8))
+    return torch.where(target, pos, neg).sum(1).mean()
+
+
+def fine_cosines(ctx: LossContext) -> torch.Tensor:
+    """(B, n_fine) cosines between L2-normalized fine features and L2-normalized class weights.
+
+    Query models: each class's own (LayerNorm-ed, as in the read-out) fine query against that class's
+    read-out weight vector — no new parameters. Flat/HRN: the fine features against the rows of the
+    fine classifier.
+    """
+    head = getattr(ctx.model, "head", None)
+    if "queries" in ctx.aux and head is not None and hasattr(head, "readout"):
+        ro = head.readout[-1]
+        q = F.normalize(ro.norm(ctx.aux["queries"][-1]).float(), dim=-1)
+        return (q * F.normalize(ro.weight.float(), dim=-1)).sum(-1)
+    clf = getattr(ctx.model, "fine_classifier", None)
+    if clf is None or "fine_features" not in ctx.aux:
+        raise ValueError("the aal loss needs per-class queries (arch hsq_*) or a fine classifier (flat, hrn)")
+    return F.normalize(ctx.aux["fine_features"].float(), dim=-1) @ F.normalize(clf.weight.float(), dim=-1).T
+
+
+@register_loss("aal")
+def _aal(ctx: LossContext) -> torch.Tensor:
+    """Angular asymmetric loss on the finest level (defaults s=7, gamma-=1, gamma+=0, clip=0.05)."""
+    return angular_asymmetric_loss(fine_cosines(ctx), ctx.labels[:, -1], **AAL_DEFAULTS)

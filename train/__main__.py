@@ -13,6 +13,12 @@ from .models import ModelConfig
 from .loop import TrainConfig
 
 STUDENT_DEFAULTS = ModelConfig()
+# HSQ-FT teacher: Lite2, three scales (block 6 at stride 8 pooled x2, block 14 at stride 16, head
+# at stride 32) fused by self-attention, eigen-image query init, two cross-attention layers per level.
+TEACHER_DEFAULTS = ModelConfig(arch="hsq_teacher", backbone="efficientnet_lite2", image_size=224, taps=(6, 14, -1),
+                               tap_pool=(2, 1, 1), d_model=256, heads=8, query_layers=2, fusion_layers=1,
+                               query_init="eigen")
+TEACHER_TRAIN = {"freeze_blocks": 15, "losses": "ce,cluster", "loss_weights": "cluster=0.1", "holdout_fraction": 0.2}
 
 
 def _add_dataclass_args(p: argparse.ArgumentParser, cls, skip=()) -> None:
@@ -51,11 +57,11 @@ def _read_config(path: str | None) -> dict[str, Any]:
     return json.loads(text)
 
 
-def cmd_train(args: argparse.Namespace, base_model: ModelConfig) -> int:
+def cmd_train(args: argparse.Namespace, base_model: ModelConfig, base_train: dict | None = None) -> int:
     from .loop import train_model
     conf = _read_config(args.config)
     mc = _resolve(ModelConfig, args, conf.get("model", {}), base_model)
-    tc = _resolve(TrainConfig, args, conf.get("train", {}))
+    tc = _resolve(TrainConfig, args, {**(base_train or {}), **conf.get("train", {})})
     train_model(mc, tc, args.out, resume=args.resume)
     return 0
 
@@ -76,12 +82,22 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m train", description="Train and evaluate hierfg models.")
     sub = p.add_subparsers(dest="cmd", required=True)
-    st = sub.add_parser("student", help="fine-tune the hierarchical query student on labels")
-    st.add_argument("--out", required=True, help="model directory to write")
-    st.add_argument("--config", help="YAML/JSON with 'model' and 'train' sections; flags override it")
-    st.add_argument("--resume", action="store_true", help="continue from <out>/checkpoint after a kill")
-    _add_dataclass_args(st, ModelConfig, skip=("arch",))
-    _add_dataclass_args(st, TrainConfig)
+    for name, help_ in [("student", "fine-tune the hierarchical query student on labels"),
+                        ("teacher", "train the full HSQ-FT teacher (torchrun-ready: DDP on gloo/nccl)")]:
+        st = sub.add_parser(name, help=help_)
+        st.add_argument("--out", required=True, help="model directory to write")
+        st.add_argument("--config", help="YAML/JSON with 'model' and 'train' sections; flags override it")
+        st.add_argument("--resume", action="store_true", help="continue from <out>/checkpoint after a kill")
+        _add_dataclass_args(st, ModelConfig)
+        _add_dataclass_args(st, TrainConfig)
+    ds = sub.add_parser("distill", help="distill a teacher into a student (labels + per-level KL)")
+    ds.add_argument("--teacher", required=True, help="teacher model directory")
+    ds.add_argument("--temperature", type=float, default=4.0, help="softening temperature T (default 4)")
+    ds.add_argument("--out", required=True, help="model directory to write")
+    ds.add_argument("--config", help="YAML/JSON with 'model' and 'train' sections; flags override it")
+    ds.add_argument("--resume", action="store_true", help="continue from <out>/checkpoint after a kill")
+    _add_dataclass_args(ds, ModelConfig)
+    _add_dataclass_args(ds, TrainConfig)
     ev = sub.add_parser("evaluate", help="metrics of a checkpoint or exported artifact on a split")
     ev.add_argument("--model", required=True, help="model directory (model.safetensors) or artifact directory (manifest.json)")
     ev.add_argument("--data", required=True, help="dataset root (Grocery Store root, folder tree, or 'synthetic')")
@@ -91,6 +107,15 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.cmd == "student":
         return cmd_train(args, STUDENT_DEFAULTS)
+    if args.cmd == "distill":
+        from .distill import distill
+        conf = _read_config(args.config)
+        mc = _resolve(ModelConfig, args, conf.get("model", {}), STUDENT_DEFAULTS)
+        tc = _resolve(TrainConfig, args, {"holdout_fraction": 0.2, "loss_weights": "kd=1", **conf.get("train", {})})
+        distill(args.teacher, mc, tc, args.out, temperature=args.temperature, resume=args.resume)
+        return 0
+    if args.cmd == "teacher":
+        return cmd_train(args, TEACHER_DEFAULTS, TEACHER_TRAIN)
     return cmd_evaluate(args)
 
 

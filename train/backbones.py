@@ -170,12 +170,17 @@ class EfficientNetLite(nn.Module):
             out[-1] = F.relu6(self._bn1(self._conv_head(x)))
         return out
 
-    def prefix(self, x: torch.Tensor, n_blocks: int) -> torch.Tensor:
-        """Stem + the first n_blocks blocks (the part that is frozen and cached in training)."""
+    def prefix(self, x: torch.Tensor, n_blocks: int, taps: tuple[int, ...] = ()) -> dict[int, torch.Tensor]:
+        """Stem + the first n_blocks blocks (the part frozen and cached in training): the output of
+        block n_blocks-1 plus any earlier taps."""
         x = self.stem(x)
+        out = {}
         for i in range(n_blocks):
             x = self._blocks[i](x)
-        return x
+            if i in taps:
+                out[i] = x
+        out[n_blocks - 1] = x
+        return out
 
     def imagenet_logits(self, x: torch.Tensor) -> torch.Tensor:
         feats = self.forward_range(x, 0, (-1,))[-1]

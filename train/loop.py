@@ -53,27 +53,14 @@ class TrainConfig:
     limit_per_class: int = 0  # >0: at most this many train images per finest class (tests)
     limit_val: int = 0
     threads: int = 0  # 0: torch default
+    losses: str = "ce"  # registered losses, comma-separated (train.losses.list_losses())
+    loss_weights: str = ""  # e.g. "cluster=0.1,tree=1"
+    device: str = "auto"  # auto: cuda when available
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "TrainConfig":
         known = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in d.items() if k in known})
-
-
-def hier_nll(logps: Sequence[torch.Tensor], labels: torch.Tensor, smoothing: float,
-             weights: Sequence[float] | None = None) -> torch.Tensor:
-    """Sum over levels of label-smoothed NLL; label -1 (unlabelled at that level) is skipped."""
-    total = logps[0].new_zeros(())
-    for lvl, lp in enumerate(logps):
-        y = labels[:, lvl]
-        m = y >= 0
-        if not m.any():
-            continue
-        lpm = lp[m]
-        nll = -lpm.gather(1, y[m, None]).squeeze(1)
-        loss = (1 - smoothing) * nll - smoothing * lpm.mean(1)
-        total = total + (weights[lvl] if weights else 1.0) * loss.mean()
-    return total
 
 
 def limit_per_class(ds: HierDataset, k: int, seed: int = 0) -> HierDataset:
@@ -88,13 +75,18 @@ def limit_per_class(ds: HierDataset, k: int, seed: int = 0) -> HierDataset:
 
 
 class FeatureCache:
-    """Frozen-prefix outputs for (view, image), fp16 on disk, computed once."""
+    """Frozen-prefix outputs for (view, image), fp16 on disk, computed once.
+
+    Stores the output of block `n_blocks - 1` (key "x", the input of the trainable part) and every
+    model tap that lies inside the frozen prefix (keys "tap<i>").
+    """
 
     def __init__(self, model, ds: HierDataset, size: int, n_blocks: int, views: int, seed: int):
         self.model, self.ds, self.size, self.n_blocks, self.views, self.seed = model, ds, size, n_blocks, views, seed
+        self.taps = tuple(t for t in model.cfg.taps if 0 <= t < n_blocks - 1)
         bb = model.backbone
         h = hashlib.sha256()
-        h.update(json.dumps([bb.name, size, n_blocks, seed, "v2"]).encode())
+        h.update(json.dumps([bb.name, size, n_blocks, seed, "v2"] + ([list(self.taps)] if self.taps else [])).encode())
         for k, v in bb.state_dict().items():
             if k.startswith(("_conv_stem", "_bn0")) or any(k.startswith(f"_blocks.{i}.") for i in range(n_blocks)):
                 h.update(k.encode())
@@ -103,29 +95,38 @@ class FeatureCache:
             h.update(s.key.encode())
         self.key = h.hexdigest()[:20]
 
-    def view(self, v: int) -> torch.Tensor:
+    def view(self, v: int) -> dict[str, torch.Tensor]:
+        from safetensors.torch import load_file, save_file
         path = CACHE_ROOT / f"{self.key}-view{v}.safetensors"
         if path.is_file():
-            from safetensors.torch import load_file
-            return load_file(str(path))["x"]
+            return load_file(str(path))
         path.parent.mkdir(parents=True, exist_ok=True)
-        out = []
+        parts: dict[str, list[torch.Tensor]] = {}
         bb = self.model.backbone.eval()
         bs = 32
         with torch.inference_mode():
             for i in tqdm(range(0, len(self.ds), bs), desc=f"caching frozen features (view {v})", leave=False):
                 imgs = np.stack([load_view(s, self.size, v, self.seed) for s in self.ds.samples[i:i + bs]])
                 x = normalize_uint8(torch.from_numpy(imgs).permute(0, 3, 1, 2))
-                out.append(bb.prefix(x, self.n_blocks).half())
-        x = torch.cat(out).contiguous()
-        from safetensors.torch import save_file
+                out = bb.prefix(x, self.n_blocks, self.taps)
+                parts.setdefault("x", []).append(out[self.n_blocks - 1].half())
+                for t in self.taps:
+                    parts.setdefault(f"tap{t}", []).append(out[t].half())
+        feats = {k: torch.cat(v).contiguous() for k, v in parts.items()}
         tmp = path.with_name(path.name + ".tmp")
-        save_file({"x": x}, str(tmp))
+        save_file(feats, str(tmp))
         tmp.replace(path)
-        return x
+        return feats
 
-    def all_views(self) -> torch.Tensor:
-        return torch.stack([self.view(v) for v in range(self.views)])
+    def all_views(self) -> dict[str, torch.Tensor]:
+        views = [self.view(v) for v in range(self.views)]
+        return {k: torch.stack([vw[k] for vw in views]) for k in views[0]}
+
+
+def split_cached(batch: dict[str, torch.Tensor], device) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
+    x = batch["x"].to(device).float()
+    cached = {int(k[3:]): v.to(device).float() for k, v in batch.items() if k.startswith("tap")}
+    return x, cached
 
 
 def _param_groups(model, tc: TrainConfig):
@@ -156,19 +157,20 @@ def set_train_mode(model, n_blocks: int) -> None:
 
 @torch.inference_mode()
 def predict_logprobs(model, ds: HierDataset, size: int, batch_size: int = 32,
-                     feats: torch.Tensor | None = None, start: int = 0, progress: bool = True) -> list[np.ndarray]:
+                     feats: dict[str, torch.Tensor] | None = None, start: int = 0, progress: bool = True,
+                     device="cpu") -> list[np.ndarray]:
     """Per-level log-probs over a dataset at the device's exact input (view 0)."""
     model.eval()
     outs: list[list[np.ndarray]] = []
     it = range(0, len(ds), batch_size)
     for i in tqdm(it, desc="evaluating", leave=False, disable=not progress):
         if feats is not None:
-            x = feats[i:i + batch_size].float()
+            x, cached = split_cached({k: v[i:i + batch_size] for k, v in feats.items()}, device)
+            lps = model.forward_from(x, start, cached=cached)
         else:
             imgs = np.stack([load_view(s, size, 0, 0) for s in ds.samples[i:i + batch_size]])
-            x = normalize_uint8(torch.from_numpy(imgs).permute(0, 3, 1, 2))
-            start = 0
-        outs.append([lp.numpy() for lp in model.forward_from(x, start)])
+            lps = model.forward_from(normalize_uint8(torch.from_numpy(imgs).permute(0, 3, 1, 2)).to(device), 0)
+        outs.append([lp.float().cpu().numpy() for lp in lps])
     return [np.concatenate([o[l] for o in outs]) for l in range(len(outs[0]))]
 
 
@@ -194,16 +196,49 @@ def prepare_data(tc: TrainConfig, out: Path | None) -> tuple[Taxonomy, HierDatas
     return tax, train, evals
 
 
+def _dist_info() -> tuple[int, int]:
+    import os
+    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+
+
+def select_device(name: str = "auto") -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
 def train_model(mc: ModelConfig, tc: TrainConfig, out: str | Path, resume: bool = False,
-                extra_loss=None, log=print) -> dict[str, Any]:
-    """Train, evaluate every epoch, save model dir. Returns the final metrics per eval split."""
+                log=print, teacher=None) -> dict[str, Any]:
+    """Train, evaluate every epoch, save the model directory. Returns the final metrics per eval split.
+
+    Under `torchrun` (WORLD_SIZE > 1) this runs DistributedDataParallel: gloo on CPU, nccl on CUDA;
+    each rank trains on its shard of every epoch's permutation, rank 0 evaluates and writes.
+    `teacher` (a callable returning per-sample teacher targets) is used by distillation.
+    """
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    from .losses import LossContext, get_loss, parse_weights
+
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    rank, world = _dist_info()
+    device = select_device(tc.device)
+    if world > 1 and not dist.is_initialized():
+        if device.type == "cuda":
+            import os
+            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+            torch.cuda.set_device(device)
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    main_rank = rank == 0
+    log = log if main_rank else (lambda *a, **k: None)
+    if main_rank:
+        out.mkdir(parents=True, exist_ok=True)
     if tc.threads:
         torch.set_num_threads(tc.threads)
     torch.manual_seed(tc.seed)
-    tax, train, evals = prepare_data(tc, out)
-    (out / "config.resolved.json").write_text(json.dumps({"model": mc.to_dict(), "train": asdict(tc)}, indent=1))
+    tax, train, evals = prepare_data(tc, out if main_rank else None)
+    if main_rank:
+        (out / "config.resolved.json").write_text(json.dumps({"model": mc.to_dict(), "train": asdict(tc)}, indent=1))
     model = build_model(tax, mc, pretrained=True)
     nfz = tc.freeze_blocks
     freeze_prefix(model, nfz)
@@ -211,12 +246,22 @@ def train_model(mc: ModelConfig, tc: TrainConfig, out: str | Path, resume: bool 
     feats = evfeats = None
     if use_cache:
         t0 = time.time()
+        if world > 1 and not main_rank:
+            dist.barrier()  # rank 0 builds the on-disk cache first; the others then read it
         feats = FeatureCache(model, train, mc.image_size, nfz, tc.cache_views, tc.seed).all_views()
         evfeats = {k: FeatureCache(model, d, mc.image_size, nfz, 1, tc.seed).view(0) for k, d in evals.items()}
-        log(f"frozen features ready: {tuple(feats.shape)} in {time.time() - t0:.0f}s")
+        if world > 1 and main_rank:
+            dist.barrier()
+        log(f"frozen features ready: { {k: tuple(v.shape) for k, v in feats.items()} } in {time.time() - t0:.0f}s")
+    if hasattr(model, "initialize_from_data"):
+        model.initialize_from_data(train, feats, nfz)  # e.g. eigen-image query init (same on every rank)
+    model.to(device)
     labels = torch.from_numpy(train.labels())
+    losses = [l.strip() for l in tc.losses.split(",") if l.strip()]
+    weights = parse_weights(tc.loss_weights)
+    loss_fns = {name: get_loss(name) for name in losses}
     opt = torch.optim.AdamW(_param_groups(model, tc), weight_decay=tc.weight_decay)
-    steps_per_epoch = math.ceil(len(train) / tc.batch_size)
+    steps_per_epoch = math.ceil(len(train) / (tc.batch_size * world))
     total = steps_per_epoch * tc.epochs
     warm = min(steps_per_epoch, total // 10 + 1)
     sched = torch.optim.lr_scheduler.LambdaLR(
@@ -224,30 +269,38 @@ def train_model(mc: ModelConfig, tc: TrainConfig, out: str | Path, resume: bool 
     start_epoch, history = (ckpt.load_training_state(out, model, opt, sched) if resume else (0, []))
     if resume and start_epoch:
         log(f"resuming after epoch {start_epoch - 1} from {out / 'checkpoint'}")
+    net = DDP(model, find_unused_parameters=True) if world > 1 else model
+    amp = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else None
     g = torch.Generator().manual_seed(tc.seed)
     metrics: dict[str, Any] = history[-1]["eval"] if history else {}
     for epoch in range(start_epoch, tc.epochs):
         t0 = time.time()
         set_train_mode(model, nfz)
         g.manual_seed(tc.seed * 1000 + epoch)  # the epoch's order depends only on (seed, epoch): resumable
-        perm = torch.randperm(len(train), generator=g)
+        perm = torch.randperm(len(train), generator=g)[rank::world]
         view_of = torch.randint(0, max(tc.cache_views, 1), (len(train),), generator=g)
         running = 0.0
-        bar = tqdm(range(steps_per_epoch), desc=f"epoch {epoch + 1}/{tc.epochs}", leave=False)
+        bar = tqdm(range(steps_per_epoch), desc=f"epoch {epoch + 1}/{tc.epochs}", leave=False, disable=not main_rank)
         for step in bar:
             idx = perm[step * tc.batch_size:(step + 1) * tc.batch_size]
-            if use_cache:
-                x = feats[view_of[idx], idx].float()
-                logps = model.forward_from(x, nfz)
-            else:
-                rng = random.Random(f"{tc.seed}:{epoch}:{step}")
-                imgs = np.stack([load_view(train.samples[i], mc.image_size, 2 + rng.randrange(1 << 20), tc.seed)
-                                 for i in idx.tolist()])
-                logps = model.forward_from(normalize_uint8(torch.from_numpy(imgs).permute(0, 3, 1, 2)), 0)
-            y = labels[idx]
-            loss = hier_nll(logps, y, tc.label_smoothing)
-            if extra_loss is not None:
-                loss = loss + extra_loss(model, logps, y)
+            if len(idx) == 0:
+                idx = perm[:tc.batch_size]  # uneven shards: every rank must take the same number of steps
+            aux: dict = {"index": idx, "epoch": epoch}
+            with amp if amp is not None else torch.autocast("cpu", enabled=False):
+                if use_cache:
+                    x, cached = split_cached({k: v[view_of[idx], idx] for k, v in feats.items()}, device)
+                    logps = net(x, nfz, cached, aux)
+                else:
+                    rng = random.Random(f"{tc.seed}:{epoch}:{step}")
+                    imgs = np.stack([load_view(train.samples[i], mc.image_size, 2 + rng.randrange(1 << 20), tc.seed)
+                                     for i in idx.tolist()])
+                    x = normalize_uint8(torch.from_numpy(imgs).permute(0, 3, 1, 2)).to(device)
+                    logps = net(x, 0, None, aux)
+                y = labels[idx].to(device)
+                ctx = LossContext(model, logps, y, aux, tax, tc.label_smoothing)
+                if teacher is not None:
+                    aux["teacher"] = teacher(idx, view_of[idx] if use_cache else None)
+                loss = sum(weights.get(n, 1.0) * fn(ctx) for n, fn in loss_fns.items())
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 5.0)
@@ -256,16 +309,26 @@ def train_model(mc: ModelConfig, tc: TrainConfig, out: str | Path, resume: bool 
             running += loss.item()
             bar.set_postfix(loss=f"{running / (step + 1):.3f}")
         metrics = {}
-        for name, d in evals.items():
-            lp = predict_logprobs(model, d, mc.image_size, feats=evfeats[name] if evfeats else None, start=nfz)
-            metrics[name] = compute_metrics(tax, lp, d.labels())
-        rec = {"epoch": epoch, "loss": running / steps_per_epoch, "seconds": time.time() - t0, "eval": metrics}
-        history.append(rec)
-        log(f"epoch {epoch + 1}/{tc.epochs} loss={rec['loss']:.3f} {rec['seconds']:.0f}s " +
-            " | ".join(f"{k}: {format_metrics(v)}" for k, v in metrics.items()))
-        ckpt.save_training_state(out, model, opt, sched, epoch, history)
-    extra = {"train": asdict(tc), "history": history, "metrics": metrics}
-    ckpt.save_model(model, mc, tax, out, extra)
-    (out / "metrics.json").write_text(json.dumps(metrics, indent=1))
-    log(f"wrote {out / 'model.safetensors'} (+ config.json, taxonomy.json, metrics.json)")
+        if main_rank:
+            for name, d in evals.items():
+                lp = predict_logprobs(model, d, mc.image_size, feats=evfeats[name] if evfeats else None,
+                                      start=nfz, device=device)
+                metrics[name] = compute_metrics(tax, lp, d.labels())
+            rec = {"epoch": epoch, "loss": running / steps_per_epoch, "seconds": time.time() - t0, "eval": metrics}
+            history.append(rec)
+            log(f"epoch {epoch + 1}/{tc.epochs} loss={rec['loss']:.3f} {rec['seconds']:.0f}s " +
+                " | ".join(f"{k}: {format_metrics(v)}" for k, v in metrics.items()))
+            ckpt.save_training_state(out, model, opt, sched, epoch, history)
+        if world > 1:
+            dist.barrier()
+    if main_rank:
+        model.cpu()
+        extra = {"train": asdict(tc), "history": history, "metrics": metrics,
+                 "wall_seconds": sum(h["seconds"] for h in history)}
+        ckpt.save_model(model, mc, tax, out, extra)
+        (out / "metrics.json").write_text(json.dumps(metrics, indent=1))
+        log(f"wrote {out / 'model.safetensors'} (+ config.json, taxonomy.json, metrics.json)")
+    if world > 1:
+        dist.barrier()
+        dist.destroy_process_group()
     return metrics

@@ -35,6 +35,7 @@ class ModelConfig:
     backbone: str = "efficientnet_lite0"
     image_size: int = 224
     taps: tuple[int, ...] = (10, -1)  # backbone block indices (-1: head conv) used as token scales
+    tap_pool: tuple[int, ...] = ()  # per tap, average-pool factor before tokenizing (1 = none; () = all 1)
     d_model: int = 192
     heads: int = 4
     query_layers: int = 1  # cross-attention layers per level
@@ -43,18 +44,24 @@ class ModelConfig:
     coarse_to_fine: bool = True
     ffn_mult: int = 2
     dropout: float = 0.1
+    query_init: str = "random"  # "eigen": weighted eigen-image of each class's training features
+    eigen_components: int = 3
+    part_select: int = 0  # >0: TransFG part selection, this many most attended tokens (train/components.py)
+    c2f_refine: bool = False  # Coarse2Fine attention-guided refinement (train/components.py)
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "ModelConfig":
         known = {f.name for f in fields(cls)}
         kw = {k: v for k, v in d.items() if k in known}
-        if "taps" in kw:
-            kw["taps"] = tuple(kw["taps"])
+        for k in ("taps", "tap_pool"):
+            if k in kw:
+                kw[k] = tuple(kw[k])
         return cls(**kw)
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["taps"] = list(self.taps)
+        d["tap_pool"] = list(self.tap_pool)
         return d
 
 
@@ -174,9 +181,11 @@ class HierarchicalQueryHead(nn.Module):
         self.camp = nn.ModuleList(CAMP(d, cfg.heads, cfg.ffn_mult, cfg.dropout) for _ in range(taxonomy.depth - 1)) \
             if cfg.camp else None
 
-    def forward(self, tokens: torch.Tensor, return_queries: bool = False):
+    def forward(self, tokens: torch.Tensor, aux: dict | None = None):
+        """Per-level log-probs; when `aux` is a dict it receives 'logits' and 'queries' per level."""
         b = tokens.shape[0]
         logps: list[torch.Tensor] = []
+        logits: list[torch.Tensor] = []
         outs: list[torch.Tensor] = []
         for lvl, n in enumerate(self.sizes):
             q = self.queries[lvl].unsqueeze(0).expand(b, -1, -1)
@@ -188,8 +197,11 @@ class HierarchicalQueryHead(nn.Module):
             if lvl > 0 and self.camp is not None:
                 q = self.camp[lvl - 1](q, outs[-1], logps[-1])
             outs.append(q)
-            logps.append(F.log_softmax(self.readout[lvl](q), dim=-1))
-        return (logps, outs) if return_queries else logps
+            logits.append(self.readout[lvl](q))
+            logps.append(F.log_softmax(logits[-1], dim=-1))
+        if aux is not None:
+            aux["logits"], aux["queries"] = logits, outs
+        return logps
 
 
 class MultiScaleTokens(nn.Module):
@@ -198,6 +210,7 @@ class MultiScaleTokens(nn.Module):
     def __init__(self, backbone: EfficientNetLite, cfg: ModelConfig):
         super().__init__()
         self.taps = tuple(cfg.taps)
+        self.pool = tuple(cfg.tap_pool) or (1,) * len(self.taps)
         self.proj = nn.ModuleList(nn.Conv2d(backbone.channels(t), cfg.d_model, 1) for t in self.taps)
         self.scale_embed = nn.Parameter(torch.zeros(len(self.taps), cfg.d_model))
         self.fusion = nn.ModuleList(SelfBlock(cfg.d_model, cfg.heads, cfg.ffn_mult, cfg.dropout)
@@ -207,7 +220,10 @@ class MultiScaleTokens(nn.Module):
     def forward(self, feats: dict[int, torch.Tensor]) -> torch.Tensor:
         toks = []
         for i, t in enumerate(self.taps):
-            x = self.proj[i](feats[t]).flatten(2).transpose(1, 2)
+            f = feats[t]
+            if self.pool[i] > 1:
+                f = F.avg_pool2d(f, self.pool[i])
+            x = self.proj[i](f).flatten(2).transpose(1, 2)
             toks.append(x + self.scale_embed[i])
         x = torch.cat(toks, 1)
         for blk in self.fusion:
@@ -226,14 +242,95 @@ class HierarchicalQueryModel(nn.Module):
         self.backbone._fc = None  # the ImageNet classifier is not part of this model (saves 1.3 M params)
         self.tokens = MultiScaleTokens(self.backbone, cfg)
         self.head = HierarchicalQueryHead(taxonomy, cfg)
+        if cfg.part_select or cfg.c2f_refine:
+            from .components import setup_refinement
+            setup_refinement(self)  # keep the fine attention map; C2F: orthogonal attention init
 
-    def forward_from(self, x: torch.Tensor, start: int = 0, return_queries: bool = False):
-        """Run from backbone block `start` (0: from the normalized image) to per-level log-probs."""
-        feats = self.backbone.forward_range(x, start, self.cfg.taps)
-        return self.head(self.tokens(feats), return_queries=return_queries)
+    def forward_from(self, x: torch.Tensor, start: int = 0, cached: dict[int, torch.Tensor] | None = None,
+                     aux: dict | None = None):
+        """Run from backbone block `start` (0: from the normalized image) to per-level log-probs.
 
-    def forward(self, x: torch.Tensor):
-        return self.forward_from(x, 0)
+        `cached` supplies taps computed earlier (frozen, cached blocks before `start`). When `aux` is a
+        dict it receives 'tokens', 'pooled' (mean token), and the head's 'logits' and 'queries'.
+        """
+        need = tuple(t for t in self.cfg.taps if not (cached and t in cached))
+        feats = self.backbone.forward_range(x, start, need) if need else {}
+        if cached:
+            feats.update(cached)
+        if self.cfg.part_select or self.cfg.c2f_refine:
+            from .components import refined_forward  # TransFG part selection / Coarse2Fine
+            return refined_forward(self, x, start, feats, aux)
+        tokens = self.tokens(feats)
+        if aux is not None:
+            aux["tokens"], aux["pooled"] = tokens, tokens.mean(1)
+        return self.head(tokens, aux=aux)
+
+    def forward(self, x: torch.Tensor, start: int = 0, cached: dict | None = None, aux: dict | None = None):
+        return self.forward_from(x, start, cached=cached, aux=aux)
+
+    @torch.no_grad()
+    def initialize_from_data(self, train, feats: dict | None, start: int, per_class: int = 40) -> None:
+        """Query init from a weighted eigen-image of each class (cfg.query_init == "eigen").
+
+        For every node of every level, take the mean-pooled token embedding z (the model's own token
+        space, before training) of up to `per_class` training images under that node (view 0), and set
+
+            q_c = mean_c + sum_{k<=K} r_k * s_k * v_k
+
+        where v_k are the leading K principal directions of that class's z (sign chosen so that the
+        class mean projects positively), s_k the standard deviation along v_k and r_k its share of the
+        class's variance (explained-variance ratio). Each q_c is rescaled to unit RMS. Classes with a
+        single image get their mean. Images labelled only above a level do not count at that level.
+        """
+        if self.cfg.query_init != "eigen":
+            return
+        from .backbones import normalize_uint8
+        from .data import load_view
+        import numpy as np
+
+        labels = torch.as_tensor(train.labels())
+        g = torch.Generator().manual_seed(0)
+        chosen: set[int] = set()
+        for lvl in range(labels.shape[1]):
+            for c in labels[:, lvl].unique().tolist():
+                if c < 0:
+                    continue
+                idx = (labels[:, lvl] == c).nonzero().flatten()
+                chosen.update(idx[torch.randperm(len(idx), generator=g)[:per_class]].tolist())
+        order = sorted(chosen)
+        was_training = self.training
+        self.eval()
+        zs = []
+        for i in range(0, len(order), 64):
+            part = torch.tensor(order[i:i + 64])
+            aux: dict = {}
+            if feats is not None:
+                cached = {int(k[3:]): v[0, part].float() for k, v in feats.items() if k.startswith("tap")}
+                self.forward_from(feats["x"][0, part].float(), start, cached=cached, aux=aux)
+            else:
+                imgs = np.stack([load_view(train.samples[j], self.cfg.image_size, 0, 0) for j in part.tolist()])
+                self.forward_from(normalize_uint8(torch.from_numpy(imgs).permute(0, 3, 1, 2)), 0, aux=aux)
+            zs.append(aux["pooled"])
+        z_all = torch.cat(zs)
+        lab = labels[torch.tensor(order)]
+        for lvl, q in enumerate(self.head.queries):
+            new = q.data.clone()
+            for c in range(q.shape[0]):
+                z = z_all[lab[:, lvl] == c]
+                if len(z) == 0:
+                    continue
+                mu = z.mean(0)
+                e = mu.clone()
+                if len(z) > 1:
+                    _, sv, vt = torch.linalg.svd(z - mu, full_matrices=False)
+                    var = sv ** 2
+                    ratio = var / var.sum().clamp_min(1e-12)
+                    for k in range(min(self.cfg.eigen_components, len(sv))):
+                        v = vt[k] if float(vt[k] @ mu) >= 0 else -vt[k]
+                        e += ratio[k] * (sv[k] / (len(z) - 1) ** 0.5) * v
+                new[c] = e / e.pow(2).mean().sqrt().clamp_min(1e-6)
+            q.data.copy_(new)
+        self.train(was_training)
 
 
 _ARCHS: dict[str, type] = {}
@@ -246,6 +343,7 @@ def register_arch(name: str, cls: type) -> None:
 
 
 register_arch("hsq_student", HierarchicalQueryModel)
+register_arch("hsq_teacher", HierarchicalQueryModel)
 
 
 def list_archs() -> list[str]:
@@ -270,3 +368,6 @@ class DeployWrapper(nn.Module):
     def forward(self, image: torch.Tensor):
         x = normalize_uint8(image.permute(0, 3, 1, 2))
         return tuple(self.model(x))
+
+
+from . import components as _components  # noqa: E402,F401  registers archs flat/hrn, losses contrastive/aal

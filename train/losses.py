@@ -1,0 +1,141 @@
+"""Losses as named, registered components, selected with `--losses ce,cluster,tree` and weighted
+with `--loss-weights cluster=0.1,tree=1`.
+
+Every loss receives a `LossContext`: the model, per-level log-probs, labels (-1 = not labelled at
+that level), the `aux` dict the model filled (tokens, pooled token, per-level logits and queries) and
+the taxonomy.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from sdk import Taxonomy
+
+
+@dataclass
+class LossContext:
+    model: torch.nn.Module
+    logps: list[torch.Tensor]
+    labels: torch.Tensor
+    aux: dict
+    taxonomy: Taxonomy
+    smoothing: float = 0.1
+
+
+LossFn = Callable[[LossContext], torch.Tensor]
+_LOSSES: dict[str, LossFn] = {}
+
+
+def register_loss(name: str):
+    def deco(fn: LossFn) -> LossFn:
+        if name in _LOSSES:
+            raise ValueError(f"loss {name!r} is already registered")
+        _LOSSES[name] = fn
+        return fn
+    return deco
+
+
+def list_losses() -> list[str]:
+    return sorted(_LOSSES)
+
+
+def get_loss(name: str) -> LossFn:
+    try:
+        return _LOSSES[name]
+    except KeyError:
+        raise ValueError(f"unknown loss {name!r}; registered: {list_losses()}") from None
+
+
+def parse_weights(spec: str) -> dict[str, float]:
+    out = {}
+    for part in filter(None, (p.strip() for p in spec.split(","))):
+        k, _, v = part.partition("=")
+        out[k.strip()] = float(v)
+    return out
+
+
+@register_loss("ce")
+def hier_ce(ctx: LossContext) -> torch.Tensor:
+    """Sum over levels of label-smoothed NLL; label -1 (unlabelled at that level) is skipped."""
+    total = ctx.logps[0].new_zeros(())
+    for lvl, lp in enumerate(ctx.logps):
+        y = ctx.labels[:, lvl]
+        m = y >= 0
+        if not m.any():
+            continue
+        lpm = lp[m].float()
+        nll = -lpm.gather(1, y[m, None]).squeeze(1)
+        total = total + ((1 - ctx.smoothing) * nll - ctx.smoothing * lpm.mean(1)).mean()
+    return total
+
+
+@register_loss("fine_ce")
+def fine_ce(ctx: LossContext) -> torch.Tensor:
+    """Cross-entropy on the finest level only (what a flat classifier is trained with)."""
+    y = ctx.labels[:, -1]
+    m = y >= 0
+    if not m.any():
+        return ctx.logps[-1].new_zeros(())
+    lp = ctx.logps[-1][m].float()
+    return ((1 - ctx.smoothing) * -lp.gather(1, y[m, None]).squeeze(1) - ctx.smoothing * lp.mean(1)).mean()
+
+
+def _leaf_membership(taxonomy: Taxonomy, device) -> list[torch.Tensor]:
+    anc = torch.tensor(taxonomy.ancestor_matrix(), device=device)
+    return [anc[:, l] for l in range(taxonomy.depth)]
+
+
+@register_loss("tree")
+def tree_loss(ctx: LossContext) -> torch.Tensor:
+    """HRN's probabilistic label-relation-tree loss.
+
+    The score of a legal root-to-leaf path is the sum of its nodes' log-probabilities; normalizing
+    over all legal paths gives a distribution on leaves, and a node's probability is the sum over the
+    paths through it. Each image is scored at its deepest labelled level, so images labelled only at a
+    coarse level train the tree correctly (no fine target is invented for them).
+    """
+    anc = _leaf_membership(ctx.taxonomy, ctx.labels.device)
+    score = sum(lp.float()[:, anc[l]] for l, lp in enumerate(ctx.logps))  # (B, n_leaves)
+    log_z = torch.logsumexp(score, 1)
+    total = score.new_zeros(())
+    n = 0
+    labelled = ctx.labels >= 0
+    deepest = labelled.long().cumprod(1).sum(1) - 1  # deepest level labelled (labels are top-down)
+    for lvl in range(ctx.taxonomy.depth):
+        m = deepest == lvl
+        if not m.any():
+            continue
+        target = ctx.labels[m, lvl]
+        under = anc[lvl][None, :] == target[:, None]  # leaves below the labelled node
+        node_score = torch.logsumexp(score[m].masked_fill(~under, float("-inf")), 1)
+        total = total + (log_z[m] - node_score).sum()
+        n += int(m.sum())
+    return total / max(n, 1)
+
+
+@register_loss("cluster")
+def cluster_loss(ctx: LossContext) -> torch.Tensor:
+    """HSQ-FT cluster loss on the class queries: push the queries of different classes of a level
+    apart (squared hinge on cosine similarity above 0.2), and pull each image's pooled token towards
+    the query of its class (1 - cosine)."""
+    head = getattr(ctx.model, "head", None)
+    if head is None or not hasattr(head, "queries"):
+        raise ValueError("the cluster loss needs a model with class queries (arch hsq_*)")
+    total = ctx.logps[0].new_zeros(())
+    pooled = F.normalize(ctx.aux["pooled"].float(), dim=-1)
+    for lvl, q in enumerate(head.queries):
+        qn = F.normalize(q.float(), dim=-1)
+        sim = qn @ qn.T
+        off = ~torch.eye(len(q), dtype=torch.bool, device=q.device)
+        if off.any():
+            total = total + F.relu(sim[off] - 0.2).pow(2).mean()
+        y = ctx.labels[:, lvl]
+        m = y >= 0
+        if m.any():
+            total = total + (1 - (pooled[m] * qn[y[m]]).sum(-1)).mean()
+    return total / len(head.queries)

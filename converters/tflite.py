@@ -3,19 +3,58 @@
 The DeployWrapper already takes NHWC uint8 and normalizes inside the graph, so the .tflite input is
 exactly what a phone camera pipeline hands over. The batch size is fixed (option `batch`, default 1);
 the SDK splits larger batches. Runs with ai-edge-litert's Interpreter (no TensorFlow needed).
+
+The flatbuffer's `metadata` table gets one entry, `hierfg`: a JSON object with the taxonomy,
+preprocessing and output names (the same keys ONNX and Core ML carry), so the .tflite file keeps its
+labels even without the manifest beside it. Read it back with `read_metadata(path)`.
 """
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from sdk import Taxonomy
 
 from ._common import Artifact, ExportError, ExportSpec, check_parity, tool_versions, write_manifest
+from ._metadata import embedded_metadata
 
 OPTIONS = {"batch": 1}
+METADATA_NAME = "hierfg"
+
+
+def add_metadata(path: Path, meta: dict[str, str]) -> None:
+    """Append a `hierfg` JSON entry to the .tflite flatbuffer's metadata table (rewrites the file)."""
+    import flatbuffers
+    from ai_edge_litert import schema_py_generated as schema
+
+    model = schema.ModelT.InitFromObj(schema.Model.GetRootAs(path.read_bytes(), 0))
+    if any(m.name in (METADATA_NAME, METADATA_NAME.encode()) for m in model.metadata or []):
+        raise ExportError(f"tflite: {path} already has a {METADATA_NAME!r} metadata entry")
+    buf = schema.BufferT()
+    buf.data = np.frombuffer(json.dumps(meta, ensure_ascii=False).encode(), np.uint8)
+    model.buffers.append(buf)
+    entry = schema.MetadataT()
+    entry.name, entry.buffer = METADATA_NAME, len(model.buffers) - 1
+    model.metadata = [*(model.metadata or []), entry]
+    builder = flatbuffers.Builder(path.stat().st_size + (1 << 16))
+    builder.Finish(model.Pack(builder), file_identifier=b"TFL3")
+    path.write_bytes(bytes(builder.Output()))
+
+
+def read_metadata(path: str | Path) -> dict[str, str]:
+    """The `hierfg` metadata entry of a .tflite file; ExportError when it has none."""
+    from ai_edge_litert import schema_py_generated as schema
+
+    model = schema.Model.GetRootAs(Path(path).read_bytes(), 0)
+    for i in range(model.MetadataLength()):
+        entry = model.Metadata(i)
+        if entry.Name() == METADATA_NAME.encode():
+            return json.loads(bytes(model.Buffers(entry.Buffer()).DataAsNumpy()).decode())
+    raise ExportError(f"{path}: no {METADATA_NAME!r} metadata entry (exported by something other than hierfg?)")
 
 
 def export(model: torch.nn.Module, spec: ExportSpec, out_dir: str | Path) -> Artifact:
@@ -35,6 +74,7 @@ def export(model: torch.nn.Module, spec: ExportSpec, out_dir: str | Path) -> Art
         litert_torch.convert(model, (example,)).export(str(path))
     except Exception as e:
         raise ExportError(f"litert_torch.convert failed: {type(e).__name__}: {e}") from e
+    add_metadata(path, embedded_metadata(taxonomy, spec))
     manifest = write_manifest("tflite", path, taxonomy, spec, tool_versions("litert-torch", "ai-edge-litert"))
     manifest.metrics["export"] = {"fixed_batch": int(opts["batch"]), "runtime": "ai_edge_litert.interpreter.Interpreter",
                                   "signature": "serving_default", "thread_safe": False}

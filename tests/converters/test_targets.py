@@ -1,0 +1,212 @@
+"""Every target: export the tiny real student, reload through the SDK, run on real photos, compare.
+
+One `python -m converters all` run (the CLI itself) produces the artifacts the tests share.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from sdk import Classifier, Manifest, ModelIntegrityError
+from sdk._backends import BackendUnavailableError
+
+RUNNABLE = ["onnx", "tflite", "executorch"]  # runnable on Linux; Core ML predicts on macOS only
+FILES = {"onnx": "model.onnx", "tflite": "model.tflite", "executorch": "model.pte", "coreml": "model.mlpackage"}
+
+
+@pytest.fixture(scope="session")
+def all_exports(tmp_path_factory, tiny_student_dir, grocery_root) -> Path:
+    from converters.__main__ import main
+
+    out = tmp_path_factory.mktemp("exports")
+    assert main(["all", "--checkpoint", str(tiny_student_dir), "--out", str(out), "--data", str(grocery_root),
+                 "--parity-images", "24"]) == 0
+    return out
+
+
+@pytest.fixture(scope="session")
+def val_images(tiny_student_dir, grocery_root) -> np.ndarray:
+    """Real val photos other than the parity ones (offset spread), decoded as the SDK decodes them."""
+    from sdk import prepare
+    from train.data import load_dataset
+
+    ds = load_dataset(str(grocery_root), "val")
+    idx = np.linspace(7, len(ds) - 8, num=20).round().astype(int)
+    return np.stack([prepare(ds.samples[i].source, 128) for i in idx])
+
+
+@pytest.fixture(scope="session")
+def torch_reference(tiny_student_dir, val_images) -> list[np.ndarray]:
+    from converters._common import torch_logprobs
+    from train.checkpoint import load_model
+    from train.models import DeployWrapper
+
+    model, *_ = load_model(tiny_student_dir)
+    return torch_logprobs(DeployWrapper(model).eval(), val_images)
+
+
+@pytest.mark.slow
+def test_all_writes_every_target_with_its_manifest(all_exports):
+    from converters import TARGETS
+
+    assert sorted(p.name for p in all_exports.iterdir()) == sorted(TARGETS) == sorted(FILES)
+    for t, name in FILES.items():
+        m = Manifest.load(all_exports / t)
+        assert m.target == t and m.file == name and (all_exports / t / name).exists()
+        m.verify(all_exports / t)  # hash recorded after the last write to the artifact
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("target", RUNNABLE)
+def test_manifest_carries_parity_measured_on_real_photos(all_exports, target):
+    par = Manifest.load(all_exports / target).metrics["parity"]
+    assert par["n_images"] == 24 and "val" in par["images"]
+    assert par["agreement/fine"] >= 0.995
+    assert max(par[f"max_abs_logprob/{l}"] for l in ("category", "coarse", "fine")) <= 1e-3
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("target", RUNNABLE)
+def test_reloaded_artifact_matches_pytorch_on_unseen_photos(all_exports, target, val_images, torch_reference):
+    from converters._common import parity
+
+    clf = Classifier.load(all_exports / target)
+    cand = clf.logprobs(val_images)
+    assert [c.shape for c in cand] == [r.shape for r in torch_reference]
+    rec = parity(torch_reference, cand, clf.taxonomy)
+    assert rec["agreement/path"] == 1.0, rec
+    for lvl in clf.taxonomy.level_names:
+        assert rec[f"max_abs_logprob/{lvl}"] < 1e-3, rec
+        assert rec[f"agreement/{lvl}"] == 1.0
+
+
+@pytest.mark.slow
+def test_sdk_gives_identical_paths_across_onnx_tflite_executorch(all_exports, grocery_root):
+    photos = sorted((grocery_root / "val").rglob("*.jpg"))[::18][:16]
+    assert len(photos) == 16
+    answers = {}
+    for t in RUNNABLE:
+        preds = Classifier.load(all_exports / t).classify_batch(photos, raise_errors=True)
+        answers[t] = [[(p.level, p.index) for p in pr.full_path] for pr in preds]
+    assert answers["tflite"] == answers["onnx"]
+    assert answers["executorch"] == answers["onnx"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("target", ["tflite", "executorch"])
+def test_fixed_batch_backend_splits_batches_and_is_safe_across_threads(all_exports, target, val_images):
+    clf = Classifier.load(all_exports / target)
+    assert clf._backend.fixed_batch == 1 and not clf._backend.inner.thread_safe
+    serial = [clf.logprobs(val_images[i:i + 5]) for i in range(0, 20, 5)]
+    with ThreadPoolExecutor(4) as pool:
+        parallel = list(pool.map(lambda i: clf.logprobs(val_images[i:i + 5]), range(0, 20, 5)))
+    for s, p in zip(serial, parallel):
+        for a, b in zip(s, p):
+            np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("target", list(FILES))
+def test_sdk_refuses_artifact_whose_sha256_differs(all_exports, tmp_path, target):
+    d = tmp_path / target
+    shutil.copytree(all_exports / target, d)
+    art = d / FILES[target]
+    f = max((p for p in art.rglob("*") if p.is_file()), key=lambda p: p.stat().st_size) if art.is_dir() else art
+    data = bytearray(f.read_bytes())
+    data[len(data) // 2] ^= 0xFF  # same size, one flipped byte: only the hash can tell
+    f.write_bytes(bytes(data))
+    with pytest.raises(ModelIntegrityError, match="sha256"):
+        Classifier.load(d)
+
+
+@pytest.mark.slow
+def test_onnx_file_carries_taxonomy_and_preprocessing(all_exports):
+    import onnx
+
+    props = {p.key: p.value for p in onnx.load(str(all_exports / "onnx" / "model.onnx")).metadata_props}
+    m = Manifest.load(all_exports / "onnx")
+    assert json.loads(props["hierfg.taxonomy"]) == m.taxonomy.to_dict()
+    assert props["hierfg.taxonomy_hash"] == m.taxonomy.hash
+    pre = json.loads(props["hierfg.preprocessing"])
+    assert pre["size"] == 128 and pre["dtype"] == "uint8" and pre["layout"] == "NHWC"
+
+
+@pytest.mark.slow
+def test_executorch_keeps_only_allowed_ops_outside_xnnpack(all_exports):
+    from converters.executorch import PORTABLE_ALLOWED
+
+    exp = Manifest.load(all_exports / "executorch").metrics["export"]
+    assert exp["delegate_segments"] >= 1
+    assert set(exp["portable_ops"]) <= PORTABLE_ALLOWED
+    heavy = {"aten.convolution.default", "aten.linear.default", "aten.addmm.default", "aten.mm.default", "aten.bmm.default"}
+    assert not heavy & set(exp["portable_ops"])
+
+
+def test_delegation_check_names_forbidden_ops():
+    from collections import Counter
+
+    from converters import ExportError
+    from converters.executorch import check_delegation
+
+    check_delegation(Counter({"aten.native_layer_norm.default": 19, "aten.expand_copy.default": 3}))
+    with pytest.raises(ExportError, match=r"aten\.bmm\.default.*quantized_decomposed"):
+        check_delegation(Counter({"aten.native_layer_norm.default": 1, "aten.bmm.default": 2,
+                                  "quantized_decomposed.dequantize_per_channel.default": 1}))
+
+
+@pytest.mark.slow
+def test_coreml_package_spec_and_metadata_verified_on_any_os(all_exports):
+    from converters.coreml import verify_package
+
+    m = Manifest.load(all_exports / "coreml")
+    rec = verify_package(all_exports / "coreml" / "model.mlpackage", m.taxonomy, 128, 1)
+    assert rec["input"] == ["image", [1, 128, 128, 3], "float32"]
+    assert [o[0] for o in rec["outputs"]] == m.outputs
+    assert {"hierfg.taxonomy", "hierfg.preprocessing", "hierfg.outputs"} <= set(rec["metadata_keys"])
+    if sys.platform != "darwin":
+        assert m.metrics["parity"]["measured"] is False and "macOS" in m.metrics["parity"]["reason"]
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(sys.platform == "darwin", reason="checks the non-macOS refusal")
+def test_coreml_load_off_macos_raises_typed_error_saying_why(all_exports):
+    with pytest.raises(BackendUnavailableError, match="needs macOS"):
+        Classifier.load(all_exports / "coreml")
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(sys.platform != "darwin", reason="Core ML prediction needs macOS (the Core ML framework); "
+                                                     "on Linux only the package spec and metadata are checked")
+def test_coreml_prediction_matches_pytorch_on_macos(all_exports, val_images, torch_reference):
+    from converters._common import parity
+
+    clf = Classifier.load(all_exports / "coreml")
+    rec = parity(torch_reference, clf.logprobs(val_images), clf.taxonomy)
+    assert rec["agreement/fine"] == 1.0 and rec["max_abs_logprob/fine"] < 1e-3
+
+
+def test_unknown_option_is_refused_before_any_work(tmp_path):
+    from converters import ExportError
+    from converters._registry import validate_options
+
+    assert validate_options("tflite", {}) == {"batch": 1}
+    with pytest.raises(ExportError, match="does not accept option"):
+        validate_options("executorch", {"opset": 17})
+
+
+@pytest.mark.slow
+def test_tflite_file_carries_taxonomy_and_preprocessing(all_exports):
+    from converters.tflite import read_metadata
+
+    meta = read_metadata(all_exports / "tflite" / "model.tflite")
+    m = Manifest.load(all_exports / "tflite")
+    assert json.loads(meta["hierfg.taxonomy"]) == m.taxonomy.to_dict()
+    assert json.loads(meta["hierfg.outputs"]) == m.outputs
+    assert json.loads(meta["hierfg.preprocessing"])["dtype"] == "uint8"

@@ -85,6 +85,19 @@ class OnnxRuntimeBackend(Backend):
         return self.session.run(self.output_names, {self.input_name: batch})
 
 
+def run_in_fixed_batches(run_one, batch: np.ndarray, fixed: int) -> list[np.ndarray]:
+    """Run `run_one` (which takes exactly `fixed` rows) over any batch: split, zero-pad the last chunk, trim."""
+    n = batch.shape[0]
+    parts = []
+    for i in range(0, n, fixed):
+        chunk = batch[i:i + fixed]
+        k = chunk.shape[0]
+        if k < fixed:
+            chunk = np.concatenate([chunk, np.zeros((fixed - k, *chunk.shape[1:]), chunk.dtype)])
+        parts.append([np.asarray(o)[:k] for o in run_one(chunk)])
+    return [np.concatenate([p[l] for p in parts]) for l in range(len(parts[0]))]
+
+
 @register_backend("tflite")
 class LiteRtBackend(Backend):
     """ai-edge-litert's Interpreter. One Interpreter holds its tensors in place: not shareable across
@@ -119,6 +132,9 @@ class LiteRtBackend(Backend):
             raise ModelIntegrityError(f"{path}: {len(self.output_keys)} outputs, the manifest lists {len(manifest.outputs)}")
 
     def run(self, batch: np.ndarray) -> list[np.ndarray]:
+        return run_in_fixed_batches(self._run_one, batch, self.fixed_batch)
+
+    def _run_one(self, batch: np.ndarray) -> list[np.ndarray]:
         out = self.runner(**{self.input_name: np.ascontiguousarray(batch, dtype=np.uint8)})
         # the runner returns views into interpreter memory: copy before the next call overwrites them
         return [np.array(out[k], copy=True) for k in self.output_keys]
@@ -156,6 +172,9 @@ class ExecuTorchBackend(Backend):
         self.fixed_batch = int(in_sizes[0])
 
     def run(self, batch: np.ndarray) -> list[np.ndarray]:
+        return run_in_fixed_batches(self._run_one, batch, self.fixed_batch)
+
+    def _run_one(self, batch: np.ndarray) -> list[np.ndarray]:
         x = self._torch.from_numpy(np.ascontiguousarray(batch, dtype=np.uint8))
         return [o.detach().numpy().copy() for o in self.method.execute([x])]
 
@@ -193,6 +212,9 @@ class CoreMLBackend(Backend):
         self.output_names = names
 
     def run(self, batch: np.ndarray) -> list[np.ndarray]:
+        return run_in_fixed_batches(self._run_one, batch, self.fixed_batch)
+
+    def _run_one(self, batch: np.ndarray) -> list[np.ndarray]:
         # Core ML I/O has no uint8: the package takes float32 pixel values 0..255 (see converters/coreml.py)
         out = self.model.predict({self.input_name: np.ascontiguousarray(batch, dtype=np.float32)})
         return [np.asarray(out[n]) for n in self.output_names]

@@ -271,36 +271,45 @@ def crop_resize(x: torch.Tensor, box: torch.Tensor) -> torch.Tensor:
     return ry[:, None] @ x @ rx.transpose(1, 2)[:, None]
 
 
-def refined_forward(model: nn.Module, x: torch.Tensor, start: int, feats: dict[int, torch.Tensor],
+def refined_forward(model: nn.Module, x: torch.Tensor, start: int, cached: dict[int, torch.Tensor] | None,
                     aux: dict | None) -> list[torch.Tensor]:
     """HierarchicalQueryModel.forward_from with part selection and/or Coarse2Fine refinement.
 
     Coarse2Fine: the first look's fine-level token saliency on the finest tap grid with stride >= 16
     (else the coarsest) gives the attended box (threshold at the mean). The paper crops the raw
-    image; here the *input of the trainable part* is cropped — `x` at block `start` (the cached,
-    frozen backbone prefix output when training on CPU; the raw normalized image when start == 0,
-    as in deployment with freeze_blocks=0 training and in the exported graph) together with the
-    taps that came from the cache — resampled to the original grid, and the rest of the backbone,
-    tokens and head run again. The two looks are combined by averaging their log-probs and
+    image; here, because the frozen backbone prefix is cached on CPU, a *feature map* is cropped: the
+    input of block `crop = max(start, cfg.c2f_crop_block)` (the cached prefix output in training; the
+    raw normalized image only when crop == 0) together with the earlier taps, resampled to the
+    original grid, and the rest of the backbone, tokens and head run again. Set `c2f_crop_block` to
+    the training run's `freeze_blocks` so that evaluation and the exported graph (start == 0) crop the
+    very features training cropped. The two looks are combined by averaging their log-probs and
     renormalizing per level (= the mean of the logits up to a per-row constant, i.e. the normalized
     geometric mean of the two distributions).
     """
     aux = {} if aux is None else aux
+    cfg, bb = model.cfg, model.backbone
+    crop = max(start, cfg.c2f_crop_block) if cfg.c2f_refine else start
+    need = tuple(t for t in cfg.taps if not (cached and t in cached))
+    if crop > start and crop - 1 not in need:
+        need = need + (crop - 1,)  # the feature map to crop, computed on the way
+    feats = bb.forward_range(x, start, need) if need else {}
+    if cached:
+        feats.update(cached)
     logps, sal = _look(model, feats, aux)
-    if not model.cfg.c2f_refine:
+    if not cfg.c2f_refine:
         return logps
     grids = _tap_grids(model, feats)
     fine16 = [g for g in grids if g[3] >= 16]
     off, h, w, _ = min(fine16, key=lambda g: g[3]) if fine16 else max(grids, key=lambda g: g[3])
     box = attended_box(sal[:, off:off + h * w].detach(), h, w)
-    taps = model.cfg.taps
-    cached2 = {t: crop_resize(feats[t], box) for t in taps if 0 <= t < start - 1}
-    need = tuple(t for t in taps if t not in cached2)
-    feats2 = model.backbone.forward_range(crop_resize(x, box), start, need)
+    base = feats[crop - 1] if crop > start else x
+    cached2 = {t: crop_resize(feats[t], box) for t in cfg.taps if 0 <= t < crop - 1}
+    need2 = tuple(t for t in cfg.taps if t not in cached2)
+    feats2 = bb.forward_range(crop_resize(base, box), crop, need2)
     feats2.update(cached2)
     aux2: dict = {}
     logps2, _ = _look(model, feats2, aux2)
-    aux["c2f_box"], aux["c2f_logps"] = box, logps2
+    aux["c2f_box"], aux["c2f_logps"], aux["c2f_aux"] = box, logps2, aux2  # c2f_aux: the second look's
     return [F.log_softmax(0.5 * (a + b), dim=-1) for a, b in zip(logps, logps2)]
 
 

@@ -48,6 +48,7 @@ class ModelConfig:
     eigen_components: int = 3
     part_select: int = 0  # >0: TransFG part selection, this many most attended tokens (train/components.py)
     c2f_refine: bool = False  # Coarse2Fine attention-guided refinement (train/components.py)
+    c2f_crop_block: int = 0  # C2F crops the input of this block (0: of the first trained block); = freeze_blocks
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "ModelConfig":
@@ -253,13 +254,13 @@ class HierarchicalQueryModel(nn.Module):
         `cached` supplies taps computed earlier (frozen, cached blocks before `start`). When `aux` is a
         dict it receives 'tokens', 'pooled' (mean token), and the head's 'logits' and 'queries'.
         """
+        if self.cfg.part_select or self.cfg.c2f_refine:
+            from .components import refined_forward  # TransFG part selection / Coarse2Fine
+            return refined_forward(self, x, start, cached, aux)
         need = tuple(t for t in self.cfg.taps if not (cached and t in cached))
         feats = self.backbone.forward_range(x, start, need) if need else {}
         if cached:
             feats.update(cached)
-        if self.cfg.part_select or self.cfg.c2f_refine:
-            from .components import refined_forward  # TransFG part selection / Coarse2Fine
-            return refined_forward(self, x, start, feats, aux)
         tokens = self.tokens(feats)
         if aux is not None:
             aux["tokens"], aux["pooled"] = tokens, tokens.mean(1)

@@ -22,10 +22,10 @@ TAX = synthetic_taxonomy()  # sizes (2, 4, 8)
 SIZE = 96
 
 
-def _model(**kw):
+def _model(pretrained=False, **kw):
     torch.manual_seed(0)
     cfg = ModelConfig(image_size=SIZE, d_model=32, heads=2, **kw)
-    return build_model(TAX, cfg, pretrained=False).eval()
+    return build_model(TAX, cfg, pretrained=pretrained).eval()
 
 
 def _images(n=3, seed=0):
@@ -322,8 +322,31 @@ def test_c2f_crops_the_cached_prefix_when_training_from_block_n():
     assert aux["c2f_logps"][-1].shape == (3, 8)
 
 
-def test_refined_query_model_exports_to_onnx(tmp_path):
-    _onnx_roundtrip(_model(part_select=6, c2f_refine=True), tmp_path)
+def test_c2f_crop_block_makes_deployment_crop_what_training_cropped():
+    # training from a cached prefix of 11 blocks crops block 10's output; with c2f_crop_block=11 the
+    # full forward from the image (evaluation, exported graph) crops the same features
+    m = _model(True, c2f_refine=True, part_select=4, taps=(5, 10, -1), c2f_crop_block=11)
+    x = _images()
+    with torch.no_grad():
+        pre = m.backbone.prefix(x, 11, (5,))
+        trained = m.forward_from(pre[10], 11, cached={5: pre[5]})
+        deployed = m(x, aux=(dep_aux := {}))
+        other = _model(True, c2f_refine=True, part_select=4, taps=(5, 10, -1))  # crops the raw image instead
+        other.load_state_dict(m.state_dict())
+        other(x, aux=(raw_aux := {}))
+    for a, b in zip(trained, deployed):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(raw_aux["c2f_box"], dep_aux["c2f_box"])
+    cropped = (dep_aux["c2f_box"] != torch.tensor([0.0, 1.0, 0.0, 1.0])).any(1)
+    assert cropped.any(), "no image got a partial box; pick other test images"
+    # where the box is partial, cropping the image and cropping block 10's features see different tokens
+    diff = raw_aux["c2f_aux"]["tokens"][cropped] - dep_aux["c2f_aux"]["tokens"][cropped]
+    assert diff.abs().max() > 1e-2
+
+
+@pytest.mark.parametrize("crop_block", [0, 11])
+def test_refined_query_model_exports_to_onnx(tmp_path, crop_block):
+    _onnx_roundtrip(_model(part_select=6, c2f_refine=True, c2f_crop_block=crop_block), tmp_path)
 
 
 # ---- mixed granularity ---------------------------------------------------------------------------

@@ -387,7 +387,7 @@ def test_mixed_granularity_training_with_tree_loss(grocery_root, tmp_path):
 @pytest.mark.parametrize("arch,extra,losses", [
     ("flat", {}, "fine_ce,contrastive,aal"),
     ("hrn", {}, "tree,fine_ce"),
-    ("hsq_student", {"part_select": 8, "c2f_refine": True}, "ce,tree,contrastive,aal"),
+    ("hsq_student", {"part_select": 8, "c2f_refine": True, "c2f_crop_block": 11}, "ce,tree,contrastive,aal"),
 ])
 def test_components_train_with_the_cached_loop_and_reload(grocery_root, tmp_path, arch, extra, losses):
     from train.checkpoint import load_model

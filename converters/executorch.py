@@ -15,6 +15,10 @@ SDPA is decomposed to matmul -> softmax -> matmul before lowering: torch's defau
 through `_safe_softmax`, whose fully-masked-row guard (eq/any/where/full_like) XNNPACK cannot take and
 which cuts the graph into more delegate segments. The model never passes a mask to SDPA (CAMP's biased
 attention is written out with plain ops), so the plain form computes the same thing.
+
+GELU with `approximate="tanh"` is decomposed to tanh/mul/add before lowering too: XNNPACK's GeluConfig
+(executorch 1.5.1) takes every `aten.gelu` and runs XNNPACK's exact erf GELU, ignoring the `approximate`
+argument. On the tiny student that alone made max |Δ log-prob| vs PyTorch ~3e-4 instead of ~1e-6.
 """
 
 from __future__ import annotations
@@ -47,6 +51,12 @@ def _sdpa_plain(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=N
                           "deploy graph; extend converters.executorch._sdpa_plain before exporting it")
     s = scale if scale is not None else 1.0 / math.sqrt(q.shape[-1])
     return torch.matmul(torch.softmax(torch.matmul(q, k.transpose(-1, -2)) * s, dim=-1), v)
+
+
+def _gelu_tanh(x, approximate="none"):
+    if approximate != "tanh":
+        return NotImplemented  # exact GELU is what XNNPACK computes: keep the op
+    return 0.5 * x * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * x * x * x)))
 
 
 def _op_name(target) -> str:
@@ -96,6 +106,7 @@ def export(model: torch.nn.Module, spec: ExportSpec, out_dir: str | Path) -> Art
         ep = torch.export.export(model, (example,))
         table = default_decompositions()
         table[torch.ops.aten.scaled_dot_product_attention.default] = _sdpa_plain
+        table[torch.ops.aten.gelu.default] = _gelu_tanh
         ep = ep.run_decompositions(table)
         edge = to_edge_transform_and_lower(ep, partitioner=[XnnpackPartitioner()])
     except ExportError:

@@ -83,7 +83,8 @@ def test_reloaded_artifact_matches_pytorch_on_unseen_photos(all_exports, target,
     rec = parity(torch_reference, cand, clf.taxonomy)
     assert rec["agreement/path"] == 1.0, rec
     for lvl in clf.taxonomy.level_names:
-        assert rec[f"max_abs_logprob/{lvl}"] < 1e-3, rec
+        # fp32 end to end: 1e-4 is 30x the ~3e-6 measured, and catches a wrong activation (e.g. exact vs tanh GELU)
+        assert rec[f"max_abs_logprob/{lvl}"] < 1e-4, rec
         assert rec[f"agreement/{lvl}"] == 1.0
 
 
@@ -159,6 +160,17 @@ def test_delegation_check_names_forbidden_ops():
     with pytest.raises(ExportError, match=r"aten\.bmm\.default.*quantized_decomposed"):
         check_delegation(Counter({"aten.native_layer_norm.default": 1, "aten.bmm.default": 2,
                                   "quantized_decomposed.dequantize_per_channel.default": 1}))
+
+
+def test_executorch_gelu_tanh_decomposition_matches_torch_and_leaves_exact_gelu_alone():
+    import torch
+    import torch.nn.functional as F
+
+    from converters.executorch import _gelu_tanh
+
+    x = torch.linspace(-8, 8, 4001)
+    torch.testing.assert_close(_gelu_tanh(x, approximate="tanh"), F.gelu(x, approximate="tanh"), atol=1e-6, rtol=0)
+    assert _gelu_tanh(x) is NotImplemented
 
 
 @pytest.mark.slow

@@ -58,7 +58,10 @@ def excluded_nodes(proto, ctx: QuantContext) -> tuple[list[str], list[str]]:
         if n.op_type not in QUANTIZED_OPS:
             continue
         dotted = _module_of(n.name)
-        fam = next((f for f in fams if any(dotted.startswith(f".model.{p}.") for p in f.prefixes)), None)
+        # the backbone runs through `forward_range`, not `__call__`, so its nodes carry no `backbone` scope
+        fam = next((f for f in fams if any(dotted.startswith(f".model.{p}.") or
+                                           dotted.startswith(f".model.{p.removeprefix('backbone.')}.")
+                                           for p in f.prefixes)), None)
         if fam is not None:
             out.append(n.name)
             why.append(fam.name)

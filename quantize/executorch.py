@@ -1,0 +1,132 @@
+"""ExecuTorch int8: pt2e with the XNNPACK quantizer, lowered fully into the XNNPACK delegate.
+
+torch.export -> XNNPACKQuantizer (int8 symmetric per-channel weights, int8 activations) annotating
+only the Conv2d / Linear layers of the plan's quantized families (a node filter on the deepest module
+of its `nn_module_stack`: the layer or its BatchNorm, which the conv+bn pattern needs; `set_module_name`
+per layer leaves every conv+bn unannotated, and a global config would also quantize the residual adds,
+the read-out multiply and the attention bias add, which the sensitivity pass did not measure) -> prepare_pt2e -> calibration on the real photos
+-> convert_pt2e -> the same SDPA decomposition and XNNPACK lowering as `converters.executorch` ->
+assert that nothing but the converter's allow-listed float ops (LayerNorm, the read-out tail, data
+movement) runs outside XNNPACK — in particular no quantize/dequantize op, so the `.pte` needs no
+`executorch.kernels.quantized` at load time.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from converters._common import tool_versions
+
+from ._common import QuantContext, QuantizeError, TargetResult, finish_int8, fp32_artifact
+
+
+_BN_OF = {"_expand_conv": "_bn0", "_depthwise_conv": "_bn1", "_project_conv": "_bn2",
+          "_conv_stem": "_bn0", "_conv_head": "_bn1"}
+
+
+def quantized_module_names(ctx: QuantContext) -> list[str]:
+    """FQNs (inside DeployWrapper) of the Conv2d/Linear layers the plan quantizes."""
+    fams = [f for f in ctx.families if f.prefixes and f.name in ctx.plan.quantized]
+    return [f"model.{n}" for n, m in ctx.model.named_modules()
+            if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear)) and any(f.owns(n) for f in fams)]
+
+
+def layer_filter(names: list[str]):
+    """pt2e node filter: the node's deepest module is one of `names` or the BatchNorm after it."""
+    allowed = set(names)
+    for n in names:
+        head, _, last = n.rpartition(".")
+        if last in _BN_OF:
+            allowed.add(f"{head}.{_BN_OF[last]}")
+
+    def keep(node) -> bool:
+        if node.op in ("get_attr", "placeholder"):
+            return True  # weights and biases are in the conv/linear partitions and carry no module stack
+        stack = node.meta.get("nn_module_stack") or {}
+        if not stack:
+            return False
+        fqn = list(stack.values())[-1][0]
+        return fqn.removeprefix("L['self'].") in allowed
+    return keep
+
+
+def xnnpack_quantizer(names: list[str], is_qat: bool = False):
+    from executorch.backends.xnnpack.quantizer.xnnpack_quantizer import (XNNPACKQuantizer,
+                                                                          get_symmetric_quantization_config)
+    cfg = get_symmetric_quantization_config(is_per_channel=True, is_qat=is_qat)
+    filt = layer_filter(names)
+
+    class LayerQuantizer(XNNPACKQuantizer):
+        def _annotate_for_quantization_config(self, model):
+            return self._annotate_all_patterns(model, cfg, filt)
+
+    return LayerQuantizer()
+
+
+def lower(converted: torch.nn.Module, example: torch.Tensor):
+    """converted pt2e module -> (edge program manager, ops outside the delegate); asserts delegation."""
+    from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
+    from executorch.exir import to_edge_transform_and_lower
+    from torch.export import default_decompositions
+
+    from converters.executorch import _sdpa_plain, check_delegation, outside_delegate
+
+    try:
+        import executorch.kernels.quantized  # noqa: F401  (out variants, so a leak fails our assert, not lowering)
+    except ImportError:
+        pass
+    ep = torch.export.export(converted, (example,))
+    table = default_decompositions()
+    table[torch.ops.aten.scaled_dot_product_attention.default] = _sdpa_plain
+    ep = ep.run_decompositions(table)
+    edge = to_edge_transform_and_lower(ep, partitioner=[XnnpackPartitioner()])
+    ops = outside_delegate(edge.exported_program().graph_module)
+    leaked = {k: v for k, v in ops.items() if "quantize" in k}
+    if leaked:
+        raise QuantizeError(f"executorch: quantized ops left outside XNNPACK: {leaked}; the .pte would need "
+                            "executorch.kernels.quantized at load time and run them unaccelerated")
+    check_delegation(ops)
+    return edge, ops
+
+
+def quantize(ctx: QuantContext, out_dir: Path) -> TargetResult:
+    """fp32 export (converters.executorch) for size, then pt2e int8 -> `<out_dir>/executorch/model.pte`."""
+    from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
+
+    from converters.executorch import delegate_count
+
+    fp32 = fp32_artifact(ctx, "executorch", out_dir / "fp32" / "executorch")
+    example = torch.zeros(1, ctx.image_size, ctx.image_size, 3, dtype=torch.uint8)
+    names = quantized_module_names(ctx)
+    ctx.log(f"executorch: pt2e XNNPACK quantizer on {len(names)} Conv/Linear layers, calibrating on "
+            f"{len(ctx.calibration)} photos")
+    try:
+        gm = torch.export.export(ctx.deploy(), (example,)).module()
+        prepared = prepare_pt2e(gm, xnnpack_quantizer(names))
+        with torch.no_grad():
+            for img in ctx.calibration.images:
+                prepared(torch.from_numpy(img[None].copy()))
+        converted = convert_pt2e(prepared)
+        edge, ops = lower(converted, example)
+        program = edge.to_executorch()
+    except QuantizeError:
+        raise
+    except Exception as e:
+        raise QuantizeError(f"executorch int8 failed: {type(e).__name__}: {e}") from e
+    int8_dir = out_dir / "executorch"
+    int8_dir.mkdir(parents=True, exist_ok=True)
+    path = int8_dir / "model.pte"
+    path.write_bytes(program.buffer)
+    float_layers = [f"{f.name} (Conv/Linear not annotated)" for f in ctx.float_layer_families] + \
+        ["attention matmuls + softmax, LayerNorm, residual adds, read-out and log-softmax (float, "
+         "XNNPACK fp32 or the allow-listed portable ops: " + ", ".join(sorted(ops)) + ")"]
+    scheme = "pt2e XNNPACKQuantizer: int8 symmetric per-channel weights, int8 per-tensor activations (histogram)"
+    notes = [f"{len(names)} Conv/Linear layers int8", f"{delegate_count(edge.exported_program().graph_module)} "
+             "XNNPACK delegate segments; no quantize/dequantize op outside the delegate (asserted)"]
+    m = finish_int8(ctx, "executorch", path, tool_versions("executorch", "torchao"), scheme, float_layers, notes)
+    m.metrics["export"] = {"fixed_batch": 1, "delegate": "XnnpackPartitioner", "portable_ops": dict(sorted(ops.items())),
+                           "thread_safe": False}
+    m.save(int8_dir)
+    return TargetResult("executorch", int8_dir, fp32.manifest.size_bytes, m.size_bytes, float_layers, scheme, notes=notes)

@@ -1,0 +1,96 @@
+"""TFLite int8: litert-torch's PT2E quantizer, int8 weights per channel and int8 activations.
+
+torch.export -> `litert_torch.quantize.pt2e_quantizer.PT2EQuantizer` annotating only the Conv2d /
+Linear modules of the plan's quantized families (the same layer filter as for ExecuTorch)
+-> prepare_pt2e -> calibration on the real photos -> convert_pt2e(fold_quantize=False) ->
+`litert_torch.convert(..., quant_config=QuantConfig(pt2e_quantizer=...))`.
+
+The input stays the uint8 NHWC image: the graph's first op casts it to float and normalizes, and the
+first quantize op sits after that, so the .tflite input tensor is uint8 with no scale/zero point and
+the SDK's tflite backend feeds it unchanged (asserted below).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from converters._common import tool_versions
+
+from ._common import QuantContext, QuantizeError, TargetResult, finish_int8, fp32_artifact
+from .executorch import layer_filter, quantized_module_names
+
+
+def litert_quantizer(names: list[str], is_qat: bool = False):
+    from litert_torch.quantize.pt2e_quantizer import PT2EQuantizer, get_symmetric_quantization_config
+    cfg = get_symmetric_quantization_config(is_per_channel=True, is_qat=is_qat)
+    filt = layer_filter(names)
+
+    class LayerQuantizer(PT2EQuantizer):
+        def _annotate_for_static_quantization_config(self, model):
+            return self._annotate_all_static_patterns(model, cfg, filt)
+
+    # litert's converter reads the global config (static vs dynamic); annotation ignores it (overridden above)
+    return LayerQuantizer().set_global(cfg)
+
+
+def tensor_types(path: Path) -> dict[str, int]:
+    """Counts of tensor dtypes in a .tflite file (int8 weights show up as INT8 tensors)."""
+    from ai_edge_litert.interpreter import Interpreter
+    it = Interpreter(model_path=str(path))
+    out: dict[str, int] = {}
+    for d in it.get_tensor_details():
+        k = np.dtype(d["dtype"]).name
+        out[k] = out.get(k, 0) + 1
+    return out
+
+
+def quantize(ctx: QuantContext, out_dir: Path) -> TargetResult:
+    """fp32 export (converters.tflite) for size, then PT2E int8 -> `<out_dir>/tflite/model.tflite`."""
+    import litert_torch
+    from litert_torch.quantize.quant_config import QuantConfig
+    from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
+
+    from converters._metadata import embedded_metadata
+    from converters.tflite import add_metadata
+
+    fp32 = fp32_artifact(ctx, "tflite", out_dir / "fp32" / "tflite")
+    example = torch.zeros(1, ctx.image_size, ctx.image_size, 3, dtype=torch.uint8)
+    names = quantized_module_names(ctx)
+    ctx.log(f"tflite: litert PT2E quantizer on {len(names)} Conv/Linear layers, calibrating on "
+            f"{len(ctx.calibration)} photos")
+    int8_dir = out_dir / "tflite"
+    int8_dir.mkdir(parents=True, exist_ok=True)
+    path = int8_dir / "model.tflite"
+    quantizer = litert_quantizer(names)
+    try:
+        gm = torch.export.export(ctx.deploy(), (example,)).module()
+        prepared = prepare_pt2e(gm, quantizer)
+        with torch.no_grad():
+            for img in ctx.calibration.images:
+                prepared(torch.from_numpy(img[None].copy()))
+        converted = convert_pt2e(prepared, fold_quantize=False)
+        litert_torch.convert(converted, (example,), quant_config=QuantConfig(pt2e_quantizer=quantizer)).export(str(path))
+    except Exception as e:
+        raise QuantizeError(f"tflite int8 failed: {type(e).__name__}: {e}") from e
+    add_metadata(path, embedded_metadata(ctx.taxonomy, ctx.spec("int8")))
+    from ai_edge_litert.interpreter import Interpreter
+    inp = Interpreter(model_path=str(path)).get_input_details()[0]
+    if np.dtype(inp["dtype"]) != np.uint8 or any(inp["quantization"]) and inp["quantization"] != (0.0, 0):
+        raise QuantizeError(f"tflite int8: input tensor is {np.dtype(inp['dtype']).name} with quantization "
+                            f"{inp['quantization']}; the SDK feeds the raw uint8 image")
+    types = tensor_types(path)
+    if not types.get("int8"):
+        raise QuantizeError(f"tflite int8: no int8 tensor in the converted model ({types})")
+    float_layers = [f"{f.name} (Conv/Linear not annotated)" for f in ctx.float_layer_families] + \
+        ["attention matmuls + softmax, LayerNorm, residual adds, read-out and log-softmax (float ops)"]
+    scheme = "litert-torch PT2EQuantizer: int8 symmetric per-channel weights, int8 per-tensor activations (histogram)"
+    notes = [f"{len(names)} Conv/Linear layers int8", f"tensor dtypes: {types}",
+             "input tensor: uint8 image, not quantized (the graph casts and normalizes it)"]
+    m = finish_int8(ctx, "tflite", path, tool_versions("litert-torch", "ai-edge-litert"), scheme, float_layers, notes)
+    m.metrics["export"] = {"fixed_batch": 1, "runtime": "ai_edge_litert.interpreter.Interpreter",
+                           "signature": "serving_default", "thread_safe": False}
+    m.save(int8_dir)
+    return TargetResult("tflite", int8_dir, fp32.manifest.size_bytes, m.size_bytes, float_layers, scheme, notes=notes)

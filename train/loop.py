@@ -321,10 +321,21 @@ def train_model(mc: ModelConfig, tc: TrainConfig, out: str | Path, resume: bool 
             ckpt.save_training_state(out, model, opt, sched, epoch, history)
         if world > 1:
             dist.barrier()
+    sync = None
+    if world > 1:
+        # record every rank's parameter digest: DDP must leave all replicas identical. (BatchNorm
+        # running statistics are buffers, refreshed from rank 0 at each forward; rank 0's are saved.)
+        h = hashlib.sha256()
+        for k, v in sorted(model.named_parameters()):
+            h.update(k.encode())
+            h.update(v.detach().cpu().contiguous().numpy().tobytes())
+        digests = [None] * world
+        dist.all_gather_object(digests, h.hexdigest())
+        sync = {"world_size": world, "backend": dist.get_backend(), "weight_sha256_per_rank": digests}
     if main_rank:
         model.cpu()
         extra = {"train": asdict(tc), "history": history, "metrics": metrics,
-                 "wall_seconds": sum(h["seconds"] for h in history)}
+                 "wall_seconds": sum(h["seconds"] for h in history), "distributed": sync}
         ckpt.save_model(model, mc, tax, out, extra)
         (out / "metrics.json").write_text(json.dumps(metrics, indent=1))
         log(f"wrote {out / 'model.safetensors'} (+ config.json, taxonomy.json, metrics.json)")

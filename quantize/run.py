@@ -126,7 +126,11 @@ def quantize_checkpoint(checkpoint: str | Path, data: str, targets: Sequence[str
 
     if qat_epochs > 0 and any(not r.get("meets_bar") and "error" not in r and t != "coreml" for t, r in results.items()):
         from .qat import run_qat
-        results["qat"] = run_qat(ctx, evals, fp32_lp, out, qat_epochs, data)
+        try:
+            results["qat"] = run_qat(ctx, evals, fp32_lp, out, qat_epochs, data)
+        except QuantizeError as e:
+            log(f"qat: {e}")
+            results["qat"] = {"target": "qat", "error": str(e), "meets_bar": False}
     report = {"checkpoint": str(checkpoint), "data": str(data), "image_size": size, "calibration": cal.source,
               "sensitivity": plan.to_dict(), "evaluation_sets": {k: s.source for k, s in evals.items()},
               "bar": {"max_fine_top1_drop": MAX_TOP1_DROP, "min_fine_agreement": MIN_AGREEMENT,

@@ -1,4 +1,5 @@
-"""`python -m converters {onnx,…,all} --checkpoint DIR --out DIR` — export with parity on real images."""
+"""`python -m converters {onnx,…,all} --checkpoint DIR --out DIR` — export with parity on real images;
+`python -m converters benchmark …` — one table across formats and peers (converters/benchmark.py)."""
 
 from __future__ import annotations
 
@@ -11,6 +12,10 @@ from ._registry import TARGETS, export_all, export_checkpoint, summary_line
 
 
 def main(argv: list[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else argv
+    if args[:1] == ["benchmark"]:  # its own options: one table across formats and peers
+        from .benchmark import main as benchmark_main
+        return benchmark_main(args[1:])
     p = argparse.ArgumentParser(prog="python -m converters", description="Export a trained hierfg model.")
     p.add_argument("target", choices=[*TARGETS, "all"], help="target format, or all of them")
     p.add_argument("--checkpoint", required=True, help="model directory written by `python -m train`")

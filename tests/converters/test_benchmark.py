@@ -1,0 +1,180 @@
+"""`python -m converters benchmark` on the tiny real student: table, JSON, plots, model cards.
+
+The figures in benchmark.json are recomputed here from the same images with compute_metrics; timings
+are only checked to be well-formed numbers (speed belongs to benchmarks, not to tests).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import sys
+
+import numpy as np
+import pytest
+
+from converters.benchmark import (BenchmarkError, coverage_curves, pareto, parse_entries, reliability, wilson)
+from converters._roofline import peak_macs
+
+LIMIT = 10
+
+
+@pytest.fixture(scope="module")
+def bench(tmp_path_factory, onnx_artifact_dir, tiny_student_dir, grocery_root):
+    from converters.__main__ import main
+
+    root = tmp_path_factory.mktemp("bench")
+    arts = root / "artifacts"
+    shutil.copytree(onnx_artifact_dir, arts / "onnx")
+    # a Core ML row without exporting one: same file, manifest says coreml. Off macOS the backend refuses
+    # before parsing, which is exactly the "macOS only" path; the sha256 check still passes.
+    shutil.copytree(onnx_artifact_dir, arts / "coreml")
+    m = json.loads((arts / "coreml" / "manifest.json").read_text())
+    m["target"] = "coreml"
+    (arts / "coreml" / "manifest.json").write_text(json.dumps(m))
+    out = root / "out"
+    rc = main(["benchmark", "--data", str(grocery_root), "--split", "val", "--limit", str(LIMIT),
+               "--warmup", "1", "--repeats", "3", "--batch", "4", "--artifacts", f"tiny={arts}",
+               "--torch", f"tiny={tiny_student_dir}", "--out", str(out)])
+    assert rc == 0
+    return out, json.loads((out / "benchmark.json").read_text())
+
+
+def _images_and_labels(grocery_root, taxonomy, size):
+    from sdk import prepare
+    from train.data import load_dataset
+
+    ds = load_dataset(grocery_root, "val", taxonomy=taxonomy)
+    idx = sorted(set(np.linspace(0, len(ds) - 1, num=LIMIT).round().astype(int).tolist()))
+    ds = ds.subset(idx)
+    return np.stack([prepare(s.source, size) for s in ds.samples]), ds.labels()
+
+
+def test_table_has_every_row_and_column(bench):
+    out, js = bench
+    md = (out / "benchmark.md").read_text()
+    labels = [r["label"] for r in js["rows"]]
+    assert labels == ["tiny/coreml-fp32", "tiny/onnx-fp32", "tiny/pytorch-fp32"]
+    header = next(line for line in md.splitlines() if line.startswith("| model |"))
+    for col in ["MB", "ms p50", "ms p90", "img/s @8", "top1 category", "top1 coarse", "top1 fine", "full path",
+                "consist.", "severity", "agree fine", "status"]:
+        assert f"| {col} |" in header
+    for label in labels:
+        assert any(line.startswith(f"| {label} |") for line in md.splitlines())
+    assert "machine: " in md and "threads=1" in md and js["machine"]["threads"] == 1
+    assert js["machine"]["versions"]["onnxruntime"] != "absent"
+
+
+def test_metrics_match_compute_metrics_on_the_same_images(bench, grocery_root, onnx_artifact_dir, tiny_student_dir):
+    from converters._common import parity, torch_logprobs
+    from sdk import Classifier
+    from train.checkpoint import load_model
+    from train.metrics import compute_metrics
+    from train.models import DeployWrapper
+
+    _, js = bench
+    rows = {r["label"]: r for r in js["rows"]}
+    clf = Classifier.load(onnx_artifact_dir, num_threads=1)
+    images, labels = _images_and_labels(grocery_root, clf.taxonomy, clf.input_size)
+    assert rows["tiny/onnx-fp32"]["metrics"]["n"] == len(labels) == LIMIT
+    onnx_lp = clf.logprobs(images)
+    model, *_ = load_model(tiny_student_dir)
+    torch_lp = torch_logprobs(DeployWrapper(model).eval(), images)
+    for label, lp in [("tiny/onnx-fp32", onnx_lp), ("tiny/pytorch-fp32", torch_lp)]:
+        expect = compute_metrics(clf.taxonomy, lp, labels)
+        got = rows[label]["metrics"]
+        assert set(got) == set(expect)
+        for k, v in expect.items():
+            assert got[k] == pytest.approx(v, abs=1e-9, nan_ok=True), (label, k)
+    ag = rows["tiny/onnx-fp32"]["agreement"]
+    assert ag["reference"] == "tiny/pytorch-fp32"
+    assert ag["fine"] == pytest.approx(parity(torch_lp, onnx_lp, clf.taxonomy)["agreement/fine"])
+    assert rows["tiny/pytorch-fp32"]["agreement"] is None
+
+
+def test_rows_carry_size_latency_throughput_and_roofline(bench, onnx_artifact_dir):
+    _, js = bench
+    rows = {r["label"]: r for r in js["rows"]}
+    onnx = rows["tiny/onnx-fp32"]
+    assert onnx["size_mb"] == pytest.approx((onnx_artifact_dir / "model.onnx").stat().st_size / 1e6)
+    for r in (onnx, rows["tiny/pytorch-fp32"]):
+        lat = r["latency"]
+        assert lat["repeats"] == 3 and 0 < lat["median_ms"] <= lat["p90_ms"] and math.isfinite(lat["p90_ms"])
+        assert r["throughput_ips"] > 0 and r["throughput_batch"] == 4
+        roof = js["roofline"]["rows"][r["label"]]
+        assert roof["peak_kind"] == "fp32" and roof["ratio_of_peak"] > 0
+        assert roof["achieved_gmacs_per_s"] == pytest.approx(r["macs"] / (r["latency"]["median_ms"] / 1e3) / 1e9)
+    # MACs: Lite0 at 128 px alone is ~120 M; the query head adds to it
+    assert 100e6 < js["roofline"]["models"]["tiny"]["macs"] < 1e9
+
+
+@pytest.mark.skipif(sys.platform == "darwin", reason="Core ML runs on macOS: the row is measured there")
+def test_coreml_row_is_size_and_spec_only_off_macos(bench):
+    out, js = bench
+    row = next(r for r in js["rows"] if r["target"] == "coreml")
+    assert row["status"] == "macOS only" and "metrics" not in row and "latency" not in row
+    assert row["size_mb"] > 0 and row["image_size"] == 128
+    assert "macOS only" in (out / row["model_card"]).read_text()
+
+
+def test_plots_are_nonempty_pngs(bench):
+    out, js = bench
+    names = set(js["plots"])
+    assert {"accuracy_vs_latency.png", "coverage_precision.png"} <= names
+    assert any(n.startswith("confusion_") for n in names) and any(n.startswith("reliability_") for n in names)
+    for n in names:
+        data = (out / n).read_bytes()
+        assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000, n
+
+
+def test_model_cards(bench, tiny_student_dir, onnx_artifact_dir):
+    out, js = bench
+    assert len(js["model_cards"]) == 2  # one per artifact; PyTorch rows are not shipped
+    card = (out / next(r for r in js["rows"] if r["label"] == "tiny/onnx-fp32")["model_card"]).read_text()
+    for section in ["## What it is", "## Taxonomy", "## Input", "## Measured in this run", "## Intended use",
+                    "## Limitations", "Out-of-catalogue", "## Licenses", "MIT", "Apache-2.0", "## Reproduce"]:
+        assert section in card, section
+    assert f"python -m converters onnx --checkpoint {tiny_student_dir}" in card
+    assert "python -m converters benchmark" in card
+    assert json.loads((onnx_artifact_dir / "manifest.json").read_text())["sha256"] in card
+
+
+def test_bad_entries_are_typed_errors(tmp_path):
+    with pytest.raises(BenchmarkError, match="does not exist"):
+        parse_entries([str(tmp_path / "missing")])
+    with pytest.raises(BenchmarkError, match="no manifest.json"):
+        parse_entries([str(tmp_path)])
+    with pytest.raises(BenchmarkError, match="model.safetensors"):
+        parse_entries([], [f"x={tmp_path}"])
+    with pytest.raises(BenchmarkError, match="nothing to benchmark"):
+        parse_entries([], [])
+
+
+def test_pareto_wilson_reliability_coverage():
+    # (latency, accuracy): b is dominated by a (slower and less accurate)
+    assert pareto([(5, 0.8), (6, 0.7), (9, 0.9), (3, 0.5)]) == [3, 0, 2]
+    lo, hi = wilson(0.5, 100)
+    assert lo < 0.5 < hi and hi - lo == pytest.approx(0.192, abs=0.01)
+    probs = np.array([0.95, 0.95, 0.55, 0.55])
+    rel = reliability(probs, np.array([True, True, True, False]))
+    assert rel["count"][9] == 2 and rel["accuracy"][9] == 1.0 and rel["accuracy"][5] == 0.5
+    assert rel["ece"] == pytest.approx(0.5 * 0.05 + 0.5 * 0.05)
+    p = np.array([[0.9, 0.8], [0.9, 0.4], [0.6, 0.3]])
+    c = np.array([[True, True], [True, False], [False, False]])
+    cov = coverage_curves(p, c, n_thresholds=11)
+    assert cov["fine"]["coverage"][0] == 1.0 and cov["fine"]["precision"][0] == pytest.approx(1 / 3)
+    t5 = cov["threshold"].index(0.5)  # fine: only row 0 answers; back-off: rows 0 (2 levels), 1 (1), 2 (1)
+    assert cov["fine"]["coverage"][t5] == pytest.approx(1 / 3) and cov["fine"]["precision"][t5] == 1.0
+    assert cov["backoff"]["coverage"][t5] == pytest.approx(4 / 6) and cov["backoff"]["precision"][t5] == pytest.approx(3 / 4)
+
+
+def test_peak_is_derived_from_the_flags():
+    base = {"model": "x", "vendor": "GenuineIntel", "cores": 2, "mhz": 2000.0}
+    avx2 = peak_macs({**base, "flags": ["avx2", "fma"]})
+    assert avx2["fp32_macs_per_cycle"] == 16 and not avx2["vnni"]
+    assert avx2["per_core_macs_per_s"]["fp32"] == pytest.approx(2.0e9 * 16)
+    assert avx2["per_core_macs_per_s"]["int8"] == pytest.approx(2.0e9 * 16 * 4 / 3)
+    vnni = peak_macs({**base, "vendor": "AuthenticAMD", "flags": ["avx2", "fma", "avx512f", "avx512_vnni"]})
+    assert vnni["vector_bits"] == 256 and vnni["int8_macs_per_cycle"] == 64  # Zen 4 double-pumps AVX-512
+    assert peak_macs({**base, "flags": ["avx2", "fma", "avx512f"]})["vector_bits"] == 512

@@ -97,6 +97,8 @@ def parse_entries(artifacts: Sequence[str] = (), torch_models: Sequence[str] = (
         entries.append(Entry(f"{group}/pytorch-fp32", group, "torch", path))
     if not entries:
         raise BenchmarkError("nothing to benchmark: pass --artifacts DIR and/or --torch NAME=MODEL_DIR")
+    groups = list(dict.fromkeys(e.group for e in entries))
+    entries.sort(key=lambda e: groups.index(e.group))  # stable: a model's rows stay together, in given order
     seen: dict[str, int] = {}
     for e in entries:  # the same target/precision twice in one group: keep labels unique
         seen[e.label] = seen.get(e.label, 0) + 1
@@ -371,6 +373,33 @@ def roofline(rows: list[Row], taxonomy, machine: dict[str, Any]) -> dict[str, An
     return out
 
 
+def goals(rows: list[Row], student: str | None, peer: str | None, max_ms: float, taxonomy) -> dict[str, Any] | None:
+    """The issue's bar: the student's fastest int8 artifact within `max_ms` at batch 1, faster than the
+    peer's fastest fp32 artifact and at least as accurate at the fine level."""
+    if not student:
+        return None
+    fine = f"top1/{taxonomy.level_names[-1]}"
+    ok = [r for r in rows if r.record.get("status") == "ok" and r.entry.kind == "artifact"]
+    cand = [r for r in ok if r.entry.group == student and r.entry.precision == "int8"]
+    if not cand:
+        return {"student": student, "error": f"no measured int8 artifact of {student!r}"}
+    s = min(cand, key=lambda r: r.record["latency"]["median_ms"])
+    res: dict[str, Any] = {"student": s.entry.label, "student_ms": s.record["latency"]["median_ms"],
+                           "student_fine": s.record["metrics"][fine], "max_ms": max_ms}
+    res["within_max_ms"] = res["student_ms"] <= max_ms
+    if peer:
+        pc = [r for r in ok if r.entry.group == peer and r.entry.precision == "fp32"]
+        if not pc:
+            res["error"] = f"no measured fp32 artifact of {peer!r}"
+            return res
+        q = min(pc, key=lambda r: r.record["latency"]["median_ms"])
+        res.update({"peer": q.entry.label, "peer_ms": q.record["latency"]["median_ms"],
+                    "peer_fine": q.record["metrics"][fine]})
+        res["faster_than_peer"] = res["student_ms"] < res["peer_ms"]
+        res["at_least_as_accurate"] = res["student_fine"] >= res["peer_fine"]
+    return res
+
+
 # ---- plots ----------------------------------------------------------------------------------------
 def _slug(s: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "_", s).strip("_")
@@ -386,7 +415,8 @@ def plot_all(rows: list[Row], analyses: dict[str, dict[str, Any]], taxonomy, out
     measured = [r for r in rows if r.record.get("status") == "ok"]
 
     # accuracy vs latency, Pareto frontier marked
-    fig, ax = plt.subplots(figsize=(8, 5.5))
+    fig, ax = plt.subplots(figsize=(11, 5.5))
+    fig.subplots_adjust(left=0.08, right=0.66, bottom=0.11, top=0.92)
     pts = [(r.record["latency"]["median_ms"], r.record["metrics"][f"top1/{fine}"]) for r in measured]
     front = pareto(pts)
     groups = sorted({r.entry.group for r in measured})
@@ -395,7 +425,9 @@ def plot_all(rows: list[Row], analyses: dict[str, dict[str, Any]], taxonomy, out
         c = f"C{groups.index(r.entry.group) % 10}"
         ax.scatter([x], [y], marker=markers.get(r.entry.target, "o"), s=60, color=c,
                    facecolors=c if r.entry.precision == "int8" else "none", linewidths=1.5)
-        ax.annotate(r.entry.label, (x, y), fontsize=7, xytext=(4, 3), textcoords="offset points")
+        # numbers on the points, names in the key beside the axes: clustered rows stay readable
+        k = measured.index(r) + 1
+        ax.annotate(str(k), (x, y), fontsize=7, xytext=(4, 3 + 7 * (k % 3)), textcoords="offset points")
     if front:
         fx, fy = zip(*[pts[i] for i in front])
         ax.step(fx, fy, where="post", color="k", lw=1, ls="--", label="Pareto frontier")
@@ -406,7 +438,8 @@ def plot_all(rows: list[Row], analyses: dict[str, dict[str, Any]], taxonomy, out
     ax.set_title("accuracy vs latency (filled = int8, hollow = fp32; marker = runtime)", fontsize=10)
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=8, loc="lower right")
-    fig.tight_layout()
+    key = "\n".join(f"{k + 1:>2}  {r.entry.label}: {x:.2f} ms, {y:.3f}" for k, (r, (x, y)) in enumerate(zip(measured, pts)))
+    fig.text(0.68, 0.92, key, fontsize=7, va="top", family="monospace")
     p = out / "accuracy_vs_latency.png"
     fig.savefig(p, dpi=120)
     plt.close(fig)
@@ -652,6 +685,19 @@ def write_reports(out: Path, rows: list[Row], analyses: dict[str, dict[str, Any]
     notes = [f"- {r['label']}: {r['status']} — {r.get('note', '')}" for r in records if r["status"] != "ok"]
     if notes:
         md += ["Not measured here:", "", *notes, ""]
+    g = settings.get("goals")
+    if g:
+        md += ["## Goals", ""]
+        if "student_ms" in g:
+            md.append(f"- {g['student']}: {g['student_ms']:.2f} ms/img at batch 1 — "
+                      f"{'meets' if g['within_max_ms'] else 'MISSES'} ≤ {g['max_ms']:g} ms")
+        if "peer_ms" in g:
+            md.append(f"- vs {g['peer']} ({g['peer_ms']:.2f} ms, fine top-1 {g['peer_fine']:.4f}): "
+                      f"{'faster' if g['faster_than_peer'] else 'NOT faster'}, fine top-1 {g['student_fine']:.4f} "
+                      f"{'≥' if g['at_least_as_accurate'] else '<'} peer")
+        if "error" in g:
+            md.append(f"- not judged: {g['error']}")
+        md.append("")
     md += ["## Roofline", "", f"Peak: {machine['peak']['derivation']}.", "",
            f"Per core: fp32 {machine['peak']['per_core_macs_per_s']['fp32'] / 1e9:.1f} GMAC/s, int8 "
            f"{machine['peak']['per_core_macs_per_s']['int8'] / 1e9:.1f} GMAC/s; all {machine['cores']} cores: fp32 "
@@ -688,6 +734,7 @@ def write_reports(out: Path, rows: list[Row], analyses: dict[str, dict[str, Any]
 def run_benchmark(entries: list[Entry], data: str, split: str = "val", out: str | Path = "runs/benchmark",
                   threads: int = 1, warmup: int = 10, repeats: int = 50, batch: int = 8, limit: int = 0,
                   reference: str | None = None, focus: Sequence[str] = (), command: str = "",
+                  student: str | None = None, peer: str | None = None, max_ms: float = 8.0,
                   log: Callable[[str], None] = print) -> dict[str, Any]:
     """Measure every entry on `data`/`split` and write benchmark.{md,json}, plots and model cards to `out`."""
     from sdk import Manifest, Taxonomy, prepare
@@ -749,11 +796,14 @@ def run_benchmark(entries: list[Entry], data: str, split: str = "val", out: str 
     plots = plot_all(rows, analyses, taxonomy, out)
     settings = {"data": str(data), "split": split, "n_images": len(ds), "threads": threads, "warmup": warmup,
                 "repeats": repeats, "batch": batch, "limit": limit, "reference": reference,
-                "command": command or "python -m converters benchmark …"}
+                "command": command or "python -m converters benchmark …",
+                "goals": goals(rows, student, peer, max_ms, taxonomy)}
     paths = write_reports(out, rows, analyses, taxonomy, machine, roof, plots, settings)
     log("")
     log(machine_line(machine))
     log(table_markdown([r.record for r in rows], taxonomy.level_names))
+    if settings["goals"]:
+        log(f"goals: {json.dumps(settings['goals'])}")
     log(f"wrote {paths['markdown']}, {paths['json']}, {len(plots)} plots and "
         f"{sum(r.entry.kind == 'artifact' for r in rows)} model cards in {out}")
     return json.loads(paths["json"].read_text())
@@ -771,6 +821,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--reference", help="row label to measure agreement against when no PyTorch row shares the checkpoint")
     p.add_argument("--focus", action="append", default=[], metavar="LABEL",
                    help="rows to draw confusion / reliability / coverage plots for (default: fastest row of each model)")
+    p.add_argument("--student", metavar="NAME", help="model (NAME) whose fastest int8 artifact is judged against --max-ms")
+    p.add_argument("--peer", metavar="NAME", help="model whose fastest fp32 artifact the student must beat in speed, match in fine top-1")
+    p.add_argument("--max-ms", type=float, default=8.0, help="latency bar for --student at batch 1 (default 8)")
     p.add_argument("--out", default="runs/benchmark", help="output folder (default runs/benchmark)")
     p.add_argument("--threads", type=int, default=1, help="threads for every runtime (default 1)")
     p.add_argument("--warmup", type=int, default=10, help="untimed batch-1 runs before timing (default 10)")
@@ -784,7 +837,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         entries = parse_entries(a.artifacts, a.torch)
         res = run_benchmark(entries, a.data, a.split, a.out, threads=a.threads, warmup=a.warmup, repeats=a.repeats,
-                            batch=a.batch, limit=a.limit, reference=a.reference, focus=a.focus, command=command)
+                            batch=a.batch, limit=a.limit, reference=a.reference, focus=a.focus, command=command,
+                            student=a.student, peer=a.peer, max_ms=a.max_ms)
     except BenchmarkError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -10,6 +10,7 @@ import json
 import math
 import shutil
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -178,3 +179,21 @@ def test_peak_is_derived_from_the_flags():
     vnni = peak_macs({**base, "vendor": "AuthenticAMD", "flags": ["avx2", "fma", "avx512f", "avx512_vnni"]})
     assert vnni["vector_bits"] == 256 and vnni["int8_macs_per_cycle"] == 64  # Zen 4 double-pumps AVX-512
     assert peak_macs({**base, "flags": ["avx2", "fma", "avx512f"]})["vector_bits"] == 512
+
+
+def test_goals_judge_the_fastest_int8_student_against_the_fp32_peer():
+    from converters.benchmark import Entry, Row, goals
+    class _Tax:  # goals() only reads the level names
+        level_names = ("coarse", "fine")
+
+    def row(group, target, prec, ms, fine):
+        e = Entry(f"{group}/{target}-{prec}", group, "artifact", Path("."), target, prec)
+        return Row(e, {"status": "ok", "latency": {"median_ms": ms}, "metrics": {"top1/fine": fine}})
+
+    rows = [row("s", "onnx", "int8", 7.0, 0.80), row("s", "tflite", "int8", 6.0, 0.79), row("s", "onnx", "fp32", 5.0, 0.9),
+            row("p", "onnx", "fp32", 9.0, 0.79), row("p", "tflite", "fp32", 10.0, 0.85)]
+    g = goals(rows, "s", "p", 8.0, _Tax())
+    assert g["student"] == "s/tflite-int8" and g["within_max_ms"] and g["peer"] == "p/onnx-fp32"
+    assert g["faster_than_peer"] and g["at_least_as_accurate"]
+    assert not goals(rows, "s", "p", 5.5, _Tax())["within_max_ms"]
+    assert "error" in goals(rows, "p", None, 8.0, _Tax())

@@ -74,6 +74,7 @@ def parse_entries(artifacts: Sequence[str] = (), torch_models: Sequence[str] = (
     from sdk import Manifest
 
     entries: list[Entry] = []
+    seen_sha: dict[str, str] = {}  # target:sha256 -> first directory
     for arg in artifacts:
         for item in filter(None, (s.strip() for s in arg.split(","))):
             name, root = _split_named(item)
@@ -87,6 +88,11 @@ def parse_entries(artifacts: Sequence[str] = (), torch_models: Sequence[str] = (
             group = name or root.resolve().name
             for mf in found:
                 m = Manifest.load(mf)
+                key = f"{m.target}:{m.sha256}"
+                if key in seen_sha:  # e.g. quantize's fp32/<target>/ is the export already listed
+                    print(f"{mf.parent}: same artifact (target, sha256) as {seen_sha[key]}, measured once")
+                    continue
+                seen_sha[key] = str(mf.parent)
                 entries.append(Entry(f"{group}/{m.target}-{m.precision}", group, "artifact", mf.parent,
                                      m.target, m.precision))
     for item in torch_models:

@@ -197,3 +197,9 @@ def test_goals_judge_the_fastest_int8_student_against_the_fp32_peer():
     assert g["faster_than_peer"] and g["at_least_as_accurate"]
     assert not goals(rows, "s", "p", 5.5, _Tax())["within_max_ms"]
     assert "error" in goals(rows, "p", None, 8.0, _Tax())
+
+
+def test_the_same_artifact_twice_is_measured_once(onnx_artifact_dir, tmp_path):
+    shutil.copytree(onnx_artifact_dir, tmp_path / "copy")
+    entries = parse_entries([f"a={onnx_artifact_dir}", f"b={tmp_path}"])
+    assert [e.label for e in entries] == ["a/onnx-fp32"]

@@ -11,6 +11,34 @@ def _pct(x) -> str:
     return "–" if x is None else f"{100 * x:.2f}"
 
 
+def qat_section(r: dict[str, Any]) -> list[str]:
+    """QAT vs post-training int8, fine level, per target and split (empty when no QAT ran)."""
+    rows = {t: rec for t, rec in r["targets"].items() if t.endswith("_qat") and "qat" in rec}
+    failed = {t: rec for t, rec in r["targets"].items() if t.endswith("_qat") and "error" in rec}
+    if not rows and not failed:
+        return []
+    lines = ["## QAT vs post-training int8", "",
+             "| target | split | fp32 fine top-1 | PTQ fine top-1 | QAT fine top-1 | PTQ agreement | QAT agreement | QAT meets the bar |",
+             "|---|---|---|---|---|---|---|---|"]
+    for t, rec in rows.items():
+        fine = rec["fine_level"]
+        for split, s in rec["splits"].items():
+            p = rec["ptq"].get(split, {})
+            lines.append(f"| {t.removesuffix('_qat')} | {split} | {_pct(p.get('fp32_fine_top1'))} | "
+                         f"{_pct(p.get('int8_fine_top1'))} | {_pct(s['int8'][f'top1/{fine}'])} | "
+                         f"{_pct(p.get('fine_agreement'))} | {_pct(s['agreement_with_fp32'][f'agreement/{fine}'])} | "
+                         f"{'yes' if rec['meets_bar'] else 'no'} |")
+    lines.append("")
+    for t, rec in rows.items():
+        q = rec["qat"]
+        hist = "; ".join(f"epoch {h['epoch']}: loss {h['loss']:.4f} (KL to fp32 {h['kl_to_fp32']:.4f})" for h in q["history"])
+        lines.append(f"- {t}: {q['epochs']} epoch(s) on {q['images_source']}, lr {q['lr']}, batch {q['batch_size']}, "
+                     f"{q['trainable_params']} trainable parameters; triggered by: {'; '.join(rec['trigger'])}; {hist}")
+    for t, rec in failed.items():
+        lines.append(f"- {t}: QAT FAILED: `{rec['error']}`")
+    return lines + [""]
+
+
 def render_markdown(r: dict[str, Any]) -> str:
     lines = [f"# int8 report: {r['checkpoint']}", "",
              f"- data: `{r['data']}`, image size {r['image_size']}",
@@ -36,8 +64,10 @@ def render_markdown(r: dict[str, Any]) -> str:
         if "error" in rec:
             lines += [f"FAILED: `{rec['error']}`", ""]
             continue
-        if t == "qat":
-            lines += ["```", json.dumps({k: v for k, v in rec.items() if k != "traceback"}, indent=1)[:4000], "```", ""]
+        if rec.get("skipped"):
+            lines += [f"- QAT not available: {rec['reason']}", f"- triggered by: {'; '.join(rec['trigger'])}",
+                      "- float families tried instead (greedy, measured): " +
+                      "; ".join(", ".join(f) or "none" for f in rec["float_families_tried"]), ""]
             continue
         ratio = rec.get("size_ratio")
         lines += [f"- scheme: {rec['scheme']}", f"- measured on: {rec['measured_on']}",
@@ -58,6 +88,7 @@ def render_markdown(r: dict[str, Any]) -> str:
                          f"{_pct(sr['agreement_with_fp32']['agreement/path'])} | "
                          f"{_pct(sr['agreement_with_pytorch_simulation']['agreement/path'])} |")
         lines.append("")
+    lines += qat_section(r)
     lines.append(f"Run time: {r['seconds']} s.")
     return "\n".join(lines) + "\n"
 

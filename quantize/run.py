@@ -66,8 +66,13 @@ def judge(res: TargetResult, evals, fp32_lp, sim_lp, taxonomy, sim_weights_only=
 
 def quantize_checkpoint(checkpoint: str | Path, data: str, targets: Sequence[str], out: str | Path,
                         n_calibration: int = 300, n_sensitivity: int = 200, qat_epochs: int = 0,
-                        eval_limit: int = 0, n_parity: int = 64, log: Callable[[str], None] = print) -> dict[str, Any]:
-    """Run the whole int8 pipeline for a model directory; writes `<out>/<target>/` + report.{md,json}."""
+                        eval_limit: int = 0, n_parity: int = 64, log: Callable[[str], None] = print,
+                        qat: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Run the whole int8 pipeline for a model directory; writes `<out>/<target>/` + report.{md,json}.
+
+    `qat_epochs` > 0: pt2e QAT for the targets whose PTQ misses the accuracy bar (`<out>/qat/<target>/`,
+    report rows `<target>_qat`); `qat` overrides quantize.qat.QATConfig fields (images, lr, force, ...).
+    """
     from train.checkpoint import file_sha256, load_model
     from .report import write_report
 
@@ -124,13 +129,13 @@ def quantize_checkpoint(checkpoint: str | Path, data: str, targets: Sequence[str
             results[t] = {"target": t, "error": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc(),
                           "meets_bar": False}
 
-    if qat_epochs > 0 and any(not r.get("meets_bar") and "error" not in r and t != "coreml" for t, r in results.items()):
-        from .qat import run_qat
-        try:
-            results["qat"] = run_qat(ctx, evals, fp32_lp, out, qat_epochs, data)
-        except QuantizeError as e:
-            log(f"qat: {e}")
-            results["qat"] = {"target": "qat", "error": str(e), "meets_bar": False}
+    if qat_epochs > 0:
+        from .qat import QATConfig, run_qat
+        qcfg = QATConfig(**{"epochs": qat_epochs, "freeze_blocks": int(conf.get("train", {}).get("freeze_blocks", 0)),
+                            **(qat or {})})
+        results.update(run_qat(ctx, results, out, data, qcfg,
+                               lambda res: judge(res, evals, fp32_lp, sim_lp, tax, simw_lp),
+                               MAX_TOP1_DROP, MIN_AGREEMENT))
     report = {"checkpoint": str(checkpoint), "data": str(data), "image_size": size, "calibration": cal.source,
               "sensitivity": plan.to_dict(), "evaluation_sets": {k: s.source for k, s in evals.items()},
               "bar": {"max_fine_top1_drop": MAX_TOP1_DROP, "min_fine_agreement": MIN_AGREEMENT,

@@ -1,0 +1,113 @@
+"""pt2e QAT fallback on a real tiny student and real Grocery photos: forced QAT for ExecuTorch and TFLite."""
+
+from __future__ import annotations
+
+import json
+import warnings
+
+import numpy as np
+import pytest
+
+from sdk import Classifier, Manifest
+
+
+def test_accuracy_misses_names_the_failing_split():
+    from quantize.qat import accuracy_misses
+
+    def split(drop, agr):
+        return {"fine_top1_drop": drop, "agreement_with_fp32": {"agreement/fine": agr}}
+
+    ok = {"splits": {"val": split(0.0, 1.0), "train20": split(0.005, 0.99)}}
+    assert accuracy_misses(ok, "fine", 0.005, 0.99) == []
+    bad = {"splits": {"val": split(0.0, 1.0), "train20": split(0.02, 0.97)}}
+    why = accuracy_misses(bad, "fine", 0.005, 0.99)
+    assert len(why) == 2 and all(w.startswith("train20:") for w in why)
+
+
+def test_trainable_parameters_follow_the_frozen_prefix():
+    from quantize.qat import _trainable
+
+    assert not _trainable("model.backbone._conv_stem.weight", 3)
+    assert not _trainable("model.backbone._blocks.2._expand_conv.weight", 3)
+    assert _trainable("model.backbone._blocks.3._expand_conv.weight", 3)
+    assert not _trainable("model.backbone._blocks.5._bn1.weight", 3)
+    assert _trainable("model.backbone._conv_head.weight", 3)
+    assert _trainable("model.head.cross.0.0.attn.q.weight", 3)
+
+
+def test_qat_config_rejects_zero_epochs():
+    from quantize.qat import QATConfig
+
+    with pytest.raises(ValueError, match="at least one epoch"):
+        QATConfig(epochs=0)
+
+
+@pytest.mark.slow
+def test_training_photos_exclude_the_judging_slice(grocery_root, tiny_student_dir):
+    from quantize.qat import training_set
+    from sdk import Taxonomy, prepare
+    from train.data import load_dataset, stratified_holdout
+
+    tax = Taxonomy.load(tiny_student_dir / "taxonomy.json")
+    photos = training_set(str(grocery_root), 64, tax, n=20)
+    assert photos.images.shape == (20, 64, 64, 3) and photos.images.dtype == np.uint8
+    ds = load_dataset(str(grocery_root), "train", taxonomy=tax)
+    _, hold = stratified_holdout(ds, 0.2, seed=0)
+    classes = {int(l) for l in photos.labels[:, -1]}
+    held = [prepare(ds.samples[i].source, 64) for i in hold if ds.samples[i].labels[-1] in classes]
+    assert held and not any(np.array_equal(h, p) for h in held for p in photos.images)
+    assert len({int(l) for l in photos.labels[:, -1]}) == 20  # spread over classes
+
+
+@pytest.mark.slow
+def test_forced_qat_artifacts_load_through_the_sdk(tiny_student_dir, grocery_root, tmp_path):
+    from quantize import quantize_checkpoint
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        rep = quantize_checkpoint(tiny_student_dir, str(grocery_root), ["executorch", "tflite"], tmp_path,
+                                  n_calibration=40, n_sensitivity=24, eval_limit=32, n_parity=16, qat_epochs=1,
+                                  qat={"images": 40, "force": True}, log=lambda *_: None)
+    saved = json.loads((tmp_path / "report.json").read_text())
+    md = (tmp_path / "report.md").read_text()
+    assert "## QAT vs post-training int8" in md
+    for t in ("executorch", "tflite"):
+        rec = rep["targets"][f"{t}_qat"]
+        assert "error" not in rec, f"{t} QAT: {rec.get('error')}\n{rec.get('traceback')}"
+        assert saved["targets"][f"{t}_qat"]["qat"]["epochs"] == 1
+        assert rec["qat"]["n_images"] == 40 and rec["qat"]["history"][0]["steps"] == 5
+        assert rec["qat"]["trainable_params"] > 0
+        assert set(rec["ptq"]) == set(rec["splits"]) == {"val", "train20"}
+        d = tmp_path / "qat" / t
+        m = Manifest.load(d)
+        assert m.precision == "int8"
+        assert m.metrics["qat"]["epochs"] == 1 and m.metrics["quantization"]["qat"]["n_images"] == 40
+        assert m.metrics["int8_evaluation"]["target"] == f"{t}_qat"
+        assert rec["size_ratio"] < 0.5  # still an int8 file
+        # the tiny student is barely trained (flat distributions, easy to flip): 90 %, as for PTQ
+        agr = rec["splits"]["val"]["agreement_with_fp32"]["agreement/fine"]
+        assert agr >= 0.90, f"{t} QAT: fine agreement with fp32 {agr}"
+        assert f"| {t} | val |" in md
+        # same SDK call path as every artifact, no code change
+        pred = Classifier.load(d).classify(grocery_root / "train/Fruit/Banana/Banana_001.jpg")
+        assert pred.full_path
+    # QAT leaves the post-training artifacts and their records alone
+    assert Manifest.load(tmp_path / "executorch").metrics["quantization"].get("qat") is None
+    assert "error" not in rep["targets"]["executorch"]
+
+
+def test_onnx_reports_qat_unavailable(tmp_path):
+    """A target without a pt2e path gets a record saying so and which float sets were tried."""
+    from quantize.qat import QATConfig, run_qat
+    from quantize.sensitivity import Plan
+
+    class Ctx:  # run_qat only reads the plan and the taxonomy for a target it cannot QAT
+        plan = Plan(["a"], ["b"], {}, steps=[{"float": ["b"], "fine_agreement": 0.9, "fine_top1_drop": 0.02}])
+        taxonomy = type("T", (), {"level_names": ["category", "coarse", "fine"]})()
+        log = staticmethod(lambda *_: None)
+
+    rec = {"splits": {"val": {"fine_top1_drop": 0.02, "agreement_with_fp32": {"agreement/fine": 0.95}}}}
+    out = run_qat(Ctx(), {"onnx": rec}, tmp_path, "no data needed", QATConfig(epochs=1),
+                  judge=lambda r: pytest.fail("nothing to judge"), max_top1_drop=0.005, min_agreement=0.99)
+    assert out["onnx_qat"]["skipped"] and "not available" in out["onnx_qat"]["reason"]
+    assert out["onnx_qat"]["float_families_tried"] == [["b"]]

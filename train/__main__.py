@@ -12,7 +12,7 @@ from typing import Any
 from .models import ModelConfig
 from .loop import TrainConfig
 
-STUDENT_DEFAULTS = ModelConfig()
+STUDENT_DEFAULTS = ModelConfig(global_head=True)
 # HSQ-FT teacher: Lite2, three scales (block 6 at stride 8 pooled x2, block 14 at stride 16, head
 # at stride 32) fused by self-attention, eigen-image query init, two cross-attention layers per level.
 TEACHER_DEFAULTS = ModelConfig(arch="hsq_teacher", backbone="efficientnet_lite2", image_size=224, taps=(6, 14, -1),

@@ -44,6 +44,7 @@ class ModelConfig:
     coarse_to_fine: bool = True
     ffn_mult: int = 2
     dropout: float = 0.1
+    global_head: bool = False  # add a linear read-out of the pooled head features to every level's logits
     query_init: str = "random"  # "eigen": weighted eigen-image of each class's training features
     eigen_components: int = 3
     part_select: int = 0  # >0: TransFG part selection, this many most attended tokens (train/components.py)
@@ -182,8 +183,12 @@ class HierarchicalQueryHead(nn.Module):
         self.camp = nn.ModuleList(CAMP(d, cfg.heads, cfg.ffn_mult, cfg.dropout) for _ in range(taxonomy.depth - 1)) \
             if cfg.camp else None
 
-    def forward(self, tokens: torch.Tensor, aux: dict | None = None):
-        """Per-level log-probs; when `aux` is a dict it receives 'logits' and 'queries' per level."""
+    def forward(self, tokens: torch.Tensor, aux: dict | None = None, global_logits: list | None = None):
+        """Per-level log-probs; when `aux` is a dict it receives 'logits' and 'queries' per level.
+
+        `global_logits` (per level, from a linear read-out of globally pooled features) are added to
+        the query read-out before the softmax, so CAMP's prior already includes them.
+        """
         b = tokens.shape[0]
         logps: list[torch.Tensor] = []
         logits: list[torch.Tensor] = []
@@ -198,7 +203,7 @@ class HierarchicalQueryHead(nn.Module):
             if lvl > 0 and self.camp is not None:
                 q = self.camp[lvl - 1](q, outs[-1], logps[-1])
             outs.append(q)
-            logits.append(self.readout[lvl](q))
+            logits.append(self.readout[lvl](q) + (global_logits[lvl] if global_logits is not None else 0))
             logps.append(F.log_softmax(logits[-1], dim=-1))
         if aux is not None:
             aux["logits"], aux["queries"] = logits, outs
@@ -243,6 +248,13 @@ class HierarchicalQueryModel(nn.Module):
         self.backbone._fc = None  # the ImageNet classifier is not part of this model (saves 1.3 M params)
         self.tokens = MultiScaleTokens(self.backbone, cfg)
         self.head = HierarchicalQueryHead(taxonomy, cfg)
+        if cfg.global_head:
+            if -1 not in cfg.taps:
+                raise ValueError("global_head needs the head conv (tap -1) among the taps")
+            # A flat linear read-out of the pooled head conv per level: the query heads and CAMP then
+            # learn a correction on top of what a flat classifier sees, which converges faster on CPU budgets.
+            self.global_head = nn.ModuleList(nn.Linear(self.backbone.head_channels, n) for n in taxonomy.sizes)
+            self.global_drop = nn.Dropout(cfg.dropout * 2)
         if cfg.part_select or cfg.c2f_refine:
             from .components import setup_refinement
             setup_refinement(self)  # keep the fine attention map; C2F: orthogonal attention init
@@ -264,7 +276,11 @@ class HierarchicalQueryModel(nn.Module):
         tokens = self.tokens(feats)
         if aux is not None:
             aux["tokens"], aux["pooled"] = tokens, tokens.mean(1)
-        return self.head(tokens, aux=aux)
+        glob = None
+        if self.cfg.global_head:
+            g = self.global_drop(feats[-1].mean((2, 3)))
+            glob = [lin(g) for lin in self.global_head]
+        return self.head(tokens, aux=aux, global_logits=glob)
 
     def forward(self, x: torch.Tensor, start: int = 0, cached: dict | None = None, aux: dict | None = None):
         return self.forward_from(x, start, cached=cached, aux=aux)

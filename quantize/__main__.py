@@ -24,6 +24,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--qat-images", type=int, default=0,
                    help="training photos for QAT (0: all outside the 20 %% judging slice)")
     p.add_argument("--qat-lr", type=float, default=1e-5, help="QAT learning rate (AdamW)")
+    p.add_argument("--qat-ce-weight", type=float, default=0.0,
+                   help="weight of the label loss (ce) next to the KL to fp32 in QAT (0: distillation only)")
     p.add_argument("--qat-batch-size", type=int, default=8, help="QAT batch size")
     p.add_argument("--eval-limit", type=int, default=0, help="cap the evaluation sets (0: all of val and the 20 %% train slice)")
     a = p.parse_args(argv)
@@ -31,7 +33,7 @@ def main(argv: list[str] | None = None) -> int:
     warnings.simplefilter("default")
     rep = quantize_checkpoint(a.checkpoint, a.data, targets, a.out, n_calibration=a.calibration_images,
                               n_sensitivity=a.sensitivity_images, qat_epochs=a.qat_epochs, eval_limit=a.eval_limit,
-                              qat={"images": a.qat_images, "lr": a.qat_lr, "batch_size": a.qat_batch_size,
+                              qat={"images": a.qat_images, "lr": a.qat_lr, "batch_size": a.qat_batch_size, "ce_weight": a.qat_ce_weight,
                                    "force": a.force_qat})
     print(f"report: {a.out}/report.md")
     res = rep["targets"]

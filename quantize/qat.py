@@ -9,9 +9,9 @@ PT2E quantizer for TFLite), built with `is_qat=True`, on the graph with BatchNor
 convs (eval statistics, as prepare_pt2e does for PTQ: BN is frozen and the trained weights are the
 folded ones that deploy; `move_exported_model_to_eval` turns dropout off) -> observers
 initialized on the real calibration photos -> N epochs on real training photos (train split minus its
-20 % judging slice, decoded by `sdk.prepare`, no augmentation), loss = `ce` (train.losses, the labels)
-+ KL(fp32 || QAT) per level (distillation from the fp32 model, so the int8 model learns to answer
-like fp32), AdamW with a small lr; the backbone blocks the student was trained with frozen stay frozen
+20 % judging slice, decoded by `sdk.prepare`, no augmentation), loss = KL(fp32 || QAT) per level
+(distillation from the fp32 model, so the int8 model learns to answer like fp32) + ce_weight * `ce`
+(train.losses, the labels; 0 by default, see QATConfig), AdamW with a small lr; the backbone blocks the student was trained with frozen stay frozen
 (`freeze_blocks` from the checkpoint's training config) -> observers frozen for the last epoch when
 N >= 2 -> `convert_pt2e` -> the PTQ path's lowering (XNNPACK delegation asserted / litert convert with
 the uint8 input asserted) -> re-measured by the same judge as PTQ.
@@ -50,7 +50,11 @@ class QATConfig:
     images: int = 0
     batch_size: int = 8
     lr: float = 1e-5
-    ce_weight: float = 1.0
+    # the bar is agreement with fp32, so distillation leads. Measured on the tiny student (40 photos,
+    # 1 epoch, 96 judging photos, ExecuTorch graph in PyTorch): fine agreement with fp32 97.9 % before
+    # training, 99.0 % after with KL only, 94.8 % with ce weight 0.1 (ce pulls answers towards the
+    # labels, away from fp32). ce is still computed and logged; --qat-ce-weight turns it on.
+    ce_weight: float = 0.0
     kd_weight: float = 1.0  # KL(fp32 || QAT) summed over levels
     freeze_blocks: int = 0  # backbone blocks [0, freeze_blocks) and the stem are not trained
     seed: int = 0
@@ -134,10 +138,39 @@ def prepare(ctx: QuantContext, quantizer) -> torch.fx.GraphModule:
     _fuse_conv_bn_(gm)
     prepared = prepare_qat_pt2e(gm, quantizer)
     move_exported_model_to_eval(prepared)
-    with torch.no_grad():
-        for b in ctx.calibration_batches(10):
-            prepared(torch.from_numpy(b))
+    init_ranges(prepared, ctx.calibration_batches(25))
     return prepared
+
+
+def init_ranges(prepared: torch.fx.GraphModule, batches) -> None:
+    """Activation ranges = min/max over all the calibration photos before training starts.
+
+    The QAT observers are moving averages (constant 0.01) of per-batch min/max: left alone, a
+    calibration pass leaves them at roughly the first batch's range, and the measured start point
+    was below PTQ (fine agreement 95.8 % vs 100 % on 96 photos of the tiny student). Per batch the
+    averaging constant is set to 1 and the running min/max merged back, so the ranges cover every
+    calibration photo, as PTQ's do; training then moves them with the usual constant.
+    """
+    fqs = [m for m in prepared.modules() if hasattr(getattr(m, "activation_post_process", None), "averaging_constant")]
+    consts = [m.activation_post_process.averaging_constant for m in fqs]
+    with torch.no_grad():
+        for k, b in enumerate(batches):
+            prev = [(m.activation_post_process.min_val.clone(), m.activation_post_process.max_val.clone()) for m in fqs]
+            for m in fqs:
+                m.activation_post_process.averaging_constant = 1.0
+            prepared(torch.from_numpy(b))
+            for m, (lo, hi) in zip(fqs, prev):
+                o = m.activation_post_process
+                if k and lo.numel() == o.min_val.numel():
+                    o.min_val.copy_(torch.minimum(lo, o.min_val))
+                    o.max_val.copy_(torch.maximum(hi, o.max_val))
+        for m, c in zip(fqs, consts):
+            o = m.activation_post_process
+            o.averaging_constant = c
+            if o.min_val.numel():
+                scale, zp = o.calculate_qparams()
+                m.scale.resize_(scale.shape).copy_(scale)
+                m.zero_point.resize_(zp.shape).copy_(zp)
 
 
 def train(prepared: torch.fx.GraphModule, ctx: QuantContext, photos: ImageSet, cfg: QATConfig,

@@ -46,9 +46,10 @@ class TreeMarginals(nn.Module):
             self.register_buffer(f"member_{lvl}", m, persistent=False)
 
     def forward(self, fine_logp: torch.Tensor) -> list[torch.Tensor]:
-        top = fine_logp.amax(1, keepdim=True)
-        p = (fine_logp - top).exp()
-        out = [(p @ getattr(self, f"member_{lvl}")).clamp_min(1e-30).log() + top for lvl in range(self.depth - 1)]
+        # fine_logp is a log-softmax: exp() is already in [0, 1] and sums to 1, so no max-shift is
+        # needed (and amax would fall outside ExecuTorch's XNNPACK delegate)
+        p = fine_logp.exp()
+        out = [(p @ getattr(self, f"member_{lvl}")).clamp_min(1e-30).log() for lvl in range(self.depth - 1)]
         return out + [fine_logp]
 
 
@@ -73,7 +74,7 @@ class _PooledBackboneModel(nn.Module):
             f = cached[-1]
         else:
             f = self.backbone.forward_range(x, start, (-1,))[-1]
-        return f.mean((2, 3))
+        return f.mean((2, 3), keepdim=True).flatten(1)  # keepdim: the form XNNPACK delegates
 
     def forward(self, x: torch.Tensor, start: int = 0, cached: dict | None = None, aux: dict | None = None):
         return self.forward_from(x, start, cached=cached, aux=aux)

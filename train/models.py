@@ -278,7 +278,7 @@ class HierarchicalQueryModel(nn.Module):
             aux["tokens"], aux["pooled"] = tokens, tokens.mean(1)
         glob = None
         if self.cfg.global_head:
-            g = self.global_drop(feats[-1].mean((2, 3)))
+            g = self.global_drop(feats[-1].mean((2, 3), keepdim=True).flatten(1))  # keepdim: XNNPACK-delegable
             glob = [lin(g) for lin in self.global_head]
         return self.head(tokens, aux=aux, global_logits=glob)
 

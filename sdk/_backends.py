@@ -70,6 +70,7 @@ class OnnxRuntimeBackend(Backend):
             raise ModelIntegrityError("the ONNX backend needs onnxruntime: pip install onnxruntime") from e
         opts = ort.SessionOptions()
         opts.intra_op_num_threads = int(num_threads or 1)
+        opts.log_severity_level = 3  # errors only: unused-initializer warnings are noise on a device
         opts.inter_op_num_threads = 1
         try:
             self.session = ort.InferenceSession(str(path), sess_options=opts, providers=["CPUExecutionProvider"])

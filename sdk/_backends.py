@@ -13,6 +13,22 @@ import numpy as np
 
 from ._errors import ModelIntegrityError
 from ._manifest import Manifest
+from ._registry import Registry
+
+
+class BackendUnavailableError(ModelIntegrityError):
+    """The artifact is intact, but its runtime cannot run here (package missing, or wrong OS)."""
+
+_BACKENDS: Registry = Registry("backend", missing=ModelIntegrityError)
+register_backend = _BACKENDS.register
+
+
+def available_backends() -> list[str]:
+    return _BACKENDS.names()
+
+
+def create_backend(name: str, path: Path, manifest: Manifest, num_threads: int | None) -> "Backend":
+    return _BACKENDS.get(name)(path, manifest, num_threads)
 
 
 class BackendUnavailableError(ModelIntegrityError):

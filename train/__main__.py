@@ -83,21 +83,17 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m train", description="Train and evaluate hierfg models.")
     sub = p.add_subparsers(dest="cmd", required=True)
     for name, help_ in [("student", "fine-tune the hierarchical query student on labels"),
-                        ("teacher", "train the full HSQ-FT teacher (torchrun-ready: DDP on gloo/nccl)")]:
+                        ("teacher", "train the full HSQ-FT teacher (torchrun-ready: DDP on gloo/nccl)"),
+                        ("distill", "distill a teacher into a student (labels + per-level KL)")]:
         st = sub.add_parser(name, help=help_)
+        if name == "distill":
+            st.add_argument("--teacher", required=True, help="teacher model directory")
+            st.add_argument("--temperature", type=float, default=4.0, help="softening temperature T (default 4)")
         st.add_argument("--out", required=True, help="model directory to write")
         st.add_argument("--config", help="YAML/JSON with 'model' and 'train' sections; flags override it")
         st.add_argument("--resume", action="store_true", help="continue from <out>/checkpoint after a kill")
         _add_dataclass_args(st, ModelConfig)
         _add_dataclass_args(st, TrainConfig)
-    ds = sub.add_parser("distill", help="distill a teacher into a student (labels + per-level KL)")
-    ds.add_argument("--teacher", required=True, help="teacher model directory")
-    ds.add_argument("--temperature", type=float, default=4.0, help="softening temperature T (default 4)")
-    ds.add_argument("--out", required=True, help="model directory to write")
-    ds.add_argument("--config", help="YAML/JSON with 'model' and 'train' sections; flags override it")
-    ds.add_argument("--resume", action="store_true", help="continue from <out>/checkpoint after a kill")
-    _add_dataclass_args(ds, ModelConfig)
-    _add_dataclass_args(ds, TrainConfig)
     ev = sub.add_parser("evaluate", help="metrics of a checkpoint or exported artifact on a split")
     ev.add_argument("--model", required=True, help="model directory (model.safetensors) or artifact directory (manifest.json)")
     ev.add_argument("--data", required=True, help="dataset root (Grocery Store root, folder tree, or 'synthetic')")

@@ -16,31 +16,22 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from sdk._registry import Registry
+
 STAGE_STRIDES = (1, 2, 2, 2, 1, 2, 1)
 BN_EPS = 1e-3
 BN_MOMENTUM = 0.01
 
-_BACKBONES: dict[str, Callable[..., "EfficientNetLite"]] = {}
-
-
-def register_backbone(name: str):
-    def deco(fn):
-        if name in _BACKBONES:
-            raise ValueError(f"backbone {name!r} is already registered")
-        _BACKBONES[name] = fn
-        return fn
-    return deco
+_BACKBONES: Registry = Registry("backbone")
+register_backbone = _BACKBONES.register
 
 
 def list_backbones() -> list[str]:
-    return sorted(_BACKBONES)
+    return _BACKBONES.names()
 
 
 def create_backbone(name: str, pretrained: bool = True) -> "EfficientNetLite":
-    try:
-        return _BACKBONES[name](pretrained=pretrained)
-    except KeyError:
-        raise ValueError(f"unknown backbone {name!r}; registered: {list_backbones()}") from None
+    return _BACKBONES.get(name)(pretrained=pretrained)
 
 
 def _same_pad(x: torch.Tensor, k: int, s: int) -> torch.Tensor:

@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from sdk import Taxonomy
+from sdk._registry import Registry
 
 
 @dataclass
@@ -28,27 +29,16 @@ class LossContext:
 
 
 LossFn = Callable[[LossContext], torch.Tensor]
-_LOSSES: dict[str, LossFn] = {}
-
-
-def register_loss(name: str):
-    def deco(fn: LossFn) -> LossFn:
-        if name in _LOSSES:
-            raise ValueError(f"loss {name!r} is already registered")
-        _LOSSES[name] = fn
-        return fn
-    return deco
+_LOSSES: Registry = Registry("loss")
+register_loss = _LOSSES.register
 
 
 def list_losses() -> list[str]:
-    return sorted(_LOSSES)
+    return _LOSSES.names()
 
 
 def get_loss(name: str) -> LossFn:
-    try:
-        return _LOSSES[name]
-    except KeyError:
-        raise ValueError(f"unknown loss {name!r}; registered: {list_losses()}") from None
+    return _LOSSES.get(name)
 
 
 def parse_weights(spec: str) -> dict[str, float]:

@@ -23,6 +23,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from sdk import Taxonomy
+from sdk._registry import Registry
 
 from .backbones import EfficientNetLite, create_backbone, normalize_uint8
 
@@ -350,13 +351,11 @@ class HierarchicalQueryModel(nn.Module):
         self.train(was_training)
 
 
-_ARCHS: dict[str, type] = {}
+_ARCHS: Registry = Registry("architecture")
 
 
 def register_arch(name: str, cls: type) -> None:
-    if name in _ARCHS:
-        raise ValueError(f"architecture {name!r} is already registered")
-    _ARCHS[name] = cls
+    _ARCHS.add(name, cls)
 
 
 register_arch("hsq_student", HierarchicalQueryModel)
@@ -364,15 +363,11 @@ register_arch("hsq_teacher", HierarchicalQueryModel)
 
 
 def list_archs() -> list[str]:
-    return sorted(_ARCHS)
+    return _ARCHS.names()
 
 
 def build_model(taxonomy: Taxonomy, cfg: ModelConfig, pretrained: bool = True) -> nn.Module:
-    try:
-        cls = _ARCHS[cfg.arch]
-    except KeyError:
-        raise ValueError(f"unknown arch {cfg.arch!r}; registered: {list_archs()}") from None
-    return cls(taxonomy, cfg, pretrained=pretrained)
+    return _ARCHS.get(cfg.arch)(taxonomy, cfg, pretrained=pretrained)
 
 
 class DeployWrapper(nn.Module):

@@ -24,7 +24,7 @@ import sdk
 import sdk._image as image_mod
 from sdk import (Classifier, HierarchicalPrediction, InvalidImageError, ItemError, ModelIntegrityError,
                  ModelOutputError, Taxonomy, UnsupportedFormatError, load_image, prepare)
-from sdk._backends import _REGISTRY
+from sdk._backends import _BACKENDS
 
 
 S = 128  # the fixture model's input size
@@ -424,7 +424,7 @@ def test_row16_wrong_sha256_checked_before_parsing(model_copy, monkeypatch):
     data = bytearray(f.read_bytes())
     data[len(data) // 2] ^= 0xFF  # same size, different content
     f.write_bytes(bytes(data))
-    monkeypatch.setitem(_REGISTRY, "onnx", _Recorder)
+    monkeypatch.setitem(_BACKENDS._items, "onnx", _Recorder)
     with pytest.raises(ModelIntegrityError, match=r"model\.onnx.*sha256"):
         Classifier.load(model_copy)
     assert _Recorder.constructed == 0

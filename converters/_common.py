@@ -116,3 +116,21 @@ def check_parity(target: str, deploy: torch.nn.Module, artifact: Path, manifest:
         if worst > spec.max_abs_logprob:
             raise ParityError(f"{target}: max |Δ log-prob| {worst:.2e} exceeds {spec.max_abs_logprob:.0e}")
     return manifest
+
+
+def begin_export(target: str, model: torch.nn.Module, spec: ExportSpec, out_dir: str | Path,
+                 defaults: dict[str, Any]) -> tuple[Path, dict[str, Any], Taxonomy]:
+    """The preamble every converter shares: output folder, resolved options (a `batch` option, where a
+    target has one, must be >= 1), the model's taxonomy, and eval mode."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    opts = {**defaults, **spec.options}
+    if "batch" in opts and int(opts["batch"]) < 1:
+        raise ExportError(f"{target}: option batch must be >= 1, got {opts['batch']!r}")
+    model.eval()
+    return out, opts, model.model.taxonomy
+
+
+def example_images(spec: ExportSpec, batch: int, dtype: torch.dtype = torch.uint8) -> torch.Tensor:
+    """A blank NHWC image batch at the model's fixed size, the example input for tracing/export."""
+    return torch.zeros(int(batch), spec.image_size, spec.image_size, 3, dtype=dtype)

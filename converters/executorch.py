@@ -31,7 +31,7 @@ import torch
 
 from sdk import Taxonomy
 
-from ._common import Artifact, ExportError, ExportSpec, check_parity, tool_versions, write_manifest
+from ._common import begin_export, example_images, Artifact, ExportError, ExportSpec, check_parity, tool_versions, write_manifest
 
 OPTIONS = {"batch": 1}
 
@@ -93,15 +93,9 @@ def export(model: torch.nn.Module, spec: ExportSpec, out_dir: str | Path) -> Art
     from executorch.exir import to_edge_transform_and_lower
     from torch.export import default_decompositions
 
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    opts = {**OPTIONS, **spec.options}
-    if int(opts["batch"]) < 1:
-        raise ExportError(f"executorch: option batch must be >= 1, got {opts['batch']!r}")
-    taxonomy: Taxonomy = model.model.taxonomy
+    out_dir, opts, taxonomy = begin_export("executorch", model, spec, out_dir, OPTIONS)
     path = out_dir / "model.pte"
-    example = torch.zeros(int(opts["batch"]), spec.image_size, spec.image_size, 3, dtype=torch.uint8)
-    model.eval()
+    example = example_images(spec, opts["batch"])
     try:
         ep = torch.export.export(model, (example,))
         table = default_decompositions()

@@ -12,7 +12,7 @@ import torch
 
 from sdk import Taxonomy
 
-from ._common import Artifact, ExportError, ExportSpec, check_parity, output_names, tool_versions, write_manifest
+from ._common import begin_export, example_images, Artifact, ExportError, ExportSpec, check_parity, output_names, tool_versions, write_manifest
 from ._metadata import embedded_metadata
 
 OPTIONS = {"opset": 17, "dynamic_batch": True}
@@ -22,14 +22,10 @@ def export(model: torch.nn.Module, spec: ExportSpec, out_dir: str | Path) -> Art
     """Export a DeployWrapper-wrapped model (uint8 NHWC in) to `<out_dir>/model.onnx` + manifest."""
     import onnx
 
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    opts = {**OPTIONS, **spec.options}
-    taxonomy: Taxonomy = model.model.taxonomy
+    out_dir, opts, taxonomy = begin_export("onnx", model, spec, out_dir, OPTIONS)
     names = output_names(taxonomy)
     path = out_dir / "model.onnx"
-    example = torch.zeros(2, spec.image_size, spec.image_size, 3, dtype=torch.uint8)
-    model.eval()
+    example = example_images(spec, 2)
     try:
         torch.onnx.export(
             model, (example,), str(path), input_names=["image"], output_names=names,

@@ -19,7 +19,7 @@ import torch
 
 from sdk import Taxonomy
 
-from ._common import Artifact, ExportError, ExportSpec, check_parity, tool_versions, write_manifest
+from ._common import begin_export, example_images, Artifact, ExportError, ExportSpec, check_parity, tool_versions, write_manifest
 from ._metadata import embedded_metadata
 
 OPTIONS = {"batch": 1}
@@ -61,15 +61,9 @@ def export(model: torch.nn.Module, spec: ExportSpec, out_dir: str | Path) -> Art
     """Export a DeployWrapper-wrapped model (uint8 NHWC in) to `<out_dir>/model.tflite` + manifest."""
     import litert_torch
 
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    opts = {**OPTIONS, **spec.options}
-    if int(opts["batch"]) < 1:
-        raise ExportError(f"tflite: option batch must be >= 1, got {opts['batch']!r}")
-    taxonomy: Taxonomy = model.model.taxonomy
+    out_dir, opts, taxonomy = begin_export("tflite", model, spec, out_dir, OPTIONS)
     path = out_dir / "model.tflite"
-    example = torch.zeros(int(opts["batch"]), spec.image_size, spec.image_size, 3, dtype=torch.uint8)
-    model.eval()
+    example = example_images(spec, opts["batch"])
     try:
         litert_torch.convert(model, (example,)).export(str(path))
     except Exception as e:

@@ -30,6 +30,7 @@ from .checkpoint import file_sha256, load_model
 from .losses import LossContext, register_loss
 from .loop import CACHE_ROOT, FeatureCache, TrainConfig, prepare_data, split_cached, train_model
 from .models import ModelConfig
+from sdk import Taxonomy
 
 
 @register_loss("kd")
@@ -84,7 +85,7 @@ def distill(teacher_dir: str | Path, mc: ModelConfig, tc: TrainConfig, out: str 
     if "kd" not in tc.losses.split(","):
         tc = replace(tc, losses=tc.losses + ",kd")
     _, train, _ = prepare_data(tc, None)
-    _, _, ttax, _ = load_model(teacher_dir)
+    ttax = Taxonomy.load(Path(teacher_dir) / "taxonomy.json")  # the weights are loaded once, below
     if ttax != train.taxonomy:
         raise ValueError(f"teacher taxonomy {ttax.hash[:12]} differs from the data's {train.taxonomy.hash[:12]}")
     targets = teacher_targets(teacher_dir, train, tc.cache_views, tc.seed, log)

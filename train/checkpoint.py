@@ -67,13 +67,15 @@ def file_sha256(path: str | Path) -> str:
 
 
 def save_training_state(out: Path, model: torch.nn.Module, optimizer, scheduler, epoch: int,
-                        history: list[dict]) -> None:
+                        history: list[dict], ema=None) -> None:
     """Write epoch `epoch` into its own folder, then point `latest.json` at it (an atomic rename), then
     drop older folders: a kill at any moment leaves the previous finished epoch resumable."""
     ck = out / "checkpoint"
     folder = ck / f"epoch-{epoch:04d}"
     folder.mkdir(parents=True, exist_ok=True)
     save_file(state_dict_for_save(model), str(folder / "model.safetensors"))
+    if ema is not None:
+        save_file({k: v.contiguous() for k, v in ema.shadow.items()}, str(folder / "ema.safetensors"))
     torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                 "rng": torch.get_rng_state()}, folder / "state.pt")
     _atomic(ck / "latest.json", lambda p: p.write_text(json.dumps(
@@ -85,7 +87,8 @@ def save_training_state(out: Path, model: torch.nn.Module, optimizer, scheduler,
             old.rmdir()
 
 
-def load_training_state(out: Path, model: torch.nn.Module, optimizer, scheduler) -> tuple[int, list[dict]]:
+def load_training_state(out: Path, model: torch.nn.Module, optimizer, scheduler,
+                        ema=None) -> tuple[int, list[dict]]:
     """Restore the last finished epoch; returns (next epoch, history). (0, []) when nothing saved."""
     ck = out / "checkpoint"
     if not (ck / "latest.json").is_file():
@@ -97,4 +100,8 @@ def load_training_state(out: Path, model: torch.nn.Module, optimizer, scheduler)
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     torch.set_rng_state(state["rng"])
+    if ema is not None:
+        if not (folder / "ema.safetensors").is_file():
+            raise FileNotFoundError(f"{folder} has no ema.safetensors: this run was started without --ema")
+        ema.shadow = load_file(str(folder / "ema.safetensors"))
     return prog["epoch"] + 1, prog["history"]

@@ -9,6 +9,7 @@ With `freeze_blocks == 0` or `cache_views == 0` images are decoded and augmented
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
@@ -56,6 +57,8 @@ class TrainConfig:
     losses: str = "ce"  # registered losses, comma-separated (train.losses.list_losses())
     loss_weights: str = ""  # e.g. "cluster=0.1,tree=1"
     device: str = "auto"  # auto: cuda when available
+    ema: float = 0.0  # >0: evaluate and save an exponential moving average of the weights (decay per step)
+    mixup: float = 0.0  # >0: Beta(a, a) mixup of the trainable part's input features and of the losses
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "TrainConfig":
@@ -127,6 +130,31 @@ def split_cached(batch: dict[str, torch.Tensor], device) -> tuple[torch.Tensor, 
     x = batch["x"].to(device).float()
     cached = {int(k[3:]): v.to(device).float() for k, v in batch.items() if k.startswith("tap")}
     return x, cached
+
+
+class WeightEMA:
+    """Exponential moving average of every float parameter and buffer (BatchNorm statistics too).
+
+    `swapped(model)` temporarily loads the average into the model (evaluation, saving)."""
+
+    def __init__(self, model: torch.nn.Module, decay: float):
+        self.decay = decay
+        self.shadow = {k: v.detach().clone() for k, v in model.state_dict().items() if v.dtype.is_floating_point}
+
+    @torch.no_grad()
+    def update(self, model: torch.nn.Module) -> None:
+        for k, v in model.state_dict().items():
+            if k in self.shadow:
+                self.shadow[k].lerp_(v.detach(), 1.0 - self.decay)
+
+    @contextlib.contextmanager
+    def swapped(self, model: torch.nn.Module):
+        live = {k: v.detach().clone() for k, v in model.state_dict().items() if k in self.shadow}
+        model.load_state_dict(self.shadow, strict=False)
+        try:
+            yield model
+        finally:
+            model.load_state_dict(live, strict=False)
 
 
 def _param_groups(model, tc: TrainConfig):
@@ -266,7 +294,10 @@ def train_model(mc: ModelConfig, tc: TrainConfig, out: str | Path, resume: bool 
     warm = min(steps_per_epoch, total // 10 + 1)
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: min(1.0, (s + 1) / warm) * 0.5 * (1 + math.cos(math.pi * min(s, total) / total)))
-    start_epoch, history = (ckpt.load_training_state(out, model, opt, sched) if resume else (0, []))
+    ema = WeightEMA(model, tc.ema) if tc.ema > 0 else None
+    if tc.mixup > 0 and teacher is not None:
+        raise ValueError("mixup is not supported with distillation (the teacher's targets are per image)")
+    start_epoch, history = (ckpt.load_training_state(out, model, opt, sched, ema=ema) if resume else (0, []))
     if resume and start_epoch:
         log(f"resuming after epoch {start_epoch - 1} from {out / 'checkpoint'}")
     net = DDP(model, find_unused_parameters=True) if world > 1 else model
@@ -287,38 +318,54 @@ def train_model(mc: ModelConfig, tc: TrainConfig, out: str | Path, resume: bool 
                 idx = perm[:tc.batch_size]  # uneven shards: every rank must take the same number of steps
             aux: dict = {"index": idx, "epoch": epoch}
             with amp if amp is not None else torch.autocast("cpu", enabled=False):
+                lam, pair = 1.0, None
+                if tc.mixup > 0:  # the draw depends only on (seed, epoch, step): resumable
+                    mg = torch.Generator().manual_seed(tc.seed * 1_000_003 + epoch * 10_007 + step)
+                    lam = float(np.random.default_rng(tc.seed * 1_000_003 + epoch * 10_007 + step).beta(tc.mixup, tc.mixup))
+                    pair = torch.randperm(len(idx), generator=mg)
                 if use_cache:
                     x, cached = split_cached({k: v[view_of[idx], idx] for k, v in feats.items()}, device)
+                    if pair is not None:
+                        x = lam * x + (1 - lam) * x[pair]
+                        cached = {t: lam * c + (1 - lam) * c[pair] for t, c in cached.items()}
                     logps = net(x, nfz, cached, aux)
                 else:
                     rng = random.Random(f"{tc.seed}:{epoch}:{step}")
                     imgs = np.stack([load_view(train.samples[i], mc.image_size, 2 + rng.randrange(1 << 20), tc.seed)
                                      for i in idx.tolist()])
                     x = normalize_uint8(torch.from_numpy(imgs).permute(0, 3, 1, 2)).to(device)
+                    if pair is not None:
+                        x = lam * x + (1 - lam) * x[pair]
                     logps = net(x, 0, None, aux)
                 y = labels[idx].to(device)
                 ctx = LossContext(model, logps, y, aux, tax, tc.label_smoothing)
                 if teacher is not None:
                     aux["teacher"] = teacher(idx, view_of[idx] if use_cache else None)
                 loss = sum(weights.get(n, 1.0) * fn(ctx) for n, fn in loss_fns.items())
+                if pair is not None:  # losses are linear in the target: mix them instead of the labels
+                    ctx_b = LossContext(model, logps, y[pair], aux, tax, tc.label_smoothing)
+                    loss = lam * loss + (1 - lam) * sum(weights.get(n, 1.0) * fn(ctx_b) for n, fn in loss_fns.items())
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 5.0)
             opt.step()
             sched.step()
+            if ema is not None:
+                ema.update(model)
             running += loss.item()
             bar.set_postfix(loss=f"{running / (step + 1):.3f}")
         metrics = {}
         if main_rank:
-            for name, d in evals.items():
-                lp = predict_logprobs(model, d, mc.image_size, feats=evfeats[name] if evfeats else None,
-                                      start=nfz, device=device)
-                metrics[name] = compute_metrics(tax, lp, d.labels())
+            with ema.swapped(model) if ema is not None else contextlib.nullcontext():
+                for name, d in evals.items():
+                    lp = predict_logprobs(model, d, mc.image_size, feats=evfeats[name] if evfeats else None,
+                                          start=nfz, device=device)
+                    metrics[name] = compute_metrics(tax, lp, d.labels())
             rec = {"epoch": epoch, "loss": running / steps_per_epoch, "seconds": time.time() - t0, "eval": metrics}
             history.append(rec)
             log(f"epoch {epoch + 1}/{tc.epochs} loss={rec['loss']:.3f} {rec['seconds']:.0f}s " +
                 " | ".join(f"{k}: {format_metrics(v)}" for k, v in metrics.items()))
-            ckpt.save_training_state(out, model, opt, sched, epoch, history)
+            ckpt.save_training_state(out, model, opt, sched, epoch, history, ema=ema)
         if world > 1:
             dist.barrier()
     sync = None
@@ -334,6 +381,8 @@ def train_model(mc: ModelConfig, tc: TrainConfig, out: str | Path, resume: bool 
         sync = {"world_size": world, "backend": dist.get_backend(), "weight_sha256_per_rank": digests}
     if main_rank:
         model.cpu()
+        if ema is not None:  # the saved model is the weight average (what was evaluated)
+            model.load_state_dict(ema.shadow, strict=False)
         extra = {"train": asdict(tc), "history": history, "metrics": metrics,
                  "wall_seconds": sum(h["seconds"] for h in history), "distributed": sync}
         ckpt.save_model(model, mc, tax, out, extra)

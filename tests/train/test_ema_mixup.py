@@ -1,0 +1,56 @@
+"""Weight averaging (--ema) and feature mixup (--mixup): the saved model is the average, and an
+interrupted run resumed from its checkpoint ends with exactly the weights of an uninterrupted one."""
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import train.checkpoint as ckpt
+import train.loop as loop
+from train.models import ModelConfig
+
+
+def _configs(root):
+    mc = ModelConfig(image_size=96, d_model=32, heads=2, global_head=True)
+    tc = loop.TrainConfig(data=str(root), epochs=2, limit_per_class=2, limit_val=16, cache_views=2,
+                          threads=1, ema=0.9, mixup=0.4)
+    return mc, tc
+
+
+@pytest.mark.slow
+def test_ema_mixup_run_resumes_bit_exactly_and_saves_the_average(tmp_path, grocery_root, monkeypatch):
+    mc, tc = _configs(grocery_root)
+    loop.train_model(mc, tc, tmp_path / "straight", log=lambda *a: None)
+
+    real_save = ckpt.save_training_state
+
+    def save_then_die(out, model, opt, sched, epoch, history, ema=None):
+        real_save(out, model, opt, sched, epoch, history, ema=ema)
+        if epoch == 0:
+            raise KeyboardInterrupt("simulated kill after the first checkpoint")
+
+    monkeypatch.setattr(ckpt, "save_training_state", save_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        loop.train_model(mc, tc, tmp_path / "resumed", log=lambda *a: None)
+    monkeypatch.setattr(ckpt, "save_training_state", real_save)
+    loop.train_model(mc, tc, tmp_path / "resumed", resume=True, log=lambda *a: None)
+
+    a = load_file(str(tmp_path / "straight" / "model.safetensors"))
+    b = load_file(str(tmp_path / "resumed" / "model.safetensors"))
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+    last = tmp_path / "straight" / "checkpoint" / "epoch-0001"
+    live, avg = load_file(str(last / "model.safetensors")), load_file(str(last / "ema.safetensors"))
+    trained = [k for k in avg if k.startswith("head.") and not torch.equal(live[k], avg[k])]
+    assert trained, "the average never moved away from the live weights"
+    for k in avg:
+        assert torch.equal(a[k], avg[k]), f"saved {k} is not the weight average"
+
+
+def test_mixup_refused_with_distillation(tmp_path):
+    mc = ModelConfig(image_size=64, d_model=32, heads=2)
+    tc = loop.TrainConfig(data="synthetic", epochs=1, mixup=0.4, limit_per_class=1, cache_views=1)
+    with pytest.raises(ValueError, match="mixup"):
+        loop.train_model(mc, tc, tmp_path / "x", log=lambda *a: None, teacher=lambda idx, views: None)

@@ -35,7 +35,10 @@ def create_backbone(name: str, pretrained: bool = True) -> "EfficientNetLite":
 
 
 def _same_pad(x: torch.Tensor, k: int, s: int) -> torch.Tensor:
-    ih, iw = x.shape[-2:]
+    # python ints, also while tracing for export: the model's input size is fixed (manifest), and a
+    # constant Pad folds into the following Conv in ONNX Runtime (a computed one stays a float Pad
+    # between DequantizeLinear and QuantizeLinear in the int8 graph)
+    ih, iw = int(x.shape[-2]), int(x.shape[-1])
     ph = max((math.ceil(ih / s) - 1) * s + k - ih, 0)
     pw = max((math.ceil(iw / s) - 1) * s + k - iw, 0)
     if ph == 0 and pw == 0:

@@ -80,6 +80,19 @@ def test_int8_artifacts_load_through_the_sdk(tiny_student_dir, grocery_root, tmp
     # ONNX: the int8 file is small and answers like fp32 on real val photos
     onnx = rep["targets"]["onnx"]
     assert onnx["size_ratio"] <= 0.40
+    # the backbone's stride-2 padding and skip adds run in int8: wrapped DequantizeLinear -> op -> QuantizeLinear
+    import onnx as onnx_lib
+    g = onnx_lib.load(str(tmp_path / "onnx" / "model.onnx")).graph
+    producer = {o: n.op_type for n in g.node for o in n.output}
+    consumers: dict[str, list[str]] = {}
+    for n in g.node:
+        for i in n.input:
+            consumers.setdefault(i, []).append(n.op_type)
+    bb = [n for n in g.node if n.op_type in ("Pad", "Add") and n.name.startswith("/model/_blocks.")]
+    assert any(n.op_type == "Pad" for n in bb) and any(n.op_type == "Add" for n in bb)
+    for n in bb:
+        assert producer.get(n.input[0]) == "DequantizeLinear", n.name
+        assert consumers.get(n.output[0]) and set(consumers[n.output[0]]) == {"QuantizeLinear"}, n.name
     # the tiny student is barely trained (flat distributions, easy to flip): 90 %, the real student is judged at 99 %
     for t in ("onnx", "executorch", "tflite"):
         agr = rep["targets"][t]["splits"]["val"]["agreement_with_fp32"]["agreement/fine"]

@@ -60,8 +60,14 @@ def _decode(ds, idx: list[int], size: int, what: str) -> ImageSet:
 
 
 def calibration_sets(data: str, size: int, taxonomy: Taxonomy, n_calibration: int = 300,
-                     n_sensitivity: int = 200, split: str = "train", seed: int = 0) -> tuple[ImageSet, ImageSet]:
+                     n_sensitivity: int = 200, split: str = "train", seed: int = 0,
+                     sensitivity_from_slice: bool = False) -> tuple[ImageSet, ImageSet]:
     """(calibration photos, disjoint sensitivity photos), both from `split` outside its 20 % slice.
+
+    `sensitivity_from_slice`: the model was trained without the 20 % slice (its run wrote
+    holdout.txt), so the sensitivity photos come from that slice: on photos a model memorized every
+    family agrees 100 % with fp32 and the measurement cannot rank anything. (The slice is also a
+    judging set; the report says so.)
 
     Warns (CalibrationWarning) below 300 calibration photos; never falls back to random tensors.
     """
@@ -73,16 +79,17 @@ def calibration_sets(data: str, size: int, taxonomy: Taxonomy, n_calibration: in
         warnings.warn(f"calibrating on {n_calibration} photos; at least {MIN_CALIBRATION_IMAGES} are recommended "
                       "so the int8 ranges cover real inputs", CalibrationWarning, stacklevel=2)
     ds = load_dataset(data, split, taxonomy=taxonomy)
-    keep, _ = stratified_holdout(ds, 0.2, seed=0)
+    keep, hold = stratified_holdout(ds, 0.2, seed=0)
     labels = ds.labels()
     calib = _spread(keep, labels, n_calibration, seed)
-    rest = sorted(set(keep) - set(calib))
+    rest = sorted(hold) if sensitivity_from_slice else sorted(set(keep) - set(calib))
     sens = _spread(rest, labels, n_sensitivity, seed + 1) if n_sensitivity else []
     if len(calib) < n_calibration:
         warnings.warn(f"{split} has only {len(calib)} photos outside its 20 % slice; calibrating on those",
                       CalibrationWarning, stacklevel=2)
     cal = _decode(ds, calib, size, "calibration")
-    sen = _decode(ds, sens, size, "sensitivity") if sens else ImageSet(cal.images[:0], cal.labels[:0], "none")
+    what = "sensitivity, from the 20 % slice the model did not train on" if sensitivity_from_slice else "sensitivity"
+    sen = _decode(ds, sens, size, what) if sens else ImageSet(cal.images[:0], cal.labels[:0], "none")
     return cal, sen
 
 

@@ -58,6 +58,10 @@ class QATConfig:
     kd_weight: float = 1.0  # KL(fp32 || QAT) summed over levels
     freeze_blocks: int = 0  # backbone blocks [0, freeze_blocks) and the stem are not trained
     seed: int = 0
+    # random crop (55-100 % of the area) + flip of each decoded photo, fresh every epoch: the bar is
+    # agreement on photos the model never saw, where fp32 is least sure; on the exact training photos
+    # the fp32 answers are memorized and the KL to them carries little signal
+    augment: bool = True
     force: bool = False  # QAT every QAT-capable target even when its PTQ meets the bar
 
     def __post_init__(self):
@@ -114,6 +118,24 @@ def _kl(teacher: tuple[torch.Tensor, ...], student: tuple[torch.Tensor, ...]) ->
         t, s = t.clamp_min(-80.0), s.clamp_min(-80.0)
         tot = tot + (t.exp() * (t - s)).sum(1).mean()
     return tot
+
+
+def augment_batch(x: torch.Tensor, rng: np.random.Generator, scale=(0.55, 1.0), ratio=(3 / 4, 4 / 3)) -> torch.Tensor:
+    """Per image: a random crop of `scale` of the area (aspect in `ratio`) resized back, random h-flip.
+    uint8 NHWC in and out (the deployed input type)."""
+    b, h, w, _ = x.shape
+    out = torch.empty_like(x)
+    for i in range(b):
+        area = rng.uniform(*scale)
+        r = float(np.exp(rng.uniform(np.log(ratio[0]), np.log(ratio[1]))))
+        cw, ch = min(w, max(8, round(w * np.sqrt(area * r)))), min(h, max(8, round(h * np.sqrt(area / r))))
+        top, left = int(rng.integers(0, h - ch + 1)), int(rng.integers(0, w - cw + 1))
+        crop = x[i, top:top + ch, left:left + cw].permute(2, 0, 1)[None].float()
+        img = F.interpolate(crop, size=(h, w), mode="bilinear", align_corners=False)[0].permute(1, 2, 0)
+        if rng.random() < 0.5:
+            img = img.flip(1)
+        out[i] = img.round().clamp(0, 255).to(torch.uint8)
+    return out
 
 
 def prepare(ctx: QuantContext, quantizer) -> torch.fx.GraphModule:
@@ -207,6 +229,8 @@ def train(prepared: torch.fx.GraphModule, ctx: QuantContext, photos: ImageSet, c
         for i in range(0, len(order), cfg.batch_size):
             idx = np.sort(order[i:i + cfg.batch_size])
             x = torch.from_numpy(np.ascontiguousarray(photos.images[idx]))
+            if cfg.augment:
+                x = augment_batch(x, rng)
             with torch.no_grad():
                 t_lp = teacher(x)
             s_lp = prepared(x)

@@ -64,6 +64,13 @@ def judge(res: TargetResult, evals, fp32_lp, sim_lp, taxonomy, sim_weights_only=
     return rec
 
 
+def _trained_without_slice(checkpoint: Path, conf: dict[str, Any]) -> bool:
+    """Did training hold out the same 20 % stratified train slice (seed 0) that int8 is judged on?"""
+    tc = conf.get("train", {})
+    return ((checkpoint / "holdout.txt").is_file() and abs(float(tc.get("holdout_fraction", 0)) - 0.2) < 1e-9
+            and int(tc.get("seed", 0)) == 0 and tc.get("train_split", "train") == "train")
+
+
 def quantize_checkpoint(checkpoint: str | Path, data: str, targets: Sequence[str], out: str | Path,
                         n_calibration: int = 300, n_sensitivity: int = 200, qat_epochs: int = 0,
                         eval_limit: int = 0, n_parity: int = 64, log: Callable[[str], None] = print,
@@ -85,7 +92,8 @@ def quantize_checkpoint(checkpoint: str | Path, data: str, targets: Sequence[str
     model, cfg, tax, conf = load_model(checkpoint)
     size = cfg.image_size
     log(f"decoding real photos at {size} px (calibration {n_calibration}, sensitivity {n_sensitivity})")
-    cal, sen = calibration_sets(data, size, tax, n_calibration, n_sensitivity)
+    held_out = _trained_without_slice(Path(checkpoint), conf)
+    cal, sen = calibration_sets(data, size, tax, n_calibration, n_sensitivity, sensitivity_from_slice=held_out)
     evals = evaluation_sets(data, size, tax, limit=eval_limit)
     log(f"calibrating activation ranges on {cal.source}")
     ranges = calibrate(model, cal.images)

@@ -111,3 +111,20 @@ def test_onnx_reports_qat_unavailable(tmp_path):
                   judge=lambda r: pytest.fail("nothing to judge"), max_top1_drop=0.005, min_agreement=0.99)
     assert out["onnx_qat"]["skipped"] and "not available" in out["onnx_qat"]["reason"]
     assert out["onnx_qat"]["float_families_tried"] == [["b"]]
+
+
+def test_qat_augmentation_keeps_the_deployed_input_type_and_varies():
+    import numpy as np
+    import torch
+
+    from quantize.qat import augment_batch
+
+    x = torch.from_numpy(np.random.default_rng(0).integers(0, 256, (3, 64, 64, 3), dtype=np.uint8))
+    a = augment_batch(x, np.random.default_rng(1))
+    b = augment_batch(x, np.random.default_rng(2))
+    assert a.dtype == torch.uint8 and a.shape == x.shape
+    assert not torch.equal(a, b) and not torch.equal(a, x)
+    # a full-area crop without flip is the identity
+    same = augment_batch(x, np.random.default_rng(3), scale=(1.0, 1.0), ratio=(1.0, 1.0))
+    for i in range(3):
+        assert torch.equal(same[i], x[i]) or torch.equal(same[i], x[i].flip(1))

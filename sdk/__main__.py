@@ -145,13 +145,13 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     clf = Classifier.load(args.model, backend=args.backend, num_threads=args.threads)
     model_dir = Path(args.model) if Path(args.model).is_dir() else Path(args.model).parent
 
-    def load(split: str):
+    def load(split: str, listing: str | None = None):
         ds = load_dataset(args.data, split, taxonomy=clf.taxonomy)
-        if args.holdout_list and split == args.split:
-            keep = {str(Path(l.strip())) for l in Path(args.holdout_list).read_text().splitlines() if l.strip()}
+        if listing:
+            keep = {str(Path(l.strip())) for l in Path(listing).read_text().splitlines() if l.strip()}
             ds = ds.subset([i for i, s in enumerate(ds.samples) if str(Path(str(s.source))) in keep])
             if not len(ds):
-                raise HierfgError(f"{args.holdout_list}: none of its paths are in split {split!r} of {args.data}")
+                raise HierfgError(f"{listing}: none of its paths are in split {split!r} of {args.data}")
         if args.limit and len(ds) > args.limit:
             ds = ds.subset(np.linspace(0, len(ds) - 1, args.limit).round().astype(int).tolist())
         return ds
@@ -160,7 +160,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
         with tqdm(total=len(sources), desc=desc, leave=False) as bar:
             return C.batch_logprobs(clf, sources, progress=bar.update)
 
-    ds = load(args.split)
+    ds = load(args.split, args.holdout_list)
     lp = logprobs([s.source for s in ds.samples], f"{args.split} ({len(ds)} images)")
     ood = C.out_of_catalogue_images(args.ood_per_kind, seed=args.seed)
     ood_lp = logprobs([img for _, img in ood], f"out-of-catalogue ({len(ood)} generated)")
@@ -175,12 +175,13 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     _print_report(f"calibration set {source}:", cal.report)
     _print_report(f"generated out-of-catalogue images ({', '.join(C.OUT_OF_CATALOGUE_KINDS)}):", cal.ood_report)
     for split in args.eval_split or []:
-        eds = load(split)
+        eds = load(split, args.eval_list)
         elp = logprobs([s.source for s in eds.samples], f"{split} ({len(eds)} images)")
         rep = C.decoding_report(C.decode_set(clf.taxonomy, elp, eds.labels()), cal.thresholds, cal.unknown_score,
                                 cal.unknown_threshold, names)
         decoding["calibration"].setdefault("eval", {})[split] = rep
-        _print_report(f"evaluation on {args.data}:{split} at these thresholds:", rep)
+        _print_report(f"evaluation on {args.data}:{split}" + (f" ({args.eval_list})" if args.eval_list else "") +
+                      f", {len(eds)} images, at these thresholds:", rep)
     if args.report_json:
         Path(args.report_json).write_text(json.dumps(decoding, indent=1, default=C._json_default))
     if args.dry_run:
@@ -231,6 +232,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="share of real items that may be flagged unknown")
     k.add_argument("--ood-per-kind", type=int, default=16, help="generated out-of-catalogue images per kind")
     k.add_argument("--eval-split", action="append", help="also report figures on this split (repeatable)")
+    k.add_argument("--eval-list", default=None,
+                   help="evaluate only the images of --eval-split listed in this file (e.g. a run's holdout.txt: "
+                        "calibrate on val, judge on the train slice the model never saw)")
     k.add_argument("--limit", type=int, default=0, help="use at most N images of the split (evenly spaced)")
     k.add_argument("--plot-dir", default=None, help="where the PNG curves go (default: MODEL/calibration)")
     k.add_argument("--report-json", default=None, help="also write the full report here")

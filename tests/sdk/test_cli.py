@@ -66,9 +66,14 @@ def test_info(onnx_artifact_dir):
 
 @pytest.mark.slow
 def test_calibrate_cli_writes_manifest_and_plots(model_copy, grocery_root, banana_jpg, tmp_path):
+    listing = tmp_path / "slice.txt"  # like a run's holdout.txt: absolute paths of some train photos
+    listing.write_text("\n".join(str(grocery_root / f"train/Fruit/Banana/Banana_{i:03d}.jpg") for i in (1, 2, 3)) + "\n")
     r = run("calibrate", "--model", model_copy, "--data", grocery_root, "--split", "val", "--limit", "40",
-            "--ood-per-kind", "2", "--target-precision", "0.98", "--report-json", tmp_path / "rep.json")
+            "--ood-per-kind", "2", "--target-precision", "0.98", "--report-json", tmp_path / "rep.json",
+            "--eval-split", "train", "--eval-list", listing)
     assert r.returncode == 0, r.stderr
+    assert "evaluation on" in r.stdout and "3 images" in r.stdout
+    assert json.loads((tmp_path / "rep.json").read_text())["calibration"]["eval"]["train"]["n"] == 3
     dec = json.loads((model_copy / "manifest.json").read_text())["decoding"]
     assert len(dec["thresholds"]) == 3 and dec["calibration"]["target_precision"] == 0.98
     assert dec["unknown_score"] and dec["unknown_threshold"] is not None

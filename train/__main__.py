@@ -19,14 +19,16 @@ TEACHER_DEFAULTS = ModelConfig(arch="hsq_teacher", backbone="efficientnet_lite2"
                                tap_pool=(2, 1, 1), d_model=256, heads=8, query_layers=2, fusion_layers=1,
                                query_init="eigen")
 TEACHER_TRAIN = {"freeze_blocks": 15, "losses": "ce,cluster", "loss_weights": "cluster=0.1", "holdout_fraction": 0.2}
+DISTILL_TRAIN = {"holdout_fraction": 0.2, "loss_weights": "kd=1"}
 
 
-def _add_dataclass_args(p: argparse.ArgumentParser, cls, skip=()) -> None:
+def _add_dataclass_args(p: argparse.ArgumentParser, cls, skip=(), defaults: dict[str, Any] | None = None) -> None:
+    """One flag per field; the help shows the subcommand's effective default (`defaults` over the field's)."""
     for f in dataclasses.fields(cls):
         if f.name in skip:
             continue
         flag = "--" + f.name.replace("_", "-")
-        default = f.default
+        default = (defaults or {}).get(f.name, f.default)
         if isinstance(default, bool):
             p.add_argument(flag, type=lambda s: s.lower() in ("1", "true", "yes"), default=None,
                            metavar="BOOL", help=f"(default {default})")
@@ -92,8 +94,10 @@ def main(argv: list[str] | None = None) -> int:
         st.add_argument("--out", required=True, help="model directory to write")
         st.add_argument("--config", help="YAML/JSON with 'model' and 'train' sections; flags override it")
         st.add_argument("--resume", action="store_true", help="continue from <out>/checkpoint after a kill")
-        _add_dataclass_args(st, ModelConfig)
-        _add_dataclass_args(st, TrainConfig)
+        model_defaults = TEACHER_DEFAULTS if name == "teacher" else STUDENT_DEFAULTS
+        train_defaults = {"teacher": TEACHER_TRAIN, "distill": DISTILL_TRAIN}.get(name, {})
+        _add_dataclass_args(st, ModelConfig, defaults=dataclasses.asdict(model_defaults))
+        _add_dataclass_args(st, TrainConfig, defaults=train_defaults)
     ev = sub.add_parser("evaluate", help="metrics of a checkpoint or exported artifact on a split")
     ev.add_argument("--model", required=True, help="model directory (model.safetensors) or artifact directory (manifest.json)")
     ev.add_argument("--data", required=True, help="dataset root (Grocery Store root, folder tree, or 'synthetic')")
@@ -107,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
         from .distill import distill
         conf = _read_config(args.config)
         mc = _resolve(ModelConfig, args, conf.get("model", {}), STUDENT_DEFAULTS)
-        tc = _resolve(TrainConfig, args, {"holdout_fraction": 0.2, "loss_weights": "kd=1", **conf.get("train", {})})
+        tc = _resolve(TrainConfig, args, {**DISTILL_TRAIN, **conf.get("train", {})})
         distill(args.teacher, mc, tc, args.out, temperature=args.temperature, resume=args.resume)
         return 0
     if args.cmd == "teacher":

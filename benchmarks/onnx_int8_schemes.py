@@ -1,0 +1,99 @@
+"""Which onnxruntime int8 scheme holds the fp32 answers on this CPU?
+
+Quantizes one fp32 ONNX export (`python -m converters onnx`, or the `fp32/onnx/model.onnx` that
+`python -m quantize` writes) with `quantize_static` in several schemes, on the same 300 real
+calibration photos `python -m quantize` uses, and prints for each: fine top-1 agreement with the
+fp32 graph on a split (default val) and the batch-1, 1-thread median latency.
+
+    python benchmarks/onnx_int8_schemes.py --onnx runs/int8/fp32/onnx/model.onnx \\
+        --taxonomy runs/student/taxonomy.json --data $G
+
+Schemes: u8s8 (what `python -m quantize` writes), u8s8-rr (reduce_range: 7-bit weights), u8u8
+(uint8 weights), u8s8-noPadAdd (backbone Pad/Add left float), head-only (backbone left float).
+On x86 CPUs without VNNI, U8S8 convolutions saturate in int16 (the onnxruntime docs' caveat).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+SCHEMES = ("u8s8", "u8s8-rr", "u8u8", "u8s8-noPadAdd", "head-only")
+
+
+def main(argv: list[str] | None = None) -> int:
+    import onnx
+    import onnxruntime as ort
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+
+    from quantize.calibration import calibration_sets, evaluation_sets
+    from quantize.onnx import BACKBONE_NODE_PREFIXES, QUANTIZED_OPS, PhotoCalibrationReader
+    from sdk import Taxonomy
+
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--onnx", required=True, help="fp32 ONNX export")
+    p.add_argument("--taxonomy", required=True, help="the model's taxonomy.json")
+    p.add_argument("--data", required=True, help="dataset root")
+    p.add_argument("--split", default="val", choices=["val", "train20"], help="judging set (default val)")
+    p.add_argument("--schemes", default=",".join(SCHEMES), help=f"subset of {','.join(SCHEMES)}")
+    p.add_argument("--size", type=int, default=224)
+    args = p.parse_args(argv)
+    warnings.simplefilter("ignore")
+
+    tax = Taxonomy.load(args.taxonomy)
+    cal, _ = calibration_sets(args.data, args.size, tax, n_calibration=300, n_sensitivity=0)
+    ev = evaluation_sets(args.data, args.size, tax)[args.split]
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = 1
+
+    def run(path: str) -> tuple[np.ndarray, float]:
+        s = ort.InferenceSession(path, so, providers=["CPUExecutionProvider"])
+        name = s.get_inputs()[0].name
+        fine = np.concatenate([s.run(None, {name: ev.images[i:i + 8]})[-1].argmax(1)
+                               for i in range(0, len(ev.images), 8)])
+        x = ev.images[:1]
+        for _ in range(10):
+            s.run(None, {name: x})
+        t = []
+        for _ in range(40):
+            a = time.perf_counter()
+            s.run(None, {name: x})
+            t.append(time.perf_counter() - a)
+        return fine, float(np.median(t) * 1e3)
+
+    ref, ms = run(args.onnx)
+    print(f"fp32: {ms:.2f} ms/img; judging on {ev.source} ({len(ref)} photos)")
+    proto = onnx.load(args.onnx)
+    inits = {i.name for i in proto.graph.initializer}
+    attn = [n.name for n in proto.graph.node if n.op_type == "MatMul" and not any(i in inits for i in n.input)]
+    outside = [n.name for n in proto.graph.node if n.op_type in ("Pad", "Add")
+               and not n.name.startswith(BACKBONE_NODE_PREFIXES)]
+    with tempfile.TemporaryDirectory() as tmp:
+        for scheme in args.schemes.split(","):
+            ops = [o for o in QUANTIZED_OPS if not (scheme == "u8s8-noPadAdd" and o in ("Pad", "Add"))]
+            excl = attn + outside
+            if scheme == "head-only":
+                excl += [n.name for n in proto.graph.node if n.name.startswith(BACKBONE_NODE_PREFIXES)]
+            out = str(Path(tmp) / f"{scheme}.onnx")
+            reader = PhotoCalibrationReader(proto.graph.input[0].name,
+                                            [cal.images[i:i + 16] for i in range(0, len(cal.images), 16)])
+            quantize_static(args.onnx, out, reader, quant_format=QuantFormat.QDQ, per_channel=True,
+                            activation_type=QuantType.QUInt8,
+                            weight_type=QuantType.QUInt8 if scheme == "u8u8" else QuantType.QInt8,
+                            op_types_to_quantize=ops, nodes_to_exclude=excl, reduce_range=scheme == "u8s8-rr",
+                            calibrate_method=CalibrationMethod.MinMax)
+            fine, ms = run(out)
+            print(f"{scheme:14s} fine agreement with fp32 {np.mean(fine == ref) * 100:5.1f} %   {ms:.2f} ms/img", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

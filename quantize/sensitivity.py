@@ -55,6 +55,12 @@ def fine_top1(taxonomy: Taxonomy, lp: list[np.ndarray], labels: np.ndarray) -> f
     return float((TreeDecoder(taxonomy).paths(lp)[:, -1] == labels[:, -1]).mean())
 
 
+def meets_bar(agreement: float, drop: float, target_agreement: float = 0.99, max_top1_drop: float = 0.005) -> bool:
+    """Agreement and top-1 drop within the bar, with a 1e-9 tolerance: on N photos both figures move in
+    steps of 1/N, and in binary floats e.g. 0.97 - 0.965 = 0.0050000000000000044 > 0.005."""
+    return agreement >= target_agreement - 1e-9 and drop <= max_top1_drop + 1e-9
+
+
 def choose_float_families(model, ranges: Ranges, images: np.ndarray, labels: np.ndarray, taxonomy: Taxonomy,
                           source: str = "", target_agreement: float = 0.99, max_top1_drop: float = 0.005,
                           log: Callable[[str], None] = print) -> Plan:
@@ -79,8 +85,7 @@ def choose_float_families(model, ranges: Ranges, images: np.ndarray, labels: np.
             agr, drop = 1.0, 0.0
         steps.append({"float": list(floats), "fine_agreement": agr, "fine_top1_drop": drop})
         log(f"  combined: float={floats} -> fine agreement {agr:.4f}, fine top-1 drop {drop * 100:+.2f} pt")
-        # tolerance: on N photos both figures move in steps of 1/N, and 0.97 - 0.965 > 0.005 in binary floats
-        if (agr >= target_agreement - 1e-9 and drop <= max_top1_drop + 1e-9) or not quant:
+        if meets_bar(agr, drop, target_agreement, max_top1_drop) or not quant:
             break
         floats.append(min(quant, key=lambda f: (single[f], -kl[f])))
     return Plan(quant, floats, single, kl, steps, agr, len(images), source)

@@ -113,3 +113,13 @@ def test_int8_artifacts_load_through_the_sdk(tiny_student_dir, grocery_root, tmp
     assert pred.full_path
     # Core ML: int8 weights held as constexpr ops (spec checked on Linux)
     assert rep["targets"]["coreml"]["notes"][0].startswith("constexpr ops: {")
+
+
+def test_sensitivity_bar_counts_a_drop_of_exactly_the_limit_as_within():
+    from quantize.sensitivity import meets_bar
+
+    # 200 photos: two flipped answers are exactly 99.0 % agreement, one lost right answer a 0.5 pt drop
+    assert 0.97 - 0.965 > 0.005  # what a plain comparison would get wrong
+    assert meets_bar(198 / 200, 0.97 - 0.965, 0.99, 0.005)
+    assert not meets_bar(197 / 200, 0.0, 0.99, 0.005)
+    assert not meets_bar(1.0, 0.97 - 0.96, 0.99, 0.005)

@@ -8,8 +8,10 @@ fp32 graph on a split (default val) and the batch-1, 1-thread median latency.
     python benchmarks/onnx_int8_schemes.py --onnx runs/int8/fp32/onnx/model.onnx \\
         --taxonomy runs/student/taxonomy.json --data $G
 
-Schemes: u8s8 (what `python -m quantize` writes), u8s8-rr (reduce_range: 7-bit weights), u8u8
-(uint8 weights), u8s8-noPadAdd (backbone Pad/Add left float), head-only (backbone left float).
+Schemes: u8s8 (`python -m quantize`'s scheme with every family int8, attention matmuls included),
+u8s8-rr (reduce_range: 7-bit weights), u8u8 (uint8 weights), u8s8-noPadAdd (backbone Pad/Add left
+float), head-only (backbone left float). `python -m quantize` quantizes the graph after
+onnxruntime's pre-process pass, `<out>/fp32/onnx-preprocessed.onnx`: pass that file to judge exactly it.
 On x86 CPUs without VNNI, U8S8 convolutions saturate in int16 (the onnxruntime docs' caveat).
 """
 
@@ -18,7 +20,6 @@ from __future__ import annotations
 import argparse
 import sys
 import tempfile
-import time
 import warnings
 from pathlib import Path
 
@@ -32,10 +33,10 @@ SCHEMES = ("u8s8", "u8s8-rr", "u8u8", "u8s8-noPadAdd", "head-only")
 def main(argv: list[str] | None = None) -> int:
     import onnx
     import onnxruntime as ort
-    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
+    from converters.benchmark import time_batch1
     from quantize.calibration import calibration_sets, evaluation_sets
-    from quantize.onnx import BACKBONE_NODE_PREFIXES, QUANTIZED_OPS, PhotoCalibrationReader
+    from quantize.onnx import BACKBONE_NODE_PREFIXES, QUANTIZED_OPS, excluded_nodes, quantize_graph
     from sdk import Taxonomy
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -59,38 +60,23 @@ def main(argv: list[str] | None = None) -> int:
         name = s.get_inputs()[0].name
         fine = np.concatenate([s.run(None, {name: ev.images[i:i + 8]})[-1].argmax(1)
                                for i in range(0, len(ev.images), 8)])
-        x = ev.images[:1]
-        for _ in range(10):
-            s.run(None, {name: x})
-        t = []
-        for _ in range(40):
-            a = time.perf_counter()
-            s.run(None, {name: x})
-            t.append(time.perf_counter() - a)
-        return fine, float(np.median(t) * 1e3)
+        t = time_batch1(lambda x: s.run(None, {name: x}), ev.images, warmup=10, repeats=40)
+        return fine, t["median_ms"]
 
     ref, ms = run(args.onnx)
     print(f"fp32: {ms:.2f} ms/img; judging on {ev.source} ({len(ref)} photos)")
     proto = onnx.load(args.onnx)
-    inits = {i.name for i in proto.graph.initializer}
-    attn = [n.name for n in proto.graph.node if n.op_type == "MatMul" and not any(i in inits for i in n.input)]
-    outside = [n.name for n in proto.graph.node if n.op_type in ("Pad", "Add")
-               and not n.name.startswith(BACKBONE_NODE_PREFIXES)]
+    base, _ = excluded_nodes(proto, quantize_attention=True)
     with tempfile.TemporaryDirectory() as tmp:
         for scheme in args.schemes.split(","):
             ops = [o for o in QUANTIZED_OPS if not (scheme == "u8s8-noPadAdd" and o in ("Pad", "Add"))]
-            excl = attn + outside
-            if scheme == "head-only":
-                excl += [n.name for n in proto.graph.node if n.name.startswith(BACKBONE_NODE_PREFIXES)]
-            out = str(Path(tmp) / f"{scheme}.onnx")
-            reader = PhotoCalibrationReader(proto.graph.input[0].name,
-                                            [cal.images[i:i + 16] for i in range(0, len(cal.images), 16)])
-            quantize_static(args.onnx, out, reader, quant_format=QuantFormat.QDQ, per_channel=True,
-                            activation_type=QuantType.QUInt8,
-                            weight_type=QuantType.QUInt8 if scheme == "u8u8" else QuantType.QInt8,
-                            op_types_to_quantize=ops, nodes_to_exclude=excl, reduce_range=scheme == "u8s8-rr",
-                            calibrate_method=CalibrationMethod.MinMax)
-            fine, ms = run(out)
+            excl = base + ([n.name for n in proto.graph.node if n.name.startswith(BACKBONE_NODE_PREFIXES)]
+                           if scheme == "head-only" else [])
+            out = Path(tmp) / f"{scheme}.onnx"
+            batches = [cal.images[i:i + 10] for i in range(0, len(cal.images), 10)]
+            quantize_graph(args.onnx, out, proto.graph.input[0].name, batches, excl, ops=ops,
+                           reduce_range=scheme == "u8s8-rr", weight_type="uint8" if scheme == "u8u8" else "int8")
+            fine, ms = run(str(out))
             print(f"{scheme:14s} fine agreement with fp32 {np.mean(fine == ref) * 100:5.1f} %   {ms:.2f} ms/img", flush=True)
     return 0
 

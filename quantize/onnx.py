@@ -15,13 +15,14 @@ from __future__ import annotations
 import json
 import shutil
 from pathlib import Path
+from typing import Iterable, Sequence
 
 import numpy as np
 
 from converters._common import tool_versions
 
 from ._common import QuantContext, QuantizeError, TargetResult, finish_int8, fp32_artifact
-from .sim import ATTENTION
+from .sim import ATTENTION, Family
 
 # Clip (ReLU6) is listed so ORT folds it into the conv's output range instead of quantizing pre-activation.
 # Pad (the TF "same" padding of stride-2 convs) and Add (the MBConv skip connections) are quantized in
@@ -54,12 +55,14 @@ def _module_of(node_name: str) -> str:
     return node_name.replace("/", ".")
 
 
-def excluded_nodes(proto, ctx: QuantContext) -> tuple[list[str], list[str]]:
-    """(node names kept float, a description of each reason) for the plan's float set."""
+def excluded_nodes(proto, float_families: Sequence[Family] = (), quantize_attention: bool = False,
+                   ) -> tuple[list[str], list[str]]:
+    """(node names kept float, a description of each reason): Pad/Add outside the backbone, nodes of
+    the `float_families`, and the attention matmuls (MatMul with no weight initializer) unless
+    `quantize_attention`."""
     inits = {i.name for i in proto.graph.initializer}
     consts = {o for n in proto.graph.node if n.op_type == "Constant" for o in n.output}
     out, why = [], []
-    fams = ctx.float_layer_families
     for n in proto.graph.node:
         if n.op_type not in QUANTIZED_OPS:
             continue
@@ -70,24 +73,36 @@ def excluded_nodes(proto, ctx: QuantContext) -> tuple[list[str], list[str]]:
                 continue
         dotted = _module_of(n.name)
         # the backbone runs through `forward_range`, not `__call__`, so its nodes carry no `backbone` scope
-        fam = next((f for f in fams if any(dotted.startswith(f".model.{p}.") or
-                                           dotted.startswith(f".model.{p.removeprefix('backbone.')}.")
-                                           for p in f.prefixes)), None)
+        fam = next((f for f in float_families if any(dotted.startswith(f".model.{p}.") or
+                                                     dotted.startswith(f".model.{p.removeprefix('backbone.')}.")
+                                                     for p in f.prefixes)), None)
         if fam is not None:
             out.append(n.name)
             why.append(fam.name)
-        elif n.op_type == "MatMul" and not any(i in inits or i in consts for i in n.input) and not ctx.quantize_attention:
+        elif n.op_type == "MatMul" and not any(i in inits or i in consts for i in n.input) and not quantize_attention:
             out.append(n.name)
             why.append(ATTENTION)
     return out, why
+
+
+def quantize_graph(src: str | Path, dst: str | Path, input_name: str, batches: Iterable[np.ndarray],
+                   exclude: Sequence[str] = (), ops: Sequence[str] = QUANTIZED_OPS, reduce_range: bool = False,
+                   weight_type: str = "int8", calibrate_method: str = "MinMax") -> None:
+    """`quantize_static`, QDQ, uint8 activations, per-channel weights (`weight_type` "int8": U8S8, what
+    ORT's fast x86/ARM kernels take; "uint8": U8U8), calibrated on `batches` of real uint8 photos."""
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+
+    quantize_static(str(src), str(dst), PhotoCalibrationReader(input_name, batches), quant_format=QuantFormat.QDQ,
+                    per_channel=True, activation_type=QuantType.QUInt8,
+                    weight_type={"int8": QuantType.QInt8, "uint8": QuantType.QUInt8}[weight_type],
+                    op_types_to_quantize=list(ops), nodes_to_exclude=list(exclude), reduce_range=reduce_range,
+                    calibrate_method=getattr(CalibrationMethod, calibrate_method))
 
 
 def quantize(ctx: QuantContext, out_dir: Path, reduce_range: bool = False,
              calibrate_method: str = "MinMax") -> TargetResult:
     """fp32 export (converters.onnx) -> quantize_static QDQ per-channel -> `<out_dir>/onnx` + manifest."""
     import onnx
-    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
-
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
     fp32 = fp32_artifact(ctx, "onnx", out_dir / "fp32" / "onnx")
@@ -96,18 +111,15 @@ def quantize(ctx: QuantContext, out_dir: Path, reduce_range: bool = False,
     pre = out_dir / "fp32" / "onnx-preprocessed.onnx"
     quant_pre_process(str(fp32.path), str(pre), skip_symbolic_shape=False)
     proto = onnx.load(str(pre))
-    excl, why = excluded_nodes(proto, ctx)
+    excl, why = excluded_nodes(proto, ctx.float_layer_families, ctx.quantize_attention)
     int8_dir = out_dir / "onnx"
     int8_dir.mkdir(parents=True, exist_ok=True)
     path = int8_dir / "model.onnx"
-    reader = PhotoCalibrationReader(proto.graph.input[0].name, ctx.calibration_batches())
     ctx.log(f"onnx: quantize_static QDQ per-channel on {len(ctx.calibration)} photos, "
             f"{len(excl)} Conv/MatMul nodes kept float")
     try:
-        quantize_static(str(pre), str(path), reader, quant_format=QuantFormat.QDQ, per_channel=True,
-                        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
-                        op_types_to_quantize=QUANTIZED_OPS, nodes_to_exclude=excl, reduce_range=reduce_range,
-                        calibrate_method=getattr(CalibrationMethod, calibrate_method))
+        quantize_graph(pre, path, proto.graph.input[0].name, ctx.calibration_batches(), excl,
+                       reduce_range=reduce_range, calibrate_method=calibrate_method)
     except Exception as e:
         raise QuantizeError(f"onnxruntime quantize_static failed: {type(e).__name__}: {e}") from e
     q = onnx.load(str(path))

@@ -37,6 +37,7 @@ import torch.nn.functional as F
 from converters._common import tool_versions
 
 from ._common import QuantContext, QuantizeError, TargetResult, finish_int8
+from .bar import agreement_within, drop_within
 from .calibration import ImageSet
 
 QAT_TARGETS = ("executorch", "tflite")
@@ -76,10 +77,10 @@ def accuracy_misses(rec: dict[str, Any], fine: str, max_top1_drop: float, min_ag
     QAT's business: QAT cannot make the file smaller."""
     out = []
     for split, s in rec.get("splits", {}).items():
-        if s["fine_top1_drop"] > max_top1_drop:
+        if not drop_within(s["fine_top1_drop"], max_top1_drop):
             out.append(f"{split}: fine top-1 drop {100 * s['fine_top1_drop']:.2f} pt > {100 * max_top1_drop:.1f} pt")
         agr = s["agreement_with_fp32"][f"agreement/{fine}"]
-        if agr < min_agreement:
+        if not agreement_within(agr, min_agreement):
             out.append(f"{split}: fine agreement with fp32 {100 * agr:.2f} % < {100 * min_agreement:.0f} %")
     return out
 

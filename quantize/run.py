@@ -15,15 +15,12 @@ from converters._common import parity
 from sdk import Classifier, Manifest
 
 from ._common import QuantContext, QuantizeError, TargetResult
+from .bar import MAX_SIZE_RATIO, MAX_TOP1_DROP, MIN_AGREEMENT, meets_bar
 from .calibration import calibration_sets, evaluation_sets
 from .sensitivity import choose_float_families
 from .sim import calibrate, model_logprobs, simulate
 
 TARGETS = ("onnx", "executorch", "tflite", "coreml")
-# the bar for ONNX, ExecuTorch and TFLite
-MAX_TOP1_DROP = 0.005
-MIN_AGREEMENT = 0.99
-MAX_SIZE_RATIO = 0.30
 
 
 def _metrics_subset(m: dict[str, float]) -> dict[str, float]:
@@ -45,7 +42,8 @@ def judge(res: TargetResult, evals, fp32_lp, sim_lp, taxonomy, sim_weights_only=
                            "int8_size_bytes": res.int8_size, "fp32_size_bytes": res.fp32_size,
                            "size_ratio": (res.int8_size / res.fp32_size) if res.fp32_size else None,
                            "measured_on": "artifact through sdk.Classifier" if res.runnable_here else
-                           "PyTorch simulation of the int8 weights (the runtime needs macOS)", "splits": {}}
+                           "PyTorch simulation of the int8 weights (the runtime needs macOS)", "splits": {},
+                           **res.extra}
     ok = True
     for split, s in evals.items():
         lp = sdk_logprobs(res.int8_dir, s.images) if res.runnable_here else sim_weights_only[split]
@@ -57,7 +55,7 @@ def judge(res: TargetResult, evals, fp32_lp, sim_lp, taxonomy, sim_weights_only=
         rec["splits"][split] = {"images": s.source, "fp32": _metrics_subset(m32), "int8": _metrics_subset(m8),
                                 "fine_top1_drop": drop, "agreement_with_fp32": vs32,
                                 "agreement_with_pytorch_simulation": vssim}
-        ok &= drop <= MAX_TOP1_DROP and vs32[f"agreement/{fine}"] >= MIN_AGREEMENT
+        ok &= meets_bar(vs32[f"agreement/{fine}"], drop)
     if rec["size_ratio"] is not None:
         ok &= rec["size_ratio"] <= MAX_SIZE_RATIO
     rec["meets_bar"] = bool(ok)

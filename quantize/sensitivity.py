@@ -19,6 +19,7 @@ import numpy as np
 
 from sdk import Taxonomy, TreeDecoder
 
+from .bar import MAX_TOP1_DROP, MIN_AGREEMENT, meets_bar
 from .sim import ALWAYS_FLOAT, Ranges, families, model_logprobs, simulate
 
 
@@ -55,14 +56,8 @@ def fine_top1(taxonomy: Taxonomy, lp: list[np.ndarray], labels: np.ndarray) -> f
     return float((TreeDecoder(taxonomy).paths(lp)[:, -1] == labels[:, -1]).mean())
 
 
-def meets_bar(agreement: float, drop: float, target_agreement: float = 0.99, max_top1_drop: float = 0.005) -> bool:
-    """Agreement and top-1 drop within the bar, with a 1e-9 tolerance: on N photos both figures move in
-    steps of 1/N, and in binary floats e.g. 0.97 - 0.965 = 0.0050000000000000044 > 0.005."""
-    return agreement >= target_agreement - 1e-9 and drop <= max_top1_drop + 1e-9
-
-
 def choose_float_families(model, ranges: Ranges, images: np.ndarray, labels: np.ndarray, taxonomy: Taxonomy,
-                          source: str = "", target_agreement: float = 0.99, max_top1_drop: float = 0.005,
+                          source: str = "", target_agreement: float = MIN_AGREEMENT, max_top1_drop: float = MAX_TOP1_DROP,
                           log: Callable[[str], None] = print) -> Plan:
     """Measure each family's sensitivity and pick the float set (see module docstring)."""
     ref = model_logprobs(model, images)

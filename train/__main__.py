@@ -20,6 +20,12 @@ TEACHER_DEFAULTS = ModelConfig(arch="hsq_teacher", backbone="efficientnet_lite2"
                                query_init="eigen")
 TEACHER_TRAIN = {"freeze_blocks": 15, "losses": "ce,cluster", "loss_weights": "cluster=0.1", "holdout_fraction": 0.2}
 DISTILL_TRAIN = {"holdout_fraction": 0.2, "loss_weights": "kd=1"}
+# subcommand -> (help, model defaults, train defaults): what --help shows and what a run resolves against
+SUBCOMMANDS = {
+    "student": ("fine-tune the hierarchical query student on labels", STUDENT_DEFAULTS, {}),
+    "teacher": ("train the full HSQ-FT teacher (torchrun-ready: DDP on gloo/nccl)", TEACHER_DEFAULTS, TEACHER_TRAIN),
+    "distill": ("distill a teacher into a student (labels + per-level KL)", STUDENT_DEFAULTS, DISTILL_TRAIN),
+}
 
 
 def _add_dataclass_args(p: argparse.ArgumentParser, cls, skip=(), defaults: dict[str, Any] | None = None) -> None:
@@ -59,12 +65,18 @@ def _read_config(path: str | None) -> dict[str, Any]:
     return json.loads(text)
 
 
-def cmd_train(args: argparse.Namespace, base_model: ModelConfig, base_train: dict | None = None) -> int:
-    from .loop import train_model
+def cmd_train(args: argparse.Namespace) -> int:
+    """student / teacher / distill: flags over the config file over the subcommand's defaults."""
+    _, base_model, base_train = SUBCOMMANDS[args.cmd]
     conf = _read_config(args.config)
     mc = _resolve(ModelConfig, args, conf.get("model", {}), base_model)
-    tc = _resolve(TrainConfig, args, {**(base_train or {}), **conf.get("train", {})})
-    train_model(mc, tc, args.out, resume=args.resume)
+    tc = _resolve(TrainConfig, args, {**base_train, **conf.get("train", {})})
+    if args.cmd == "distill":
+        from .distill import distill
+        distill(args.teacher, mc, tc, args.out, temperature=args.temperature, resume=args.resume)
+    else:
+        from .loop import train_model
+        train_model(mc, tc, args.out, resume=args.resume)
     return 0
 
 
@@ -84,9 +96,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m train", description="Train and evaluate hierfg models.")
     sub = p.add_subparsers(dest="cmd", required=True)
-    for name, help_ in [("student", "fine-tune the hierarchical query student on labels"),
-                        ("teacher", "train the full HSQ-FT teacher (torchrun-ready: DDP on gloo/nccl)"),
-                        ("distill", "distill a teacher into a student (labels + per-level KL)")]:
+    for name, (help_, model_defaults, train_defaults) in SUBCOMMANDS.items():
         st = sub.add_parser(name, help=help_)
         if name == "distill":
             st.add_argument("--teacher", required=True, help="teacher model directory")
@@ -94,8 +104,6 @@ def main(argv: list[str] | None = None) -> int:
         st.add_argument("--out", required=True, help="model directory to write")
         st.add_argument("--config", help="YAML/JSON with 'model' and 'train' sections; flags override it")
         st.add_argument("--resume", action="store_true", help="continue from <out>/checkpoint after a kill")
-        model_defaults = TEACHER_DEFAULTS if name == "teacher" else STUDENT_DEFAULTS
-        train_defaults = {"teacher": TEACHER_TRAIN, "distill": DISTILL_TRAIN}.get(name, {})
         _add_dataclass_args(st, ModelConfig, defaults=dataclasses.asdict(model_defaults))
         _add_dataclass_args(st, TrainConfig, defaults=train_defaults)
     ev = sub.add_parser("evaluate", help="metrics of a checkpoint or exported artifact on a split")
@@ -105,18 +113,7 @@ def main(argv: list[str] | None = None) -> int:
     ev.add_argument("--limit", type=int, default=0, help="evaluate only the first N images")
     ev.add_argument("--json", help="also write the metrics to this JSON file")
     args = p.parse_args(argv)
-    if args.cmd == "student":
-        return cmd_train(args, STUDENT_DEFAULTS)
-    if args.cmd == "distill":
-        from .distill import distill
-        conf = _read_config(args.config)
-        mc = _resolve(ModelConfig, args, conf.get("model", {}), STUDENT_DEFAULTS)
-        tc = _resolve(TrainConfig, args, {**DISTILL_TRAIN, **conf.get("train", {})})
-        distill(args.teacher, mc, tc, args.out, temperature=args.temperature, resume=args.resume)
-        return 0
-    if args.cmd == "teacher":
-        return cmd_train(args, TEACHER_DEFAULTS, TEACHER_TRAIN)
-    return cmd_evaluate(args)
+    return cmd_train(args) if args.cmd in SUBCOMMANDS else cmd_evaluate(args)
 
 
 if __name__ == "__main__":

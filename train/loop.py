@@ -135,17 +135,25 @@ def split_cached(batch: dict[str, torch.Tensor], device) -> tuple[torch.Tensor, 
 class WeightEMA:
     """Exponential moving average of every float parameter and buffer (BatchNorm statistics too).
 
+    The decay warms up as min(decay, (1 + n) / (10 + n)) after n updates: without it the freshly
+    initialized heads stay in the average (0.998 over 1,000 steps keeps 13.5 % of the random init).
     `swapped(model)` temporarily loads the average into the model (evaluation, saving)."""
 
     def __init__(self, model: torch.nn.Module, decay: float):
         self.decay = decay
+        self.updates = 0
         self.shadow = {k: v.detach().clone() for k, v in model.state_dict().items() if v.dtype.is_floating_point}
+
+    def current_decay(self) -> float:
+        return min(self.decay, (1 + self.updates) / (10 + self.updates))
 
     @torch.no_grad()
     def update(self, model: torch.nn.Module) -> None:
+        d = self.current_decay()
         for k, v in model.state_dict().items():
             if k in self.shadow:
-                self.shadow[k].lerp_(v.detach(), 1.0 - self.decay)
+                self.shadow[k].lerp_(v.detach(), 1.0 - d)
+        self.updates += 1
 
     @contextlib.contextmanager
     def swapped(self, model: torch.nn.Module):

@@ -54,3 +54,23 @@ def test_mixup_refused_with_distillation(tmp_path):
     tc = loop.TrainConfig(data="synthetic", epochs=1, mixup=0.4, limit_per_class=1, cache_views=1)
     with pytest.raises(ValueError, match="mixup"):
         loop.train_model(mc, tc, tmp_path / "x", log=lambda *a: None, teacher=lambda idx, views: None)
+
+
+def test_ema_decay_warms_up_so_the_random_init_leaves_the_average():
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 3)
+    init = model.weight.detach().clone()
+    ema = loop.WeightEMA(model, decay=0.998)
+    assert ema.current_decay() == pytest.approx(0.1)
+    with torch.no_grad():
+        model.weight.add_(1.0)
+    ema.update(model)
+    # first step: decay 1/10, so the average is 90 % the new weights, not 0.2 %
+    torch.testing.assert_close(ema.shadow["weight"], init + 0.9)
+    for _ in range(1000):
+        ema.update(model)
+    # after 1,000 steps of constant weights the init is gone; without warm-up 0.998**1000 = 13.5 % would remain
+    torch.testing.assert_close(ema.shadow["weight"], init + 1.0)
+    assert ema.updates == 1001 and ema.current_decay() == pytest.approx(1002 / 1011)
+    ema.updates = 10_000  # long runs reach the configured decay
+    assert ema.current_decay() == pytest.approx(0.998)

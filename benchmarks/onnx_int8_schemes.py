@@ -67,13 +67,13 @@ def main(argv: list[str] | None = None) -> int:
     print(f"fp32: {ms:.2f} ms/img; judging on {ev.source} ({len(ref)} photos)")
     proto = onnx.load(args.onnx)
     base, _ = excluded_nodes(proto, quantize_attention=True)
+    batches = [cal.images[i:i + 10] for i in range(0, len(cal.images), 10)]
     with tempfile.TemporaryDirectory() as tmp:
         for scheme in args.schemes.split(","):
             ops = [o for o in QUANTIZED_OPS if not (scheme == "u8s8-noPadAdd" and o in ("Pad", "Add"))]
             excl = base + ([n.name for n in proto.graph.node if n.name.startswith(BACKBONE_NODE_PREFIXES)]
                            if scheme == "head-only" else [])
             out = Path(tmp) / f"{scheme}.onnx"
-            batches = [cal.images[i:i + 10] for i in range(0, len(cal.images), 10)]
             quantize_graph(args.onnx, out, proto.graph.input[0].name, batches, excl, ops=ops,
                            reduce_range=scheme == "u8s8-rr", weight_type="uint8" if scheme == "u8u8" else "int8")
             fine, ms = run(str(out))

@@ -15,7 +15,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from sdk import Taxonomy
@@ -76,8 +75,7 @@ def save_training_state(out: Path, model: torch.nn.Module, optimizer, scheduler,
     folder.mkdir(parents=True, exist_ok=True)
     save_file(state_dict_for_save(model), str(folder / "model.safetensors"))
     if ema is not None:
-        save_file({k: v.contiguous() for k, v in ema.shadow.items()}, str(folder / "ema.safetensors"),
-                  metadata={"updates": str(ema.updates)})
+        save_file({k: v.contiguous() for k, v in ema.shadow.items()}, str(folder / "ema.safetensors"))
     torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                 "rng": torch.get_rng_state()}, folder / "state.pt")
     _atomic(ck / "latest.json", lambda p: p.write_text(json.dumps(
@@ -106,6 +104,5 @@ def load_training_state(out: Path, model: torch.nn.Module, optimizer, scheduler,
         if not (folder / "ema.safetensors").is_file():
             raise FileNotFoundError(f"{folder} has no ema.safetensors: this run was started without --ema")
         ema.shadow = load_file(str(folder / "ema.safetensors"))
-        with safe_open(str(folder / "ema.safetensors"), framework="pt") as f:
-            ema.updates = int((f.metadata() or {}).get("updates", 0))
+        ema.updates = scheduler.last_epoch  # one EMA update per optimizer/scheduler step
     return prog["epoch"] + 1, prog["history"]

@@ -26,14 +26,27 @@ OPTIONS = {"batch": 1}
 METADATA_NAME = "hierfg"
 
 
-def add_metadata(path: Path, meta: dict[str, str]) -> None:
-    """Append a `hierfg` JSON entry to the .tflite flatbuffer's metadata table (rewrites the file)."""
+def add_metadata(path: Path, meta: dict[str, str], strip_debug_names: bool = True) -> None:
+    """Append a `hierfg` JSON entry to the .tflite flatbuffer's metadata table (rewrites the file).
+
+    With `strip_debug_names`, every tensor that is not a graph input or output is renamed to its index:
+    litert-torch names intermediate tensors after their PyTorch module path, debug information the
+    runtime never reads (the SDK binds inputs and outputs through the signature, whose keys are kept).
+    On the query student that is 0.13 MB, 2 % of the int8 file.
+    """
     import flatbuffers
     from ai_edge_litert import schema_py_generated as schema
 
     model = schema.ModelT.InitFromObj(schema.Model.GetRootAs(path.read_bytes(), 0))
     if any(m.name in (METADATA_NAME, METADATA_NAME.encode()) for m in model.metadata or []):
         raise ExportError(f"tflite: {path} already has a {METADATA_NAME!r} metadata entry")
+    if strip_debug_names:
+        for sg in model.subgraphs or []:
+            io = {int(i) for i in [*(sg.inputs if sg.inputs is not None else []),
+                                   *(sg.outputs if sg.outputs is not None else [])]}
+            for i, t in enumerate(sg.tensors or []):
+                if i not in io:
+                    t.name = str(i)
     buf = schema.BufferT()
     buf.data = np.frombuffer(json.dumps(meta, ensure_ascii=False).encode(), np.uint8)
     model.buffers.append(buf)

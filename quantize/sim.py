@@ -70,6 +70,8 @@ def families(model: nn.Module) -> list[Family]:
         fams.append(Family("CAMP block", ("head.camp",)))
     if getattr(model.tokens, "fusion", None) is not None and len(model.tokens.fusion):
         fams.append(Family("token fusion blocks", ("tokens.fusion",)))
+    if getattr(model, "global_head", None) is not None:  # linear read-out of the pooled head conv, per level
+        fams.append(Family("global read-out", ("global_head",)))
     fams += [Family(n) for n in OP_FAMILIES]
     return fams
 

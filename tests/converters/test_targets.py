@@ -222,3 +222,18 @@ def test_tflite_file_carries_taxonomy_and_preprocessing(all_exports):
     assert json.loads(meta["hierfg.taxonomy"]) == m.taxonomy.to_dict()
     assert json.loads(meta["hierfg.outputs"]) == m.outputs
     assert json.loads(meta["hierfg.preprocessing"])["dtype"] == "uint8"
+
+
+def test_tflite_keeps_no_module_paths_as_tensor_names(all_exports):
+    """Intermediate tensor names (PyTorch module paths, debug information) are stripped; the signature the
+    SDK binds by is intact."""
+    from ai_edge_litert import schema_py_generated as schema
+
+    model = schema.Model.GetRootAs((all_exports / "tflite" / "model.tflite").read_bytes(), 0)
+    g = model.Subgraphs(0)
+    io = set(g.InputsAsNumpy().tolist()) | set(g.OutputsAsNumpy().tolist())
+    names = [g.Tensors(i).Name().decode() for i in range(g.TensorsLength()) if i not in io]
+    assert names and all(n == str(i) for i, n in zip(sorted(set(range(g.TensorsLength())) - io), names))
+    sig = model.SignatureDefs(0)
+    assert sorted(sig.Outputs(i).Name().decode() for i in range(sig.OutputsLength())) == \
+        [f"output_{i}" for i in range(len(Manifest.load(all_exports / "tflite").outputs))]

@@ -120,3 +120,21 @@ def test_sensitivity_bar_counts_a_drop_of_exactly_the_limit_as_within():
     assert meets_bar(198 / 200, 0.97 - 0.965, 0.99, 0.005)
     assert not meets_bar(197 / 200, 0.0, 0.99, 0.005)
     assert not meets_bar(1.0, 0.97 - 0.96, 0.99, 0.005)
+
+
+@pytest.mark.parametrize("arch", ["student", "teacher"])
+def test_every_conv_and_linear_belongs_to_exactly_one_family(arch):
+    """A layer in no family is never quantized by any backend (and silently stays fp32: the student's
+    global read-out did, 0.63 MB); a layer in two would be planned twice."""
+    import torch.nn as nn
+
+    from quantize.sim import families
+    from train.__main__ import SUBCOMMANDS
+    from train.data import synthetic_taxonomy
+    from train.models import build_model
+
+    model = build_model(synthetic_taxonomy(), SUBCOMMANDS[arch][1], pretrained=False)
+    fams = [f for f in families(model) if f.prefixes]
+    layers = [n for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    assert any(n.startswith("global_head.") for n in layers) == (arch == "student")  # the student has one
+    assert [n for n in layers if sum(f.owns(n) for f in fams) != 1] == []

@@ -1,6 +1,7 @@
 """Teacher ablation on Grocery: same backbone (Lite2), same frozen cache, same budget for every row.
 
-    python benchmarks/ablation.py --data ../shared/datasets/grocery-store --out runs/ablation --epochs 8
+    python benchmarks/ablation.py --data ../shared/datasets/grocery-store --out runs/ablation --epochs 8 \
+        --cache-views 8 --ema 0.99 --mixup 0.2 --dropout 0.3
 
 Rows: flat classifier (fine head only, coarse by the tree), HRN head + tree loss, HSQ-FT without
 CAMP, HSQ-FT full, HSQ-FT + seed extras, and HSQ-FT with 50 % of fine labels moved to the coarse
@@ -47,13 +48,18 @@ def main(argv=None) -> int:
     p.add_argument("--epochs", type=int, default=8)
     p.add_argument("--rows", default=",".join(ROWS))
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--cache-views", type=int, default=TrainConfig.cache_views)
+    p.add_argument("--ema", type=float, default=0.0, help="weight average decay for every row (0 = off)")
+    p.add_argument("--mixup", type=float, default=0.0, help="feature mixup alpha for every row (0 = off)")
+    p.add_argument("--dropout", type=float, default=TEACHER_DEFAULTS.dropout, help="head dropout for every row")
     a = p.parse_args(argv)
     out = Path(a.out)
     results = {}
     for row in a.rows.split(","):
         mkw, tkw = ROWS[row]
-        mc = ModelConfig.from_dict({**TEACHER_DEFAULTS.to_dict(), **mkw})
-        tc = TrainConfig.from_dict({**TEACHER_TRAIN, "data": a.data, "epochs": a.epochs, "threads": a.threads, **tkw})
+        mc = ModelConfig.from_dict({**TEACHER_DEFAULTS.to_dict(), "dropout": a.dropout, **mkw})
+        tc = TrainConfig.from_dict({**TEACHER_TRAIN, "data": a.data, "epochs": a.epochs, "threads": a.threads,
+                                    "cache_views": a.cache_views, "ema": a.ema, "mixup": a.mixup, **tkw})
         d = out / row
         if not (d / "metrics.json").is_file():
             print(f"== {row}", flush=True)

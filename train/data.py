@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Sequence
 
@@ -23,12 +23,16 @@ from sdk._taxonomy import IMAGE_SUFFIXES
 class Sample:
     source: str | np.ndarray  # a file path, or an in-memory uint8 HxWx3 image (synthetic data)
     labels: tuple[int, ...]  # one index per level, -1 = unlabelled at that level
+    name: str = ""  # the file's path relative to the dataset root (POSIX), set by the readers
 
     @property
     def key(self) -> str:
+        """What identifies the image in feature / teacher cache keys and seeds its random crops: the
+        path relative to the dataset root, so `--data /abs/root` and `--data ../root` train on the same
+        crops and share caches (keying on the full path rebuilt a 20-minute cache for that)."""
         if isinstance(self.source, np.ndarray):
             return hashlib.sha1(self.source.tobytes()).hexdigest()
-        return str(self.source)
+        return self.name or str(self.source)
 
 
 @dataclass
@@ -71,7 +75,7 @@ def read_grocery(root: str | Path, split: str = "train", taxonomy: Taxonomy | No
         labels = full_labels(taxonomy, fine)
         if labels[1] != coarse:
             raise ValueError(f"{split_file}:{ln}: coarse id {coarse} is not the parent of fine id {fine}")
-        samples.append(Sample(str(root / parts[0]), labels))
+        samples.append(Sample(str(root / parts[0]), labels, Path(parts[0]).as_posix()))
     return HierDataset(taxonomy, samples, f"grocery:{split}")
 
 
@@ -90,7 +94,7 @@ def read_folder_tree(root: str | Path, taxonomy: Taxonomy | None = None,
             idx = None
             for lvl, name in enumerate(parts):
                 idx = taxonomy.index(lvl, name)
-            samples.append(Sample(str(p), full_labels(taxonomy, idx)))
+            samples.append(Sample(str(p), full_labels(taxonomy, idx), p.relative_to(root).as_posix()))
     return HierDataset(taxonomy, samples, f"folder:{root.name}")
 
 
@@ -132,7 +136,7 @@ def relabel_coarse(ds: HierDataset, ratio: float, seed: int = 0) -> HierDataset:
     out = []
     for s in ds.samples:
         if rng.random() < ratio:
-            out.append(Sample(s.source, s.labels[:-1] + (-1,)))
+            out.append(replace(s, labels=s.labels[:-1] + (-1,)))
         else:
             out.append(s)
     return HierDataset(ds.taxonomy, out, ds.name + f"+relabel{ratio}")

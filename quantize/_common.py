@@ -47,6 +47,13 @@ class QuantContext:
     def float_layer_families(self) -> list[Family]:
         return [f for f in self.families if f.name in self.plan.float_families and f.prefixes]
 
+    def float_layers(self, float_ops_run_as: str) -> list[str]:
+        """What stayed float, for the report and manifest: the plan's float layer families, then the ops
+        no backend here quantizes (the global read-out is a Linear family, int8 unless the plan floats it)."""
+        return [f"{f.name} (Conv/Linear not annotated)" for f in self.float_layer_families] + \
+            ["attention matmuls + softmax, LayerNorm, residual adds, per-class query read-out and log-softmax "
+             f"({float_ops_run_as})"]
+
     @property
     def quantize_attention(self) -> bool:
         return ATTENTION in self.plan.quantized

@@ -119,9 +119,7 @@ def quantize(ctx: QuantContext, out_dir: Path) -> TargetResult:
     int8_dir.mkdir(parents=True, exist_ok=True)
     path = int8_dir / "model.pte"
     path.write_bytes(program.buffer)
-    float_layers = [f"{f.name} (Conv/Linear not annotated)" for f in ctx.float_layer_families] + \
-        ["attention matmuls + softmax, LayerNorm, residual adds, read-out and log-softmax (float, "
-         "XNNPACK fp32 or the allow-listed portable ops: " + ", ".join(sorted(ops)) + ")"]
+    float_layers = ctx.float_layers("float, XNNPACK fp32 or the allow-listed portable ops: " + ", ".join(sorted(ops)))
     scheme = "pt2e XNNPACKQuantizer: int8 symmetric per-channel weights, int8 per-tensor activations (histogram)"
     notes = [f"{len(names)} Conv/Linear layers int8", f"{delegate_count(edge.exported_program().graph_module)} "
              "XNNPACK delegate segments; no quantize/dequantize op outside the delegate (asserted)"]

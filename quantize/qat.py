@@ -292,9 +292,7 @@ def _executorch(ctx: QuantContext, out_dir: Path, photos: ImageSet, cfg: QATConf
     path = int8_dir / "model.pte"
     path.write_bytes(program.buffer)
     qat = _qat_record(cfg, photos, trained, "XNNPACKQuantizer")
-    float_layers = [f"{f.name} (Conv/Linear not annotated)" for f in ctx.float_layer_families] + \
-        ["attention matmuls + softmax, LayerNorm, residual adds, read-out and log-softmax (float, "
-         "XNNPACK fp32 or the allow-listed portable ops: " + ", ".join(sorted(ops)) + ")"]
+    float_layers = ctx.float_layers("float, XNNPACK fp32 or the allow-listed portable ops: " + ", ".join(sorted(ops)))
     scheme = (f"pt2e QAT ({cfg.epochs} epoch(s)) with XNNPACKQuantizer: int8 symmetric per-channel weights, "
               "int8 per-tensor activations (moving-average min/max)")
     notes = [f"{len(names)} Conv/Linear layers int8", f"{delegate_count(edge.exported_program().graph_module)} "
@@ -316,7 +314,7 @@ def _tflite(ctx: QuantContext, out_dir: Path, photos: ImageSet, cfg: QATConfig,
     from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e
 
     from converters._metadata import embedded_metadata
-    from converters.tflite import add_metadata
+    from converters.tflite import finish_file
 
     from .executorch import quantized_module_names
     from .tflite import litert_quantizer, tensor_types
@@ -342,7 +340,7 @@ def _tflite(ctx: QuantContext, out_dir: Path, photos: ImageSet, cfg: QATConfig,
         raise
     except Exception as e:
         raise QuantizeError(f"tflite QAT failed: {type(e).__name__}: {e}") from e
-    add_metadata(path, embedded_metadata(ctx.taxonomy, ctx.spec("int8")))
+    finish_file(path, embedded_metadata(ctx.taxonomy, ctx.spec("int8")))
     from ai_edge_litert.interpreter import Interpreter
     inp = Interpreter(model_path=str(path)).get_input_details()[0]
     if np.dtype(inp["dtype"]) != np.uint8 or any(inp["quantization"]) and inp["quantization"] != (0.0, 0):
@@ -352,8 +350,7 @@ def _tflite(ctx: QuantContext, out_dir: Path, photos: ImageSet, cfg: QATConfig,
     if not types.get("int8"):
         raise QuantizeError(f"tflite QAT: no int8 tensor in the converted model ({types})")
     qat = _qat_record(cfg, photos, trained, "litert PT2EQuantizer")
-    float_layers = [f"{f.name} (Conv/Linear not annotated)" for f in ctx.float_layer_families] + \
-        ["attention matmuls + softmax, LayerNorm, residual adds, read-out and log-softmax (float ops)"]
+    float_layers = ctx.float_layers("float ops")
     scheme = (f"pt2e QAT ({cfg.epochs} epoch(s)) with litert-torch PT2EQuantizer: int8 symmetric per-channel weights, "
               "int8 per-tensor activations (moving-average min/max)")
     notes = [f"{len(names)} Conv/Linear layers int8", f"tensor dtypes: {types}",

@@ -54,7 +54,7 @@ def quantize(ctx: QuantContext, out_dir: Path) -> TargetResult:
     from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
 
     from converters._metadata import embedded_metadata
-    from converters.tflite import add_metadata
+    from converters.tflite import finish_file
 
     fp32 = fp32_artifact(ctx, "tflite", out_dir / "fp32" / "tflite")
     example = torch.zeros(1, ctx.image_size, ctx.image_size, 3, dtype=torch.uint8)
@@ -75,7 +75,7 @@ def quantize(ctx: QuantContext, out_dir: Path) -> TargetResult:
         litert_torch.convert(converted, (example,), quant_config=QuantConfig(pt2e_quantizer=quantizer)).export(str(path))
     except Exception as e:
         raise QuantizeError(f"tflite int8 failed: {type(e).__name__}: {e}") from e
-    add_metadata(path, embedded_metadata(ctx.taxonomy, ctx.spec("int8")))
+    finish_file(path, embedded_metadata(ctx.taxonomy, ctx.spec("int8")))
     from ai_edge_litert.interpreter import Interpreter
     inp = Interpreter(model_path=str(path)).get_input_details()[0]
     if np.dtype(inp["dtype"]) != np.uint8 or any(inp["quantization"]) and inp["quantization"] != (0.0, 0):
@@ -84,8 +84,7 @@ def quantize(ctx: QuantContext, out_dir: Path) -> TargetResult:
     types = tensor_types(path)
     if not types.get("int8"):
         raise QuantizeError(f"tflite int8: no int8 tensor in the converted model ({types})")
-    float_layers = [f"{f.name} (Conv/Linear not annotated)" for f in ctx.float_layer_families] + \
-        ["attention matmuls + softmax, LayerNorm, residual adds, read-out and log-softmax (float ops)"]
+    float_layers = ctx.float_layers("float ops")
     scheme = "litert-torch PT2EQuantizer: int8 symmetric per-channel weights, int8 per-tensor activations (histogram)"
     notes = [f"{len(names)} Conv/Linear layers int8", f"tensor dtypes: {types}",
              "input tensor: uint8 image, not quantized (the graph casts and normalizes it)"]

@@ -30,13 +30,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--qat-no-augment", action="store_true",
                    help="QAT on the decoded photos as they are (default: a fresh random crop + flip every epoch)")
     p.add_argument("--eval-limit", type=int, default=0, help="cap the evaluation sets (0: all of val and the 20 %% train slice)")
+    p.add_argument("--no-bias-correction", action="store_true",
+                   help="quantize the model as trained (default: fold the measured mean shift of int8 weight rounding "
+                        "into biases first; quantize/bias.py)")
     a = p.parse_args(argv)
     targets = [t.strip() for t in a.targets.split(",") if t.strip()]
     warnings.simplefilter("default")
     rep = quantize_checkpoint(a.checkpoint, a.data, targets, a.out, n_calibration=a.calibration_images,
                               n_sensitivity=a.sensitivity_images, qat_epochs=a.qat_epochs, eval_limit=a.eval_limit,
                               qat={"images": a.qat_images, "lr": a.qat_lr, "batch_size": a.qat_batch_size, "ce_weight": a.qat_ce_weight,
-                                   "augment": not a.qat_no_augment, "force": a.force_qat})
+                                   "augment": not a.qat_no_augment, "force": a.force_qat},
+                              bias_correction=not a.no_bias_correction)
     print(f"report: {a.out}/report.md")
     res = rep["targets"]
     # a target passes when its post-training int8 or its QAT artifact meets the bar

@@ -38,6 +38,9 @@ class QuantContext:
     ranges: Ranges
     model_info: dict[str, Any] = field(default_factory=dict)
     log: Callable[[str], None] = print
+    # the model int8 artifacts are made from: `model` with weight-rounding bias correction (quantize.bias)
+    int8_model: torch.nn.Module | None = None
+    shifts: dict[str, torch.Tensor] | None = None  # the measured per-layer shifts behind `int8_model`
 
     @property
     def families(self) -> list[Family]:
@@ -58,9 +61,14 @@ class QuantContext:
     def quantize_attention(self) -> bool:
         return ATTENTION in self.plan.quantized
 
-    def deploy(self) -> torch.nn.Module:
+    def deploy(self, int8: bool = False) -> torch.nn.Module:
+        """The uint8-in graph of the fp32 model, or (`int8`) of the model the int8 artifacts are made from."""
         from train.models import DeployWrapper
-        return DeployWrapper(self.model).eval()
+        return DeployWrapper(self.int8_model if int8 and self.int8_model is not None else self.model).eval()
+
+    @property
+    def bias_corrected(self) -> bool:
+        return self.int8_model is not None and self.int8_model is not self.model
 
     def spec(self, precision: str = "int8", **kw: Any) -> ExportSpec:
         return ExportSpec(image_size=self.image_size, precision=precision, images=self.parity.images,
@@ -111,3 +119,18 @@ def fp32_artifact(ctx: QuantContext, target: str, out_dir: Path) -> Artifact:
     import importlib
     mod = importlib.import_module(f"converters.{target}")
     return mod.export(ctx.deploy(), ctx.spec("fp32"), out_dir)
+
+
+def int8_source_artifact(ctx: QuantContext, target: str, out_dir: Path, fp32: Artifact,
+                         model: torch.nn.Module | None = None) -> Artifact:
+    """The fp32 graph a post-export quantizer (ONNX Runtime, coremltools) starts from: the bias-corrected
+    model's export (`model`, default `ctx.int8_model`) in `<out>/fp32/<target>-bias-corrected/`, or the
+    fp32 artifact itself without correction."""
+    if not ctx.bias_corrected:
+        return fp32
+    import importlib
+
+    from train.models import DeployWrapper
+    mod = importlib.import_module(f"converters.{target}")
+    net = DeployWrapper(model).eval() if model is not None else ctx.deploy(int8=True)
+    return mod.export(net, ctx.spec("fp32"), out_dir.parent / f"{out_dir.name}-bias-corrected")

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from converters._common import tool_versions
 
-from ._common import QuantContext, QuantizeError, TargetResult, finish_int8, fp32_artifact
+from ._common import QuantContext, QuantizeError, TargetResult, finish_int8, fp32_artifact, int8_source_artifact
 
 
 def op_types(path: Path) -> Counter:
@@ -38,6 +38,21 @@ def op_types(path: Path) -> Counter:
     return ops
 
 
+WEIGHT_THRESHOLD = 2048  # coremltools quantizes a weight of more elements than this (its default)
+
+
+def corrected_for_coreml(ctx: QuantContext):
+    """Bias correction only where coremltools rounds: it leaves weights of at most WEIGHT_THRESHOLD
+    elements (early depthwise filters, biases) in float, and a layer that is not rounded must not be
+    corrected."""
+    if not ctx.bias_corrected or not ctx.shifts:
+        return None
+    from .bias import bias_corrected
+    sizes = {n: m.weight.numel() for n, m in ctx.model.named_modules() if hasattr(m, "weight") and m.weight is not None}
+    shifts = {n: e for n, e in ctx.shifts.items() if sizes.get(n, 0) > WEIGHT_THRESHOLD}
+    return bias_corrected(ctx.model, shifts, [f for f in ctx.families if f.prefixes])[0]
+
+
 def quantize(ctx: QuantContext, out_dir: Path) -> TargetResult:
     """fp32 package (converters.coreml) -> int8 weights -> `<out_dir>/coreml/model.mlpackage`, spec verified."""
     import coremltools as ct
@@ -46,10 +61,11 @@ def quantize(ctx: QuantContext, out_dir: Path) -> TargetResult:
     from converters.coreml import verify_package
 
     fp32 = fp32_artifact(ctx, "coreml", out_dir / "fp32" / "coreml")
+    src = int8_source_artifact(ctx, "coreml", out_dir / "fp32" / "coreml", fp32, corrected_for_coreml(ctx))
     ctx.log("coreml: linear_quantize_weights int8 per-channel symmetric")
-    ml = ct.models.MLModel(str(fp32.path), skip_model_load=True)
+    ml = ct.models.MLModel(str(src.path), skip_model_load=True)
     cfg = cto.OptimizationConfig(global_config=cto.OpLinearQuantizerConfig(
-        mode="linear_symmetric", dtype="int8", granularity="per_channel"))
+        mode="linear_symmetric", dtype="int8", granularity="per_channel", weight_threshold=WEIGHT_THRESHOLD))
     try:
         q = cto.linear_quantize_weights(ml, config=cfg)
     except Exception as e:

@@ -103,7 +103,7 @@ def quantize(ctx: QuantContext, out_dir: Path) -> TargetResult:
     ctx.log(f"executorch: pt2e XNNPACK quantizer on {len(names)} Conv/Linear layers, calibrating on "
             f"{len(ctx.calibration)} photos")
     try:
-        gm = torch.export.export(ctx.deploy(), (example,)).module()
+        gm = torch.export.export(ctx.deploy(int8=True), (example,)).module()
         prepared = prepare_pt2e(gm, xnnpack_quantizer(names))
         with torch.no_grad():
             for img in ctx.calibration.images:

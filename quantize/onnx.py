@@ -21,7 +21,7 @@ import numpy as np
 
 from converters._common import tool_versions
 
-from ._common import QuantContext, QuantizeError, TargetResult, finish_int8, fp32_artifact
+from ._common import QuantContext, QuantizeError, TargetResult, finish_int8, fp32_artifact, int8_source_artifact
 from .sim import ATTENTION, Family
 
 # Clip (ReLU6) is listed so ORT folds it into the conv's output range instead of quantizing pre-activation.
@@ -106,10 +106,11 @@ def quantize(ctx: QuantContext, out_dir: Path, reduce_range: bool = False,
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
     fp32 = fp32_artifact(ctx, "onnx", out_dir / "fp32" / "onnx")
+    src = int8_source_artifact(ctx, "onnx", out_dir / "fp32" / "onnx", fp32)
     # ORT's recommended pre-pass: shape inference + graph optimizations (constant folding, fusions)
     # on the fp32 graph, so the quantizer sees the graph ORT will run
     pre = out_dir / "fp32" / "onnx-preprocessed.onnx"
-    quant_pre_process(str(fp32.path), str(pre), skip_symbolic_shape=False)
+    quant_pre_process(str(src.path), str(pre), skip_symbolic_shape=False)
     proto = onnx.load(str(pre))
     excl, why = excluded_nodes(proto, ctx.float_layer_families, ctx.quantize_attention)
     int8_dir = out_dir / "onnx"

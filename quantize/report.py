@@ -39,6 +39,15 @@ def qat_section(r: dict[str, Any]) -> list[str]:
     return lines + [""]
 
 
+def _bias_line(bc: dict[str, Any] | None) -> str:
+    if not bc:
+        return "- bias correction: off (int8 made from the model as trained)"
+    skipped = f"; {len(bc['skipped'])} quantized layers had no bias to take it" if bc["skipped"] else ""
+    return (f"- bias correction: the mean output shift of int8 weight rounding, measured per channel on "
+            f"{bc['images']}, folded into the biases of {bc['layers']} quantized layers (largest shift "
+            f"{bc['max_shift']:.3g}){skipped}; int8 is made from that copy, judged against the unmodified fp32")
+
+
 def render_markdown(r: dict[str, Any]) -> str:
     lines = [f"# int8 report: {r['checkpoint']}", "",
              f"- data: `{r['data']}`, image size {r['image_size']}",
@@ -46,7 +55,8 @@ def render_markdown(r: dict[str, Any]) -> str:
              f"- evaluation: " + "; ".join(f"{k} = {v}" for k, v in r["evaluation_sets"].items()),
              f"- bar (ONNX, ExecuTorch, TFLite): fine top-1 drop ≤ {100 * r['bar']['max_fine_top1_drop']:.1f} pt, "
              f"fine agreement with fp32 ≥ {100 * r['bar']['min_fine_agreement']:.0f} %, "
-             f"size ≤ {100 * r['bar']['max_size_ratio']:.0f} % of fp32", "",
+             f"size ≤ {100 * r['bar']['max_size_ratio']:.0f} % of fp32",
+             _bias_line(r.get("bias_correction")), "",
              "## What stays float (measured)", "",
              f"Sensitivity on {r['sensitivity']['images']}: each family quantized alone (PyTorch simulation).", "",
              "| family | fine agreement with fp32 | mean KL (fine) | in the plan |", "|---|---|---|---|"]

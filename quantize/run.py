@@ -16,9 +16,10 @@ from sdk import Classifier, Manifest
 
 from ._common import QuantContext, QuantizeError, TargetResult
 from .bar import MAX_SIZE_RATIO, MAX_TOP1_DROP, MIN_AGREEMENT, meets_bar
+from .bias import bias_corrected, rounding_shifts
 from .calibration import calibration_sets, evaluation_sets
 from .sensitivity import choose_float_families
-from .sim import calibrate, model_logprobs, simulate
+from .sim import calibrate, families, model_logprobs, simulate
 
 TARGETS = ("onnx", "executorch", "tflite", "coreml")
 
@@ -72,11 +73,13 @@ def _trained_without_slice(checkpoint: Path, conf: dict[str, Any]) -> bool:
 def quantize_checkpoint(checkpoint: str | Path, data: str, targets: Sequence[str], out: str | Path,
                         n_calibration: int = 300, n_sensitivity: int = 200, qat_epochs: int = 0,
                         eval_limit: int = 0, n_parity: int = 64, log: Callable[[str], None] = print,
-                        qat: dict[str, Any] | None = None) -> dict[str, Any]:
+                        qat: dict[str, Any] | None = None, bias_correction: bool = True) -> dict[str, Any]:
     """Run the whole int8 pipeline for a model directory; writes `<out>/<target>/` + report.{md,json}.
 
     `qat_epochs` > 0: pt2e QAT for the targets whose PTQ misses the accuracy bar (`<out>/qat/<target>/`,
     report rows `<target>_qat`); `qat` overrides quantize.qat.QATConfig fields (images, lr, force, ...).
+    `bias_correction`: the int8 artifacts come from a copy of the model whose biases undo the mean shift
+    of int8 weight rounding, measured on the calibration photos (`quantize.bias`); fp32 stays the reference.
     """
     from train.checkpoint import file_sha256, load_model
     from .report import write_report
@@ -95,19 +98,30 @@ def quantize_checkpoint(checkpoint: str | Path, data: str, targets: Sequence[str
     evals = evaluation_sets(data, size, tax, limit=eval_limit)
     log(f"calibrating activation ranges on {cal.source}")
     ranges = calibrate(model, cal.images)
+    shifts = None
+    if bias_correction:
+        log(f"measuring the mean output shift of int8 weight rounding per channel on {cal.source}")
+        shifts = rounding_shifts(model, cal.images, [f for f in families(model) if f.prefixes])
     log(f"sensitivity pass on {sen.source}")
-    plan = choose_float_families(model, ranges, sen.images, sen.labels, tax, source=sen.source, log=log)
+    plan = choose_float_families(model, ranges, sen.images, sen.labels, tax, source=sen.source, log=log, shifts=shifts)
     log(f"float families: {plan.float_families}")
     info = {"checkpoint_sha256": file_sha256(Path(checkpoint) / "model.safetensors"), "config": cfg.to_dict(),
             "metrics_pytorch": conf.get("metrics", {})}
+    int8_model, int8_ranges = model, ranges
+    if shifts is not None:
+        int8_model, bc = bias_corrected(model, shifts, [f for f in families(model) if f.name in plan.quantized],
+                                        len(cal), cal.source)
+        int8_ranges = calibrate(int8_model, cal.images)  # what the backends' observers see
+        info["bias_correction"] = bc.to_dict()
+        log(f"bias correction: {bc.layers} layers (largest shift {bc.max_shift:.3g})")
     pidx = np.linspace(0, len(evals["val"]) - 1, num=min(n_parity, len(evals["val"]))).round().astype(int)
     from .calibration import ImageSet
     par = ImageSet(evals["val"].images[pidx], evals["val"].labels[pidx], f"{evals['val'].source}, {len(pidx)} for parity")
-    ctx = QuantContext(model, tax, size, cal, par, plan, ranges, info, log)
+    ctx = QuantContext(model, tax, size, cal, par, plan, int8_ranges, info, log, int8_model=int8_model, shifts=shifts)
 
     log("fp32 and simulated-int8 references on the evaluation sets")
-    sim = simulate(model, ranges, set(plan.quantized))
-    simw = simulate(model, ranges, {f.name for f in ctx.families if f.prefixes}, weights_only=True)
+    sim = simulate(model, int8_ranges, set(plan.quantized), shifts=shifts)
+    simw = simulate(model, ranges, {f.name for f in ctx.families if f.prefixes}, weights_only=True, shifts=shifts)
     fp32_lp = {k: model_logprobs(model, s.images) for k, s in evals.items()}
     sim_lp = {k: model_logprobs(sim, s.images) for k, s in evals.items()}
     simw_lp = {k: model_logprobs(simw, s.images) for k, s in evals.items()} if "coreml" in targets else None
@@ -143,7 +157,7 @@ def quantize_checkpoint(checkpoint: str | Path, data: str, targets: Sequence[str
                                lambda res: judge(res, evals, fp32_lp, sim_lp, tax, simw_lp),
                                MAX_TOP1_DROP, MIN_AGREEMENT))
     report = {"checkpoint": str(checkpoint), "data": str(data), "image_size": size, "calibration": cal.source,
-              "sensitivity": plan.to_dict(), "evaluation_sets": {k: s.source for k, s in evals.items()},
+              "bias_correction": info.get("bias_correction"), "sensitivity": plan.to_dict(), "evaluation_sets": {k: s.source for k, s in evals.items()},
               "bar": {"max_fine_top1_drop": MAX_TOP1_DROP, "min_fine_agreement": MIN_AGREEMENT,
                       "max_size_ratio": MAX_SIZE_RATIO},
               "targets": results, "seconds": round(time.time() - t0, 1)}

@@ -7,7 +7,8 @@ photos, so it ranks families that all agree 100 %). Then all families are quanti
 that combined model agrees with fp32 less than `target_agreement` (or loses more than `max_top1_drop`
 fine top-1 on those photos), the most sensitive family still quantized moves to float (greedy, worst
 single agreement first, then worst KL). LayerNorm and log-softmax inputs are measured too but always
-stay float: no backend configuration here quantizes them.
+stay float: no backend configuration here quantizes them. With `shifts`, every simulation carries the
+weight-rounding bias correction the int8 artifacts get (`quantize.bias`).
 """
 
 from __future__ import annotations
@@ -58,7 +59,7 @@ def fine_top1(taxonomy: Taxonomy, lp: list[np.ndarray], labels: np.ndarray) -> f
 
 def choose_float_families(model, ranges: Ranges, images: np.ndarray, labels: np.ndarray, taxonomy: Taxonomy,
                           source: str = "", target_agreement: float = MIN_AGREEMENT, max_top1_drop: float = MAX_TOP1_DROP,
-                          log: Callable[[str], None] = print) -> Plan:
+                          log: Callable[[str], None] = print, shifts: dict | None = None) -> Plan:
     """Measure each family's sensitivity and pick the float set (see module docstring)."""
     ref = model_logprobs(model, images)
     acc_ref = fine_top1(taxonomy, ref, labels)
@@ -66,7 +67,7 @@ def choose_float_families(model, ranges: Ranges, images: np.ndarray, labels: np.
     single: dict[str, float] = {}
     kl: dict[str, float] = {}
     for f in fams:
-        lp = model_logprobs(simulate(model, ranges, {f}), images)
+        lp = model_logprobs(simulate(model, ranges, {f}, shifts=shifts), images)
         single[f], kl[f] = fine_agreement(taxonomy, ref, lp), fine_kl(ref, lp)
         log(f"  sensitivity: {f:40s} fine agreement {single[f]:.4f}  KL {kl[f]:.2e}")
     floats = [f for f in fams if f in ALWAYS_FLOAT]
@@ -74,7 +75,7 @@ def choose_float_families(model, ranges: Ranges, images: np.ndarray, labels: np.
     while True:
         quant = [f for f in fams if f not in floats]
         if quant:
-            lp = model_logprobs(simulate(model, ranges, set(quant)), images)
+            lp = model_logprobs(simulate(model, ranges, set(quant), shifts=shifts), images)
             agr, drop = fine_agreement(taxonomy, ref, lp), acc_ref - fine_top1(taxonomy, lp, labels)
         else:
             agr, drop = 1.0, 0.0

@@ -171,10 +171,13 @@ def _output_point(model: nn.Module, name: str) -> str | None:
     return name
 
 
-def simulate(model: nn.Module, ranges: Ranges, quantized: set[str], weights_only: bool = False) -> nn.Module:
+def simulate(model: nn.Module, ranges: Ranges, quantized: set[str], weights_only: bool = False,
+             shifts: dict[str, torch.Tensor] | None = None) -> nn.Module:
     """A copy of `model` with the named families fake-quantized (everything else float).
 
     `weights_only`: only weights of the layer families are quantized (the Core ML weight-only scheme).
+    `shifts`: weight-rounding bias correction (`quantize.bias.rounding_shifts`) applied to the
+    quantized layers, as the int8 artifacts get it.
     """
     from train.models import Attention, GroupReadout
     sim = copy.deepcopy(model).eval()
@@ -183,6 +186,9 @@ def simulate(model: nn.Module, ranges: Ranges, quantized: set[str], weights_only
     if unknown:
         raise ValueError(f"unknown families {sorted(unknown)}; known: {sorted(fams)}")
     layer_fams = [fams[n] for n in quantized if fams[n].prefixes]
+    if shifts:
+        from .bias import apply_shifts
+        apply_shifts(sim, shifts, layer_fams)
     for name, m in sim.named_modules():
         if isinstance(m, (nn.Conv2d, nn.Linear)) and any(f.owns(name) for f in layer_fams):
             with torch.no_grad():

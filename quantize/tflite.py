@@ -66,7 +66,7 @@ def quantize(ctx: QuantContext, out_dir: Path) -> TargetResult:
     path = int8_dir / "model.tflite"
     quantizer = litert_quantizer(names)
     try:
-        gm = torch.export.export(ctx.deploy(), (example,)).module()
+        gm = torch.export.export(ctx.deploy(int8=True), (example,)).module()
         prepared = prepare_pt2e(gm, quantizer)
         with torch.no_grad():
             for img in ctx.calibration.images:

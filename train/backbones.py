@@ -49,11 +49,12 @@ def _same_pad(x: torch.Tensor, k: int, s: int) -> torch.Tensor:
 class SameConv(nn.Conv2d):
     """Conv2d with TensorFlow "same" padding (asymmetric for stride 2), as the Lite weights expect."""
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    # nn.Conv2d.forward calls this with its own weight and bias; quantize.bias calls it with others
+    def _conv_forward(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         k, s = self.kernel_size[0], self.stride[0]
         if s == 1:
-            return F.conv2d(x, self.weight, self.bias, 1, k // 2, 1, self.groups)
-        return F.conv2d(_same_pad(x, k, s), self.weight, self.bias, s, 0, 1, self.groups)
+            return F.conv2d(x, weight, bias, 1, k // 2, 1, self.groups)
+        return F.conv2d(_same_pad(x, k, s), weight, bias, s, 0, 1, self.groups)
 
 
 def _bn(c: int) -> nn.BatchNorm2d:

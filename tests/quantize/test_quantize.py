@@ -138,3 +138,44 @@ def test_every_conv_and_linear_belongs_to_exactly_one_family(arch):
     layers = [n for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
     assert any(n.startswith("global_head.") for n in layers) == (arch == "student")  # the student has one
     assert [n for n in layers if sum(f.owns(n) for f in fams) != 1] == []
+
+
+@pytest.mark.slow
+def test_bias_correction_restores_the_mean_of_a_rounded_layer_and_leaves_fp32_alone(tiny_student_dir, grocery_root):
+    import torch
+
+    from quantize.bias import bias_corrected, rounding_shifts
+    from quantize.calibration import calibration_sets
+    from quantize.sim import calibrate, families, simulate
+    from train.backbones import normalize_uint8
+    from train.checkpoint import load_model
+
+    model, cfg, tax, _ = load_model(tiny_student_dir)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        cal, _ = calibration_sets(str(grocery_root), cfg.image_size, tax, 24, 0)
+    layer_fams = [f for f in families(model) if f.prefixes]
+    shifts = rounding_shifts(model, cal.images, layer_fams)
+    assert "backbone._conv_stem" in shifts and "tokens.proj.0" in shifts
+    fixed, rec = bias_corrected(model, shifts, layer_fams, len(cal), cal.source)
+    assert rec.layers == len(shifts) and not rec.skipped and rec.max_shift > 0
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())  # fp32 untouched
+    # the stem sees the same input in fp32 and int8-weight simulation, so its corrected BatchNorm output
+    # has exactly the fp32 per-channel mean on the calibration photos; uncorrected it does not
+    r = calibrate(model, cal.images)
+    x = normalize_uint8(torch.from_numpy(cal.images).permute(0, 3, 1, 2))
+
+    def stem_mean(m):
+        with torch.inference_mode():
+            return m.backbone._bn0(m.backbone._conv_stem(x)).mean(dim=(0, 2, 3))
+
+    ref = stem_mean(model)
+    plain = stem_mean(simulate(model, r, {f.name for f in layer_fams}, weights_only=True))
+    corrected = stem_mean(simulate(model, r, {f.name for f in layer_fams}, weights_only=True, shifts=shifts))
+    assert (plain - ref).abs().max() > 1e-4
+    assert torch.allclose(corrected, ref, atol=1e-5)
+    # a family left float gets no correction (it is not rounded)
+    part, rec2 = bias_corrected(model, shifts, [layer_fams[0]])
+    assert 0 < rec2.layers < rec.layers
+    assert torch.equal(part.tokens.proj[0].bias, model.tokens.proj[0].bias)

@@ -37,7 +37,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .sim import Family, fq_weight
+from .sim import Family, feed, fq_weight
 
 # EfficientNet-Lite block convs and the BatchNorm that follows each (train.backbones)
 _BN_AFTER = {"_expand_conv": "_bn0", "_depthwise_conv": "_bn1", "_project_conv": "_bn2",
@@ -68,9 +68,9 @@ def _rounding_error_output(mod: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return mod._conv_forward(x, dw, None)  # train.backbones.SameConv keeps its TF "same" padding here
 
 
-def _bias_target(model: nn.Module, name: str) -> tuple[str, nn.Module] | None:
-    """Where a layer's shift goes: ("bn", BatchNorm) after a backbone conv, ("bias", layer) else."""
-    mods = dict(model.named_modules())
+def _bias_target(mods: dict[str, nn.Module], name: str) -> tuple[str, nn.Module] | None:
+    """Where a layer's shift goes (`mods`: the model's named modules): ("bn", BatchNorm) after a
+    backbone conv, ("bias", layer) else."""
     parent, _, last = name.rpartition(".")
     if last in _BN_AFTER:
         bn = mods.get((parent + "." if parent else "") + _BN_AFTER[last])
@@ -85,7 +85,6 @@ def _bias_target(model: nn.Module, name: str) -> tuple[str, nn.Module] | None:
 @torch.inference_mode()
 def rounding_shifts(model: nn.Module, images: np.ndarray, fams: list[Family], batch: int = 25) -> dict[str, torch.Tensor]:
     """Per quantized Conv2d / Linear: the mean over photos (and positions) of E[(W - Q(W)) x] per output channel."""
-    from train.backbones import normalize_uint8
     layers = {n: m for n, m in model.named_modules()
               if isinstance(m, (nn.Conv2d, nn.Linear)) and any(f.owns(n) for f in fams)}
     sums: dict[str, torch.Tensor] = {}
@@ -101,13 +100,8 @@ def rounding_shifts(model: nn.Module, images: np.ndarray, fams: list[Family], ba
         hooks.append(layer.register_forward_hook(hook))
     was_training = model.training
     try:
-        model.eval()
-        for i in range(0, len(images), batch):
-            x = torch.from_numpy(np.ascontiguousarray(images[i:i + batch]))
-            model(normalize_uint8(x.permute(0, 3, 1, 2)))
+        feed(model, images, hooks, batch)
     finally:
-        for h in hooks:
-            h.remove()
         model.train(was_training)
     return {n: (sums[n] / counts[n]).float() for n in layers if n in sums}
 
@@ -115,11 +109,12 @@ def rounding_shifts(model: nn.Module, images: np.ndarray, fams: list[Family], ba
 def apply_shifts(model: nn.Module, shifts: dict[str, torch.Tensor], fams: list[Family]) -> BiasCorrection:
     """Fold the measured shifts of the layers of `fams` into `model` in place (biases / BatchNorm means)."""
     rec = BiasCorrection(max_shift=max((float(s.abs().max()) for s in shifts.values()), default=0.0))
+    mods = dict(model.named_modules())
     with torch.no_grad():
         for name, e in shifts.items():
             if not any(f.owns(name) for f in fams if f.prefixes):
                 continue  # a layer that stays float is not rounded: nothing to correct
-            tgt = _bias_target(model, name)
+            tgt = _bias_target(mods, name)
             if tgt is None:
                 rec.skipped.append(name)
                 continue

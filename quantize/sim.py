@@ -109,7 +109,6 @@ def _observed(model: nn.Module):
 @torch.inference_mode()
 def calibrate(model: nn.Module, images: np.ndarray, batch: int = 25) -> Ranges:
     """Record min/max of every Conv2d/Linear/LayerNorm input and output on real uint8 photos (fp32 model)."""
-    from train.backbones import normalize_uint8
     r = Ranges(n_images=len(images))
     hooks = []
     for name, m in _observed(model):
@@ -117,6 +116,13 @@ def calibrate(model: nn.Module, images: np.ndarray, batch: int = 25) -> Ranges:
             _update(r.inputs, name, inp[0])
             _update(r.outputs, name, out)
         hooks.append(m.register_forward_hook(hook))
+    feed(model, images, hooks, batch)
+    return r
+
+
+def feed(model: nn.Module, images: np.ndarray, hooks: list, batch: int = 25) -> None:
+    """Run uint8 NHWC photos through `model` in eval mode for the forward `hooks` it carries, then remove them."""
+    from train.backbones import normalize_uint8
     try:
         model.eval()
         for i in range(0, len(images), batch):
@@ -125,7 +131,6 @@ def calibrate(model: nn.Module, images: np.ndarray, batch: int = 25) -> Ranges:
     finally:
         for h in hooks:
             h.remove()
-    return r
 
 
 def _qparams(lo: float, hi: float) -> tuple[float, int]:

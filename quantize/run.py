@@ -18,7 +18,7 @@ from ._common import QuantContext, QuantizeError, TargetResult
 from .bar import MAX_SIZE_RATIO, MAX_TOP1_DROP, MIN_AGREEMENT, meets_bar
 from .bias import bias_corrected, rounding_shifts
 from .calibration import calibration_sets, evaluation_sets
-from .sensitivity import choose_float_families
+from .sensitivity import choose_float_families, disagreements
 from .sim import calibrate, families, model_logprobs, simulate
 
 TARGETS = ("onnx", "executorch", "tflite", "coreml")
@@ -55,7 +55,8 @@ def judge(res: TargetResult, evals, fp32_lp, sim_lp, taxonomy, sim_weights_only=
         drop = m32[f"top1/{fine}"] - m8[f"top1/{fine}"]
         rec["splits"][split] = {"images": s.source, "fp32": _metrics_subset(m32), "int8": _metrics_subset(m8),
                                 "fine_top1_drop": drop, "agreement_with_fp32": vs32,
-                                "agreement_with_pytorch_simulation": vssim}
+                                "agreement_with_pytorch_simulation": vssim,
+                                "disagreements": disagreements(taxonomy, fp32_lp[split], lp)}
         ok &= meets_bar(vs32[f"agreement/{fine}"], drop)
     if rec["size_ratio"] is not None:
         ok &= rec["size_ratio"] <= MAX_SIZE_RATIO

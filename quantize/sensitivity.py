@@ -29,6 +29,30 @@ def fine_agreement(taxonomy: Taxonomy, ref: list[np.ndarray], cand: list[np.ndar
     return float((dec.paths(ref)[:, -1] == dec.paths(cand)[:, -1]).mean())
 
 
+NEAR_TIE = 0.1  # fp32 probability gap between its two most likely fine classes below which an answer is a near-tie
+
+
+def disagreements(taxonomy: Taxonomy, ref: list[np.ndarray], cand: list[np.ndarray],
+                  near_tie: float = NEAR_TIE) -> dict[str, Any]:
+    """Where int8 changes the decoded fine answer, how sure was fp32?
+
+    For every image whose fine label (greedy tree-consistent decoding, as the SDK answers) differs
+    between `ref` (fp32) and `cand` (int8): fp32's gap between its two most probable fine classes
+    (fine marginals of the decoder). Also the agreement on the images fp32 answers with a gap of at
+    least `near_tie`, i.e. whether int8 ever overturns an answer fp32 was sure of.
+    """
+    dec = TreeDecoder(taxonomy)
+    a, b = dec.paths(ref)[:, -1], dec.paths(cand)[:, -1]
+    top2 = np.sort(dec.marginals(ref)[-1], axis=1)[:, -2:]
+    gap = top2[:, 1] - top2[:, 0]
+    flip = a != b
+    sure = gap >= near_tie
+    return {"n": int(len(a)), "disagreeing": int(flip.sum()),
+            "fp32_gap_of_disagreeing": sorted(round(float(g), 4) for g in gap[flip]),
+            "near_tie": near_tie, "sure_images": int(sure.sum()),
+            "agreement_when_fp32_sure": float((~flip[sure]).mean()) if sure.any() else float("nan")}
+
+
 @dataclass
 class Plan:
     """The measured quantization plan: families quantized / kept float and the evidence."""

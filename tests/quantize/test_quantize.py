@@ -104,6 +104,9 @@ def test_int8_artifacts_load_through_the_sdk(tiny_student_dir, grocery_root, tmp
     for t in ("onnx", "executorch", "tflite"):
         agr = rep["targets"][t]["splits"]["val"]["agreement_with_fp32"]["agreement/fine"]
         assert agr >= 0.85, f"{t}: fine agreement with fp32 {agr}"
+        d = rep["targets"][t]["splits"]["val"]["disagreements"]
+        assert d["n"] == 48 and d["disagreeing"] == round((1 - agr) * 48) == len(d["fp32_gap_of_disagreeing"])
+    assert "fine answers differ from fp32" in (tmp_path / "report.md").read_text()
     # same SDK call path as fp32, no code change
     clf = Classifier.load(tmp_path / "tflite")
     pred = clf.classify(grocery_root / "train/Fruit/Banana/Banana_001.jpg")
@@ -179,3 +182,25 @@ def test_bias_correction_restores_the_mean_of_a_rounded_layer_and_leaves_fp32_al
     part, rec2 = bias_corrected(model, shifts, [layer_fams[0]])
     assert 0 < rec2.layers < rec.layers
     assert torch.equal(part.tokens.proj[0].bias, model.tokens.proj[0].bias)
+
+
+def test_disagreements_report_how_sure_fp32_was_where_int8_changed_the_answer():
+    from quantize.sensitivity import disagreements
+    from sdk import Node, Taxonomy
+
+    tree = Taxonomy(["cat", "fine"], [[Node("Fruit", None), Node("Veg", None)],
+                                      [Node("Apple", 0), Node("Pear", 0), Node("Leek", 1)]])
+    cat = np.log([[0.9, 0.1], [0.9, 0.1], [0.1, 0.9]])
+    fp32 = np.log([[0.50, 0.45, 0.05],   # near-tie Apple / Pear (gap 0.05 after the tree product)
+                   [0.90, 0.05, 0.05],   # sure Apple
+                   [0.10, 0.10, 0.80]])  # Leek, sure enough
+    int8 = np.log([[0.45, 0.50, 0.05],   # flips the near-tie
+                   [0.20, 0.75, 0.05],   # overturns a sure answer
+                   [0.10, 0.10, 0.80]])
+    d = disagreements(tree, [cat, fp32], [cat, int8], near_tie=0.1)
+    assert d["n"] == 3 and d["disagreeing"] == 2
+    gaps = d["fp32_gap_of_disagreeing"]
+    assert gaps[0] < 0.1 < gaps[1]
+    assert d["sure_images"] == 2 and d["agreement_when_fp32_sure"] == 0.5
+    same = disagreements(tree, [cat, fp32], [cat, fp32])
+    assert same["disagreeing"] == 0 and same["agreement_when_fp32_sure"] == 1.0

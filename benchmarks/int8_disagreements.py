@@ -45,9 +45,10 @@ def main(argv: list[str] | None = None) -> int:
         for art in a.artifacts:
             d = disagreements(tax, ref, sdk_logprobs(Path(art), s.images))
             out.setdefault(art, {})[split] = d
+            sure = d["agreement_when_fp32_sure"]
             print(f"{art} {split}: {d['disagreeing']}/{d['n']} differ; fp32 gaps there "
                   f"{d['fp32_gap_of_disagreeing']}; agreement where fp32's gap >= {d['near_tie']}: "
-                  f"{d['agreement_when_fp32_sure']:.4f} ({d['sure_images']} images)", flush=True)
+                  f"{'–' if sure is None else f'{sure:.4f}'} ({d['sure_images']} images)", flush=True)
     if a.json:
         Path(a.json).write_text(json.dumps(out, indent=1))
     return 0

@@ -98,15 +98,17 @@ def render_markdown(r: dict[str, Any]) -> str:
                          f"{_pct(sr['agreement_with_fp32']['agreement/path'])} | "
                          f"{_pct(sr['agreement_with_pytorch_simulation']['agreement/path'])} |")
         lines.append("")
+        notes = []
         for split, sr in rec["splits"].items():
             d = sr.get("disagreements")
             if d:
-                lines.append(f"- {split}: {d['disagreeing']} of {d['n']} fine answers differ from fp32; fp32's gap "
+                notes.append(f"- {split}: {d['disagreeing']} of {d['n']} fine answers differ from fp32; fp32's gap "
                              f"between its two most likely fine classes on them: "
                              f"{', '.join(f'{g:.3f}' for g in d['fp32_gap_of_disagreeing']) or '–'}; agreement on "
                              f"the {d['sure_images']} images fp32 answers with a gap ≥ {d['near_tie']}: "
                              f"{_pct(d['agreement_when_fp32_sure'])} %")
-        lines.append("")
+        if notes:
+            lines += notes + [""]
     lines += qat_section(r)
     lines.append(f"Run time: {r['seconds']} s.")
     return "\n".join(lines) + "\n"

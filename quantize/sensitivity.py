@@ -39,7 +39,8 @@ def disagreements(taxonomy: Taxonomy, ref: list[np.ndarray], cand: list[np.ndarr
     For every image whose fine label (greedy tree-consistent decoding, as the SDK answers) differs
     between `ref` (fp32) and `cand` (int8): fp32's gap between its two most probable fine classes
     (fine marginals of the decoder). Also the agreement on the images fp32 answers with a gap of at
-    least `near_tie`, i.e. whether int8 ever overturns an answer fp32 was sure of.
+    least `near_tie`, i.e. whether int8 ever overturns an answer fp32 was sure of (None when fp32 is
+    sure of no image: JSON has no NaN).
     """
     dec = TreeDecoder(taxonomy)
     a, b = dec.paths(ref)[:, -1], dec.paths(cand)[:, -1]
@@ -50,7 +51,7 @@ def disagreements(taxonomy: Taxonomy, ref: list[np.ndarray], cand: list[np.ndarr
     return {"n": int(len(a)), "disagreeing": int(flip.sum()),
             "fp32_gap_of_disagreeing": sorted(round(float(g), 4) for g in gap[flip]),
             "near_tie": near_tie, "sure_images": int(sure.sum()),
-            "agreement_when_fp32_sure": float((~flip[sure]).mean()) if sure.any() else float("nan")}
+            "agreement_when_fp32_sure": float((~flip[sure]).mean()) if sure.any() else None}
 
 
 @dataclass

@@ -53,3 +53,16 @@ def onnx_artifact_dir(tmp_path_factory, tiny_student_dir, grocery_root) -> Path:
     out = tmp_path_factory.mktemp("onnx_artifact")
     export_checkpoint(tiny_student_dir, "onnx", out, data=str(grocery_root), split="val", n_parity=24)
     return out
+
+
+@pytest.fixture(scope="session")
+def all_exports(tmp_path_factory, tiny_student_dir, grocery_root) -> Path:
+    """`python -m converters all` (the CLI itself) on the tiny student: one artifact directory per target,
+    shared read-only by the converter, SDK and concurrency tests (copy before changing a file)."""
+    from converters.__main__ import main
+
+    out = tmp_path_factory.mktemp("exports")
+    assert main(["all", "--checkpoint", str(tiny_student_dir), "--out", str(out), "--data", str(grocery_root),
+                 "--parity-images", "24"]) == 0
+    return out
+

@@ -1,6 +1,7 @@
 """Every target: export the tiny real student, reload through the SDK, run on real photos, compare.
 
-One `python -m converters all` run (the CLI itself) produces the artifacts the tests share.
+One `python -m converters all` run (the CLI itself, the `all_exports` fixture in tests/conftest.py)
+produces the artifacts the tests share.
 """
 
 from __future__ import annotations
@@ -19,16 +20,6 @@ from sdk._backends import BackendUnavailableError
 
 RUNNABLE = ["onnx", "tflite", "executorch"]  # runnable on Linux; Core ML predicts on macOS only
 FILES = {"onnx": "model.onnx", "tflite": "model.tflite", "executorch": "model.pte", "coreml": "model.mlpackage"}
-
-
-@pytest.fixture(scope="session")
-def all_exports(tmp_path_factory, tiny_student_dir, grocery_root) -> Path:
-    from converters.__main__ import main
-
-    out = tmp_path_factory.mktemp("exports")
-    assert main(["all", "--checkpoint", str(tiny_student_dir), "--out", str(out), "--data", str(grocery_root),
-                 "--parity-images", "24"]) == 0
-    return out
 
 
 @pytest.fixture(scope="session")

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import warnings
 
 import numpy as np
 import pytest
@@ -60,14 +59,8 @@ def test_training_photos_exclude_the_judging_slice(grocery_root, tiny_student_di
 
 
 @pytest.mark.slow
-def test_forced_qat_artifacts_load_through_the_sdk(tiny_student_dir, grocery_root, tmp_path):
-    from quantize import quantize_checkpoint
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        rep = quantize_checkpoint(tiny_student_dir, str(grocery_root), ["executorch", "tflite"], tmp_path,
-                                  n_calibration=40, n_sensitivity=24, eval_limit=32, n_parity=16, qat_epochs=1,
-                                  qat={"images": 40, "force": True}, log=lambda *_: None)
+def test_forced_qat_artifacts_load_through_the_sdk(int8_run, grocery_root):
+    rep, tmp_path = int8_run  # the int8 run with `--qat-epochs 1 --force-qat` (tests/quantize/conftest.py)
     saved = json.loads((tmp_path / "report.json").read_text())
     md = (tmp_path / "report.md").read_text()
     assert "## QAT vs post-training int8" in md

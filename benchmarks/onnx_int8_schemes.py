@@ -9,10 +9,13 @@ fp32 graph on a split (default val) and the batch-1, 1-thread median latency.
         --taxonomy runs/student/taxonomy.json --data $G
 
 Schemes: u8s8 (`python -m quantize`'s scheme with every family int8, attention matmuls included),
-u8s8-rr (reduce_range: 7-bit weights), u8u8 (uint8 weights), u8s8-noPadAdd (backbone Pad/Add left
-float), head-only (backbone left float). `python -m quantize` quantizes the graph after
-onnxruntime's pre-process pass, `<out>/fp32/onnx-preprocessed.onnx`: pass that file to judge exactly it.
-On x86 CPUs without VNNI, U8S8 convolutions saturate in int16 (the onnxruntime docs' caveat).
+u8s8-rr (reduce_range: 7-bit weights), u8u8 (uint8 weights), s8s8 (int8 activations and weights),
+u8s8-noPadAdd (backbone Pad/Add left float), head-only (backbone left float). `python -m quantize`
+quantizes the graph after onnxruntime's pre-process pass, `<out>/fp32/onnx-preprocessed.onnx`: pass
+that file to judge exactly it. With bias correction (the default) that graph is the bias-corrected
+model's: pass the plain fp32 export as `--reference` so agreement is measured against what deploys in fp32.
+On x86 CPUs without VNNI, U8S8 convolutions saturate in int16 (the onnxruntime docs' caveat); S8S8 runs
+through the same kernels.
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-SCHEMES = ("u8s8", "u8s8-rr", "u8u8", "u8s8-noPadAdd", "head-only")
+SCHEMES = ("u8s8", "u8s8-rr", "u8u8", "s8s8", "u8s8-noPadAdd", "head-only")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -41,17 +44,30 @@ def main(argv: list[str] | None = None) -> int:
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--onnx", required=True, help="fp32 ONNX export")
+    p.add_argument("--reference", help="fp32 graph whose answers the schemes are judged against (default: --onnx; "
+                   "pass fp32/onnx/model.onnx when --onnx is the bias-corrected graph)")
     p.add_argument("--taxonomy", required=True, help="the model's taxonomy.json")
     p.add_argument("--data", required=True, help="dataset root")
     p.add_argument("--split", default="val", choices=["val", "train20"], help="judging set (default val)")
     p.add_argument("--schemes", default=",".join(SCHEMES), help=f"subset of {','.join(SCHEMES)}")
-    p.add_argument("--size", type=int, default=224)
+    p.add_argument("--size", type=int, default=0, help="input size (default: read from the graph's input)")
+    p.add_argument("--calibration-images", type=int, default=300,
+                   help="real training photos to calibrate on (default 300, as python -m quantize)")
+    p.add_argument("--limit", type=int, default=0, help="judge on at most N photos of the split (0: all)")
     args = p.parse_args(argv)
+    for f in (args.onnx, args.reference, args.taxonomy):
+        if f and not Path(f).is_file():
+            p.error(f"{f}: no such file")
+    unknown = sorted(set(args.schemes.split(",")) - set(SCHEMES))
+    if unknown:
+        p.error(f"unknown scheme(s) {unknown}; schemes: {','.join(SCHEMES)}")
     warnings.simplefilter("ignore")
 
     tax = Taxonomy.load(args.taxonomy)
-    cal, _ = calibration_sets(args.data, args.size, tax, n_calibration=300, n_sensitivity=0)
-    ev = evaluation_sets(args.data, args.size, tax)[args.split]
+    dims = onnx.load(args.onnx, load_external_data=False).graph.input[0].type.tensor_type.shape.dim
+    size = args.size or dims[1].dim_value  # NHWC uint8 image input
+    cal, _ = calibration_sets(args.data, size, tax, n_calibration=args.calibration_images, n_sensitivity=0)
+    ev = evaluation_sets(args.data, size, tax, limit=args.limit)[args.split]
     so = ort.SessionOptions()
     so.intra_op_num_threads = 1
 
@@ -63,8 +79,11 @@ def main(argv: list[str] | None = None) -> int:
         t = time_batch1(lambda x: s.run(None, {name: x}), ev.images, warmup=10, repeats=40)
         return fine, t["median_ms"]
 
-    ref, ms = run(args.onnx)
+    ref, ms = run(args.reference or args.onnx)
     print(f"fp32: {ms:.2f} ms/img; judging on {ev.source} ({len(ref)} photos)")
+    if args.reference:
+        src, _ = run(args.onnx)
+        print(f"quantized graph before int8: fine agreement with the reference {np.mean(src == ref) * 100:5.1f} %")
     proto = onnx.load(args.onnx)
     base, _ = excluded_nodes(proto, quantize_attention=True)
     batches = [cal.images[i:i + 10] for i in range(0, len(cal.images), 10)]
@@ -75,9 +94,11 @@ def main(argv: list[str] | None = None) -> int:
                            if scheme == "head-only" else [])
             out = Path(tmp) / f"{scheme}.onnx"
             quantize_graph(args.onnx, out, proto.graph.input[0].name, batches, excl, ops=ops,
-                           reduce_range=scheme == "u8s8-rr", weight_type="uint8" if scheme == "u8u8" else "int8")
+                           reduce_range=scheme == "u8s8-rr", weight_type="uint8" if scheme == "u8u8" else "int8",
+                           activation_type="int8" if scheme == "s8s8" else "uint8")
             fine, ms = run(str(out))
-            print(f"{scheme:14s} fine agreement with fp32 {np.mean(fine == ref) * 100:5.1f} %   {ms:.2f} ms/img", flush=True)
+            agr = np.mean(fine == ref) * 100
+            print(f"{scheme:14s} fine agreement with fp32 {agr:5.1f} %   {ms:.2f} ms/img", flush=True)
     return 0
 
 

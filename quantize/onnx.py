@@ -87,14 +87,17 @@ def excluded_nodes(proto, float_families: Sequence[Family] = (), quantize_attent
 
 def quantize_graph(src: str | Path, dst: str | Path, input_name: str, batches: Iterable[np.ndarray],
                    exclude: Sequence[str] = (), ops: Sequence[str] = QUANTIZED_OPS, reduce_range: bool = False,
-                   weight_type: str = "int8", calibrate_method: str = "MinMax") -> None:
-    """`quantize_static`, QDQ, uint8 activations, per-channel weights (`weight_type` "int8": U8S8, what
-    ORT's fast x86/ARM kernels take; "uint8": U8U8), calibrated on `batches` of real uint8 photos."""
+                   weight_type: str = "int8", calibrate_method: str = "MinMax",
+                   activation_type: str = "uint8") -> None:
+    """`quantize_static`, QDQ, per-channel weights, calibrated on `batches` of real uint8 photos.
+    `activation_type` "uint8" with `weight_type` "int8" is U8S8, what ORT's fast x86/ARM kernels take;
+    "uint8"/"uint8" is U8U8; "int8"/"int8" is S8S8."""
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
+    types = {"int8": QuantType.QInt8, "uint8": QuantType.QUInt8}
     quantize_static(str(src), str(dst), PhotoCalibrationReader(input_name, batches), quant_format=QuantFormat.QDQ,
-                    per_channel=True, activation_type=QuantType.QUInt8,
-                    weight_type={"int8": QuantType.QInt8, "uint8": QuantType.QUInt8}[weight_type],
+                    per_channel=True, activation_type=types[activation_type],
+                    weight_type=types[weight_type],
                     op_types_to_quantize=list(ops), nodes_to_exclude=list(exclude), reduce_range=reduce_range,
                     calibrate_method=getattr(CalibrationMethod, calibrate_method))
 

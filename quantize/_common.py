@@ -96,19 +96,21 @@ class TargetResult:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
-def quantization_record(ctx: QuantContext, scheme: str, float_layers: list[str], notes: list[str]) -> dict[str, Any]:
-    """The `quantization` block written into every int8 manifest."""
+def quantization_record(ctx: QuantContext, scheme: str, float_layers: list[str], notes: list[str],
+                        extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The `quantization` block written into every int8 manifest (`extra`: target-specific fields)."""
     return {"scheme": scheme, "float_layers": float_layers, "notes": notes,
             "calibration_images": ctx.calibration.source, "plan": ctx.plan.to_dict(),
-            "always_float_ops": list(ALWAYS_FLOAT)}
+            "always_float_ops": list(ALWAYS_FLOAT), **(extra or {})}
 
 
 def finish_int8(ctx: QuantContext, target: str, path: Path, versions: dict[str, str], scheme: str,
-                float_layers: list[str], notes: list[str], check: bool = True) -> Manifest:
+                float_layers: list[str], notes: list[str], check: bool = True,
+                extra: dict[str, Any] | None = None) -> Manifest:
     """Write the int8 manifest (precision int8 + the quantization record) and run SDK parity on real photos."""
     spec = ctx.spec("int8")
     m = write_manifest(target, path, ctx.taxonomy, spec, versions,
-                       {"quantization": quantization_record(ctx, scheme, float_layers, notes)})
+                       {"quantization": quantization_record(ctx, scheme, float_layers, notes, extra)})
     if check:
         m = check_parity(target, ctx.deploy(), path, m, replace(spec, min_agreement=INT8_MIN_AGREEMENT))
     return m

@@ -141,6 +141,9 @@ def quantize(ctx: QuantContext, out_dir: Path, reduce_range: bool = False,
     scheme = (f"onnxruntime quantize_static, QDQ, U8 activations / S8 weights per channel"
               f"{' (reduce_range)' if reduce_range else ''}, {calibrate_method} calibration")
     notes = [f"{n_q} QuantizeLinear nodes"]
-    m = finish_int8(ctx, "onnx", path, tool_versions("onnx", "onnxruntime"), scheme, float_layers, notes)
+    # read by the SDK at load time: signed int8 weights without reduce_range saturate on x86 without VNNI
+    types = {"activations": "uint8", "weights": "int8", "reduce_range": bool(reduce_range)}
+    m = finish_int8(ctx, "onnx", path, tool_versions("onnx", "onnxruntime"), scheme, float_layers, notes,
+                    extra={"onnx_types": types})
     return TargetResult("onnx", int8_dir, fp32.manifest.size_bytes, m.size_bytes, float_layers, scheme,
                         notes=notes, extra={"excluded_nodes": excl})

@@ -9,6 +9,7 @@ from ._classifier import Classifier, HierarchicalPrediction, ItemError, LevelPre
 from ._decode import TreeDecoder
 from ._errors import (
     HierfgError,
+    Int8AccuracyWarning,
     InvalidImageError,
     ModelIntegrityError,
     ModelOutputError,
@@ -23,7 +24,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "Classifier", "HierarchicalPrediction", "ItemError", "LevelPrediction", "TreeDecoder",
-    "HierfgError", "InvalidImageError", "ModelIntegrityError", "ModelOutputError", "TaxonomyError",
+    "HierfgError", "Int8AccuracyWarning", "InvalidImageError", "ModelIntegrityError", "ModelOutputError", "TaxonomyError",
     "UnsupportedFormatError", "load_image", "prepare", "InputSpec", "Manifest", "sha256_file",
     "Node", "Taxonomy", "available_backends", "register_backend", "__version__",
 ]

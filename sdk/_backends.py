@@ -5,13 +5,15 @@ A backend takes a uint8 NHWC batch and returns one (batch, n_level) float array 
 
 from __future__ import annotations
 
+import platform
 import threading
+import warnings
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
 
-from ._errors import ModelIntegrityError
+from ._errors import Int8AccuracyWarning, ModelIntegrityError
 from ._manifest import Manifest
 from ._registry import Registry
 
@@ -74,6 +76,48 @@ class Backend:
         raise NotImplementedError
 
 
+_X86 = {"x86_64", "amd64", "i386", "i686", "x86"}
+
+
+def cpu_has_vnni(cpuinfo: str | Path = "/proc/cpuinfo") -> bool | None:
+    """Whether the CPU has VNNI (`avx512_vnni` / `avx_vnni` in the Linux cpuinfo flags); None if unknown."""
+    try:
+        text = Path(cpuinfo).read_text(errors="replace")
+    except OSError:
+        return None
+    for line in text.splitlines():
+        if line.startswith("flags"):
+            return bool(set(line.split(":", 1)[-1].split()) & {"avx512_vnni", "avx_vnni"})
+    return None
+
+
+_DETECT = object()
+
+
+def int8_saturation_risk(manifest: Manifest, machine: str | None = None, vnni=_DETECT) -> str | None:
+    """Why this int8 ONNX artifact may answer differently from fp32 on this CPU, or None.
+
+    onnxruntime runs QDQ convolutions with signed int8 weights (U8S8; S8S8 is converted to it) through
+    kernels that, on x86 without VNNI, add pairs of uint8 x int8 products in int16 and saturate. Measured
+    here on the Grocery student: 82-85 % fine agreement with fp32 (89 % with 7-bit `reduce_range` weights).
+    ARM CPUs and x86 CPUs with VNNI take other kernels. `machine` and `vnni` (True / False / None for
+    unknown) default to this machine's.
+    """
+    if manifest.target != "onnx" or manifest.precision != "int8":
+        return None
+    q = manifest.metrics.get("quantization") or {}
+    types = q.get("onnx_types")
+    signed = types.get("weights") == "int8" if isinstance(types, dict) else "S8 weights" in str(q.get("scheme", ""))
+    if not signed or (machine or platform.machine()).lower() not in _X86:
+        return None
+    if (cpu_has_vnni() if vnni is _DETECT else vnni) is not False:
+        return None  # VNNI present, or unknown (not Linux): no evidence of a problem
+    return ("int8 ONNX model with signed int8 weights on an x86 CPU without VNNI: onnxruntime's int8 "
+            "convolutions saturate in int16 here, so answers can differ from fp32 (this project's Grocery "
+            "student: 82-89 % fine agreement). On this CPU run the fp32 ONNX export, or the TFLite or "
+            "ExecuTorch int8 artifact.")
+
+
 @register_backend("onnx")
 class OnnxRuntimeBackend(Backend):
     thread_safe = True  # InferenceSession.run is documented as thread-safe
@@ -92,6 +136,9 @@ class OnnxRuntimeBackend(Backend):
             self.session = ort.InferenceSession(str(path), sess_options=opts, providers=["CPUExecutionProvider"])
         except Exception as e:
             raise ModelIntegrityError(f"{path}: onnxruntime could not load the model ({e})") from None
+        risk = int8_saturation_risk(manifest)
+        if risk:
+            warnings.warn(f"{path}: {risk}", Int8AccuracyWarning, stacklevel=4)
         self.input_name = self.session.get_inputs()[0].name
         names = [o.name for o in self.session.get_outputs()]
         if names != list(manifest.outputs):

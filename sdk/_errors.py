@@ -23,3 +23,8 @@ class ModelIntegrityError(HierfgError):
 
 class ModelOutputError(HierfgError):
     """The model produced outputs that cannot be turned into a label (NaN, Inf, wrong shape)."""
+
+
+class Int8AccuracyWarning(RuntimeWarning):
+    """An int8 artifact loads and runs, but this CPU's int8 kernels are known to change its answers."""
+

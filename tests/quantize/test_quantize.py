@@ -73,6 +73,9 @@ def test_int8_artifacts_load_through_the_sdk(int8_run, grocery_root):
         assert rec["int8_size_bytes"] < rec["fp32_size_bytes"]
     # ONNX: the int8 file is small and answers like fp32 on real val photos
     onnx = rep["targets"]["onnx"]
+    # the SDK reads these at load time (sdk._backends.int8_saturation_risk)
+    assert Manifest.load(tmp_path / "onnx").metrics["quantization"]["onnx_types"] == {
+        "activations": "uint8", "weights": "int8", "reduce_range": False}
     # nodes the sensitivity plan keeps float are excluded by name (the report lists them)
     from quantize.onnx import BACKBONE_NODE_PREFIXES
     excluded = set(onnx["excluded_nodes"])

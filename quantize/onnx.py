@@ -141,7 +141,7 @@ def quantize(ctx: QuantContext, out_dir: Path, reduce_range: bool = False,
     scheme = (f"onnxruntime quantize_static, QDQ, U8 activations / S8 weights per channel"
               f"{' (reduce_range)' if reduce_range else ''}, {calibrate_method} calibration")
     notes = [f"{n_q} QuantizeLinear nodes"]
-    # read by the SDK at load time: signed int8 weights without reduce_range saturate on x86 without VNNI
+    # read by the SDK at load time (Int8AccuracyWarning): signed int8 weights saturate on x86 without VNNI
     types = {"activations": "uint8", "weights": "int8", "reduce_range": bool(reduce_range)}
     m = finish_int8(ctx, "onnx", path, tool_versions("onnx", "onnxruntime"), scheme, float_layers, notes,
                     extra={"onnx_types": types})

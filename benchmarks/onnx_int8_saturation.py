@@ -26,9 +26,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-# scheme -> (activation type, weight type, reduce_range)
-SCHEMES = {"u8s8": ("uint8", "int8", False), "s8s8": ("int8", "int8", False),
-           "u8s8-rr": ("uint8", "int8", True), "u8u8": ("uint8", "uint8", False)}
+from quantize.onnx import ONNX_SCHEMES as SCHEMES  # noqa: E402  (after the path insert)
+
 SIZE = 32
 
 
@@ -84,12 +83,12 @@ def measure(data: str, schemes: list[str], n_photos: int = 10) -> dict:
         scale = float(np.abs(ref).max())
         half = len(photos) // 2
         for name in schemes:
-            act, weight, rr = SCHEMES[name]
+            k = SCHEMES[name]
             dst = Path(tmp) / f"{name}.onnx"
-            quantize_graph(src, dst, "x", [photos[:half], photos[half:]], ops=["Conv"], weight_type=weight,
-                           activation_type=act, reduce_range=rr)
+            quantize_graph(src, dst, "x", [photos[:half], photos[half:]], ops=["Conv"], weight_type=k["weights"],
+                           activation_type=k["activations"], reduce_range=k["reduce_range"])
             out["schemes"][name] = {
-                "activations": act, "weights": weight, "reduce_range": rr, "zero_point_types": zero_point_types(dst),
+                **k, "zero_point_types": zero_point_types(dst),
                 "max_error_optimized": float(np.abs(run(dst, True) - ref).max()) / scale,
                 "max_error_unoptimized": float(np.abs(run(dst, False) - ref).max()) / scale}
     return out

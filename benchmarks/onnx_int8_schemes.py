@@ -30,7 +30,9 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+# the kernel schemes of quantize.onnx.ONNX_SCHEMES, plus two u8s8 variants that leave parts of the graph float
 SCHEMES = ("u8s8", "u8s8-rr", "u8u8", "s8s8", "u8s8-noPadAdd", "head-only")
+FLOAT_PARTS = {"u8s8-noPadAdd": "u8s8", "head-only": "u8s8"}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -39,7 +41,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from converters.benchmark import time_batch1
     from quantize.calibration import calibration_sets, evaluation_sets
-    from quantize.onnx import BACKBONE_NODE_PREFIXES, QUANTIZED_OPS, excluded_nodes, quantize_graph
+    from quantize.onnx import BACKBONE_NODE_PREFIXES, ONNX_SCHEMES, QUANTIZED_OPS, excluded_nodes, quantize_graph
     from sdk import Taxonomy
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -64,8 +66,8 @@ def main(argv: list[str] | None = None) -> int:
     warnings.simplefilter("ignore")
 
     tax = Taxonomy.load(args.taxonomy)
-    dims = onnx.load(args.onnx, load_external_data=False).graph.input[0].type.tensor_type.shape.dim
-    size = args.size or dims[1].dim_value  # NHWC uint8 image input
+    proto = onnx.load(args.onnx)
+    size = args.size or proto.graph.input[0].type.tensor_type.shape.dim[1].dim_value  # NHWC uint8 image input
     cal, _ = calibration_sets(args.data, size, tax, n_calibration=args.calibration_images, n_sensitivity=0)
     ev = evaluation_sets(args.data, size, tax, limit=args.limit)[args.split]
     so = ort.SessionOptions()
@@ -84,7 +86,6 @@ def main(argv: list[str] | None = None) -> int:
     if args.reference:
         src, _ = run(args.onnx)
         print(f"quantized graph before int8: fine agreement with the reference {np.mean(src == ref) * 100:5.1f} %")
-    proto = onnx.load(args.onnx)
     base, _ = excluded_nodes(proto, quantize_attention=True)
     batches = [cal.images[i:i + 10] for i in range(0, len(cal.images), 10)]
     with tempfile.TemporaryDirectory() as tmp:
@@ -93,9 +94,9 @@ def main(argv: list[str] | None = None) -> int:
             excl = base + ([n.name for n in proto.graph.node if n.name.startswith(BACKBONE_NODE_PREFIXES)]
                            if scheme == "head-only" else [])
             out = Path(tmp) / f"{scheme}.onnx"
+            k = ONNX_SCHEMES[FLOAT_PARTS.get(scheme, scheme)]
             quantize_graph(args.onnx, out, proto.graph.input[0].name, batches, excl, ops=ops,
-                           reduce_range=scheme == "u8s8-rr", weight_type="uint8" if scheme == "u8u8" else "int8",
-                           activation_type="int8" if scheme == "s8s8" else "uint8")
+                           reduce_range=k["reduce_range"], weight_type=k["weights"], activation_type=k["activations"])
             fine, ms = run(str(out))
             agr = np.mean(fine == ref) * 100
             print(f"{scheme:14s} fine agreement with fp32 {agr:5.1f} %   {ms:.2f} ms/img", flush=True)

@@ -24,6 +24,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from sdk._backends import VNNI_FLAGS
+
 VERSION_PACKAGES = ("numpy", "torch", "onnxruntime", "ai-edge-litert", "executorch", "coremltools")
 
 
@@ -58,7 +60,7 @@ def peak_macs(cpu: dict[str, Any], fma_pipes: int = 2) -> dict[str, Any]:
     else:
         bits, why = 128, "SSE only (no AVX2 + FMA)"
     fp32_per_cycle = fma_pipes * bits // 32
-    vnni = bool(flags & {"avx512_vnni", "avx_vnni"})
+    vnni = bool(flags & VNNI_FLAGS)
     int8_mult = 4.0 if vnni else 4.0 / 3.0
     int8_why = ("VNNI present (vpdpbusd: 4 int8 MACs per 32-bit lane per instruction) -> 4x fp32" if vnni else
                 "no VNNI (vpmaddubsw + vpmaddwd + vpaddd: 32 MACs per 3 instructions vs 8 per FMA) -> 4/3 x fp32")

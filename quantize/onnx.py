@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 import shutil
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Any, Iterable, Sequence
 
 import numpy as np
 
@@ -85,6 +85,16 @@ def excluded_nodes(proto, float_families: Sequence[Family] = (), quantize_attent
     return out, why
 
 
+# onnxruntime int8 schemes by name: activation / weight types and 7-bit weights. "u8s8" is what
+# `python -m quantize` writes (ORT's fast x86/ARM kernels); the benchmarks compare the others.
+ONNX_SCHEMES: dict[str, dict[str, Any]] = {
+    "u8s8": {"activations": "uint8", "weights": "int8", "reduce_range": False},
+    "u8s8-rr": {"activations": "uint8", "weights": "int8", "reduce_range": True},
+    "s8s8": {"activations": "int8", "weights": "int8", "reduce_range": False},
+    "u8u8": {"activations": "uint8", "weights": "uint8", "reduce_range": False},
+}
+
+
 def quantize_graph(src: str | Path, dst: str | Path, input_name: str, batches: Iterable[np.ndarray],
                    exclude: Sequence[str] = (), ops: Sequence[str] = QUANTIZED_OPS, reduce_range: bool = False,
                    weight_type: str = "int8", calibrate_method: str = "MinMax",
@@ -142,7 +152,7 @@ def quantize(ctx: QuantContext, out_dir: Path, reduce_range: bool = False,
               f"{' (reduce_range)' if reduce_range else ''}, {calibrate_method} calibration")
     notes = [f"{n_q} QuantizeLinear nodes"]
     # read by the SDK at load time (Int8AccuracyWarning): signed int8 weights saturate on x86 without VNNI
-    types = {"activations": "uint8", "weights": "int8", "reduce_range": bool(reduce_range)}
+    types = ONNX_SCHEMES["u8s8-rr" if reduce_range else "u8s8"]
     m = finish_int8(ctx, "onnx", path, tool_versions("onnx", "onnxruntime"), scheme, float_layers, notes,
                     extra={"onnx_types": types})
     return TargetResult("onnx", int8_dir, fp32.manifest.size_bytes, m.size_bytes, float_layers, scheme,

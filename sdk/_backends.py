@@ -77,6 +77,7 @@ class Backend:
 
 
 _X86 = {"x86_64", "amd64", "i386", "i686", "x86"}
+VNNI_FLAGS = frozenset({"avx512_vnni", "avx_vnni"})  # cpuinfo flags of the int8 dot-product instruction
 
 
 def cpu_has_vnni(cpuinfo: str | Path = "/proc/cpuinfo") -> bool | None:
@@ -87,7 +88,7 @@ def cpu_has_vnni(cpuinfo: str | Path = "/proc/cpuinfo") -> bool | None:
         return None
     for line in text.splitlines():
         if line.startswith("flags"):
-            return bool(set(line.split(":", 1)[-1].split()) & {"avx512_vnni", "avx_vnni"})
+            return bool(set(line.split(":", 1)[-1].split()) & VNNI_FLAGS)
     return None
 
 

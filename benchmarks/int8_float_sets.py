@@ -1,7 +1,7 @@
 """Which layers kept in float would make int8 agree with fp32? Measured in the PyTorch int8 simulation.
 
     python benchmarks/int8_float_sets.py --checkpoint runs/student --data $G [--sets none,backbone,...]
-        [--calibration-images 300] [--limit N] [--no-bias-correction] [--json out.json]
+        [--calibration-images 300] [--limit N] [--bias-correction all|backbone|none] [--json out.json]
 
 `python -m quantize` chooses its float families greedily on training photos from outside the 20 %
 slice (`quantize.sensitivity`). Those photos are easy for a model trained on their distribution, so
@@ -55,7 +55,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--sets", default=",".join(SETS), help=f"comma-separated, any of {', '.join(SETS)}")
     p.add_argument("--calibration-images", type=int, default=300)
     p.add_argument("--limit", type=int, default=0, help="judge at most N images per split (0 = all)")
-    p.add_argument("--no-bias-correction", action="store_true", help="simulate without quantize.bias")
+    p.add_argument("--bias-correction", choices=("all", "backbone", "none"), default="all",
+                   help="which layers get quantize.bias's weight-rounding correction: every quantized layer (as "
+                        "`python -m quantize` does), only the backbone's, or none")
     p.add_argument("--json", help="also write the records to this file")
     a = p.parse_args(argv)
     sets = [s for s in a.sets.split(",") if s]
@@ -78,9 +80,10 @@ def main(argv: list[str] | None = None) -> int:
     evals = evaluation_sets(a.data, cfg.image_size, tax, limit=a.limit)
     fams = families(model)
     ranges = calibrate(model, cal.images)
-    shifts = None if a.no_bias_correction else rounding_shifts(model, cal.images, [f for f in fams if f.prefixes])
+    corrected = [f for f in fams if f.prefixes and (a.bias_correction == "all" or f.name.startswith("backbone"))]
+    shifts = None if a.bias_correction == "none" else rounding_shifts(model, cal.images, corrected)
     ref = {k: model_logprobs(model, s.images) for k, s in evals.items()}
-    out: dict = {"checkpoint": a.checkpoint, "calibration": cal.source, "bias_correction": shifts is not None,
+    out: dict = {"checkpoint": a.checkpoint, "calibration": cal.source, "bias_correction": [f.name for f in corrected] if shifts else [],
                  "evaluation_sets": {k: s.source for k, s in evals.items()}, "sets": {}}
     for name in sets:
         quantized, weights_only = float_set(name, fams)

@@ -17,7 +17,9 @@ def test_float_sets_on_real_photos(tiny_student_dir, grocery_root, tmp_path):
                        capture_output=True, text=True, cwd=ROOT)
     assert r.returncode == 0, r.stderr
     rec = json.loads(out.read_text())
-    assert rec["bias_correction"] is True and "16 photos (calibration)" in rec["calibration"]
+    # quantize's default: every quantized layer family gets the weight-rounding bias correction
+    assert any(f.startswith("backbone") for f in rec["bias_correction"]) and "CAMP block" in rec["bias_correction"]
+    assert "16 photos (calibration)" in rec["calibration"]
     sets = rec["sets"]
     assert list(sets) == ["all", "none", "backbone", "weights-only"]
     # nothing quantized: the simulation must reproduce fp32 exactly

@@ -40,12 +40,12 @@ SETS = ("none", "stem", "backbone-2/3", "backbone", "head", "weights-only", "all
 def float_set(name: str, fams: list) -> tuple[set[str], bool]:
     """(families quantized, weights_only) for a named float set; `fams` in graph order."""
     from quantize.sim import ALWAYS_FLOAT
+    if name == "weights-only":
+        return {f.name for f in fams if f.prefixes}, True
     quantizable = [f.name for f in fams if f.name not in ALWAYS_FLOAT]
     backbone = [n for n in quantizable if n.startswith("backbone")]
     floats = {"none": [], "stem": backbone[:1], "backbone-2/3": backbone[:2], "backbone": backbone,
-              "head": [n for n in quantizable if n not in backbone], "weights-only": [], "all": quantizable}[name]
-    if name == "weights-only":
-        return {f.name for f in fams if f.prefixes}, True
+              "head": [n for n in quantizable if n not in backbone], "all": quantizable}[name]
     return {n for n in quantizable if n not in floats}, False
 
 
@@ -72,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from quantize.bias import rounding_shifts
     from quantize.calibration import calibration_sets, evaluation_sets
-    from quantize.sensitivity import disagreements, fine_agreement, fine_kl
+    from quantize.sensitivity import disagreements, fine_kl
     from quantize.sim import calibrate, families, model_logprobs, simulate
     from train.checkpoint import load_model
 
@@ -92,8 +92,8 @@ def main(argv: list[str] | None = None) -> int:
         rec = {"quantized_families": sorted(quantized), "weights_only": weights_only, "splits": {}}
         for split, s in evals.items():
             lp = model_logprobs(sim, s.images)
-            d = disagreements(tax, ref[split], lp)
-            rec["splits"][split] = {"fine_agreement": fine_agreement(tax, ref[split], lp),
+            d = disagreements(tax, ref[split], lp)  # decodes both once; the agreement follows from its count
+            rec["splits"][split] = {"fine_agreement": 1.0 - d["disagreeing"] / d["n"],
                                     "fine_kl": fine_kl(ref[split], lp), "disagreeing": d["disagreeing"], "n": d["n"],
                                     "fp32_gap_of_disagreeing": d["fp32_gap_of_disagreeing"]}
             r = rec["splits"][split]

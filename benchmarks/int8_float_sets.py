@@ -1,7 +1,8 @@
 """Which layers kept in float would make int8 agree with fp32? Measured in the PyTorch int8 simulation.
 
     python benchmarks/int8_float_sets.py --checkpoint runs/student --data $G [--sets none,backbone,...]
-        [--calibration-images 300] [--limit N] [--bias-correction all|backbone|none] [--json out.json]
+        [--calibration-images 300] [--limit N] [--bias-correction all|backbone|none]
+        [--rounding nearest|gptq] [--json out.json]
 
 `python -m quantize` chooses its float families greedily on training photos from outside the 20 %
 slice (`quantize.sensitivity`). Those photos are easy for a model trained on their distribution, so
@@ -59,6 +60,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--bias-correction", choices=("all", "backbone", "none"), default="all",
                    help="which layers get quantize.bias's weight-rounding correction: every quantized layer (as "
                         "`python -m quantize` does), only the backbone's, or none")
+    p.add_argument("--rounding", choices=("nearest", "gptq"), default="nearest",
+                   help="int8 weight rounding: round-to-nearest (what `python -m quantize` writes by default) or "
+                        "GPTQ's error-compensating rounding on the calibration photos (`quantize.gptq`)")
     p.add_argument("--json", help="also write the records to this file")
     a = p.parse_args(argv)
     sets = [s for s in a.sets.split(",") if s]
@@ -82,13 +86,18 @@ def main(argv: list[str] | None = None) -> int:
     fams = families(model)
     ranges = calibrate(model, cal.images)
     corrected = [f for f in fams if f.prefixes and (a.bias_correction == "all" or f.name.startswith("backbone"))]
-    shifts = None if a.bias_correction == "none" else rounding_shifts(model, cal.images, corrected)
+    rounded = None
+    if a.rounding == "gptq":
+        from quantize.gptq import gptq_weights, with_weights
+        rounded = gptq_weights(model, cal.images, [f for f in fams if f.prefixes], log=print)
+    shifts = None if a.bias_correction == "none" else rounding_shifts(model, cal.images, corrected, targets=rounded)
     ref = {k: model_logprobs(model, s.images) for k, s in evals.items()}
     out: dict = {"checkpoint": a.checkpoint, "calibration": cal.source, "bias_correction": [f.name for f in corrected] if shifts else [],
-                 "evaluation_sets": {k: s.source for k, s in evals.items()}, "sets": {}}
+                 "rounding": a.rounding, "evaluation_sets": {k: s.source for k, s in evals.items()}, "sets": {}}
     for name in sets:
         quantized, weights_only = float_set(name, fams)
-        sim = simulate(model, ranges, quantized, weights_only=weights_only, shifts=shifts)
+        base = model if rounded is None else with_weights(model, rounded, [f for f in fams if f.name in quantized])
+        sim = simulate(base, ranges, quantized, weights_only=weights_only, shifts=shifts)
         rec = {"quantized_families": sorted(quantized), "weights_only": weights_only, "splits": {}}
         for split, s in evals.items():
             lp = model_logprobs(sim, s.images)

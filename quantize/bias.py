@@ -60,9 +60,10 @@ class BiasCorrection:
                 "max_shift": self.max_shift, "skipped": self.skipped}
 
 
-def _rounding_error_output(mod: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """(W - Q(W)) applied to `x` with the layer's own geometry (padding, stride, groups), no bias."""
-    dw = mod.weight - fq_weight(mod.weight)
+def _rounding_error_output(mod: nn.Module, x: torch.Tensor, q: torch.Tensor | None = None) -> torch.Tensor:
+    """(W - Q(W)) applied to `x` with the layer's own geometry (padding, stride, groups), no bias;
+    Q(W) is round-to-nearest unless the int8 weights `q` are given (e.g. `quantize.gptq`'s)."""
+    dw = mod.weight - (fq_weight(mod.weight) if q is None else q)
     if isinstance(mod, nn.Linear):
         return F.linear(x, dw)
     return mod._conv_forward(x, dw, None)  # train.backbones.SameConv keeps its TF "same" padding here
@@ -83,8 +84,13 @@ def _bias_target(mods: dict[str, nn.Module], name: str) -> tuple[str, nn.Module]
 
 
 @torch.inference_mode()
-def rounding_shifts(model: nn.Module, images: np.ndarray, fams: list[Family], batch: int = 25) -> dict[str, torch.Tensor]:
-    """Per quantized Conv2d / Linear: the mean over photos (and positions) of E[(W - Q(W)) x] per output channel."""
+def rounding_shifts(model: nn.Module, images: np.ndarray, fams: list[Family], batch: int = 25,
+                    targets: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+    """Per quantized Conv2d / Linear: the mean over photos (and positions) of E[(W - Q(W)) x] per output channel.
+
+    `targets`: the int8 weights the artifacts will carry per layer where they are not round-to-nearest
+    of the fp32 weights (`quantize.gptq.gptq_weights`); `model` stays the fp32 model."""
+    targets = targets or {}
     layers = {n: m for n, m in model.named_modules()
               if isinstance(m, (nn.Conv2d, nn.Linear)) and any(f.owns(n) for f in fams)}
     sums: dict[str, torch.Tensor] = {}
@@ -92,7 +98,7 @@ def rounding_shifts(model: nn.Module, images: np.ndarray, fams: list[Family], ba
     hooks = []
     for name, layer in layers.items():
         def hook(mod, inp, out, name=name):
-            e = _rounding_error_output(mod, inp[0])
+            e = _rounding_error_output(mod, inp[0], targets.get(name))
             e = e.movedim(1, -1) if e.dim() == 4 else e  # channels last
             e = e.reshape(-1, e.shape[-1]).double()
             sums[name] = sums.get(name, 0) + e.sum(0)

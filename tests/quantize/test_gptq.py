@@ -1,0 +1,73 @@
+"""quantize.gptq: error-compensating int8 rounding stays on the backends' grid and lowers the output error."""
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from quantize.gptq import _accumulate, gptq_layer, gptq_weights, output_error, with_weights
+from quantize.sim import families, fq_weight
+
+
+def _on_grid(w: torch.Tensor, ref: torch.Tensor) -> None:
+    # a backend's per-channel observer on the result finds the fp32 scale and rounds to the same values
+    # (equal up to float rounding of the scale, far below half an int8 step)
+    torch.testing.assert_close(fq_weight(w), w, rtol=1e-6, atol=1e-9)
+    amax = lambda t: t.reshape(t.shape[0], -1).abs().amax(1)
+    torch.testing.assert_close(amax(w), amax(ref))
+
+
+def _err(mod, x, w):
+    dw = mod.weight - w
+    y = nn.functional.linear(x, dw) if isinstance(mod, nn.Linear) else mod._conv_forward(x, dw, None)
+    return float((y.double() ** 2).sum())
+
+
+def test_linear_with_correlated_inputs():
+    g = torch.Generator().manual_seed(0)
+    lin = nn.Linear(48, 16)
+    with torch.no_grad():
+        lin.weight.copy_(torch.randn(16, 48, generator=g) * 0.2)
+    mix = torch.randn(48, 48, generator=g)
+    x = torch.randn(4000, 48, generator=g) @ mix  # strongly correlated inputs: where GPTQ pays
+    w = gptq_layer(lin, _accumulate(lin, x, None))
+    _on_grid(w, lin.weight)
+    assert not torch.equal(w, fq_weight(lin.weight))
+    assert _err(lin, x, w) < 0.7 * _err(lin, x, fq_weight(lin.weight))
+
+
+def test_depthwise_and_same_padded_convs():
+    from train.backbones import SameConv
+    g = torch.Generator().manual_seed(1)
+    for conv in (SameConv(8, 8, 3, stride=2, groups=8, bias=False), SameConv(8, 12, 3, stride=1, bias=False)):
+        with torch.no_grad():
+            conv.weight.copy_(torch.randn(conv.weight.shape, generator=g))
+        x = torch.nn.functional.avg_pool2d(torch.randn(6, 8, 20, 20, generator=g), 3, 1, 1)  # smooth: neighbours correlate
+        w = gptq_layer(conv, _accumulate(conv, x, None))
+        _on_grid(w, conv.weight)
+        assert _err(conv, x, w) < _err(conv, x, fq_weight(conv.weight))
+
+
+def test_trained_student_on_real_photos(tiny_student_dir, grocery_root):
+    from quantize.calibration import calibration_sets
+    from train.checkpoint import load_model
+
+    model, cfg, tax, _ = load_model(tiny_student_dir)
+    cal, _ = calibration_sets(str(grocery_root), cfg.image_size, tax, 24, 0)
+    fams = [f for f in families(model) if f.prefixes]
+    w = gptq_weights(model, cal.images, fams)
+    convs = [n for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear)) and any(f.owns(n) for f in fams)]
+    assert set(w) == set(convs)  # Lite0 has dense and depthwise convs only: GPTQ takes every one
+    mods = dict(model.named_modules())
+    for n, t in w.items():
+        _on_grid(t, mods[n].weight)
+    err = output_error(model, w, cal.images)
+    nearest, gptq = sum(e[0] for e in err.values()), sum(e[1] for e in err.values())
+    assert gptq < 0.8 * nearest, (gptq, nearest)
+    # only the layers of the families asked for take the new weights; the fp32 model is untouched
+    backbone = [f for f in fams if f.name.startswith("backbone")]
+    m2 = with_weights(model, w, backbone)
+    m2mods = dict(m2.named_modules())
+    stem, head = "backbone._conv_stem", next(n for n in w if n.startswith("head."))
+    assert torch.equal(m2mods[stem].weight, w[stem]) and not torch.equal(mods[stem].weight, w[stem])
+    assert torch.equal(m2mods[head].weight, mods[head].weight)
+    assert np.isfinite(nearest) and nearest > 0

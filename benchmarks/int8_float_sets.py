@@ -88,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
     corrected = [f for f in fams if f.prefixes and (a.bias_correction == "all" or f.name.startswith("backbone"))]
     rounded = None
     if a.rounding == "gptq":
-        from quantize.gptq import gptq_weights, with_weights
+        from quantize.gptq import gptq_weights
         rounded = gptq_weights(model, cal.images, [f for f in fams if f.prefixes], log=print)
     shifts = None if a.bias_correction == "none" else rounding_shifts(model, cal.images, corrected, targets=rounded)
     ref = {k: model_logprobs(model, s.images) for k, s in evals.items()}
@@ -96,8 +96,7 @@ def main(argv: list[str] | None = None) -> int:
                  "rounding": a.rounding, "evaluation_sets": {k: s.source for k, s in evals.items()}, "sets": {}}
     for name in sets:
         quantized, weights_only = float_set(name, fams)
-        base = model if rounded is None else with_weights(model, rounded, [f for f in fams if f.name in quantized])
-        sim = simulate(base, ranges, quantized, weights_only=weights_only, shifts=shifts)
+        sim = simulate(model, ranges, quantized, weights_only=weights_only, shifts=shifts, weights=rounded)
         rec = {"quantized_families": sorted(quantized), "weights_only": weights_only, "splits": {}}
         for split, s in evals.items():
             lp = model_logprobs(sim, s.images)

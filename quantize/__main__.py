@@ -33,6 +33,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-bias-correction", action="store_true",
                    help="quantize the model as trained (default: fold the measured mean shift of int8 weight rounding "
                         "into biases first; quantize/bias.py)")
+    p.add_argument("--rounding", choices=("nearest", "gptq"), default="nearest",
+                   help="int8 weight rounding for ONNX, ExecuTorch and TFLite: round-to-nearest, or GPTQ's "
+                        "error-compensating rounding on the calibration photos (quantize/gptq.py; same grid, same graph)")
     a = p.parse_args(argv)
     targets = [t.strip() for t in a.targets.split(",") if t.strip()]
     warnings.simplefilter("default")
@@ -40,7 +43,7 @@ def main(argv: list[str] | None = None) -> int:
                               n_sensitivity=a.sensitivity_images, qat_epochs=a.qat_epochs, eval_limit=a.eval_limit,
                               qat={"images": a.qat_images, "lr": a.qat_lr, "batch_size": a.qat_batch_size, "ce_weight": a.qat_ce_weight,
                                    "augment": not a.qat_no_augment, "force": a.force_qat},
-                              bias_correction=not a.no_bias_correction)
+                              bias_correction=not a.no_bias_correction, rounding=a.rounding)
     print(f"report: {a.out}/report.md")
     res = rep["targets"]
     # a target passes when its post-training int8 or its QAT artifact meets the bar

@@ -45,8 +45,10 @@ def corrected_for_coreml(ctx: QuantContext):
     """Bias correction only where coremltools rounds: it leaves weights of at most WEIGHT_THRESHOLD
     elements (early depthwise filters, biases) in float, and a layer that is not rounded must not be
     corrected."""
-    if not ctx.bias_corrected or not ctx.shifts:
+    if not ctx.bias_corrected:
         return None
+    if not ctx.shifts:  # the int8 source differs only by GPTQ weights, which Core ML does not take
+        return ctx.model
     from .bias import bias_corrected
     sizes = {n: m.weight.numel() for n, m in ctx.model.named_modules() if hasattr(m, "weight") and m.weight is not None}
     shifts = {n: e for n, e in ctx.shifts.items() if sizes.get(n, 0) > WEIGHT_THRESHOLD}

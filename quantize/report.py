@@ -48,6 +48,13 @@ def _bias_line(bc: dict[str, Any] | None) -> str:
             f"{bc['max_shift']:.3g}){skipped}; int8 is made from that copy, judged against the unmodified fp32")
 
 
+def _rounding_line(wr: dict[str, Any] | None) -> str:
+    if not wr or wr.get("method") == "round-to-nearest":
+        return "- int8 weight rounding: round-to-nearest"
+    return (f"- int8 weight rounding: {wr['method']}; {wr['layers']} layers on {wr['images']} "
+            f"({wr['seconds']} s)")
+
+
 def render_markdown(r: dict[str, Any]) -> str:
     lines = [f"# int8 report: {r['checkpoint']}", "",
              f"- data: `{r['data']}`, image size {r['image_size']}",
@@ -56,7 +63,7 @@ def render_markdown(r: dict[str, Any]) -> str:
              f"- bar (ONNX, ExecuTorch, TFLite): fine top-1 drop ≤ {100 * r['bar']['max_fine_top1_drop']:.1f} pt, "
              f"fine agreement with fp32 ≥ {100 * r['bar']['min_fine_agreement']:.0f} %, "
              f"size ≤ {100 * r['bar']['max_size_ratio']:.0f} % of fp32",
-             _bias_line(r.get("bias_correction")), "",
+             _rounding_line(r.get("weight_rounding")), _bias_line(r.get("bias_correction")), "",
              "## What stays float (measured)", "",
              f"Sensitivity on {r['sensitivity']['images']}: each family quantized alone (PyTorch simulation).", "",
              "| family | fine agreement with fp32 | mean KL (fine) | in the plan |", "|---|---|---|---|"]

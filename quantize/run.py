@@ -17,11 +17,13 @@ from sdk import Classifier, Manifest
 from ._common import QuantContext, QuantizeError, TargetResult
 from .bar import MAX_SIZE_RATIO, MAX_TOP1_DROP, MIN_AGREEMENT, meets_bar
 from .bias import bias_corrected, rounding_shifts
+from .gptq import gptq_weights, with_weights
 from .calibration import calibration_sets, evaluation_sets
 from .sensitivity import choose_float_families, disagreements
 from .sim import calibrate, families, model_logprobs, simulate
 
 TARGETS = ("onnx", "executorch", "tflite", "coreml")
+ROUNDINGS = ("nearest", "gptq")
 
 
 def _metrics_subset(m: dict[str, float]) -> dict[str, float]:
@@ -74,7 +76,8 @@ def _trained_without_slice(checkpoint: Path, conf: dict[str, Any]) -> bool:
 def quantize_checkpoint(checkpoint: str | Path, data: str, targets: Sequence[str], out: str | Path,
                         n_calibration: int = 300, n_sensitivity: int = 200, qat_epochs: int = 0,
                         eval_limit: int = 0, n_parity: int = 64, log: Callable[[str], None] = print,
-                        qat: dict[str, Any] | None = None, bias_correction: bool = True) -> dict[str, Any]:
+                        qat: dict[str, Any] | None = None, bias_correction: bool = True,
+                        rounding: str = "nearest") -> dict[str, Any]:
     """Run the whole int8 pipeline for a model directory; writes `<out>/<target>/` + report.{md,json}.
 
     `qat_epochs` > 0: pt2e QAT for the targets whose PTQ misses the accuracy bar (`<out>/qat/<target>/`,
@@ -85,6 +88,8 @@ def quantize_checkpoint(checkpoint: str | Path, data: str, targets: Sequence[str
     from train.checkpoint import file_sha256, load_model
     from .report import write_report
 
+    if rounding not in ROUNDINGS:
+        raise QuantizeError(f"unknown rounding {rounding!r}; roundings: {', '.join(ROUNDINGS)}")
     bad = [t for t in targets if t not in TARGETS]
     if bad:
         raise QuantizeError(f"unknown target(s) {bad}; targets: {', '.join(TARGETS)}")
@@ -99,29 +104,44 @@ def quantize_checkpoint(checkpoint: str | Path, data: str, targets: Sequence[str
     evals = evaluation_sets(data, size, tax, limit=eval_limit)
     log(f"calibrating activation ranges on {cal.source}")
     ranges = calibrate(model, cal.images)
-    shifts = None
+    layer_fams = [f for f in families(model) if f.prefixes]
+    rounded = None  # GPTQ int8 weights per layer; None: round-to-nearest
+    t_round = time.time()
+    if rounding == "gptq":
+        log(f"GPTQ int8 weight rounding on {cal.source}")
+        rounded = gptq_weights(model, cal.images, layer_fams, log=log)
+    t_round = time.time() - t_round
+    shifts = int8_shifts = None  # `shifts`: of round-to-nearest (Core ML rounds its own weights that way)
     if bias_correction:
         log(f"measuring the mean output shift of int8 weight rounding per channel on {cal.source}")
-        shifts = rounding_shifts(model, cal.images, [f for f in families(model) if f.prefixes])
+        shifts = rounding_shifts(model, cal.images, layer_fams)
+        int8_shifts = shifts if rounded is None else rounding_shifts(model, cal.images, layer_fams, targets=rounded)
     log(f"sensitivity pass on {sen.source}")
-    plan = choose_float_families(model, ranges, sen.images, sen.labels, tax, source=sen.source, log=log, shifts=shifts)
+    plan = choose_float_families(model, ranges, sen.images, sen.labels, tax, source=sen.source, log=log,
+                                 shifts=int8_shifts, weights=rounded)
     log(f"float families: {plan.float_families}")
     info = {"checkpoint_sha256": file_sha256(Path(checkpoint) / "model.safetensors"), "config": cfg.to_dict(),
-            "metrics_pytorch": conf.get("metrics", {})}
+            "metrics_pytorch": conf.get("metrics", {}),
+            "weight_rounding": {"method": "round-to-nearest"} if rounded is None else
+            {"method": "GPTQ (Frantar et al. 2023), fp32-input Hessians, 1 % dampening; Core ML: round-to-nearest",
+             "layers": len(rounded), "n_images": len(cal), "images": cal.source, "seconds": round(t_round, 1)}}
     int8_model, int8_ranges = model, ranges
-    if shifts is not None:
-        int8_model, bc = bias_corrected(model, shifts, [f for f in families(model) if f.name in plan.quantized],
-                                        len(cal), cal.source)
-        int8_ranges = calibrate(int8_model, cal.images)  # what the backends' observers see
+    quantized_fams = [f for f in families(model) if f.name in plan.quantized]
+    if rounded is not None:
+        int8_model = with_weights(model, rounded, quantized_fams)
+    if int8_shifts is not None:
+        int8_model, bc = bias_corrected(int8_model, int8_shifts, quantized_fams, len(cal), cal.source)
         info["bias_correction"] = bc.to_dict()
         log(f"bias correction: {bc.layers} layers (largest shift {bc.max_shift:.3g})")
+    if int8_model is not model:
+        int8_ranges = calibrate(int8_model, cal.images)  # what the backends' observers see
     pidx = np.linspace(0, len(evals["val"]) - 1, num=min(n_parity, len(evals["val"]))).round().astype(int)
     from .calibration import ImageSet
     par = ImageSet(evals["val"].images[pidx], evals["val"].labels[pidx], f"{evals['val'].source}, {len(pidx)} for parity")
     ctx = QuantContext(model, tax, size, cal, par, plan, int8_ranges, info, log, int8_model=int8_model, shifts=shifts)
 
     log("fp32 and simulated-int8 references on the evaluation sets")
-    sim = simulate(model, int8_ranges, set(plan.quantized), shifts=shifts)
+    sim = simulate(model, int8_ranges, set(plan.quantized), shifts=int8_shifts, weights=rounded)
     simw = simulate(model, ranges, {f.name for f in ctx.families if f.prefixes}, weights_only=True, shifts=shifts)
     fp32_lp = {k: model_logprobs(model, s.images) for k, s in evals.items()}
     sim_lp = {k: model_logprobs(sim, s.images) for k, s in evals.items()}
@@ -158,6 +178,7 @@ def quantize_checkpoint(checkpoint: str | Path, data: str, targets: Sequence[str
                                lambda res: judge(res, evals, fp32_lp, sim_lp, tax, simw_lp),
                                MAX_TOP1_DROP, MIN_AGREEMENT))
     report = {"checkpoint": str(checkpoint), "data": str(data), "image_size": size, "calibration": cal.source,
+              "weight_rounding": info["weight_rounding"],
               "bias_correction": info.get("bias_correction"), "sensitivity": plan.to_dict(), "evaluation_sets": {k: s.source for k, s in evals.items()},
               "bar": {"max_fine_top1_drop": MAX_TOP1_DROP, "min_fine_agreement": MIN_AGREEMENT,
                       "max_size_ratio": MAX_SIZE_RATIO},

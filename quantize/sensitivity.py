@@ -84,15 +84,17 @@ def fine_top1(taxonomy: Taxonomy, lp: list[np.ndarray], labels: np.ndarray) -> f
 
 def choose_float_families(model, ranges: Ranges, images: np.ndarray, labels: np.ndarray, taxonomy: Taxonomy,
                           source: str = "", target_agreement: float = MIN_AGREEMENT, max_top1_drop: float = MAX_TOP1_DROP,
-                          log: Callable[[str], None] = print, shifts: dict | None = None) -> Plan:
-    """Measure each family's sensitivity and pick the float set (see module docstring)."""
+                          log: Callable[[str], None] = print, shifts: dict | None = None,
+                          weights: dict | None = None) -> Plan:
+    """Measure each family's sensitivity and pick the float set (see module docstring); `shifts` and
+    `weights` (GPTQ int8 weights) as `quantize.sim.simulate` takes them."""
     ref = model_logprobs(model, images)
     acc_ref = fine_top1(taxonomy, ref, labels)
     fams = [f.name for f in families(model)]
     single: dict[str, float] = {}
     kl: dict[str, float] = {}
     for f in fams:
-        lp = model_logprobs(simulate(model, ranges, {f}, shifts=shifts), images)
+        lp = model_logprobs(simulate(model, ranges, {f}, shifts=shifts, weights=weights), images)
         single[f], kl[f] = fine_agreement(taxonomy, ref, lp), fine_kl(ref, lp)
         log(f"  sensitivity: {f:40s} fine agreement {single[f]:.4f}  KL {kl[f]:.2e}")
     floats = [f for f in fams if f in ALWAYS_FLOAT]
@@ -100,7 +102,7 @@ def choose_float_families(model, ranges: Ranges, images: np.ndarray, labels: np.
     while True:
         quant = [f for f in fams if f not in floats]
         if quant:
-            lp = model_logprobs(simulate(model, ranges, set(quant), shifts=shifts), images)
+            lp = model_logprobs(simulate(model, ranges, set(quant), shifts=shifts, weights=weights), images)
             agr, drop = fine_agreement(taxonomy, ref, lp), acc_ref - fine_top1(taxonomy, lp, labels)
         else:
             agr, drop = 1.0, 0.0

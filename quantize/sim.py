@@ -177,12 +177,14 @@ def _output_point(model: nn.Module, name: str) -> str | None:
 
 
 def simulate(model: nn.Module, ranges: Ranges, quantized: set[str], weights_only: bool = False,
-             shifts: dict[str, torch.Tensor] | None = None) -> nn.Module:
+             shifts: dict[str, torch.Tensor] | None = None, weights: dict[str, torch.Tensor] | None = None) -> nn.Module:
     """A copy of `model` with the named families fake-quantized (everything else float).
 
     `weights_only`: only weights of the layer families are quantized (the Core ML weight-only scheme).
     `shifts`: weight-rounding bias correction (`quantize.bias.rounding_shifts`) applied to the
     quantized layers, as the int8 artifacts get it.
+    `weights`: int8 weights (on the per-channel grid) that replace round-to-nearest for the quantized
+    layers that have one (`quantize.gptq.gptq_weights`).
     """
     from train.models import Attention, GroupReadout
     sim = copy.deepcopy(model).eval()
@@ -191,6 +193,12 @@ def simulate(model: nn.Module, ranges: Ranges, quantized: set[str], weights_only
     if unknown:
         raise ValueError(f"unknown families {sorted(unknown)}; known: {sorted(fams)}")
     layer_fams = [fams[n] for n in quantized if fams[n].prefixes]
+    if weights:
+        mods = dict(sim.named_modules())
+        with torch.no_grad():
+            for name, w in weights.items():
+                if any(f.owns(name) for f in layer_fams):
+                    mods[name].weight.copy_(w)
     if shifts:
         from .bias import apply_shifts
         apply_shifts(sim, shifts, layer_fams)

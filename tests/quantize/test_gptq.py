@@ -71,3 +71,51 @@ def test_trained_student_on_real_photos(tiny_student_dir, grocery_root):
     assert torch.equal(m2mods[stem].weight, w[stem]) and not torch.equal(mods[stem].weight, w[stem])
     assert torch.equal(m2mods[head].weight, mods[head].weight)
     assert np.isfinite(nearest) and nearest > 0
+
+
+def test_xnnpack_weight_observer_reproduces_the_gptq_codes_after_batchnorm_folding():
+    # the observer pt2e's XNNPACK quantizer puts on weights (per channel, symmetric, [-127, 127], eps 2^-12)
+    # sees the BatchNorm-folded weight: a per-channel factor, which keeps the GPTQ grid a grid
+    from torchao.quantization.pt2e import PerChannelMinMaxObserver
+    g = torch.Generator().manual_seed(2)
+    lin = nn.Linear(32, 24)
+    with torch.no_grad():
+        lin.weight.copy_(torch.randn(24, 32, generator=g) * 0.3)
+    x = torch.randn(2000, 32, generator=g) @ torch.randn(32, 32, generator=g)
+    w = gptq_layer(lin, _accumulate(lin, x, None))
+    fold = torch.rand(24, 1, generator=g) * 2 + 0.2  # gamma / sqrt(var + eps) of a BatchNorm
+    obs = PerChannelMinMaxObserver(ch_axis=0, dtype=torch.qint8, qscheme=torch.per_channel_symmetric,
+                                   quant_min=-127, quant_max=127, eps=2 ** -12)
+    obs(w * fold)
+    scale, zp = obs.calculate_qparams()
+    codes = torch.round(w * fold / scale[:, None])
+    expect = torch.round(w / (lin.weight.abs().amax(1, keepdim=True) / 127))
+    assert torch.equal(codes, expect) and int(zp.abs().max()) == 0
+
+
+def test_python_m_quantize_with_gptq_rounding_builds_an_executorch_int8_the_sdk_loads(tiny_student_dir, grocery_root, tmp_path):
+    import json
+    import warnings
+
+    from quantize.__main__ import main
+    from sdk import Classifier, Manifest
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        code = main(["--checkpoint", str(tiny_student_dir), "--data", str(grocery_root), "--targets", "executorch",
+                     "--out", str(tmp_path), "--calibration-images", "24", "--sensitivity-images", "24",
+                     "--eval-limit", "24", "--rounding", "gptq"])
+    rep = json.loads((tmp_path / "report.json").read_text())
+    rec = rep["targets"]["executorch"]
+    assert "error" not in rec, rec.get("traceback")
+    assert code in (0, 1) and bool(code == 0) == rec["meets_bar"]
+    wr = rep["weight_rounding"]
+    assert wr["method"].startswith("GPTQ") and wr["layers"] > 50 and wr["n_images"] == 24
+    assert "int8 weight rounding: GPTQ" in (tmp_path / "report.md").read_text()
+    m = Manifest.load(tmp_path / "executorch")
+    assert m.precision == "int8" and m.model["weight_rounding"]["method"].startswith("GPTQ")
+    val = rec["splits"]["val"]
+    # barely trained tiny student on 24 photos: 85 % catches a broken rounding (that lands near chance)
+    assert val["agreement_with_fp32"]["agreement/fine"] >= 0.85
+    assert val["agreement_with_pytorch_simulation"]["agreement/fine"] >= 0.85
+    assert Classifier.load(tmp_path / "executorch").classify(grocery_root / "train/Fruit/Banana/Banana_001.jpg").full_path

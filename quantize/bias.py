@@ -37,11 +37,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .sim import Family, feed, fq_weight
+from .sim import BN_AFTER, OBSERVER_EPS, Family, feed, fold_factors, fq_weight
 
-# EfficientNet-Lite block convs and the BatchNorm that follows each (train.backbones)
-_BN_AFTER = {"_expand_conv": "_bn0", "_depthwise_conv": "_bn1", "_project_conv": "_bn2",
-             "_conv_stem": "_bn0", "_conv_head": "_bn1"}
 
 
 @dataclass
@@ -60,10 +57,11 @@ class BiasCorrection:
                 "max_shift": self.max_shift, "skipped": self.skipped}
 
 
-def _rounding_error_output(mod: nn.Module, x: torch.Tensor, q: torch.Tensor | None = None) -> torch.Tensor:
+def _rounding_error_output(mod: nn.Module, x: torch.Tensor, q: torch.Tensor | None = None,
+                           fold: torch.Tensor | None = None, eps: float = 0.0) -> torch.Tensor:
     """(W - Q(W)) applied to `x` with the layer's own geometry (padding, stride, groups), no bias;
-    Q(W) is round-to-nearest unless the int8 weights `q` are given (e.g. `quantize.gptq`'s)."""
-    dw = mod.weight - (fq_weight(mod.weight) if q is None else q)
+    Q(W) is round-to-nearest (`fq_weight(W, fold, eps)`) unless the int8 weights `q` are given (e.g. `quantize.gptq`'s)."""
+    dw = mod.weight - (fq_weight(mod.weight, fold, eps) if q is None else q)
     if isinstance(mod, nn.Linear):
         return F.linear(x, dw)
     return mod._conv_forward(x, dw, None)  # train.backbones.SameConv keeps its TF "same" padding here
@@ -73,8 +71,8 @@ def _bias_target(mods: dict[str, nn.Module], name: str) -> tuple[str, nn.Module]
     """Where a layer's shift goes (`mods`: the model's named modules): ("bn", BatchNorm) after a
     backbone conv, ("bias", layer) else."""
     parent, _, last = name.rpartition(".")
-    if last in _BN_AFTER:
-        bn = mods.get((parent + "." if parent else "") + _BN_AFTER[last])
+    if last in BN_AFTER:
+        bn = mods.get((parent + "." if parent else "") + BN_AFTER[last])
         if isinstance(bn, nn.BatchNorm2d):
             return "bn", bn
     layer = mods[name]
@@ -85,12 +83,15 @@ def _bias_target(mods: dict[str, nn.Module], name: str) -> tuple[str, nn.Module]
 
 @torch.inference_mode()
 def rounding_shifts(model: nn.Module, images: np.ndarray, fams: list[Family], batch: int = 25,
-                    targets: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+                    targets: dict[str, torch.Tensor] | None = None,
+                    weight_eps: float = OBSERVER_EPS) -> dict[str, torch.Tensor]:
     """Per quantized Conv2d / Linear: the mean over photos (and positions) of E[(W - Q(W)) x] per output channel.
 
     `targets`: the int8 weights the artifacts will carry per layer where they are not round-to-nearest
-    of the fp32 weights (`quantize.gptq.gptq_weights`); `model` stays the fp32 model."""
+    of the fp32 weights (`quantize.gptq.gptq_weights`); `model` stays the fp32 model.
+    `weight_eps`: the observers' scale clamp (`quantize.sim.OBSERVER_EPS`; 0 for Core ML's rounding)."""
     targets = targets or {}
+    folds = fold_factors(model)
     layers = {n: m for n, m in model.named_modules()
               if isinstance(m, (nn.Conv2d, nn.Linear)) and any(f.owns(n) for f in fams)}
     sums: dict[str, torch.Tensor] = {}
@@ -98,7 +99,7 @@ def rounding_shifts(model: nn.Module, images: np.ndarray, fams: list[Family], ba
     hooks = []
     for name, layer in layers.items():
         def hook(mod, inp, out, name=name):
-            e = _rounding_error_output(mod, inp[0], targets.get(name))
+            e = _rounding_error_output(mod, inp[0], targets.get(name), folds.get(name), weight_eps)
             e = e.movedim(1, -1) if e.dim() == 4 else e  # channels last
             e = e.reshape(-1, e.shape[-1]).double()
             sums[name] = sums.get(name, 0) + e.sum(0)

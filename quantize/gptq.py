@@ -4,10 +4,11 @@ Round-to-nearest treats every weight alone. GPTQ rounds a layer's weights one in
 and moves each column's rounding error onto the columns not yet rounded, weighted by the inverse
 Hessian H = X Xᵀ of the layer's inputs on the calibration photos, so the *output* error ‖(W − Q)X‖ is
 what is minimized, not the weight error. The grid is unchanged: int8 symmetric per output channel
-with scale max|w| / 127 (`quantize.sim.fq_weight`, the scheme of every backend here). The chosen
-values are written back into a copy of the float model exactly on that grid, and each channel's
-largest weight is kept at ±127, so a backend's observer computes the same scale and its
-round-to-nearest reproduces the GPTQ choice: no backend code changes, the graph is unchanged.
+with scale max|w| / 127, or eps / fold where the pt2e observers clamp the BatchNorm-folded scale
+(`quantize.sim.weight_scale`). The chosen values are written back into a copy of the float model
+exactly on that grid, and each channel's largest weight is kept at ±127, so a backend's observer
+computes the same scale and its round-to-nearest reproduces the GPTQ choice: no backend code changes,
+the graph is unchanged.
 
 Choices, stated:
 - Hessians come from the fp32 model's inputs (one pass over the calibration photos), not from the
@@ -31,7 +32,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .sim import Family, feed, fq_weight
+from .sim import OBSERVER_EPS, Family, feed, fold_factors, fq_weight, weight_scale
 
 DAMP = 0.01
 
@@ -125,34 +126,38 @@ def _gptq_rows(w: torch.Tensor, hinv_u: torch.Tensor, scale: torch.Tensor) -> to
     return q
 
 
-def gptq_layer(mod: nn.Module, h: torch.Tensor) -> torch.Tensor:
-    """The layer's weights re-rounded by GPTQ, on the per-channel int8 grid of its fp32 weights."""
+def gptq_layer(mod: nn.Module, h: torch.Tensor, fold: torch.Tensor | None = None, eps: float = 0.0) -> torch.Tensor:
+    """The layer's weights re-rounded by GPTQ, on the per-channel int8 grid a backend's observer puts on
+    its fp32 weights (`quantize.sim.weight_scale`: max |w| / 127, or eps / fold where the scale is clamped)."""
     w = mod.weight.detach()
     r = w.shape[0]
     flat = w.reshape(r, -1).double()
-    amax = flat.abs().amax(1).clamp_min(1e-12)
-    scale = amax / 127.0
-    codes = _gptq_rows(flat, _inverse_cholesky(h), scale)
+    scale = weight_scale(w, fold, eps)  # float32, fq_weight's scale bit for bit
+    codes = _gptq_rows(flat, _inverse_cholesky(h), scale.double())
     # keep each channel's largest weight at ±127 so an observer on the result finds the same scale
+    # (a clamped channel's scale is eps whatever its maximum)
+    free = scale == weight_scale(w)
     top = flat.abs().argmax(1)
-    codes[torch.arange(r), top] = torch.sign(flat[torch.arange(r), top]) * 127
-    scale32 = (w.reshape(r, -1).abs().amax(1).clamp_min(1e-12) / 127.0).float()  # fq_weight's scale, bit for bit
-    return (codes.float() * scale32[:, None]).to(w.dtype).reshape(w.shape)
+    idx = torch.arange(r)[free]
+    codes[idx, top[free]] = torch.sign(flat[idx, top[free]]) * 127
+    return (codes.float() * scale[:, None]).to(w.dtype).reshape(w.shape)
 
 
 def gptq_weights(model: nn.Module, images: np.ndarray, fams: list[Family],
-                 log: Callable[[str], None] = lambda s: None) -> dict[str, torch.Tensor]:
+                 log: Callable[[str], None] = lambda s: None, weight_eps: float = OBSERVER_EPS) -> dict[str, torch.Tensor]:
     """GPTQ-rounded weights (float, exactly on the int8 grid) for every Conv2d / Linear of `fams`
-    GPTQ can take; the others are absent (round-to-nearest applies to them as before)."""
+    GPTQ can take; the others are absent (round-to-nearest applies to them as before).
+    `weight_eps`: the observers' scale clamp on the BatchNorm-folded weight (`quantize.sim.OBSERVER_EPS`)."""
     names = [n for n, m in model.named_modules()
              if isinstance(m, (nn.Conv2d, nn.Linear)) and any(f.owns(n) for f in fams) and _kind(m) is not None]
     hs = hessians(model, images, names)
     mods = dict(model.named_modules())
+    folds = fold_factors(model)
     out = {}
     with torch.no_grad():
         for n in names:
             if n in hs:
-                out[n] = gptq_layer(mods[n], hs[n])
+                out[n] = gptq_layer(mods[n], hs[n], folds.get(n), weight_eps)
     log(f"GPTQ: {len(out)} layers re-rounded on {len(images)} photos")
     return out
 
@@ -168,15 +173,17 @@ def with_weights(model: nn.Module, weights: dict[str, torch.Tensor], fams: list[
     return out
 
 
-def output_error(model: nn.Module, weights: dict[str, torch.Tensor], images: np.ndarray) -> dict[str, tuple[float, float]]:
+def output_error(model: nn.Module, weights: dict[str, torch.Tensor], images: np.ndarray,
+                 weight_eps: float = OBSERVER_EPS) -> dict[str, tuple[float, float]]:
     """Per layer, ‖(W − Q)X‖² summed over `images` for round-to-nearest Q and for the GPTQ Q (a check)."""
     mods = dict(model.named_modules())
+    folds = fold_factors(model)
     acc: dict[str, list[float]] = {n: [0.0, 0.0] for n in weights}
     hooks = []
     for n in weights:
         def hook(mod, inp, out, n=n):
             x = inp[0]
-            for j, q in enumerate((fq_weight(mod.weight), weights[n])):
+            for j, q in enumerate((fq_weight(mod.weight, folds.get(n), weight_eps), weights[n])):
                 dw = mod.weight - q
                 y = F.linear(x, dw) if isinstance(mod, nn.Linear) else mod._conv_forward(x, dw, None)
                 acc[n][j] += float((y.double() ** 2).sum())

@@ -111,11 +111,13 @@ def quantize_checkpoint(checkpoint: str | Path, data: str, targets: Sequence[str
         log(f"GPTQ int8 weight rounding on {cal.source}")
         rounded = gptq_weights(model, cal.images, layer_fams, log=log)
     t_round = time.time() - t_round
-    shifts = int8_shifts = None  # `shifts`: of round-to-nearest (Core ML rounds its own weights that way)
+    # `shifts`: of Core ML's rounding (round-to-nearest, no scale clamp); `int8_shifts`: of the
+    # ExecuTorch / TFLite / ONNX int8 weights (GPTQ's, or round-to-nearest on the observers' grid)
+    shifts = int8_shifts = None
     if bias_correction:
         log(f"measuring the mean output shift of int8 weight rounding per channel on {cal.source}")
-        shifts = rounding_shifts(model, cal.images, layer_fams)
-        int8_shifts = shifts if rounded is None else rounding_shifts(model, cal.images, layer_fams, targets=rounded)
+        shifts = rounding_shifts(model, cal.images, layer_fams, weight_eps=0.0)  # coremltools: no scale clamp
+        int8_shifts = rounding_shifts(model, cal.images, layer_fams, targets=rounded)
     log(f"sensitivity pass on {sen.source}")
     plan = choose_float_families(model, ranges, sen.images, sen.labels, tax, source=sen.source, log=log,
                                  shifts=int8_shifts, weights=rounded)
@@ -142,7 +144,8 @@ def quantize_checkpoint(checkpoint: str | Path, data: str, targets: Sequence[str
 
     log("fp32 and simulated-int8 references on the evaluation sets")
     sim = simulate(model, int8_ranges, set(plan.quantized), shifts=int8_shifts, weights=rounded)
-    simw = simulate(model, ranges, {f.name for f in ctx.families if f.prefixes}, weights_only=True, shifts=shifts)
+    simw = simulate(model, ranges, {f.name for f in ctx.families if f.prefixes}, weights_only=True, shifts=shifts,
+                    weight_eps=0.0)  # Core ML's int8 weights
     fp32_lp = {k: model_logprobs(model, s.images) for k, s in evals.items()}
     sim_lp = {k: model_logprobs(sim, s.images) for k, s in evals.items()}
     simw_lp = {k: model_logprobs(simw, s.images) for k, s in evals.items()} if "coreml" in targets else None

@@ -145,10 +145,44 @@ def fq_act(x: torch.Tensor, rng: tuple[float, float]) -> torch.Tensor:
     return torch.fake_quantize_per_tensor_affine(x, scale, zp, -128, 127)
 
 
-def fq_weight(w: torch.Tensor) -> torch.Tensor:
-    """int8 symmetric per output channel (axis 0), quant range [-127, 127]."""
+# The weight observers of pt2e's XNNPACKQuantizer and of litert-torch's PT2EQuantizer clamp a channel's
+# scale at eps = 2^-12, and they see the BatchNorm-folded weight: a channel whose folded max |w| is below
+# 127 * 2^-12 = 0.031 gets the coarser step 2^-12 (2.5 % of `runs/student`'s channels, in 30 layers;
+# most in the late expand convs). ONNX Runtime and coremltools do not clamp.
+OBSERVER_EPS = 2 ** -12
+
+# EfficientNet-Lite block convs and the BatchNorm that follows each (train.backbones)
+BN_AFTER = {"_expand_conv": "_bn0", "_depthwise_conv": "_bn1", "_project_conv": "_bn2",
+            "_conv_stem": "_bn0", "_conv_head": "_bn1"}
+
+
+def fold_factors(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Per conv followed by a BatchNorm: |gamma| / sqrt(var + eps) per output channel, the factor BatchNorm
+    folding multiplies its weights by (bias correction moves the mean only, so corrected copies share it)."""
+    mods = dict(model.named_modules())
+    out = {}
+    for name, m in mods.items():
+        parent, _, last = name.rpartition(".")
+        bn = mods.get((parent + "." if parent else "") + BN_AFTER[last]) if last in BN_AFTER else None
+        if isinstance(m, nn.Conv2d) and isinstance(bn, nn.BatchNorm2d):
+            out[name] = (bn.weight.detach().abs() / torch.sqrt(bn.running_var + bn.eps)).float()
+    return out
+
+
+def weight_scale(w: torch.Tensor, fold: torch.Tensor | None = None, eps: float = 0.0) -> torch.Tensor:
+    """Per output channel int8 scale of `w`: max |w| / 127, or, where the observer's `eps` clamps the scale
+    of the folded weight (w * fold), eps / fold."""
     amax = w.detach().abs().reshape(w.shape[0], -1).amax(1).clamp_min(1e-12)
     scale = (amax / 127.0).float()
+    if eps > 0:
+        f = torch.ones_like(scale) if fold is None else fold.float()
+        scale = torch.where(amax * f / 127.0 < eps, eps / f, scale)
+    return scale
+
+
+def fq_weight(w: torch.Tensor, fold: torch.Tensor | None = None, eps: float = 0.0) -> torch.Tensor:
+    """int8 symmetric per output channel (axis 0), quant range [-127, 127]; `fold`, `eps`: `weight_scale`."""
+    scale = weight_scale(w, fold, eps)
     return torch.fake_quantize_per_channel_affine(w, scale, torch.zeros_like(scale, dtype=torch.int32), 0, -127, 127)
 
 
@@ -177,7 +211,8 @@ def _output_point(model: nn.Module, name: str) -> str | None:
 
 
 def simulate(model: nn.Module, ranges: Ranges, quantized: set[str], weights_only: bool = False,
-             shifts: dict[str, torch.Tensor] | None = None, weights: dict[str, torch.Tensor] | None = None) -> nn.Module:
+             shifts: dict[str, torch.Tensor] | None = None, weights: dict[str, torch.Tensor] | None = None,
+             weight_eps: float = OBSERVER_EPS) -> nn.Module:
     """A copy of `model` with the named families fake-quantized (everything else float).
 
     `weights_only`: only weights of the layer families are quantized (the Core ML weight-only scheme).
@@ -185,6 +220,8 @@ def simulate(model: nn.Module, ranges: Ranges, quantized: set[str], weights_only
     quantized layers, as the int8 artifacts get it.
     `weights`: int8 weights (on the per-channel grid) that replace round-to-nearest for the quantized
     layers that have one (`quantize.gptq.gptq_weights`).
+    `weight_eps`: the observers' clamp of the folded weight scale (`OBSERVER_EPS`, ExecuTorch and TFLite);
+    0 for the schemes without one (Core ML weights, ONNX Runtime).
     """
     from train.models import Attention, GroupReadout
     sim = copy.deepcopy(model).eval()
@@ -202,10 +239,11 @@ def simulate(model: nn.Module, ranges: Ranges, quantized: set[str], weights_only
     if shifts:
         from .bias import apply_shifts
         apply_shifts(sim, shifts, layer_fams)
+    folds = fold_factors(sim)
     for name, m in sim.named_modules():
         if isinstance(m, (nn.Conv2d, nn.Linear)) and any(f.owns(name) for f in layer_fams):
             with torch.no_grad():
-                m.weight.copy_(fq_weight(m.weight))
+                m.weight.copy_(fq_weight(m.weight, folds.get(name), weight_eps))
             if not weights_only:
                 rng = ranges.inputs[name]
                 m.register_forward_pre_hook(lambda mod, inp, rng=rng: (fq_act(inp[0], rng),) + tuple(inp[1:]))

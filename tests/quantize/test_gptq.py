@@ -5,15 +5,14 @@ import torch
 import torch.nn as nn
 
 from quantize.gptq import _accumulate, gptq_layer, gptq_weights, output_error, with_weights
-from quantize.sim import families, fq_weight
+from quantize.sim import OBSERVER_EPS, families, fold_factors, fq_weight, weight_scale
 
 
-def _on_grid(w: torch.Tensor, ref: torch.Tensor) -> None:
-    # a backend's per-channel observer on the result finds the fp32 scale and rounds to the same values
-    # (equal up to float rounding of the scale, far below half an int8 step)
-    torch.testing.assert_close(fq_weight(w), w, rtol=1e-6, atol=1e-9)
-    amax = lambda t: t.reshape(t.shape[0], -1).abs().amax(1)
-    torch.testing.assert_close(amax(w), amax(ref))
+def _on_grid(w: torch.Tensor, ref: torch.Tensor, fold=None, eps=0.0) -> None:
+    # a backend's per-channel observer on the result finds the fp32 weights' scale and rounds to the same
+    # values (equal up to float rounding of the scale, far below half an int8 step)
+    torch.testing.assert_close(fq_weight(w, fold, eps), w, rtol=1e-6, atol=1e-9)
+    torch.testing.assert_close(weight_scale(w, fold, eps), weight_scale(ref, fold, eps))
 
 
 def _err(mod, x, w):
@@ -58,8 +57,13 @@ def test_trained_student_on_real_photos(tiny_student_dir, grocery_root):
     convs = [n for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear)) and any(f.owns(n) for f in fams)]
     assert set(w) == set(convs)  # Lite0 has dense and depthwise convs only: GPTQ takes every one
     mods = dict(model.named_modules())
+    folds = fold_factors(model)
+    assert len(folds) == sum(1 for n in w if n.startswith("backbone."))  # every backbone conv has its BatchNorm
+    clamped = 0
     for n, t in w.items():
-        _on_grid(t, mods[n].weight)
+        _on_grid(t, mods[n].weight, folds.get(n), OBSERVER_EPS)
+        clamped += int((weight_scale(t, folds.get(n), OBSERVER_EPS) != weight_scale(t)).sum())
+    assert clamped > 0  # trained Lite0 has channels whose folded scale the observers clamp at 2^-12
     err = output_error(model, w, cal.images)
     nearest, gptq = sum(e[0] for e in err.values()), sum(e[1] for e in err.values())
     assert gptq < 0.8 * nearest, (gptq, nearest)
@@ -82,15 +86,19 @@ def test_xnnpack_weight_observer_reproduces_the_gptq_codes_after_batchnorm_foldi
     with torch.no_grad():
         lin.weight.copy_(torch.randn(24, 32, generator=g) * 0.3)
     x = torch.randn(2000, 32, generator=g) @ torch.randn(32, 32, generator=g)
-    w = gptq_layer(lin, _accumulate(lin, x, None))
-    fold = torch.rand(24, 1, generator=g) * 2 + 0.2  # gamma / sqrt(var + eps) of a BatchNorm
+    fold = torch.rand(24, generator=g) * 2 + 0.2  # gamma / sqrt(var + eps) of a BatchNorm
+    fold[:6] = 0.01  # channels whose folded scale the observer clamps at eps
+    w = gptq_layer(lin, _accumulate(lin, x, None), fold, OBSERVER_EPS)
     obs = PerChannelMinMaxObserver(ch_axis=0, dtype=torch.qint8, qscheme=torch.per_channel_symmetric,
-                                   quant_min=-127, quant_max=127, eps=2 ** -12)
-    obs(w * fold)
+                                   quant_min=-127, quant_max=127, eps=OBSERVER_EPS)
+    obs(w * fold[:, None])
     scale, zp = obs.calculate_qparams()
-    codes = torch.round(w * fold / scale[:, None])
-    expect = torch.round(w / (lin.weight.abs().amax(1, keepdim=True) / 127))
+    assert torch.all(scale[:6] == OBSERVER_EPS) and torch.all(scale[6:] > OBSERVER_EPS)
+    codes = torch.round(w * fold[:, None] / scale[:, None])
+    expect = torch.round(w / weight_scale(lin.weight, fold, OBSERVER_EPS)[:, None])
     assert torch.equal(codes, expect) and int(zp.abs().max()) == 0
+    # and the codes are the ones GPTQ wrote: the folded weight sits on the observer's grid
+    torch.testing.assert_close(codes * scale[:, None], w * fold[:, None], rtol=1e-5, atol=1e-9)
 
 
 def test_python_m_quantize_with_gptq_rounding_builds_an_executorch_int8_the_sdk_loads(tiny_student_dir, grocery_root, tmp_path):

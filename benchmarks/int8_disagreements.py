@@ -7,7 +7,9 @@ For each artifact (any directory `sdk.Classifier.load` opens) on `val` and on th
 train slice (the sets `python -m quantize` judges int8 on): how many decoded fine answers differ from
 the PyTorch fp32 checkpoint, fp32's gap between its two most likely fine classes on each of them, and
 the agreement on the images fp32 answers with a gap of at least 0.1 (`quantize.sensitivity.disagreements`,
-the record `python -m quantize` writes into its report). Use it on artifacts made before that record existed.
+the record `python -m quantize` writes into its report), and the mean KL of the fine distribution to
+fp32, which separates two schemes where the counts of a 296-photo split are noise. Use it on artifacts
+made before those records existed.
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from quantize.calibration import evaluation_sets
     from quantize.run import sdk_logprobs
-    from quantize.sensitivity import disagreements
+    from quantize.sensitivity import disagreements, fine_kl
     from quantize.sim import model_logprobs
     from train.checkpoint import load_model
 
@@ -43,10 +45,12 @@ def main(argv: list[str] | None = None) -> int:
     for split, s in evaluation_sets(a.data, cfg.image_size, tax, limit=a.limit).items():
         ref = model_logprobs(model, s.images)
         for art in a.artifacts:
-            d = disagreements(tax, ref, sdk_logprobs(Path(art), s.images))
+            lp = sdk_logprobs(Path(art), s.images)
+            d = disagreements(tax, ref, lp)
+            d["fine_kl"] = fine_kl(ref, lp)  # mean KL(fp32 || artifact) of the fine distribution: less noisy than counts
             out.setdefault(art, {})[split] = d
             sure = d["agreement_when_fp32_sure"]
-            print(f"{art} {split}: {d['disagreeing']}/{d['n']} differ; fp32 gaps there "
+            print(f"{art} {split}: {d['disagreeing']}/{d['n']} differ, fine KL {d['fine_kl']:.2e}; fp32 gaps there "
                   f"{d['fp32_gap_of_disagreeing']}; agreement where fp32's gap >= {d['near_tie']}: "
                   f"{'–' if sure is None else f'{sure:.4f}'} ({d['sure_images']} images)", flush=True)
     if a.json:

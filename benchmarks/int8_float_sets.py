@@ -11,7 +11,9 @@ float sets instead and reports, for each, the fine top-1 agreement of the simula
 fp32 (tree-consistent decoding, as the SDK answers), the mean KL of the fine distribution, and how
 many answers differ, on `val` and on the 20 % train slice: the evidence behind "which layers were
 tried in float". Calibration and bias correction are those of `python -m quantize` (same photos,
-same ranges). The simulation is not the artifacts' arithmetic: for `runs/student` the quantize report's
+same ranges). `--rounding gptq` rounds the int8 weights with GPTQ (`quantize.gptq`,
+`python -m quantize --rounding gptq`) instead of to nearest; weights are simulated on the ExecuTorch /
+TFLite observers' grid (`quantize.sim.OBSERVER_EPS`). The simulation is not the artifacts' arithmetic: for `runs/student` the quantize report's
 "agreement with PyTorch sim" column gives 97.0 % (ExecuTorch) and 98.0 % (TFLite) on `val`, 99.2 and
 99.6 % on the slice, so read differences of a photo or two between sets as noise.
 

@@ -113,7 +113,8 @@ def render_markdown(r: dict[str, Any]) -> str:
                              f"between its two most likely fine classes on them: "
                              f"{', '.join(f'{g:.3f}' for g in d['fp32_gap_of_disagreeing']) or '–'}; agreement on "
                              f"the {d['sure_images']} images fp32 answers with a gap ≥ {d['near_tie']}: "
-                             f"{_pct(d['agreement_when_fp32_sure'])} %")
+                             f"{_pct(d['agreement_when_fp32_sure'])} %" +
+                             (f"; mean fine KL to fp32 {sr['fine_kl_to_fp32']:.2e}" if "fine_kl_to_fp32" in sr else ""))
         if notes:
             lines += notes + [""]
     lines += qat_section(r)

@@ -19,7 +19,7 @@ from .bar import MAX_SIZE_RATIO, MAX_TOP1_DROP, MIN_AGREEMENT, meets_bar
 from .bias import bias_corrected, rounding_shifts
 from .gptq import gptq_weights, with_weights
 from .calibration import calibration_sets, evaluation_sets
-from .sensitivity import choose_float_families, disagreements
+from .sensitivity import choose_float_families, disagreements, fine_kl
 from .sim import calibrate, families, model_logprobs, simulate
 
 TARGETS = ("onnx", "executorch", "tflite", "coreml")
@@ -58,7 +58,8 @@ def judge(res: TargetResult, evals, fp32_lp, sim_lp, taxonomy, sim_weights_only=
         rec["splits"][split] = {"images": s.source, "fp32": _metrics_subset(m32), "int8": _metrics_subset(m8),
                                 "fine_top1_drop": drop, "agreement_with_fp32": vs32,
                                 "agreement_with_pytorch_simulation": vssim,
-                                "disagreements": disagreements(taxonomy, fp32_lp[split], lp)}
+                                "disagreements": disagreements(taxonomy, fp32_lp[split], lp),
+                                "fine_kl_to_fp32": fine_kl(fp32_lp[split], lp)}
         ok &= meets_bar(vs32[f"agreement/{fine}"], drop)
     if rec["size_ratio"] is not None:
         ok &= rec["size_ratio"] <= MAX_SIZE_RATIO

@@ -19,6 +19,7 @@ def test_fp32_export_changes_no_answer(tiny_student_dir, onnx_artifact_dir, groc
     for d in rec.values():
         assert d["n"] == 16 and d["disagreeing"] == 0 and d["fp32_gap_of_disagreeing"] == []
         assert d["sure_images"] == 0 or d["agreement_when_fp32_sure"] == 1.0
+        assert abs(d["fine_kl"]) < 1e-6  # an fp32 export reproduces the distribution, not only the answers
 
 
 def test_missing_artifact_is_a_usage_error(tiny_student_dir, tmp_path):

@@ -102,6 +102,7 @@ def test_int8_artifacts_load_through_the_sdk(int8_run, grocery_root):
         agr = rep["targets"][t]["splits"]["val"]["agreement_with_fp32"]["agreement/fine"]
         assert agr >= 0.85, f"{t}: fine agreement with fp32 {agr}"
         d = rep["targets"][t]["splits"]["val"]["disagreements"]
+        assert rep["targets"][t]["splits"]["val"]["fine_kl_to_fp32"] > 0  # int8 moves the distribution
         assert d["n"] == 48 and d["disagreeing"] == round((1 - agr) * 48) == len(d["fp32_gap_of_disagreeing"])
     assert "fine answers differ from fp32" in (tmp_path / "report.md").read_text()
     # same SDK call path as fp32, no code change

@@ -127,3 +127,28 @@ def test_python_m_quantize_with_gptq_rounding_builds_an_executorch_int8_the_sdk_
     assert val["agreement_with_fp32"]["agreement/fine"] >= 0.85
     assert val["agreement_with_pytorch_simulation"]["agreement/fine"] >= 0.85
     assert Classifier.load(tmp_path / "executorch").classify(grocery_root / "train/Fruit/Banana/Banana_001.jpg").full_path
+
+
+def test_simulation_carries_the_given_int8_weights_only_for_quantized_families(tiny_student_dir, grocery_root):
+    from quantize.calibration import calibration_sets
+    from quantize.sim import Ranges, simulate
+    from train.checkpoint import load_model
+
+    model, cfg, tax, _ = load_model(tiny_student_dir)
+    cal, _ = calibration_sets(str(grocery_root), cfg.image_size, tax, 8, 0)
+    fams = [f for f in families(model) if f.prefixes]
+    w = gptq_weights(model, cal.images, fams)
+    first = fams[0]  # stem + the first backbone blocks
+    sim = dict(simulate(model, Ranges(), {first.name}, weights_only=True, weights=w).named_modules())
+    mods = dict(model.named_modules())
+    folds = fold_factors(model)
+    for n in w:
+        if first.owns(n):  # GPTQ's weights, unchanged by the simulation's own rounding (they are on its grid)
+            torch.testing.assert_close(sim[n].weight, w[n], rtol=1e-6, atol=1e-9)
+        else:  # float families keep their fp32 weights
+            assert torch.equal(sim[n].weight, mods[n].weight)
+    # without GPTQ weights the simulation rounds to nearest on the observers' grid
+    near = dict(simulate(model, Ranges(), {first.name}, weights_only=True).named_modules())
+    stem = "backbone._conv_stem"
+    assert torch.equal(near[stem].weight, fq_weight(mods[stem].weight, folds[stem], OBSERVER_EPS))
+    assert not torch.equal(near[stem].weight, sim[stem].weight)

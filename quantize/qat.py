@@ -5,7 +5,8 @@ Triggered per target when its PTQ artifact misses the accuracy part of the bar (
 `--force-qat`. For ExecuTorch and TFLite, exactly the PTQ graph is used: `torch.export` of the
 DeployWrapper (uint8 NHWC in, batch dimension dynamic so training runs in batches) ->
 `prepare_qat_pt2e` with the PTQ path's quantizer and layer filter (XNNPACK for ExecuTorch, litert's
-PT2E quantizer for TFLite), built with `is_qat=True`, on the graph with BatchNorm folded into the
+PT2E quantizer for TFLite), built with `is_qat=True`, on the int8 source model (the one the PTQ
+artifacts come from: bias-corrected, GPTQ weights when asked) with BatchNorm folded into the
 convs (eval statistics, as prepare_pt2e does for PTQ: BN is frozen and the trained weights are the
 folded ones that deploy; `move_exported_model_to_eval` turns dropout off) -> observers
 initialized on the real calibration photos -> N epochs on real training photos (train split minus its
@@ -151,7 +152,9 @@ def prepare(ctx: QuantContext, quantizer) -> torch.fx.GraphModule:
     # a copy: the exported graph shares parameter storage with the model it traced, and training
     # must not move the fp32 model that is the distillation teacher and the reference of every judge
     from train.models import DeployWrapper
-    student = DeployWrapper(copy.deepcopy(ctx.model)).eval()
+    # QAT starts where post-training int8 starts: the int8 source model (bias-corrected, GPTQ weights
+    # with --rounding gptq), so step 0 is the PTQ model and training only has to improve on it
+    student = DeployWrapper(copy.deepcopy(ctx.int8_model if ctx.int8_model is not None else ctx.model)).eval()
     gm = torch.export.export(student, (example,), dynamic_shapes={"image": {0: batch}}).module()
     # BatchNorm folded into the convs with its eval statistics, exactly as prepare_pt2e does for PTQ:
     # the annotated graph is the PTQ graph, BN stays frozen by construction, and the fake-quantized

@@ -40,7 +40,8 @@ class QuantContext:
     log: Callable[[str], None] = print
     # the model int8 artifacts are made from: `model` with weight-rounding bias correction (quantize.bias)
     int8_model: torch.nn.Module | None = None
-    shifts: dict[str, torch.Tensor] | None = None  # the measured per-layer shifts behind `int8_model`
+    # Core ML's own rounding shifts (round-to-nearest, no scale clamp): it rounds the fp32 weights itself
+    coreml_shifts: dict[str, torch.Tensor] | None = None
 
     @property
     def families(self) -> list[Family]:

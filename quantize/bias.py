@@ -37,7 +37,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .sim import BN_AFTER, OBSERVER_EPS, Family, feed, fold_factors, fq_weight
+from .sim import OBSERVER_EPS, Family, bn_after, feed, fold_factors, fq_weight
 
 
 
@@ -70,11 +70,9 @@ def _rounding_error_output(mod: nn.Module, x: torch.Tensor, q: torch.Tensor | No
 def _bias_target(mods: dict[str, nn.Module], name: str) -> tuple[str, nn.Module] | None:
     """Where a layer's shift goes (`mods`: the model's named modules): ("bn", BatchNorm) after a
     backbone conv, ("bias", layer) else."""
-    parent, _, last = name.rpartition(".")
-    if last in BN_AFTER:
-        bn = mods.get((parent + "." if parent else "") + BN_AFTER[last])
-        if isinstance(bn, nn.BatchNorm2d):
-            return "bn", bn
+    bn = bn_after(mods, name)
+    if bn is not None:
+        return "bn", bn
     layer = mods[name]
     if getattr(layer, "bias", None) is not None:
         return "bias", layer

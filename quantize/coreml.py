@@ -47,11 +47,10 @@ def corrected_for_coreml(ctx: QuantContext):
     corrected."""
     if not ctx.bias_corrected:
         return None
-    if not ctx.shifts:  # the int8 source differs only by GPTQ weights, which Core ML does not take
-        return ctx.model
     from .bias import bias_corrected
     sizes = {n: m.weight.numel() for n, m in ctx.model.named_modules() if hasattr(m, "weight") and m.weight is not None}
-    shifts = {n: e for n, e in ctx.shifts.items() if sizes.get(n, 0) > WEIGHT_THRESHOLD}
+    # no shifts (bias correction off): the plain fp32 model, without GPTQ weights, which Core ML does not take
+    shifts = {n: e for n, e in (ctx.coreml_shifts or {}).items() if sizes.get(n, 0) > WEIGHT_THRESHOLD}
     return bias_corrected(ctx.model, shifts, [f for f in ctx.families if f.prefixes])[0]
 
 

@@ -20,10 +20,7 @@ import torch
 from converters._common import tool_versions
 
 from ._common import QuantContext, QuantizeError, TargetResult, finish_int8, fp32_artifact
-
-
-_BN_OF = {"_expand_conv": "_bn0", "_depthwise_conv": "_bn1", "_project_conv": "_bn2",
-          "_conv_stem": "_bn0", "_conv_head": "_bn1"}
+from .sim import BN_AFTER
 
 
 def quantized_module_names(ctx: QuantContext) -> list[str]:
@@ -38,8 +35,8 @@ def layer_filter(names: list[str]):
     allowed = set(names)
     for n in names:
         head, _, last = n.rpartition(".")
-        if last in _BN_OF:
-            allowed.add(f"{head}.{_BN_OF[last]}")
+        if last in BN_AFTER:
+            allowed.add(f"{head}.{BN_AFTER[last]}")
 
     def keep(node) -> bool:
         if node.op in ("get_attr", "placeholder"):

@@ -32,7 +32,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .sim import OBSERVER_EPS, Family, feed, fold_factors, fq_weight, weight_scale
+from .bias import _rounding_error_output
+from .sim import OBSERVER_EPS, Family, feed, fold_factors, take_weights, weight_scale
 
 DAMP = 0.01
 
@@ -165,11 +166,7 @@ def gptq_weights(model: nn.Module, images: np.ndarray, fams: list[Family],
 def with_weights(model: nn.Module, weights: dict[str, torch.Tensor], fams: list[Family]) -> nn.Module:
     """A copy of `model` whose layers of `fams` take `weights` (the others keep their fp32 weights)."""
     out = copy.deepcopy(model).eval()
-    mods = dict(out.named_modules())
-    with torch.no_grad():
-        for n, w in weights.items():
-            if any(f.owns(n) for f in fams if f.prefixes):
-                mods[n].weight.copy_(w)
+    take_weights(out, weights, fams)
     return out
 
 
@@ -182,10 +179,8 @@ def output_error(model: nn.Module, weights: dict[str, torch.Tensor], images: np.
     hooks = []
     for n in weights:
         def hook(mod, inp, out, n=n):
-            x = inp[0]
-            for j, q in enumerate((fq_weight(mod.weight, folds.get(n), weight_eps), weights[n])):
-                dw = mod.weight - q
-                y = F.linear(x, dw) if isinstance(mod, nn.Linear) else mod._conv_forward(x, dw, None)
+            for j, q in enumerate((None, weights[n])):  # None: round-to-nearest
+                y = _rounding_error_output(mod, inp[0], q, folds.get(n), weight_eps)
                 acc[n][j] += float((y.double() ** 2).sum())
         hooks.append(mods[n].register_forward_hook(hook))
     with torch.inference_mode():

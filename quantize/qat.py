@@ -150,11 +150,11 @@ def prepare(ctx: QuantContext, quantizer) -> torch.fx.GraphModule:
     example = torch.zeros(2, ctx.image_size, ctx.image_size, 3, dtype=torch.uint8)
     batch = torch.export.Dim("batch", min=1, max=1024)
     # a copy: the exported graph shares parameter storage with the model it traced, and training
-    # must not move the fp32 model that is the distillation teacher and the reference of every judge
-    from train.models import DeployWrapper
+    # must not move the fp32 model that is the distillation teacher and the reference of every judge,
+    # nor the int8 source model the post-training artifacts come from
     # QAT starts where post-training int8 starts: the int8 source model (bias-corrected, GPTQ weights
     # with --rounding gptq), so step 0 is the PTQ model and training only has to improve on it
-    student = DeployWrapper(copy.deepcopy(ctx.int8_model if ctx.int8_model is not None else ctx.model)).eval()
+    student = copy.deepcopy(ctx.deploy(int8=True))
     gm = torch.export.export(student, (example,), dynamic_shapes={"image": {0: batch}}).module()
     # BatchNorm folded into the convs with its eval statistics, exactly as prepare_pt2e does for PTQ:
     # the annotated graph is the PTQ graph, BN stays frozen by construction, and the fake-quantized

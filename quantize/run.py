@@ -112,13 +112,15 @@ def quantize_checkpoint(checkpoint: str | Path, data: str, targets: Sequence[str
         log(f"GPTQ int8 weight rounding on {cal.source}")
         rounded = gptq_weights(model, cal.images, layer_fams, log=log)
     t_round = time.time() - t_round
-    # `shifts`: of Core ML's rounding (round-to-nearest, no scale clamp); `int8_shifts`: of the
-    # ExecuTorch / TFLite / ONNX int8 weights (GPTQ's, or round-to-nearest on the observers' grid)
-    shifts = int8_shifts = None
+    # `int8_shifts`: of the ExecuTorch / TFLite / ONNX int8 weights (GPTQ's, or round-to-nearest on the
+    # observers' grid); `coreml_shifts`: of Core ML's rounding (round-to-nearest, no scale clamp), only
+    # when Core ML is a target
+    coreml_shifts = int8_shifts = None
     if bias_correction:
         log(f"measuring the mean output shift of int8 weight rounding per channel on {cal.source}")
-        shifts = rounding_shifts(model, cal.images, layer_fams, weight_eps=0.0)  # coremltools: no scale clamp
         int8_shifts = rounding_shifts(model, cal.images, layer_fams, targets=rounded)
+        if "coreml" in targets:
+            coreml_shifts = rounding_shifts(model, cal.images, layer_fams, weight_eps=0.0)
     log(f"sensitivity pass on {sen.source}")
     plan = choose_float_families(model, ranges, sen.images, sen.labels, tax, source=sen.source, log=log,
                                  shifts=int8_shifts, weights=rounded)
@@ -141,15 +143,18 @@ def quantize_checkpoint(checkpoint: str | Path, data: str, targets: Sequence[str
     pidx = np.linspace(0, len(evals["val"]) - 1, num=min(n_parity, len(evals["val"]))).round().astype(int)
     from .calibration import ImageSet
     par = ImageSet(evals["val"].images[pidx], evals["val"].labels[pidx], f"{evals['val'].source}, {len(pidx)} for parity")
-    ctx = QuantContext(model, tax, size, cal, par, plan, int8_ranges, info, log, int8_model=int8_model, shifts=shifts)
+    ctx = QuantContext(model, tax, size, cal, par, plan, int8_ranges, info, log, int8_model=int8_model,
+                       coreml_shifts=coreml_shifts)
 
     log("fp32 and simulated-int8 references on the evaluation sets")
     sim = simulate(model, int8_ranges, set(plan.quantized), shifts=int8_shifts, weights=rounded)
-    simw = simulate(model, ranges, {f.name for f in ctx.families if f.prefixes}, weights_only=True, shifts=shifts,
-                    weight_eps=0.0)  # Core ML's int8 weights
     fp32_lp = {k: model_logprobs(model, s.images) for k, s in evals.items()}
     sim_lp = {k: model_logprobs(sim, s.images) for k, s in evals.items()}
-    simw_lp = {k: model_logprobs(simw, s.images) for k, s in evals.items()} if "coreml" in targets else None
+    simw_lp = None
+    if "coreml" in targets:  # Core ML's int8 weights: round-to-nearest, no scale clamp
+        simw = simulate(model, ranges, {f.name for f in layer_fams}, weights_only=True, shifts=coreml_shifts,
+                        weight_eps=0.0)
+        simw_lp = {k: model_logprobs(simw, s.images) for k, s in evals.items()}
 
     results: dict[str, Any] = {}
     for t in targets:

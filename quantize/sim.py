@@ -156,17 +156,32 @@ BN_AFTER = {"_expand_conv": "_bn0", "_depthwise_conv": "_bn1", "_project_conv": 
             "_conv_stem": "_bn0", "_conv_head": "_bn1"}
 
 
+def bn_after(mods: dict[str, nn.Module], name: str) -> nn.BatchNorm2d | None:
+    """The BatchNorm that follows backbone conv `name` (`mods`: the model's named modules), if any."""
+    parent, _, last = name.rpartition(".")
+    bn = mods.get((parent + "." if parent else "") + BN_AFTER[last]) if last in BN_AFTER else None
+    return bn if isinstance(bn, nn.BatchNorm2d) else None
+
+
 def fold_factors(model: nn.Module) -> dict[str, torch.Tensor]:
     """Per conv followed by a BatchNorm: |gamma| / sqrt(var + eps) per output channel, the factor BatchNorm
     folding multiplies its weights by (bias correction moves the mean only, so corrected copies share it)."""
     mods = dict(model.named_modules())
     out = {}
     for name, m in mods.items():
-        parent, _, last = name.rpartition(".")
-        bn = mods.get((parent + "." if parent else "") + BN_AFTER[last]) if last in BN_AFTER else None
-        if isinstance(m, nn.Conv2d) and isinstance(bn, nn.BatchNorm2d):
+        bn = bn_after(mods, name)
+        if isinstance(m, nn.Conv2d) and bn is not None:
             out[name] = (bn.weight.detach().abs() / torch.sqrt(bn.running_var + bn.eps)).float()
     return out
+
+
+def take_weights(model: nn.Module, weights: dict[str, torch.Tensor], fams: list[Family]) -> None:
+    """In place: the layers of the layer families `fams` that have an entry in `weights` take it."""
+    mods = dict(model.named_modules())
+    with torch.no_grad():
+        for name, w in weights.items():
+            if any(f.owns(name) for f in fams if f.prefixes):
+                mods[name].weight.copy_(w)
 
 
 def weight_scale(w: torch.Tensor, fold: torch.Tensor | None = None, eps: float = 0.0) -> torch.Tensor:
@@ -231,11 +246,7 @@ def simulate(model: nn.Module, ranges: Ranges, quantized: set[str], weights_only
         raise ValueError(f"unknown families {sorted(unknown)}; known: {sorted(fams)}")
     layer_fams = [fams[n] for n in quantized if fams[n].prefixes]
     if weights:
-        mods = dict(sim.named_modules())
-        with torch.no_grad():
-            for name, w in weights.items():
-                if any(f.owns(name) for f in layer_fams):
-                    mods[name].weight.copy_(w)
+        take_weights(sim, weights, layer_fams)
     if shifts:
         from .bias import apply_shifts
         apply_shifts(sim, shifts, layer_fams)

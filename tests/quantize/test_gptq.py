@@ -4,6 +4,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+from quantize.bias import _rounding_error_output
 from quantize.gptq import _accumulate, gptq_layer, gptq_weights, output_error, with_weights
 from quantize.sim import OBSERVER_EPS, families, fold_factors, fq_weight, weight_scale
 
@@ -16,9 +17,7 @@ def _on_grid(w: torch.Tensor, ref: torch.Tensor, fold=None, eps=0.0) -> None:
 
 
 def _err(mod, x, w):
-    dw = mod.weight - w
-    y = nn.functional.linear(x, dw) if isinstance(mod, nn.Linear) else mod._conv_forward(x, dw, None)
-    return float((y.double() ** 2).sum())
+    return float((_rounding_error_output(mod, x, w).double() ** 2).sum())
 
 
 def test_linear_with_correlated_inputs():

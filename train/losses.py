@@ -75,6 +75,22 @@ def fine_ce(ctx: LossContext) -> torch.Tensor:
     return ((1 - ctx.smoothing) * -lp.gather(1, y[m, None]).squeeze(1) - ctx.smoothing * lp.mean(1)).mean()
 
 
+@register_loss("global_ce")
+def global_ce(ctx: LossContext) -> torch.Tensor:
+    """Deep supervision of the flat read-out (`global_head`): `ce` on its logits alone.
+
+    The query heads and CAMP add a correction to these logits; trained only through the sum, the
+    query path can carry the whole decision and overfit the training sessions. This loss makes the
+    pooled-feature read-out a classifier on its own (what the flat peer is), so the queries learn a
+    refinement on top of it.
+    """
+    glob = ctx.aux.get("global_logits")
+    if glob is None:
+        raise ValueError("the global_ce loss needs a model with global_head=true")
+    logps = [F.log_softmax(g.float(), dim=-1) for g in glob]
+    return hier_ce(LossContext(ctx.model, logps, ctx.labels, ctx.aux, ctx.taxonomy, ctx.smoothing))
+
+
 def _leaf_membership(taxonomy: Taxonomy, device) -> list[torch.Tensor]:
     anc = torch.tensor(taxonomy.ancestor_matrix(), device=device)
     return [anc[:, l] for l in range(taxonomy.depth)]

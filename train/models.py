@@ -281,6 +281,8 @@ class HierarchicalQueryModel(nn.Module):
         if self.cfg.global_head:
             g = self.global_drop(feats[-1].mean((2, 3), keepdim=True).flatten(1))  # keepdim: XNNPACK-delegable
             glob = [lin(g) for lin in self.global_head]
+            if aux is not None:
+                aux["global_logits"] = glob  # for deep supervision of the flat read-out (loss global_ce)
         return self.head(tokens, aux=aux, global_logits=glob)
 
     def forward(self, x: torch.Tensor, start: int = 0, cached: dict | None = None, aux: dict | None = None):

@@ -35,7 +35,7 @@ def _images(n=3, seed=0):
 
 def test_everything_is_registered():
     assert {"flat", "hrn"} <= set(list_archs())
-    assert {"contrastive", "aal", "tree", "fine_ce"} <= set(list_losses())
+    assert {"contrastive", "aal", "tree", "fine_ce", "global_ce"} <= set(list_losses())
 
 
 # ---- flat ---------------------------------------------------------------------------------------
@@ -350,6 +350,27 @@ def test_refined_query_model_exports_to_onnx(tmp_path, crop_block):
 
 
 # ---- mixed granularity ---------------------------------------------------------------------------
+def test_global_ce_supervises_the_flat_readout_alone():
+    m = _model(global_head=True).train()
+    aux: dict = {}
+    logps = m(_images(), aux=aux)
+    y = torch.tensor([[0, 1, 2], [1, 2, 5], [1, 3, -1]])  # the last row is unlabelled at the finest level
+    loss = get_loss("global_ce")(LossContext(m, logps, y, aux, TAX, smoothing=0.0))
+    expect = 0.0
+    for lvl, g in enumerate(aux["global_logits"]):
+        rows = [i for i in range(3) if y[i, lvl] >= 0]
+        expect += float(sum(-F.log_softmax(g[i], -1)[y[i, lvl]] for i in rows)) / len(rows)
+    assert float(loss) == pytest.approx(expect, rel=1e-5)
+    # it differs from `ce` on the model's output (query read-out + global logits) ...
+    assert abs(float(loss) - float(get_loss("ce")(LossContext(m, logps, y, aux, TAX, smoothing=0.0)))) > 1e-3
+    # ... and trains the pooled read-out, not the query heads
+    loss.backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in m.global_head.parameters())
+    assert all(p.grad is None or p.grad.abs().sum() == 0 for p in m.head.parameters())
+    with pytest.raises(ValueError, match="global_head"):
+        get_loss("global_ce")(LossContext(m, logps, y, {}, TAX))
+
+
 def test_tree_loss_on_coarse_only_rows_is_minus_log_node_marginal():
     g = torch.Generator().manual_seed(3)
     logps = [F.log_softmax(torch.randn(2, n, generator=g), -1) for n in TAX.sizes]

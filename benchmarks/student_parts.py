@@ -13,18 +13,36 @@ import argparse
 import sys
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from train.backbones import normalize_uint8  # noqa: E402
 from train.checkpoint import load_model  # noqa: E402
-from train.data import load_dataset, load_view  # noqa: E402
+from train.data import load_dataset  # noqa: E402
+from train.loop import predict_logprobs  # noqa: E402
 from train.metrics import compute_metrics  # noqa: E402
 
 KEYS = ("top1/coarse", "top1/fine", "argmax_top1/coarse", "argmax_top1/fine", "mistake_severity")
+
+
+PARTS = ("deployed", "pooled read-out", "queries + CAMP")
+
+
+class _Parts(torch.nn.Module):
+    """`forward_from` returns the three parts' per-level log-probs as one flat list, so one pass of
+    `train.loop.predict_logprobs` (the training loop's own evaluation) yields all of them."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward_from(self, x, start=0, cached=None):
+        aux: dict = {}
+        lps = self.model.forward_from(x, start, cached=cached, aux=aux)
+        pooled = [F.log_softmax(g, -1) for g in aux["global_logits"]]
+        queries = [F.log_softmax(l - g, -1) for l, g in zip(aux["logits"], aux["global_logits"])]
+        return [*lps, *pooled, *queries]
 
 
 def part_logprobs(model_dir: str, data: str, split: str = "val", batch: int = 32, limit: int = 0):
@@ -32,22 +50,13 @@ def part_logprobs(model_dir: str, data: str, split: str = "val", batch: int = 32
     model, cfg, tax, _ = load_model(model_dir)
     if not getattr(cfg, "global_head", False):
         raise SystemExit(f"{model_dir}: no global_head, nothing to split")
-    model.eval()
     ds = load_dataset(data, split, taxonomy=tax)
     if limit:
         ds = ds.subset(range(min(limit, len(ds))))
-    out: dict[str, list] = {"deployed": [], "pooled read-out": [], "queries + CAMP": []}
     with torch.no_grad():
-        for i in range(0, len(ds), batch):
-            imgs = np.stack([load_view(s, cfg.image_size, 0, 0) for s in ds.samples[i:i + batch]])
-            aux: dict = {}
-            lps = model(normalize_uint8(torch.from_numpy(imgs).permute(0, 3, 1, 2)), 0, None, aux)
-            out["deployed"].append([lp.numpy() for lp in lps])
-            out["pooled read-out"].append([F.log_softmax(g, -1).numpy() for g in aux["global_logits"]])
-            out["queries + CAMP"].append([F.log_softmax(l - g, -1).numpy()
-                                          for l, g in zip(aux["logits"], aux["global_logits"])])
-    return tax, ds, {name: [np.concatenate([r[lvl] for r in rows]) for lvl in range(tax.depth)]
-                     for name, rows in out.items()}
+        flat = predict_logprobs(_Parts(model), ds, cfg.image_size, batch_size=batch, progress=False)
+    d = tax.depth
+    return tax, ds, {name: flat[i * d:(i + 1) * d] for i, name in enumerate(PARTS)}
 
 
 def parts(model_dir: str, data: str, split: str = "val", batch: int = 32, limit: int = 0) -> dict[str, dict[str, float]]:

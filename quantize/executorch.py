@@ -49,18 +49,19 @@ def layer_filter(names: list[str]):
     return keep
 
 
-def drop_unfiltered_cats(model, keep):
-    """Undo the XNNPACK quantizer's `cat` annotations on nodes the layer filter rejects.
+def drop_unfiltered(model, keep):
+    """Remove every annotation the layer filter rejects: the filter, not each annotator, decides.
 
-    Its `cat` annotator ignores the filter (executorch 1.5.1): it quantizes every concatenation with
-    one scale shared by all inputs. In the student that is the token concatenation of the two feature
-    scales, which feeds the LayerNorm the sensitivity pass keeps in float, so the .pte quantized an op
-    the plan (and litert's quantizer, for TFLite) leaves float. On the session-11 student removing it
-    changed nothing measurable (fine KL to fp32 on `val` 5.07e-3 before and after), but what runs
-    int8 must be what the plan and the manifest say. Returns `model`.
+    Not every XNNPACK annotator honours the filter: its `cat` annotator ignores it (executorch 1.5.1)
+    and quantizes every concatenation with one scale shared by all inputs. In the student that is the
+    token concatenation of the two feature scales, which feeds the LayerNorm the sensitivity pass
+    keeps in float, so the .pte quantized an op the plan (and litert's quantizer, for TFLite) leaves
+    float. On the session-11 student removing it changed nothing measurable (fine KL to fp32 on `val`
+    5.07e-3 before and after), but what runs int8 must be what the plan and the manifest say.
+    Returns `model`.
     """
     for node in model.graph.nodes:
-        if node.op == "call_function" and node.target == torch.ops.aten.cat.default and not keep(node):
+        if node.op == "call_function" and not keep(node):
             node.meta.pop("quantization_annotation", None)
     return model
 
@@ -74,7 +75,7 @@ def xnnpack_quantizer(names: list[str], is_qat: bool = False):
     class LayerQuantizer(XNNPACKQuantizer):
         def _annotate_for_quantization_config(self, model):
             model = self._annotate_all_patterns(model, cfg, filt)
-            return drop_unfiltered_cats(model, filt)
+            return drop_unfiltered(model, filt)
 
     return LayerQuantizer()
 

@@ -8,7 +8,7 @@ the taxonomy.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable
 
 import torch
@@ -88,7 +88,7 @@ def global_ce(ctx: LossContext) -> torch.Tensor:
     if glob is None:
         raise ValueError("the global_ce loss needs a model with global_head=true")
     logps = [F.log_softmax(g.float(), dim=-1) for g in glob]
-    return hier_ce(LossContext(ctx.model, logps, ctx.labels, ctx.aux, ctx.taxonomy, ctx.smoothing))
+    return hier_ce(replace(ctx, logps=logps))
 
 
 def _leaf_membership(taxonomy: Taxonomy, device) -> list[torch.Tensor]:

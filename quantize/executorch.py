@@ -106,10 +106,22 @@ def lower(converted: torch.nn.Module, example: torch.Tensor):
     return edge, ops
 
 
+def convert(ctx: QuantContext, quantizer, fold_quantize: bool = True) -> torch.fx.GraphModule:
+    """export the uint8-in graph of the int8 model -> prepare_pt2e(quantizer) -> observe the calibration
+    photos one at a time -> convert_pt2e. The result runs in PyTorch (quantize/dequantize around float
+    ops: the quantizer's arithmetic without a backend's kernels), and it is what the backends lower."""
+    from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
+    example = torch.zeros(1, ctx.image_size, ctx.image_size, 3, dtype=torch.uint8)
+    gm = torch.export.export(ctx.deploy(int8=True), (example,)).module()
+    prepared = prepare_pt2e(gm, quantizer)
+    with torch.no_grad():
+        for img in ctx.calibration.images:
+            prepared(torch.from_numpy(img[None].copy()))
+    return convert_pt2e(prepared, fold_quantize=fold_quantize)
+
+
 def quantize(ctx: QuantContext, out_dir: Path) -> TargetResult:
     """fp32 export (converters.executorch) for size, then pt2e int8 -> `<out_dir>/executorch/model.pte`."""
-    from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
-
     from converters.executorch import delegate_count
 
     fp32 = fp32_artifact(ctx, "executorch", out_dir / "fp32" / "executorch")
@@ -118,12 +130,7 @@ def quantize(ctx: QuantContext, out_dir: Path) -> TargetResult:
     ctx.log(f"executorch: pt2e XNNPACK quantizer on {len(names)} Conv/Linear layers, calibrating on "
             f"{len(ctx.calibration)} photos")
     try:
-        gm = torch.export.export(ctx.deploy(int8=True), (example,)).module()
-        prepared = prepare_pt2e(gm, xnnpack_quantizer(names))
-        with torch.no_grad():
-            for img in ctx.calibration.images:
-                prepared(torch.from_numpy(img[None].copy()))
-        converted = convert_pt2e(prepared)
+        converted = convert(ctx, xnnpack_quantizer(names))
         edge, ops = lower(converted, example)
         program = edge.to_executorch()
     except QuantizeError:

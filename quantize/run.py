@@ -6,6 +6,7 @@ import importlib
 import json
 import time
 import traceback
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -74,29 +75,32 @@ def _trained_without_slice(checkpoint: Path, conf: dict[str, Any]) -> bool:
             and int(tc.get("seed", 0)) == 0 and tc.get("train_split", "train") == "train")
 
 
-def quantize_checkpoint(checkpoint: str | Path, data: str, targets: Sequence[str], out: str | Path,
-                        n_calibration: int = 300, n_sensitivity: int = 200, qat_epochs: int = 0,
-                        eval_limit: int = 0, n_parity: int = 64, log: Callable[[str], None] = print,
-                        qat: dict[str, Any] | None = None, bias_correction: bool = True,
-                        rounding: str = "nearest") -> dict[str, Any]:
-    """Run the whole int8 pipeline for a model directory; writes `<out>/<target>/` + report.{md,json}.
+@dataclass
+class Prepared:
+    """What every target is made and judged from: the context, the evaluation sets and the measured plan."""
 
-    `qat_epochs` > 0: pt2e QAT for the targets whose PTQ misses the accuracy bar (`<out>/qat/<target>/`,
-    report rows `<target>_qat`); `qat` overrides quantize.qat.QATConfig fields (images, lr, force, ...).
-    `bias_correction`: the int8 artifacts come from a copy of the model whose biases undo the mean shift
-    of int8 weight rounding, measured on the calibration photos (`quantize.bias`); fp32 stays the reference.
-    """
+    ctx: QuantContext
+    evals: dict[str, Any]  # split -> ImageSet (val and the 20 % train slice)
+    conf: dict[str, Any]  # the checkpoint's config.json
+    ranges: Any  # activation ranges of the fp32 model on the calibration photos
+    int8_shifts: dict[str, Any] | None  # mean output shift of int8 weight rounding per channel (bias correction)
+    rounded: dict[str, Any] | None  # GPTQ int8 weights per layer; None: round-to-nearest
+
+
+def prepare_context(checkpoint: str | Path, data: str, targets: Sequence[str], n_calibration: int = 300,
+                    n_sensitivity: int = 200, eval_limit: int = 0, n_parity: int = 64,
+                    log: Callable[[str], None] = print, bias_correction: bool = True,
+                    rounding: str = "nearest") -> Prepared:
+    """Load the checkpoint, decode the real photos, calibrate, choose the float families by measurement,
+    apply the weight rounding and bias correction: the `QuantContext` every target module quantizes from."""
     from train.checkpoint import file_sha256, load_model
-    from .report import write_report
+    from .calibration import ImageSet
 
     if rounding not in ROUNDINGS:
         raise QuantizeError(f"unknown rounding {rounding!r}; roundings: {', '.join(ROUNDINGS)}")
     bad = [t for t in targets if t not in TARGETS]
     if bad:
         raise QuantizeError(f"unknown target(s) {bad}; targets: {', '.join(TARGETS)}")
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    t0 = time.time()
     model, cfg, tax, conf = load_model(checkpoint)
     size = cfg.image_size
     log(f"decoding real photos at {size} px (calibration {n_calibration}, sensitivity {n_sensitivity})")
@@ -141,10 +145,36 @@ def quantize_checkpoint(checkpoint: str | Path, data: str, targets: Sequence[str
     if int8_model is not model:
         int8_ranges = calibrate(int8_model, cal.images)  # what the backends' observers see
     pidx = np.linspace(0, len(evals["val"]) - 1, num=min(n_parity, len(evals["val"]))).round().astype(int)
-    from .calibration import ImageSet
     par = ImageSet(evals["val"].images[pidx], evals["val"].labels[pidx], f"{evals['val'].source}, {len(pidx)} for parity")
     ctx = QuantContext(model, tax, size, cal, par, plan, int8_ranges, info, log, int8_model=int8_model,
                        coreml_shifts=coreml_shifts)
+    return Prepared(ctx, evals, conf, ranges, int8_shifts, rounded)
+
+
+def quantize_checkpoint(checkpoint: str | Path, data: str, targets: Sequence[str], out: str | Path,
+                        n_calibration: int = 300, n_sensitivity: int = 200, qat_epochs: int = 0,
+                        eval_limit: int = 0, n_parity: int = 64, log: Callable[[str], None] = print,
+                        qat: dict[str, Any] | None = None, bias_correction: bool = True,
+                        rounding: str = "nearest") -> dict[str, Any]:
+    """Run the whole int8 pipeline for a model directory; writes `<out>/<target>/` + report.{md,json}.
+
+    `qat_epochs` > 0: pt2e QAT for the targets whose PTQ misses the accuracy bar (`<out>/qat/<target>/`,
+    report rows `<target>_qat`); `qat` overrides quantize.qat.QATConfig fields (images, lr, force, ...).
+    `bias_correction`: the int8 artifacts come from a copy of the model whose biases undo the mean shift
+    of int8 weight rounding, measured on the calibration photos (`quantize.bias`); fp32 stays the reference.
+    """
+    from .report import write_report
+
+    t0 = time.time()
+    prep = prepare_context(checkpoint, data, targets, n_calibration, n_sensitivity, eval_limit, n_parity, log,
+                           bias_correction, rounding)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    ctx, evals, conf = prep.ctx, prep.evals, prep.conf
+    model, tax, cal, plan, info = ctx.model, ctx.taxonomy, ctx.calibration, ctx.plan, ctx.model_info
+    ranges, int8_ranges, int8_shifts, rounded = prep.ranges, ctx.ranges, prep.int8_shifts, prep.rounded
+    size, coreml_shifts = ctx.image_size, ctx.coreml_shifts
+    layer_fams = [f for f in families(model) if f.prefixes]
 
     log("fp32 and simulated-int8 references on the evaluation sets")
     sim = simulate(model, int8_ranges, set(plan.quantized), shifts=int8_shifts, weights=rounded)

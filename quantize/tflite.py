@@ -20,7 +20,7 @@ import torch
 from converters._common import tool_versions
 
 from ._common import QuantContext, QuantizeError, TargetResult, finish_int8, fp32_artifact
-from .executorch import layer_filter, quantized_module_names
+from .executorch import convert, layer_filter, quantized_module_names
 
 
 def litert_quantizer(names: list[str], is_qat: bool = False):
@@ -51,7 +51,6 @@ def quantize(ctx: QuantContext, out_dir: Path) -> TargetResult:
     """fp32 export (converters.tflite) for size, then PT2E int8 -> `<out_dir>/tflite/model.tflite`."""
     import litert_torch
     from litert_torch.quantize.quant_config import QuantConfig
-    from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
 
     from converters._metadata import embedded_metadata
     from converters.tflite import finish_file
@@ -66,12 +65,7 @@ def quantize(ctx: QuantContext, out_dir: Path) -> TargetResult:
     path = int8_dir / "model.tflite"
     quantizer = litert_quantizer(names)
     try:
-        gm = torch.export.export(ctx.deploy(int8=True), (example,)).module()
-        prepared = prepare_pt2e(gm, quantizer)
-        with torch.no_grad():
-            for img in ctx.calibration.images:
-                prepared(torch.from_numpy(img[None].copy()))
-        converted = convert_pt2e(prepared, fold_quantize=False)
+        converted = convert(ctx, quantizer, fold_quantize=False)
         litert_torch.convert(converted, (example,), quant_config=QuantConfig(pt2e_quantizer=quantizer)).export(str(path))
     except Exception as e:
         raise QuantizeError(f"tflite int8 failed: {type(e).__name__}: {e}") from e

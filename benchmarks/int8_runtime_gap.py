@@ -1,0 +1,140 @@
+"""Is an int8 target's loss in its quantized graph or in its runtime?
+
+    python benchmarks/int8_runtime_gap.py --checkpoint runs/student --data $G \
+        [--targets executorch,tflite] [--limit N] [--json out.json]
+
+`python -m quantize` judges the artifact as a whole. This splits it in two. For each pt2e target it
+builds the same quantized graph the target builds (same context, plan, bias correction, calibration;
+`quantize.<target>.convert`) and runs it twice on `val` and the 20 % train slice:
+
+- **graph**: the converted pt2e module in PyTorch — quantize/dequantize around float ops, i.e. the
+  quantizer's grid and observers with PyTorch's float arithmetic;
+- **runtime**: that same module lowered as the target lowers it (XNNPACK .pte / litert .tflite) and
+  run by the target's runtime through the SDK's backend.
+
+Against fp32 it prints fine agreement, changed answers and the mean KL of the fine distribution for
+both, and the runtime against its own graph (what the runtime adds). With two targets it also compares
+the two graphs with each other: if they agree and the runtimes do not, the difference is in execution.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+TARGETS = ("executorch", "tflite")
+
+
+def graph_logprobs(gm, images: np.ndarray) -> list[np.ndarray]:
+    """Per-level log-probs of a converted pt2e module (exported at batch 1) on uint8 NHWC photos."""
+    import torch
+    outs = []
+    with torch.no_grad():
+        for img in images:
+            outs.append([o.numpy() for o in gm(torch.from_numpy(np.ascontiguousarray(img[None])))])
+    return [np.concatenate([o[l] for o in outs]).astype(np.float64) for l in range(len(outs[0]))]
+
+
+def runtime_backend(target: str, ctx, converted, quantizer, workdir: Path):
+    """Lower `converted` exactly as `quantize.<target>` does and open it with the SDK's backend."""
+    import torch
+
+    from sdk._backends import ExecuTorchBackend, LiteRtBackend
+    example = torch.zeros(1, ctx.image_size, ctx.image_size, 3, dtype=torch.uint8)
+    manifest = SimpleNamespace(input=SimpleNamespace(size=ctx.image_size), outputs=ctx.taxonomy.level_names)
+    if target == "executorch":
+        from quantize.executorch import lower
+        edge, _ = lower(converted, example)
+        path = workdir / "model.pte"
+        path.write_bytes(edge.to_executorch().buffer)
+        return ExecuTorchBackend(path, manifest, 1)
+    import litert_torch
+    from litert_torch.quantize.quant_config import QuantConfig
+    path = workdir / "model.tflite"
+    litert_torch.convert(converted, (example,), quant_config=QuantConfig(pt2e_quantizer=quantizer)).export(str(path))
+    return LiteRtBackend(path, manifest, 1)
+
+
+def compare(tax, ref, lp) -> dict:
+    from converters._common import parity
+    from quantize.sensitivity import disagreements, fine_kl
+    fine = tax.level_names[-1]
+    d = disagreements(tax, ref, lp)
+    return {"agreement": parity(ref, lp, tax)[f"agreement/{fine}"], "changed": d["disagreeing"], "n": d["n"],
+            "fp32_gap_of_changed": d["fp32_gap_of_disagreeing"], "fine_kl": fine_kl(ref, lp)}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--checkpoint", required=True, help="the fp32 model directory")
+    p.add_argument("--data", required=True, help="Grocery Store root")
+    p.add_argument("--targets", default=",".join(TARGETS), help=f"comma-separated subset of {','.join(TARGETS)}")
+    p.add_argument("--limit", type=int, default=0, help="judge at most N images per set (0 = all)")
+    p.add_argument("--calibration-images", type=int, default=300)
+    p.add_argument("--sensitivity-images", type=int, default=200)
+    p.add_argument("--json", help="also write the records to this file")
+    a = p.parse_args(argv)
+    targets = [t.strip() for t in a.targets.split(",") if t.strip()]
+    if bad := [t for t in targets if t not in TARGETS]:
+        p.error(f"unknown target(s) {bad}; choose from {','.join(TARGETS)}")
+    if not Path(a.checkpoint).is_dir():
+        p.error(f"{a.checkpoint}: not a directory")
+
+    from quantize.executorch import convert, quantized_module_names, xnnpack_quantizer
+    from quantize.run import prepare_context
+    from quantize.sim import model_logprobs
+    from quantize.tflite import litert_quantizer
+    from train.metrics import compute_metrics
+
+    prep = prepare_context(a.checkpoint, a.data, targets, a.calibration_images, a.sensitivity_images, a.limit)
+    ctx, tax = prep.ctx, prep.ctx.taxonomy
+    fine = tax.level_names[-1]
+    names = quantized_module_names(ctx)
+    fp32 = {k: model_logprobs(ctx.model, s.images) for k, s in prep.evals.items()}
+    graphs: dict[str, dict] = {}
+    out: dict[str, dict] = {"images": {k: s.source for k, s in prep.evals.items()}, "targets": {}}
+    with tempfile.TemporaryDirectory() as tmp:
+        for t in targets:
+            quantizer = xnnpack_quantizer(names) if t == "executorch" else litert_quantizer(names)
+            converted = convert(ctx, quantizer, fold_quantize=(t == "executorch"))
+            graph = {k: graph_logprobs(converted, s.images) for k, s in prep.evals.items()}
+            graphs[t] = graph
+            (Path(tmp) / t).mkdir()
+            backend = runtime_backend(t, ctx, converted, quantizer, Path(tmp) / t)
+            rec = out["targets"].setdefault(t, {})
+            for split, s in prep.evals.items():
+                runs = [backend.run(s.images[i:i + 1]) for i in range(len(s.images))]
+                rt = [np.concatenate(level).astype(np.float64) for level in zip(*runs)]
+                r = {"fp32_top1": compute_metrics(tax, fp32[split], s.labels)[f"top1/{fine}"],
+                     "graph_top1": compute_metrics(tax, graph[split], s.labels)[f"top1/{fine}"],
+                     "runtime_top1": compute_metrics(tax, rt, s.labels)[f"top1/{fine}"],
+                     "graph_vs_fp32": compare(tax, fp32[split], graph[split]),
+                     "runtime_vs_fp32": compare(tax, fp32[split], rt),
+                     "runtime_vs_graph": compare(tax, graph[split], rt)}
+                rec[split] = r
+                print(f"{t} {split}: fine top-1 fp32 {r['fp32_top1']:.4f} graph {r['graph_top1']:.4f} runtime "
+                      f"{r['runtime_top1']:.4f} | " + "; ".join(
+                          f"{k.replace('_', ' ')}: {v['agreement']:.4f} ({v['changed']} changed), KL {v['fine_kl']:.2e}"
+                          for k, v in r.items() if isinstance(v, dict)), flush=True)
+    if len(targets) == 2:
+        x, y = targets
+        out["graph_vs_graph"] = {}
+        for split in prep.evals:
+            v = compare(tax, graphs[x][split], graphs[y][split])
+            out["graph_vs_graph"][split] = v
+            print(f"{x} graph vs {y} graph {split}: {v['agreement']:.4f} ({v['changed']} changed), KL {v['fine_kl']:.2e}")
+    if a.json:
+        Path(a.json).write_text(json.dumps(out, indent=1, default=float))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -106,6 +106,15 @@ def lower(converted: torch.nn.Module, example: torch.Tensor):
     return edge, ops
 
 
+def write_pte(converted: torch.nn.Module, example: torch.Tensor, path: Path):
+    """Lower a converted pt2e module (`lower`) and write its ExecuTorch program to `path`;
+    returns (edge program manager, ops outside the delegate)."""
+    edge, ops = lower(converted, example)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(edge.to_executorch().buffer)
+    return edge, ops
+
+
 def convert(ctx: QuantContext, quantizer, fold_quantize: bool = True) -> torch.fx.GraphModule:
     """export the uint8-in graph of the int8 model -> prepare_pt2e(quantizer) -> observe the calibration
     photos one at a time -> convert_pt2e. The result runs in PyTorch (quantize/dequantize around float
@@ -129,18 +138,14 @@ def quantize(ctx: QuantContext, out_dir: Path) -> TargetResult:
     names = quantized_module_names(ctx)
     ctx.log(f"executorch: pt2e XNNPACK quantizer on {len(names)} Conv/Linear layers, calibrating on "
             f"{len(ctx.calibration)} photos")
+    int8_dir = out_dir / "executorch"
+    path = int8_dir / "model.pte"
     try:
-        converted = convert(ctx, xnnpack_quantizer(names))
-        edge, ops = lower(converted, example)
-        program = edge.to_executorch()
+        edge, ops = write_pte(convert(ctx, xnnpack_quantizer(names)), example, path)
     except QuantizeError:
         raise
     except Exception as e:
         raise QuantizeError(f"executorch int8 failed: {type(e).__name__}: {e}") from e
-    int8_dir = out_dir / "executorch"
-    int8_dir.mkdir(parents=True, exist_ok=True)
-    path = int8_dir / "model.pte"
-    path.write_bytes(program.buffer)
     float_layers = ctx.float_layers("float, XNNPACK fp32 or the allow-listed portable ops: " + ", ".join(sorted(ops)))
     scheme = "pt2e XNNPACKQuantizer: int8 symmetric per-channel weights, int8 per-tensor activations (histogram)"
     notes = [f"{len(names)} Conv/Linear layers int8", f"{delegate_count(edge.exported_program().graph_module)} "

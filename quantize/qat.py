@@ -274,26 +274,22 @@ def _executorch(ctx: QuantContext, out_dir: Path, photos: ImageSet, cfg: QATConf
 
     from converters.executorch import delegate_count
 
-    from .executorch import lower, quantized_module_names, xnnpack_quantizer
+    from .executorch import quantized_module_names, write_pte, xnnpack_quantizer
 
     names = quantized_module_names(ctx)
     example = torch.zeros(1, ctx.image_size, ctx.image_size, 3, dtype=torch.uint8)
     ctx.log(f"executorch QAT: XNNPACK quantizer (is_qat) on {len(names)} Conv/Linear layers, {cfg.epochs} epoch(s) "
             f"on {len(photos)} photos")
+    int8_dir = out_dir / "qat" / "executorch"
+    path = int8_dir / "model.pte"
     try:
         prepared = prepare(ctx, xnnpack_quantizer(names, is_qat=True))
         trained = train(prepared, ctx, photos, cfg, ctx.log)
-        converted = convert_pt2e(prepared)
-        edge, ops = lower(converted, example)
-        program = edge.to_executorch()
+        edge, ops = write_pte(convert_pt2e(prepared), example, path)
     except QuantizeError:
         raise
     except Exception as e:
         raise QuantizeError(f"executorch QAT failed: {type(e).__name__}: {e}") from e
-    int8_dir = out_dir / "qat" / "executorch"
-    int8_dir.mkdir(parents=True, exist_ok=True)
-    path = int8_dir / "model.pte"
-    path.write_bytes(program.buffer)
     qat = _qat_record(cfg, photos, trained, "XNNPACKQuantizer")
     float_layers = ctx.float_layers("float, XNNPACK fp32 or the allow-listed portable ops: " + ", ".join(sorted(ops)))
     scheme = (f"pt2e QAT ({cfg.epochs} epoch(s)) with XNNPACKQuantizer: int8 symmetric per-channel weights, "
@@ -312,15 +308,13 @@ def _executorch(ctx: QuantContext, out_dir: Path, photos: ImageSet, cfg: QATConf
 
 def _tflite(ctx: QuantContext, out_dir: Path, photos: ImageSet, cfg: QATConfig,
             fp32_size: int | None) -> tuple[TargetResult, dict[str, Any]]:
-    import litert_torch
-    from litert_torch.quantize.quant_config import QuantConfig
     from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e
 
     from converters._metadata import embedded_metadata
     from converters.tflite import finish_file
 
     from .executorch import quantized_module_names
-    from .tflite import litert_quantizer, tensor_types
+    from .tflite import litert_quantizer, tensor_types, write_tflite
 
     names = quantized_module_names(ctx)
     example = torch.zeros(1, ctx.image_size, ctx.image_size, 3, dtype=torch.uint8)
@@ -337,8 +331,7 @@ def _tflite(ctx: QuantContext, out_dir: Path, photos: ImageSet, cfg: QATConfig,
     try:
         prepared = prepare(ctx, quantizer)
         trained = train(prepared, ctx, photos, cfg, ctx.log)
-        converted = convert_pt2e(prepared, fold_quantize=False)
-        litert_torch.convert(converted, (example,), quant_config=QuantConfig(pt2e_quantizer=quantizer)).export(str(path))
+        write_tflite(convert_pt2e(prepared, fold_quantize=False), quantizer, example, path)
     except QuantizeError:
         raise
     except Exception as e:

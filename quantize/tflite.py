@@ -36,6 +36,14 @@ def litert_quantizer(names: list[str], is_qat: bool = False):
     return LayerQuantizer().set_global(cfg)
 
 
+def write_tflite(converted: torch.nn.Module, quantizer, example: torch.Tensor, path: Path) -> None:
+    """Convert a converted pt2e module with litert-torch (reading `quantizer`'s static/dynamic config)
+    and write the .tflite to `path`."""
+    import litert_torch
+    from litert_torch.quantize.quant_config import QuantConfig
+    litert_torch.convert(converted, (example,), quant_config=QuantConfig(pt2e_quantizer=quantizer)).export(str(path))
+
+
 def tensor_types(path: Path) -> dict[str, int]:
     """Counts of tensor dtypes in a .tflite file (int8 weights show up as INT8 tensors)."""
     from ai_edge_litert.interpreter import Interpreter
@@ -49,9 +57,6 @@ def tensor_types(path: Path) -> dict[str, int]:
 
 def quantize(ctx: QuantContext, out_dir: Path) -> TargetResult:
     """fp32 export (converters.tflite) for size, then PT2E int8 -> `<out_dir>/tflite/model.tflite`."""
-    import litert_torch
-    from litert_torch.quantize.quant_config import QuantConfig
-
     from converters._metadata import embedded_metadata
     from converters.tflite import finish_file
 
@@ -65,8 +70,7 @@ def quantize(ctx: QuantContext, out_dir: Path) -> TargetResult:
     path = int8_dir / "model.tflite"
     quantizer = litert_quantizer(names)
     try:
-        converted = convert(ctx, quantizer, fold_quantize=False)
-        litert_torch.convert(converted, (example,), quant_config=QuantConfig(pt2e_quantizer=quantizer)).export(str(path))
+        write_tflite(convert(ctx, quantizer, fold_quantize=False), quantizer, example, path)
     except Exception as e:
         raise QuantizeError(f"tflite int8 failed: {type(e).__name__}: {e}") from e
     finish_file(path, embedded_metadata(ctx.taxonomy, ctx.spec("int8")))

@@ -20,7 +20,7 @@ import torch
 from converters._common import tool_versions
 
 from ._common import QuantContext, QuantizeError, TargetResult, finish_int8, fp32_artifact
-from .executorch import convert, layer_filter, quantized_module_names
+from .executorch import convert, fuse_clamp_outputs, layer_filter, quantized_module_names
 
 
 def litert_quantizer(names: list[str], is_qat: bool = False):
@@ -30,7 +30,7 @@ def litert_quantizer(names: list[str], is_qat: bool = False):
 
     class LayerQuantizer(PT2EQuantizer):
         def _annotate_for_static_quantization_config(self, model):
-            return self._annotate_all_static_patterns(model, cfg, filt)
+            return fuse_clamp_outputs(self._annotate_all_static_patterns(model, cfg, filt))
 
     # litert's converter reads the global config (static vs dynamic); annotation ignores it (overridden above)
     return LayerQuantizer().set_global(cfg)

@@ -4,7 +4,8 @@ torch.export -> XNNPACKQuantizer (int8 symmetric per-channel weights, int8 activ
 only the Conv2d / Linear layers of the plan's quantized families (a node filter on the deepest module
 of its `nn_module_stack`: the layer or its BatchNorm, which the conv+bn pattern needs; `set_module_name`
 per layer leaves every conv+bn unannotated, and a global config would also quantize the residual adds,
-the read-out multiply and the attention bias add, which the sensitivity pass did not measure) -> prepare_pt2e -> calibration on the real photos
+the read-out multiply and the attention bias add, which the sensitivity pass did not measure; a
+conv's output observer moves after the ReLU6 that follows it, `fuse_clamp_outputs`) -> prepare_pt2e -> calibration on the real photos
 -> convert_pt2e -> the same SDPA decomposition and XNNPACK lowering as `converters.executorch` ->
 assert that nothing but the converter's allow-listed float ops (LayerNorm, the read-out tail, data
 movement) runs outside XNNPACK — in particular no quantize/dequantize op, so the `.pte` needs no

@@ -28,6 +28,7 @@ class ImageSet:
     images: np.ndarray
     labels: np.ndarray
     source: str
+    names: tuple[str, ...] = ()  # each photo's path relative to the dataset root (empty: unnamed)
 
     def __len__(self) -> int:
         return len(self.images)
@@ -56,7 +57,8 @@ def _decode(ds, idx: list[int], size: int, what: str) -> ImageSet:
         raise ValueError(f"no images selected for {what} from {ds.name}")
     imgs = np.stack([prepare(ds.samples[i].source, size) for i in idx])
     labels = np.asarray([ds.samples[i].labels for i in idx])
-    return ImageSet(imgs, labels, f"{ds.name}: {len(idx)} photos ({what})")
+    names = tuple(ds.samples[i].name or f"#{i}" for i in idx)
+    return ImageSet(imgs, labels, f"{ds.name}: {len(idx)} photos ({what})", names)
 
 
 def calibration_sets(data: str, size: int, taxonomy: Taxonomy, n_calibration: int = 300,

@@ -55,6 +55,9 @@ def _rounding_line(wr: dict[str, Any] | None) -> str:
             f"({wr['seconds']} s)")
 
 
+CHANGED_LISTED = 20  # changed photos listed per split in report.md (all are in report.json)
+
+
 def render_markdown(r: dict[str, Any]) -> str:
     lines = [f"# int8 report: {r['checkpoint']}", "",
              f"- data: `{r['data']}`, image size {r['image_size']}",
@@ -115,6 +118,10 @@ def render_markdown(r: dict[str, Any]) -> str:
                              f"the {d['sure_images']} images fp32 answers with a gap ≥ {d['near_tie']}: "
                              f"{_pct(d['agreement_when_fp32_sure'])} %" +
                              (f"; mean fine KL to fp32 {sr['fine_kl_to_fp32']:.2e}" if "fine_kl_to_fp32" in sr else ""))
+                shown = d.get("changed", [])[:CHANGED_LISTED]
+                notes += [f"  - `{c['image']}`: fp32 {c['fp32']} → int8 {c['int8']} (fp32 gap {c['fp32_gap']:.3f})" for c in shown]
+                if len(d.get("changed", [])) > len(shown):
+                    notes.append(f"  - … {len(d['changed']) - len(shown)} more in report.json")
         if notes:
             lines += notes + [""]
     lines += qat_section(r)

@@ -59,7 +59,7 @@ def judge(res: TargetResult, evals, fp32_lp, sim_lp, taxonomy, sim_weights_only=
         rec["splits"][split] = {"images": s.source, "fp32": _metrics_subset(m32), "int8": _metrics_subset(m8),
                                 "fine_top1_drop": drop, "agreement_with_fp32": vs32,
                                 "agreement_with_pytorch_simulation": vssim,
-                                "disagreements": disagreements(taxonomy, fp32_lp[split], lp),
+                                "disagreements": disagreements(taxonomy, fp32_lp[split], lp, names=s.names),
                                 "fine_kl_to_fp32": fine_kl(fp32_lp[split], lp)}
         ok &= meets_bar(vs32[f"agreement/{fine}"], drop)
     if rec["size_ratio"] is not None:

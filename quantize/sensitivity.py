@@ -33,14 +33,15 @@ NEAR_TIE = 0.1  # fp32 probability gap between its two most likely fine classes 
 
 
 def disagreements(taxonomy: Taxonomy, ref: list[np.ndarray], cand: list[np.ndarray],
-                  near_tie: float = NEAR_TIE) -> dict[str, Any]:
+                  near_tie: float = NEAR_TIE, names: tuple[str, ...] | list[str] = ()) -> dict[str, Any]:
     """Where int8 changes the decoded fine answer, how sure was fp32?
 
     For every image whose fine label (greedy tree-consistent decoding, as the SDK answers) differs
     between `ref` (fp32) and `cand` (int8): fp32's gap between its two most probable fine classes
     (fine marginals of the decoder). Also the agreement on the images fp32 answers with a gap of at
     least `near_tie`, i.e. whether int8 ever overturns an answer fp32 was sure of (None when fp32 is
-    sure of no image: JSON has no NaN).
+    sure of no image: JSON has no NaN). With `names` (one per image), `changed` lists each changed
+    photo: its name, fp32's and int8's fine answers, and fp32's gap, surest first — the photos to look at.
     """
     dec = TreeDecoder(taxonomy)
     a, b = dec.paths(ref)[:, -1], dec.paths(cand)[:, -1]
@@ -48,10 +49,17 @@ def disagreements(taxonomy: Taxonomy, ref: list[np.ndarray], cand: list[np.ndarr
     gap = top2[:, 1] - top2[:, 0]
     flip = a != b
     sure = gap >= near_tie
-    return {"n": int(len(a)), "disagreeing": int(flip.sum()),
-            "fp32_gap_of_disagreeing": sorted(round(float(g), 4) for g in gap[flip]),
-            "near_tie": near_tie, "sure_images": int(sure.sum()),
-            "agreement_when_fp32_sure": float((~flip[sure]).mean()) if sure.any() else None}
+    out = {"n": int(len(a)), "disagreeing": int(flip.sum()),
+           "fp32_gap_of_disagreeing": sorted(round(float(g), 4) for g in gap[flip]),
+           "near_tie": near_tie, "sure_images": int(sure.sum()),
+           "agreement_when_fp32_sure": float((~flip[sure]).mean()) if sure.any() else None}
+    if len(names):
+        if len(names) != len(a):
+            raise ValueError(f"{len(names)} names for {len(a)} images")
+        fine = taxonomy.names(taxonomy.depth - 1)
+        out["changed"] = [{"image": str(names[i]), "fp32": fine[a[i]], "int8": fine[b[i]], "fp32_gap": round(float(gap[i]), 4)}
+                          for i in sorted(np.flatnonzero(flip), key=lambda i: -gap[i])]
+    return out
 
 
 @dataclass

@@ -104,7 +104,15 @@ def test_int8_artifacts_load_through_the_sdk(int8_run, grocery_root):
         d = rep["targets"][t]["splits"]["val"]["disagreements"]
         assert rep["targets"][t]["splits"]["val"]["fine_kl_to_fp32"] > 0  # int8 moves the distribution
         assert d["n"] == 48 and d["disagreeing"] == round((1 - agr) * 48) == len(d["fp32_gap_of_disagreeing"])
-    assert "fine answers differ from fp32" in (tmp_path / "report.md").read_text()
+        # each changed photo is named (its path under the dataset root, which exists) with both answers
+        assert len(d["changed"]) == d["disagreeing"]
+        for c in d["changed"]:
+            assert c["image"].startswith("val/") and (grocery_root / c["image"]).is_file(), c
+            assert c["fp32"] != c["int8"]
+    md = (tmp_path / "report.md").read_text()
+    assert "fine answers differ from fp32" in md
+    changed = [c for t in ("onnx", "executorch", "tflite") for c in rep["targets"][t]["splits"]["val"]["disagreements"]["changed"]]
+    assert all(f"`{c['image']}`: fp32 {c['fp32']} → int8 {c['int8']}" in md for c in changed[:20])
     # same SDK call path as fp32, no code change
     clf = Classifier.load(tmp_path / "tflite")
     pred = clf.classify(grocery_root / "train/Fruit/Banana/Banana_001.jpg")
@@ -200,5 +208,13 @@ def test_disagreements_report_how_sure_fp32_was_where_int8_changed_the_answer():
     gaps = d["fp32_gap_of_disagreeing"]
     assert gaps[0] < 0.1 < gaps[1]
     assert d["sure_images"] == 2 and d["agreement_when_fp32_sure"] == 0.5
+    assert "changed" not in d  # without names there is nothing to point at
     same = disagreements(tree, [cat, fp32], [cat, fp32])
     assert same["disagreeing"] == 0 and same["agreement_when_fp32_sure"] == 1.0
+    # with names: every changed photo, surest fp32 answer first, with both answers
+    named = disagreements(tree, [cat, fp32], [cat, int8], near_tie=0.1, names=["a.jpg", "b.jpg", "c.jpg"])
+    assert [c["image"] for c in named["changed"]] == ["b.jpg", "a.jpg"]
+    assert (named["changed"][0]["fp32"], named["changed"][0]["int8"]) == ("Apple", "Pear")
+    assert named["changed"][0]["fp32_gap"] == gaps[1] and named["changed"][1]["fp32_gap"] == gaps[0]
+    with pytest.raises(ValueError, match="2 names for 3 images"):
+        disagreements(tree, [cat, fp32], [cat, int8], names=["a.jpg", "b.jpg"])

@@ -36,14 +36,22 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rounding", choices=("nearest", "gptq"), default="nearest",
                    help="int8 weight rounding for ONNX, ExecuTorch and TFLite: round-to-nearest, or GPTQ's "
                         "error-compensating rounding on the calibration photos (quantize/gptq.py; same grid, same graph)")
+    p.add_argument("--plan-kl", type=float, default=None,
+                   help="the float plan must also bring the simulated mean fine KL to fp32 on the sensitivity photos "
+                        "to this value or below, floating the most sensitive families first (off by default: "
+                        "agreement and top-1 drop only). The KL sees the noise that flips near-ties, which agreement "
+                        "on a few hundred confident photos misses")
     a = p.parse_args(argv)
+    if a.plan_kl is not None and not a.plan_kl > 0:
+        p.error(f"--plan-kl must be > 0 (got {a.plan_kl})")
     targets = [t.strip() for t in a.targets.split(",") if t.strip()]
     warnings.simplefilter("default")
     rep = quantize_checkpoint(a.checkpoint, a.data, targets, a.out, n_calibration=a.calibration_images,
                               n_sensitivity=a.sensitivity_images, qat_epochs=a.qat_epochs, eval_limit=a.eval_limit,
                               qat={"images": a.qat_images, "lr": a.qat_lr, "batch_size": a.qat_batch_size, "ce_weight": a.qat_ce_weight,
                                    "augment": not a.qat_no_augment, "force": a.force_qat},
-                              bias_correction=not a.no_bias_correction, rounding=a.rounding)
+                              bias_correction=not a.no_bias_correction, rounding=a.rounding,
+                              plan_kl=a.plan_kl)
     print(f"report: {a.out}/report.md")
     res = rep["targets"]
     # a target passes when its post-training int8 or its QAT artifact meets the bar

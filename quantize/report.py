@@ -74,10 +74,12 @@ def render_markdown(r: dict[str, Any]) -> str:
     for f, a in s["sensitivity_fine_agreement"].items():
         lines.append(f"| {f} | {_pct(a)} % | {s['sensitivity_fine_kl'].get(f, float('nan')):.2e} | "
                      f"{'float' if f in s['float_families'] else 'int8'} |")
-    lines += ["", "Greedy steps (all quantized families together):", ""]
+    target = "" if s.get("max_kl") is None else f"; target: mean fine KL ≤ {s['max_kl']:.1e} as well as the bar"
+    lines += ["", f"Greedy steps (all quantized families together{target}):", ""]
     for st in s["greedy_steps"]:
         lines.append(f"- float = {st['float'] or 'none'} → fine agreement {_pct(st['fine_agreement'])} %, "
-                     f"fine top-1 drop {100 * st['fine_top1_drop']:+.2f} pt")
+                     f"fine top-1 drop {100 * st['fine_top1_drop']:+.2f} pt" +
+                     (f", mean fine KL {st['fine_kl']:.2e}" if "fine_kl" in st else ""))
     lines += ["", "## Targets", ""]
     for t, rec in r["targets"].items():
         lines += [f"### {t}", ""]

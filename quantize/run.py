@@ -90,7 +90,7 @@ class Prepared:
 def prepare_context(checkpoint: str | Path, data: str, targets: Sequence[str], n_calibration: int = 300,
                     n_sensitivity: int = 200, eval_limit: int = 0, n_parity: int = 64,
                     log: Callable[[str], None] = print, bias_correction: bool = True,
-                    rounding: str = "nearest") -> Prepared:
+                    rounding: str = "nearest", plan_kl: float | None = None) -> Prepared:
     """Load the checkpoint, decode the real photos, calibrate, choose the float families by measurement,
     apply the weight rounding and bias correction: the `QuantContext` every target module quantizes from."""
     from train.checkpoint import file_sha256, load_model
@@ -127,7 +127,7 @@ def prepare_context(checkpoint: str | Path, data: str, targets: Sequence[str], n
             coreml_shifts = rounding_shifts(model, cal.images, layer_fams, weight_eps=0.0)
     log(f"sensitivity pass on {sen.source}")
     plan = choose_float_families(model, ranges, sen.images, sen.labels, tax, source=sen.source, log=log,
-                                 shifts=int8_shifts, weights=rounded)
+                                 shifts=int8_shifts, weights=rounded, max_kl=plan_kl)
     log(f"float families: {plan.float_families}")
     info = {"checkpoint_sha256": file_sha256(Path(checkpoint) / "model.safetensors"), "config": cfg.to_dict(),
             "metrics_pytorch": conf.get("metrics", {}),
@@ -155,19 +155,21 @@ def quantize_checkpoint(checkpoint: str | Path, data: str, targets: Sequence[str
                         n_calibration: int = 300, n_sensitivity: int = 200, qat_epochs: int = 0,
                         eval_limit: int = 0, n_parity: int = 64, log: Callable[[str], None] = print,
                         qat: dict[str, Any] | None = None, bias_correction: bool = True,
-                        rounding: str = "nearest") -> dict[str, Any]:
+                        rounding: str = "nearest", plan_kl: float | None = None) -> dict[str, Any]:
     """Run the whole int8 pipeline for a model directory; writes `<out>/<target>/` + report.{md,json}.
 
     `qat_epochs` > 0: pt2e QAT for the targets whose PTQ misses the accuracy bar (`<out>/qat/<target>/`,
     report rows `<target>_qat`); `qat` overrides quantize.qat.QATConfig fields (images, lr, force, ...).
     `bias_correction`: the int8 artifacts come from a copy of the model whose biases undo the mean shift
     of int8 weight rounding, measured on the calibration photos (`quantize.bias`); fp32 stays the reference.
+    `plan_kl`: the float plan must also keep the simulated mean fine KL to fp32 on the sensitivity photos at
+    or below it (`quantize.sensitivity.choose_float_families`).
     """
     from .report import write_report
 
     t0 = time.time()
     prep = prepare_context(checkpoint, data, targets, n_calibration, n_sensitivity, eval_limit, n_parity, log,
-                           bias_correction, rounding)
+                           bias_correction, rounding, plan_kl)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     ctx, evals, conf = prep.ctx, prep.evals, prep.conf

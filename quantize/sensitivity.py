@@ -5,8 +5,10 @@ training photos that did not calibrate, the fine top-1 agreement of the tree-con
 and the mean KL divergence of the fine distribution (finer-grained than agreement on a few hundred
 photos, so it ranks families that all agree 100 %). Then all families are quantized together; while
 that combined model agrees with fp32 less than `target_agreement` (or loses more than `max_top1_drop`
-fine top-1 on those photos), the most sensitive family still quantized moves to float (greedy, worst
-single agreement first, then worst KL). LayerNorm and log-softmax inputs are measured too but always
+fine top-1 on those photos, or, with `max_kl`, its mean fine KL to fp32 exceeds `max_kl`), the most
+sensitive family still quantized moves to float (greedy, worst single agreement first, then worst KL).
+`max_kl` exists because agreement on a few hundred photos the model is sure of moves in steps of one
+photo and misses the noise that flips near-ties elsewhere; the KL sees it (README, int8). LayerNorm and log-softmax inputs are measured too but always
 stay float: no backend configuration here quantizes them. With `shifts`, every simulation carries the
 weight-rounding bias correction the int8 artifacts get (`quantize.bias`).
 """
@@ -74,11 +76,13 @@ class Plan:
     agreement: float = float("nan")  # combined plan's fine agreement with fp32 (simulation)
     n_images: int = 0
     images: str = ""
+    max_kl: float | None = None  # the KL target the greedy also had to meet (None: agreement and drop only)
 
     def to_dict(self) -> dict[str, Any]:
         return {"quantized_families": self.quantized, "float_families": self.float_families,
                 "sensitivity_fine_agreement": self.single, "sensitivity_fine_kl": self.single_kl, "greedy_steps": self.steps,
-                "simulated_fine_agreement": self.agreement, "n_images": self.n_images, "images": self.images}
+                "simulated_fine_agreement": self.agreement, "n_images": self.n_images, "images": self.images,
+                "max_kl": self.max_kl}
 
 
 def fine_kl(ref: list[np.ndarray], cand: list[np.ndarray]) -> float:
@@ -93,9 +97,12 @@ def fine_top1(taxonomy: Taxonomy, lp: list[np.ndarray], labels: np.ndarray) -> f
 def choose_float_families(model, ranges: Ranges, images: np.ndarray, labels: np.ndarray, taxonomy: Taxonomy,
                           source: str = "", target_agreement: float = MIN_AGREEMENT, max_top1_drop: float = MAX_TOP1_DROP,
                           log: Callable[[str], None] = print, shifts: dict | None = None,
-                          weights: dict | None = None) -> Plan:
+                          weights: dict | None = None, max_kl: float | None = None) -> Plan:
     """Measure each family's sensitivity and pick the float set (see module docstring); `shifts` and
-    `weights` (GPTQ int8 weights) as `quantize.sim.simulate` takes them."""
+    `weights` (GPTQ int8 weights) as `quantize.sim.simulate` takes them; `max_kl`: also keep the combined
+    model's mean fine KL to fp32 at or below it."""
+    if max_kl is not None and not max_kl > 0:
+        raise ValueError(f"max_kl must be > 0 (got {max_kl}); None turns the KL target off")
     ref = model_logprobs(model, images)
     acc_ref = fine_top1(taxonomy, ref, labels)
     fams = [f.name for f in families(model)]
@@ -112,11 +119,12 @@ def choose_float_families(model, ranges: Ranges, images: np.ndarray, labels: np.
         if quant:
             lp = model_logprobs(simulate(model, ranges, set(quant), shifts=shifts, weights=weights), images)
             agr, drop = fine_agreement(taxonomy, ref, lp), acc_ref - fine_top1(taxonomy, lp, labels)
+            kl_c = fine_kl(ref, lp)
         else:
-            agr, drop = 1.0, 0.0
-        steps.append({"float": list(floats), "fine_agreement": agr, "fine_top1_drop": drop})
-        log(f"  combined: float={floats} -> fine agreement {agr:.4f}, fine top-1 drop {drop * 100:+.2f} pt")
-        if meets_bar(agr, drop, target_agreement, max_top1_drop) or not quant:
+            agr, drop, kl_c = 1.0, 0.0, 0.0
+        steps.append({"float": list(floats), "fine_agreement": agr, "fine_top1_drop": drop, "fine_kl": kl_c})
+        log(f"  combined: float={floats} -> fine agreement {agr:.4f}, fine top-1 drop {drop * 100:+.2f} pt, KL {kl_c:.2e}")
+        if (meets_bar(agr, drop, target_agreement, max_top1_drop) and (max_kl is None or kl_c <= max_kl)) or not quant:
             break
         floats.append(min(quant, key=lambda f: (single[f], -kl[f])))
-    return Plan(quant, floats, single, kl, steps, agr, len(images), source)
+    return Plan(quant, floats, single, kl, steps, agr, len(images), source, max_kl)

@@ -57,6 +57,46 @@ def test_simulation_quantizes_only_the_named_families(tiny_student_dir, grocery_
 
 
 @pytest.mark.slow
+def test_a_kl_target_floats_the_most_sensitive_families_until_the_kl_is_met(tiny_student_dir, grocery_root):
+    from quantize.calibration import calibration_sets
+    from quantize.sensitivity import choose_float_families
+    from quantize.sim import ALWAYS_FLOAT, calibrate
+    from train.checkpoint import load_model
+
+    model, cfg, tax, _ = load_model(tiny_student_dir)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        cal, sen = calibration_sets(str(grocery_root), cfg.image_size, tax, 16, 12)
+    r = calibrate(model, cal.images)
+    quiet = dict(log=lambda *_: None, target_agreement=0.0, max_top1_drop=1.0)  # the bar alone floats nothing
+    base = choose_float_families(model, r, sen.images, sen.labels, tax, **quiet)
+    assert base.float_families == list(ALWAYS_FLOAT) and base.max_kl is None
+    kl_all = base.steps[0]["fine_kl"]
+    assert kl_all > 0
+    # a target between "everything int8" and "everything float" floats some families, not all
+    plan = choose_float_families(model, r, sen.images, sen.labels, tax, max_kl=kl_all / 2, **quiet)
+    assert plan.max_kl == kl_all / 2 and plan.to_dict()["max_kl"] == kl_all / 2
+    assert len(plan.float_families) > len(ALWAYS_FLOAT)
+    assert plan.steps[-1]["fine_kl"] <= kl_all / 2 or not plan.quantized
+    assert all(st["fine_kl"] > kl_all / 2 for st in plan.steps[:-1])  # it stopped at the first plan that met it
+    # greedy order: the first family floated is the one whose own quantization hurts most
+    first = plan.float_families[len(ALWAYS_FLOAT)]
+    cands = [f for f in plan.single if f not in ALWAYS_FLOAT]
+    worst = min(cands, key=lambda f: (plan.single[f], -plan.single_kl[f]))
+    assert first == worst
+    with pytest.raises(ValueError, match="max_kl"):
+        choose_float_families(model, r, sen.images, sen.labels, tax, max_kl=0.0, **quiet)
+
+
+def test_cli_rejects_a_kl_target_that_is_not_positive(tmp_path, capsys):
+    from quantize.__main__ import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["--checkpoint", str(tmp_path), "--data", str(tmp_path), "--out", str(tmp_path / "o"), "--plan-kl", "0"])
+    assert e.value.code == 2 and "--plan-kl must be > 0" in capsys.readouterr().err
+
+
+@pytest.mark.slow
 def test_int8_artifacts_load_through_the_sdk(int8_run, grocery_root):
     rep, tmp_path = int8_run  # every target, calibrated on 48 real photos (tests/quantize/conftest.py)
     assert (tmp_path / "report.md").is_file()

@@ -46,13 +46,15 @@ def main(argv: list[str] | None = None) -> int:
         ref = model_logprobs(model, s.images)
         for art in a.artifacts:
             lp = sdk_logprobs(Path(art), s.images)
-            d = disagreements(tax, ref, lp)
+            d = disagreements(tax, ref, lp, names=s.names)
             d["fine_kl"] = fine_kl(ref, lp)  # mean KL(fp32 || artifact) of the fine distribution: less noisy than counts
             out.setdefault(art, {})[split] = d
             sure = d["agreement_when_fp32_sure"]
             print(f"{art} {split}: {d['disagreeing']}/{d['n']} differ, fine KL {d['fine_kl']:.2e}; fp32 gaps there "
                   f"{d['fp32_gap_of_disagreeing']}; agreement where fp32's gap >= {d['near_tie']}: "
                   f"{'–' if sure is None else f'{sure:.4f}'} ({d['sure_images']} images)", flush=True)
+            for c in d.get("changed", []):
+                print(f"  {c['image']}: fp32 {c['fp32']} -> int8 {c['int8']} (fp32 gap {c['fp32_gap']})")
     if a.json:
         Path(a.json).write_text(json.dumps(out, indent=1))
     return 0

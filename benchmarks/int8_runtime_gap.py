@@ -60,12 +60,14 @@ def runtime_backend(target: str, ctx, converted, quantizer, workdir: Path):
     return LiteRtBackend(workdir / "model.tflite", manifest, 1)
 
 
-def compare(tax, ref, lp) -> dict:
-    """Decoded fine answers of `lp` against `ref` (`quantize.sensitivity.disagreements`) and the fine KL."""
+def compare(tax, ref, lp, names=()) -> dict:
+    """Decoded fine answers of `lp` against `ref` (`quantize.sensitivity.disagreements`) and the fine KL;
+    with `names` (one per image), `changed_photos` lists each changed photo as the int8 report does."""
     from quantize.sensitivity import disagreements, fine_kl
-    d = disagreements(tax, ref, lp)
+    d = disagreements(tax, ref, lp, names=names)
     return {"agreement": 1.0 - d["disagreeing"] / d["n"], "changed": d["disagreeing"], "n": d["n"],
-            "fp32_gap_of_changed": d["fp32_gap_of_disagreeing"], "fine_kl": fine_kl(ref, lp)}
+            "fp32_gap_of_changed": d["fp32_gap_of_disagreeing"], "fine_kl": fine_kl(ref, lp),
+            **({"changed_photos": d["changed"]} if names else {})}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -76,6 +78,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--limit", type=int, default=0, help="judge at most N images per set (0 = all)")
     p.add_argument("--calibration-images", type=int, default=300)
     p.add_argument("--sensitivity-images", type=int, default=200)
+    p.add_argument("--plan-kl", type=float, default=None, help="as `python -m quantize --plan-kl`")
     p.add_argument("--json", help="also write the records to this file")
     a = p.parse_args(argv)
     targets = [t.strip() for t in a.targets.split(",") if t.strip()]
@@ -90,7 +93,8 @@ def main(argv: list[str] | None = None) -> int:
     from quantize.tflite import litert_quantizer
     from train.metrics import compute_metrics
 
-    prep = prepare_context(a.checkpoint, a.data, targets, a.calibration_images, a.sensitivity_images, a.limit)
+    prep = prepare_context(a.checkpoint, a.data, targets, a.calibration_images, a.sensitivity_images, a.limit,
+                           plan_kl=a.plan_kl)
     ctx, tax = prep.ctx, prep.ctx.taxonomy
     fine = tax.level_names[-1]
     names = quantized_module_names(ctx)
@@ -112,9 +116,9 @@ def main(argv: list[str] | None = None) -> int:
                 r = {"fp32_top1": fp32_top1[split],
                      "graph_top1": compute_metrics(tax, graph[split], s.labels)[f"top1/{fine}"],
                      "runtime_top1": compute_metrics(tax, rt, s.labels)[f"top1/{fine}"],
-                     "graph_vs_fp32": compare(tax, fp32[split], graph[split]),
-                     "runtime_vs_fp32": compare(tax, fp32[split], rt),
-                     "runtime_vs_graph": compare(tax, graph[split], rt)}
+                     "graph_vs_fp32": compare(tax, fp32[split], graph[split], s.names),
+                     "runtime_vs_fp32": compare(tax, fp32[split], rt, s.names),
+                     "runtime_vs_graph": compare(tax, graph[split], rt, s.names)}
                 rec[split] = r
                 print(f"{t} {split}: fine top-1 fp32 {r['fp32_top1']:.4f} graph {r['graph_top1']:.4f} runtime "
                       f"{r['runtime_top1']:.4f} | " + "; ".join(
@@ -124,7 +128,7 @@ def main(argv: list[str] | None = None) -> int:
         x, y = targets
         out["graph_vs_graph"] = {}
         for split in prep.evals:
-            v = compare(tax, graphs[x][split], graphs[y][split])
+            v = compare(tax, graphs[x][split], graphs[y][split], prep.evals[split].names)
             out["graph_vs_graph"][split] = v
             print(f"{x} graph vs {y} graph {split}: {v['agreement']:.4f} ({v['changed']} changed), KL {v['fine_kl']:.2e}")
     if a.json:

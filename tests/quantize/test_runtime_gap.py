@@ -34,6 +34,8 @@ def test_runtime_leg_reproduces_the_shipped_artifacts(int8_run, tiny_student_dir
             assert abs(mine["runtime_vs_fp32"]["fine_kl"] - shipped["fine_kl_to_fp32"]) <= 1e-3 * shipped["fine_kl_to_fp32"]
             assert mine["runtime_top1"] == shipped["int8"][f"top1/{fine}"]
             assert mine["fp32_top1"] == shipped["fp32"][f"top1/{fine}"]
+            # the same photos named as changed, with the same answers, as in the int8 report
+            assert mine["runtime_vs_fp32"]["changed_photos"] == shipped["disagreements"]["changed"]
             # the graph leg is int8 arithmetic too: not fp32, and not bit-identical to the runtime
             assert mine["graph_vs_fp32"]["fine_kl"] > 0 and mine["runtime_vs_graph"]["fine_kl"] > 0
     assert set(gap["graph_vs_graph"]) == {"val", "train20"}

@@ -62,7 +62,8 @@ def runtime_backend(target: str, ctx, converted, quantizer, workdir: Path):
 
 def compare(tax, ref, lp, names=()) -> dict:
     """Decoded fine answers of `lp` against `ref` (`quantize.sensitivity.disagreements`) and the fine KL;
-    with `names` (one per image), `changed_photos` lists each changed photo as the int8 report does."""
+    with `names` (one per image; only when `ref` is fp32, whose answers the records call "fp32"),
+    `changed_photos` lists each changed photo as the int8 report does."""
     from quantize.sensitivity import disagreements, fine_kl
     d = disagreements(tax, ref, lp, names=names)
     return {"agreement": 1.0 - d["disagreeing"] / d["n"], "changed": d["disagreeing"], "n": d["n"],
@@ -118,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
                      "runtime_top1": compute_metrics(tax, rt, s.labels)[f"top1/{fine}"],
                      "graph_vs_fp32": compare(tax, fp32[split], graph[split], s.names),
                      "runtime_vs_fp32": compare(tax, fp32[split], rt, s.names),
-                     "runtime_vs_graph": compare(tax, graph[split], rt, s.names)}
+                     "runtime_vs_graph": compare(tax, graph[split], rt)}
                 rec[split] = r
                 print(f"{t} {split}: fine top-1 fp32 {r['fp32_top1']:.4f} graph {r['graph_top1']:.4f} runtime "
                       f"{r['runtime_top1']:.4f} | " + "; ".join(
@@ -128,7 +129,7 @@ def main(argv: list[str] | None = None) -> int:
         x, y = targets
         out["graph_vs_graph"] = {}
         for split in prep.evals:
-            v = compare(tax, graphs[x][split], graphs[y][split], prep.evals[split].names)
+            v = compare(tax, graphs[x][split], graphs[y][split])
             out["graph_vs_graph"][split] = v
             print(f"{x} graph vs {y} graph {split}: {v['agreement']:.4f} ({v['changed']} changed), KL {v['fine_kl']:.2e}")
     if a.json:

@@ -8,8 +8,9 @@ that combined model agrees with fp32 less than `target_agreement` (or loses more
 fine top-1 on those photos, or, with `max_kl`, its mean fine KL to fp32 exceeds `max_kl`), the most
 sensitive family still quantized moves to float (greedy, worst single agreement first, then worst KL).
 `max_kl` exists because agreement on a few hundred photos the model is sure of moves in steps of one
-photo and misses the noise that flips near-ties elsewhere; the KL sees it (README, int8). LayerNorm and log-softmax inputs are measured too but always
-stay float: no backend configuration here quantizes them. With `shifts`, every simulation carries the
+photo and misses the noise that flips near-ties elsewhere; the KL sees it (README, int8). LayerNorm
+and log-softmax inputs are measured too but always stay float: no backend configuration here
+quantizes them. With `shifts`, every simulation carries the
 weight-rounding bias correction the int8 artifacts get (`quantize.bias`).
 """
 

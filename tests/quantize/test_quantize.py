@@ -36,16 +36,23 @@ def test_calibration_is_real_photos_decoded_like_the_sdk(grocery_root, tiny_stud
     assert set(ev) == {"val", "train20"} and len(ev["val"]) == 5
 
 
-@pytest.mark.slow
-def test_simulation_quantizes_only_the_named_families(tiny_student_dir, grocery_root):
+def _student_and_photos(tiny_student_dir, grocery_root, n_calibration: int, n_sensitivity: int = 0):
+    """The tiny real student and (calibration, sensitivity) real photos at its size; the below-300 warning is expected."""
     from quantize.calibration import calibration_sets
-    from quantize.sim import calibrate, families, model_logprobs, simulate
     from train.checkpoint import load_model
 
     model, cfg, tax, _ = load_model(tiny_student_dir)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        cal, _ = calibration_sets(str(grocery_root), cfg.image_size, tax, 16, 0)
+        cal, sen = calibration_sets(str(grocery_root), cfg.image_size, tax, n_calibration, n_sensitivity)
+    return model, tax, cal, sen
+
+
+@pytest.mark.slow
+def test_simulation_quantizes_only_the_named_families(tiny_student_dir, grocery_root):
+    from quantize.sim import calibrate, families, model_logprobs, simulate
+
+    model, _, cal, _ = _student_and_photos(tiny_student_dir, grocery_root, 16)
     r = calibrate(model, cal.images)
     ref = model_logprobs(model, cal.images[:8])
     none = model_logprobs(simulate(model, r, set()), cal.images[:8])
@@ -58,15 +65,10 @@ def test_simulation_quantizes_only_the_named_families(tiny_student_dir, grocery_
 
 @pytest.mark.slow
 def test_a_kl_target_floats_the_most_sensitive_families_until_the_kl_is_met(tiny_student_dir, grocery_root):
-    from quantize.calibration import calibration_sets
     from quantize.sensitivity import choose_float_families
     from quantize.sim import ALWAYS_FLOAT, calibrate
-    from train.checkpoint import load_model
 
-    model, cfg, tax, _ = load_model(tiny_student_dir)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        cal, sen = calibration_sets(str(grocery_root), cfg.image_size, tax, 16, 12)
+    model, tax, cal, sen = _student_and_photos(tiny_student_dir, grocery_root, 16, 12)
     r = calibrate(model, cal.images)
     quiet = dict(log=lambda *_: None, target_agreement=0.0, max_top1_drop=1.0)  # the bar alone floats nothing
     base = choose_float_families(model, r, sen.images, sen.labels, tax, **quiet)
@@ -194,16 +196,11 @@ def test_bias_correction_restores_the_mean_of_a_rounded_layer_and_leaves_fp32_al
     import torch
 
     from quantize.bias import bias_corrected, rounding_shifts
-    from quantize.calibration import calibration_sets
     from quantize.sim import calibrate, families, simulate
     from train.backbones import normalize_uint8
-    from train.checkpoint import load_model
 
-    model, cfg, tax, _ = load_model(tiny_student_dir)
+    model, _, cal, _ = _student_and_photos(tiny_student_dir, grocery_root, 24)
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        cal, _ = calibration_sets(str(grocery_root), cfg.image_size, tax, 24, 0)
     layer_fams = [f for f in families(model) if f.prefixes]
     shifts = rounding_shifts(model, cal.images, layer_fams)
     assert "backbone._conv_stem" in shifts and "tokens.proj.0" in shifts

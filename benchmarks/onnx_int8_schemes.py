@@ -33,6 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 # the kernel schemes of quantize.onnx.ONNX_SCHEMES, plus two u8s8 variants that leave parts of the graph float
 SCHEMES = ("u8s8", "u8s8-rr", "u8u8", "s8s8", "u8s8-noPadAdd", "head-only")
 FLOAT_PARTS = {"u8s8-noPadAdd": "u8s8", "head-only": "u8s8"}
+CALIBRATE_METHODS = ("MinMax", "Entropy", "Percentile", "Distribution")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -56,6 +57,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--calibration-images", type=int, default=300,
                    help="real training photos to calibrate on (default 300, as python -m quantize)")
     p.add_argument("--limit", type=int, default=0, help="judge on at most N photos of the split (0: all)")
+    p.add_argument("--calibrate-methods", default="MinMax",
+                   help=f"comma-separated onnxruntime calibration methods, each a row per scheme: "
+                        f"{','.join(CALIBRATE_METHODS)} (default MinMax, as python -m quantize)")
     args = p.parse_args(argv)
     for f in (args.onnx, args.reference, args.taxonomy):
         if f and not Path(f).is_file():
@@ -63,6 +67,9 @@ def main(argv: list[str] | None = None) -> int:
     unknown = sorted(set(args.schemes.split(",")) - set(SCHEMES))
     if unknown:
         p.error(f"unknown scheme(s) {unknown}; schemes: {','.join(SCHEMES)}")
+    methods = [m.strip() for m in args.calibrate_methods.split(",") if m.strip()]
+    if not methods or set(methods) - set(CALIBRATE_METHODS):
+        p.error(f"--calibrate-methods: choose from {','.join(CALIBRATE_METHODS)}")
     warnings.simplefilter("ignore")
 
     tax = Taxonomy.load(args.taxonomy)
@@ -76,30 +83,34 @@ def main(argv: list[str] | None = None) -> int:
     def run(path: str) -> tuple[np.ndarray, float]:
         s = ort.InferenceSession(path, so, providers=["CPUExecutionProvider"])
         name = s.get_inputs()[0].name
-        fine = np.concatenate([s.run(None, {name: ev.images[i:i + 8]})[-1].argmax(1)
-                               for i in range(0, len(ev.images), 8)])
+        lp = np.concatenate([s.run(None, {name: ev.images[i:i + 8]})[-1] for i in range(0, len(ev.images), 8)])
         t = time_batch1(lambda x: s.run(None, {name: x}), ev.images, warmup=10, repeats=40)
-        return fine, t["median_ms"]
+        return lp.astype(np.float64), t["median_ms"]
 
-    ref, ms = run(args.reference or args.onnx)
+    ref_lp, ms = run(args.reference or args.onnx)
+    ref = ref_lp.argmax(1)
     print(f"fp32: {ms:.2f} ms/img; judging on {ev.source} ({len(ref)} photos)")
     if args.reference:
         src, _ = run(args.onnx)
-        print(f"quantized graph before int8: fine agreement with the reference {np.mean(src == ref) * 100:5.1f} %")
+        print(f"quantized graph before int8: fine agreement with the reference {np.mean(src.argmax(1) == ref) * 100:5.1f} %")
     base, _ = excluded_nodes(proto, quantize_attention=True)
     batches = [cal.images[i:i + 10] for i in range(0, len(cal.images), 10)]
     with tempfile.TemporaryDirectory() as tmp:
-        for scheme in args.schemes.split(","):
+        for scheme, method in ((s, m) for s in args.schemes.split(",") for m in methods):
             ops = [o for o in QUANTIZED_OPS if not (scheme == "u8s8-noPadAdd" and o in ("Pad", "Add"))]
             excl = base + ([n.name for n in proto.graph.node if n.name.startswith(BACKBONE_NODE_PREFIXES)]
                            if scheme == "head-only" else [])
-            out = Path(tmp) / f"{scheme}.onnx"
+            out = Path(tmp) / f"{scheme}-{method}.onnx"
             k = ONNX_SCHEMES[FLOAT_PARTS.get(scheme, scheme)]
             quantize_graph(args.onnx, out, proto.graph.input[0].name, batches, excl, ops=ops,
-                           reduce_range=k["reduce_range"], weight_type=k["weights"], activation_type=k["activations"])
-            fine, ms = run(str(out))
-            agr = np.mean(fine == ref) * 100
-            print(f"{scheme:14s} fine agreement with fp32 {agr:5.1f} %   {ms:.2f} ms/img", flush=True)
+                           reduce_range=k["reduce_range"], weight_type=k["weights"], activation_type=k["activations"],
+                           calibrate_method=method)
+            lp, ms = run(str(out))
+            fine = lp.argmax(1)
+            kl = float(np.mean(np.sum(np.exp(ref_lp) * (ref_lp - lp), axis=1)))  # mean fine KL(fp32 || int8)
+            print(f"{scheme:14s} {method:12s} fine agreement with fp32 {np.mean(fine == ref) * 100:6.2f} % "
+                  f"({int(np.sum(fine != ref))} changed), KL {kl:.1e}, top-1 fp32 {np.mean(ref == ev.labels[:, -1]) * 100:.1f} % "
+                  f"-> int8 {np.mean(fine == ev.labels[:, -1]) * 100:.1f} %   {ms:.2f} ms/img", flush=True)
     return 0
 
 

@@ -303,8 +303,6 @@ def train_model(mc: ModelConfig, tc: TrainConfig, out: str | Path, resume: bool 
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: min(1.0, (s + 1) / warm) * 0.5 * (1 + math.cos(math.pi * min(s, total) / total)))
     ema = WeightEMA(model, tc.ema) if tc.ema > 0 else None
-    if tc.mixup > 0 and teacher is not None:
-        raise ValueError("mixup is not supported with distillation (the teacher's targets are per image)")
     start_epoch, history = (ckpt.load_training_state(out, model, opt, sched, ema=ema) if resume else (0, []))
     if resume and start_epoch:
         log(f"resuming after epoch {start_epoch - 1} from {out / 'checkpoint'}")
@@ -351,7 +349,11 @@ def train_model(mc: ModelConfig, tc: TrainConfig, out: str | Path, resume: bool 
                     aux["teacher"] = teacher(idx, view_of[idx] if use_cache else None)
                 loss = sum(weights.get(n, 1.0) * fn(ctx) for n, fn in loss_fns.items())
                 if pair is not None:  # losses are linear in the target: mix them instead of the labels
-                    ctx_b = LossContext(model, logps, y[pair], aux, tax, tc.label_smoothing)
+                    aux_b = aux
+                    if teacher is not None:  # and the teacher's targets the same way (they are per image)
+                        aux_b = {**aux, "teacher": {**aux["teacher"],
+                                                    "logps": [t[pair] for t in aux["teacher"]["logps"]]}}
+                    ctx_b = LossContext(model, logps, y[pair], aux_b, tax, tc.label_smoothing)
                     loss = lam * loss + (1 - lam) * sum(weights.get(n, 1.0) * fn(ctx_b) for n, fn in loss_fns.items())
             opt.zero_grad(set_to_none=True)
             loss.backward()

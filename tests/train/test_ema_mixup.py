@@ -49,11 +49,37 @@ def test_ema_mixup_run_resumes_bit_exactly_and_saves_the_average(tmp_path, groce
         assert torch.equal(a[k], avg[k]), f"saved {k} is not the weight average"
 
 
-def test_mixup_refused_with_distillation(tmp_path):
-    mc = ModelConfig(image_size=64, d_model=32, heads=2)
-    tc = loop.TrainConfig(data="synthetic", epochs=1, mixup=0.4, limit_per_class=1, cache_views=1)
-    with pytest.raises(ValueError, match="mixup"):
-        loop.train_model(mc, tc, tmp_path / "x", log=lambda *a: None, teacher=lambda idx, views: None)
+def test_mixup_with_distillation_mixes_the_teacher_targets_with_the_labels(tmp_path):
+    """Mixup mixes the losses of the two images of a pair; under distillation the teacher's targets of
+    the partner image must travel with the partner's label, or the student learns one image's label
+    and another's teacher distribution."""
+    from train.losses import _LOSSES, register_loss
+
+    seen = []
+
+    @register_loss("_probe_pairs")
+    def probe(ctx):  # record which image each row's teacher target came from, next to its label
+        seen.append((ctx.labels.clone(), ctx.aux["teacher"]["logps"][0][:, 0].long().clone()))
+        return ctx.logps[-1].sum() * 0.0
+
+    try:
+        mc = ModelConfig(image_size=64, d_model=32, heads=2)
+        tc = loop.TrainConfig(data="synthetic", epochs=1, mixup=0.4, limit_per_class=2, cache_views=1,
+                              losses="ce,_probe_pairs", threads=1)
+
+        def teacher(idx, views):  # every level's row i holds the image index i: traceable after mixing
+            return {"logps": [idx.float()[:, None].expand(-1, 3) for _ in range(3)], "temperature": 1.0}
+
+        loop.train_model(mc, tc, tmp_path / "x", log=lambda *a: None, teacher=teacher)
+    finally:
+        _LOSSES._items.pop("_probe_pairs", None)
+    assert seen and len(seen) % 2 == 0
+    mixed = 0
+    for (ya, ia), (yb, ib) in zip(seen[0::2], seen[1::2]):
+        pair = [ia.tolist().index(j) for j in ib.tolist()]  # how the partner rows were drawn
+        assert torch.equal(yb, ya[pair]), "partner labels and partner teacher targets come from different images"
+        mixed += int(pair != list(range(len(pair))))
+    assert mixed > 0, "no step mixed two different images"
 
 
 def test_ema_decay_warms_up_so_the_random_init_leaves_the_average():

@@ -105,6 +105,8 @@ def quantize_graph(src: str | Path, dst: str | Path, input_name: str, batches: I
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
     types = {"int8": QuantType.QInt8, "uint8": QuantType.QUInt8}
+    if calibrate_method != "MinMax":  # the histogram collectors stack the batches' outputs: equal sizes only
+        batches = [b[i:i + 1] for b in batches for i in range(len(b))]
     quantize_static(str(src), str(dst), PhotoCalibrationReader(input_name, batches), quant_format=QuantFormat.QDQ,
                     per_channel=True, activation_type=types[activation_type],
                     weight_type=types[weight_type],

@@ -79,7 +79,9 @@ def render_markdown(r: dict[str, Any]) -> str:
     for st in s["greedy_steps"]:
         lines.append(f"- float = {st['float'] or 'none'} → fine agreement {_pct(st['fine_agreement'])} %, "
                      f"fine top-1 drop {100 * st['fine_top1_drop']:+.2f} pt" +
-                     (f", mean fine KL {st['fine_kl']:.2e}" if "fine_kl" in st else ""))
+                     (f", mean fine KL {st['fine_kl']:.2e}" if "fine_kl" in st else "") +
+                     {"kl": " (bar met, KL target not: next family by KL)",
+                      "agreement": " (bar not met: next family by agreement)"}.get(st.get("next_float_chosen_by"), ""))
     lines += ["", "## Targets", ""]
     for t, rec in r["targets"].items():
         lines += [f"### {t}", ""]

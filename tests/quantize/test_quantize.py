@@ -81,11 +81,18 @@ def test_a_kl_target_floats_the_most_sensitive_families_until_the_kl_is_met(tiny
     assert len(plan.float_families) > len(ALWAYS_FLOAT)
     assert plan.steps[-1]["fine_kl"] <= kl_all / 2 or not plan.quantized
     assert all(st["fine_kl"] > kl_all / 2 for st in plan.steps[:-1])  # it stopped at the first plan that met it
-    # greedy order: the first family floated is the one whose own quantization hurts most
+    # greedy order: the bar is met (quiet), only the KL target is not, so the first family floated is the
+    # one whose own quantization moves the KL most, whatever its single agreement
     first = plan.float_families[len(ALWAYS_FLOAT)]
     cands = [f for f in plan.single if f not in ALWAYS_FLOAT]
-    worst = min(cands, key=lambda f: (plan.single[f], -plan.single_kl[f]))
-    assert first == worst
+    assert first == max(cands, key=lambda f: plan.single_kl[f])
+    assert plan.steps[0]["next_float_chosen_by"] == "kl"
+    # with the accuracy bar unmet (agreement 100 % asked, on photos int8 changes), it goes by agreement first
+    strict = choose_float_families(model, r, sen.images, sen.labels, tax, log=lambda *_: None,
+                                   target_agreement=1.0, max_top1_drop=1.0)
+    assert strict.steps[0]["fine_agreement"] < 1.0, strict.steps[0]  # the tiny student's int8 changes some
+    assert strict.steps[0]["next_float_chosen_by"] == "agreement"
+    assert strict.float_families[len(ALWAYS_FLOAT)] == min(cands, key=lambda f: (strict.single[f], -strict.single_kl[f]))
     with pytest.raises(ValueError, match="max_kl"):
         choose_float_families(model, r, sen.images, sen.labels, tax, max_kl=0.0, **quiet)
 

@@ -43,6 +43,7 @@ def main(argv: list[str] | None = None) -> int:
     from converters.benchmark import time_batch1
     from quantize.calibration import calibration_sets, evaluation_sets
     from quantize.onnx import BACKBONE_NODE_PREFIXES, ONNX_SCHEMES, QUANTIZED_OPS, excluded_nodes, quantize_graph
+    from quantize.sensitivity import fine_kl
     from sdk import Taxonomy
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -109,7 +110,7 @@ def main(argv: list[str] | None = None) -> int:
                            calibrate_method=method)
             lp, ms = run(str(out))
             fine = lp.argmax(1)
-            kl = float(np.mean(np.sum(np.exp(ref_lp) * (ref_lp - lp), axis=1)))  # mean fine KL(fp32 || int8)
+            kl = fine_kl([ref_lp], [lp])  # mean fine KL(fp32 || int8), as python -m quantize reports it
             print(f"{scheme:14s} {method:12s} fine agreement with fp32 {np.mean(fine == ref) * 100:6.2f} % "
                   f"({int(np.sum(fine != ref))} changed), KL {kl:.1e}, fine-argmax top-1 fp32 {np.mean(ref == ev.labels[:, -1]) * 100:.1f} % "
                   f"-> int8 {np.mean(fine == ev.labels[:, -1]) * 100:.1f} %   {ms:.2f} ms/img", flush=True)

@@ -349,10 +349,9 @@ def train_model(mc: ModelConfig, tc: TrainConfig, out: str | Path, resume: bool 
                     aux["teacher"] = teacher(idx, view_of[idx] if use_cache else None)
                 loss = sum(weights.get(n, 1.0) * fn(ctx) for n, fn in loss_fns.items())
                 if pair is not None:  # losses are linear in the target: mix them instead of the labels
-                    aux_b = aux
-                    if teacher is not None:  # and the teacher's targets the same way (they are per image)
-                        aux_b = {**aux, "teacher": {**aux["teacher"],
-                                                    "logps": [t[pair] for t in aux["teacher"]["logps"]]}}
+                    # the teacher's targets are per image like the labels: the partner's travel with its label
+                    aux_b = aux if teacher is None else {**aux, "teacher": {
+                        **aux["teacher"], "logps": [t[pair] for t in aux["teacher"]["logps"]]}}
                     ctx_b = LossContext(model, logps, y[pair], aux_b, tax, tc.label_smoothing)
                     loss = lam * loss + (1 - lam) * sum(weights.get(n, 1.0) * fn(ctx_b) for n, fn in loss_fns.items())
             opt.zero_grad(set_to_none=True)

@@ -27,6 +27,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--qat-ce-weight", type=float, default=0.0,
                    help="weight of the label loss (ce) next to the KL to fp32 in QAT (0: distillation only)")
     p.add_argument("--qat-batch-size", type=int, default=8, help="QAT batch size")
+    p.add_argument("--qat-ranges", choices=("ptq", "minmax"), default="ptq",
+                   help="QAT activation ranges: the post-training histogram ranges, frozen (default: QAT starts from "
+                        "the PTQ artifact's arithmetic), or min/max over the calibration photos, then moving averages")
     p.add_argument("--qat-no-augment", action="store_true",
                    help="QAT on the decoded photos as they are (default: a fresh random crop + flip every epoch)")
     p.add_argument("--eval-limit", type=int, default=0, help="cap the evaluation sets (0: all of val and the 20 %% train slice)")
@@ -49,7 +52,8 @@ def main(argv: list[str] | None = None) -> int:
     rep = quantize_checkpoint(a.checkpoint, a.data, targets, a.out, n_calibration=a.calibration_images,
                               n_sensitivity=a.sensitivity_images, qat_epochs=a.qat_epochs, eval_limit=a.eval_limit,
                               qat={"images": a.qat_images, "lr": a.qat_lr, "batch_size": a.qat_batch_size, "ce_weight": a.qat_ce_weight,
-                                   "augment": not a.qat_no_augment, "force": a.force_qat},
+                                   "augment": not a.qat_no_augment, "force": a.force_qat,
+                                   "ranges": a.qat_ranges},
                               bias_correction=not a.no_bias_correction, rounding=a.rounding,
                               plan_kl=a.plan_kl)
     print(f"report: {a.out}/report.md")

@@ -8,9 +8,12 @@ DeployWrapper (uint8 NHWC in, batch dimension dynamic so training runs in batche
 PT2E quantizer for TFLite), built with `is_qat=True`, on the int8 source model (the one the PTQ
 artifacts come from: bias-corrected, GPTQ weights when asked) with BatchNorm folded into the
 convs (eval statistics, as prepare_pt2e does for PTQ: BN is frozen and the trained weights are the
-folded ones that deploy; `move_exported_model_to_eval` turns dropout off) -> observers
-initialized on the real calibration photos -> N epochs on real training photos (train split minus its
-20 % judging slice, decoded by `sdk.prepare`, no augmentation), loss = KL(fp32 || QAT) per level
+folded ones that deploy; `move_exported_model_to_eval` turns dropout off) -> the fused fake-quants
+swapped for plain ones that train on the grid convert_pt2e writes (`unfuse_fake_quants`) -> activation
+ranges: by default (`--qat-ranges ptq`) the post-training histogram ranges of the same edges, frozen, so
+step 0 computes exactly what the PTQ graph computes (`take_ranges`); or (`minmax`) min/max over the
+calibration photos, then moving averages -> N epochs on real training photos (train split minus its
+20 % judging slice, decoded by `sdk.prepare`, a fresh random crop + flip each epoch), loss = KL(fp32 || QAT) per level
 (distillation from the fp32 model, so the int8 model learns to answer like fp32) + ce_weight * `ce`
 (train.losses, the labels; 0 by default, see QATConfig), AdamW with a small lr; the backbone blocks the student was trained with frozen stay frozen
 (`freeze_blocks` from the checkpoint's training config) -> observers frozen for the last epoch when
@@ -42,6 +45,8 @@ from .bar import agreement_within, drop_within
 from .calibration import ImageSet
 
 QAT_TARGETS = ("executorch", "tflite")
+# where the activation ranges of the fake-quantized graph come from (`prepare`)
+RANGES = ("ptq", "minmax")
 
 
 @dataclass
@@ -65,12 +70,17 @@ class QATConfig:
     # the fp32 answers are memorized and the KL to them carries little signal
     augment: bool = True
     force: bool = False  # QAT every QAT-capable target even when its PTQ meets the bar
+    # "ptq": the activation ranges are the post-training histogram ranges, frozen (step 0 is the PTQ
+    # artifact's arithmetic); "minmax": min/max over the calibration photos, then moving averages
+    ranges: str = "ptq"
 
     def __post_init__(self):
         if self.epochs < 1:
             raise ValueError(f"QAT needs at least one epoch (--qat-epochs {self.epochs})")
         if self.batch_size < 1 or self.lr <= 0:
             raise ValueError(f"QAT batch size {self.batch_size} / lr {self.lr}: both must be positive")
+        if self.ranges not in RANGES:
+            raise ValueError(f"QAT ranges {self.ranges!r}: choose from {', '.join(RANGES)}")
 
 
 def accuracy_misses(rec: dict[str, Any], fine: str, max_top1_drop: float, min_agreement: float) -> list[str]:
@@ -140,13 +150,18 @@ def augment_batch(x: torch.Tensor, rng: np.random.Generator, scale=(0.55, 1.0), 
     return out
 
 
-def prepare(ctx: QuantContext, quantizer) -> torch.fx.GraphModule:
-    """export (dynamic batch) -> prepare_qat_pt2e -> eval (BN statistics and dropout frozen) ->
-    observers initialized on the real calibration photos."""
+def prepare(ctx: QuantContext, make_quantizer: Callable[[bool], Any], ranges: str = "ptq") -> torch.fx.GraphModule:
+    """export (dynamic batch) -> prepare_qat_pt2e(make_quantizer(True)) -> eval (BN statistics and
+    dropout frozen) -> ranges initialized on the real calibration photos: with `ranges` "ptq" the
+    activation fake-quants take the post-training observers' ranges (make_quantizer(False), the
+    histograms the PTQ artifact is calibrated with) and keep them frozen; with "minmax", min/max over
+    the calibration photos, then moving averages while training (`init_ranges`)."""
     from torchao.quantization.pt2e import move_exported_model_to_eval
     from torchao.quantization.pt2e.quantize_pt2e import prepare_qat_pt2e
     from torchao.quantization.pt2e.utils import _fuse_conv_bn_
 
+    if ranges not in RANGES:
+        raise QuantizeError(f"unknown QAT ranges {ranges!r}; choose from {', '.join(RANGES)}")
     example = torch.zeros(2, ctx.image_size, ctx.image_size, 3, dtype=torch.uint8)
     batch = torch.export.Dim("batch", min=1, max=1024)
     # a copy: the exported graph shares parameter storage with the model it traced, and training
@@ -162,10 +177,102 @@ def prepare(ctx: QuantContext, quantizer) -> torch.fx.GraphModule:
     # becomes the QAT conv-bn pattern, and the float-family convs then keep a computed weight after
     # convert that XNNPACK does not take.)
     _fuse_conv_bn_(gm)
-    prepared = prepare_qat_pt2e(gm, quantizer)
+    ptq = ptq_ranges(copy.deepcopy(gm), make_quantizer(False), ctx.calibration.images) if ranges == "ptq" else None
+    prepared = prepare_qat_pt2e(gm, make_quantizer(True))
+    # edge keys before move_exported_model_to_eval, which re-traces dropout and renames its nodes
+    keys = {n.target: _edge_key(n) for n in _activation_observers(prepared)}
     move_exported_model_to_eval(prepared)
-    init_ranges(prepared, ctx.calibration_batches(25))
+    unfuse_fake_quants(prepared)
+    init_ranges(prepared, ctx.calibration_batches(25))  # weights; activations too with "minmax"
+    if ptq is not None:
+        take_ranges(prepared, keys, ptq)
     return prepared
+
+
+def unfuse_fake_quants(prepared: torch.fx.GraphModule) -> int:
+    """Replace every fused moving-average fake-quant by the plain `FakeQuantize` around the same observer.
+
+    The fused op computes the grid it fake-quantizes with in C++, from the running min/max, without the
+    observer's `eps` floor; `calculate_qparams`, which convert_pt2e writes into the artifact, applies it.
+    The XNNPACK and litert weight observers floor a channel's scale at 2^-12, so for every channel with a
+    folded max |w| below 127 * 2^-12 QAT trained against a finer grid than the one that deploys (on the
+    reference student the stem conv's smallest step was 6.1e-5 in training, 2.4e-4 deployed). The plain
+    module fake-quantizes with `calculate_qparams` itself. Returns how many were replaced.
+    """
+    from torchao.quantization.pt2e.fake_quantize import FakeQuantize, FusedMovingAvgObsFakeQuantize
+
+    n = 0
+    for name, old in list(prepared.named_children()):
+        if type(old) is not FusedMovingAvgObsFakeQuantize:
+            continue
+        obs = old.activation_post_process
+        new = FakeQuantize(observer=lambda **_: obs)
+        new.scale.resize_(old.scale.shape).copy_(old.scale)
+        new.zero_point = old.zero_point.clone().to(new.zero_point.dtype)
+        new.fake_quant_enabled.copy_(old.fake_quant_enabled)
+        new.observer_enabled.copy_(old.observer_enabled)
+        setattr(prepared, name, new)
+        n += 1
+    return n
+
+
+def _activation_observers(gm: torch.fx.GraphModule) -> list[torch.fx.Node]:
+    """The observer / fake-quant call nodes on activations (not on a weight or bias attribute)."""
+    return [n for n in gm.graph.nodes if n.op == "call_module" and n.target.startswith("activation_post_process")
+            and not (isinstance(n.args[0], torch.fx.Node) and n.args[0].op == "get_attr")]
+
+
+def _edge_key(n: torch.fx.Node) -> tuple[str, tuple[str, ...]]:
+    # which edge of the traced graph an observer sits on: its producer and its consumers. Both
+    # prepares start from copies of one exported graph, so these names are shared.
+    return n.args[0].name, tuple(sorted(u.name for u in n.users))
+
+
+def ptq_ranges(gm: torch.fx.GraphModule, quantizer, images: np.ndarray) -> dict[tuple, list[tuple[torch.Tensor, torch.Tensor]]]:
+    """The post-training activation qparams of `gm` under `quantizer`: prepare_pt2e, observe the
+    calibration photos one at a time (as `quantize.executorch.convert` does for the artifacts), read
+    each activation observer's (scale, zero point), keyed by its graph edge (`_edge_key`)."""
+    from torchao.quantization.pt2e.quantize_pt2e import prepare_pt2e
+    prepared = prepare_pt2e(gm, quantizer)
+    with torch.no_grad():
+        for img in images:
+            prepared(torch.from_numpy(img[None].copy()))
+    out: dict[tuple, list] = {}
+    for n in _activation_observers(prepared):
+        out.setdefault(_edge_key(n), []).append(getattr(prepared, n.target).calculate_qparams())
+    return out
+
+
+def take_ranges(prepared: torch.fx.GraphModule, keys: dict[str, tuple], ranges: dict[tuple, list]) -> int:
+    """Replace every activation fake-quant of the QAT graph by a fixed-qparams one holding the
+    post-training (scale, zero point) of the same edge, so QAT starts from the PTQ model's arithmetic and
+    trains the weights against the ranges that deploy; convert_pt2e then writes exactly those ranges.
+
+    Setting `scale` on the stock module and stopping its observer is not enough: the fused moving-average
+    fake-quant recomputes its qparams from its running min/max on every call, and its `calculate_qparams`
+    (what convert_pt2e reads) does too. Returns how many were set; both graphs must observe the same edges.
+    """
+    from torchao.quantization.pt2e.fake_quantize import FixedQParamsFakeQuantize
+    from torchao.quantization.pt2e.observer import FixedQParamsObserver
+
+    want = sum(len(v) for v in ranges.values())
+    if len(keys) != want:
+        raise QuantizeError(f"QAT graph observes {len(keys)} activation edges, the post-training graph {want}")
+    seen: dict[tuple, int] = {}
+    for target, k in keys.items():
+        i = seen.get(k, 0)
+        seen[k] = i + 1
+        if i >= len(ranges.get(k, ())):
+            raise QuantizeError(f"QAT activation observer {target} on {k}: no post-training observer on that edge")
+        scale, zp = ranges[k][i]
+        old = getattr(prepared, target)
+        obs = old.activation_post_process
+        fixed = FixedQParamsFakeQuantize(observer=FixedQParamsObserver.with_args(
+            scale=float(scale.reshape(-1)[0]), zero_point=int(zp.reshape(-1)[0]), dtype=old.dtype,
+            qscheme=old.qscheme, quant_min=obs.quant_min, quant_max=obs.quant_max))
+        fixed.disable_observer()
+        setattr(prepared, target, fixed)
+    return len(keys)
 
 
 def init_ranges(prepared: torch.fx.GraphModule, batches) -> None:
@@ -250,7 +357,7 @@ def train(prepared: torch.fx.GraphModule, ctx: QuantContext, photos: ImageSet, c
             sums += (float(loss), float(l_ce), float(l_kd))
             steps += 1
         rec = {"epoch": epoch + 1, "loss": sums[0] / steps, "ce": sums[1] / steps, "kl_to_fp32": sums[2] / steps,
-               "steps": steps, "observers": "frozen" if cfg.epochs >= 2 and epoch == cfg.epochs - 1 else "updating",
+               "steps": steps, "observers": _observer_state(cfg, epoch),
                "seconds": round(time.time() - t0, 1)}
         history.append(rec)
         log(f"  qat epoch {epoch + 1}/{cfg.epochs}: loss {rec['loss']:.4f} (ce {rec['ce']:.4f}, KL to fp32 "
@@ -259,12 +366,24 @@ def train(prepared: torch.fx.GraphModule, ctx: QuantContext, photos: ImageSet, c
             "history": history}
 
 
+def _observer_state(cfg: QATConfig, epoch: int) -> str:
+    if cfg.epochs >= 2 and epoch == cfg.epochs - 1:
+        return "frozen"
+    return "activations frozen at the post-training ranges, weights updating" if cfg.ranges == "ptq" else "updating"
+
+
+def _ranges_words(cfg: QATConfig) -> str:
+    return ("post-training histogram ranges, frozen" if cfg.ranges == "ptq" else
+            "min/max over the calibration photos, then moving averages")
+
+
 def _qat_record(cfg: QATConfig, photos: ImageSet, trained: dict[str, Any], quantizer: str) -> dict[str, Any]:
     c = asdict(cfg)
     c.pop("force")
     return {**c, "quantizer": quantizer + " (is_qat=True)", "images_source": photos.source, "n_images": len(photos),
             "loss": f"{cfg.ce_weight} * ce (train.losses) + {cfg.kd_weight} * KL(fp32 || QAT) summed over levels",
             "batchnorm": "folded into the convs with its eval statistics before prepare_qat_pt2e (frozen)",
+            "activation_ranges": _ranges_words(cfg),
             **trained}
 
 
@@ -283,7 +402,7 @@ def _executorch(ctx: QuantContext, out_dir: Path, photos: ImageSet, cfg: QATConf
     int8_dir = out_dir / "qat" / "executorch"
     path = int8_dir / "model.pte"
     try:
-        prepared = prepare(ctx, xnnpack_quantizer(names, is_qat=True))
+        prepared = prepare(ctx, lambda is_qat: xnnpack_quantizer(names, is_qat=is_qat), cfg.ranges)
         trained = train(prepared, ctx, photos, cfg, ctx.log)
         edge, ops = write_pte(convert_pt2e(prepared), example, path)
     except QuantizeError:
@@ -293,7 +412,7 @@ def _executorch(ctx: QuantContext, out_dir: Path, photos: ImageSet, cfg: QATConf
     qat = _qat_record(cfg, photos, trained, "XNNPACKQuantizer")
     float_layers = ctx.float_layers("float, XNNPACK fp32 or the allow-listed portable ops: " + ", ".join(sorted(ops)))
     scheme = (f"pt2e QAT ({cfg.epochs} epoch(s)) with XNNPACKQuantizer: int8 symmetric per-channel weights, "
-              "int8 per-tensor activations (moving-average min/max)")
+              f"int8 per-tensor activations ({_ranges_words(cfg)})")
     notes = [f"{len(names)} Conv/Linear layers int8", f"{delegate_count(edge.exported_program().graph_module)} "
              "XNNPACK delegate segments; no quantize/dequantize op outside the delegate (asserted)",
              f"QAT on {photos.source}, lr {cfg.lr}"]
@@ -329,7 +448,7 @@ def _tflite(ctx: QuantContext, out_dir: Path, photos: ImageSet, cfg: QATConfig,
     # torch.export a function), so they are skipped
     quantizer.STATIC_QAT_ONLY_OPS = []
     try:
-        prepared = prepare(ctx, quantizer)
+        prepared = prepare(ctx, lambda is_qat: quantizer if is_qat else litert_quantizer(names), cfg.ranges)
         trained = train(prepared, ctx, photos, cfg, ctx.log)
         write_tflite(convert_pt2e(prepared, fold_quantize=False), quantizer, example, path)
     except QuantizeError:
@@ -348,7 +467,7 @@ def _tflite(ctx: QuantContext, out_dir: Path, photos: ImageSet, cfg: QATConfig,
     qat = _qat_record(cfg, photos, trained, "litert PT2EQuantizer")
     float_layers = ctx.float_layers("float ops")
     scheme = (f"pt2e QAT ({cfg.epochs} epoch(s)) with litert-torch PT2EQuantizer: int8 symmetric per-channel weights, "
-              "int8 per-tensor activations (moving-average min/max)")
+              f"int8 per-tensor activations ({_ranges_words(cfg)})")
     notes = [f"{len(names)} Conv/Linear layers int8", f"tensor dtypes: {types}",
              "input tensor: uint8 image, not quantized (the graph casts and normalizes it)",
              f"QAT on {photos.source}, lr {cfg.lr}"]

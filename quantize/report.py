@@ -33,7 +33,7 @@ def qat_section(r: dict[str, Any]) -> list[str]:
         q = rec["qat"]
         hist = "; ".join(f"epoch {h['epoch']}: loss {h['loss']:.4f} (KL to fp32 {h['kl_to_fp32']:.4f})" for h in q["history"])
         lines.append(f"- {t}: {q['epochs']} epoch(s) on {q['images_source']}, lr {q['lr']}, batch {q['batch_size']}, "
-                     f"{q['trainable_params']} trainable parameters; triggered by: {'; '.join(rec['trigger'])}; {hist}")
+                     f"{q['trainable_params']} trainable parameters, activation ranges: {q.get('activation_ranges', 'moving averages')}; triggered by: {'; '.join(rec['trigger'])}; {hist}")
     for t, rec in failed.items():
         lines.append(f"- {t}: QAT FAILED: `{rec['error']}`")
     return lines + [""]

@@ -6,6 +6,7 @@ import json
 
 import numpy as np
 import pytest
+import torch
 
 from sdk import Classifier, Manifest
 
@@ -39,6 +40,8 @@ def test_qat_config_rejects_zero_epochs():
 
     with pytest.raises(ValueError, match="at least one epoch"):
         QATConfig(epochs=0)
+    with pytest.raises(ValueError, match="choose from ptq, minmax"):
+        QATConfig(epochs=1, ranges="histogram")
 
 
 @pytest.mark.slow
@@ -121,3 +124,44 @@ def test_qat_augmentation_keeps_the_deployed_input_type_and_varies():
     same = augment_batch(x, np.random.default_rng(3), scale=(1.0, 1.0), ratio=(1.0, 1.0))
     for i in range(3):
         assert torch.equal(same[i], x[i]) or torch.equal(same[i], x[i].flip(1))
+
+
+def test_qat_with_post_training_ranges_starts_from_the_post_training_graph(tiny_student_dir, grocery_root):
+    """`--qat-ranges ptq` (the default): before any training step the fake-quantized QAT graph computes
+    what the post-training pt2e graph computes (same histogram activation ranges, frozen), so QAT can only
+    start from where PTQ is. The min/max start (`--qat-ranges minmax`) is measurably elsewhere."""
+    from quantize._common import QuantContext
+    from quantize.calibration import calibration_sets, evaluation_sets
+    from quantize.executorch import convert, quantized_module_names, xnnpack_quantizer
+    from quantize.qat import _activation_observers, prepare
+    from quantize.sensitivity import Plan
+    from quantize.sim import families
+    from train.checkpoint import load_model
+
+    model, cfg, tax, _ = load_model(tiny_student_dir)
+    cal, _ = calibration_sets(str(grocery_root), cfg.image_size, tax, 24, 8)
+    judge = evaluation_sets(str(grocery_root), cfg.image_size, tax, limit=16)["val"]
+    plan = Plan(quantized=[f.name for f in families(model)], float_families=[], single={})
+    ctx = QuantContext(model, tax, cfg.image_size, cal, judge, plan, ranges=None, log=lambda *_: None)
+    names = quantized_module_names(ctx)
+    x = torch.from_numpy(np.ascontiguousarray(judge.images))
+    with torch.no_grad():
+        converted = convert(ctx, xnnpack_quantizer(names))  # exported with batch 1
+        per_photo = [converted(x[i:i + 1]) for i in range(len(x))]
+        ptq = [torch.cat([o[lvl] for o in per_photo]).exp() for lvl in range(len(per_photo[0]))]
+        gaps = {}
+        for ranges in ("ptq", "minmax"):
+            qat = prepare(ctx, lambda is_qat: xnnpack_quantizer(names, is_qat=is_qat), ranges)
+            fqs = [getattr(qat, n.target) for n in _activation_observers(qat)]
+            before = [fq.calculate_qparams()[0].clone() for fq in fqs]  # what convert_pt2e will write
+            per_photo = [qat(x[i:i + 1]) for i in range(len(x))]  # as the post-training graph runs
+            out = [torch.cat([o[lvl] for o in per_photo]).exp() for lvl in range(len(per_photo[0]))]
+            gaps[ranges] = float(np.mean([float((a - b).abs().mean()) for a, b in zip(ptq, out)]))
+            if ranges == "ptq":  # the ranges stay where post-training put them while photos pass
+                assert all(fq.observer_enabled[0] == 0 for fq in fqs)
+                assert all(torch.equal(b, fq.calculate_qparams()[0]) for b, fq in zip(before, fqs))
+    assert len(fqs) > 20
+    # mean |Δ probability| over photos, classes and levels: none (measured: exactly 0) when QAT starts
+    # from the post-training ranges; 1.3e-3 from min/max ranges
+    assert gaps["ptq"] < 1e-6, gaps
+    assert gaps["minmax"] > 1e-4, gaps

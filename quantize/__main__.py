@@ -23,7 +23,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="with --qat-epochs: QAT ExecuTorch and TFLite even when their post-training int8 meets the bar")
     p.add_argument("--qat-images", type=int, default=0,
                    help="training photos for QAT (0: all outside the 20 %% judging slice)")
-    p.add_argument("--qat-lr", type=float, default=1e-5, help="QAT learning rate (AdamW)")
+    p.add_argument("--qat-lr", type=float, default=1e-6, help="QAT learning rate (AdamW)")
     p.add_argument("--qat-ce-weight", type=float, default=0.0,
                    help="weight of the label loss (ce) next to the KL to fp32 in QAT (0: distillation only)")
     p.add_argument("--qat-batch-size", type=int, default=8, help="QAT batch size")

@@ -26,18 +26,11 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-
-def graph_logprobs(gm, images: np.ndarray) -> list[np.ndarray]:
-    import torch
-    outs = []
-    with torch.no_grad():
-        for img in images:
-            outs.append([t.numpy().astype(np.float64) for t in gm(torch.from_numpy(img[None].copy()))])
-    return [np.concatenate([o[lvl] for o in outs]) for lvl in range(len(outs[0]))]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 
 def judge(gm, evals, ref, taxonomy) -> dict:
+    from int8_runtime_gap import graph_logprobs  # the converted graphs' runner: batch 1, per photo
     from quantize.sensitivity import fine_kl
     from sdk._decode import TreeDecoder
     dec = TreeDecoder(taxonomy)

@@ -152,14 +152,20 @@ def convert(ctx: QuantContext, quantizer, fold_quantize: bool = True) -> torch.f
     """export the uint8-in graph of the int8 model -> prepare_pt2e(quantizer) -> observe the calibration
     photos one at a time -> convert_pt2e. The result runs in PyTorch (quantize/dequantize around float
     ops: the quantizer's arithmetic without a backend's kernels), and it is what the backends lower."""
-    from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
+    from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e
     example = torch.zeros(1, ctx.image_size, ctx.image_size, 3, dtype=torch.uint8)
     gm = torch.export.export(ctx.deploy(int8=True), (example,)).module()
+    return convert_pt2e(calibrated(gm, quantizer, ctx.calibration.images), fold_quantize=fold_quantize)
+
+
+def calibrated(gm: torch.fx.GraphModule, quantizer, images) -> torch.fx.GraphModule:
+    """prepare_pt2e(gm, quantizer), then observe the calibration photos one at a time (uint8 NHWC)."""
+    from torchao.quantization.pt2e.quantize_pt2e import prepare_pt2e
     prepared = prepare_pt2e(gm, quantizer)
     with torch.no_grad():
-        for img in ctx.calibration.images:
+        for img in images:
             prepared(torch.from_numpy(img[None].copy()))
-    return convert_pt2e(prepared, fold_quantize=fold_quantize)
+    return prepared
 
 
 def quantize(ctx: QuantContext, out_dir: Path) -> TargetResult:

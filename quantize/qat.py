@@ -236,11 +236,8 @@ def ptq_ranges(gm: torch.fx.GraphModule, quantizer, images: np.ndarray) -> dict[
     """The post-training activation qparams of `gm` under `quantizer`: prepare_pt2e, observe the
     calibration photos one at a time (as `quantize.executorch.convert` does for the artifacts), read
     each activation observer's (scale, zero point), keyed by its graph edge (`_edge_key`)."""
-    from torchao.quantization.pt2e.quantize_pt2e import prepare_pt2e
-    prepared = prepare_pt2e(gm, quantizer)
-    with torch.no_grad():
-        for img in images:
-            prepared(torch.from_numpy(img[None].copy()))
+    from .executorch import calibrated
+    prepared = calibrated(gm, quantizer, images)
     out: dict[tuple, list] = {}
     for n in _activation_observers(prepared):
         out.setdefault(_edge_key(n), []).append(getattr(prepared, n.target).calculate_qparams())

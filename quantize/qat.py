@@ -493,13 +493,15 @@ def _ptq_summary(rec: dict[str, Any], fine: str) -> dict[str, Any]:
 
 def run_qat(ctx: QuantContext, results: dict[str, Any], out: str | Path, data: str, cfg: QATConfig,
             judge: Callable[[TargetResult], dict[str, Any]], max_top1_drop: float,
-            min_agreement: float) -> dict[str, dict[str, Any]]:
+            min_agreement: float, contexts: dict[str, QuantContext] | None = None) -> dict[str, dict[str, Any]]:
     """QAT for every PTQ target that misses the accuracy bar (all QAT-capable ones with cfg.force).
 
     Returns new report records keyed `<target>_qat`: for ExecuTorch / TFLite the judged QAT artifact
     (under `<out>/qat/<target>/`) with `qat` (how it was trained) and `ptq` (what it replaces); for
     ONNX / Core ML a record saying QAT is not available and which float families were tried.
     A target whose QAT fails gets an `error` record; the PTQ results stand either way.
+    `contexts`: the context each target's post-training artifact was built from, where it is not `ctx`
+    (a target rebuilt without the --plan-kl floats for its size bar); its QAT starts from the same plan.
     """
     out = Path(out)
     fine = ctx.taxonomy.level_names[-1]
@@ -531,7 +533,7 @@ def run_qat(ctx: QuantContext, results: dict[str, Any], out: str | Path, data: s
     ctx.log(f"qat: {', '.join(f'{t} ({w[0]})' for t, w in todo.items())} on {photos.source}")
     for t, why in todo.items():
         try:
-            res, qat = _RUNNERS[t](ctx, out, photos, cfg, results[t].get("fp32_size_bytes"))
+            res, qat = _RUNNERS[t]((contexts or {}).get(t, ctx), out, photos, cfg, results[t].get("fp32_size_bytes"))
             rec = judge(res)
         except Exception as e:  # one target's QAT failing must not lose the others (nor the PTQ results)
             import traceback

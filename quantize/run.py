@@ -85,6 +85,7 @@ class Prepared:
     ranges: Any  # activation ranges of the fp32 model on the calibration photos
     int8_shifts: dict[str, Any] | None  # mean output shift of int8 weight rounding per channel (bias correction)
     rounded: dict[str, Any] | None  # GPTQ int8 weights per layer; None: round-to-nearest
+    make_context: Callable[[Any], QuantContext] | None = None  # Plan -> its QuantContext (another float plan)
 
 
 def prepare_context(checkpoint: str | Path, data: str, targets: Sequence[str], n_calibration: int = 300,
@@ -134,21 +135,28 @@ def prepare_context(checkpoint: str | Path, data: str, targets: Sequence[str], n
             "weight_rounding": {"method": "round-to-nearest"} if rounded is None else
             {"method": "GPTQ (Frantar et al. 2023), fp32-input Hessians, 1 % dampening; Core ML: round-to-nearest",
              "layers": len(rounded), "n_images": len(cal), "images": cal.source, "seconds": round(t_round, 1)}}
-    int8_model, int8_ranges = model, ranges
-    quantized_fams = [f for f in families(model) if f.name in plan.quantized]
-    if rounded is not None:
-        int8_model = with_weights(model, rounded, quantized_fams)
-    if int8_shifts is not None:
-        int8_model, bc = bias_corrected(int8_model, int8_shifts, quantized_fams, len(cal), cal.source)
-        info["bias_correction"] = bc.to_dict()
-        log(f"bias correction: {bc.layers} layers (largest shift {bc.max_shift:.3g})")
-    if int8_model is not model:
-        int8_ranges = calibrate(int8_model, cal.images)  # what the backends' observers see
     pidx = np.linspace(0, len(evals["val"]) - 1, num=min(n_parity, len(evals["val"]))).round().astype(int)
     par = ImageSet(evals["val"].images[pidx], evals["val"].labels[pidx], f"{evals['val'].source}, {len(pidx)} for parity")
-    ctx = QuantContext(model, tax, size, cal, par, plan, int8_ranges, info, log, int8_model=int8_model,
-                       coreml_shifts=coreml_shifts)
-    return Prepared(ctx, evals, conf, ranges, int8_shifts, rounded)
+
+    def make_context(plan) -> QuantContext:
+        """The context for one float plan: its int8 source model (GPTQ weights and bias correction on the
+        plan's quantized families) and the activation ranges the backends' observers see on it."""
+        pinfo = dict(info)
+        int8_model, int8_ranges = model, ranges
+        quantized_fams = [f for f in families(model) if f.name in plan.quantized]
+        if rounded is not None:
+            int8_model = with_weights(model, rounded, quantized_fams)
+        if int8_shifts is not None:
+            int8_model, bc = bias_corrected(int8_model, int8_shifts, quantized_fams, len(cal), cal.source)
+            pinfo["bias_correction"] = bc.to_dict()
+            log(f"bias correction: {bc.layers} layers (largest shift {bc.max_shift:.3g})")
+        if int8_model is not model:
+            int8_ranges = calibrate(int8_model, cal.images)  # what the backends' observers see
+        return QuantContext(model, tax, size, cal, par, plan, int8_ranges, pinfo, log, int8_model=int8_model,
+                            coreml_shifts=coreml_shifts)
+
+    ctx = make_context(plan)
+    return Prepared(ctx, evals, conf, ranges, int8_shifts, rounded, make_context)
 
 
 def quantize_checkpoint(checkpoint: str | Path, data: str, targets: Sequence[str], out: str | Path,
@@ -189,12 +197,36 @@ def quantize_checkpoint(checkpoint: str | Path, data: str, targets: Sequence[str
         simw_lp = {k: model_logprobs(simw, s.images) for k, s in evals.items()}
 
     results: dict[str, Any] = {}
+    contexts: dict[str, QuantContext] = {}  # the context each target was finally built from
+    sims = {id(ctx): sim_lp}
+    fallback: list[QuantContext] = []  # the plan without the KL target's floats, made when a target needs it
     for t in targets:
         log(f"== {t}")
         try:
             mod = importlib.import_module(f"quantize.{t}")
             res = mod.quantize(ctx, out)
-            rec = judge(res, evals, fp32_lp, sim_lp, tax, simw_lp)
+            rec, tctx = judge(res, evals, fp32_lp, sim_lp, tax, simw_lp), ctx
+            lean = plan.without_kl_floats()
+            if rec["size_ratio"] is not None and rec["size_ratio"] > MAX_SIZE_RATIO and lean is not None:
+                # the size bar is a hard limit, the KL target a preference: this target is rebuilt from
+                # the plan the greedy held before it floated families for the KL target alone
+                log(f"{t}: {rec['size_ratio'] * 100:.1f} % of fp32 with the --plan-kl floats is over the "
+                    f"{MAX_SIZE_RATIO * 100:.0f} % size bar; rebuilding it without them (float: {lean.float_families})")
+                over = {"float_families": plan.float_families, "size_ratio": rec["size_ratio"],
+                        "splits": {k: {"fine_top1_drop": r["fine_top1_drop"], "fine_kl_to_fp32": r["fine_kl_to_fp32"],
+                                       "fine_agreement": r["agreement_with_fp32"][f"agreement/{tax.level_names[-1]}"]}
+                                   for k, r in rec["splits"].items()}}
+                if not fallback:
+                    fallback.append(prep.make_context(lean))
+                    fsim = simulate(model, fallback[0].ranges, set(lean.quantized), shifts=int8_shifts, weights=rounded)
+                    sims[id(fallback[0])] = {k: model_logprobs(fsim, s.images) for k, s in evals.items()}
+                tctx = fallback[0]
+                res = mod.quantize(tctx, out)
+                rec = judge(res, evals, fp32_lp, sims[id(tctx)], tax, simw_lp)
+                rec["plan"] = {"float_families": lean.float_families,
+                               "why": f"the --plan-kl {plan.max_kl:g} plan put the file over the size bar",
+                               "with_plan_kl": over}
+            contexts[t] = tctx
             m = Manifest.load(res.int8_dir)
             m.metrics["int8_evaluation"] = {k: v for k, v in rec.items() if k not in ("float_layers", "notes", "scheme")}
             m.save(res.int8_dir)
@@ -216,8 +248,9 @@ def quantize_checkpoint(checkpoint: str | Path, data: str, targets: Sequence[str
         qcfg = QATConfig(**{"epochs": qat_epochs, "freeze_blocks": int(conf.get("train", {}).get("freeze_blocks", 0)),
                             **(qat or {})})
         results.update(run_qat(ctx, results, out, data, qcfg,
-                               lambda res: judge(res, evals, fp32_lp, sim_lp, tax, simw_lp),
-                               MAX_TOP1_DROP, MIN_AGREEMENT))
+                               lambda res: judge(res, evals, fp32_lp, sims[id(contexts.get(res.target, ctx))], tax,
+                                                 simw_lp),
+                               MAX_TOP1_DROP, MIN_AGREEMENT, contexts))
     report = {"checkpoint": str(checkpoint), "data": str(data), "image_size": size, "calibration": cal.source,
               "weight_rounding": info["weight_rounding"],
               "bias_correction": info.get("bias_correction"), "sensitivity": plan.to_dict(), "evaluation_sets": {k: s.source for k, s in evals.items()},

@@ -83,6 +83,18 @@ class Plan:
     images: str = ""
     max_kl: float | None = None  # the KL target the greedy also had to meet (None: agreement and drop only)
 
+    def without_kl_floats(self) -> "Plan | None":
+        """The plan the greedy held when the accuracy bar was met, before its first family floated for
+        the KL target alone (None: no family was floated for the KL target)."""
+        i = next((i for i, st in enumerate(self.steps) if st.get("next_float_chosen_by") == "kl"), None)
+        if i is None:
+            return None
+        st = self.steps[i]
+        floats = list(st["float"])
+        return Plan([f for f in self.single if f not in floats], floats, self.single, self.single_kl,
+                    [dict(x) for x in self.steps[:i]] + [{k: v for k, v in st.items() if k != "next_float_chosen_by"}],
+                    st["fine_agreement"], self.n_images, self.images, None)
+
     def to_dict(self) -> dict[str, Any]:
         return {"quantized_families": self.quantized, "float_families": self.float_families,
                 "sensitivity_fine_agreement": self.single, "sensitivity_fine_kl": self.single_kl, "greedy_steps": self.steps,

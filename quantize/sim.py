@@ -47,16 +47,37 @@ class Family:
         return any(module_name == p or module_name.startswith(p + ".") for p in self.prefixes)
 
 
+# how the backbone is split into families: "stages" (the stem, each EfficientNet stage -- the blocks
+# between two changes of output width -- and the head conv on their own, so a float plan can keep a
+# small early stage float without its larger neighbours) or "thirds" (stem + the first third of the
+# blocks, the second third, the last third + head conv: the grouping before session 18)
+BACKBONE_GROUPING = "stages"
+
+
+def backbone_families(backbone: nn.Module, grouping: str | None = None) -> list[Family]:
+    """The backbone's families, in graph order (module prefixes under `backbone.`)."""
+    grouping = grouping or BACKBONE_GROUPING
+    nb = backbone.num_blocks
+    blk = lambda a, b: tuple(f"backbone._blocks.{i}" for i in range(a, b))  # noqa: E731
+    if grouping == "thirds":
+        cut = [0, nb // 3, 2 * nb // 3, nb]
+        return [Family(f"backbone blocks 0-{cut[1] - 1} + stem", ("backbone._conv_stem",) + blk(0, cut[1])),
+                Family(f"backbone blocks {cut[1]}-{cut[2] - 1}", blk(cut[1], cut[2])),
+                Family(f"backbone blocks {cut[2]}-{nb - 1} + head conv", blk(cut[2], nb) + ("backbone._conv_head",))]
+    if grouping != "stages":
+        raise ValueError(f"unknown backbone grouping {grouping!r}: stages or thirds")
+    starts = [i for i, s in enumerate(backbone.specs) if i == 0 or s.cout != backbone.specs[i - 1].cout] + [nb]
+    fams = [Family("backbone stem", ("backbone._conv_stem",))]
+    for k, (a, b) in enumerate(zip(starts, starts[1:])):
+        span = f"block {a}" if b == a + 1 else f"blocks {a}-{b - 1}"
+        fams.append(Family(f"backbone stage {k} ({span})", blk(a, b)))
+    fams.append(Family("backbone head conv", ("backbone._conv_head",)))
+    return fams
+
+
 def families(model: nn.Module) -> list[Family]:
     """The block families of a HierarchicalQueryModel, in graph order."""
-    nb = model.backbone.num_blocks
-    cut = [0, nb // 3, 2 * nb // 3, nb]
-    fams = []
-    for j in range(3):
-        p = tuple(f"backbone._blocks.{i}" for i in range(cut[j], cut[j + 1]))
-        extra = ("backbone._conv_stem",) if j == 0 else ("backbone._conv_head",) if j == 2 else ()
-        label = f"backbone blocks {cut[j]}-{cut[j + 1] - 1}" + (" + stem" if j == 0 else " + head conv" if j == 2 else "")
-        fams.append(Family(label, extra + p))
+    fams = backbone_families(model.backbone)
     fams.append(Family("token projections", ("tokens.proj",)))
     head = model.head
     attn, ffn = [], []

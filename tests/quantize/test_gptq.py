@@ -137,7 +137,7 @@ def test_simulation_carries_the_given_int8_weights_only_for_quantized_families(t
     cal, _ = calibration_sets(str(grocery_root), cfg.image_size, tax, 8, 0)
     fams = [f for f in families(model) if f.prefixes]
     w = gptq_weights(model, cal.images, fams)
-    first = fams[0]  # stem + the first backbone blocks
+    first = fams[0]  # the backbone's stem
     sim = dict(simulate(model, Ranges(), {first.name}, weights_only=True, weights=w).named_modules())
     mods = dict(model.named_modules())
     folds = fold_factors(model)

@@ -7,6 +7,7 @@ import warnings
 
 import numpy as np
 import pytest
+import torch
 
 from sdk import Classifier, Manifest, prepare
 
@@ -46,6 +47,27 @@ def _student_and_photos(tiny_student_dir, grocery_root, n_calibration: int, n_se
         warnings.simplefilter("ignore")
         cal, sen = calibration_sets(str(grocery_root), cfg.image_size, tax, n_calibration, n_sensitivity)
     return model, tax, cal, sen
+
+
+def test_backbone_families_split_the_backbone_into_its_stages_each_layer_once():
+    from quantize.sim import backbone_families
+    from train.backbones import efficientnet_lite0
+
+    bb = efficientnet_lite0(pretrained=False)
+    layers = [n for n, m in bb.named_modules() if isinstance(m, torch.nn.Conv2d)]
+    for grouping in ("stages", "thirds"):
+        fams = backbone_families(bb, grouping)
+        owners = {n: [f.name for f in fams if f.owns("backbone." + n)] for n in layers}
+        assert all(len(o) == 1 for o in owners.values()), (grouping, owners)
+    stages = backbone_families(bb, "stages")
+    # Lite0: the stem, 7 stages (output widths 16, 24, 40, 80, 112, 192, 320), the head conv
+    assert [f.name for f in stages] == ["backbone stem", "backbone stage 0 (block 0)", "backbone stage 1 (blocks 1-2)",
+                                        "backbone stage 2 (blocks 3-4)", "backbone stage 3 (blocks 5-7)",
+                                        "backbone stage 4 (blocks 8-10)", "backbone stage 5 (blocks 11-14)",
+                                        "backbone stage 6 (block 15)", "backbone head conv"]
+    assert len(backbone_families(bb, "thirds")) == 3
+    with pytest.raises(ValueError, match="grouping"):
+        backbone_families(bb, "halves")
 
 
 @pytest.mark.slow
@@ -103,6 +125,47 @@ def test_cli_rejects_a_kl_target_that_is_not_positive(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         main(["--checkpoint", str(tmp_path), "--data", str(tmp_path), "--out", str(tmp_path / "o"), "--plan-kl", "0"])
     assert e.value.code == 2 and "--plan-kl must be > 0" in capsys.readouterr().err
+
+
+def test_the_plan_without_kl_floats_is_the_greedys_state_before_its_first_kl_step():
+    from quantize.sensitivity import Plan
+
+    single = {"a": 1.0, "b": 0.99, "c": 1.0, "ln": 1.0}
+    steps = [{"float": ["ln"], "fine_agreement": 0.98, "fine_top1_drop": 0.01, "fine_kl": 9e-3, "next_float_chosen_by": "agreement"},
+             {"float": ["ln", "b"], "fine_agreement": 1.0, "fine_top1_drop": 0.0, "fine_kl": 2e-3, "next_float_chosen_by": "kl"},
+             {"float": ["ln", "b", "a"], "fine_agreement": 1.0, "fine_top1_drop": 0.0, "fine_kl": 5e-4}]
+    plan = Plan(["c"], ["ln", "b", "a"], single, {}, steps, 1.0, 10, "photos", 6e-4)
+    lean = plan.without_kl_floats()
+    assert lean.float_families == ["ln", "b"] and lean.quantized == ["a", "c"] and lean.max_kl is None
+    assert lean.steps == [steps[0], {k: v for k, v in steps[1].items() if k != "next_float_chosen_by"}]
+    assert lean.without_kl_floats() is None  # nothing in it was floated for the KL target
+    assert Plan(["a"], ["ln"], single, {}, steps[:1], 1.0).without_kl_floats() is None
+
+
+@pytest.mark.slow
+def test_a_target_over_the_size_bar_is_rebuilt_without_the_kl_floats(tiny_student_dir, grocery_root, tmp_path,
+                                                                      monkeypatch):
+    """--plan-kl is a preference, the size bar a limit: a target whose file the KL floats push over
+    the bar is rebuilt from the plan the greedy held before them, and the report says so."""
+    import quantize.run
+    from quantize import quantize_checkpoint
+
+    monkeypatch.setattr(quantize.run, "MAX_SIZE_RATIO", 0.0)  # every file is over: the rebuild must happen
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        rep = quantize_checkpoint(tiny_student_dir, str(grocery_root), ["executorch"], tmp_path, n_calibration=24,
+                                  n_sensitivity=24, eval_limit=24, n_parity=12, plan_kl=1e-9, log=lambda *_: None)
+    kl_floats = rep["sensitivity"]["float_families"]
+    rec = rep["targets"]["executorch"]
+    lean = rec["plan"]["float_families"]
+    assert set(lean) < set(kl_floats), (lean, kl_floats)  # the KL target floated more than the bar did
+    assert rec["plan"]["with_plan_kl"]["float_families"] == kl_floats
+    assert rec["plan"]["with_plan_kl"]["size_ratio"] > rec["size_ratio"]  # the rebuild is smaller
+    m = Manifest.load(tmp_path / "executorch")  # the artifact on disk is the rebuilt one, and says which plan
+    assert m.metrics["quantization"]["plan"]["float_families"] == lean
+    assert m.metrics["int8_evaluation"]["plan"]["float_families"] == lean
+    assert "size bar" in (tmp_path / "report.md").read_text()
+    assert Classifier.load(tmp_path / "executorch").classify(np.zeros((40, 40, 3), np.uint8)).path
 
 
 @pytest.mark.slow

@@ -100,12 +100,12 @@ def render_markdown(r: dict[str, Any]) -> str:
                   f"- stayed float: {'; '.join(rec['float_layers'])}",
                   f"- meets the bar: **{'yes' if rec['meets_bar'] else 'no'}**"]
         lines += [f"- note: {n}" for n in rec.get("notes", [])]
-        if rec.get("plan"):  # rebuilt without the --plan-kl floats for the size bar
-            w = rec["plan"]["with_plan_kl"]
-            lines.append(f"- float plan: {', '.join(rec['plan']['float_families'])}, because {rec['plan']['why']} "
-                         f"({100 * w['size_ratio']:.1f} % with {', '.join(w['float_families'])} float; there: " +
-                         "; ".join(f"{k} agreement {_pct(v['fine_agreement'])} %, drop {100 * v['fine_top1_drop']:+.1f} pt, "
-                                   f"KL {v['fine_kl_to_fp32']:.2e}" for k, v in w["splits"].items()) + ")")
+        if rec.get("plan"):  # rebuilt with fewer of the --plan-kl floats for the size bar
+            lines.append(f"- float plan: {', '.join(rec['plan']['float_families'])}, because {rec['plan']['why']}; tried:")
+            lines += [f"  - float {', '.join(w['float_families'])}: {100 * w['size_ratio']:.1f} %; " +
+                      "; ".join(f"{k} agreement {_pct(v['fine_agreement'])} %, drop {100 * v['fine_top1_drop']:+.1f} pt, "
+                                f"KL {v['fine_kl_to_fp32']:.2e}" for k, v in w["splits"].items())
+                      for w in rec["plan"]["over_the_size_bar"]]
         lines += ["", "| split | level | fp32 top-1 | int8 top-1 | agreement with fp32 | agreement with PyTorch sim |",
                   "|---|---|---|---|---|---|"]
         for split, sr in rec["splits"].items():

@@ -68,6 +68,30 @@ def judge(res: TargetResult, evals, fp32_lp, sim_lp, taxonomy, sim_weights_only=
     return rec
 
 
+def family_parameters(model) -> dict[str, int]:
+    """Parameters per family (BatchNorm folds into the convs, so it is counted with its family)."""
+    fams = families(model)
+    out = {f.name: 0 for f in fams}
+    for n, p in model.named_parameters():
+        f = next((f for f in fams if f.prefixes and f.owns(n.rsplit(".", 1)[0])), None)
+        if f is not None:
+            out[f.name] += p.numel()
+    return out
+
+
+def fallback_order(plan, int8_size: int, fp32_size: int | None, params: dict[str, int], max_ratio: float) -> list:
+    """The earlier plans to rebuild a target from when the --plan-kl plan's file is over the size bar:
+    those whose file, estimated as this one minus 3 bytes per parameter that goes back to int8, fits
+    the bar, most floats first; then the plan before the first KL float, which is tried in any case."""
+    fbs = plan.kl_fallbacks()
+    if not fbs or not fp32_size:
+        return []
+    fit = [fb for fb in fbs[:-1]
+           if int8_size - 3 * sum(params.get(f, 0) for f in set(plan.float_families) - set(fb.float_families))
+           <= max_ratio * fp32_size]
+    return fit + [fbs[-1]]
+
+
 def _trained_without_slice(checkpoint: Path, conf: dict[str, Any]) -> bool:
     """Did training hold out the same 20 % stratified train slice (seed 0) that int8 is judged on?"""
     tc = conf.get("train", {})
@@ -199,33 +223,38 @@ def quantize_checkpoint(checkpoint: str | Path, data: str, targets: Sequence[str
     results: dict[str, Any] = {}
     contexts: dict[str, QuantContext] = {}  # the context each target was finally built from
     sims = {id(ctx): sim_lp}
-    fallback: list[QuantContext] = []  # the plan without the KL target's floats, made when a target needs it
+    fallbacks: dict[tuple[str, ...], QuantContext] = {}  # earlier greedy plans, made when a target needs one
+    params = family_parameters(model)
     for t in targets:
         log(f"== {t}")
         try:
             mod = importlib.import_module(f"quantize.{t}")
             res = mod.quantize(ctx, out)
             rec, tctx = judge(res, evals, fp32_lp, sim_lp, tax, simw_lp), ctx
-            lean = plan.without_kl_floats()
-            if rec["size_ratio"] is not None and rec["size_ratio"] > MAX_SIZE_RATIO and lean is not None:
-                # the size bar is a hard limit, the KL target a preference: this target is rebuilt from
-                # the plan the greedy held before it floated families for the KL target alone
-                log(f"{t}: {rec['size_ratio'] * 100:.1f} % of fp32 with the --plan-kl floats is over the "
-                    f"{MAX_SIZE_RATIO * 100:.0f} % size bar; rebuilding it without them (float: {lean.float_families})")
-                over = {"float_families": plan.float_families, "size_ratio": rec["size_ratio"],
-                        "splits": {k: {"fine_top1_drop": r["fine_top1_drop"], "fine_kl_to_fp32": r["fine_kl_to_fp32"],
-                                       "fine_agreement": r["agreement_with_fp32"][f"agreement/{tax.level_names[-1]}"]}
-                                   for k, r in rec["splits"].items()}}
-                if not fallback:
-                    fallback.append(prep.make_context(lean))
-                    fsim = simulate(model, fallback[0].ranges, set(lean.quantized), shifts=int8_shifts, weights=rounded)
-                    sims[id(fallback[0])] = {k: model_logprobs(fsim, s.images) for k, s in evals.items()}
-                tctx = fallback[0]
+            tried = []
+            for fb in fallback_order(plan, rec["int8_size_bytes"], rec["fp32_size_bytes"], params, MAX_SIZE_RATIO):
+                if rec["size_ratio"] is None or rec["size_ratio"] <= MAX_SIZE_RATIO:
+                    break
+                # the size bar is a hard limit, the KL target a preference: this target is rebuilt from an
+                # earlier plan of the greedy, with fewer of the families it floated for the KL target alone
+                log(f"{t}: {rec['size_ratio'] * 100:.1f} % of fp32 with float {tctx.plan.float_families} is over the "
+                    f"{MAX_SIZE_RATIO * 100:.0f} % size bar; rebuilding it with float {fb.float_families}")
+                tried.append({"float_families": tctx.plan.float_families, "size_ratio": rec["size_ratio"],
+                              "splits": {k: {"fine_top1_drop": r["fine_top1_drop"], "fine_kl_to_fp32": r["fine_kl_to_fp32"],
+                                             "fine_agreement": r["agreement_with_fp32"][f"agreement/{tax.level_names[-1]}"]}
+                                         for k, r in rec["splits"].items()}})
+                key = tuple(fb.float_families)
+                if key not in fallbacks:
+                    fallbacks[key] = prep.make_context(fb)
+                    fsim = simulate(model, fallbacks[key].ranges, set(fb.quantized), shifts=int8_shifts, weights=rounded)
+                    sims[id(fallbacks[key])] = {k: model_logprobs(fsim, s.images) for k, s in evals.items()}
+                tctx = fallbacks[key]
                 res = mod.quantize(tctx, out)
                 rec = judge(res, evals, fp32_lp, sims[id(tctx)], tax, simw_lp)
-                rec["plan"] = {"float_families": lean.float_families,
+            if tried:
+                rec["plan"] = {"float_families": tctx.plan.float_families,
                                "why": f"the --plan-kl {plan.max_kl:g} plan put the file over the size bar",
-                               "with_plan_kl": over}
+                               "over_the_size_bar": tried}
             contexts[t] = tctx
             m = Manifest.load(res.int8_dir)
             m.metrics["int8_evaluation"] = {k: v for k, v in rec.items() if k not in ("float_layers", "notes", "scheme")}

@@ -83,17 +83,26 @@ class Plan:
     images: str = ""
     max_kl: float | None = None  # the KL target the greedy also had to meet (None: agreement and drop only)
 
-    def without_kl_floats(self) -> "Plan | None":
-        """The plan the greedy held when the accuracy bar was met, before its first family floated for
-        the KL target alone (None: no family was floated for the KL target)."""
-        i = next((i for i, st in enumerate(self.steps) if st.get("next_float_chosen_by") == "kl"), None)
-        if i is None:
-            return None
+    def at_step(self, i: int) -> "Plan":
+        """The plan the greedy held at step `i` (its float families then, and the steps up to there)."""
         st = self.steps[i]
         floats = list(st["float"])
         return Plan([f for f in self.single if f not in floats], floats, self.single, self.single_kl,
                     [dict(x) for x in self.steps[:i]] + [{k: v for k, v in st.items() if k != "next_float_chosen_by"}],
                     st["fine_agreement"], self.n_images, self.images, None)
+
+    def kl_fallbacks(self) -> list["Plan"]:
+        """The plans the greedy held while only the KL target was unmet, most floats first; the last is
+        the plan before its first family floated for the KL target alone (empty: none was)."""
+        i = next((i for i, st in enumerate(self.steps) if st.get("next_float_chosen_by") == "kl"), None)
+        if i is None:
+            return []
+        return [self.at_step(j) for j in range(len(self.steps) - 2, i - 1, -1)]
+
+    def without_kl_floats(self) -> "Plan | None":
+        """The plan before the greedy's first family floated for the KL target alone (None: none was)."""
+        fb = self.kl_fallbacks()
+        return fb[-1] if fb else None
 
     def to_dict(self) -> dict[str, Any]:
         return {"quantized_families": self.quantized, "float_families": self.float_families,

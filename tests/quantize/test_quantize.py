@@ -139,7 +139,27 @@ def test_the_plan_without_kl_floats_is_the_greedys_state_before_its_first_kl_ste
     assert lean.float_families == ["ln", "b"] and lean.quantized == ["a", "c"] and lean.max_kl is None
     assert lean.steps == [steps[0], {k: v for k, v in steps[1].items() if k != "next_float_chosen_by"}]
     assert lean.without_kl_floats() is None  # nothing in it was floated for the KL target
+    assert [p.float_families for p in plan.kl_fallbacks()] == [["ln", "b"]]
     assert Plan(["a"], ["ln"], single, {}, steps[:1], 1.0).without_kl_floats() is None
+
+
+def test_the_size_fallback_tries_the_plans_estimated_to_fit_most_floats_first():
+    from quantize.run import fallback_order
+    from quantize.sensitivity import Plan
+
+    single = {"ln": 1.0, "a": 1.0, "b": 1.0, "c": 1.0}
+    st = lambda fl, kl: {"float": fl, "fine_agreement": 1.0, "fine_top1_drop": 0.0, "fine_kl": kl,  # noqa: E731
+                         "next_float_chosen_by": "kl"}
+    steps = [st(["ln"], 9e-3), st(["ln", "a"], 5e-3), st(["ln", "a", "b"], 2e-3), {"float": ["ln", "a", "b", "c"],
+                                                                                  "fine_agreement": 1.0, "fine_top1_drop": 0.0, "fine_kl": 1e-4}]
+    plan = Plan([], ["ln", "a", "b", "c"], single, {}, steps, 1.0, 10, "", 2e-4)
+    params = {"a": 1_000, "b": 10_000, "c": 1_000_000}
+    # 3.5 MB of 10 MB: dropping c (3 MB back to int8) fits 30 %, dropping b too fits, lean last in any case
+    order = fallback_order(plan, 3_500_000, 10_000_000, params, 0.3)
+    assert [p.float_families for p in order] == [["ln", "a", "b"], ["ln", "a"], ["ln"]]
+    # a 4 % bar (0.4 MB): without c 0.5 MB, without b and c 0.47 MB, neither fits: only lean is tried
+    assert [p.float_families for p in fallback_order(plan, 3_500_000, 10_000_000, params, 0.04)] == [["ln"]]
+    assert fallback_order(plan.at_step(0), 1, 10, params, 0.3) == []  # nothing floated for KL: nothing to fall back to
 
 
 @pytest.mark.slow
@@ -159,8 +179,9 @@ def test_a_target_over_the_size_bar_is_rebuilt_without_the_kl_floats(tiny_studen
     rec = rep["targets"]["executorch"]
     lean = rec["plan"]["float_families"]
     assert set(lean) < set(kl_floats), (lean, kl_floats)  # the KL target floated more than the bar did
-    assert rec["plan"]["with_plan_kl"]["float_families"] == kl_floats
-    assert rec["plan"]["with_plan_kl"]["size_ratio"] > rec["size_ratio"]  # the rebuild is smaller
+    tried = rec["plan"]["over_the_size_bar"]
+    assert tried[0]["float_families"] == kl_floats and len(tried) >= 1
+    assert tried[-1]["size_ratio"] > rec["size_ratio"]  # the last rebuild is smaller
     m = Manifest.load(tmp_path / "executorch")  # the artifact on disk is the rebuilt one, and says which plan
     assert m.metrics["quantization"]["plan"]["float_families"] == lean
     assert m.metrics["int8_evaluation"]["plan"]["float_families"] == lean

@@ -44,7 +44,7 @@ def main(argv: list[str] | None = None) -> int:
                         "to this value or below, floating the most sensitive families first (off by default: "
                         "agreement and top-1 drop only). The KL sees the noise that flips near-ties, which agreement "
                         "on a few hundred confident photos misses. A target whose file these extra floats push over the "
-                        "30 %% size bar is rebuilt without them (the report says so)")
+                        "30 %% size bar is rebuilt from the greedy's earlier plan that fits (the report says so)")
     a = p.parse_args(argv)
     if a.plan_kl is not None and not a.plan_kl > 0:
         p.error(f"--plan-kl must be > 0 (got {a.plan_kl})")

@@ -501,7 +501,7 @@ def run_qat(ctx: QuantContext, results: dict[str, Any], out: str | Path, data: s
     ONNX / Core ML a record saying QAT is not available and which float families were tried.
     A target whose QAT fails gets an `error` record; the PTQ results stand either way.
     `contexts`: the context each target's post-training artifact was built from, where it is not `ctx`
-    (a target rebuilt without the --plan-kl floats for its size bar); its QAT starts from the same plan.
+    (a target rebuilt with fewer of the --plan-kl floats for its size bar); its QAT starts from the same plan.
     """
     out = Path(out)
     fine = ctx.taxonomy.level_names[-1]

@@ -69,7 +69,7 @@ def judge(res: TargetResult, evals, fp32_lp, sim_lp, taxonomy, sim_weights_only=
 
 
 def family_parameters(model) -> dict[str, int]:
-    """Parameters per family (BatchNorm folds into the convs, so it is counted with its family)."""
+    """Parameters under each family's module prefixes (its blocks' BatchNorms included)."""
     fams = families(model)
     out = {f.name: 0 for f in fams}
     for n, p in model.named_parameters():

@@ -42,6 +42,8 @@ class QuantContext:
     int8_model: torch.nn.Module | None = None
     # Core ML's own rounding shifts (round-to-nearest, no scale clamp): it rounds the fp32 weights itself
     coreml_shifts: dict[str, torch.Tensor] | None = None
+    # fp32 exports by output directory, shared by the contexts of one run (they do not depend on the plan)
+    fp32_exports: dict[Path, Artifact] = field(default_factory=dict)
 
     @property
     def families(self) -> list[Family]:
@@ -118,10 +120,21 @@ def finish_int8(ctx: QuantContext, target: str, path: Path, versions: dict[str, 
 
 
 def fp32_artifact(ctx: QuantContext, target: str, out_dir: Path) -> Artifact:
-    """The fp32 export of a target through its converter (parity-checked like any export)."""
+    """The fp32 export of a target through its converter (parity-checked like any export), once per run
+    and directory: a target rebuilt from another float plan reuses it."""
     import importlib
-    mod = importlib.import_module(f"converters.{target}")
-    return mod.export(ctx.deploy(), ctx.spec("fp32"), out_dir)
+    if out_dir not in ctx.fp32_exports:
+        mod = importlib.import_module(f"converters.{target}")
+        ctx.fp32_exports[out_dir] = mod.export(ctx.deploy(), ctx.spec("fp32"), out_dir)
+    return ctx.fp32_exports[out_dir]
+
+
+def split_summary(rec: dict[str, Any], fine: str) -> dict[str, dict[str, float]]:
+    """Per split of a judged int8 record: fp32 / int8 fine top-1, the drop, agreement and KL to fp32."""
+    return {split: {"fp32_fine_top1": s["fp32"][f"top1/{fine}"], "int8_fine_top1": s["int8"][f"top1/{fine}"],
+                    "fine_top1_drop": s["fine_top1_drop"], "fine_agreement": s["agreement_with_fp32"][f"agreement/{fine}"],
+                    "fine_kl_to_fp32": s.get("fine_kl_to_fp32")}
+            for split, s in rec.get("splits", {}).items()}
 
 
 def int8_source_artifact(ctx: QuantContext, target: str, out_dir: Path, fp32: Artifact,

@@ -40,7 +40,7 @@ import torch.nn.functional as F
 
 from converters._common import tool_versions
 
-from ._common import QuantContext, QuantizeError, TargetResult, finish_int8
+from ._common import QuantContext, QuantizeError, TargetResult, finish_int8, split_summary
 from .bar import agreement_within, drop_within
 from .calibration import ImageSet
 
@@ -485,12 +485,6 @@ def _tflite(ctx: QuantContext, out_dir: Path, photos: ImageSet, cfg: QATConfig,
 _RUNNERS = {"executorch": _executorch, "tflite": _tflite}
 
 
-def _ptq_summary(rec: dict[str, Any], fine: str) -> dict[str, Any]:
-    return {split: {"fp32_fine_top1": s["fp32"][f"top1/{fine}"], "int8_fine_top1": s["int8"][f"top1/{fine}"],
-                    "fine_top1_drop": s["fine_top1_drop"], "fine_agreement": s["agreement_with_fp32"][f"agreement/{fine}"]}
-            for split, s in rec.get("splits", {}).items()}
-
-
 def run_qat(ctx: QuantContext, results: dict[str, Any], out: str | Path, data: str, cfg: QATConfig,
             judge: Callable[[TargetResult], dict[str, Any]], max_top1_drop: float,
             min_agreement: float, contexts: dict[str, QuantContext] | None = None) -> dict[str, dict[str, Any]]:
@@ -546,7 +540,7 @@ def run_qat(ctx: QuantContext, results: dict[str, Any], out: str | Path, data: s
         rec["trigger"] = why
         rec["fine_level"] = fine
         rec["qat"] = qat
-        rec["ptq"] = _ptq_summary(results[t], fine)
+        rec["ptq"] = split_summary(results[t], fine)
         m = Manifest.load(res.int8_dir)
         m.metrics["int8_evaluation"] = {k: v for k, v in rec.items()
                                         if k not in ("float_layers", "notes", "scheme", "qat")}

@@ -15,7 +15,7 @@ import numpy as np
 from converters._common import parity
 from sdk import Classifier, Manifest
 
-from ._common import QuantContext, QuantizeError, TargetResult
+from ._common import QuantContext, QuantizeError, TargetResult, split_summary
 from .bar import MAX_SIZE_RATIO, MAX_TOP1_DROP, MIN_AGREEMENT, meets_bar
 from .bias import bias_corrected, rounding_shifts
 from .gptq import gptq_weights, with_weights
@@ -177,7 +177,9 @@ def prepare_context(checkpoint: str | Path, data: str, targets: Sequence[str], n
         if int8_model is not model:
             int8_ranges = calibrate(int8_model, cal.images)  # what the backends' observers see
         return QuantContext(model, tax, size, cal, par, plan, int8_ranges, pinfo, log, int8_model=int8_model,
-                            coreml_shifts=coreml_shifts)
+                            coreml_shifts=coreml_shifts, fp32_exports=fp32_exports)
+
+    fp32_exports: dict = {}  # one fp32 export per target for every plan's context
 
     ctx = make_context(plan)
     return Prepared(ctx, evals, conf, ranges, int8_shifts, rounded, make_context)
@@ -206,14 +208,24 @@ def quantize_checkpoint(checkpoint: str | Path, data: str, targets: Sequence[str
     out.mkdir(parents=True, exist_ok=True)
     ctx, evals, conf = prep.ctx, prep.evals, prep.conf
     model, tax, cal, plan, info = ctx.model, ctx.taxonomy, ctx.calibration, ctx.plan, ctx.model_info
-    ranges, int8_ranges, int8_shifts, rounded = prep.ranges, ctx.ranges, prep.int8_shifts, prep.rounded
+    ranges, int8_shifts, rounded = prep.ranges, prep.int8_shifts, prep.rounded
     size, coreml_shifts = ctx.image_size, ctx.coreml_shifts
     layer_fams = [f for f in families(model) if f.prefixes]
 
     log("fp32 and simulated-int8 references on the evaluation sets")
-    sim = simulate(model, int8_ranges, set(plan.quantized), shifts=int8_shifts, weights=rounded)
     fp32_lp = {k: model_logprobs(model, s.images) for k, s in evals.items()}
-    sim_lp = {k: model_logprobs(sim, s.images) for k, s in evals.items()}
+    # float plan -> (its context, its simulated int8 log-probs on the evaluation sets): the run's plan, and
+    # the earlier plans of the greedy a target over the size bar is rebuilt from
+    variants: dict[tuple[str, ...], tuple[QuantContext, dict[str, list[np.ndarray]]]] = {}
+
+    def variant(c: QuantContext) -> tuple[QuantContext, dict[str, list[np.ndarray]]]:
+        key = tuple(c.plan.float_families)
+        if key not in variants:
+            sim = simulate(model, c.ranges, set(c.plan.quantized), shifts=int8_shifts, weights=rounded)
+            variants[key] = (c, {k: model_logprobs(sim, s.images) for k, s in evals.items()})
+        return variants[key]
+
+    variant(ctx)
     simw_lp = None
     if "coreml" in targets:  # Core ML's int8 weights: round-to-nearest, no scale clamp
         simw = simulate(model, ranges, {f.name for f in layer_fams}, weights_only=True, shifts=coreml_shifts,
@@ -222,35 +234,28 @@ def quantize_checkpoint(checkpoint: str | Path, data: str, targets: Sequence[str
 
     results: dict[str, Any] = {}
     contexts: dict[str, QuantContext] = {}  # the context each target was finally built from
-    sims = {id(ctx): sim_lp}
-    fallbacks: dict[tuple[str, ...], QuantContext] = {}  # earlier greedy plans, made when a target needs one
     params = family_parameters(model)
+    fine = tax.level_names[-1]
     for t in targets:
         log(f"== {t}")
         try:
             mod = importlib.import_module(f"quantize.{t}")
             res = mod.quantize(ctx, out)
-            rec, tctx = judge(res, evals, fp32_lp, sim_lp, tax, simw_lp), ctx
+            rec, tctx = judge(res, evals, fp32_lp, variant(ctx)[1], tax, simw_lp), ctx
             tried = []
             for fb in fallback_order(plan, rec["int8_size_bytes"], rec["fp32_size_bytes"], params, MAX_SIZE_RATIO):
-                if rec["size_ratio"] is None or rec["size_ratio"] <= MAX_SIZE_RATIO:
+                if rec["size_ratio"] <= MAX_SIZE_RATIO:  # (no fp32 size: no fallbacks)
                     break
                 # the size bar is a hard limit, the KL target a preference: this target is rebuilt from an
                 # earlier plan of the greedy, with fewer of the families it floated for the KL target alone
                 log(f"{t}: {rec['size_ratio'] * 100:.1f} % of fp32 with float {tctx.plan.float_families} is over the "
                     f"{MAX_SIZE_RATIO * 100:.0f} % size bar; rebuilding it with float {fb.float_families}")
                 tried.append({"float_families": tctx.plan.float_families, "size_ratio": rec["size_ratio"],
-                              "splits": {k: {"fine_top1_drop": r["fine_top1_drop"], "fine_kl_to_fp32": r["fine_kl_to_fp32"],
-                                             "fine_agreement": r["agreement_with_fp32"][f"agreement/{tax.level_names[-1]}"]}
-                                         for k, r in rec["splits"].items()}})
+                              "splits": split_summary(rec, fine)})
                 key = tuple(fb.float_families)
-                if key not in fallbacks:
-                    fallbacks[key] = prep.make_context(fb)
-                    fsim = simulate(model, fallbacks[key].ranges, set(fb.quantized), shifts=int8_shifts, weights=rounded)
-                    sims[id(fallbacks[key])] = {k: model_logprobs(fsim, s.images) for k, s in evals.items()}
-                tctx = fallbacks[key]
+                tctx, fb_lp = variants[key] if key in variants else variant(prep.make_context(fb))
                 res = mod.quantize(tctx, out)
-                rec = judge(res, evals, fp32_lp, sims[id(tctx)], tax, simw_lp)
+                rec = judge(res, evals, fp32_lp, fb_lp, tax, simw_lp)
             if tried:
                 rec["plan"] = {"float_families": tctx.plan.float_families,
                                "why": f"the --plan-kl {plan.max_kl:g} plan put the file over the size bar",
@@ -260,7 +265,6 @@ def quantize_checkpoint(checkpoint: str | Path, data: str, targets: Sequence[str
             m.metrics["int8_evaluation"] = {k: v for k, v in rec.items() if k not in ("float_layers", "notes", "scheme")}
             m.save(res.int8_dir)
             results[t] = rec
-            fine = tax.level_names[-1]
             for split, r in rec["splits"].items():
                 log(f"{t} {split}: fine top-1 fp32 {r['fp32'][f'top1/{fine}']:.4f} int8 {r['int8'][f'top1/{fine}']:.4f}, "
                     f"agreement {r['agreement_with_fp32'][f'agreement/{fine}']:.4f} (vs sim "
@@ -277,7 +281,7 @@ def quantize_checkpoint(checkpoint: str | Path, data: str, targets: Sequence[str
         qcfg = QATConfig(**{"epochs": qat_epochs, "freeze_blocks": int(conf.get("train", {}).get("freeze_blocks", 0)),
                             **(qat or {})})
         results.update(run_qat(ctx, results, out, data, qcfg,
-                               lambda res: judge(res, evals, fp32_lp, sims[id(contexts.get(res.target, ctx))], tax,
+                               lambda res: judge(res, evals, fp32_lp, variant(contexts.get(res.target, ctx))[1], tax,
                                                  simw_lp),
                                MAX_TOP1_DROP, MIN_AGREEMENT, contexts))
     report = {"checkpoint": str(checkpoint), "data": str(data), "image_size": size, "calibration": cal.source,

@@ -99,11 +99,6 @@ class Plan:
             return []
         return [self.at_step(j) for j in range(len(self.steps) - 2, i - 1, -1)]
 
-    def without_kl_floats(self) -> "Plan | None":
-        """The plan before the greedy's first family floated for the KL target alone (None: none was)."""
-        fb = self.kl_fallbacks()
-        return fb[-1] if fb else None
-
     def to_dict(self) -> dict[str, Any]:
         return {"quantized_families": self.quantized, "float_families": self.float_families,
                 "sensitivity_fine_agreement": self.single, "sensitivity_fine_kl": self.single_kl, "greedy_steps": self.steps,

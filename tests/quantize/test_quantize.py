@@ -135,12 +135,12 @@ def test_the_plan_without_kl_floats_is_the_greedys_state_before_its_first_kl_ste
              {"float": ["ln", "b"], "fine_agreement": 1.0, "fine_top1_drop": 0.0, "fine_kl": 2e-3, "next_float_chosen_by": "kl"},
              {"float": ["ln", "b", "a"], "fine_agreement": 1.0, "fine_top1_drop": 0.0, "fine_kl": 5e-4}]
     plan = Plan(["c"], ["ln", "b", "a"], single, {}, steps, 1.0, 10, "photos", 6e-4)
-    lean = plan.without_kl_floats()
+    lean = plan.kl_fallbacks()[-1]  # the plan before the first KL float
     assert lean.float_families == ["ln", "b"] and lean.quantized == ["a", "c"] and lean.max_kl is None
     assert lean.steps == [steps[0], {k: v for k, v in steps[1].items() if k != "next_float_chosen_by"}]
-    assert lean.without_kl_floats() is None  # nothing in it was floated for the KL target
+    assert lean.kl_fallbacks() == []  # nothing in it was floated for the KL target
     assert [p.float_families for p in plan.kl_fallbacks()] == [["ln", "b"]]
-    assert Plan(["a"], ["ln"], single, {}, steps[:1], 1.0).without_kl_floats() is None
+    assert Plan(["a"], ["ln"], single, {}, steps[:1], 1.0).kl_fallbacks() == []
 
 
 def test_the_size_fallback_tries_the_plans_estimated_to_fit_most_floats_first():

@@ -56,6 +56,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--lrs", default="1e-5,1e-6", help="comma-separated QAT learning rates (AdamW)")
     p.add_argument("--images", type=int, default=600, help="QAT training photos (0: all outside the slice)")
     p.add_argument("--epochs", type=int, default=1)
+    p.add_argument("--freeze-blocks", default="0",
+                   help="comma-separated: backbone blocks [0, N) and the stem not trained (python -m quantize's default "
+                        "is the checkpoint's training freeze_blocks; 'ckpt' stands for it)")
+    p.add_argument("--plan-kl", type=float, default=None, help="start from python -m quantize --plan-kl's float plan")
     p.add_argument("--limit", type=int, default=0, help="judge at most N images per set (0 = all)")
     p.add_argument("--calibration-images", type=int, default=300)
     p.add_argument("--sensitivity-images", type=int, default=200)
@@ -69,29 +73,35 @@ def main(argv: list[str] | None = None) -> int:
 
     ranges = [r.strip() for r in a.ranges.split(",") if r.strip()]
     lrs = [float(x) for x in a.lrs.split(",") if x.strip()]
-    prep = prepare_context(a.checkpoint, a.data, ["executorch"], a.calibration_images, a.sensitivity_images, a.limit)
+    prep = prepare_context(a.checkpoint, a.data, ["executorch"], a.calibration_images, a.sensitivity_images, a.limit,
+                           plan_kl=a.plan_kl)
     ctx, tax = prep.ctx, prep.ctx.taxonomy
     ref = {k: model_logprobs(ctx.model, s.images) for k, s in prep.evals.items()}
     names = quantized_module_names(ctx)
     photos = Q.training_set(a.data, ctx.image_size, tax, a.images, 0)
+    ckpt_freeze = int(prep.conf.get("train", {}).get("freeze_blocks", 0))
+    freezes = [ckpt_freeze if f.strip() == "ckpt" else int(f) for f in a.freeze_blocks.split(",") if f.strip()]
     out = {"checkpoint": a.checkpoint, "images": {k: s.source for k, s in prep.evals.items()},
-           "qat_images": photos.source, "runs": []}
+           "qat_images": photos.source, "float_families": ctx.plan.float_families, "runs": []}
     for r in ranges:
         start = Q.prepare(ctx, lambda is_qat: xnnpack_quantizer(names, is_qat=is_qat), r)
         rec = {"ranges": r, "lr": None, "epoch": 0, **judge(start, prep.evals, ref, tax)}
         out["runs"].append(rec)
         print(_line(f"{r:6s} start          ", {k: rec[k] for k in prep.evals}), flush=True)
         for lr in lrs:
-            gm = copy.deepcopy(start)
-            for e in range(a.epochs):
-                t0 = time.time()
-                # one epoch per call: the observers of `minmax` keep updating (as in a 1-epoch run)
-                hist = Q.train(gm, ctx, photos, Q.QATConfig(epochs=1, lr=lr, seed=e, ranges=r), log=lambda *_: None)
-                rec = {"ranges": r, "lr": lr, "epoch": e + 1, "train_kl": hist["history"][0]["kl_to_fp32"],
-                       "seconds": round(time.time() - t0, 1), **judge(gm, prep.evals, ref, tax)}
-                out["runs"].append(rec)
-                print(_line(f"{r:6s} lr {lr:.0e} epoch {e + 1}", {k: rec[k] for k in prep.evals})
-                      + f"  (train KL {rec['train_kl']:.2e})", flush=True)
+            for fz in freezes:
+                gm = copy.deepcopy(start)
+                for e in range(a.epochs):
+                    t0 = time.time()
+                    # one epoch per call: the observers of `minmax` keep updating (as in a 1-epoch run)
+                    hist = Q.train(gm, ctx, photos, Q.QATConfig(epochs=1, lr=lr, seed=e, ranges=r, freeze_blocks=fz),
+                                   log=lambda *_: None)
+                    rec = {"ranges": r, "lr": lr, "freeze_blocks": fz, "epoch": e + 1,
+                           "train_kl": hist["history"][0]["kl_to_fp32"], "trainable_params": hist["trainable_params"],
+                           "seconds": round(time.time() - t0, 1), **judge(gm, prep.evals, ref, tax)}
+                    out["runs"].append(rec)
+                    print(_line(f"{r:6s} lr {lr:.0e} freeze {fz:2d} epoch {e + 1}", {k: rec[k] for k in prep.evals})
+                          + f"  (train KL {rec['train_kl']:.2e})", flush=True)
     if a.json:
         Path(a.json).write_text(json.dumps(out, indent=1))
     return 0

@@ -30,6 +30,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--qat-ranges", choices=("ptq", "minmax"), default="ptq",
                    help="QAT activation ranges: the post-training histogram ranges, frozen (default: QAT starts from "
                         "the PTQ artifact's arithmetic), or min/max over the calibration photos, then moving averages")
+    p.add_argument("--qat-freeze-blocks", type=int, default=None,
+                   help="QAT leaves the stem and backbone blocks [0, N) untrained (default: the blocks the checkpoint "
+                        "was trained with frozen; 0 trains every block, so the int8 early layers can adapt too)")
     p.add_argument("--qat-no-augment", action="store_true",
                    help="QAT on the decoded photos as they are (default: a fresh random crop + flip every epoch)")
     p.add_argument("--eval-limit", type=int, default=0, help="cap the evaluation sets (0: all of val and the 20 %% train slice)")
@@ -45,6 +48,10 @@ def main(argv: list[str] | None = None) -> int:
                         "agreement and top-1 drop only). The KL sees the noise that flips near-ties, which agreement "
                         "on a few hundred confident photos misses. A target whose file these extra floats push over the "
                         "30 %% size bar is rebuilt from the greedy's earlier plan that fits (the report says so)")
+    p.add_argument("--executorch-activations", choices=("static", "dynamic"), default="static",
+                   help="ExecuTorch activations: calibrated int8 (static, default) or quantized per photo at run time "
+                        "(dynamic: XNNPACK's qd8 kernels, int8 weights, float outputs; depthwise convs stay float "
+                        "because XNNPACK has no dynamic depthwise kernel). TFLite and ONNX stay static (full-integer)")
     a = p.parse_args(argv)
     if a.plan_kl is not None and not a.plan_kl > 0:
         p.error(f"--plan-kl must be > 0 (got {a.plan_kl})")
@@ -54,9 +61,10 @@ def main(argv: list[str] | None = None) -> int:
                               n_sensitivity=a.sensitivity_images, qat_epochs=a.qat_epochs, eval_limit=a.eval_limit,
                               qat={"images": a.qat_images, "lr": a.qat_lr, "batch_size": a.qat_batch_size, "ce_weight": a.qat_ce_weight,
                                    "augment": not a.qat_no_augment, "force": a.force_qat,
-                                   "ranges": a.qat_ranges},
+                                   "ranges": a.qat_ranges,
+                                   **({} if a.qat_freeze_blocks is None else {"freeze_blocks": a.qat_freeze_blocks})},
                               bias_correction=not a.no_bias_correction, rounding=a.rounding,
-                              plan_kl=a.plan_kl)
+                              plan_kl=a.plan_kl, executorch_activations=a.executorch_activations)
     print(f"report: {a.out}/report.md")
     res = rep["targets"]
     # a target passes when its post-training int8 or its QAT artifact meets the bar

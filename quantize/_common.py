@@ -14,7 +14,7 @@ from sdk import Manifest, Taxonomy
 
 from .calibration import ImageSet
 from .sensitivity import Plan
-from .sim import ALWAYS_FLOAT, ATTENTION, Family, Ranges, families
+from .sim import ALWAYS_FLOAT, ATTENTION, DynamicScheme, Family, Ranges, families
 
 # int8 parity floor at export: a sanity check that the artifact is not broken. The bar
 # (>= 99 % fine agreement, <= 0.5 pt fine top-1 loss) is judged on the full evaluation sets in the report.
@@ -44,6 +44,8 @@ class QuantContext:
     coreml_shifts: dict[str, torch.Tensor] | None = None
     # fp32 exports by output directory, shared by the contexts of one run (they do not depend on the plan)
     fp32_exports: dict[Path, Artifact] = field(default_factory=dict)
+    # ExecuTorch's dynamic activation scheme (None: static, calibrated int8 activations)
+    dynamic: DynamicScheme | None = None
 
     @property
     def families(self) -> list[Family]:

@@ -99,16 +99,23 @@ def fuse_clamp_outputs(model):
     return model
 
 
-def xnnpack_quantizer(names: list[str], is_qat: bool = False):
+def xnnpack_quantizer(names: list[str], is_qat: bool = False, dynamic: list[str] | None = None):
+    """The XNNPACK quantizer restricted to the layers `names` (static int8: calibrated activation ranges)
+    and `dynamic` (int8 weights, input quantized per photo at run time, float output)."""
     from executorch.backends.xnnpack.quantizer.xnnpack_quantizer import (XNNPACKQuantizer,
                                                                           get_symmetric_quantization_config)
     cfg = get_symmetric_quantization_config(is_per_channel=True, is_qat=is_qat)
     filt = layer_filter(names)
+    dyn_cfg = get_symmetric_quantization_config(is_per_channel=True, is_dynamic=True) if dynamic else None
+    dyn_filt = layer_filter(dynamic) if dynamic else None
+    every = layer_filter(list(names) + list(dynamic or []))
 
     class LayerQuantizer(XNNPACKQuantizer):
         def _annotate_for_quantization_config(self, model):
+            if dyn_cfg is not None:  # first: the static pass then skips what is annotated
+                model = self._annotate_all_patterns(model, dyn_cfg, dyn_filt)
             model = self._annotate_all_patterns(model, cfg, filt)
-            return fuse_clamp_outputs(drop_unfiltered(model, filt))
+            return fuse_clamp_outputs(drop_unfiltered(model, every))
 
     return LayerQuantizer()
 
@@ -175,12 +182,16 @@ def quantize(ctx: QuantContext, out_dir: Path) -> TargetResult:
     fp32 = fp32_artifact(ctx, "executorch", out_dir / "fp32" / "executorch")
     example = torch.zeros(1, ctx.image_size, ctx.image_size, 3, dtype=torch.uint8)
     names = quantized_module_names(ctx)
-    ctx.log(f"executorch: pt2e XNNPACK quantizer on {len(names)} Conv/Linear layers, calibrating on "
-            f"{len(ctx.calibration)} photos")
+    dyn = ctx.dynamic
+    dynamic = [n for n in names if dyn is not None and n.removeprefix("model.") in dyn.dynamic]
+    static = [n for n in names if dyn is None or n.removeprefix("model.") in dyn.static]
+    ctx.log(f"executorch: pt2e XNNPACK quantizer on {len(names)} Conv/Linear layers"
+            + (f" ({len(dynamic)} dynamic, {len(static)} static, {len(dyn.float)} depthwise float)" if dyn else "")
+            + f", calibrating on {len(ctx.calibration)} photos")
     int8_dir = out_dir / "executorch"
     path = int8_dir / "model.pte"
     try:
-        edge, ops = write_pte(convert(ctx, xnnpack_quantizer(names)), example, path)
+        edge, ops = write_pte(convert(ctx, xnnpack_quantizer(static, dynamic=dynamic)), example, path)
     except QuantizeError:
         raise
     except Exception as e:
@@ -189,7 +200,17 @@ def quantize(ctx: QuantContext, out_dir: Path) -> TargetResult:
     scheme = "pt2e XNNPACKQuantizer: int8 symmetric per-channel weights, int8 per-tensor activations (histogram)"
     notes = [f"{len(names)} Conv/Linear layers int8", f"{delegate_count(edge.exported_program().graph_module)} "
              "XNNPACK delegate segments; no quantize/dequantize op outside the delegate (asserted)"]
-    m = finish_int8(ctx, "executorch", path, tool_versions("executorch", "torchao"), scheme, float_layers, notes)
+    extra = None
+    if dyn is not None:
+        float_layers = [f"{len(dyn.float)} depthwise convs (XNNPACK has no dynamically quantized depthwise conv)"] \
+            + float_layers
+        scheme = ("pt2e XNNPACKQuantizer, dynamic activations: int8 symmetric per-channel weights; each Conv/Linear "
+                  "input quantized to int8 per photo at run time (XNNPACK qd8), its output float; "
+                  f"{len(static)} layers static int8 (calibrated, histogram), {len(dyn.float)} depthwise convs float")
+        notes[0] = f"{len(dynamic)} Conv/Linear layers dynamic int8, {len(static)} static int8: {', '.join(static)}"
+        extra = {"activations": "dynamic", "dynamic_scheme": dyn.to_dict()}
+    m = finish_int8(ctx, "executorch", path, tool_versions("executorch", "torchao"), scheme, float_layers, notes,
+                    extra=extra)
     m.metrics["export"] = {"fixed_batch": 1, "delegate": "XnnpackPartitioner", "portable_ops": dict(sorted(ops.items())),
                            "thread_safe": False}
     m.save(int8_dir)

@@ -67,7 +67,7 @@ class QATConfig:
     # labels, away from fp32). ce is still computed and logged; --qat-ce-weight turns it on.
     ce_weight: float = 0.0
     kd_weight: float = 1.0  # KL(fp32 || QAT) summed over levels
-    freeze_blocks: int = 0  # backbone blocks [0, freeze_blocks) and the stem are not trained
+    freeze_blocks: int = 0  # backbone blocks [0, freeze_blocks) and, when > 0, the stem are not trained
     seed: int = 0
     # random crop (55-100 % of the area) + flip of each decoded photo, fresh every epoch: the bar is
     # agreement on photos the model never saw, where fp32 is least sure; on the exact training photos
@@ -83,6 +83,8 @@ class QATConfig:
             raise ValueError(f"QAT needs at least one epoch (--qat-epochs {self.epochs})")
         if self.batch_size < 1 or self.lr <= 0:
             raise ValueError(f"QAT batch size {self.batch_size} / lr {self.lr}: both must be positive")
+        if self.freeze_blocks < 0:
+            raise ValueError(f"QAT freeze_blocks {self.freeze_blocks}: must be >= 0")
         if self.ranges not in RANGES:
             raise ValueError(f"QAT ranges {self.ranges!r}: choose from {', '.join(RANGES)}")
 
@@ -124,7 +126,9 @@ def _trainable(name: str, freeze_blocks: int) -> bool:
     m = _EARLY.match(name)
     if m is None:
         return True
-    return m.group(1) is not None and int(m.group(1)) >= freeze_blocks
+    if m.group(1) is None:  # the stem: frozen with any frozen block, trained when nothing is frozen
+        return freeze_blocks == 0
+    return int(m.group(1)) >= freeze_blocks
 
 
 def _kl(teacher: tuple[torch.Tensor, ...], student: tuple[torch.Tensor, ...]) -> torch.Tensor:
@@ -505,7 +509,12 @@ def run_qat(ctx: QuantContext, results: dict[str, Any], out: str | Path, data: s
         if "error" in rec:
             continue
         why = accuracy_misses(rec, fine, max_top1_drop, min_agreement)
-        if t in QAT_TARGETS and (why or cfg.force):
+        if t in QAT_TARGETS and (why or cfg.force) and (contexts or {}).get(t, ctx).dynamic is not None:
+            new[f"{t}_qat"] = {
+                "target": f"{t}_qat", "skipped": True, "meets_bar": False, "trigger": why or ["forced (--force-qat)"],
+                "reason": "the ExecuTorch artifact quantizes its activations per photo at run time "
+                          "(--executorch-activations dynamic); QAT here trains the static scheme's calibrated ranges"}
+        elif t in QAT_TARGETS and (why or cfg.force):
             todo[t] = why or ["forced (--force-qat)"]
         elif why and t not in QAT_TARGETS:
             new[f"{t}_qat"] = {

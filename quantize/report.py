@@ -89,9 +89,11 @@ def render_markdown(r: dict[str, Any]) -> str:
             lines += [f"FAILED: `{rec['error']}`", ""]
             continue
         if rec.get("skipped"):
-            lines += [f"- QAT not available: {rec['reason']}", f"- triggered by: {'; '.join(rec['trigger'])}",
-                      "- float families tried instead (greedy, measured): " +
-                      "; ".join(", ".join(f) or "none" for f in rec["float_families_tried"]), ""]
+            lines += [f"- QAT not available: {rec['reason']}", f"- triggered by: {'; '.join(rec['trigger'])}"]
+            if "float_families_tried" in rec:
+                lines.append("- float families tried instead (greedy, measured): " +
+                             "; ".join(", ".join(f) or "none" for f in rec["float_families_tried"]))
+            lines.append("")
             continue
         ratio = rec.get("size_ratio")
         lines += [f"- scheme: {rec['scheme']}", f"- measured on: {rec['measured_on']}",

@@ -21,10 +21,12 @@ from .bias import bias_corrected, rounding_shifts
 from .gptq import gptq_weights, with_weights
 from .calibration import calibration_sets, evaluation_sets
 from .sensitivity import choose_float_families, disagreements, fine_kl
-from .sim import calibrate, families, model_logprobs, simulate
+from .sim import calibrate, dynamic_scheme, families, model_logprobs, simulate
 
 TARGETS = ("onnx", "executorch", "tflite", "coreml")
 ROUNDINGS = ("nearest", "gptq")
+# ExecuTorch's activation schemes: calibrated int8 (the default) or quantized per photo at run time
+ACTIVATIONS = ("static", "dynamic")
 
 
 def _metrics_subset(m: dict[str, float]) -> dict[str, float]:
@@ -162,22 +164,27 @@ def prepare_context(checkpoint: str | Path, data: str, targets: Sequence[str], n
     pidx = np.linspace(0, len(evals["val"]) - 1, num=min(n_parity, len(evals["val"]))).round().astype(int)
     par = ImageSet(evals["val"].images[pidx], evals["val"].labels[pidx], f"{evals['val'].source}, {len(pidx)} for parity")
 
-    def make_context(plan) -> QuantContext:
+    def make_context(plan, dynamic: bool = False) -> QuantContext:
         """The context for one float plan: its int8 source model (GPTQ weights and bias correction on the
-        plan's quantized families) and the activation ranges the backends' observers see on it."""
+        plan's quantized families) and the activation ranges the backends' observers see on it.
+        `dynamic`: for ExecuTorch's dynamic scheme (`quantize.sim.DynamicScheme`), whose float layers
+        (depthwise convs) are neither rounded nor corrected."""
         pinfo = dict(info)
         int8_model, int8_ranges = model, ranges
         quantized_fams = [f for f in families(model) if f.name in plan.quantized]
+        scheme = dynamic_scheme(model, set(plan.quantized), cal.images) if dynamic else None
+        skip = scheme.float if scheme is not None else frozenset()
         if rounded is not None:
-            int8_model = with_weights(model, rounded, quantized_fams)
+            int8_model = with_weights(model, {k: v for k, v in rounded.items() if k not in skip}, quantized_fams)
         if int8_shifts is not None:
-            int8_model, bc = bias_corrected(int8_model, int8_shifts, quantized_fams, len(cal), cal.source)
+            int8_model, bc = bias_corrected(int8_model, {k: v for k, v in int8_shifts.items() if k not in skip},
+                                            quantized_fams, len(cal), cal.source)
             pinfo["bias_correction"] = bc.to_dict()
             log(f"bias correction: {bc.layers} layers (largest shift {bc.max_shift:.3g})")
         if int8_model is not model:
             int8_ranges = calibrate(int8_model, cal.images)  # what the backends' observers see
         return QuantContext(model, tax, size, cal, par, plan, int8_ranges, pinfo, log, int8_model=int8_model,
-                            coreml_shifts=coreml_shifts, fp32_exports=fp32_exports)
+                            coreml_shifts=coreml_shifts, fp32_exports=fp32_exports, dynamic=scheme)
 
     fp32_exports: dict = {}  # one fp32 export per target for every plan's context
 
@@ -189,7 +196,8 @@ def quantize_checkpoint(checkpoint: str | Path, data: str, targets: Sequence[str
                         n_calibration: int = 300, n_sensitivity: int = 200, qat_epochs: int = 0,
                         eval_limit: int = 0, n_parity: int = 64, log: Callable[[str], None] = print,
                         qat: dict[str, Any] | None = None, bias_correction: bool = True,
-                        rounding: str = "nearest", plan_kl: float | None = None) -> dict[str, Any]:
+                        rounding: str = "nearest", plan_kl: float | None = None,
+                        executorch_activations: str = "static") -> dict[str, Any]:
     """Run the whole int8 pipeline for a model directory; writes `<out>/<target>/` + report.{md,json}.
 
     `qat_epochs` > 0: pt2e QAT for the targets whose PTQ misses the accuracy bar (`<out>/qat/<target>/`,
@@ -198,7 +206,12 @@ def quantize_checkpoint(checkpoint: str | Path, data: str, targets: Sequence[str
     of int8 weight rounding, measured on the calibration photos (`quantize.bias`); fp32 stays the reference.
     `plan_kl`: the float plan must also keep the simulated mean fine KL to fp32 on the sensitivity photos at
     or below it (`quantize.sensitivity.choose_float_families`).
+    `executorch_activations`: "static" (calibrated int8 activations) or "dynamic" (each Conv/Linear input
+    quantized per photo at run time, `quantize.sim.DynamicScheme`) for the ExecuTorch target.
     """
+    if executorch_activations not in ACTIVATIONS:
+        raise QuantizeError(f"unknown ExecuTorch activations {executorch_activations!r}; choose from "
+                            f"{', '.join(ACTIVATIONS)}")
     from .report import write_report
 
     t0 = time.time()
@@ -216,12 +229,13 @@ def quantize_checkpoint(checkpoint: str | Path, data: str, targets: Sequence[str
     fp32_lp = {k: model_logprobs(model, s.images) for k, s in evals.items()}
     # float plan -> (its context, its simulated int8 log-probs on the evaluation sets): the run's plan, and
     # the earlier plans of the greedy a target over the size bar is rebuilt from
-    variants: dict[tuple[str, ...], tuple[QuantContext, dict[str, list[np.ndarray]]]] = {}
+    variants: dict[tuple[tuple[str, ...], bool], tuple[QuantContext, dict[str, list[np.ndarray]]]] = {}
 
     def variant(c: QuantContext) -> tuple[QuantContext, dict[str, list[np.ndarray]]]:
-        key = tuple(c.plan.float_families)
+        key = (tuple(c.plan.float_families), c.dynamic is not None)
         if key not in variants:
-            sim = simulate(model, c.ranges, set(c.plan.quantized), shifts=int8_shifts, weights=rounded)
+            sim = simulate(model, c.ranges, set(c.plan.quantized), shifts=int8_shifts, weights=rounded,
+                           dynamic=c.dynamic)
             variants[key] = (c, {k: model_logprobs(sim, s.images) for k, s in evals.items()})
         return variants[key]
 
@@ -240,8 +254,10 @@ def quantize_checkpoint(checkpoint: str | Path, data: str, targets: Sequence[str
         log(f"== {t}")
         try:
             mod = importlib.import_module(f"quantize.{t}")
-            res = mod.quantize(ctx, out)
-            rec, tctx = judge(res, evals, fp32_lp, variant(ctx)[1], tax, simw_lp), ctx
+            dyn = t == "executorch" and executorch_activations == "dynamic"
+            base = variant(prep.make_context(plan, dynamic=True))[0] if dyn else ctx
+            res = mod.quantize(base, out)
+            rec, tctx = judge(res, evals, fp32_lp, variant(base)[1], tax, simw_lp), base
             tried = []
             for fb in fallback_order(plan, rec["int8_size_bytes"], rec["fp32_size_bytes"], params, MAX_SIZE_RATIO):
                 if rec["size_ratio"] <= MAX_SIZE_RATIO:  # (no fp32 size: no fallbacks)
@@ -252,8 +268,8 @@ def quantize_checkpoint(checkpoint: str | Path, data: str, targets: Sequence[str
                     f"{MAX_SIZE_RATIO * 100:.0f} % size bar; rebuilding it with float {fb.float_families}")
                 tried.append({"float_families": tctx.plan.float_families, "size_ratio": rec["size_ratio"],
                               "splits": split_summary(rec, fine)})
-                key = tuple(fb.float_families)
-                tctx, fb_lp = variants[key] if key in variants else variant(prep.make_context(fb))
+                key = (tuple(fb.float_families), dyn)
+                tctx, fb_lp = variants[key] if key in variants else variant(prep.make_context(fb, dynamic=dyn))
                 res = mod.quantize(tctx, out)
                 rec = judge(res, evals, fp32_lp, fb_lp, tax, simw_lp)
             if tried:

@@ -222,6 +222,78 @@ def fq_weight(w: torch.Tensor, fold: torch.Tensor | None = None, eps: float = 0.
     return torch.fake_quantize_per_channel_affine(w, scale, torch.zeros_like(scale, dtype=torch.int32), 0, -127, 127)
 
 
+def is_depthwise(m: nn.Module) -> bool:
+    return isinstance(m, nn.Conv2d) and m.groups > 1 and m.groups == m.in_channels
+
+
+@dataclass(frozen=True)
+class DynamicScheme:
+    """ExecuTorch's dynamic int8 (`python -m quantize --executorch-activations dynamic`): how each
+    Conv2d / Linear of the plan's quantized families runs in the XNNPACK delegate.
+
+    `dynamic`: int8 per-channel weights; the input is quantized per image at run time (its own min/max,
+    XNNPACK's qd8 kernels) and the output stays float, so no calibrated range can clip or coarsen a photo
+    unlike the calibration photos. `static`: the calibrated int8 scheme of the default, where the dynamic
+    kernels cannot run. `float`: depthwise convs, which XNNPACK has no dynamically quantized kernel for
+    (run static instead, they brought most of the static error back: README, session 19). `why`: layer ->
+    why it is not dynamic.
+    """
+
+    dynamic: frozenset[str]
+    static: frozenset[str]
+    float: frozenset[str]
+    why: dict[str, str] = field(default_factory=dict, compare=False, hash=False)
+
+    def to_dict(self) -> dict:
+        return {"dynamic_layers": len(self.dynamic), "static_layers": sorted(self.static),
+                "float_layers": sorted(self.float), "why": dict(sorted(self.why.items()))}
+
+
+@torch.inference_mode()
+def image_independent_layers(model: nn.Module, images: np.ndarray) -> set[str]:
+    """Conv2d / Linear layers whose input is the same for two different photos (e.g. the projection of
+    the learned level-0 queries): a constant, which XNNPACK's partitioner will not quantize dynamically."""
+    if len(images) < 2 or np.array_equal(images[0], images[1]):
+        raise ValueError("image_independent_layers needs two different photos")
+    seen: dict[str, list[torch.Tensor]] = {}
+    hooks = [m.register_forward_pre_hook(lambda mod, inp, name=name: seen.setdefault(name, []).append(inp[0].clone()))
+             for name, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    feed(model, np.ascontiguousarray(images[:2]), hooks, batch=1)
+    return {n for n, (a, b) in seen.items() if torch.equal(a, b)}
+
+
+STEM = "backbone._conv_stem"
+
+
+def dynamic_scheme(model: nn.Module, quantized: set[str], images: np.ndarray) -> DynamicScheme:
+    """Which layers of the families `quantized` run dynamic, static or float (`DynamicScheme`)."""
+    fams = [f for f in families(model) if f.prefixes and f.name in quantized]
+    const = image_independent_layers(model, images)
+    dyn, static, flt, why = set(), set(), set(), {}
+    for name, m in model.named_modules():
+        if not isinstance(m, (nn.Conv2d, nn.Linear)) or not any(f.owns(name) for f in fams):
+            continue
+        if is_depthwise(m):
+            flt.add(name)
+            why[name] = "depthwise: XNNPACK has no dynamically quantized depthwise conv"
+        elif name == STEM:
+            static.add(name)
+            why[name] = ("the stem: XNNPACK's dynamic conv fails at run time on the 3-channel image input "
+                         "(xnn_status_invalid_parameter, executorch 1.5.1)")
+        elif name in const:
+            static.add(name)
+            why[name] = ("its input does not depend on the photo (learned queries): XNNPACK's partitioner leaves "
+                         "a dynamic quantization of a constant outside the delegate")
+        else:
+            dyn.add(name)
+    return DynamicScheme(frozenset(dyn), frozenset(static), frozenset(flt), why)
+
+
+def _fq_per_image(x: torch.Tensor) -> torch.Tensor:
+    # each image's own min/max (asymmetric int8, the range always containing 0), as qd8 chooses it at run time
+    return torch.stack([fq_act(x[i], (float(x[i].min()), float(x[i].max()))) for i in range(x.shape[0])])
+
+
 def _attention_forward(self, xq, xkv, bias=None):
     # the explicit attention path with its matmul inputs and probabilities fake-quantized
     q, k, v = self._split(self.q(xq)), self._split(self.k(xkv)), self._split(self.v(xkv))
@@ -248,7 +320,7 @@ def _output_point(model: nn.Module, name: str) -> str | None:
 
 def simulate(model: nn.Module, ranges: Ranges, quantized: set[str], weights_only: bool = False,
              shifts: dict[str, torch.Tensor] | None = None, weights: dict[str, torch.Tensor] | None = None,
-             weight_eps: float = OBSERVER_EPS) -> nn.Module:
+             weight_eps: float = OBSERVER_EPS, dynamic: DynamicScheme | None = None) -> nn.Module:
     """A copy of `model` with the named families fake-quantized (everything else float).
 
     `weights_only`: only weights of the layer families are quantized (the Core ML weight-only scheme).
@@ -258,6 +330,10 @@ def simulate(model: nn.Module, ranges: Ranges, quantized: set[str], weights_only
     layers that have one (`quantize.gptq.gptq_weights`).
     `weight_eps`: the observers' clamp of the folded weight scale (`OBSERVER_EPS`, ExecuTorch and TFLite);
     0 for the schemes without one (Core ML weights, ONNX Runtime).
+    `dynamic`: ExecuTorch's dynamic scheme (`DynamicScheme`): its dynamic layers get int8 weights and a
+    per-image int8 input, its static layers the calibrated scheme with the output quantized where the
+    layer (after its BatchNorm + ReLU6) hands over to float, its float layers nothing; the op families
+    stay float (the XNNPACK quantizer annotates Conv2d / Linear only).
     """
     from train.models import Attention, GroupReadout
     sim = copy.deepcopy(model).eval()
@@ -266,12 +342,18 @@ def simulate(model: nn.Module, ranges: Ranges, quantized: set[str], weights_only
     if unknown:
         raise ValueError(f"unknown families {sorted(unknown)}; known: {sorted(fams)}")
     layer_fams = [fams[n] for n in quantized if fams[n].prefixes]
+    if dynamic is not None:  # float layers are not rounded: no int8 weights, nothing to correct
+        weights = {k: v for k, v in (weights or {}).items() if k not in dynamic.float}
+        shifts = {k: v for k, v in (shifts or {}).items() if k not in dynamic.float}
     if weights:
         take_weights(sim, weights, layer_fams)
     if shifts:
         from .bias import apply_shifts
         apply_shifts(sim, shifts, layer_fams)
     folds = fold_factors(sim)
+    if dynamic is not None:
+        _dynamic_hooks(sim, ranges, dynamic, layer_fams, folds, weight_eps)
+        return sim
     for name, m in sim.named_modules():
         if isinstance(m, (nn.Conv2d, nn.Linear)) and any(f.owns(name) for f in layer_fams):
             with torch.no_grad():
@@ -296,6 +378,30 @@ def simulate(model: nn.Module, ranges: Ranges, quantized: set[str], weights_only
             rng = ranges.outputs[name]
             m.register_forward_hook(lambda mod, inp, out, rng=rng: fq_act(out, rng))
     return sim
+
+
+def _dynamic_hooks(sim: nn.Module, ranges: Ranges, scheme: DynamicScheme, layer_fams: list[Family],
+                   folds: dict[str, torch.Tensor], weight_eps: float) -> None:
+    for name, m in sim.named_modules():
+        if not isinstance(m, (nn.Conv2d, nn.Linear)) or not any(f.owns(name) for f in layer_fams) \
+                or name in scheme.float:
+            continue
+        with torch.no_grad():
+            m.weight.copy_(fq_weight(m.weight, folds.get(name), weight_eps))
+        if name in scheme.dynamic:
+            m.register_forward_pre_hook(lambda mod, inp: (_fq_per_image(inp[0]),) + tuple(inp[1:]))
+            continue
+        rng = ranges.inputs[name]
+        m.register_forward_pre_hook(lambda mod, inp, rng=rng: (fq_act(inp[0], rng),) + tuple(inp[1:]))
+        out_at = _output_point(sim, name)
+        if out_at is None:  # BN + ReLU6 follow: the output is quantized after the clip (fused), on [0, 6]
+            bn = bn_after(dict(sim.named_modules()), name)
+            out_at = next(n for n, mod in sim.named_modules() if mod is bn)
+            lo, hi = ranges.outputs[out_at]
+            orng = (max(lo, 0.0), min(hi, 6.0))
+        else:
+            orng = ranges.outputs[out_at]
+        sim.get_submodule(out_at).register_forward_hook(lambda mod, inp, out, rng=orng: fq_act(out, rng))
 
 
 @torch.inference_mode()

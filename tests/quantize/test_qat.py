@@ -33,6 +33,10 @@ def test_trainable_parameters_follow_the_frozen_prefix():
     assert not _trainable("model.backbone._blocks.5._bn1.weight", 3)
     assert _trainable("model.backbone._conv_head.weight", 3)
     assert _trainable("model.head.cross.0.0.attn.q.weight", 3)
+    # nothing frozen (--qat-freeze-blocks 0): the stem and every block train, BatchNorm still does not
+    assert _trainable("model.backbone._conv_stem.weight", 0)
+    assert _trainable("model.backbone._blocks.0._depthwise_conv.weight", 0)
+    assert not _trainable("model.backbone._blocks.0._bn1.weight", 0)
 
 
 def test_qat_config_rejects_zero_epochs():

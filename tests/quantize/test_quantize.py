@@ -346,3 +346,50 @@ def test_disagreements_report_how_sure_fp32_was_where_int8_changed_the_answer():
     assert named["changed"][0]["fp32_gap"] == gaps[1] and named["changed"][1]["fp32_gap"] == gaps[0]
     with pytest.raises(ValueError, match="2 names for 3 images"):
         disagreements(tree, [cat, fp32], [cat, int8], names=["a.jpg", "b.jpg"])
+
+
+@pytest.mark.slow
+def test_dynamic_executorch_quantizes_each_photo_at_run_time(tiny_student_dir, grocery_root, tmp_path):
+    """--executorch-activations dynamic: int8 weights, each Conv/Linear input quantized per photo inside the
+    XNNPACK delegate; the stem and the constant-input query projection static, depthwise convs float."""
+    from quantize import quantize_checkpoint
+    from quantize.calibration import calibration_sets
+    from quantize.sim import STEM, calibrate, dynamic_scheme, families, image_independent_layers, simulate
+    from train.checkpoint import load_model
+
+    model, cfg, tax, _ = load_model(tiny_student_dir)
+    cal, _ = calibration_sets(str(grocery_root), cfg.image_size, tax, 4, 0)
+    # the level-0 queries are learned constants: their projection sees the same input for every photo
+    const = image_independent_layers(model, cal.images)
+    assert "head.cross.0.0.attn.q" in const and not any(n.startswith("backbone.") for n in const)
+    scheme = dynamic_scheme(model, {f.name for f in families(model)}, cal.images)
+    assert STEM in scheme.static and "head.cross.0.0.attn.q" in scheme.static
+    assert scheme.float and all(n.endswith("_depthwise_conv") for n in scheme.float)
+    assert "backbone._blocks.3._expand_conv" in scheme.dynamic and "head.camp.0.block.attn.k" in scheme.dynamic
+    assert not (scheme.dynamic & scheme.static) and not (scheme.dynamic & scheme.float)
+    # in the simulation a depthwise conv keeps its fp32 weights, a dynamic layer gets the int8 grid
+    sim = dict(simulate(model, calibrate(model, cal.images), {f.name for f in families(model)},
+                        dynamic=scheme).named_modules())
+    fp = dict(model.named_modules())
+    dw = sorted(scheme.float)[0]
+    assert torch.equal(sim[dw].weight, fp[dw].weight)
+    assert not torch.equal(sim["backbone._blocks.3._expand_conv"].weight, fp["backbone._blocks.3._expand_conv"].weight)
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        rep = quantize_checkpoint(tiny_student_dir, str(grocery_root), ["executorch"], tmp_path, n_calibration=24,
+                                  n_sensitivity=24, eval_limit=24, n_parity=12, executorch_activations="dynamic",
+                                  qat_epochs=1, qat={"images": 8, "force": True}, log=lambda *_: None)
+    rec = rep["targets"]["executorch"]
+    assert "error" not in rec, f"{rec.get('error')}\n{rec.get('traceback')}"
+    q = Manifest.load(tmp_path / "executorch").metrics["quantization"]
+    assert q["activations"] == "dynamic" and "per photo at run time" in q["scheme"]
+    assert STEM in q["dynamic_scheme"]["static_layers"] and q["dynamic_scheme"]["dynamic_layers"] > 40
+    assert any("depthwise" in f for f in q["float_layers"])
+    # the artifact computes what the dynamic simulation computes (a static simulation would not be the reference)
+    assert rec["splits"]["val"]["agreement_with_pytorch_simulation"]["agreement/fine"] >= 0.9
+    assert rec["int8_size_bytes"] < 0.5 * rec["fp32_size_bytes"]
+    # QAT trains calibrated ranges: it is not run on a dynamic artifact, and the report says why
+    assert rep["targets"]["executorch_qat"]["skipped"] and "dynamic" in rep["targets"]["executorch_qat"]["reason"]
+    pred = Classifier.load(tmp_path / "executorch").classify(grocery_root / "train/Fruit/Banana/Banana_001.jpg")
+    assert pred.full_path

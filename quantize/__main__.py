@@ -50,8 +50,8 @@ def main(argv: list[str] | None = None) -> int:
                         "30 %% size bar is rebuilt from the greedy's earlier plan that fits (the report says so)")
     p.add_argument("--executorch-activations", choices=("static", "dynamic"), default="static",
                    help="ExecuTorch activations: calibrated int8 (static, default) or quantized per photo at run time "
-                        "(dynamic: XNNPACK's qd8 kernels, int8 weights, float outputs; depthwise convs stay float "
-                        "because XNNPACK has no dynamic depthwise kernel). TFLite and ONNX stay static (full-integer)")
+                        "(dynamic: XNNPACK's qd8 kernels, int8 weights, float outputs; depthwise convs and the stem stay float "
+                        "because XNNPACK cannot run them dynamic). TFLite and ONNX stay static (full-integer)")
     a = p.parse_args(argv)
     if a.plan_kl is not None and not a.plan_kl > 0:
         p.error(f"--plan-kl must be > 0 (got {a.plan_kl})")

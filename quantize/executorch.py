@@ -10,6 +10,12 @@ conv's output observer moves after the ReLU6 that follows it, `fuse_clamp_output
 assert that nothing but the converter's allow-listed float ops (LayerNorm, the read-out tail, data
 movement) runs outside XNNPACK — in particular no quantize/dequantize op, so the `.pte` needs no
 `executorch.kernels.quantized` at load time.
+
+`--executorch-activations dynamic` (`ctx.dynamic`, `quantize.sim.DynamicScheme`): the same quantizer with
+its dynamic config on the plan's Conv2d / Linear layers -- int8 per-channel weights, each input quantized
+to int8 per photo at run time (XNNPACK's qd8 kernels), float outputs -- except where XNNPACK cannot run
+it: depthwise convs (no dynamic kernel) and the stem (its dynamic conv fails at run time on the
+3-channel image) stay float, and the projection of the constant level-0 queries stays static.
 """
 
 from __future__ import annotations
@@ -186,7 +192,7 @@ def quantize(ctx: QuantContext, out_dir: Path) -> TargetResult:
     dynamic = [n for n in names if dyn is not None and n.removeprefix("model.") in dyn.dynamic]
     static = [n for n in names if dyn is None or n.removeprefix("model.") in dyn.static]
     ctx.log(f"executorch: pt2e XNNPACK quantizer on {len(names)} Conv/Linear layers"
-            + (f" ({len(dynamic)} dynamic, {len(static)} static, {len(dyn.float)} depthwise float)" if dyn else "")
+            + (f" ({len(dynamic)} dynamic, {len(static)} static, {len(dyn.float)} float)" if dyn else "")
             + f", calibrating on {len(ctx.calibration)} photos")
     int8_dir = out_dir / "executorch"
     path = int8_dir / "model.pte"
@@ -202,11 +208,12 @@ def quantize(ctx: QuantContext, out_dir: Path) -> TargetResult:
              "XNNPACK delegate segments; no quantize/dequantize op outside the delegate (asserted)"]
     extra = None
     if dyn is not None:
-        float_layers = [f"{len(dyn.float)} depthwise convs (XNNPACK has no dynamically quantized depthwise conv)"] \
-            + float_layers
+        float_layers = [f"{n} ({dyn.why[n]})" for n in sorted(dyn.float) if "depthwise" not in dyn.why[n]] + \
+            [f"{sum('depthwise' in dyn.why[n] for n in dyn.float)} depthwise convs (XNNPACK has no dynamically "
+             "quantized depthwise conv)"] + float_layers
         scheme = ("pt2e XNNPACKQuantizer, dynamic activations: int8 symmetric per-channel weights; each Conv/Linear "
                   "input quantized to int8 per photo at run time (XNNPACK qd8), its output float; "
-                  f"{len(static)} layers static int8 (calibrated, histogram), {len(dyn.float)} depthwise convs float")
+                  f"{len(static)} layers static int8 (calibrated, histogram), {len(dyn.float)} layers float (depthwise convs, stem)")
         notes[0] = f"{len(dynamic)} Conv/Linear layers dynamic int8, {len(static)} static int8: {', '.join(static)}"
         extra = {"activations": "dynamic", "dynamic_scheme": dyn.to_dict()}
     m = finish_int8(ctx, "executorch", path, tool_versions("executorch", "torchao"), scheme, float_layers, notes,

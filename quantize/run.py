@@ -168,7 +168,7 @@ def prepare_context(checkpoint: str | Path, data: str, targets: Sequence[str], n
         """The context for one float plan: its int8 source model (GPTQ weights and bias correction on the
         plan's quantized families) and the activation ranges the backends' observers see on it.
         `dynamic`: for ExecuTorch's dynamic scheme (`quantize.sim.DynamicScheme`), whose float layers
-        (depthwise convs) are neither rounded nor corrected."""
+        (depthwise convs, the stem) are neither rounded nor corrected."""
         pinfo = dict(info)
         int8_model, int8_ranges = model, ranges
         quantized_fams = [f for f in families(model) if f.name in plan.quantized]

@@ -6,7 +6,7 @@ import argparse
 import sys
 import warnings
 
-from .run import TARGETS, quantize_checkpoint
+from .run import DYNAMIC_KL_GAIN, TARGETS, quantize_checkpoint
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -48,10 +48,12 @@ def main(argv: list[str] | None = None) -> int:
                         "agreement and top-1 drop only). The KL sees the noise that flips near-ties, which agreement "
                         "on a few hundred confident photos misses. A target whose file these extra floats push over the "
                         "30 %% size bar is rebuilt from the greedy's earlier plan that fits (the report says so)")
-    p.add_argument("--executorch-activations", choices=("static", "dynamic"), default="static",
-                   help="ExecuTorch activations: calibrated int8 (static, default) or quantized per photo at run time "
+    p.add_argument("--executorch-activations", choices=("auto", "static", "dynamic"), default="auto",
+                   help="ExecuTorch activations: calibrated int8 (static), or quantized per photo at run time "
                         "(dynamic: XNNPACK's qd8 kernels, int8 weights, float outputs; depthwise convs and the stem stay float "
-                        "because XNNPACK cannot run them dynamic). TFLite and ONNX stay static (full-integer)")
+                        "because XNNPACK cannot run them dynamic), or auto (default): dynamic when its simulated fine KL "
+                        f"to fp32 on the sensitivity photos is at most {DYNAMIC_KL_GAIN:g} x the static one's (report and manifest say "
+                        "both). TFLite and ONNX stay static (full-integer)")
     a = p.parse_args(argv)
     if a.plan_kl is not None and not a.plan_kl > 0:
         p.error(f"--plan-kl must be > 0 (got {a.plan_kl})")

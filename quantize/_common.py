@@ -46,6 +46,8 @@ class QuantContext:
     fp32_exports: dict[Path, Artifact] = field(default_factory=dict)
     # ExecuTorch's dynamic activation scheme (None: static, calibrated int8 activations)
     dynamic: DynamicScheme | None = None
+    # how ExecuTorch's activations were chosen (`quantize.run.choose_activations`), for its manifest
+    activations_choice: dict[str, Any] | None = None
 
     @property
     def families(self) -> list[Family]:

@@ -206,7 +206,7 @@ def quantize(ctx: QuantContext, out_dir: Path) -> TargetResult:
     scheme = "pt2e XNNPACKQuantizer: int8 symmetric per-channel weights, int8 per-tensor activations (histogram)"
     notes = [f"{len(names)} Conv/Linear layers int8", f"{delegate_count(edge.exported_program().graph_module)} "
              "XNNPACK delegate segments; no quantize/dequantize op outside the delegate (asserted)"]
-    extra = None
+    extra = {"activations": "static"}
     if dyn is not None:
         float_layers = [f"{n} ({dyn.why[n]})" for n in sorted(dyn.float) if "depthwise" not in dyn.why[n]] + \
             [f"{sum('depthwise' in dyn.why[n] for n in dyn.float)} depthwise convs (XNNPACK has no dynamically "
@@ -216,6 +216,8 @@ def quantize(ctx: QuantContext, out_dir: Path) -> TargetResult:
                   f"{len(static)} layers static int8 (calibrated, histogram), {len(dyn.float)} layers float (depthwise convs, stem)")
         notes[0] = f"{len(dynamic)} Conv/Linear layers dynamic int8, {len(static)} static int8: {', '.join(static)}"
         extra = {"activations": "dynamic", "dynamic_scheme": dyn.to_dict()}
+    if ctx.activations_choice is not None:
+        extra["activations_choice"] = ctx.activations_choice
     m = finish_int8(ctx, "executorch", path, tool_versions("executorch", "torchao"), scheme, float_layers, notes,
                     extra=extra)
     m.metrics["export"] = {"fixed_batch": 1, "delegate": "XnnpackPartitioner", "portable_ops": dict(sorted(ops.items())),

@@ -55,6 +55,20 @@ def _rounding_line(wr: dict[str, Any] | None) -> str:
             f"({wr['seconds']} s)")
 
 
+def _activations_lines(c: dict[str, Any] | None) -> list[str]:
+    if not c:
+        return []
+    if c["requested"] != "auto":
+        return ["", f"ExecuTorch activations: {c['chosen']} (requested)."]
+    kl = c["simulated_fine_kl"]
+    if kl is None:
+        return ["", f"ExecuTorch activations: {c['chosen']} (auto; {c['why']})."]
+    return ["", f"ExecuTorch activations: **{c['chosen']}** (auto). Simulated mean fine KL to fp32 on {c['photos']}: "
+                f"static {kl['static']:.2e}, dynamic {kl['dynamic']:.2e}; rule: {c['rule']}." +
+                (f" Built static: the dynamic file was {100 * c['dynamic_size_ratio']:.1f} % of fp32, over the size bar."
+                 if "dynamic_size_ratio" in c else "")]
+
+
 CHANGED_LISTED = 20  # changed photos listed per split in report.md (all are in report.json)
 
 
@@ -82,6 +96,7 @@ def render_markdown(r: dict[str, Any]) -> str:
                      (f", mean fine KL {st['fine_kl']:.2e}" if "fine_kl" in st else "") +
                      {"kl": " (bar met, KL target not: next family by KL)",
                       "agreement": " (bar not met: next family by agreement)"}.get(st.get("next_float_chosen_by"), ""))
+    lines += _activations_lines(r.get("executorch_activations"))
     lines += ["", "## Targets", ""]
     for t, rec in r["targets"].items():
         lines += [f"### {t}", ""]

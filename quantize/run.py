@@ -6,7 +6,7 @@ import importlib
 import json
 import time
 import traceback
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -26,7 +26,11 @@ from .sim import calibrate, dynamic_scheme, families, model_logprobs, simulate
 TARGETS = ("onnx", "executorch", "tflite", "coreml")
 ROUNDINGS = ("nearest", "gptq")
 # ExecuTorch's activation schemes: calibrated int8 (the default) or quantized per photo at run time
-ACTIVATIONS = ("static", "dynamic")
+ACTIVATIONS = ("auto", "static", "dynamic")
+# `auto` takes ExecuTorch's dynamic scheme only when its simulated fine KL to fp32 on the sensitivity photos
+# is at most this share of the static scheme's: it costs latency (float depthwise convs, per-photo input
+# ranges) and size (float stem and depthwise weights), so a gain within noise is not worth it
+DYNAMIC_KL_GAIN = 0.8
 
 
 def _metrics_subset(m: dict[str, float]) -> dict[str, float]:
@@ -112,6 +116,7 @@ class Prepared:
     int8_shifts: dict[str, Any] | None  # mean output shift of int8 weight rounding per channel (bias correction)
     rounded: dict[str, Any] | None  # GPTQ int8 weights per layer; None: round-to-nearest
     make_context: Callable[[Any], QuantContext] | None = None  # Plan -> its QuantContext (another float plan)
+    sensitivity: Any = None  # ImageSet the float plan was measured on (training photos that did not calibrate)
 
 
 def prepare_context(checkpoint: str | Path, data: str, targets: Sequence[str], n_calibration: int = 300,
@@ -189,7 +194,36 @@ def prepare_context(checkpoint: str | Path, data: str, targets: Sequence[str], n
     fp32_exports: dict = {}  # one fp32 export per target for every plan's context
 
     ctx = make_context(plan)
-    return Prepared(ctx, evals, conf, ranges, int8_shifts, rounded, make_context)
+    return Prepared(ctx, evals, conf, ranges, int8_shifts, rounded, make_context, sen)
+
+
+def pick_activations(kl_static: float, kl_dynamic: float, gain: float | None = None) -> str:
+    """`auto`'s rule: "dynamic" when its KL is at most `gain` (default `DYNAMIC_KL_GAIN`) times the static one's."""
+    gain = DYNAMIC_KL_GAIN if gain is None else gain
+    if not (np.isfinite(kl_static) and np.isfinite(kl_dynamic)):
+        raise QuantizeError(f"simulated KL not finite (static {kl_static}, dynamic {kl_dynamic})")
+    return "dynamic" if kl_dynamic <= gain * kl_static else "static"
+
+
+def choose_activations(prep: Prepared, static_ctx: QuantContext, dynamic_ctx: QuantContext,
+                       log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Measure, on the sensitivity photos (training photos that neither calibrated nor train-judge the plan
+    twice: the same photos the float plan was chosen on), the mean fine KL to fp32 of the PyTorch simulation
+    of ExecuTorch's static and dynamic schemes for the run's plan, and pick one (`pick_activations`)."""
+    model, sen = static_ctx.model, prep.sensitivity
+    fp32 = model_logprobs(model, sen.images)
+    kl = {}
+    for name, c in (("static", static_ctx), ("dynamic", dynamic_ctx)):
+        sim = simulate(model, c.ranges, set(c.plan.quantized), shifts=prep.int8_shifts, weights=prep.rounded,
+                       dynamic=c.dynamic)
+        kl[name] = fine_kl(fp32, model_logprobs(sim, sen.images))
+    chosen = pick_activations(kl["static"], kl["dynamic"])
+    log(f"executorch activations (auto): simulated fine KL to fp32 on {sen.source}: static {kl['static']:.3g}, "
+        f"dynamic {kl['dynamic']:.3g} -> {chosen}")
+    return {"requested": "auto", "chosen": chosen, "simulated_fine_kl": {k: float(v) for k, v in kl.items()},
+            "photos": sen.source,
+            "rule": f"dynamic when its simulated KL is at most {DYNAMIC_KL_GAIN:g} x the static one's (it is "
+                    "slower and larger: float depthwise convs and stem, per-photo input ranges)"}
 
 
 def quantize_checkpoint(checkpoint: str | Path, data: str, targets: Sequence[str], out: str | Path,
@@ -197,7 +231,7 @@ def quantize_checkpoint(checkpoint: str | Path, data: str, targets: Sequence[str
                         eval_limit: int = 0, n_parity: int = 64, log: Callable[[str], None] = print,
                         qat: dict[str, Any] | None = None, bias_correction: bool = True,
                         rounding: str = "nearest", plan_kl: float | None = None,
-                        executorch_activations: str = "static") -> dict[str, Any]:
+                        executorch_activations: str = "auto") -> dict[str, Any]:
     """Run the whole int8 pipeline for a model directory; writes `<out>/<target>/` + report.{md,json}.
 
     `qat_epochs` > 0: pt2e QAT for the targets whose PTQ misses the accuracy bar (`<out>/qat/<target>/`,
@@ -206,8 +240,9 @@ def quantize_checkpoint(checkpoint: str | Path, data: str, targets: Sequence[str
     of int8 weight rounding, measured on the calibration photos (`quantize.bias`); fp32 stays the reference.
     `plan_kl`: the float plan must also keep the simulated mean fine KL to fp32 on the sensitivity photos at
     or below it (`quantize.sensitivity.choose_float_families`).
-    `executorch_activations`: "static" (calibrated int8 activations) or "dynamic" (each Conv/Linear input
-    quantized per photo at run time, `quantize.sim.DynamicScheme`) for the ExecuTorch target.
+    `executorch_activations`: "static" (calibrated int8 activations), "dynamic" (each Conv/Linear input
+    quantized per photo at run time, `quantize.sim.DynamicScheme`) or "auto" (the one whose simulation is
+    closer to fp32 on the sensitivity photos, `choose_activations`) for the ExecuTorch target.
     """
     if executorch_activations not in ACTIVATIONS:
         raise QuantizeError(f"unknown ExecuTorch activations {executorch_activations!r}; choose from "
@@ -250,14 +285,36 @@ def quantize_checkpoint(checkpoint: str | Path, data: str, targets: Sequence[str
     contexts: dict[str, QuantContext] = {}  # the context each target was finally built from
     params = family_parameters(model)
     fine = tax.level_names[-1]
+    choice = None  # how ExecuTorch's activations were chosen
+    if "executorch" in targets:
+        if executorch_activations == "auto":
+            try:
+                choice = choose_activations(prep, ctx, variant(prep.make_context(plan, dynamic=True))[0], log)
+            except Exception as e:  # the measurement failing must not cost the artifact: static is the default
+                log(f"executorch activations (auto): measuring the dynamic scheme failed ({type(e).__name__}: {e}); static")
+                choice = {"requested": "auto", "chosen": "static", "simulated_fine_kl": None,
+                          "why": f"measuring the dynamic scheme failed: {type(e).__name__}: {e}"}
+        else:
+            choice = {"requested": executorch_activations, "chosen": executorch_activations}
     for t in targets:
         log(f"== {t}")
         try:
             mod = importlib.import_module(f"quantize.{t}")
-            dyn = t == "executorch" and executorch_activations == "dynamic"
+            dyn = t == "executorch" and choice["chosen"] == "dynamic"
             base = variant(prep.make_context(plan, dynamic=True))[0] if dyn else ctx
+            if t == "executorch":
+                base = replace(base, activations_choice=choice)
             res = mod.quantize(base, out)
             rec, tctx = judge(res, evals, fp32_lp, variant(base)[1], tax, simw_lp), base
+            if dyn and choice["requested"] == "auto" and (rec["size_ratio"] or 0) > MAX_SIZE_RATIO:
+                # the dynamic scheme's float depthwise convs and stem cost size; the bar is a limit
+                log(f"executorch: dynamic is {rec['size_ratio'] * 100:.1f} % of fp32, over the "
+                    f"{MAX_SIZE_RATIO * 100:.0f} % size bar; rebuilding it static")
+                choice = {**choice, "chosen": "static", "dynamic_size_ratio": rec["size_ratio"],
+                          "why": "the dynamic artifact was over the size bar"}
+                dyn, base = False, replace(ctx, activations_choice=choice)
+                res = mod.quantize(base, out)
+                rec, tctx = judge(res, evals, fp32_lp, variant(base)[1], tax, simw_lp), base
             tried = []
             for fb in fallback_order(plan, rec["int8_size_bytes"], rec["fp32_size_bytes"], params, MAX_SIZE_RATIO):
                 if rec["size_ratio"] <= MAX_SIZE_RATIO:  # (no fp32 size: no fallbacks)
@@ -270,6 +327,8 @@ def quantize_checkpoint(checkpoint: str | Path, data: str, targets: Sequence[str
                               "splits": split_summary(rec, fine)})
                 key = (tuple(fb.float_families), dyn)
                 tctx, fb_lp = variants[key] if key in variants else variant(prep.make_context(fb, dynamic=dyn))
+                if t == "executorch":
+                    tctx = replace(tctx, activations_choice=choice)
                 res = mod.quantize(tctx, out)
                 rec = judge(res, evals, fp32_lp, fb_lp, tax, simw_lp)
             if tried:
@@ -305,6 +364,6 @@ def quantize_checkpoint(checkpoint: str | Path, data: str, targets: Sequence[str
               "bias_correction": info.get("bias_correction"), "sensitivity": plan.to_dict(), "evaluation_sets": {k: s.source for k, s in evals.items()},
               "bar": {"max_fine_top1_drop": MAX_TOP1_DROP, "min_fine_agreement": MIN_AGREEMENT,
                       "max_size_ratio": MAX_SIZE_RATIO},
-              "targets": results, "seconds": round(time.time() - t0, 1)}
+              "executorch_activations": choice, "targets": results, "seconds": round(time.time() - t0, 1)}
     write_report(report, out)
     return report

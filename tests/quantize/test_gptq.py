@@ -105,6 +105,7 @@ def test_python_m_quantize_with_gptq_rounding_builds_an_executorch_int8_the_sdk_
     import warnings
 
     from quantize.__main__ import main
+    from quantize.run import pick_activations
     from sdk import Classifier, Manifest
 
     with warnings.catch_warnings():
@@ -121,6 +122,17 @@ def test_python_m_quantize_with_gptq_rounding_builds_an_executorch_int8_the_sdk_
     assert "int8 weight rounding: GPTQ" in (tmp_path / "report.md").read_text()
     m = Manifest.load(tmp_path / "executorch")
     assert m.precision == "int8" and m.model["weight_rounding"]["method"].startswith("GPTQ")
+    # the CLI's default ExecuTorch activations: chosen by the two schemes' simulated KL, and the artifact is the choice
+    choice = rep["executorch_activations"]
+    kl = choice["simulated_fine_kl"]
+    rule = pick_activations(kl["static"], kl["dynamic"])
+    assert choice["requested"] == "auto"
+    if "dynamic_size_ratio" in choice:  # dynamic chosen, but its file was over the size bar: rebuilt static
+        assert rule == "dynamic" and choice["chosen"] == "static" and choice["dynamic_size_ratio"] > 0.3
+        assert "over the size bar" in (tmp_path / "report.md").read_text()
+    else:
+        assert choice["chosen"] == rule
+    assert m.metrics["quantization"]["activations"] == choice["chosen"]
     val = rec["splits"]["val"]
     # barely trained tiny student on 24 photos: 85 % catches a broken rounding (that lands near chance)
     assert val["agreement_with_fp32"]["agreement/fine"] >= 0.85

@@ -166,15 +166,21 @@ def test_the_size_fallback_tries_the_plans_estimated_to_fit_most_floats_first():
 def test_a_target_over_the_size_bar_is_rebuilt_without_the_kl_floats(tiny_student_dir, grocery_root, tmp_path,
                                                                       monkeypatch):
     """--plan-kl is a preference, the size bar a limit: a target whose file the KL floats push over
-    the bar is rebuilt from the plan the greedy held before them, and the report says so."""
+    the bar is rebuilt from the plan the greedy held before them, and the report says so. So is
+    `auto`'s dynamic ExecuTorch: over the bar, it is rebuilt static first."""
     import quantize.run
     from quantize import quantize_checkpoint
 
     monkeypatch.setattr(quantize.run, "MAX_SIZE_RATIO", 0.0)  # every file is over: the rebuild must happen
+    monkeypatch.setattr(quantize.run, "DYNAMIC_KL_GAIN", 1e9)  # auto takes dynamic first, then the size bar rules
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         rep = quantize_checkpoint(tiny_student_dir, str(grocery_root), ["executorch"], tmp_path, n_calibration=24,
                                   n_sensitivity=24, eval_limit=24, n_parity=12, plan_kl=1e-9, log=lambda *_: None)
+    # the dynamic scheme (larger: float depthwise convs and stem) was over the bar, so auto fell back to static
+    choice = rep["executorch_activations"]
+    assert choice["chosen"] == "static" and choice["dynamic_size_ratio"] > 0, choice
+    assert Manifest.load(tmp_path / "executorch").metrics["quantization"]["activations"] == "static"
     kl_floats = rep["sensitivity"]["float_families"]
     rec = rep["targets"]["executorch"]
     lean = rec["plan"]["float_families"]
@@ -348,10 +354,24 @@ def test_disagreements_report_how_sure_fp32_was_where_int8_changed_the_answer():
         disagreements(tree, [cat, fp32], [cat, int8], names=["a.jpg", "b.jpg"])
 
 
+def test_auto_activations_take_dynamic_only_for_a_clear_kl_gain():
+    from quantize.run import DYNAMIC_KL_GAIN, QuantizeError, pick_activations
+
+    assert pick_activations(1e-3, 1e-3) == "static"  # no gain: the faster, smaller static scheme
+    assert pick_activations(1e-3, 0.99e-3) == "static"  # a gain within noise is not worth the latency
+    assert pick_activations(1e-3, DYNAMIC_KL_GAIN * 1e-3) == "dynamic"
+    assert pick_activations(2.3e-3, 6.8e-4) == "dynamic"  # the reference student's val KLs (README, session 19)
+    assert pick_activations(1e-3, 0.5e-3, gain=0.4) == "static"
+    with pytest.raises(QuantizeError, match="not finite"):
+        pick_activations(float("nan"), 1e-3)
+
+
 @pytest.mark.slow
-def test_dynamic_executorch_quantizes_each_photo_at_run_time(tiny_student_dir, grocery_root, tmp_path):
+def test_dynamic_executorch_quantizes_each_photo_at_run_time(tiny_student_dir, grocery_root, tmp_path, monkeypatch):
     """--executorch-activations dynamic: int8 weights, each Conv/Linear input quantized per photo inside the
-    XNNPACK delegate; the constant-input query projection static, the stem and depthwise convs float."""
+    XNNPACK delegate; the constant-input query projection static, the stem and depthwise convs float.
+    Reached through `auto` (the default), here told to take dynamic at any KL, so the choice is recorded."""
+    import quantize.run
     from quantize import quantize_checkpoint
     from quantize.calibration import calibration_sets
     from quantize.sim import STEM, calibrate, dynamic_scheme, families, image_independent_layers, simulate
@@ -375,17 +395,29 @@ def test_dynamic_executorch_quantizes_each_photo_at_run_time(tiny_student_dir, g
     assert torch.equal(sim[dw].weight, fp[dw].weight)
     assert not torch.equal(sim["backbone._blocks.3._expand_conv"].weight, fp["backbone._blocks.3._expand_conv"].weight)
 
+    monkeypatch.setattr(quantize.run, "DYNAMIC_KL_GAIN", 1e9)
+    # the tiny student's float depthwise convs and stem weigh more than the size bar allows: not judged here
+    monkeypatch.setattr(quantize.run, "MAX_SIZE_RATIO", 1.0)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         rep = quantize_checkpoint(tiny_student_dir, str(grocery_root), ["executorch"], tmp_path, n_calibration=24,
-                                  n_sensitivity=24, eval_limit=24, n_parity=12, executorch_activations="dynamic",
+                                  n_sensitivity=24, eval_limit=24, n_parity=12, executorch_activations="auto",
                                   qat_epochs=1, qat={"images": 8, "force": True}, log=lambda *_: None)
     rec = rep["targets"]["executorch"]
     assert "error" not in rec, f"{rec.get('error')}\n{rec.get('traceback')}"
     q = Manifest.load(tmp_path / "executorch").metrics["quantization"]
     assert q["activations"] == "dynamic" and "per photo at run time" in q["scheme"]
-    assert STEM in q["dynamic_scheme"]["float_layers"] and q["dynamic_scheme"]["dynamic_layers"] > 40
-    assert any("depthwise" in f for f in q["float_layers"]) and any(f.startswith(STEM) for f in q["float_layers"])
+    choice = rep["executorch_activations"]
+    assert choice["requested"] == "auto" and choice["chosen"] == "dynamic" and q["activations_choice"] == choice
+    assert all(0 < kl < 1 for kl in choice["simulated_fine_kl"].values()), choice
+    assert "24 photos" in choice["photos"]
+    assert "ExecuTorch activations: **dynamic** (auto)" in (tmp_path / "report.md").read_text()
+    # the artifact's scheme is that of the run's measured float plan (the tiny student's greedy may float families)
+    quantized = {f.name for f in families(model)} - set(rep["sensitivity"]["float_families"])
+    expect = dynamic_scheme(model, quantized, cal.images)
+    assert q["dynamic_scheme"] == json.loads(json.dumps(expect.to_dict())) and len(expect.dynamic) > 20
+    assert any("depthwise" in f for f in q["float_layers"])
+    assert (STEM in expect.float) == any(f.startswith(STEM) for f in q["float_layers"])
     # the artifact computes what the dynamic simulation computes (a static simulation would not be the reference)
     assert rec["splits"]["val"]["agreement_with_pytorch_simulation"]["agreement/fine"] >= 0.9
     assert rec["int8_size_bytes"] < 0.5 * rec["fp32_size_bytes"]

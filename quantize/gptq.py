@@ -33,7 +33,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .bias import _rounding_error_output
-from .sim import OBSERVER_EPS, Family, feed, fold_factors, take_weights, weight_scale
+from .sim import OBSERVER_EPS, Family, feed, fold_factors, is_depthwise, take_weights, weight_scale
 
 DAMP = 0.01
 
@@ -57,7 +57,7 @@ def _kind(mod: nn.Module) -> str | None:
     if isinstance(mod, nn.Conv2d):
         if mod.groups == 1:
             return "dense"
-        if mod.groups == mod.in_channels == mod.out_channels:
+        if is_depthwise(mod) and mod.out_channels == mod.groups:  # one filter per channel
             return "depthwise"
     return None
 

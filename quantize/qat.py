@@ -509,13 +509,14 @@ def run_qat(ctx: QuantContext, results: dict[str, Any], out: str | Path, data: s
         if "error" in rec:
             continue
         why = accuracy_misses(rec, fine, max_top1_drop, min_agreement)
-        if t in QAT_TARGETS and (why or cfg.force) and (contexts or {}).get(t, ctx).dynamic is not None:
-            new[f"{t}_qat"] = {
-                "target": f"{t}_qat", "skipped": True, "meets_bar": False, "trigger": why or ["forced (--force-qat)"],
-                "reason": "the ExecuTorch artifact quantizes its activations per photo at run time "
-                          "(--executorch-activations dynamic); QAT here trains the static scheme's calibrated ranges"}
-        elif t in QAT_TARGETS and (why or cfg.force):
-            todo[t] = why or ["forced (--force-qat)"]
+        if t in QAT_TARGETS and (why or cfg.force):
+            if (contexts or {}).get(t, ctx).dynamic is None:
+                todo[t] = why or ["forced (--force-qat)"]
+            else:
+                new[f"{t}_qat"] = {
+                    "target": f"{t}_qat", "skipped": True, "meets_bar": False, "trigger": why or ["forced (--force-qat)"],
+                    "reason": "the ExecuTorch artifact quantizes its activations per photo at run time "
+                              "(--executorch-activations dynamic); QAT here trains the static scheme's calibrated ranges"}
         elif why and t not in QAT_TARGETS:
             new[f"{t}_qat"] = {
                 "target": f"{t}_qat", "skipped": True, "meets_bar": False, "trigger": why,

@@ -205,18 +205,13 @@ def pick_activations(kl_static: float, kl_dynamic: float, gain: float | None = N
     return "dynamic" if kl_dynamic <= gain * kl_static else "static"
 
 
-def choose_activations(prep: Prepared, static_ctx: QuantContext, dynamic_ctx: QuantContext,
-                       log: Callable[[str], None] = print) -> dict[str, Any]:
-    """Measure, on the sensitivity photos (training photos that neither calibrated nor train-judge the plan
-    twice: the same photos the float plan was chosen on), the mean fine KL to fp32 of the PyTorch simulation
-    of ExecuTorch's static and dynamic schemes for the run's plan, and pick one (`pick_activations`)."""
-    model, sen = static_ctx.model, prep.sensitivity
+def choose_activations(model, static_sim, dynamic_sim, sen, log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Measure, on the sensitivity photos `sen` (the training photos the float plan was chosen on: neither
+    calibration nor evaluation photos), the mean fine KL to fp32 of the PyTorch simulations of ExecuTorch's
+    static and dynamic schemes for the run's plan, and pick one (`pick_activations`)."""
     fp32 = model_logprobs(model, sen.images)
-    kl = {}
-    for name, c in (("static", static_ctx), ("dynamic", dynamic_ctx)):
-        sim = simulate(model, c.ranges, set(c.plan.quantized), shifts=prep.int8_shifts, weights=prep.rounded,
-                       dynamic=c.dynamic)
-        kl[name] = fine_kl(fp32, model_logprobs(sim, sen.images))
+    kl = {name: fine_kl(fp32, model_logprobs(sim, sen.images))
+          for name, sim in (("static", static_sim), ("dynamic", dynamic_sim))}
     chosen = pick_activations(kl["static"], kl["dynamic"])
     log(f"executorch activations (auto): simulated fine KL to fp32 on {sen.source}: static {kl['static']:.3g}, "
         f"dynamic {kl['dynamic']:.3g} -> {chosen}")
@@ -260,21 +255,29 @@ def quantize_checkpoint(checkpoint: str | Path, data: str, targets: Sequence[str
     size, coreml_shifts = ctx.image_size, ctx.coreml_shifts
     layer_fams = [f for f in families(model) if f.prefixes]
 
-    log("fp32 and simulated-int8 references on the evaluation sets")
+    log("fp32 references on the evaluation sets")
     fp32_lp = {k: model_logprobs(model, s.images) for k, s in evals.items()}
-    # float plan -> (its context, its simulated int8 log-probs on the evaluation sets): the run's plan, and
-    # the earlier plans of the greedy a target over the size bar is rebuilt from
-    variants: dict[tuple[tuple[str, ...], bool], tuple[QuantContext, dict[str, list[np.ndarray]]]] = {}
+    # (float plan, dynamic ExecuTorch activations) -> (its context, its simulated int8 model): the run's plan,
+    # its dynamic scheme, and the earlier plans of the greedy a target over the size bar is rebuilt from; each
+    # context (bias correction, observer ranges) and simulation is made once, its evaluation log-probs when a
+    # target is judged against it
+    variants: dict[tuple[tuple[str, ...], bool], tuple[QuantContext, Any]] = {}
+    sim_lps: dict[tuple[tuple[str, ...], bool], dict[str, list[np.ndarray]]] = {}
 
-    def variant(c: QuantContext) -> tuple[QuantContext, dict[str, list[np.ndarray]]]:
-        key = (tuple(c.plan.float_families), c.dynamic is not None)
+    def variant(p, dyn: bool = False) -> tuple[QuantContext, Any]:
+        key = (tuple(p.float_families), dyn)
         if key not in variants:
-            sim = simulate(model, c.ranges, set(c.plan.quantized), shifts=int8_shifts, weights=rounded,
-                           dynamic=c.dynamic)
-            variants[key] = (c, {k: model_logprobs(sim, s.images) for k, s in evals.items()})
+            c = ctx if p is plan and not dyn else prep.make_context(p, dynamic=dyn)
+            variants[key] = (c, simulate(model, c.ranges, set(c.plan.quantized), shifts=int8_shifts,
+                                         weights=rounded, dynamic=c.dynamic))
         return variants[key]
 
-    variant(ctx)
+    def sim_logprobs(p, dyn: bool = False) -> dict[str, list[np.ndarray]]:
+        key = (tuple(p.float_families), dyn)
+        if key not in sim_lps:
+            sim_lps[key] = {k: model_logprobs(variant(p, dyn)[1], s.images) for k, s in evals.items()}
+        return sim_lps[key]
+
     simw_lp = None
     if "coreml" in targets:  # Core ML's int8 weights: round-to-nearest, no scale clamp
         simw = simulate(model, ranges, {f.name for f in layer_fams}, weights_only=True, shifts=coreml_shifts,
@@ -289,7 +292,7 @@ def quantize_checkpoint(checkpoint: str | Path, data: str, targets: Sequence[str
     if "executorch" in targets:
         if executorch_activations == "auto":
             try:
-                choice = choose_activations(prep, ctx, variant(prep.make_context(plan, dynamic=True))[0], log)
+                choice = choose_activations(model, variant(plan)[1], variant(plan, True)[1], prep.sensitivity, log)
             except Exception as e:  # the measurement failing must not cost the artifact: static is the default
                 log(f"executorch activations (auto): measuring the dynamic scheme failed ({type(e).__name__}: {e}); static")
                 choice = {"requested": "auto", "chosen": "static", "simulated_fine_kl": None,
@@ -300,21 +303,24 @@ def quantize_checkpoint(checkpoint: str | Path, data: str, targets: Sequence[str
         log(f"== {t}")
         try:
             mod = importlib.import_module(f"quantize.{t}")
+
+            def build(p, dyn: bool) -> tuple[TargetResult, dict[str, Any], QuantContext]:
+                c = variant(p, dyn)[0]
+                if t == "executorch":  # its manifest says how its activations were chosen
+                    c = replace(c, activations_choice=choice)
+                res = mod.quantize(c, out)
+                return res, judge(res, evals, fp32_lp, sim_logprobs(p, dyn), tax, simw_lp), c
+
             dyn = t == "executorch" and choice["chosen"] == "dynamic"
-            base = variant(prep.make_context(plan, dynamic=True))[0] if dyn else ctx
-            if t == "executorch":
-                base = replace(base, activations_choice=choice)
-            res = mod.quantize(base, out)
-            rec, tctx = judge(res, evals, fp32_lp, variant(base)[1], tax, simw_lp), base
+            res, rec, tctx = build(plan, dyn)
             if dyn and choice["requested"] == "auto" and (rec["size_ratio"] or 0) > MAX_SIZE_RATIO:
                 # the dynamic scheme's float depthwise convs and stem cost size; the bar is a limit
                 log(f"executorch: dynamic is {rec['size_ratio'] * 100:.1f} % of fp32, over the "
                     f"{MAX_SIZE_RATIO * 100:.0f} % size bar; rebuilding it static")
                 choice = {**choice, "chosen": "static", "dynamic_size_ratio": rec["size_ratio"],
                           "why": "the dynamic artifact was over the size bar"}
-                dyn, base = False, replace(ctx, activations_choice=choice)
-                res = mod.quantize(base, out)
-                rec, tctx = judge(res, evals, fp32_lp, variant(base)[1], tax, simw_lp), base
+                dyn = False
+                res, rec, tctx = build(plan, dyn)
             tried = []
             for fb in fallback_order(plan, rec["int8_size_bytes"], rec["fp32_size_bytes"], params, MAX_SIZE_RATIO):
                 if rec["size_ratio"] <= MAX_SIZE_RATIO:  # (no fp32 size: no fallbacks)
@@ -325,12 +331,7 @@ def quantize_checkpoint(checkpoint: str | Path, data: str, targets: Sequence[str
                     f"{MAX_SIZE_RATIO * 100:.0f} % size bar; rebuilding it with float {fb.float_families}")
                 tried.append({"float_families": tctx.plan.float_families, "size_ratio": rec["size_ratio"],
                               "splits": split_summary(rec, fine)})
-                key = (tuple(fb.float_families), dyn)
-                tctx, fb_lp = variants[key] if key in variants else variant(prep.make_context(fb, dynamic=dyn))
-                if t == "executorch":
-                    tctx = replace(tctx, activations_choice=choice)
-                res = mod.quantize(tctx, out)
-                rec = judge(res, evals, fp32_lp, fb_lp, tax, simw_lp)
+                res, rec, tctx = build(fb, dyn)
             if tried:
                 rec["plan"] = {"float_families": tctx.plan.float_families,
                                "why": f"the --plan-kl {plan.max_kl:g} plan put the file over the size bar",
@@ -355,10 +356,12 @@ def quantize_checkpoint(checkpoint: str | Path, data: str, targets: Sequence[str
         from .qat import QATConfig, run_qat
         qcfg = QATConfig(**{"epochs": qat_epochs, "freeze_blocks": int(conf.get("train", {}).get("freeze_blocks", 0)),
                             **(qat or {})})
-        results.update(run_qat(ctx, results, out, data, qcfg,
-                               lambda res: judge(res, evals, fp32_lp, variant(contexts.get(res.target, ctx))[1], tax,
-                                                 simw_lp),
-                               MAX_TOP1_DROP, MIN_AGREEMENT, contexts))
+
+        def judge_qat(res: TargetResult) -> dict[str, Any]:  # against the simulation of the plan QAT started from
+            c = contexts.get(res.target, ctx)
+            return judge(res, evals, fp32_lp, sim_logprobs(c.plan, c.dynamic is not None), tax, simw_lp)
+
+        results.update(run_qat(ctx, results, out, data, qcfg, judge_qat, MAX_TOP1_DROP, MIN_AGREEMENT, contexts))
     report = {"checkpoint": str(checkpoint), "data": str(data), "image_size": size, "calibration": cal.source,
               "weight_rounding": info["weight_rounding"],
               "bias_correction": info.get("bias_correction"), "sensitivity": plan.to_dict(), "evaluation_sets": {k: s.source for k, s in evals.items()},

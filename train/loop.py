@@ -29,6 +29,7 @@ from sdk import Taxonomy
 from . import checkpoint as ckpt
 from .backbones import normalize_uint8
 from .data import HierDataset, load_dataset, load_view, relabel_coarse, stratified_holdout
+from .int8_consistency import consistency_loss, int8_prefix, rng_snapshot
 from .metrics import compute_metrics, format_metrics
 from .models import ModelConfig, build_model
 
@@ -59,6 +60,7 @@ class TrainConfig:
     device: str = "auto"  # auto: cuda when available
     ema: float = 0.0  # >0: evaluate and save an exponential moving average of the weights (decay per step)
     mixup: float = 0.0  # >0: Beta(a, a) mixup of the trainable part's input features and of the losses
+    int8_consistency: float = 0.0  # >0: weight of KL(fp32 || int8 view of the same weights) (train.int8_consistency)
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "TrainConfig":
@@ -84,12 +86,14 @@ class FeatureCache:
     model tap that lies inside the frozen prefix (keys "tap<i>").
     """
 
-    def __init__(self, model, ds: HierDataset, size: int, n_blocks: int, views: int, seed: int):
+    def __init__(self, model, ds: HierDataset, size: int, n_blocks: int, views: int, seed: int, int8: bool = False):
         self.model, self.ds, self.size, self.n_blocks, self.views, self.seed = model, ds, size, n_blocks, views, seed
+        self.int8 = int8  # the prefix run with int8 weights and inputs (train.int8_consistency.int8_prefix)
         self.taps = tuple(t for t in model.cfg.taps if 0 <= t < n_blocks - 1)
         bb = model.backbone
         h = hashlib.sha256()
-        h.update(json.dumps([bb.name, size, n_blocks, seed, "v2"] + ([list(self.taps)] if self.taps else [])).encode())
+        h.update(json.dumps([bb.name, size, n_blocks, seed, "v2"] + ([list(self.taps)] if self.taps else [])
+                            + (["int8"] if int8 else [])).encode())
         for k, v in bb.state_dict().items():
             if k.startswith(("_conv_stem", "_bn0")) or any(k.startswith(f"_blocks.{i}.") for i in range(n_blocks)):
                 h.update(k.encode())
@@ -108,10 +112,11 @@ class FeatureCache:
         bb = self.model.backbone.eval()
         bs = 32
         with torch.inference_mode():
-            for i in tqdm(range(0, len(self.ds), bs), desc=f"caching frozen features (view {v})", leave=False):
+            for i in tqdm(range(0, len(self.ds), bs), leave=False,
+                          desc=f"caching frozen {'int8 ' if self.int8 else ''}features (view {v})"):
                 imgs = np.stack([load_view(s, self.size, v, self.seed) for s in self.ds.samples[i:i + bs]])
                 x = normalize_uint8(torch.from_numpy(imgs).permute(0, 3, 1, 2))
-                out = bb.prefix(x, self.n_blocks, self.taps)
+                out = (int8_prefix if self.int8 else type(bb).prefix)(bb, x, self.n_blocks, self.taps)
                 parts.setdefault("x", []).append(out[self.n_blocks - 1].half())
                 for t in self.taps:
                     parts.setdefault(f"tap{t}", []).append(out[t].half())
@@ -279,12 +284,14 @@ def train_model(mc: ModelConfig, tc: TrainConfig, out: str | Path, resume: bool 
     nfz = tc.freeze_blocks
     freeze_prefix(model, nfz)
     use_cache = nfz > 0 and tc.cache_views > 0
-    feats = evfeats = None
+    feats = evfeats = feats_q = None
     if use_cache:
         t0 = time.time()
         if world > 1 and not main_rank:
             dist.barrier()  # rank 0 builds the on-disk cache first; the others then read it
         feats = FeatureCache(model, train, mc.image_size, nfz, tc.cache_views, tc.seed).all_views()
+        if tc.int8_consistency > 0:  # the int8 pass starts from the frozen prefix's int8 output
+            feats_q = FeatureCache(model, train, mc.image_size, nfz, tc.cache_views, tc.seed, int8=True).all_views()
         evfeats = {k: FeatureCache(model, d, mc.image_size, nfz, 1, tc.seed).view(0) for k, d in evals.items()}
         if world > 1 and main_rank:
             dist.barrier()
@@ -330,11 +337,14 @@ def train_model(mc: ModelConfig, tc: TrainConfig, out: str | Path, resume: bool 
                     lam = float(np.random.default_rng(tc.seed * 1_000_003 + epoch * 10_007 + step).beta(tc.mixup, tc.mixup))
                     pair = torch.randperm(len(idx), generator=mg)
                 if use_cache:
-                    x, cached = split_cached({k: v[view_of[idx], idx] for k, v in feats.items()}, device)
-                    if pair is not None:
-                        x = lam * x + (1 - lam) * x[pair]
-                        cached = {t: lam * c + (1 - lam) * c[pair] for t, c in cached.items()}
-                    logps = net(x, nfz, cached, aux)
+                    def cached_input(fs):
+                        x, cached = split_cached({k: v[view_of[idx], idx] for k, v in fs.items()}, device)
+                        if pair is not None:
+                            x = lam * x + (1 - lam) * x[pair]
+                            cached = {t: lam * c + (1 - lam) * c[pair] for t, c in cached.items()}
+                        return x, nfz, cached
+                    fwd = cached_input(feats)
+                    fwd_q = cached_input(feats_q) if feats_q is not None else fwd
                 else:
                     rng = random.Random(f"{tc.seed}:{epoch}:{step}")
                     imgs = np.stack([load_view(train.samples[i], mc.image_size, 2 + rng.randrange(1 << 20), tc.seed)
@@ -342,7 +352,9 @@ def train_model(mc: ModelConfig, tc: TrainConfig, out: str | Path, resume: bool 
                     x = normalize_uint8(torch.from_numpy(imgs).permute(0, 3, 1, 2)).to(device)
                     if pair is not None:
                         x = lam * x + (1 - lam) * x[pair]
-                    logps = net(x, 0, None, aux)
+                    fwd = fwd_q = (x, 0, None)
+                rng_before = rng_snapshot(device) if tc.int8_consistency > 0 else None
+                logps = net(*fwd, aux)
                 y = labels[idx].to(device)
                 ctx = LossContext(model, logps, y, aux, tax, tc.label_smoothing)
                 if teacher is not None:
@@ -354,6 +366,8 @@ def train_model(mc: ModelConfig, tc: TrainConfig, out: str | Path, resume: bool 
                         **aux["teacher"], "logps": [t[pair] for t in aux["teacher"]["logps"]]}}
                     ctx_b = LossContext(model, logps, y[pair], aux_b, tax, tc.label_smoothing)
                     loss = lam * loss + (1 - lam) * sum(weights.get(n, 1.0) * fn(ctx_b) for n, fn in loss_fns.items())
+                if rng_before is not None:  # label-free: the mixed input's own fp32 answer is the target
+                    loss = loss + tc.int8_consistency * consistency_loss(model, logps, fwd_q, {}, rng_before, device)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 5.0)

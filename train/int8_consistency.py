@@ -38,6 +38,8 @@ import torch
 import torch.nn as nn
 from torch.func import functional_call
 
+from quantize.sim import fq_act, fq_weight
+
 
 def _quantized_layers(model: nn.Module):
     for name, m in model.named_modules():
@@ -46,18 +48,16 @@ def _quantized_layers(model: nn.Module):
 
 
 def int8_weight(w: torch.Tensor) -> torch.Tensor:
-    """`w` rounded to int8 symmetric per output channel (axis 0, [-127, 127]); straight-through gradient."""
-    scale = (w.detach().abs().reshape(w.shape[0], -1).amax(1).clamp_min(1e-12) / 127.0).float()
-    zp = torch.zeros(w.shape[0], dtype=torch.int32, device=w.device)
-    return torch.fake_quantize_per_channel_affine(w.float(), scale, zp, 0, -127, 127).to(w.dtype)
+    """`w` rounded to int8 symmetric per output channel (axis 0, [-127, 127]); straight-through gradient.
+    The backends' grid as `quantize` simulates it (`quantize.sim.fq_weight`, without the observers' clamp)."""
+    return fq_weight(w)
 
 
 def int8_activation(x: torch.Tensor) -> torch.Tensor:
-    """`x` rounded to int8 per tensor, asymmetric, on its own min/max (containing 0); straight-through."""
-    lo, hi = min(float(x.detach().min()), 0.0), max(float(x.detach().max()), 0.0)
-    scale = max((hi - lo) / 255.0, 1e-8)
-    zp = max(-128, min(127, int(round(-128 - lo / scale))))
-    return torch.fake_quantize_per_tensor_affine(x.float(), scale, zp, -128, 127).to(x.dtype)
+    """`x` rounded to int8 per tensor, asymmetric, on its own min/max (containing 0); straight-through
+    (`quantize.sim.fq_act` on the tensor's range)."""
+    lo, hi = torch.aminmax(x.detach())
+    return fq_act(x, (float(lo), float(hi)))
 
 
 @contextlib.contextmanager

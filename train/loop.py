@@ -137,6 +137,17 @@ def split_cached(batch: dict[str, torch.Tensor], device) -> tuple[torch.Tensor, 
     return x, cached
 
 
+def cached_batch(feats: dict[str, torch.Tensor], rows: tuple[torch.Tensor, torch.Tensor], pair: torch.Tensor | None,
+                 lam: float, start: int, device) -> tuple[torch.Tensor, int, dict[int, torch.Tensor]]:
+    """The model's forward arguments (x, start block, cached taps) for a training batch of cached features:
+    `rows` = (view, image) indices, mixed with the batch permutation `pair` at weight `lam` under mixup."""
+    x, cached = split_cached({k: v[rows] for k, v in feats.items()}, device)
+    if pair is not None:
+        x = lam * x + (1 - lam) * x[pair]
+        cached = {t: lam * c + (1 - lam) * c[pair] for t, c in cached.items()}
+    return x, start, cached
+
+
 class WeightEMA:
     """Exponential moving average of every float parameter and buffer (BatchNorm statistics too).
 
@@ -337,14 +348,10 @@ def train_model(mc: ModelConfig, tc: TrainConfig, out: str | Path, resume: bool 
                     lam = float(np.random.default_rng(tc.seed * 1_000_003 + epoch * 10_007 + step).beta(tc.mixup, tc.mixup))
                     pair = torch.randperm(len(idx), generator=mg)
                 if use_cache:
-                    def cached_input(fs):
-                        x, cached = split_cached({k: v[view_of[idx], idx] for k, v in fs.items()}, device)
-                        if pair is not None:
-                            x = lam * x + (1 - lam) * x[pair]
-                            cached = {t: lam * c + (1 - lam) * c[pair] for t, c in cached.items()}
-                        return x, nfz, cached
-                    fwd = cached_input(feats)
-                    fwd_q = cached_input(feats_q) if feats_q is not None else fwd
+                    rows = (view_of[idx], idx)
+                    fwd = cached_batch(feats, rows, pair, lam, nfz, device)
+                    # the int8 pass starts from the same photos' and views' int8 prefix features
+                    fwd_q = fwd if feats_q is None else cached_batch(feats_q, rows, pair, lam, nfz, device)
                 else:
                     rng = random.Random(f"{tc.seed}:{epoch}:{step}")
                     imgs = np.stack([load_view(train.samples[i], mc.image_size, 2 + rng.randrange(1 << 20), tc.seed)

@@ -6,6 +6,7 @@ import argparse
 import sys
 import warnings
 
+from ._common import QuantizeError
 from .run import DYNAMIC_KL_GAIN, TARGETS, quantize_checkpoint
 
 
@@ -48,6 +49,10 @@ def main(argv: list[str] | None = None) -> int:
                         "agreement and top-1 drop only). The KL sees the noise that flips near-ties, which agreement "
                         "on a few hundred confident photos misses. A target whose file these extra floats push over the "
                         "30 %% size bar is rebuilt from the greedy's earlier plan that fits (the report says so)")
+    p.add_argument("--float-families", default="",
+                   help="`;`-separated families (names as the report's sensitivity table prints them) kept float from "
+                        "the start, e.g. the ones `benchmarks/int8_noise_floor.py --families` shows carry the changed "
+                        "answers; the measured greedy adds to them, the report and manifest list them")
     p.add_argument("--executorch-activations", choices=("auto", "static", "dynamic"), default="auto",
                    help="ExecuTorch activations: calibrated int8 (static), or quantized per photo at run time "
                         "(dynamic: XNNPACK's qd8 kernels, int8 weights, float outputs; depthwise convs and the stem stay float "
@@ -59,14 +64,19 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"--plan-kl must be > 0 (got {a.plan_kl})")
     targets = [t.strip() for t in a.targets.split(",") if t.strip()]
     warnings.simplefilter("default")
-    rep = quantize_checkpoint(a.checkpoint, a.data, targets, a.out, n_calibration=a.calibration_images,
-                              n_sensitivity=a.sensitivity_images, qat_epochs=a.qat_epochs, eval_limit=a.eval_limit,
-                              qat={"images": a.qat_images, "lr": a.qat_lr, "batch_size": a.qat_batch_size, "ce_weight": a.qat_ce_weight,
-                                   "augment": not a.qat_no_augment, "force": a.force_qat,
-                                   "ranges": a.qat_ranges,
-                                   **({} if a.qat_freeze_blocks is None else {"freeze_blocks": a.qat_freeze_blocks})},
-                              bias_correction=not a.no_bias_correction, rounding=a.rounding,
-                              plan_kl=a.plan_kl, executorch_activations=a.executorch_activations)
+    try:
+        rep = quantize_checkpoint(a.checkpoint, a.data, targets, a.out, n_calibration=a.calibration_images,
+                                  n_sensitivity=a.sensitivity_images, qat_epochs=a.qat_epochs, eval_limit=a.eval_limit,
+                                  qat={"images": a.qat_images, "lr": a.qat_lr, "batch_size": a.qat_batch_size, "ce_weight": a.qat_ce_weight,
+                                       "augment": not a.qat_no_augment, "force": a.force_qat,
+                                       "ranges": a.qat_ranges,
+                                       **({} if a.qat_freeze_blocks is None else {"freeze_blocks": a.qat_freeze_blocks})},
+                                  bias_correction=not a.no_bias_correction, rounding=a.rounding,
+                                  plan_kl=a.plan_kl, executorch_activations=a.executorch_activations,
+                                  float_families=[f.strip() for f in a.float_families.split(";") if f.strip()])
+    except QuantizeError as e:  # a bad argument found once the checkpoint is loaded (target, family name, ...)
+        print(f"python -m quantize: error: {e}", file=sys.stderr)
+        return 2
     print(f"report: {a.out}/report.md")
     res = rep["targets"]
     # a target passes when its post-training int8 or its QAT artifact meets the bar

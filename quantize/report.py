@@ -89,6 +89,8 @@ def render_markdown(r: dict[str, Any]) -> str:
         lines.append(f"| {f} | {_pct(a)} % | {s['sensitivity_fine_kl'].get(f, float('nan')):.2e} | "
                      f"{'float' if f in s['float_families'] else 'int8'} |")
     target = "" if s.get("max_kl") is None else f"; target: mean fine KL ≤ {s['max_kl']:.1e} as well as the bar"
+    if s.get("requested_float"):
+        lines += ["", f"Kept float on request (`--float-families`) before the greedy: {', '.join(s['requested_float'])}"]
     lines += ["", f"Greedy steps (all quantized families together{target}):", ""]
     for st in s["greedy_steps"]:
         lines.append(f"- float = {st['float'] or 'none'} → fine agreement {_pct(st['fine_agreement'])} %, "

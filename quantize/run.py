@@ -122,7 +122,8 @@ class Prepared:
 def prepare_context(checkpoint: str | Path, data: str, targets: Sequence[str], n_calibration: int = 300,
                     n_sensitivity: int = 200, eval_limit: int = 0, n_parity: int = 64,
                     log: Callable[[str], None] = print, bias_correction: bool = True,
-                    rounding: str = "nearest", plan_kl: float | None = None) -> Prepared:
+                    rounding: str = "nearest", plan_kl: float | None = None,
+                    float_families: Sequence[str] = ()) -> Prepared:
     """Load the checkpoint, decode the real photos, calibrate, choose the float families by measurement,
     apply the weight rounding and bias correction: the `QuantContext` every target module quantizes from."""
     from train.checkpoint import file_sha256, load_model
@@ -134,6 +135,10 @@ def prepare_context(checkpoint: str | Path, data: str, targets: Sequence[str], n
     if bad:
         raise QuantizeError(f"unknown target(s) {bad}; targets: {', '.join(TARGETS)}")
     model, cfg, tax, conf = load_model(checkpoint)
+    known = [f.name for f in families(model)]
+    unknown = [f for f in float_families if f not in known]
+    if unknown:
+        raise QuantizeError(f"unknown float families {unknown}; families: {'; '.join(known)}")
     size = cfg.image_size
     log(f"decoding real photos at {size} px (calibration {n_calibration}, sensitivity {n_sensitivity})")
     held_out = _trained_without_slice(Path(checkpoint), conf)
@@ -159,7 +164,7 @@ def prepare_context(checkpoint: str | Path, data: str, targets: Sequence[str], n
             coreml_shifts = rounding_shifts(model, cal.images, layer_fams, weight_eps=0.0)
     log(f"sensitivity pass on {sen.source}")
     plan = choose_float_families(model, ranges, sen.images, sen.labels, tax, source=sen.source, log=log,
-                                 shifts=int8_shifts, weights=rounded, max_kl=plan_kl)
+                                 shifts=int8_shifts, weights=rounded, max_kl=plan_kl, keep_float=tuple(float_families))
     log(f"float families: {plan.float_families}")
     info = {"checkpoint_sha256": file_sha256(Path(checkpoint) / "model.safetensors"), "config": cfg.to_dict(),
             "metrics_pytorch": conf.get("metrics", {}),
@@ -226,7 +231,7 @@ def quantize_checkpoint(checkpoint: str | Path, data: str, targets: Sequence[str
                         eval_limit: int = 0, n_parity: int = 64, log: Callable[[str], None] = print,
                         qat: dict[str, Any] | None = None, bias_correction: bool = True,
                         rounding: str = "nearest", plan_kl: float | None = None,
-                        executorch_activations: str = "auto") -> dict[str, Any]:
+                        executorch_activations: str = "auto", float_families: Sequence[str] = ()) -> dict[str, Any]:
     """Run the whole int8 pipeline for a model directory; writes `<out>/<target>/` + report.{md,json}.
 
     `qat_epochs` > 0: pt2e QAT for the targets whose PTQ misses the accuracy bar (`<out>/qat/<target>/`,
@@ -235,6 +240,7 @@ def quantize_checkpoint(checkpoint: str | Path, data: str, targets: Sequence[str
     of int8 weight rounding, measured on the calibration photos (`quantize.bias`); fp32 stays the reference.
     `plan_kl`: the float plan must also keep the simulated mean fine KL to fp32 on the sensitivity photos at
     or below it (`quantize.sensitivity.choose_float_families`).
+    `float_families`: families kept float from the start (by name, `quantize.sim.families`); the greedy adds to them.
     `executorch_activations`: "static" (calibrated int8 activations), "dynamic" (each Conv/Linear input
     quantized per photo at run time, `quantize.sim.DynamicScheme`) or "auto" (the one whose simulation is
     closer to fp32 on the sensitivity photos, `choose_activations`) for the ExecuTorch target.
@@ -246,7 +252,7 @@ def quantize_checkpoint(checkpoint: str | Path, data: str, targets: Sequence[str
 
     t0 = time.time()
     prep = prepare_context(checkpoint, data, targets, n_calibration, n_sensitivity, eval_limit, n_parity, log,
-                           bias_correction, rounding, plan_kl)
+                           bias_correction, rounding, plan_kl, float_families)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     ctx, evals, conf = prep.ctx, prep.evals, prep.conf

@@ -82,6 +82,7 @@ class Plan:
     n_images: int = 0
     images: str = ""
     max_kl: float | None = None  # the KL target the greedy also had to meet (None: agreement and drop only)
+    requested_float: list[str] = field(default_factory=list)  # families the caller kept float before the greedy
 
     def at_step(self, i: int) -> "Plan":
         """The plan the greedy held at step `i` (its float families then, and the steps up to there)."""
@@ -103,7 +104,7 @@ class Plan:
         return {"quantized_families": self.quantized, "float_families": self.float_families,
                 "sensitivity_fine_agreement": self.single, "sensitivity_fine_kl": self.single_kl, "greedy_steps": self.steps,
                 "simulated_fine_agreement": self.agreement, "n_images": self.n_images, "images": self.images,
-                "max_kl": self.max_kl}
+                "max_kl": self.max_kl, "requested_float": self.requested_float}
 
 
 def fine_kl(ref: list[np.ndarray], cand: list[np.ndarray]) -> float:
@@ -118,12 +119,18 @@ def fine_top1(taxonomy: Taxonomy, lp: list[np.ndarray], labels: np.ndarray) -> f
 def choose_float_families(model, ranges: Ranges, images: np.ndarray, labels: np.ndarray, taxonomy: Taxonomy,
                           source: str = "", target_agreement: float = MIN_AGREEMENT, max_top1_drop: float = MAX_TOP1_DROP,
                           log: Callable[[str], None] = print, shifts: dict | None = None,
-                          weights: dict | None = None, max_kl: float | None = None) -> Plan:
+                          weights: dict | None = None, max_kl: float | None = None,
+                          keep_float: list[str] | tuple[str, ...] = ()) -> Plan:
     """Measure each family's sensitivity and pick the float set (see module docstring); `shifts` and
     `weights` (GPTQ int8 weights) as `quantize.sim.simulate` takes them; `max_kl`: also keep the combined
-    model's mean fine KL to fp32 at or below it."""
+    model's mean fine KL to fp32 at or below it; `keep_float`: families float from the start (the caller's
+    choice, e.g. from `benchmarks/int8_noise_floor.py --families`), the greedy adds to them."""
     if max_kl is not None and not max_kl > 0:
         raise ValueError(f"max_kl must be > 0 (got {max_kl}); None turns the KL target off")
+    known = [f.name for f in families(model)]
+    unknown = [f for f in keep_float if f not in known]
+    if unknown:
+        raise ValueError(f"unknown families {unknown}; known: {known}")
     ref = model_logprobs(model, images)
     acc_ref = fine_top1(taxonomy, ref, labels)
     fams = [f.name for f in families(model)]
@@ -133,7 +140,7 @@ def choose_float_families(model, ranges: Ranges, images: np.ndarray, labels: np.
         lp = model_logprobs(simulate(model, ranges, {f}, shifts=shifts, weights=weights), images)
         single[f], kl[f] = fine_agreement(taxonomy, ref, lp), fine_kl(ref, lp)
         log(f"  sensitivity: {f:40s} fine agreement {single[f]:.4f}  KL {kl[f]:.2e}")
-    floats = [f for f in fams if f in ALWAYS_FLOAT]
+    floats = [f for f in fams if f in ALWAYS_FLOAT or f in keep_float]
     steps = []
     while True:
         quant = [f for f in fams if f not in floats]
@@ -153,4 +160,5 @@ def choose_float_families(model, ranges: Ranges, images: np.ndarray, labels: np.
         else:  # the accuracy bar is unmet: the family whose own quantization changes most answers
             floats.append(min(quant, key=lambda f: (single[f], -kl[f])))
         steps[-1]["next_float_chosen_by"] = "kl" if bar_ok else "agreement"
-    return Plan(quant, floats, single, kl, steps, agr, len(images), source, max_kl)
+    return Plan(quant, floats, single, kl, steps, agr, len(images), source, max_kl,
+                [f for f in fams if f in keep_float and f not in ALWAYS_FLOAT])

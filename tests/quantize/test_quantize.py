@@ -119,6 +119,38 @@ def test_a_kl_target_floats_the_most_sensitive_families_until_the_kl_is_met(tiny
         choose_float_families(model, r, sen.images, sen.labels, tax, max_kl=0.0, **quiet)
 
 
+@pytest.mark.slow
+def test_requested_float_families_are_float_from_the_first_step(tiny_student_dir, grocery_root):
+    from quantize.sensitivity import choose_float_families
+    from quantize.sim import ALWAYS_FLOAT, calibrate
+
+    model, tax, cal, sen = _student_and_photos(tiny_student_dir, grocery_root, 16, 12)
+    r = calibrate(model, cal.images)
+    quiet = dict(log=lambda *_: None, target_agreement=0.0, max_top1_drop=1.0)  # the bar alone floats nothing
+    keep = ("backbone stage 0 (block 0)", "backbone stem")
+    plan = choose_float_families(model, r, sen.images, sen.labels, tax, keep_float=keep, **quiet)
+    assert set(plan.float_families) == set(ALWAYS_FLOAT) | set(keep)
+    assert set(plan.steps[0]["float"]) == set(plan.float_families) and len(plan.steps) == 1
+    assert not set(keep) & set(plan.quantized) and "backbone stage 1 (blocks 1-2)" in plan.quantized
+    # graph order, whatever order they were asked in; the report's record names them
+    assert plan.requested_float == ["backbone stem", "backbone stage 0 (block 0)"]
+    assert plan.to_dict()["requested_float"] == plan.requested_float
+    # the sensitivity of every family is still measured, the requested ones included
+    assert set(keep) <= set(plan.single_kl)
+    with pytest.raises(ValueError, match="unknown families"):
+        choose_float_families(model, r, sen.images, sen.labels, tax, keep_float=("backbone stem", "nope"), **quiet)
+
+
+def test_cli_rejects_an_unknown_float_family_before_decoding_photos(tiny_student_dir, tmp_path, capsys):
+    from quantize.__main__ import main
+
+    rc = main(["--checkpoint", str(tiny_student_dir), "--data", str(tmp_path), "--out", str(tmp_path / "o"),
+               "--targets", "onnx", "--float-families", "backbone stem; CAMP blok"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "unknown float families ['CAMP blok']" in err and "CAMP block" in err
+    assert not (tmp_path / "o").exists()
+
+
 def test_cli_rejects_a_kl_target_that_is_not_positive(tmp_path, capsys):
     from quantize.__main__ import main
 

@@ -21,7 +21,7 @@ from .bias import bias_corrected, rounding_shifts
 from .gptq import gptq_weights, with_weights
 from .calibration import calibration_sets, evaluation_sets
 from .sensitivity import choose_float_families, disagreements, fine_kl
-from .sim import calibrate, dynamic_scheme, families, model_logprobs, simulate
+from .sim import calibrate, check_families, dynamic_scheme, families, model_logprobs, simulate
 
 TARGETS = ("onnx", "executorch", "tflite", "coreml")
 ROUNDINGS = ("nearest", "gptq")
@@ -135,10 +135,10 @@ def prepare_context(checkpoint: str | Path, data: str, targets: Sequence[str], n
     if bad:
         raise QuantizeError(f"unknown target(s) {bad}; targets: {', '.join(TARGETS)}")
     model, cfg, tax, conf = load_model(checkpoint)
-    known = [f.name for f in families(model)]
-    unknown = [f for f in float_families if f not in known]
-    if unknown:
-        raise QuantizeError(f"unknown float families {unknown}; families: {'; '.join(known)}")
+    try:  # before any photo is decoded
+        check_families(model, float_families, "float families")
+    except ValueError as e:
+        raise QuantizeError(str(e)) from None
     size = cfg.image_size
     log(f"decoding real photos at {size} px (calibration {n_calibration}, sensitivity {n_sensitivity})")
     held_out = _trained_without_slice(Path(checkpoint), conf)

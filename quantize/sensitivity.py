@@ -28,7 +28,7 @@ import numpy as np
 from sdk import Taxonomy, TreeDecoder
 
 from .bar import MAX_TOP1_DROP, MIN_AGREEMENT, meets_bar
-from .sim import ALWAYS_FLOAT, Ranges, families, model_logprobs, simulate
+from .sim import ALWAYS_FLOAT, Ranges, check_families, families, model_logprobs, simulate
 
 
 def fine_agreement(taxonomy: Taxonomy, ref: list[np.ndarray], cand: list[np.ndarray]) -> float:
@@ -127,10 +127,7 @@ def choose_float_families(model, ranges: Ranges, images: np.ndarray, labels: np.
     choice, e.g. from `benchmarks/int8_noise_floor.py --families`), the greedy adds to them."""
     if max_kl is not None and not max_kl > 0:
         raise ValueError(f"max_kl must be > 0 (got {max_kl}); None turns the KL target off")
-    known = [f.name for f in families(model)]
-    unknown = [f for f in keep_float if f not in known]
-    if unknown:
-        raise ValueError(f"unknown families {unknown}; known: {known}")
+    check_families(model, keep_float)
     ref = model_logprobs(model, images)
     acc_ref = fine_top1(taxonomy, ref, labels)
     fams = [f.name for f in families(model)]

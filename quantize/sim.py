@@ -97,6 +97,14 @@ def families(model: nn.Module) -> list[Family]:
     return fams
 
 
+def check_families(model: nn.Module, names, what: str = "families") -> None:
+    """ValueError naming every entry of `names` that is not one of `model`'s families (`families`)."""
+    known = [f.name for f in families(model)]
+    unknown = [n for n in names if n not in known]
+    if unknown:
+        raise ValueError(f"unknown {what} {sorted(unknown)}; known: {known}")
+
+
 def layer_family(fams: list[Family], module_name: str) -> Family | None:
     for f in fams:
         if f.owns(module_name):
@@ -338,10 +346,8 @@ def simulate(model: nn.Module, ranges: Ranges, quantized: set[str], weights_only
     """
     from train.models import Attention, GroupReadout
     sim = copy.deepcopy(model).eval()
+    check_families(model, quantized)
     fams = {f.name: f for f in families(model)}
-    unknown = set(quantized) - set(fams)
-    if unknown:
-        raise ValueError(f"unknown families {sorted(unknown)}; known: {sorted(fams)}")
     layer_fams = [fams[n] for n in quantized if fams[n].prefixes]
     if dynamic is not None:  # float layers are not rounded: no int8 weights, nothing to correct
         weights = {k: v for k, v in (weights or {}).items() if k not in dynamic.float}

@@ -18,7 +18,7 @@ STUDENT_DEFAULTS = ModelConfig(global_head=True)
 TEACHER_DEFAULTS = ModelConfig(arch="hsq_teacher", backbone="efficientnet_lite2", image_size=224, taps=(6, 14, -1),
                                tap_pool=(2, 1, 1), d_model=256, heads=8, query_layers=2, fusion_layers=1,
                                query_init="eigen")
-TEACHER_TRAIN = {"freeze_blocks": 15, "losses": "ce,cluster", "loss_weights": "cluster=0.1", "holdout_fraction": 0.2}
+TEACHER_TRAIN = {"losses": "ce,cluster", "loss_weights": "cluster=0.1", "holdout_fraction": 0.2}
 DISTILL_TRAIN = {"holdout_fraction": 0.2, "loss_weights": "kd=1"}
 # subcommand -> (help, model defaults, train defaults): what --help shows and what a run resolves against
 SUBCOMMANDS = {
@@ -99,7 +99,8 @@ def main(argv: list[str] | None = None) -> int:
     for name, (help_, model_defaults, train_defaults) in SUBCOMMANDS.items():
         st = sub.add_parser(name, help=help_)
         if name == "distill":
-            st.add_argument("--teacher", required=True, help="teacher model directory")
+            st.add_argument("--teacher", required=True, action="append",
+                            help="teacher model directory; repeat for an ensemble (probabilities averaged)")
             st.add_argument("--temperature", type=float, default=4.0, help="softening temperature T (default 4)")
         st.add_argument("--out", required=True, help="model directory to write")
         st.add_argument("--config", help="YAML/JSON with 'model' and 'train' sections; flags override it")

@@ -1,21 +1,21 @@
-"""Distillation: `python -m train distill --teacher DIR --data ROOT --out DIR`.
+"""Distillation: `python -m train distill --teacher DIR [--teacher DIR2 …] --data ROOT --out DIR`.
 
 loss = labels (per level, coarse-only labels respected: `ce`) + alpha * per-level KL to the teacher's
-temperature-softened distributions (`kd`).
+temperature-softened distributions (`kd`). Several teachers form an ensemble: their probabilities
+are averaged per level.
 
-Teacher outputs are computed once and cached on disk: the student trains on a fixed set of
-augmentation views (the plain input, its mirror, seeded random crops; see train.data.load_view), and
-each view is defined as fractions of the image, so the teacher sees exactly the crop the student sees,
-at the teacher's own resolution. The cache key is the teacher's weights sha256 + the augmentation
-seed + number of views + the training images, so a different teacher or seed never reuses stale
-targets. (With on-the-fly augmentation caching would be wrong; distillation therefore requires
-`cache_views > 0`.)
+On the live path (the default) the teachers run at every step on the very view the student trains
+on, rendered at each teacher's own resolution from the same crop recipe (`train.augment.render`), in
+inference mode with the training precision. On the cached path (`freeze_blocks > 0`,
+`cache_views > 0`) the teachers' outputs are computed once per cached view and stored on disk, keyed
+by the teachers' weights sha256 + the augmentation seed + number of views + the training images.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import math
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -28,7 +28,8 @@ from tqdm.auto import tqdm
 
 from .checkpoint import file_sha256, load_model
 from .losses import LossContext, register_loss
-from .loop import CACHE_ROOT, FeatureCache, TrainConfig, prepare_data, split_cached, train_model
+from .loop import (CACHE_ROOT, Batch, FeatureCache, TrainConfig, autocast, prepare_data, resolve_precision,
+                   select_device, split_cached, train_model)
 from .models import ModelConfig
 from sdk import Taxonomy
 
@@ -77,23 +78,59 @@ def teacher_targets(teacher_dir: str | Path, train, views: int, seed: int, log=p
     return levels
 
 
-def distill(teacher_dir: str | Path, mc: ModelConfig, tc: TrainConfig, out: str | Path, temperature: float = 4.0,
-            resume: bool = False, log=print) -> dict[str, Any]:
-    if tc.cache_views <= 0 or tc.freeze_blocks <= 0:
-        raise ValueError("distillation caches teacher outputs per augmentation view: use cache_views > 0 "
-                         "and freeze_blocks > 0")
+def ensemble(per_teacher: list[list[torch.Tensor]]) -> list[torch.Tensor]:
+    """Per level, the log of the teachers' mean probability."""
+    k = len(per_teacher)
+    return [torch.logsumexp(torch.stack([t[l].float() for t in per_teacher]), 0) - math.log(k)
+            for l in range(len(per_teacher[0]))]
+
+
+class LiveTeachers:
+    """The teachers run on each step's own augmented view, at their own resolution."""
+
+    def __init__(self, teacher_dirs: list[str], device, precision: str, channels_last: bool):
+        self.models = []
+        for d in teacher_dirs:
+            model, cfg, _, _ = load_model(d)
+            model.to(device)
+            if channels_last:
+                model.to(memory_format=torch.channels_last)
+            self.models.append((model, cfg.image_size))
+        self.device, self.precision = device, precision
+
+    @torch.inference_mode()
+    def __call__(self, batch: Batch) -> list[torch.Tensor]:
+        outs = []
+        for model, size in self.models:
+            with autocast(self.device, self.precision):
+                outs.append([lp.float() for lp in model.forward_from(batch.render(size), 0)])
+        return ensemble(outs)
+
+
+def distill(teacher_dir: str | Path | list, mc: ModelConfig, tc: TrainConfig, out: str | Path,
+            temperature: float = 4.0, resume: bool = False, log=print) -> dict[str, Any]:
+    teachers = [str(t) for t in (teacher_dir if isinstance(teacher_dir, (list, tuple)) else [teacher_dir])]
     if "kd" not in tc.losses.split(","):
         tc = replace(tc, losses=tc.losses + ",kd")
     _, train, _ = prepare_data(tc, None)
-    ttax = Taxonomy.load(Path(teacher_dir) / "taxonomy.json")  # the weights are loaded once, below
-    if ttax != train.taxonomy:
-        raise ValueError(f"teacher taxonomy {ttax.hash[:12]} differs from the data's {train.taxonomy.hash[:12]}")
-    targets = teacher_targets(teacher_dir, train, tc.cache_views, tc.seed, log)
+    for t in teachers:  # the weights are loaded once, below
+        ttax = Taxonomy.load(Path(t) / "taxonomy.json")
+        if ttax != train.taxonomy:
+            raise ValueError(f"teacher {t}: taxonomy {ttax.hash[:12]} differs from the data's {train.taxonomy.hash[:12]}")
+    if tc.freeze_blocks > 0 and tc.cache_views > 0:
+        targets = ensemble([teacher_targets(t, train, tc.cache_views, tc.seed, log) for t in teachers])
 
-    def teacher_fn(idx: torch.Tensor, views: torch.Tensor | None) -> dict[str, Any]:
-        return {"logps": [t[views, idx] for t in targets], "temperature": temperature}
+        def teacher_fn(batch: Batch) -> dict[str, Any]:
+            return {"logps": [t[batch.views, batch.idx] for t in targets], "temperature": temperature}
+    else:
+        device = select_device(tc.device)
+        live = LiveTeachers(teachers, device, resolve_precision(tc.precision, device), tc.channels_last)
+
+        def teacher_fn(batch: Batch) -> dict[str, Any]:
+            return {"logps": live(batch), "temperature": temperature}
 
     Path(out).mkdir(parents=True, exist_ok=True)
-    (Path(out) / "distill.json").write_text(json.dumps({"teacher": str(teacher_dir), "temperature": temperature,
-                                                        "teacher_sha256": file_sha256(Path(teacher_dir) / "model.safetensors")}, indent=1))
+    (Path(out) / "distill.json").write_text(json.dumps({
+        "teachers": teachers, "temperature": temperature,
+        "teacher_sha256": [file_sha256(Path(t) / "model.safetensors") for t in teachers]}, indent=1))
     return train_model(mc, tc, out, resume=resume, log=log, teacher=teacher_fn)

@@ -1,10 +1,16 @@
-"""Training loop for hierarchical query models (student now; the teacher reuses it).
+"""Training loop for every model (query student, HSQ-FT teacher, flat, HRN), one process or DDP.
 
-CPU-friendly by design: the first `freeze_blocks` backbone blocks are frozen and their outputs are
-computed once per image and augmentation view (`cache_views` views: the plain input, its mirror, and
-seeded random crops) and stored on disk under `.cache/features/`, keyed by everything that changes
-them. Each epoch draws one cached view per image and trains the rest of the network on it.
-With `freeze_blocks == 0` or `cache_views == 0` images are decoded and augmented on the fly.
+Two ways to feed the network:
+
+* **live** (default, `freeze_blocks == 0` or `cache_views == 0`): photos are decoded once into memory
+  (`train.augment.ImageBank`) and every step renders a fresh augmented view of each (random resized
+  crop, flip, colour jitter, a TrivialAugment operation, optional mixup / CutMix). With channels_last
+  and bf16 autocast on CPUs that have bf16 instructions, a whole-network Lite0 epoch of Grocery takes
+  about two minutes on two cores (`benchmarks/train_speed.py`).
+* **cached** (`freeze_blocks > 0` and `cache_views > 0`, for slow machines): the first `freeze_blocks`
+  backbone blocks are frozen and their outputs computed once per photo and augmentation view (the
+  plain input, its mirror, seeded random crops) and stored under `.cache/features/`; each epoch draws
+  one cached view per photo and trains the rest of the network on it.
 """
 
 from __future__ import annotations
@@ -15,21 +21,21 @@ import json
 import math
 import random
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from sdk import Taxonomy
 
 from . import checkpoint as ckpt
+from .augment import Augmenter, ImageBank, Mix, draw_mix, mix, render
 from .backbones import normalize_uint8
 from .data import HierDataset, load_dataset, load_view, relabel_coarse, stratified_holdout
-from .int8_consistency import consistency_loss, int8_prefix, rng_snapshot
+from .losses import LossContext, get_loss, parse_weights
 from .metrics import compute_metrics, format_metrics
 from .models import ModelConfig, build_model
 
@@ -59,8 +65,15 @@ class TrainConfig:
     loss_weights: str = ""  # e.g. "cluster=0.1,tree=1"
     device: str = "auto"  # auto: cuda when available
     ema: float = 0.0  # >0: evaluate and save an exponential moving average of the weights (decay per step)
-    mixup: float = 0.0  # >0: Beta(a, a) mixup of the trainable part's input features and of the losses
-    int8_consistency: float = 0.0  # >0: weight of KL(fp32 || int8 view of the same weights) (train.int8_consistency)
+    mixup: float = 0.0  # >0: Beta(a, a) mixup of the inputs and of the losses
+    cutmix: float = 0.0  # >0 (live path): Beta(a, a) CutMix; with mixup too, one of the two per step
+    precision: str = "auto"  # auto | fp32 | bf16 (autocast); auto: bf16 on CUDA and on CPUs with bf16 instructions
+    channels_last: bool = True  # NHWC memory format for the convolutions (about 2x faster on CPU)
+    augment: str = "trivial"  # live path: none | basic (crop, flip, colour jitter) | trivial (+ one TrivialAugment op)
+    crop_scale: float = 0.25  # live path: smallest random-resized-crop area
+    color_jitter: float = 0.3  # live path: brightness / contrast / saturation in [1 - j, 1 + j]
+    decode_scale: float = 1.15  # live path: photos decoded once at image_size * decode_scale
+    memory_mb: int = 6144  # live path: bound on the decoded photos in memory
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "TrainConfig":
@@ -86,14 +99,12 @@ class FeatureCache:
     model tap that lies inside the frozen prefix (keys "tap<i>").
     """
 
-    def __init__(self, model, ds: HierDataset, size: int, n_blocks: int, views: int, seed: int, int8: bool = False):
+    def __init__(self, model, ds: HierDataset, size: int, n_blocks: int, views: int, seed: int):
         self.model, self.ds, self.size, self.n_blocks, self.views, self.seed = model, ds, size, n_blocks, views, seed
-        self.int8 = int8  # the prefix run with int8 weights and inputs (train.int8_consistency.int8_prefix)
         self.taps = tuple(t for t in model.cfg.taps if 0 <= t < n_blocks - 1)
         bb = model.backbone
         h = hashlib.sha256()
-        h.update(json.dumps([bb.name, size, n_blocks, seed, "v2"] + ([list(self.taps)] if self.taps else [])
-                            + (["int8"] if int8 else [])).encode())
+        h.update(json.dumps([bb.name, size, n_blocks, seed, "v2"] + ([list(self.taps)] if self.taps else [])).encode())
         for k, v in bb.state_dict().items():
             if k.startswith(("_conv_stem", "_bn0")) or any(k.startswith(f"_blocks.{i}.") for i in range(n_blocks)):
                 h.update(k.encode())
@@ -113,10 +124,10 @@ class FeatureCache:
         bs = 32
         with torch.inference_mode():
             for i in tqdm(range(0, len(self.ds), bs), leave=False,
-                          desc=f"caching frozen {'int8 ' if self.int8 else ''}features (view {v})"):
+                          desc=f"caching frozen features (view {v})"):
                 imgs = np.stack([load_view(s, self.size, v, self.seed) for s in self.ds.samples[i:i + bs]])
                 x = normalize_uint8(torch.from_numpy(imgs).permute(0, 3, 1, 2))
-                out = (int8_prefix if self.int8 else type(bb).prefix)(bb, x, self.n_blocks, self.taps)
+                out = bb.prefix(x, self.n_blocks, self.taps)
                 parts.setdefault("x", []).append(out[self.n_blocks - 1].half())
                 for t in self.taps:
                     parts.setdefault(f"tap{t}", []).append(out[t].half())
@@ -135,17 +146,6 @@ def split_cached(batch: dict[str, torch.Tensor], device) -> tuple[torch.Tensor, 
     x = batch["x"].to(device).float()
     cached = {int(k[3:]): v.to(device).float() for k, v in batch.items() if k.startswith("tap")}
     return x, cached
-
-
-def cached_batch(feats: dict[str, torch.Tensor], rows: tuple[torch.Tensor, torch.Tensor], pair: torch.Tensor | None,
-                 lam: float, start: int, device) -> tuple[torch.Tensor, int, dict[int, torch.Tensor]]:
-    """The model's forward arguments (x, start block, cached taps) for a training batch of cached features:
-    `rows` = (view, image) indices, mixed with the batch permutation `pair` at weight `lam` under mixup."""
-    x, cached = split_cached({k: v[rows] for k, v in feats.items()}, device)
-    if pair is not None:
-        x = lam * x + (1 - lam) * x[pair]
-        cached = {t: lam * c + (1 - lam) * c[pair] for t, c in cached.items()}
-    return x, start, cached
 
 
 class WeightEMA:
@@ -207,21 +207,57 @@ def set_train_mode(model, n_blocks: int) -> None:
         m.eval()  # frozen BatchNorm keeps its ImageNet statistics
 
 
+def resolve_precision(name: str, device: torch.device) -> str:
+    """auto -> bf16 on CUDA and on CPUs that report avx512_bf16 or amx_bf16 (fast bf16 matmuls), else fp32."""
+    if name not in ("auto", "fp32", "bf16"):
+        raise ValueError(f"precision {name!r}: choose auto, fp32 or bf16")
+    if name != "auto":
+        return name
+    if device.type == "cuda":
+        return "bf16"
+    return "bf16" if cpu_flags() & {"avx512_bf16", "amx_bf16"} else "fp32"
+
+
+def cpu_flags() -> set[str]:
+    """The CPU feature flags that matter for training and int8 speed (empty where /proc/cpuinfo is absent)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return set()
+    wanted = {"avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_bf16", "amx_int8", "avx_vnni"}
+    return {f for line in text.splitlines() if line.startswith("flags") for f in line.split()} & wanted
+
+
+def autocast(device: torch.device, precision: str):
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
+
+
+def to_input(x: torch.Tensor, device, channels_last: bool) -> torch.Tensor:
+    """float 0..255 NCHW -> the normalized model input on `device`, in the training memory format."""
+    x = normalize_uint8(x).to(device)
+    return x.contiguous(memory_format=torch.channels_last) if channels_last else x
+
+
 @torch.inference_mode()
 def predict_logprobs(model, ds: HierDataset, size: int, batch_size: int = 32,
                      feats: dict[str, torch.Tensor] | None = None, start: int = 0, progress: bool = True,
-                     device="cpu") -> list[np.ndarray]:
-    """Per-level log-probs over a dataset at the device's exact input (view 0)."""
+                     device="cpu", images: torch.Tensor | None = None, precision: str = "fp32",
+                     channels_last: bool = False) -> list[np.ndarray]:
+    """Per-level log-probs over a dataset at the device's exact input (view 0): from cached frozen
+    features, from `images` (uint8 NHWC, decoded once, see `ImageBank`), or decoding each photo."""
     model.eval()
     outs: list[list[np.ndarray]] = []
-    it = range(0, len(ds), batch_size)
-    for i in tqdm(it, desc="evaluating", leave=False, disable=not progress):
-        if feats is not None:
-            x, cached = split_cached({k: v[i:i + batch_size] for k, v in feats.items()}, device)
-            lps = model.forward_from(x, start, cached=cached)
-        else:
-            imgs = np.stack([load_view(s, size, 0, 0) for s in ds.samples[i:i + batch_size]])
-            lps = model.forward_from(normalize_uint8(torch.from_numpy(imgs).permute(0, 3, 1, 2)).to(device), 0)
+    for i in tqdm(range(0, len(ds), batch_size), desc="evaluating", leave=False, disable=not progress):
+        with autocast(torch.device(device), precision):
+            if feats is not None:
+                x, cached = split_cached({k: v[i:i + batch_size] for k, v in feats.items()}, device)
+                lps = model.forward_from(x, start, cached=cached)
+            else:
+                if images is not None:
+                    imgs = images[i:i + batch_size]
+                else:
+                    imgs = torch.from_numpy(np.stack([load_view(s, size, 0, 0) for s in ds.samples[i:i + batch_size]]))
+                lps = model.forward_from(to_input(imgs.permute(0, 3, 1, 2).float(), device, channels_last), 0)
         outs.append([lp.float().cpu().numpy() for lp in lps])
     return [np.concatenate([o[l] for o in outs]) for l in range(len(outs[0]))]
 
@@ -259,21 +295,97 @@ def select_device(name: str = "auto") -> torch.device:
     return torch.device(name)
 
 
-def train_model(mc: ModelConfig, tc: TrainConfig, out: str | Path, resume: bool = False,
-                log=print, teacher=None) -> dict[str, Any]:
-    """Train, evaluate every epoch, save the model directory. Returns the final metrics per eval split.
+@dataclass
+class Batch:
+    """One training step's photos, as the losses and a teacher need them."""
 
-    Under `torchrun` (WORLD_SIZE > 1) this runs DistributedDataParallel: gloo on CPU, nccl on CUDA;
-    each rank trains on its shard of every epoch's permutation, rank 0 evaluates and writes.
-    `teacher` (a callable returning per-sample teacher targets) is used by distillation.
-    """
+    idx: torch.Tensor  # rows of the training set
+    mix: Mix | None  # mixup / CutMix of the inputs (losses are mixed the same way)
+    views: torch.Tensor | None = None  # cached path: the cached view of each photo
+    render: Callable[[int], torch.Tensor] | None = None  # live path: the (mixed) normalized input at a size
+
+
+def _step_generator(seed: int, epoch: int, step: int) -> torch.Generator:
+    """A step's draws depend only on (seed, epoch, step): a resumed run sees the same views and mixes."""
+    return torch.Generator().manual_seed(seed * 1_000_003 + epoch * 10_007 + step)
+
+
+class LiveFeed:
+    """Photos decoded once into memory, a fresh augmented view of each at every step."""
+
+    def __init__(self, train: HierDataset, mc: ModelConfig, tc: TrainConfig, device, log=print):
+        t0 = time.time()
+        self.bank = ImageBank(train.samples, max(round(mc.image_size * tc.decode_scale), mc.image_size),
+                              tc.memory_mb, tc.threads)
+        log(f"decoded {len(self.bank)} training photos at {self.bank.size} px in {time.time() - t0:.0f}s")
+        self.aug = Augmenter(tc.augment, tc.crop_scale, tc.color_jitter)
+        self.tc, self.size, self.device = tc, mc.image_size, device
+
+    def batch(self, idx: torch.Tensor, epoch: int, step: int) -> tuple[tuple, Batch]:
+        g = _step_generator(self.tc.seed, epoch, step)
+        views = self.aug.draw(len(idx), g)
+        m = draw_mix(len(idx), self.tc.mixup, self.tc.cutmix, g)
+        photos = self.bank.batch(idx)
+
+        def render_at(size: int) -> torch.Tensor:
+            return to_input(mix(render(photos, views, size), m), self.device, self.tc.channels_last)
+        return (render_at(self.size), 0, None), Batch(idx, m, render=render_at)
+
+
+class CachedFeed:
+    """Frozen-prefix features cached per (view, photo); each step one cached view per photo."""
+
+    def __init__(self, feats: dict[str, torch.Tensor], tc: TrainConfig, start: int, device):
+        self.feats, self.tc, self.start, self.device = feats, tc, start, device
+        self.views = max(tc.cache_views, 1)
+
+    def batch(self, idx: torch.Tensor, epoch: int, step: int) -> tuple[tuple, Batch]:
+        g = _step_generator(self.tc.seed, epoch, step)
+        view = torch.randint(0, self.views, (len(idx),), generator=g)
+        m = draw_mix(len(idx), self.tc.mixup, self.tc.cutmix, g)
+        x, cached = split_cached({k: v[(view, idx)] for k, v in self.feats.items()}, self.device)
+        x, cached = mix(x, m), {t: mix(c, m) for t, c in cached.items()}
+        return (x, self.start, cached), Batch(idx, m, views=view)
+
+
+def _schedule(opt, steps_per_epoch: int, epochs: int):
+    """Linear warm-up (one epoch at most) then cosine decay to zero, per step."""
+    total = steps_per_epoch * epochs
+    warm = min(steps_per_epoch, total // 10 + 1)
+    return torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min(1.0, (s + 1) / warm) * 0.5 * (1 + math.cos(math.pi * min(s, total) / total)))
+
+
+def _loss(net, model, fwd, batch: Batch, labels, tax, tc: TrainConfig, loss_fns, weights, teacher, device):
+    """The step's loss. Under mixing the losses are mixed (they are linear in the target): per-photo
+    teacher targets (cached) travel with their photo's label; a live teacher saw the mixed photo itself."""
+    aux: dict = {"index": batch.idx}
+    logps = [lp.float() for lp in net(*fwd, aux)]
+    y = labels[batch.idx].to(device)
+    if teacher is not None:
+        aux["teacher"] = teacher(batch)
+    total = lambda ctx: sum(weights.get(n, 1.0) * fn(ctx) for n, fn in loss_fns.items())  # noqa: E731
+    loss = total(LossContext(model, logps, y, aux, tax, tc.label_smoothing))
+    m = batch.mix
+    if m is not None:
+        aux_b = aux
+        if teacher is not None and batch.render is None:
+            aux_b = {**aux, "teacher": {**aux["teacher"], "logps": [t[m.pair] for t in aux["teacher"]["logps"]]}}
+        loss = m.lam * loss + (1 - m.lam) * total(LossContext(model, logps, y[m.pair], aux_b, tax, tc.label_smoothing))
+    return loss
+
+
+def _evaluate(model, evals, mc, tc, device, precision, evfeats, evimages, start) -> dict[str, Any]:
+    return {name: compute_metrics(d.taxonomy,
+                                  predict_logprobs(model, d, mc.image_size, feats=evfeats.get(name), start=start,
+                                                   device=device, images=evimages.get(name), precision=precision,
+                                                   channels_last=tc.channels_last),
+                                  d.labels())
+            for name, d in evals.items()}
+
+
+def _init_distributed(tc: TrainConfig, world: int) -> torch.device:
     import torch.distributed as dist
-    from torch.nn.parallel import DistributedDataParallel as DDP
-
-    from .losses import LossContext, get_loss, parse_weights
-
-    out = Path(out)
-    rank, world = _dist_info()
     device = select_device(tc.device)
     if world > 1 and not dist.is_initialized():
         if device.type == "cuda":
@@ -281,12 +393,48 @@ def train_model(mc: ModelConfig, tc: TrainConfig, out: str | Path, resume: bool 
             device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
             torch.cuda.set_device(device)
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return device
+
+
+def _replica_digests(model, world: int) -> dict[str, Any] | None:
+    """Every rank's parameter digest: DDP must leave all replicas identical. (BatchNorm running
+    statistics are buffers, refreshed from rank 0 at each forward; rank 0's are saved.)"""
+    import torch.distributed as dist
+    if world <= 1:
+        return None
+    h = hashlib.sha256()
+    for k, v in sorted(model.named_parameters()):
+        h.update(k.encode())
+        h.update(v.detach().cpu().contiguous().numpy().tobytes())
+    digests = [None] * world
+    dist.all_gather_object(digests, h.hexdigest())
+    return {"world_size": world, "backend": dist.get_backend(), "weight_sha256_per_rank": digests}
+
+
+def train_model(mc: ModelConfig, tc: TrainConfig, out: str | Path, resume: bool = False,
+                log=print, teacher=None) -> dict[str, Any]:
+    """Train, evaluate every epoch, save the model directory. Returns the final metrics per eval split.
+
+    Under `torchrun` (WORLD_SIZE > 1) this runs DistributedDataParallel: gloo on CPU, nccl on CUDA;
+    each rank trains on its shard of every epoch's permutation, rank 0 evaluates and writes.
+    `teacher` (a callable: `Batch` -> {"logps", "temperature"}) is used by distillation.
+    """
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    out = Path(out)
+    rank, world = _dist_info()
+    device = _init_distributed(tc, world)
     main_rank = rank == 0
     log = log if main_rank else (lambda *a, **k: None)
     if main_rank:
         out.mkdir(parents=True, exist_ok=True)
     if tc.threads:
         torch.set_num_threads(tc.threads)
+    precision = resolve_precision(tc.precision, device)
+    flags = sorted(cpu_flags()) if device.type == "cpu" else [device.type]
+    log(f"precision {precision} (asked {tc.precision}; {'CPU flags ' + ','.join(flags) if flags else device.type}), "
+        f"{'channels_last' if tc.channels_last else 'NCHW'}, {torch.get_num_threads()} threads")
     torch.manual_seed(tc.seed)
     tax, train, evals = prepare_data(tc, out if main_rank else None)
     if main_rank:
@@ -294,87 +442,56 @@ def train_model(mc: ModelConfig, tc: TrainConfig, out: str | Path, resume: bool 
     model = build_model(tax, mc, pretrained=True)
     nfz = tc.freeze_blocks
     freeze_prefix(model, nfz)
-    use_cache = nfz > 0 and tc.cache_views > 0
-    feats = evfeats = feats_q = None
-    if use_cache:
+    evfeats: dict[str, Any] = {}
+    evimages: dict[str, torch.Tensor] = {}
+    if nfz > 0 and tc.cache_views > 0:
         t0 = time.time()
         if world > 1 and not main_rank:
             dist.barrier()  # rank 0 builds the on-disk cache first; the others then read it
         feats = FeatureCache(model, train, mc.image_size, nfz, tc.cache_views, tc.seed).all_views()
-        if tc.int8_consistency > 0:  # the int8 pass starts from the frozen prefix's int8 output
-            feats_q = FeatureCache(model, train, mc.image_size, nfz, tc.cache_views, tc.seed, int8=True).all_views()
         evfeats = {k: FeatureCache(model, d, mc.image_size, nfz, 1, tc.seed).view(0) for k, d in evals.items()}
         if world > 1 and main_rank:
             dist.barrier()
         log(f"frozen features ready: { {k: tuple(v.shape) for k, v in feats.items()} } in {time.time() - t0:.0f}s")
+        feed = CachedFeed(feats, tc, nfz, device)
+        start = nfz
+    else:
+        feats, start = None, 0
+        feed = LiveFeed(train, mc, tc, device, log)
+        if main_rank:
+            evimages = {k: ImageBank(d.samples, mc.image_size, tc.memory_mb, tc.threads).images for k, d in evals.items()}
     if hasattr(model, "initialize_from_data"):
         model.initialize_from_data(train, feats, nfz)  # e.g. eigen-image query init (same on every rank)
     model.to(device)
+    if tc.channels_last:
+        model.to(memory_format=torch.channels_last)
     labels = torch.from_numpy(train.labels())
-    losses = [l.strip() for l in tc.losses.split(",") if l.strip()]
     weights = parse_weights(tc.loss_weights)
-    loss_fns = {name: get_loss(name) for name in losses}
+    loss_fns = {name: get_loss(name) for name in (l.strip() for l in tc.losses.split(",")) if name}
     opt = torch.optim.AdamW(_param_groups(model, tc), weight_decay=tc.weight_decay)
     steps_per_epoch = math.ceil(len(train) / (tc.batch_size * world))
-    total = steps_per_epoch * tc.epochs
-    warm = min(steps_per_epoch, total // 10 + 1)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min(1.0, (s + 1) / warm) * 0.5 * (1 + math.cos(math.pi * min(s, total) / total)))
+    sched = _schedule(opt, steps_per_epoch, tc.epochs)
     ema = WeightEMA(model, tc.ema) if tc.ema > 0 else None
     start_epoch, history = (ckpt.load_training_state(out, model, opt, sched, ema=ema) if resume else (0, []))
     if resume and start_epoch:
         log(f"resuming after epoch {start_epoch - 1} from {out / 'checkpoint'}")
     net = DDP(model, find_unused_parameters=True) if world > 1 else model
-    amp = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else None
     g = torch.Generator().manual_seed(tc.seed)
-    metrics: dict[str, Any] = history[-1]["eval"] if history else {}
+    t_start, done_steps = time.time(), 0
     for epoch in range(start_epoch, tc.epochs):
         t0 = time.time()
         set_train_mode(model, nfz)
         g.manual_seed(tc.seed * 1000 + epoch)  # the epoch's order depends only on (seed, epoch): resumable
         perm = torch.randperm(len(train), generator=g)[rank::world]
-        view_of = torch.randint(0, max(tc.cache_views, 1), (len(train),), generator=g)
         running = 0.0
         bar = tqdm(range(steps_per_epoch), desc=f"epoch {epoch + 1}/{tc.epochs}", leave=False, disable=not main_rank)
         for step in bar:
             idx = perm[step * tc.batch_size:(step + 1) * tc.batch_size]
             if len(idx) == 0:
                 idx = perm[:tc.batch_size]  # uneven shards: every rank must take the same number of steps
-            aux: dict = {"index": idx, "epoch": epoch}
-            with amp if amp is not None else torch.autocast("cpu", enabled=False):
-                lam, pair = 1.0, None
-                if tc.mixup > 0:  # the draw depends only on (seed, epoch, step): resumable
-                    mg = torch.Generator().manual_seed(tc.seed * 1_000_003 + epoch * 10_007 + step)
-                    lam = float(np.random.default_rng(tc.seed * 1_000_003 + epoch * 10_007 + step).beta(tc.mixup, tc.mixup))
-                    pair = torch.randperm(len(idx), generator=mg)
-                if use_cache:
-                    rows = (view_of[idx], idx)
-                    fwd = cached_batch(feats, rows, pair, lam, nfz, device)
-                    # the int8 pass starts from the same photos' and views' int8 prefix features
-                    fwd_q = fwd if feats_q is None else cached_batch(feats_q, rows, pair, lam, nfz, device)
-                else:
-                    rng = random.Random(f"{tc.seed}:{epoch}:{step}")
-                    imgs = np.stack([load_view(train.samples[i], mc.image_size, 2 + rng.randrange(1 << 20), tc.seed)
-                                     for i in idx.tolist()])
-                    x = normalize_uint8(torch.from_numpy(imgs).permute(0, 3, 1, 2)).to(device)
-                    if pair is not None:
-                        x = lam * x + (1 - lam) * x[pair]
-                    fwd = fwd_q = (x, 0, None)
-                rng_before = rng_snapshot(device) if tc.int8_consistency > 0 else None
-                logps = net(*fwd, aux)
-                y = labels[idx].to(device)
-                ctx = LossContext(model, logps, y, aux, tax, tc.label_smoothing)
-                if teacher is not None:
-                    aux["teacher"] = teacher(idx, view_of[idx] if use_cache else None)
-                loss = sum(weights.get(n, 1.0) * fn(ctx) for n, fn in loss_fns.items())
-                if pair is not None:  # losses are linear in the target: mix them instead of the labels
-                    # the teacher's targets are per image like the labels: the partner's travel with its label
-                    aux_b = aux if teacher is None else {**aux, "teacher": {
-                        **aux["teacher"], "logps": [t[pair] for t in aux["teacher"]["logps"]]}}
-                    ctx_b = LossContext(model, logps, y[pair], aux_b, tax, tc.label_smoothing)
-                    loss = lam * loss + (1 - lam) * sum(weights.get(n, 1.0) * fn(ctx_b) for n, fn in loss_fns.items())
-                if rng_before is not None:  # label-free: the mixed input's own fp32 answer is the target
-                    loss = loss + tc.int8_consistency * consistency_loss(model, logps, fwd_q, {}, rng_before, device)
+            fwd, batch = feed.batch(idx, epoch, step)
+            with autocast(device, precision):
+                loss = _loss(net, model, fwd, batch, labels, tax, tc, loss_fns, weights, teacher, device)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 5.0)
@@ -383,38 +500,35 @@ def train_model(mc: ModelConfig, tc: TrainConfig, out: str | Path, resume: bool 
             if ema is not None:
                 ema.update(model)
             running += loss.item()
-            bar.set_postfix(loss=f"{running / (step + 1):.3f}")
+            done_steps += 1
+            rate = done_steps * len(idx) * world / (time.time() - t_start)
+            left = ((tc.epochs - epoch) * steps_per_epoch - step - 1) * len(idx) * world / rate
+            bar.set_postfix(loss=f"{running / (step + 1):.3f}", img_s=f"{rate:.1f}", eta=f"{left / 60:.0f}min")
         metrics = {}
         if main_rank:
             with ema.swapped(model) if ema is not None else contextlib.nullcontext():
-                for name, d in evals.items():
-                    lp = predict_logprobs(model, d, mc.image_size, feats=evfeats[name] if evfeats else None,
-                                          start=nfz, device=device)
-                    metrics[name] = compute_metrics(tax, lp, d.labels())
-            rec = {"epoch": epoch, "loss": running / steps_per_epoch, "seconds": time.time() - t0, "eval": metrics}
+                metrics = _evaluate(model, evals, mc, tc, device, precision, evfeats, evimages, start)
+            secs = time.time() - t0
+            rec = {"epoch": epoch, "loss": running / steps_per_epoch, "seconds": secs,
+                   "images_per_second": len(train) / secs, "eval": metrics}
             history.append(rec)
-            log(f"epoch {epoch + 1}/{tc.epochs} loss={rec['loss']:.3f} {rec['seconds']:.0f}s " +
+            log(f"epoch {epoch + 1}/{tc.epochs} loss={rec['loss']:.3f} {secs:.0f}s ({len(train) / secs:.1f} img/s) " +
                 " | ".join(f"{k}: {format_metrics(v)}" for k, v in metrics.items()))
             ckpt.save_training_state(out, model, opt, sched, epoch, history, ema=ema)
         if world > 1:
             dist.barrier()
-    sync = None
-    if world > 1:
-        # record every rank's parameter digest: DDP must leave all replicas identical. (BatchNorm
-        # running statistics are buffers, refreshed from rank 0 at each forward; rank 0's are saved.)
-        h = hashlib.sha256()
-        for k, v in sorted(model.named_parameters()):
-            h.update(k.encode())
-            h.update(v.detach().cpu().contiguous().numpy().tobytes())
-        digests = [None] * world
-        dist.all_gather_object(digests, h.hexdigest())
-        sync = {"world_size": world, "backend": dist.get_backend(), "weight_sha256_per_rank": digests}
+    sync = _replica_digests(model, world)
+    metrics = history[-1]["eval"] if history else {}
     if main_rank:
         model.cpu()
         if ema is not None:  # the saved model is the weight average (what was evaluated)
             model.load_state_dict(ema.shadow, strict=False)
-        extra = {"train": asdict(tc), "history": history, "metrics": metrics,
-                 "wall_seconds": sum(h["seconds"] for h in history), "distributed": sync}
+        model = model.to(memory_format=torch.contiguous_format)
+        if precision != "fp32":  # the saved figures are the fp32 ones, as the device computes them
+            metrics = _evaluate(model, evals, mc, replace(tc, channels_last=False), "cpu", "fp32", evfeats, evimages, start)
+            log("fp32: " + " | ".join(f"{k}: {format_metrics(v)}" for k, v in metrics.items()))
+        extra = {"train": asdict(tc), "precision": precision, "cpu_flags": flags, "history": history,
+                 "metrics": metrics, "wall_seconds": sum(h["seconds"] for h in history), "distributed": sync}
         ckpt.save_model(model, mc, tax, out, extra)
         (out / "metrics.json").write_text(json.dumps(metrics, indent=1))
         log(f"wrote {out / 'model.safetensors'} (+ config.json, taxonomy.json, metrics.json)")

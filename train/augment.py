@@ -1,0 +1,209 @@
+"""Live augmentation on images decoded once into memory.
+
+Whole-network training on CPU is affordable (channels_last + bf16, see `benchmarks/train_speed.py`),
+so every step draws a fresh view of every photo instead of reading a fixed set of cached views.
+
+* `ImageBank` decodes each photo once, through `sdk.prepare` (the device's decoding: EXIF, RGB, aspect
+  clamp), to a square uint8 array a little larger than the model input, and keeps them all in one
+  bounded tensor.
+* `Augmenter.draw` samples one recipe per photo — random resized crop, flip, colour jitter and one
+  TrivialAugment operation — as numbers (`Views`). `render(views, size)` turns a recipe into pixels at
+  any resolution; the geometry is a single affine `grid_sample`, so a teacher at 260 px and a student
+  at 224 px see exactly the same crop. Mixup / CutMix are applied by `mix`, also resolution-free.
+
+Every draw comes from a generator seeded by (seed, epoch, step): a resumed run sees the same views.
+"""
+
+from __future__ import annotations
+
+import math
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from sdk import prepare
+
+# TrivialAugment-style operations: each photo gets one, with a uniform random strength.
+GEOMETRIC = ("rotate", "shear_x", "shear_y", "translate_x", "translate_y")
+PHOTOMETRIC = ("brightness", "contrast", "color", "sharpness", "posterize", "solarize", "autocontrast")
+OPS = ("identity",) + GEOMETRIC + PHOTOMETRIC
+POLICIES = ("none", "basic", "trivial")
+
+
+class ImageBank:
+    """All photos of a dataset as one (N, S, S, 3) uint8 tensor, decoded once (threads).
+
+    `size` is the decode resolution; `max_mb` bounds the memory: a bank that would not fit is refused
+    with the size it would need, rather than swapping the machine.
+    """
+
+    def __init__(self, samples, size: int, max_mb: int = 6144, threads: int = 0):
+        need = len(samples) * size * size * 3 / 2 ** 20
+        if need > max_mb:
+            raise MemoryError(f"{len(samples)} photos at {size} px need {need:.0f} MB of memory, over the "
+                              f"{max_mb} MB bound (--memory-mb); lower --decode-scale or raise the bound")
+        self.size = size
+        self.images = torch.empty((len(samples), size, size, 3), dtype=torch.uint8)
+        with ThreadPoolExecutor(max(threads or torch.get_num_threads(), 1)) as pool:
+            for i, img in enumerate(pool.map(lambda s: prepare(s.source, size), samples)):
+                self.images[i].numpy()[:] = img
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def batch(self, idx: torch.Tensor) -> torch.Tensor:
+        """uint8 NHWC photos -> float 0..255 NCHW."""
+        return self.images[idx].permute(0, 3, 1, 2).float()
+
+
+@dataclass
+class Views:
+    """One augmentation recipe per photo of a batch (all tensors have the batch as first dim)."""
+
+    theta: torch.Tensor  # (B, 2, 3) affine map from output to input coordinates (grid_sample convention)
+    jitter: torch.Tensor  # (B, 3) brightness, contrast, saturation factors
+    op: torch.Tensor  # (B,) index into OPS (photometric ones applied in `render`)
+    strength: torch.Tensor  # (B,) in [0, 1]
+
+
+@dataclass(frozen=True)
+class Augmenter:
+    policy: str = "trivial"  # none: the device's exact input; basic: crop + flip + jitter; trivial: + one op
+    crop_scale: float = 0.25  # smallest crop area (fraction of the photo) of the random resized crop
+    jitter: float = 0.3  # brightness / contrast / saturation factors drawn from [1 - j, 1 + j]
+
+    def __post_init__(self):
+        if self.policy not in POLICIES:
+            raise ValueError(f"augmentation policy {self.policy!r}: choose one of {', '.join(POLICIES)}")
+        if not 0 < self.crop_scale <= 1:
+            raise ValueError(f"crop_scale must be in (0, 1], got {self.crop_scale}")
+
+    def draw(self, n: int, g: torch.Generator) -> Views:
+        u = lambda *shape: torch.rand(*shape, generator=g)  # noqa: E731
+        eye = torch.tensor([[1.0, 0, 0], [0, 1.0, 0]]).expand(n, 2, 3).clone()
+        if self.policy == "none":
+            return Views(eye, torch.ones(n, 3), torch.zeros(n, dtype=torch.long), torch.zeros(n))
+        # random resized crop: area in [crop_scale, 1], aspect ratio in [3/4, 4/3] (log-uniform)
+        area = self.crop_scale + (1 - self.crop_scale) * u(n)
+        ratio = torch.exp(math.log(3 / 4) + (math.log(4 / 3) - math.log(3 / 4)) * u(n))
+        w = torch.sqrt(area * ratio).clamp(max=1.0)
+        h = torch.sqrt(area / ratio).clamp(max=1.0)
+        cx = (1 - w) * (2 * u(n) - 1)  # centre in [-1, 1] coordinates, crop inside the photo
+        cy = (1 - h) * (2 * u(n) - 1)
+        flip = torch.where(u(n) < 0.5, -1.0, 1.0)
+        a = torch.zeros(n, 2, 2)
+        a[:, 0, 0], a[:, 1, 1] = w * flip, h
+        jitter = 1 + self.jitter * (2 * u(n, 3) - 1)
+        op = torch.zeros(n, dtype=torch.long)
+        strength = u(n)
+        if self.policy == "trivial":
+            op = torch.randint(0, len(OPS), (n,), generator=g)
+            sign = torch.where(u(n) < 0.5, -1.0, 1.0)
+            geo = torch.eye(2).expand(n, 2, 2).clone()
+            shift = torch.zeros(n, 2)
+            ang = sign * strength * math.radians(30)
+            rot = op == OPS.index("rotate")
+            geo[rot] = torch.stack([torch.stack([ang.cos(), -ang.sin()], -1),
+                                    torch.stack([ang.sin(), ang.cos()], -1)], -2)[rot]
+            sh = sign * strength * 0.3
+            geo[op == OPS.index("shear_x"), 0, 1] = sh[op == OPS.index("shear_x")]
+            geo[op == OPS.index("shear_y"), 1, 0] = sh[op == OPS.index("shear_y")]
+            tr = sign * strength * 0.3
+            shift[op == OPS.index("translate_x"), 0] = tr[op == OPS.index("translate_x")]
+            shift[op == OPS.index("translate_y"), 1] = tr[op == OPS.index("translate_y")]
+            a = a @ geo
+            cx, cy = cx + shift[:, 0], cy + shift[:, 1]
+        theta = torch.cat([a, torch.stack([cx, cy], -1)[:, :, None]], -1)
+        return Views(theta, jitter, op, strength)
+
+
+def _gray(x: torch.Tensor) -> torch.Tensor:
+    return (0.299 * x[:, 0] + 0.587 * x[:, 1] + 0.114 * x[:, 2]).unsqueeze(1)
+
+
+def _rows(mask: torch.Tensor, x: torch.Tensor, fn) -> None:
+    """Apply `fn` in place to the photos selected by `mask`."""
+    if bool(mask.any()):
+        x[mask] = fn(x[mask])
+
+
+def render(images: torch.Tensor, views: Views, size: int) -> torch.Tensor:
+    """float 0..255 NCHW photos + recipes -> augmented float 0..255 NCHW at `size` x `size`."""
+    n = images.shape[0]
+    grid = F.affine_grid(views.theta, [n, 3, size, size], align_corners=False)
+    x = F.grid_sample(images, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
+    b, c, s = (views.jitter[:, i].view(n, 1, 1, 1) for i in range(3))
+    x = x * b
+    m = _gray(x).mean((2, 3), keepdim=True)
+    x = (x - m) * c + m
+    g = _gray(x)
+    x = (g + (x - g) * s).clamp(0, 255)
+    k = views.strength.view(n, 1, 1, 1)
+    op = views.op
+    sel = lambda name: op == OPS.index(name)  # noqa: E731
+    # strength in [0, 1] -> factor in [0.1, 1.9] (PIL ImageEnhance convention: 1 = unchanged)
+    factor = 0.1 + 1.8 * k
+    _rows(sel("brightness"), x, lambda v: v * factor[sel("brightness")])
+    _rows(sel("contrast"), x, lambda v: (v - _gray(v).mean((2, 3), keepdim=True)) * factor[sel("contrast")]
+          + _gray(v).mean((2, 3), keepdim=True))
+    _rows(sel("color"), x, lambda v: _gray(v) + (v - _gray(v)) * factor[sel("color")])
+    blur_k = torch.tensor([[1.0, 1, 1], [1, 5, 1], [1, 1, 1]]) / 13
+    _rows(sel("sharpness"), x, lambda v: torch.lerp(
+        F.conv2d(F.pad(v, (1, 1, 1, 1), mode="replicate"), blur_k.expand(3, 1, 3, 3), groups=3), v,
+        factor[sel("sharpness")]))
+    bits = (8 - (k * 4).floor()).clamp(4, 8)  # 4..8 bits kept
+    _rows(sel("posterize"), x, lambda v: torch.floor(v / 2 ** (8 - bits[sel("posterize")]))
+          * 2 ** (8 - bits[sel("posterize")]))
+    thr = 255 * (1 - k)
+    _rows(sel("solarize"), x, lambda v: torch.where(v >= thr[sel("solarize")], 255 - v, v))
+
+    def autocontrast(v):
+        lo = v.amin((2, 3), keepdim=True)
+        hi = v.amax((2, 3), keepdim=True)
+        return (v - lo) * 255 / (hi - lo).clamp_min(1)
+    _rows(sel("autocontrast"), x, autocontrast)
+    return x.clamp(0, 255)
+
+
+@dataclass(frozen=True)
+class Mix:
+    """A batch's mixing: partner permutation, weight of the photo itself, CutMix box (fractions) or None."""
+
+    pair: torch.Tensor
+    lam: float
+    box: tuple[float, float, float, float] | None = None
+
+
+def draw_mix(n: int, mixup: float, cutmix: float, g: torch.Generator) -> Mix | None:
+    """Mixup (Beta(a, a) blend) or CutMix (a box of the partner pasted); with both on, one at random."""
+    kinds = [k for k, a in (("mixup", mixup), ("cutmix", cutmix)) if a > 0]
+    if not kinds:
+        return None
+    kind = kinds[int(torch.randint(0, len(kinds), (1,), generator=g))]
+    alpha = mixup if kind == "mixup" else cutmix
+    # numpy draws the Beta weight, seeded from the step generator (torch.distributions takes no generator)
+    lam = float(np.random.default_rng(int(torch.randint(0, 2 ** 31, (1,), generator=g))).beta(alpha, alpha))
+    pair = torch.randperm(n, generator=g)
+    if kind == "mixup":
+        return Mix(pair, lam)
+    side = math.sqrt(1 - lam)
+    cx, cy = float(torch.rand(1, generator=g)), float(torch.rand(1, generator=g))
+    box = (max(cx - side / 2, 0.0), max(cy - side / 2, 0.0), min(cx + side / 2, 1.0), min(cy + side / 2, 1.0))
+    area = (box[2] - box[0]) * (box[3] - box[1])
+    return Mix(pair, 1.0 - area, box)  # the weight follows the box actually pasted (clipped at the border)
+
+
+def mix(x: torch.Tensor, m: Mix | None) -> torch.Tensor:
+    """Apply a batch's mixing to images of any resolution (NCHW)."""
+    if m is None:
+        return x
+    if m.box is None:
+        return m.lam * x + (1 - m.lam) * x[m.pair]
+    h, w = x.shape[-2:]
+    l, t, r, b = round(m.box[0] * w), round(m.box[1] * h), round(m.box[2] * w), round(m.box[3] * h)
+    out = x.clone()
+    out[..., t:b, l:r] = x[m.pair][..., t:b, l:r]
+    return out

@@ -1,5 +1,5 @@
 """`python -m converters {onnx,…,all} --checkpoint DIR --out DIR` — export with parity on real images;
-`python -m converters benchmark …` — one table across formats and peers (converters/benchmark.py)."""
+`python -m converters benchmark …` — one table across formats and peers (converters/benchmark/)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""What every converter shares: the export spec, the artifact record, manifest writing and parity.
+"""What every converter shares: the export spec, the artifact record, manifest and embedded metadata,
+running a model in batches, and parity.
 
 Parity at export: the artifact is loaded through the SDK (hash-checked like on a device), run on real
 images decoded exactly as the SDK decodes them, and compared with the PyTorch model on the same uint8
@@ -9,15 +10,25 @@ into the manifest; below threshold the export fails loudly.
 from __future__ import annotations
 
 import importlib.metadata as md
-from dataclasses import dataclass, field
+import json
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
 
-from sdk import Classifier, InputSpec, Manifest, Taxonomy, TreeDecoder, sha256_file
-from sdk._manifest import size_bytes
+from sdk import (FORMAT_VERSION, Classifier, InputSpec, Manifest, Taxonomy, TreeDecoder, concat_levels, sha256_file,
+                 size_bytes)
+
+
+# target -> (module, options it accepts with their defaults); validated up front (`_registry.validate_options`)
+TARGETS: dict[str, tuple[str, dict[str, Any]]] = {
+    "onnx": ("converters.onnx", {"opset": 17, "dynamic_batch": True}),
+    "tflite": ("converters.tflite", {"batch": 1}),
+    "executorch": ("converters.executorch", {"batch": 1}),
+    "coreml": ("converters.coreml", {"batch": 1, "minimum_deployment_target": "iOS16"}),
+}
 
 
 class ExportError(RuntimeError):
@@ -50,13 +61,15 @@ class Artifact:
     directory: Path
 
 
-def tool_versions(*packages: str) -> dict[str, str]:
+def tool_versions(*packages: str, base=("hierfg", "torch", "numpy"), missing: str | None = None) -> dict[str, str]:
+    """Installed versions of `base` + `packages`; one not installed is left out (or recorded as `missing`)."""
     out = {}
-    for p in ("hierfg", "torch", "numpy") + packages:
+    for p in (*base, *packages):
         try:
             out[p] = md.version(p)
         except md.PackageNotFoundError:
-            pass
+            if missing is not None:
+                out[p] = missing
     return out
 
 
@@ -64,12 +77,32 @@ def output_names(taxonomy: Taxonomy) -> list[str]:
     return [f"logp_{name}" for name in taxonomy.level_names]
 
 
+def embedded_metadata(taxonomy: Taxonomy, spec: ExportSpec, input_spec: InputSpec | None = None) -> dict[str, str]:
+    """What every artifact carries inside itself beside manifest.json (ONNX `metadata_props`, Core ML
+    `user_defined_metadata`, a TFLite metadata entry), so a file that lost its manifest still says what
+    its outputs mean and what it expects: string keys, string (JSON) values."""
+    inp = input_spec or InputSpec(size=spec.image_size)
+    return {
+        "hierfg.format_version": str(FORMAT_VERSION),
+        "hierfg.taxonomy": json.dumps(taxonomy.to_dict(), ensure_ascii=False),
+        "hierfg.taxonomy_hash": taxonomy.hash,
+        "hierfg.input_size": str(spec.image_size),
+        "hierfg.preprocessing": json.dumps(asdict(inp)),
+        "hierfg.outputs": json.dumps(output_names(taxonomy)),
+        "hierfg.precision": spec.precision,
+    }
+
+
+def run_batched(run: Callable[[np.ndarray], Any], images: np.ndarray, batch: int) -> list[np.ndarray]:
+    """`run` on consecutive batches of `images` (contiguous slices), its per-level outputs concatenated per level."""
+    return concat_levels([list(run(np.ascontiguousarray(images[i:i + batch]))) for i in range(0, len(images), batch)])
+
+
 @torch.inference_mode()
 def torch_logprobs(deploy: torch.nn.Module, images: np.ndarray, batch: int = 16) -> list[np.ndarray]:
-    outs = []
-    for i in range(0, len(images), batch):
-        outs.append([o.numpy() for o in deploy(torch.from_numpy(np.ascontiguousarray(images[i:i + batch])))])
-    return [np.concatenate([o[l] for o in outs]).astype(np.float64) for l in range(len(outs[0]))]
+    """Per-level log-probs (float64) of a DeployWrapper on uint8 NHWC images."""
+    lp = run_batched(lambda x: [o.numpy() for o in deploy(torch.from_numpy(x))], images, batch)
+    return [a.astype(np.float64) for a in lp]
 
 
 def parity(reference: list[np.ndarray], candidate: list[np.ndarray], taxonomy: Taxonomy) -> dict[str, Any]:
@@ -118,13 +151,26 @@ def check_parity(target: str, deploy: torch.nn.Module, artifact: Path, manifest:
     return manifest
 
 
+def finish_export(target: str, model: torch.nn.Module, path: Path, spec: ExportSpec, versions: dict[str, str],
+                  export: dict[str, Any] | None = None, no_parity: str | None = None) -> Artifact:
+    """The manifest beside a written artifact (with its `export` record), then parity through the SDK on
+    `spec.images`, unless `no_parity` says why it cannot run here."""
+    m = write_manifest(target, path, model.model.taxonomy, spec, versions, {"export": export} if export else None)
+    if no_parity is None:
+        m = check_parity(target, model, path, m, spec)
+    else:
+        m.metrics["parity"] = {"measured": False, "reason": no_parity, "images": spec.image_source}
+        m.save(path.parent)
+    return Artifact(target, path, m, path.parent)
+
+
 def begin_export(target: str, model: torch.nn.Module, spec: ExportSpec, out_dir: str | Path,
-                 defaults: dict[str, Any]) -> tuple[Path, dict[str, Any], Taxonomy]:
+                 ) -> tuple[Path, dict[str, Any], Taxonomy]:
     """The preamble every converter shares: output folder, resolved options (a `batch` option, where a
     target has one, must be >= 1), the model's taxonomy, and eval mode."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    opts = {**defaults, **spec.options}
+    opts = {**TARGETS[target][1], **spec.options}
     if "batch" in opts and int(opts["batch"]) < 1:
         raise ExportError(f"{target}: option batch must be >= 1, got {opts['batch']!r}")
     model.eval()

@@ -8,22 +8,22 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
-from ._common import Artifact, ExportError, ExportSpec
+from sdk import sha256_file
 
-# target -> (module, options it accepts with their defaults)
-TARGETS: dict[str, tuple[str, dict[str, Any]]] = {
-    "onnx": ("converters.onnx", {"opset": 17, "dynamic_batch": True}),
-    "tflite": ("converters.tflite", {"batch": 1}),
-    "executorch": ("converters.executorch", {"batch": 1}),
-    "coreml": ("converters.coreml", {"batch": 1, "minimum_deployment_target": "iOS16"}),
-}
+from ._common import TARGETS, Artifact, ExportError, ExportSpec
 
 
 def _module(target: str):
     if target not in TARGETS:
         raise ExportError(f"unknown target {target!r}; targets: {', '.join(TARGETS)}")
     return importlib.import_module(TARGETS[target][0])
+
+
+def export_model(target: str, model: torch.nn.Module, spec: ExportSpec, out_dir: str | Path) -> Artifact:
+    """Export a DeployWrapper-wrapped model to one target (`<target module>.export`)."""
+    return _module(target).export(model, spec, out_dir)
 
 
 def validate_options(target: str, options: dict[str, Any]) -> dict[str, Any]:
@@ -36,8 +36,7 @@ def validate_options(target: str, options: dict[str, Any]) -> dict[str, Any]:
 
 def parity_images(data: str, split: str, size: int, n: int = 64, taxonomy=None) -> tuple[np.ndarray, str]:
     """Up to n real images of a split, spread over the split, decoded exactly as the SDK decodes them."""
-    from sdk import prepare
-    from train.data import load_dataset
+    from sdk import load_dataset, prepare
 
     ds = load_dataset(data, split, taxonomy=taxonomy)
     idx = np.linspace(0, len(ds) - 1, num=min(n, len(ds))).round().astype(int)
@@ -45,26 +44,33 @@ def parity_images(data: str, split: str, size: int, n: int = 64, taxonomy=None) 
     return imgs, f"{data}:{split} ({len(idx)} images spread over {len(ds)})"
 
 
-def export_checkpoint(checkpoint: str | Path, target: str, out_dir: str | Path, data: str | None = None,
-                      split: str = "val", n_parity: int = 64, options: dict[str, Any] | None = None,
-                      spec: ExportSpec | None = None) -> Artifact:
-    """Load a trained model directory and export it to one target with parity on real images."""
-    from train.checkpoint import load_model, file_sha256
-    from train.models import DeployWrapper
+def _load(checkpoint: str | Path, data: str | None):
+    """(model, config, taxonomy, dataset root): the checkpoint and the data its parity images come from."""
+    from train.checkpoint import load_model
 
-    mod = _module(target)
-    opts = validate_options(target, options or {})
     model, cfg, tax, conf = load_model(checkpoint)
     data = data or conf.get("train", {}).get("data")
     if not data:
         raise ExportError("no --data given and the checkpoint does not record its dataset")
+    info = {"checkpoint_sha256": sha256_file(Path(checkpoint) / "model.safetensors"), "config": cfg.to_dict(),
+            "metrics_pytorch": conf.get("metrics", {})}
+    return model, cfg, tax, data, info
+
+
+def export_checkpoint(checkpoint: str | Path, target: str, out_dir: str | Path, data: str | None = None,
+                      split: str = "val", n_parity: int = 64, options: dict[str, Any] | None = None,
+                      spec: ExportSpec | None = None) -> Artifact:
+    """Load a trained model directory and export it to one target with parity on real images."""
+    from train.models import DeployWrapper
+
+    _module(target)
+    opts = validate_options(target, options or {})
+    model, cfg, tax, data, info = _load(checkpoint, data)
     if spec is None:
         images, source = parity_images(data, split, cfg.image_size, n_parity, taxonomy=tax)
         spec = ExportSpec(image_size=cfg.image_size, images=images, image_source=source)
-    info = {"checkpoint_sha256": file_sha256(Path(checkpoint) / "model.safetensors"), "config": cfg.to_dict(),
-            "metrics_pytorch": conf.get("metrics", {})}
     spec = replace(spec, options=opts, model_info={**info, **spec.model_info})
-    return mod.export(DeployWrapper(model).eval(), spec, out_dir)
+    return export_model(target, DeployWrapper(model).eval(), spec, out_dir)
 
 
 def export_all(checkpoint: str | Path, out_dir: str | Path, data: str | None = None, split: str = "val",
@@ -74,15 +80,10 @@ def export_all(checkpoint: str | Path, out_dir: str | Path, data: str | None = N
     Parity images are decoded once and shared. A failing target does not stop the others; after all
     were tried, an ExportError lists every failure (the artifacts that passed are left in place).
     """
-    from train.checkpoint import load_model
-
     targets = list(targets or TARGETS)
     for t in targets:
         _module(t)  # unknown target or missing converter: fail before any work
-    _, cfg, tax, conf = load_model(checkpoint)
-    data = data or conf.get("train", {}).get("data")
-    if not data:
-        raise ExportError("no --data given and the checkpoint does not record its dataset")
+    _, cfg, tax, data, _ = _load(checkpoint, data)
     images, source = parity_images(data, split, cfg.image_size, n_parity, taxonomy=tax)
     spec = ExportSpec(image_size=cfg.image_size, images=images, image_source=source)
     done: dict[str, Artifact] = {}

@@ -13,6 +13,7 @@ records `parity.measured = false` with the reason. On macOS the usual parity che
 from __future__ import annotations
 
 import json
+import shutil
 import sys
 from pathlib import Path
 from typing import Any
@@ -20,12 +21,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from sdk import Taxonomy
+from sdk import InputSpec, Taxonomy
 
-from ._common import Artifact, ExportError, ExportSpec, check_parity, output_names, tool_versions, write_manifest
-from ._metadata import embedded_metadata
+from ._common import (Artifact, ExportError, ExportSpec, begin_export, embedded_metadata, example_images, finish_export,
+                      output_names, tool_versions)
 
-OPTIONS = {"batch": 1, "minimum_deployment_target": "iOS16"}
 PREDICTION_PLATFORM = "darwin"
 
 
@@ -71,14 +71,8 @@ def export(model: torch.nn.Module, spec: ExportSpec, out_dir: str | Path) -> Art
     """Export a DeployWrapper-wrapped model to `<out_dir>/model.mlpackage` + manifest (parity on macOS only)."""
     import coremltools as ct
 
-    from sdk import InputSpec
-
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    opts = {**OPTIONS, **spec.options}
+    out_dir, opts, taxonomy = begin_export("coreml", model, spec, out_dir)
     batch = int(opts["batch"])
-    if batch < 1:
-        raise ExportError(f"coreml: option batch must be >= 1, got {opts['batch']!r}")
     try:
         target = getattr(ct.target, opts["minimum_deployment_target"])
     except AttributeError:
@@ -86,36 +80,26 @@ def export(model: torch.nn.Module, spec: ExportSpec, out_dir: str | Path) -> Art
                           "use e.g. iOS16, iOS17, macOS13") from None
     if spec.precision != "fp32":
         raise ExportError(f"coreml: only fp32 export is implemented here, got precision {spec.precision!r}")
-    taxonomy: Taxonomy = model.model.taxonomy
-    names = output_names(taxonomy)
     path = out_dir / "model.mlpackage"
-    example = torch.zeros(batch, spec.image_size, spec.image_size, 3, dtype=torch.float32)
-    model.eval()
+    example = example_images(spec, batch, torch.float32)
     try:
         ep = torch.export.export(model, (example,)).run_decompositions({})
         ml = ct.convert(ep, convert_to="mlprogram", compute_precision=ct.precision.FLOAT32,
                         inputs=[ct.TensorType(name="image", shape=tuple(example.shape), dtype=np.float32)],
-                        outputs=[ct.TensorType(name=n) for n in names], minimum_deployment_target=target)
+                        outputs=[ct.TensorType(name=n) for n in output_names(taxonomy)], minimum_deployment_target=target)
     except Exception as e:
         raise ExportError(f"coremltools conversion failed: {type(e).__name__}: {e}") from e
-    coreml_input = InputSpec(size=spec.image_size, dtype="float32")
-    for k, v in embedded_metadata(taxonomy, spec, coreml_input).items():
+    for k, v in embedded_metadata(taxonomy, spec, InputSpec(size=spec.image_size, dtype="float32")).items():
         ml.user_defined_metadata[k] = v
     ml.short_description = f"hierfg {'/'.join(taxonomy.level_names)} classifier; float32 NHWC 0..255 RGB in, per-level log-probs out"
     if path.exists():
-        import shutil
         shutil.rmtree(path)  # ct's save merges into an existing package directory; start clean so the hash is ours
     ml.save(str(path))
-    checked = verify_package(path, taxonomy, spec.image_size, batch)
-    manifest = write_manifest("coreml", path, taxonomy, spec, tool_versions("coremltools"))
-    manifest.metrics["export"] = {"fixed_batch": batch, "package_input": {"name": "image", "dtype": "float32",
-                                  "range": "0..255", "layout": "NHWC"}, "minimum_deployment_target": opts["minimum_deployment_target"],
-                                  "spec_check": checked, "thread_safe": False}
-    if sys.platform == PREDICTION_PLATFORM:
-        manifest = check_parity("coreml", model, path, manifest, spec)
-    else:
-        manifest.metrics["parity"] = {"measured": False, "reason": f"Core ML prediction needs macOS; exported on "
-                                      f"{sys.platform}, so only the reloaded package's spec and metadata were checked",
-                                      "images": spec.image_source}
-        manifest.save(out_dir)
-    return Artifact("coreml", path, manifest, out_dir)
+    export = {"fixed_batch": batch, "package_input": {"name": "image", "dtype": "float32", "range": "0..255",
+                                                      "layout": "NHWC"},
+              "minimum_deployment_target": opts["minimum_deployment_target"],
+              "spec_check": verify_package(path, taxonomy, spec.image_size, batch), "thread_safe": False}
+    no_parity = None if sys.platform == PREDICTION_PLATFORM else (
+        f"Core ML prediction needs macOS; exported on {sys.platform}, so only the reloaded package's spec and "
+        "metadata were checked")
+    return finish_export("coreml", model, path, spec, tool_versions("coremltools"), export, no_parity)

@@ -29,11 +29,10 @@ from pathlib import Path
 
 import torch
 
-from sdk import Taxonomy
+from sdk import atomic_write
 
-from ._common import begin_export, example_images, Artifact, ExportError, ExportSpec, check_parity, tool_versions, write_manifest
+from ._common import Artifact, ExportError, ExportSpec, begin_export, example_images, finish_export, tool_versions
 
-OPTIONS = {"batch": 1}
 
 PORTABLE_ALLOWED = frozenset({
     "aten.native_layer_norm.default",
@@ -87,37 +86,38 @@ def check_delegation(ops: Counter, allowed: frozenset[str] = PORTABLE_ALLOWED) -
                           f"path: {dict(sorted(bad.items()))}; allowed: {sorted(allowed)}")
 
 
-def export(model: torch.nn.Module, spec: ExportSpec, out_dir: str | Path) -> Artifact:
-    """Export a DeployWrapper-wrapped model (uint8 NHWC in) to `<out_dir>/model.pte` + manifest."""
+def lower_to_xnnpack(program: torch.export.ExportedProgram):
+    """SDPA and tanh GELU decomposed (module docstring), then lowered into the XNNPACK delegate:
+    (edge program manager, counts of the ops left outside it). Delegation is not judged here
+    (`check_delegation`)."""
     from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
     from executorch.exir import to_edge_transform_and_lower
     from torch.export import default_decompositions
 
-    out_dir, opts, taxonomy = begin_export("executorch", model, spec, out_dir, OPTIONS)
+    table = default_decompositions()
+    table[torch.ops.aten.scaled_dot_product_attention.default] = _sdpa_plain
+    table[torch.ops.aten.gelu.default] = _gelu_tanh
+    edge = to_edge_transform_and_lower(program.run_decompositions(table), partitioner=[XnnpackPartitioner()])
+    return edge, outside_delegate(edge.exported_program().graph_module)
+
+
+def export(model: torch.nn.Module, spec: ExportSpec, out_dir: str | Path) -> Artifact:
+    """Export a DeployWrapper-wrapped model (uint8 NHWC in) to `<out_dir>/model.pte` + manifest."""
+    out_dir, opts, _ = begin_export("executorch", model, spec, out_dir)
     path = out_dir / "model.pte"
-    example = example_images(spec, opts["batch"])
     try:
-        ep = torch.export.export(model, (example,))
-        table = default_decompositions()
-        table[torch.ops.aten.scaled_dot_product_attention.default] = _sdpa_plain
-        table[torch.ops.aten.gelu.default] = _gelu_tanh
-        ep = ep.run_decompositions(table)
-        edge = to_edge_transform_and_lower(ep, partitioner=[XnnpackPartitioner()])
+        edge, portable = lower_to_xnnpack(torch.export.export(model, (example_images(spec, opts["batch"]),)))
     except ExportError:
         raise
     except Exception as e:
         raise ExportError(f"executorch lowering failed: {type(e).__name__}: {e}") from e
-    gm = edge.exported_program().graph_module
-    portable = outside_delegate(gm)
     check_delegation(portable)
     try:
         program = edge.to_executorch()
     except Exception as e:
         raise ExportError(f"executorch to_executorch failed: {type(e).__name__}: {e}") from e
-    path.write_bytes(program.buffer)
-    manifest = write_manifest("executorch", path, taxonomy, spec, tool_versions("executorch"))
-    manifest.metrics["export"] = {"fixed_batch": int(opts["batch"]), "delegate": "XnnpackPartitioner",
-                                  "delegate_segments": delegate_count(gm),
-                                  "portable_ops": dict(sorted(portable.items())), "thread_safe": False}
-    manifest = check_parity("executorch", model, path, manifest, spec)
-    return Artifact("executorch", path, manifest, out_dir)
+    atomic_write(path, program.buffer)
+    export = {"fixed_batch": int(opts["batch"]), "delegate": "XnnpackPartitioner",
+              "delegate_segments": delegate_count(edge.exported_program().graph_module),
+              "portable_ops": dict(sorted(portable.items())), "thread_safe": False}
+    return finish_export("executorch", model, path, spec, tool_versions("executorch"), export)

@@ -17,12 +17,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from sdk import Taxonomy
+from sdk import atomic_write
 
-from ._common import begin_export, example_images, Artifact, ExportError, ExportSpec, check_parity, tool_versions, write_manifest
-from ._metadata import embedded_metadata
+from ._common import (Artifact, ExportError, ExportSpec, begin_export, embedded_metadata, example_images, finish_export,
+                      tool_versions)
 
-OPTIONS = {"batch": 1}
 METADATA_NAME = "hierfg"
 
 
@@ -56,7 +55,7 @@ def finish_file(path: Path, meta: dict[str, str]) -> None:
     model.metadata = [*(model.metadata or []), entry]
     builder = flatbuffers.Builder(path.stat().st_size + (1 << 16))
     builder.Finish(model.Pack(builder), file_identifier=b"TFL3")
-    path.write_bytes(bytes(builder.Output()))
+    atomic_write(path, bytes(builder.Output()))
 
 
 def read_metadata(path: str | Path) -> dict[str, str]:
@@ -75,16 +74,13 @@ def export(model: torch.nn.Module, spec: ExportSpec, out_dir: str | Path) -> Art
     """Export a DeployWrapper-wrapped model (uint8 NHWC in) to `<out_dir>/model.tflite` + manifest."""
     import litert_torch
 
-    out_dir, opts, taxonomy = begin_export("tflite", model, spec, out_dir, OPTIONS)
+    out_dir, opts, taxonomy = begin_export("tflite", model, spec, out_dir)
     path = out_dir / "model.tflite"
-    example = example_images(spec, opts["batch"])
     try:
-        litert_torch.convert(model, (example,)).export(str(path))
+        litert_torch.convert(model, (example_images(spec, opts["batch"]),)).export(str(path))
     except Exception as e:
         raise ExportError(f"litert_torch.convert failed: {type(e).__name__}: {e}") from e
     finish_file(path, embedded_metadata(taxonomy, spec))
-    manifest = write_manifest("tflite", path, taxonomy, spec, tool_versions("litert-torch", "ai-edge-litert"))
-    manifest.metrics["export"] = {"fixed_batch": int(opts["batch"]), "runtime": "ai_edge_litert.interpreter.Interpreter",
-                                  "signature": "serving_default", "thread_safe": False}
-    manifest = check_parity("tflite", model, path, manifest, spec)
-    return Artifact("tflite", path, manifest, out_dir)
+    export = {"fixed_batch": int(opts["batch"]), "runtime": "ai_edge_litert.interpreter.Interpreter",
+              "signature": "serving_default", "thread_safe": False}
+    return finish_export("tflite", model, path, spec, tool_versions("litert-torch", "ai-edge-litert"), export)

@@ -8,9 +8,8 @@ import logging
 import sys
 from pathlib import Path
 
-from .app import DEFAULT_MODEL, DemoServer, ModelMissingError, load_classifier, open_demo
+from .app import DEFAULT_MODEL, DemoServer, ModelMissingError, load_classifier, open_demo, open_store
 from .datafolder import DataFolder
-from .storage import SQLiteScanStore
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -24,8 +23,14 @@ def _common(p: argparse.ArgumentParser) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    if argv[:1] == ["export-dataset"]:
-        return _export(argv[1:])
+    try:
+        return _export(argv[1:]) if argv[:1] == ["export-dataset"] else _serve(argv)
+    except ModelMissingError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+def _serve(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="python -m demo", description="Warehouse-scanner demo web app.")
     _common(p)
     p.add_argument("--host", default="127.0.0.1", help="address to listen on; 0.0.0.0 for the LAN (default 127.0.0.1)")
@@ -40,11 +45,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if bool(a.cert) != bool(a.key):
         p.error("--cert and --key go together")
-    try:
-        app, store = open_demo(a.model, a.data_dir, a.db, a.token, a.max_upload_mb, a.threads)
-    except ModelMissingError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    app, store = open_demo(a.model, a.data_dir, a.db, a.token, a.max_upload_mb, a.threads)
     server = DemoServer(app, a.host, a.port, ssl_context=(a.cert, a.key) if a.cert else None)
     print(f"serving {server.url}/ (model {Path(a.model).resolve()}, data in {Path(a.data_dir).resolve()}"
           f"{', token required' if a.token else ''}); Ctrl-C to stop", flush=True)
@@ -64,14 +65,9 @@ def _export(argv: list[str]) -> int:
     _common(p)
     p.add_argument("--name", help="export folder name (default dataset-<UTC time>)")
     a = p.parse_args(argv)
-    try:
-        clf = load_classifier(a.model)
-    except ModelMissingError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    clf = load_classifier(a.model)
     data = DataFolder(a.data_dir)
-    db = Path(a.db)
-    store = SQLiteScanStore(db if db.is_absolute() else data.resolve(db))
+    store = open_store(data, a.db)
     try:
         res = data.export_dataset(store, clf.taxonomy, a.name)
     finally:

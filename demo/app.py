@@ -43,7 +43,7 @@ class DemoError(Exception):
         self.kind = kind
 
 
-class ModelMissingError(FileNotFoundError):
+class ModelMissingError(sdk.ModelNotFoundError):
     """The bundled model (or the --model folder) is not there."""
 
 
@@ -64,12 +64,22 @@ def load_classifier(model_dir: str | Path, num_threads: int | None = None) -> sd
     return sdk.Classifier.load(model_dir, num_threads=num_threads)
 
 
+def open_store(data: DataFolder, db: str | Path) -> SQLiteScanStore:
+    """The SQLite scan log; a relative `db` lives in the data folder."""
+    db = Path(db)
+    return SQLiteScanStore(db if db.is_absolute() else data.resolve(db))
+
+
 @dataclass(frozen=True)
 class DemoConfig:
     data_dir: Path
     db: Path
     token: str | None = None
     max_upload_mb: float = 16.0
+
+
+def level_word(level_name: str) -> str:
+    return LEVEL_WORDS.get(level_name, level_name)
 
 
 def taxonomy_tree(tax: sdk.Taxonomy) -> list[dict[str, Any]]:
@@ -83,22 +93,16 @@ def taxonomy_tree(tax: sdk.Taxonomy) -> list[dict[str, Any]]:
 def describe(pred: sdk.HierarchicalPrediction, tax: sdk.Taxonomy) -> dict[str, Any]:
     """What the page shows: a headline that says plainly how far the model is sure, the breadcrumb, and
     quick-pick candidates for the level it stopped before."""
-    path, full = list(pred.path), list(pred.full_path)
-    crumbs = [{"label": p.label, "level": p.level, "probability": p.probability} for p in path]
-    depth = tax.depth
+    path, depth = list(pred.path), tax.depth
     if pred.is_unknown:
-        status, headline = "unknown", "Unknown item — not in the catalogue"
-        next_level = 0
+        status, headline, next_level = "unknown", "Unknown item — not in the catalogue", 0
     elif not path:
-        status, headline = "uncertain", "Not sure what this is"
-        next_level = 0
+        status, headline, next_level = "uncertain", "Not sure what this is", 0
     elif len(path) < depth:
         next_level = len(path)
-        word = LEVEL_WORDS.get(tax.level_names[next_level], tax.level_names[next_level])
-        status, headline = "backoff", f"{path[-1].label} — {word} uncertain"
+        status, headline = "backoff", f"{path[-1].label} — {level_word(tax.level_names[next_level])} uncertain"
     else:
-        status, headline = "complete", path[-1].label
-        next_level = depth - 1
+        status, headline, next_level = "complete", path[-1].label, depth - 1
     # Candidates: finest-level guesses under the last sure node, best first (what a tap would pick).
     fine = depth - 1
     prefix = [p.label for p in path] if status in ("backoff", "complete") else []
@@ -107,13 +111,14 @@ def describe(pred: sdk.HierarchicalPrediction, tax: sdk.Taxonomy) -> dict[str, A
         names = tax.path(fine, tax.index(fine, label))
         if names[:len(prefix)] == prefix:
             cands.append({"path": names, "probability": prob})
+    crumbs = [{"label": p.label, "level": p.level, "probability": p.probability} for p in pred.full_path]
     return {
         "status": status,
         "headline": headline,
-        "crumbs": crumbs,
-        "full_path": [{"label": p.label, "level": p.level, "probability": p.probability} for p in full],
+        "crumbs": crumbs[:len(path)],
+        "full_path": crumbs,
         "next_level": tax.level_names[next_level],
-        "next_level_word": LEVEL_WORDS.get(tax.level_names[next_level], tax.level_names[next_level]),
+        "next_level_word": level_word(tax.level_names[next_level]),
         "candidates": cands[:4],
         "can_confirm": bool(path) and not pred.is_unknown,
     }
@@ -157,11 +162,15 @@ def create_app(classifier: sdk.Classifier, store: ScanStore, data: DataFolder, c
     app = Flask("demo", static_folder=str(STATIC), static_url_path="/static")
     app.request_class = _InMemoryUploads
     app.config["MAX_CONTENT_LENGTH"] = int(config.max_upload_mb * 1024 * 1024)
-    tax = classifier.taxonomy
-    model_sha = classifier.manifest.sha256
-    tree = taxonomy_tree(tax)
-    data_folder = data
-    export_lock = threading.Lock()
+    _guard(app, config)
+    app.add_url_rule("/", "index", lambda: send_from_directory(STATIC, "index.html"))
+    app.add_url_rule("/scans", "scans_page", lambda: send_from_directory(STATIC, "scans.html"))
+    _ScanApi(classifier, store, data, config).register(app)
+    return app
+
+
+def _guard(app: Flask, config: DemoConfig) -> None:
+    """The shared token, security headers, and errors that always answer JSON and never crash."""
 
     @app.before_request
     def check_token() -> Any:
@@ -182,7 +191,6 @@ def create_app(classifier: sdk.Classifier, store: ScanStore, data: DataFolder, c
             resp.headers["Cache-Control"] = "no-store"
         return resp
 
-    # ---- errors: always JSON, never a crash ----------------------------------------------------
     @app.errorhandler(DemoError)
     def demo_error(e: DemoError):
         return jsonify(error=str(e), kind=e.kind), e.status
@@ -202,40 +210,47 @@ def create_app(classifier: sdk.Classifier, store: ScanStore, data: DataFolder, c
         return jsonify(error=f"internal error ({type(e).__name__}); nothing was changed, see the server log",
                        kind="internal"), 500
 
-    # ---- pages ---------------------------------------------------------------------------------
-    @app.get("/")
-    def index():
-        return send_from_directory(STATIC, "index.html")
 
-    @app.get("/scans")
-    def scans_page():
-        return send_from_directory(STATIC, "scans.html")
+class _ScanApi:
+    """The /api/* endpoints over one classifier, scan log and data folder."""
 
-    # ---- API -----------------------------------------------------------------------------------
-    @app.get("/api/info")
-    def info():
-        m = classifier.manifest
-        return jsonify(model_sha256=model_sha, target=m.target, precision=getattr(m, "precision", None),
-                       input_size=classifier.input_size, levels=list(tax.level_names),
-                       taxonomy_hash=tax.hash, max_upload_mb=config.max_upload_mb)
+    def __init__(self, classifier: sdk.Classifier, store: ScanStore, data: DataFolder, config: DemoConfig):
+        self.classifier, self.store, self.data, self.config = classifier, store, data, config
+        self.tax = classifier.taxonomy
+        self.tree = taxonomy_tree(self.tax)
+        self.export_lock = threading.Lock()  # two exports at once would race on the temp folder name
 
-    @app.get("/api/taxonomy")
-    def taxonomy():
-        return jsonify(levels=list(tax.level_names), tree=tree,
-                       level_words=[LEVEL_WORDS.get(n, n) for n in tax.level_names])
+    def register(self, app: Flask) -> None:
+        for rule, method, view in (
+            ("/api/info", "GET", self.info), ("/api/taxonomy", "GET", self.taxonomy),
+            ("/api/scans", "POST", self.classify), ("/api/scans/<scan_id>/action", "POST", self.action),
+            ("/api/scans", "GET", self.list_scans), ("/api/scans/<scan_id>", "GET", self.get_scan),
+            ("/api/scans/<scan_id>/image", "GET", self.scan_image), ("/api/export.csv", "GET", self.export_csv),
+            ("/api/export/dataset", "POST", self.export_dataset),
+        ):
+            app.add_url_rule(rule, view.__name__, view, methods=[method])
 
-    @app.post("/api/scans")
-    def classify():
+    def info(self):
+        m, tax = self.classifier.manifest, self.tax
+        return jsonify(model_sha256=m.sha256, target=m.target, precision=m.precision,
+                       input_size=self.classifier.input_size, levels=list(tax.level_names),
+                       taxonomy_hash=tax.hash, max_upload_mb=self.config.max_upload_mb)
+
+    def taxonomy(self):
+        names = self.tax.level_names
+        return jsonify(levels=list(names), tree=self.tree, level_words=[level_word(n) for n in names])
+
+    def classify(self):
         f = request.files.get("image")
         if f is None:
             raise DemoError("no image in the upload (multipart field 'image')")
-        data = f.read()
-        if not data:
+        photo = f.read()
+        if not photo:
             raise DemoError("the uploaded image is empty; take the photo again", 400, "invalid_image")
         station = _clean_id(request.form.get("station"), "station")
         operator = _clean_id(request.form.get("operator"), "operator")
         try:
-            pred = classifier.classify(data)
+            pred = self.classifier.classify(photo)
         except sdk.UnsupportedFormatError as e:
             raise DemoError(f"unsupported image format: {e}. Use a JPEG, PNG or WebP photo.", 415,
                             "unsupported_format") from None
@@ -244,20 +259,18 @@ def create_app(classifier: sdk.Classifier, store: ScanStore, data: DataFolder, c
         except sdk.ModelOutputError as e:
             raise DemoError(f"the model could not answer for this photo ({e}); try another photo", 422,
                             "model_output") from None
-        sha = hashlib.sha256(data).hexdigest()
-        image_file = data_folder.save_image(data, sha)
-        conf = {p.level: p.probability for p in pred.full_path}
-        deepest = pred.path[-1] if pred.path else None
-        scan = store.add_scan(Scan(
-            image_sha256=sha, image_file=image_file, model_sha256=model_sha, taxonomy_hash=tax.hash,
-            station=station, operator=operator,
-            predicted_path=PATH_SEP.join(p.label for p in pred.path),
+        sha = hashlib.sha256(photo).hexdigest()
+        deepest = pred.deepest_confident
+        scan = self.store.add_scan(Scan(
+            image_sha256=sha, image_file=self.data.save_image(photo, sha),
+            model_sha256=self.classifier.manifest.sha256, taxonomy_hash=self.tax.hash,
+            station=station, operator=operator, predicted_path=PATH_SEP.join(p.label for p in pred.path),
             predicted_level=len(pred.path) - 1, confidence=deepest.probability if deepest else 0.0,
-            is_unknown=bool(pred.is_unknown), confidences=conf, prediction=pred.to_dict()))
-        return jsonify(scan=_public(scan), prediction=pred.to_dict(), display=describe(pred, tax)), 201
+            is_unknown=bool(pred.is_unknown), confidences={p.level: p.probability for p in pred.full_path},
+            prediction=pred.to_dict()))
+        return jsonify(scan=_public(scan), prediction=pred.to_dict(), display=describe(pred, self.tax)), 201
 
-    @app.post("/api/scans/<scan_id>/action")
-    def action(scan_id: str):
+    def action(self, scan_id: str):
         body = request.get_json(silent=True)
         if not isinstance(body, dict):
             raise DemoError("expected a JSON object {action, label?, station, operator}")
@@ -266,21 +279,24 @@ def create_app(classifier: sdk.Classifier, store: ScanStore, data: DataFolder, c
             raise DemoError(f"action must be one of {', '.join(ACTIONS)}")
         station = _clean_id(body.get("station"), "station")
         operator = _clean_id(body.get("operator"), "operator")
-        try:
-            scan = store.get(scan_id)
-        except ScanNotFoundError as e:
-            raise DemoError(str(e), 404, "not_found") from None
+        scan = self._get(scan_id)
         if act == "confirmed":
             if not scan.predicted_path:
                 raise DemoError("nothing to confirm: the model gave no label; correct or reject instead")
             final, level = scan.predicted_path, scan.predicted_level
         elif act == "corrected":
-            final, level = _validate_path(tax, body.get("label"))
+            final, level = _validate_path(self.tax, body.get("label"))
         else:
             final, level = None, None
-        scan = store.record_action(scan_id, act, final, level, station, operator)
-        return jsonify(scan=_public(scan))
+        return jsonify(scan=_public(self.store.record_action(scan_id, act, final, level, station, operator)))
 
+    def _get(self, scan_id: str) -> Scan:
+        try:
+            return self.store.get(scan_id)
+        except ScanNotFoundError as e:
+            raise DemoError(str(e), 404, "not_found") from None
+
+    @staticmethod
     def _filter() -> ScanFilter:
         a = request.args
         act = a.get("action") or None
@@ -289,51 +305,36 @@ def create_app(classifier: sdk.Classifier, store: ScanStore, data: DataFolder, c
         return ScanFilter(action=act, station=a.get("station") or None, operator=a.get("operator") or None,
                           label=a.get("label") or None, since=a.get("since") or None, until=a.get("until") or None)
 
-    @app.get("/api/scans")
-    def list_scans():
-        flt = _filter()
+    def list_scans(self):
+        flt = self._filter()
         try:
             limit = min(max(int(request.args.get("limit", 50)), 1), 500)
             offset = max(int(request.args.get("offset", 0)), 0)
         except ValueError:
             raise DemoError("limit and offset must be integers") from None
-        return jsonify(scans=[_public(s) for s in store.list(flt, limit, offset)], total=store.count(flt))
+        return jsonify(scans=[_public(s) for s in self.store.list(flt, limit, offset)], total=self.store.count(flt))
 
-    @app.get("/api/scans/<scan_id>")
-    def get_scan(scan_id: str):
-        try:
-            scan = store.get(scan_id)
-        except ScanNotFoundError as e:
-            raise DemoError(str(e), 404, "not_found") from None
-        actions = store.actions(scan_id) if hasattr(store, "actions") else []
+    def get_scan(self, scan_id: str):
+        scan = self._get(scan_id)
+        actions = self.store.actions(scan_id) if hasattr(self.store, "actions") else []
         return jsonify(scan=_public(scan, full=True), actions=actions)
 
-    @app.get("/api/scans/<scan_id>/image")
-    def scan_image(scan_id: str):
-        try:
-            scan = store.get(scan_id)
-        except ScanNotFoundError as e:
-            raise DemoError(str(e), 404, "not_found") from None
-        path = data_folder.resolve(scan.image_file)
+    def scan_image(self, scan_id: str):
+        path = self.data.resolve(self._get(scan_id).image_file)
         if not path.is_file():
             raise DemoError("the image file of this scan is missing from the data folder", 404, "not_found")
         return send_file(path, max_age=0)
 
-    @app.get("/api/export.csv")
-    def export_csv():
+    def export_csv(self):
         buf = io.StringIO()
-        store.export_csv(buf, _filter())
+        self.store.export_csv(buf, self._filter())
         return Response(buf.getvalue(), mimetype="text/csv",
                         headers={"Content-Disposition": "attachment; filename=scans.csv"})
 
-    @app.post("/api/export/dataset")
-    def export_dataset():
-        # Serialize exports: two at once would race on the temp folder name.
-        with export_lock:
-            result = data_folder.export_dataset(store, tax)
-        return jsonify({**result.to_dict(), "relative": result.directory.relative_to(data_folder.root).as_posix()})
-
-    return app
+    def export_dataset(self):
+        with self.export_lock:
+            result = self.data.export_dataset(self.store, self.tax)
+        return jsonify({**result.to_dict(), "relative": result.directory.relative_to(self.data.root).as_posix()})
 
 
 def _public(scan: Scan, full: bool = False) -> dict[str, Any]:
@@ -381,8 +382,6 @@ def open_demo(model_dir: str | Path, data_dir: str | Path, db: str | Path = "sca
     """Load model, open the data folder and the SQLite log (a relative `db` lives in the data folder)."""
     clf = load_classifier(model_dir, num_threads)
     data = DataFolder(data_dir)
-    db = Path(db)
-    db_path = db if db.is_absolute() else data.resolve(db)
-    store = SQLiteScanStore(db_path)
-    cfg = DemoConfig(data_dir=data.root, db=db_path, token=token or None, max_upload_mb=max_upload_mb)
+    store = open_store(data, db)
+    cfg = DemoConfig(data_dir=data.root, db=store.path, token=token or None, max_upload_mb=max_upload_mb)
     return create_app(clf, store, data, cfg), store

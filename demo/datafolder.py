@@ -9,12 +9,11 @@ from __future__ import annotations
 import csv
 import os
 import shutil
-import tempfile
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
-from sdk import Taxonomy
+from sdk import Taxonomy, atomic_write
 
 from .storage import PATH_SEP, ScanFilter, ScanStore
 
@@ -70,29 +69,16 @@ class DataFolder:
             raise OutsideDataFolderError(f"{relative!s} resolves to {p}, outside the data folder {self.root}")
         return p
 
-    def _write_atomic(self, relative: str, data: bytes) -> Path:
-        dest = self.resolve(relative)
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=".tmp-")
-        try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, dest)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
-        return dest
-
     def save_image(self, data: bytes, sha256: str) -> str:
         """Store the uploaded bytes under images/<sha[:2]>/<sha><ext>; returns the relative path.
         Content-addressed, so a rescan of the same photo writes nothing new."""
         if len(sha256) != 64 or not all(c in "0123456789abcdef" for c in sha256):
             raise ValueError(f"not a sha256 hex digest: {sha256!r}")
         rel = f"images/{sha256[:2]}/{sha256}{image_suffix(data)}"
-        if not self.resolve(rel).exists():
-            self._write_atomic(rel, data)
+        dest = self.resolve(rel)
+        if not dest.exists():
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            atomic_write(dest, data)
         return rel
 
     def export_dataset(self, store: ScanStore, taxonomy: Taxonomy, name: str | None = None) -> DatasetExport:
@@ -101,7 +87,7 @@ class DataFolder:
         Layout: `train.txt` with lines `train/<Category>/<Coarse>/<Fine>/<sha>.jpg, fine_id, coarse_id`
         (the Grocery split-file format; ids are the taxonomy's level indices, which for Grocery are the
         dataset's own class ids), the images beside it, `taxonomy.json`, and for a three-level tree a
-        `classes.csv` so `train.data.load_dataset(<dir>, "train")` reads it like the original dataset.
+        `classes.csv` so `sdk.load_dataset(<dir>, "train")` reads it like the original dataset.
         Only scans whose final label is at the finest level can be written; the rest are counted as
         skipped. A photo scanned several times keeps its latest label.
         """
@@ -156,16 +142,11 @@ def _safe_part(name: str) -> str:
 
 def _leaf_index(taxonomy: Taxonomy, path: str | None) -> int | None:
     """Fine-level index of a `PATH_SEP`-joined root-to-leaf path, or None if it is not one."""
-    if not path:
+    names, fine = (path or "").split(PATH_SEP), taxonomy.depth - 1
+    if len(names) != taxonomy.depth or names[-1] not in taxonomy.names(fine):
         return None
-    names = path.split(PATH_SEP)
-    if len(names) != taxonomy.depth:
-        return None
-    for lvl, name in enumerate(names):
-        if name not in taxonomy.names(lvl):
-            return None
-    leaf = taxonomy.index(taxonomy.depth - 1, names[-1])
-    return leaf if taxonomy.path(taxonomy.depth - 1, leaf) == names else None
+    leaf = taxonomy.index(fine, names[-1])
+    return leaf if taxonomy.path(fine, leaf) == names else None
 
 
 def _write_grocery_classes(taxonomy: Taxonomy, path: Path) -> None:

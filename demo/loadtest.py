@@ -66,6 +66,16 @@ def _multipart(image: bytes, fields: dict[str, str]) -> tuple[bytes, str]:
     return b"".join(parts), f"multipart/form-data; boundary={boundary}"
 
 
+def _post(conn: http.client.HTTPConnection, url: str, body: bytes, ctype: str, auth: dict[str, str],
+          expect: int) -> bytes:
+    conn.request("POST", url, body, {"Content-Type": ctype, **auth})
+    r = conn.getresponse()
+    data = r.read()
+    if r.status != expect:
+        raise RuntimeError(f"POST {url} -> {r.status}: {data[:200]!r}")
+    return data
+
+
 def run_load(base_url: str, images: Sequence[bytes], clients: int = 50, scans_per_client: int = 4,
              token: str | None = None, timeout: float = 300.0) -> LoadResult:
     """Start `clients` threads at once; each classifies `scans_per_client` photos (cycling `images`)
@@ -85,22 +95,12 @@ def run_load(base_url: str, images: Sequence[bytes], clients: int = 50, scans_pe
                 body, ctype = _multipart(img, {"station": f"load-{c % 5}", "operator": f"client-{c}"})
                 t0 = time.perf_counter()
                 try:
-                    conn.request("POST", "/api/scans", body, {"Content-Type": ctype, **auth})
-                    r = conn.getresponse()
-                    data = r.read()
+                    scan_id = json.loads(_post(conn, "/api/scans", body, ctype, auth, 201))["scan"]["id"]
                     t1 = time.perf_counter()
-                    if r.status != 201:
-                        raise RuntimeError(f"classify -> {r.status}: {data[:200]!r}")
-                    scan_id = json.loads(data)["scan"]["id"]
                     payload = json.dumps({"action": "confirmed", "station": f"load-{c % 5}",
                                           "operator": f"client-{c}"}).encode()
-                    conn.request("POST", f"/api/scans/{scan_id}/action", payload,
-                                 {"Content-Type": "application/json", **auth})
-                    r = conn.getresponse()
-                    data = r.read()
+                    _post(conn, f"/api/scans/{scan_id}/action", payload, "application/json", auth, 200)
                     t2 = time.perf_counter()
-                    if r.status != 200:
-                        raise RuntimeError(f"confirm -> {r.status}: {data[:200]!r}")
                     with lock:
                         res.classify_ms.append((t1 - t0) * 1e3)
                         res.confirm_ms.append((t2 - t1) * 1e3)

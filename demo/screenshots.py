@@ -10,11 +10,13 @@ photo), demo-backoff.png, demo-picker.png and demo-log.png.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import sys
 import tempfile
 from pathlib import Path
+from typing import Iterator
 
 CHROMIUM = os.environ.get("HIERFG_CHROMIUM", "/usr/bin/chromium")
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
@@ -46,10 +48,23 @@ def scan(page, photo: Path) -> None:
     page.wait_for_selector("#result:not(.hidden)", timeout=60_000)
 
 
+@contextlib.contextmanager
+def _serving(model: str, data_dir: Path) -> Iterator[str]:
+    """The demo on a free local port for the block; yields its URL."""
+    from .app import DemoServer, open_demo
+
+    app, store = open_demo(model, data_dir)
+    try:
+        with DemoServer(app) as server:
+            yield server.url
+    finally:
+        store.close()
+
+
 def main(argv: list[str] | None = None) -> int:
     from playwright.sync_api import sync_playwright
 
-    from .app import DEFAULT_MODEL, DemoServer, open_demo
+    from .app import DEFAULT_MODEL
 
     p = argparse.ArgumentParser(prog="python -m demo.screenshots", description="Screenshots of the demo page.")
     p.add_argument("--model", default=str(DEFAULT_MODEL))
@@ -67,10 +82,8 @@ def main(argv: list[str] | None = None) -> int:
     data = Path(a.data)
     with tempfile.TemporaryDirectory(prefix="demo-shots-") as tmp, sync_playwright() as pw:
         browser = launch_chromium(pw)
-        app, store = open_demo(a.model, Path(tmp) / "a")
-        server = DemoServer(app).start()
-        try:
-            page = phone_page(browser, server.url)
+        with _serving(a.model, Path(tmp) / "a") as url:
+            page = phone_page(browser, url)
             scan(page, data / a.photo)
             page.screenshot(path=str(out / "demo-scan.png"))
             page.click("#correct")
@@ -79,21 +92,13 @@ def main(argv: list[str] | None = None) -> int:
             page.click("#picker-close")
             page.click("#confirm")
             page.wait_for_selector("#done:not(.hidden)")
-            page.goto(server.url + "/scans")
+            page.goto(url + "/scans")
             page.wait_for_selector(".scan-row img[src^='blob:']")
             page.screenshot(path=str(out / "demo-log.png"))
-        finally:
-            server.stop()
-            store.close()
-        app, store = open_demo(a.backoff_model or a.model, Path(tmp) / "b")
-        server = DemoServer(app).start()
-        try:
-            page = phone_page(browser, server.url)
+        with _serving(a.backoff_model or a.model, Path(tmp) / "b") as url:
+            page = phone_page(browser, url)
             scan(page, data / a.backoff_photo)
             page.screenshot(path=str(out / "demo-backoff.png"))
-        finally:
-            server.stop()
-            store.close()
         browser.close()
     print(f"wrote {', '.join(sorted(p.name for p in out.glob('demo-*.png')))} to {out}")
     return 0

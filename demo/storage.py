@@ -10,6 +10,7 @@ RETURNING. Another database needs only a `connect` function and its placeholder 
 from __future__ import annotations
 
 import abc
+import contextlib
 import csv
 import io
 import json
@@ -23,30 +24,23 @@ from typing import Any, Callable, Iterator, Sequence
 
 ACTIONS = ("confirmed", "corrected", "rejected")
 
+# (name, type) of the scan log's columns, in storage order.
+SCAN_COLUMNS = (
+    ("id", "VARCHAR(36) PRIMARY KEY"), ("created_at", "VARCHAR(32) NOT NULL"),
+    ("image_sha256", "CHAR(64) NOT NULL"), ("image_file", "VARCHAR(255) NOT NULL"),
+    ("model_sha256", "CHAR(64) NOT NULL"), ("taxonomy_hash", "CHAR(64) NOT NULL"),
+    ("station", "VARCHAR(64) NOT NULL"), ("operator", "VARCHAR(64) NOT NULL"),
+    ("predicted_path", "VARCHAR(1024) NOT NULL"), ("predicted_level", "INTEGER NOT NULL"),
+    ("confidence", "DOUBLE PRECISION NOT NULL"), ("is_unknown", "INTEGER NOT NULL"),
+    ("confidences", "TEXT NOT NULL"), ("prediction", "TEXT NOT NULL"),
+    ("action", "VARCHAR(16)"), ("final_path", "VARCHAR(1024)"), ("final_level", "INTEGER"),
+    ("action_at", "VARCHAR(32)"), ("action_operator", "VARCHAR(64)"), ("action_station", "VARCHAR(64)"),
+)
+COLUMNS = tuple(name for name, _ in SCAN_COLUMNS)
+
 # One statement per string: DB-API drivers other than sqlite3 do not accept scripts.
 SCHEMA = (
-    """CREATE TABLE IF NOT EXISTS scans (
-        id VARCHAR(36) PRIMARY KEY,
-        created_at VARCHAR(32) NOT NULL,
-        image_sha256 CHAR(64) NOT NULL,
-        image_file VARCHAR(255) NOT NULL,
-        model_sha256 CHAR(64) NOT NULL,
-        taxonomy_hash CHAR(64) NOT NULL,
-        station VARCHAR(64) NOT NULL,
-        operator VARCHAR(64) NOT NULL,
-        predicted_path VARCHAR(1024) NOT NULL,
-        predicted_level INTEGER NOT NULL,
-        confidence DOUBLE PRECISION NOT NULL,
-        is_unknown INTEGER NOT NULL,
-        confidences TEXT NOT NULL,
-        prediction TEXT NOT NULL,
-        action VARCHAR(16),
-        final_path VARCHAR(1024),
-        final_level INTEGER,
-        action_at VARCHAR(32),
-        action_operator VARCHAR(64),
-        action_station VARCHAR(64)
-    )""",
+    f"CREATE TABLE IF NOT EXISTS scans ({', '.join(f'{n} {t}' for n, t in SCAN_COLUMNS)})",
     "CREATE INDEX IF NOT EXISTS scans_created ON scans (created_at)",
     "CREATE INDEX IF NOT EXISTS scans_action ON scans (action)",
     # The audit trail: a scan may be confirmed, then corrected; `scans` holds the latest action,
@@ -63,11 +57,6 @@ SCHEMA = (
     )""",
     "CREATE INDEX IF NOT EXISTS scan_actions_scan ON scan_actions (scan_id)",
 )
-
-COLUMNS = ("id", "created_at", "image_sha256", "image_file", "model_sha256", "taxonomy_hash", "station",
-           "operator", "predicted_path", "predicted_level", "confidence", "is_unknown", "confidences",
-           "prediction", "action", "final_path", "final_level", "action_at", "action_operator",
-           "action_station")
 
 PATH_SEP = " > "
 
@@ -178,11 +167,7 @@ class ScanStore(abc.ABC):
         w.writerow(COLUMNS)
         n = 0
         for s in self.iter_all(flt):
-            d = s.to_dict()
-            d["is_unknown"] = int(s.is_unknown)
-            d["confidences"] = json.dumps(s.confidences, ensure_ascii=False)
-            d["prediction"] = json.dumps(s.prediction, ensure_ascii=False)
-            w.writerow([_csv_safe(d[c]) for c in COLUMNS])
+            w.writerow([_csv_safe(v) for v in s._row()])
             n += 1
         return n
 
@@ -212,28 +197,19 @@ class SQLScanStore(ScanStore):
     def _sql(self, sql: str) -> str:
         return sql if self._ph == "?" else sql.replace("?", self._ph)
 
-    class _Tx:
-        def __init__(self, store: "SQLScanStore"):
-            self.store = store
-
-        def __enter__(self):
-            self.store._lock.acquire()
-            self.cur = self.store._conn.cursor()
-            return self.cur
-
-        def __exit__(self, exc_type, exc, tb):
+    @contextlib.contextmanager
+    def _tx(self) -> Iterator[Any]:
+        """One transaction: commit when the block ends, roll back when it raises."""
+        with self._lock:
+            cur = self._conn.cursor()
             try:
-                if exc_type is None:
-                    self.store._conn.commit()
-                else:
-                    self.store._conn.rollback()
+                yield cur
+                self._conn.commit()
+            except BaseException:
+                self._conn.rollback()
+                raise
             finally:
-                self.cur.close()
-                self.store._lock.release()
-            return False
-
-    def _tx(self) -> "_Tx":
-        return SQLScanStore._Tx(self)
+                cur.close()
 
     def add_scan(self, scan: Scan) -> Scan:
         marks = ", ".join("?" * len(COLUMNS))

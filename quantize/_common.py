@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable
@@ -9,20 +10,31 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from converters._common import Artifact, ExportError, ExportSpec, check_parity, write_manifest
-from sdk import Manifest, Taxonomy
+from converters import Artifact, ExportError, ExportSpec, check_parity, export_model, write_manifest
+from sdk import Taxonomy
 
 from .calibration import ImageSet
 from .sensitivity import Plan
 from .sim import ALWAYS_FLOAT, ATTENTION, DynamicScheme, Family, Ranges, families
 
-# int8 parity floor at export: a sanity check that the artifact is not broken. The issue's bar
-# (>= 99 % fine agreement, <= 0.5 pt fine top-1 loss) is judged on the full evaluation sets in the report.
+# int8 parity floor at export: a sanity check that the artifact is not broken. The bar (>= 99 % fine
+# agreement, <= 0.5 pt fine top-1 loss, quantize.bar) is judged on the full evaluation sets in the report.
 INT8_MIN_AGREEMENT = 0.95
 
 
 class QuantizeError(ExportError):
     """Quantization could not produce a valid int8 artifact; the message says what to change."""
+
+
+@contextmanager
+def failing_as(what: str):
+    """Any failure inside (a toolchain's own exception) surfaces as a QuantizeError naming `what`."""
+    try:
+        yield
+    except QuantizeError:
+        raise
+    except Exception as e:
+        raise QuantizeError(f"{what} failed: {type(e).__name__}: {e}") from e
 
 
 @dataclass
@@ -35,7 +47,7 @@ class QuantContext:
     calibration: ImageSet
     parity: ImageSet  # real photos for the export-time parity check through the SDK
     plan: Plan
-    ranges: Ranges
+    ranges: Ranges  # what the backends' observers see: activation ranges of the int8 source model
     model_info: dict[str, Any] = field(default_factory=dict)
     log: Callable[[str], None] = print
     # the model int8 artifacts are made from: `model` with weight-rounding bias correction (quantize.bias)
@@ -44,10 +56,9 @@ class QuantContext:
     coreml_shifts: dict[str, torch.Tensor] | None = None
     # fp32 exports by output directory, shared by the contexts of one run (they do not depend on the plan)
     fp32_exports: dict[Path, Artifact] = field(default_factory=dict)
-    # ExecuTorch's dynamic activation scheme (None: static, calibrated int8 activations)
+    # ExecuTorch's dynamic activation scheme, whose float layers the int8 model leaves unrounded
+    # (None: static, calibrated int8 activations)
     dynamic: DynamicScheme | None = None
-    # how ExecuTorch's activations were chosen (`quantize.run.choose_activations`), for its manifest
-    activations_choice: dict[str, Any] | None = None
 
     @property
     def families(self) -> list[Family]:
@@ -82,6 +93,10 @@ class QuantContext:
                           image_source=self.parity.source, min_agreement=INT8_MIN_AGREEMENT if precision == "int8" else 0.995,
                           max_abs_logprob=None if precision == "int8" else 1e-3, model_info=self.model_info, **kw)
 
+    def example(self) -> torch.Tensor:
+        """One blank uint8 NHWC image: the example input the int8 graphs are exported with (batch 1)."""
+        return torch.zeros(1, self.image_size, self.image_size, 3, dtype=torch.uint8)
+
     def calibration_batches(self, batch: int = 10):
         imgs = self.calibration.images
         for i in range(0, len(imgs), batch):
@@ -103,33 +118,33 @@ class TargetResult:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
-def quantization_record(ctx: QuantContext, scheme: str, float_layers: list[str], notes: list[str],
-                        extra: dict[str, Any] | None = None) -> dict[str, Any]:
-    """The `quantization` block written into every int8 manifest (`extra`: target-specific fields)."""
-    return {"scheme": scheme, "float_layers": float_layers, "notes": notes,
-            "calibration_images": ctx.calibration.source, "plan": ctx.plan.to_dict(),
-            "always_float_ops": list(ALWAYS_FLOAT), **(extra or {})}
-
-
-def finish_int8(ctx: QuantContext, target: str, path: Path, versions: dict[str, str], scheme: str,
-                float_layers: list[str], notes: list[str], check: bool = True,
-                extra: dict[str, Any] | None = None) -> Manifest:
-    """Write the int8 manifest (precision int8 + the quantization record) and run SDK parity on real photos."""
+def finish_int8(ctx: QuantContext, target: str, path: Path, fp32_size: int | None, versions: dict[str, str],
+                scheme: str, float_layers: list[str], notes: list[str], extra: dict[str, Any] | None = None,
+                export: dict[str, Any] | None = None, no_parity: str | None = None,
+                result_extra: dict[str, Any] | None = None) -> TargetResult:
+    """Write the int8 manifest (precision int8, the `quantization` record with the target's `extra`
+    fields, `export` metrics) and check SDK parity on real photos, unless `no_parity` says why not."""
     spec = ctx.spec("int8")
-    m = write_manifest(target, path, ctx.taxonomy, spec, versions,
-                       {"quantization": quantization_record(ctx, scheme, float_layers, notes, extra)})
-    if check:
+    record = {"scheme": scheme, "float_layers": float_layers, "notes": notes,
+              "calibration_images": ctx.calibration.source, "plan": ctx.plan.to_dict(),
+              "always_float_ops": list(ALWAYS_FLOAT), **(extra or {})}
+    m = write_manifest(target, path, ctx.taxonomy, spec, versions, {"quantization": record})
+    if no_parity is None:
         m = check_parity(target, ctx.deploy(), path, m, replace(spec, min_agreement=INT8_MIN_AGREEMENT))
-    return m
+    else:
+        m.metrics["parity"] = {"measured": False, "reason": no_parity}
+    if export is not None:
+        m.metrics["export"] = export
+    m.save(path.parent)
+    return TargetResult(target, path.parent, fp32_size, m.size_bytes, float_layers, scheme, no_parity is None, notes,
+                        result_extra or {})
 
 
 def fp32_artifact(ctx: QuantContext, target: str, out_dir: Path) -> Artifact:
     """The fp32 export of a target through its converter (parity-checked like any export), once per run
     and directory: a target rebuilt from another float plan reuses it."""
-    import importlib
     if out_dir not in ctx.fp32_exports:
-        mod = importlib.import_module(f"converters.{target}")
-        ctx.fp32_exports[out_dir] = mod.export(ctx.deploy(), ctx.spec("fp32"), out_dir)
+        ctx.fp32_exports[out_dir] = export_model(target, ctx.deploy(), ctx.spec("fp32"), out_dir)
     return ctx.fp32_exports[out_dir]
 
 
@@ -148,9 +163,6 @@ def int8_source_artifact(ctx: QuantContext, target: str, out_dir: Path, fp32: Ar
     fp32 artifact itself without correction."""
     if not ctx.bias_corrected:
         return fp32
-    import importlib
-
     from train.models import DeployWrapper
-    mod = importlib.import_module(f"converters.{target}")
     net = DeployWrapper(model).eval() if model is not None else ctx.deploy(int8=True)
-    return mod.export(net, ctx.spec("fp32"), out_dir.parent / f"{out_dir.name}-bias-corrected")
+    return export_model(target, net, ctx.spec("fp32"), out_dir.parent / f"{out_dir.name}-bias-corrected")

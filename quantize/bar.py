@@ -1,5 +1,4 @@
-"""The int8 bar (issue 6) and the one rule that judges it, shared by the sensitivity pass, the
-per-target report and the QAT fallback.
+"""The int8 bar and the one rule that judges it, shared by the sensitivity pass and the per-target report.
 
 Agreement and top-1 drop are measured on N photos, so they move in steps of 1/N; the comparisons
 allow 1e-9 so a figure exactly on the bar counts as within it (in binary floats 0.97 - 0.965 =

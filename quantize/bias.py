@@ -1,29 +1,17 @@
 """Bias correction of int8 weight rounding, measured on the calibration photos.
 
-Rounding a layer's weights to int8 (symmetric, per output channel: `quantize.sim.fq_weight`, the
-scheme every backend here applies) changes the *mean* of each output channel by
-E[(W - Q(W)) x], and the shift propagates and compounds through the network. Depthwise 3x3 filters
-(nine weights per channel) make it large in EfficientNet-Lite. The empirical correction of Nagel et
-al. ("Data-Free Quantization Through Weight Equalization and Bias Correction", ICCV 2019, section
-4.2) measures that shift per output channel on real photos and adds it back to the layer's bias:
+Rounding a layer's weights to int8 (per output channel, `quantize.sim.fq_weight`) shifts the *mean* of
+each output channel by E[(W - Q(W)) x], and the shift compounds through the network; EfficientNet-Lite's
+3x3 depthwise filters (nine weights a channel) make it large. The empirical correction of Nagel et al.
+(ICCV 2019, section 4.2) measures that shift per channel on real photos and adds it back: into the
+running mean of the BatchNorm after a backbone conv (every backend folds BatchNorm into the conv, so the
+graph is unchanged), or into the bias of a Linear / head conv.
 
-- a backbone conv is followed by its BatchNorm, so the shift e moves into the BatchNorm's running
-  mean (mean - e): every backend folds BatchNorm into the conv, so the correction becomes the folded
-  bias, and the graph is unchanged;
-- a Linear / head conv with a bias gets bias + e.
-
-Shifts are measured once on the fp32 model (each layer's own rounding error on its fp32 input, so the
-shift of a layer does not depend on which other families are quantized) and applied for whichever
-families a plan quantizes (`quantize.sim.simulate(..., shifts=)` does the same in the simulation, so
-the sensitivity pass measures corrected int8). The fp32 model is not touched: `bias_corrected` returns a corrected *copy*, used only as the source
-of the int8 artifacts (and of their simulation); fp32 artifacts and every agreement figure still come
-from, and compare against, the original. Per-channel weight scales are unchanged (the weights are
-not modified), so the int8 weights are exactly those of the uncorrected model.
-
-Measured on `runs/student` (the session-6 note in README): PyTorch simulation of the full int8 plan,
-fine agreement with fp32 on Grocery `val` 95.9 % -> 98.0 %; int8 weights alone 97.0 % -> 99.0 %.
-Correcting activation-quantization shifts as well (matching each layer's mean output in the full
-simulation to fp32, iterated) diverged (54 % agreement after one step) and is not done.
+Shifts are measured once on the fp32 model (each layer's own rounding error on its fp32 input, so they do
+not depend on which other families are quantized) and applied for whichever families a plan quantizes.
+`bias_corrected` returns a corrected *copy*, the source of the int8 artifacts and their simulation; fp32
+stays the reference of every agreement figure, and the int8 weights are those of the uncorrected model.
+Correcting activation-quantization shifts the same way diverged, and is not done.
 """
 
 from __future__ import annotations
@@ -38,7 +26,6 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .sim import OBSERVER_EPS, Family, bn_after, feed, fold_factors, fq_weight
-
 
 
 @dataclass
@@ -57,10 +44,10 @@ class BiasCorrection:
                 "max_shift": self.max_shift, "skipped": self.skipped}
 
 
-def _rounding_error_output(mod: nn.Module, x: torch.Tensor, q: torch.Tensor | None = None,
-                           fold: torch.Tensor | None = None, eps: float = 0.0) -> torch.Tensor:
+def rounding_error_output(mod: nn.Module, x: torch.Tensor, q: torch.Tensor | None = None,
+                          fold: torch.Tensor | None = None, eps: float = 0.0) -> torch.Tensor:
     """(W - Q(W)) applied to `x` with the layer's own geometry (padding, stride, groups), no bias;
-    Q(W) is round-to-nearest (`fq_weight(W, fold, eps)`) unless the int8 weights `q` are given (e.g. `quantize.gptq`'s)."""
+    Q(W) is round-to-nearest (`fq_weight(W, fold, eps)`) unless the rounded weights `q` are given."""
     dw = mod.weight - (fq_weight(mod.weight, fold, eps) if q is None else q)
     if isinstance(mod, nn.Linear):
         return F.linear(x, dw)
@@ -85,8 +72,8 @@ def rounding_shifts(model: nn.Module, images: np.ndarray, fams: list[Family], ba
                     weight_eps: float = OBSERVER_EPS) -> dict[str, torch.Tensor]:
     """Per quantized Conv2d / Linear: the mean over photos (and positions) of E[(W - Q(W)) x] per output channel.
 
-    `targets`: the int8 weights the artifacts will carry per layer where they are not round-to-nearest
-    of the fp32 weights (`quantize.gptq.gptq_weights`); `model` stays the fp32 model.
+    `targets`: per layer, the rounded weights to measure against where they are not round-to-nearest of
+    the fp32 weights (another rounding, a perturbation); `model` stays the fp32 model.
     `weight_eps`: the observers' scale clamp (`quantize.sim.OBSERVER_EPS`; 0 for Core ML's rounding)."""
     targets = targets or {}
     folds = fold_factors(model)
@@ -97,7 +84,7 @@ def rounding_shifts(model: nn.Module, images: np.ndarray, fams: list[Family], ba
     hooks = []
     for name, layer in layers.items():
         def hook(mod, inp, out, name=name):
-            e = _rounding_error_output(mod, inp[0], targets.get(name), folds.get(name), weight_eps)
+            e = rounding_error_output(mod, inp[0], targets.get(name), folds.get(name), weight_eps)
             e = e.movedim(1, -1) if e.dim() == 4 else e  # channels last
             e = e.reshape(-1, e.shape[-1]).double()
             sums[name] = sums.get(name, 0) + e.sum(0)

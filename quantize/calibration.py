@@ -1,7 +1,7 @@
 """Real-photo image sets for calibration, sensitivity and evaluation, decoded exactly as the SDK decodes.
 
 Calibration and the sensitivity pass draw from the training split *minus* the 20 % stratified slice
-(`train.data.stratified_holdout`), so the images that judge int8 accuracy on that slice never set a
+(`sdk.stratified_holdout`), so the images that judge int8 accuracy on that slice never set a
 quantization range. No augmentation: `sdk.prepare(path, size)` is the device's own decoding.
 """
 
@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from sdk import Taxonomy, prepare
+from sdk import Taxonomy, load_dataset, prepare, stratified_holdout
 
 MIN_CALIBRATION_IMAGES = 300
 
@@ -73,8 +73,6 @@ def calibration_sets(data: str, size: int, taxonomy: Taxonomy, n_calibration: in
 
     Warns (CalibrationWarning) below 300 calibration photos; never falls back to random tensors.
     """
-    from train.data import load_dataset, stratified_holdout
-
     if n_calibration < 1:
         raise ValueError("calibration needs at least one real photo (--calibration-images >= 1; 300 recommended)")
     if n_calibration < MIN_CALIBRATION_IMAGES:
@@ -97,8 +95,6 @@ def calibration_sets(data: str, size: int, taxonomy: Taxonomy, n_calibration: in
 
 def evaluation_sets(data: str, size: int, taxonomy: Taxonomy, limit: int = 0) -> dict[str, ImageSet]:
     """The sets int8 is judged on: all of `val` and the 20 % stratified slice of `train` (`limit` caps each)."""
-    from train.data import load_dataset, stratified_holdout
-
     out: dict[str, ImageSet] = {}
     val = load_dataset(data, "val", taxonomy=taxonomy)
     idx = list(range(len(val)))

@@ -1,27 +1,24 @@
 """ONNX int8: static QDQ, int8 weights per channel, calibrated by a reader over real photos.
 
-`onnxruntime.quantization.quantize_static` on the fp32 export from `converters.onnx`. Only Conv,
-MatMul and Gemm are quantized (LayerNorm, softmax, the residual adds and log-softmax stay float);
-nodes of the float families from the sensitivity plan are excluded by name (the legacy exporter names
-nodes after their module path, `/model/backbone/_blocks.3/_project_conv/Conv`); the attention
-matmuls (MatMul with no weight initializer) are excluded unless the plan quantizes attention.
+`onnxruntime.quantization.quantize_static` on the fp32 export from `converters.onnx`. Conv, MatMul and
+Gemm are quantized; nodes of the plan's float families are excluded by name (the legacy exporter names
+nodes after their module path), and so are the attention matmuls unless the plan quantizes attention.
 Not `quantize_dynamic`: it turns convolutions into ConvInteger (10x slower here, batch-dependent).
-Activations are uint8 and weights int8 (U8S8, what ORT's x86 and ARM kernels take); on x86 CPUs
-without VNNI `reduce_range` (7-bit weights) avoids the int16 saturation of U8S8 convolutions.
+Activations uint8, weights int8 (U8S8, what ORT's x86 and ARM kernels take); on x86 without VNNI
+`reduce_range` (7-bit weights) avoids the int16 saturation of U8S8 convolutions.
 """
 
 from __future__ import annotations
 
-import json
-import shutil
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Iterable, Sequence
 
 import numpy as np
 
-from converters._common import tool_versions
+from converters import tool_versions
 
 from ._common import QuantContext, QuantizeError, TargetResult, finish_int8, fp32_artifact, int8_source_artifact
+from .recipes import OnnxRecipe
 from .sim import ATTENTION, Family
 
 # Clip (ReLU6) is listed so ORT folds it into the conv's output range instead of quantizing pre-activation.
@@ -85,16 +82,6 @@ def excluded_nodes(proto, float_families: Sequence[Family] = (), quantize_attent
     return out, why
 
 
-# onnxruntime int8 schemes by name: activation / weight types and 7-bit weights. "u8s8" is what
-# `python -m quantize` writes (ORT's fast x86/ARM kernels); the benchmarks compare the others.
-ONNX_SCHEMES: dict[str, dict[str, Any]] = {
-    "u8s8": {"activations": "uint8", "weights": "int8", "reduce_range": False},
-    "u8s8-rr": {"activations": "uint8", "weights": "int8", "reduce_range": True},
-    "s8s8": {"activations": "int8", "weights": "int8", "reduce_range": False},
-    "u8u8": {"activations": "uint8", "weights": "uint8", "reduce_range": False},
-}
-
-
 def quantize_graph(src: str | Path, dst: str | Path, input_name: str, batches: Iterable[np.ndarray],
                    exclude: Sequence[str] = (), ops: Sequence[str] = QUANTIZED_OPS, reduce_range: bool = False,
                    weight_type: str = "int8", calibrate_method: str = "MinMax",
@@ -114,8 +101,7 @@ def quantize_graph(src: str | Path, dst: str | Path, input_name: str, batches: I
                     calibrate_method=getattr(CalibrationMethod, calibrate_method))
 
 
-def quantize(ctx: QuantContext, out_dir: Path, reduce_range: bool = False,
-             calibrate_method: str = "MinMax") -> TargetResult:
+def quantize(ctx: QuantContext, out_dir: Path, recipe: OnnxRecipe) -> TargetResult:
     """fp32 export (converters.onnx) -> quantize_static QDQ per-channel -> `<out_dir>/onnx` + manifest."""
     import onnx
     from onnxruntime.quantization.shape_inference import quant_pre_process
@@ -135,7 +121,7 @@ def quantize(ctx: QuantContext, out_dir: Path, reduce_range: bool = False,
             f"{len(excl)} Conv/MatMul nodes kept float")
     try:
         quantize_graph(pre, path, proto.graph.input[0].name, ctx.calibration_batches(), excl,
-                       reduce_range=reduce_range, calibrate_method=calibrate_method)
+                       reduce_range=recipe.reduce_range, calibrate_method=recipe.calibration)
     except Exception as e:
         raise QuantizeError(f"onnxruntime quantize_static failed: {type(e).__name__}: {e}") from e
     q = onnx.load(str(path))
@@ -151,11 +137,9 @@ def quantize(ctx: QuantContext, out_dir: Path, reduce_range: bool = False,
     float_layers = [f"{f} ({why.count(f)} nodes)" for f in fams] + \
         ["LayerNorm, softmax, residual adds, log-softmax (ops not quantized)"]
     scheme = (f"onnxruntime quantize_static, QDQ, U8 activations / S8 weights per channel"
-              f"{' (reduce_range)' if reduce_range else ''}, {calibrate_method} calibration")
+              f"{' (reduce_range)' if recipe.reduce_range else ''}, {recipe.calibration} calibration")
     notes = [f"{n_q} QuantizeLinear nodes"]
     # read by the SDK at load time (Int8AccuracyWarning): signed int8 weights saturate on x86 without VNNI
-    types = ONNX_SCHEMES["u8s8-rr" if reduce_range else "u8s8"]
-    m = finish_int8(ctx, "onnx", path, tool_versions("onnx", "onnxruntime"), scheme, float_layers, notes,
-                    extra={"onnx_types": types})
-    return TargetResult("onnx", int8_dir, fp32.manifest.size_bytes, m.size_bytes, float_layers, scheme,
-                        notes=notes, extra={"excluded_nodes": excl})
+    types = {"activations": "uint8", "weights": "int8", "reduce_range": recipe.reduce_range}
+    return finish_int8(ctx, "onnx", path, fp32.manifest.size_bytes, tool_versions("onnx", "onnxruntime"), scheme,
+                       float_layers, notes, extra={"onnx_types": types}, result_extra={"excluded_nodes": excl})

@@ -1,21 +1,16 @@
 """Which families stay float: measured, one family at a time, on real photos.
 
-For every family the PyTorch simulation (quantize.sim) quantizes that family alone and measures, on
-training photos that did not calibrate, the fine top-1 agreement of the tree-consistent path with fp32
-and the mean KL divergence of the fine distribution (finer-grained than agreement on a few hundred
-photos, so it ranks families that all agree 100 %). Then all families are quantized together; while
-that combined model agrees with fp32 less than `target_agreement` (or loses more than `max_top1_drop`
-fine top-1 on those photos, or, with `max_kl`, its mean fine KL to fp32 exceeds `max_kl`), the most
-sensitive family still quantized moves to float (greedy): while the agreement / drop bar is unmet, the
-family with the worst single agreement (ties: the larger KL); once only the KL target is unmet, the
-family with the largest single KL — a family that flips one confident photo of few hundred but barely
-moves the KL (the largest, last backbone blocks on the distilled student) is not what a KL target asks
-to float.
-`max_kl` exists because agreement on a few hundred photos the model is sure of moves in steps of one
-photo and misses the noise that flips near-ties elsewhere; the KL sees it (README, int8). LayerNorm
-and log-softmax inputs are measured too but always stay float: no backend configuration here
-quantizes them. With `shifts`, every simulation carries the
-weight-rounding bias correction the int8 artifacts get (`quantize.bias`).
+For every family the PyTorch simulation (quantize.sim, with the bias correction the artifacts get)
+quantizes that family alone and measures, on training photos that did not calibrate, the fine top-1
+agreement of the tree-consistent path with fp32 and the mean KL of the fine distribution (finer-grained
+than agreement on a few hundred photos, so it ranks families that all agree 100 %). Then all families are
+quantized together, and while that model misses the bar on those photos (`target_agreement`,
+`max_top1_drop`) or the KL target (`max_kl`), the most sensitive family still quantized moves to float:
+by single agreement (ties: KL) while the bar is unmet, by single KL once only the KL target is — a family
+that flips one confident photo but barely moves the KL is not what a KL target asks to float. The KL target
+exists because agreement on photos the model is sure of moves in steps of one photo and misses the noise
+that flips near-ties elsewhere. LayerNorm and log-softmax inputs are measured but stay float: no backend
+configuration here quantizes them.
 """
 
 from __future__ import annotations
@@ -28,7 +23,7 @@ import numpy as np
 from sdk import Taxonomy, TreeDecoder
 
 from .bar import MAX_TOP1_DROP, MIN_AGREEMENT, meets_bar
-from .sim import ALWAYS_FLOAT, Ranges, check_families, families, model_logprobs, simulate
+from .sim import ALWAYS_FLOAT, Ranges, families, model_logprobs, simulate
 
 
 def fine_agreement(taxonomy: Taxonomy, ref: list[np.ndarray], cand: list[np.ndarray]) -> float:
@@ -82,7 +77,6 @@ class Plan:
     n_images: int = 0
     images: str = ""
     max_kl: float | None = None  # the KL target the greedy also had to meet (None: agreement and drop only)
-    requested_float: list[str] = field(default_factory=list)  # families the caller kept float before the greedy
 
     def at_step(self, i: int) -> "Plan":
         """The plan the greedy held at step `i` (its float families then, and the steps up to there)."""
@@ -104,7 +98,7 @@ class Plan:
         return {"quantized_families": self.quantized, "float_families": self.float_families,
                 "sensitivity_fine_agreement": self.single, "sensitivity_fine_kl": self.single_kl, "greedy_steps": self.steps,
                 "simulated_fine_agreement": self.agreement, "n_images": self.n_images, "images": self.images,
-                "max_kl": self.max_kl, "requested_float": self.requested_float}
+                "max_kl": self.max_kl}
 
 
 def fine_kl(ref: list[np.ndarray], cand: list[np.ndarray]) -> float:
@@ -119,30 +113,27 @@ def fine_top1(taxonomy: Taxonomy, lp: list[np.ndarray], labels: np.ndarray) -> f
 def choose_float_families(model, ranges: Ranges, images: np.ndarray, labels: np.ndarray, taxonomy: Taxonomy,
                           source: str = "", target_agreement: float = MIN_AGREEMENT, max_top1_drop: float = MAX_TOP1_DROP,
                           log: Callable[[str], None] = print, shifts: dict | None = None,
-                          weights: dict | None = None, max_kl: float | None = None,
-                          keep_float: list[str] | tuple[str, ...] = ()) -> Plan:
-    """Measure each family's sensitivity and pick the float set (see module docstring); `shifts` and
-    `weights` (GPTQ int8 weights) as `quantize.sim.simulate` takes them; `max_kl`: also keep the combined
-    model's mean fine KL to fp32 at or below it; `keep_float`: families float from the start (the caller's
-    choice, e.g. from `benchmarks/int8_noise_floor.py --families`), the greedy adds to them."""
+                          max_kl: float | None = None) -> Plan:
+    """Measure each family's sensitivity and pick the float set (see module docstring); `shifts` as
+    `quantize.sim.simulate` takes them; `max_kl`: also keep the combined model's mean fine KL to fp32 at
+    or below it."""
     if max_kl is not None and not max_kl > 0:
         raise ValueError(f"max_kl must be > 0 (got {max_kl}); None turns the KL target off")
-    check_families(model, keep_float)
     ref = model_logprobs(model, images)
     acc_ref = fine_top1(taxonomy, ref, labels)
     fams = [f.name for f in families(model)]
     single: dict[str, float] = {}
     kl: dict[str, float] = {}
     for f in fams:
-        lp = model_logprobs(simulate(model, ranges, {f}, shifts=shifts, weights=weights), images)
+        lp = model_logprobs(simulate(model, ranges, {f}, shifts=shifts), images)
         single[f], kl[f] = fine_agreement(taxonomy, ref, lp), fine_kl(ref, lp)
         log(f"  sensitivity: {f:40s} fine agreement {single[f]:.4f}  KL {kl[f]:.2e}")
-    floats = [f for f in fams if f in ALWAYS_FLOAT or f in keep_float]
+    floats = [f for f in fams if f in ALWAYS_FLOAT]
     steps = []
     while True:
         quant = [f for f in fams if f not in floats]
         if quant:
-            lp = model_logprobs(simulate(model, ranges, set(quant), shifts=shifts, weights=weights), images)
+            lp = model_logprobs(simulate(model, ranges, set(quant), shifts=shifts), images)
             agr, drop = fine_agreement(taxonomy, ref, lp), acc_ref - fine_top1(taxonomy, lp, labels)
             kl_c = fine_kl(ref, lp)
         else:
@@ -157,5 +148,4 @@ def choose_float_families(model, ranges: Ranges, images: np.ndarray, labels: np.
         else:  # the accuracy bar is unmet: the family whose own quantization changes most answers
             floats.append(min(quant, key=lambda f: (single[f], -kl[f])))
         steps[-1]["next_float_chosen_by"] = "kl" if bar_ok else "agreement"
-    return Plan(quant, floats, single, kl, steps, agr, len(images), source, max_kl,
-                [f for f in fams if f in keep_float and f not in ALWAYS_FLOAT])
+    return Plan(quant, floats, single, kl, steps, agr, len(images), source, max_kl)

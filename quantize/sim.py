@@ -2,19 +2,16 @@
 
 The scheme every backend here implements for a quantized Conv2d / Linear: weights int8 per output
 channel, symmetric (max |w| / 127); the input *and the output* activation int8 per tensor, asymmetric,
-range from calibration on real photos (min/max, always containing 0). BatchNorm folding does not
-change a per-output-channel weight quantization (the BN scale is per output channel), so it is not
-simulated; a conv's output is quantized after its BatchNorm (the folded conv's output), and a
-conv followed by ReLU6 gets its output quantized as the next layer's input (the backends fold the
-clip into the output range). Measured on ONNX Runtime: simulating input quantization alone missed
-a third of the backend's disagreements, the output quantization of the linear bottlenecks and
-projections is where they came from.
+range from calibration on real photos (min/max, always containing 0). A conv's output is quantized after
+its BatchNorm (the folded conv's output), or, when ReLU6 follows, as the next layer's input (the backends
+fold the clip into the output range). Simulating input quantization alone missed a third of ONNX
+Runtime's disagreements: the output quantization of the linear bottlenecks and projections is where
+they came from.
 
 Families group the model's quantizable parts so one can be quantized at a time (sensitivity) and the
-sensitive ones kept float. Two families are ops, not layers: attention matmuls + softmax (their
-inputs q, k, v and the probabilities fake-quantized) and the final log-softmax input; LayerNorm input
-is a third. The names of the layer families are module-name prefixes of `HierarchicalQueryModel`,
-which every backend can map to its own graph (ONNX node names, pt2e `nn_module_stack`).
+sensitive ones kept float: layer families are module-name prefixes of `HierarchicalQueryModel`, which
+every backend maps to its own graph (ONNX node names, pt2e `nn_module_stack`); three are ops (attention
+matmuls + softmax, LayerNorm inputs, the final log-softmax input).
 """
 
 from __future__ import annotations
@@ -27,7 +24,6 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 # families that are ops rather than layers
 ATTENTION = "attention matmul+softmax"
@@ -47,16 +43,11 @@ class Family:
         return any(module_name == p or module_name.startswith(p + ".") for p in self.prefixes)
 
 
-# how the backbone is split into families: "stages" (the stem, each EfficientNet stage -- the blocks
-# between two changes of output width -- and the head conv on their own, so a float plan can keep a
-# small early stage float without its larger neighbours) or "thirds" (stem + the first third of the
-# blocks, the second third, the last third + head conv: the grouping before session 18)
-BACKBONE_GROUPING = "stages"
-
-
-def backbone_families(backbone: nn.Module, grouping: str | None = None) -> list[Family]:
-    """The backbone's families, in graph order (module prefixes under `backbone.`)."""
-    grouping = grouping or BACKBONE_GROUPING
+def backbone_families(backbone: nn.Module, grouping: str = "stages") -> list[Family]:
+    """The backbone's families, in graph order (module prefixes under `backbone.`). `grouping`: "stages"
+    (the stem, each EfficientNet stage -- the blocks between two changes of output width -- and the head
+    conv on their own, so a float plan can keep a small early stage float without its larger neighbours)
+    or "thirds" (stem + the first third of the blocks, the second third, the last third + head conv)."""
     nb = backbone.num_blocks
     blk = lambda a, b: tuple(f"backbone._blocks.{i}" for i in range(a, b))  # noqa: E731
     if grouping == "thirds":
@@ -75,9 +66,9 @@ def backbone_families(backbone: nn.Module, grouping: str | None = None) -> list[
     return fams
 
 
-def families(model: nn.Module) -> list[Family]:
-    """The block families of a HierarchicalQueryModel, in graph order."""
-    fams = backbone_families(model.backbone)
+def families(model: nn.Module, grouping: str = "stages") -> list[Family]:
+    """The block families of a HierarchicalQueryModel, in graph order (`grouping`: `backbone_families`)."""
+    fams = backbone_families(model.backbone, grouping)
     fams.append(Family("token projections", ("tokens.proj",)))
     head = model.head
     attn, ffn = [], []
@@ -97,19 +88,12 @@ def families(model: nn.Module) -> list[Family]:
     return fams
 
 
-def check_families(model: nn.Module, names, what: str = "families") -> None:
+def check_families(model: nn.Module, names, what: str = "families", grouping: str = "stages") -> None:
     """ValueError naming every entry of `names` that is not one of `model`'s families (`families`)."""
-    known = [f.name for f in families(model)]
+    known = [f.name for f in families(model, grouping)]
     unknown = [n for n in names if n not in known]
     if unknown:
         raise ValueError(f"unknown {what} {sorted(unknown)}; known: {known}")
-
-
-def layer_family(fams: list[Family], module_name: str) -> Family | None:
-    for f in fams:
-        if f.owns(module_name):
-            return f
-    return None
 
 
 @dataclass
@@ -176,8 +160,8 @@ def fq_act(x: torch.Tensor, rng: tuple[float, float]) -> torch.Tensor:
 
 # The weight observers of pt2e's XNNPACKQuantizer and of litert-torch's PT2EQuantizer clamp a channel's
 # scale at eps = 2^-12, and they see the BatchNorm-folded weight: a channel whose folded max |w| is below
-# 127 * 2^-12 = 0.031 gets the coarser step 2^-12 (2.5 % of `runs/student`'s channels, in 30 layers;
-# most in the late expand convs). ONNX Runtime and coremltools do not clamp.
+# 127 * 2^-12 = 0.031 gets the coarser step 2^-12 (2.5 % of the reference student's channels, most in
+# the late expand convs). ONNX Runtime and coremltools do not clamp.
 OBSERVER_EPS = 2 ** -12
 
 # EfficientNet-Lite block convs and the BatchNorm that follows each (train.backbones)
@@ -204,15 +188,6 @@ def fold_factors(model: nn.Module) -> dict[str, torch.Tensor]:
     return out
 
 
-def take_weights(model: nn.Module, weights: dict[str, torch.Tensor], fams: list[Family]) -> None:
-    """In place: the layers of the layer families `fams` that have an entry in `weights` take it."""
-    mods = dict(model.named_modules())
-    with torch.no_grad():
-        for name, w in weights.items():
-            if any(f.owns(name) for f in fams if f.prefixes):
-                mods[name].weight.copy_(w)
-
-
 def weight_scale(w: torch.Tensor, fold: torch.Tensor | None = None, eps: float = 0.0) -> torch.Tensor:
     """Per output channel int8 scale of `w`: max |w| / 127, or, where the observer's `eps` clamps the scale
     of the folded weight (w * fold), eps / fold."""
@@ -236,16 +211,13 @@ def is_depthwise(m: nn.Module) -> bool:
 
 @dataclass(frozen=True)
 class DynamicScheme:
-    """ExecuTorch's dynamic int8 (`python -m quantize --executorch-activations dynamic`): how each
-    Conv2d / Linear of the plan's quantized families runs in the XNNPACK delegate.
+    """ExecuTorch's dynamic int8: how each Conv2d / Linear of the plan's quantized families runs in XNNPACK.
 
-    `dynamic`: int8 per-channel weights; the input is quantized per image at run time (its own min/max,
-    XNNPACK's qd8 kernels) and the output stays float, so no calibrated range can clip or coarsen a photo
-    unlike the calibration photos. `static`: the calibrated int8 scheme of the default, where the dynamic
-    kernels cannot run (a projection of constant learned queries). `float`: depthwise convs, which XNNPACK
-    has no dynamically quantized kernel for (run static instead, they brought most of the static error
-    back: README, session 19), and the stem. `why`: layer -> why it is not dynamic.
-    """
+    `dynamic`: int8 weights, the input quantized per image at run time (XNNPACK's qd8 kernels), the output
+    float, so no calibrated range can clip or coarsen a photo unlike the calibration photos. `static`: the
+    calibrated scheme, where the dynamic kernels cannot run (a projection of constant learned queries).
+    `float`: depthwise convs (no dynamic kernel; static, they brought most of the static error back) and
+    the stem. `why`: layer -> why it is not dynamic."""
 
     dynamic: frozenset[str]
     static: frozenset[str]
@@ -288,7 +260,7 @@ def dynamic_scheme(model: nn.Module, quantized: set[str], images: np.ndarray) ->
             flt.add(name)
             why[name] = ("the stem (864 weights): XNNPACK's dynamic conv fails at run time on the 3-channel image "
                          "input (xnn_status_invalid_parameter, executorch 1.5.1), and static int8 there doubled the "
-                         "simulated val fine KL to fp32 of the scheme (1.66e-3 vs 9.6e-4 float; README, session 19)")
+                         "simulated val fine KL to fp32 of the scheme (1.66e-3 vs 9.6e-4 float)")
         elif name in const:
             static.add(name)
             why[name] = ("its input does not depend on the photo (learned queries): XNNPACK's partitioner leaves "
@@ -316,7 +288,7 @@ def _attention_forward(self, xq, xkv, bias=None):
     return self.o(y.transpose(1, 2).reshape(b, n, h * dh))
 
 
-def _output_point(model: nn.Module, name: str) -> str | None:
+def _output_point(name: str) -> str | None:
     """Where a quantized layer's output is quantized: after its BatchNorm for a linear bottleneck
     (`_project_conv` -> `_bn2`), none when ReLU6 follows (the next layer's input quantization stands
     for it), the layer itself otherwise (Linear, the token projection convs)."""
@@ -327,53 +299,60 @@ def _output_point(model: nn.Module, name: str) -> str | None:
     return name
 
 
+def _static_hooks(mods: dict[str, nn.Module], name: str, ranges: Ranges, clip_output: bool) -> None:
+    """The calibrated scheme's input and output quantization of layer `name`; `clip_output`: a conv that
+    hands over to float (ExecuTorch's dynamic scheme) gets its output quantized after BN + ReLU6, on [0, 6]."""
+    rng = ranges.inputs[name]
+    mods[name].register_forward_pre_hook(lambda mod, inp, rng=rng: (fq_act(inp[0], rng),) + tuple(inp[1:]))
+    out_at = _output_point(name)
+    if out_at is not None:
+        orng = ranges.outputs[out_at]
+    elif clip_output:
+        bn = bn_after(mods, name)
+        out_at = next(n for n, mod in mods.items() if mod is bn)
+        lo, hi = ranges.outputs[out_at]
+        orng = (max(lo, 0.0), min(hi, 6.0))
+    else:
+        return
+    mods[out_at].register_forward_hook(lambda mod, inp, out, rng=orng: fq_act(out, rng))
+
+
 def simulate(model: nn.Module, ranges: Ranges, quantized: set[str], weights_only: bool = False,
-             shifts: dict[str, torch.Tensor] | None = None, weights: dict[str, torch.Tensor] | None = None,
-             weight_eps: float = OBSERVER_EPS, dynamic: DynamicScheme | None = None) -> nn.Module:
+             shifts: dict[str, torch.Tensor] | None = None, weight_eps: float = OBSERVER_EPS,
+             dynamic: DynamicScheme | None = None, grouping: str = "stages") -> nn.Module:
     """A copy of `model` with the named families fake-quantized (everything else float).
 
     `weights_only`: only weights of the layer families are quantized (the Core ML weight-only scheme).
     `shifts`: weight-rounding bias correction (`quantize.bias.rounding_shifts`) applied to the
     quantized layers, as the int8 artifacts get it.
-    `weights`: int8 weights (on the per-channel grid) that replace round-to-nearest for the quantized
-    layers that have one (`quantize.gptq.gptq_weights`).
     `weight_eps`: the observers' clamp of the folded weight scale (`OBSERVER_EPS`, ExecuTorch and TFLite);
     0 for the schemes without one (Core ML weights, ONNX Runtime).
     `dynamic`: ExecuTorch's dynamic scheme (`DynamicScheme`): its dynamic layers get int8 weights and a
-    per-image int8 input, its static layers the calibrated scheme with the output quantized where the
-    layer (after its BatchNorm + ReLU6 for a conv) hands over to float, its float layers nothing; the op families
-    stay float (the XNNPACK quantizer annotates Conv2d / Linear only).
+    per-image int8 input, its static layers the calibrated scheme, its float layers nothing; the op
+    families stay float (the XNNPACK quantizer annotates Conv2d / Linear only).
+    `grouping`: how `quantized` names the backbone's families (`backbone_families`).
     """
     from train.models import Attention, GroupReadout
     sim = copy.deepcopy(model).eval()
-    check_families(model, quantized)
-    fams = {f.name: f for f in families(model)}
+    check_families(model, quantized, grouping=grouping)
+    fams = {f.name: f for f in families(model, grouping)}
     layer_fams = [fams[n] for n in quantized if fams[n].prefixes]
-    if dynamic is not None:  # float layers are not rounded: no int8 weights, nothing to correct
-        weights = {k: v for k, v in (weights or {}).items() if k not in dynamic.float}
-        shifts = {k: v for k, v in (shifts or {}).items() if k not in dynamic.float}
-    if weights:
-        take_weights(sim, weights, layer_fams)
+    unrounded = dynamic.float if dynamic is not None else frozenset()
+    shifts = {k: v for k, v in (shifts or {}).items() if k not in unrounded}  # a float layer has nothing to correct
     if shifts:
         from .bias import apply_shifts
         apply_shifts(sim, shifts, layer_fams)
     folds = fold_factors(sim)
-    if dynamic is not None:
-        _dynamic_hooks(sim, ranges, dynamic, layer_fams, folds, weight_eps)
-        return sim
-    for name, m in sim.named_modules():
-        if isinstance(m, (nn.Conv2d, nn.Linear)) and any(f.owns(name) for f in layer_fams):
+    mods = dict(sim.named_modules())
+    for name, m in mods.items():
+        if isinstance(m, (nn.Conv2d, nn.Linear)) and any(f.owns(name) for f in layer_fams) and name not in unrounded:
             with torch.no_grad():
                 m.weight.copy_(fq_weight(m.weight, folds.get(name), weight_eps))
-            if not weights_only:
-                rng = ranges.inputs[name]
-                m.register_forward_pre_hook(lambda mod, inp, rng=rng: (fq_act(inp[0], rng),) + tuple(inp[1:]))
-                out_at = _output_point(sim, name)
-                if out_at is not None:
-                    mod = sim.get_submodule(out_at)
-                    orng = ranges.outputs[out_at]
-                    mod.register_forward_hook(lambda mod, inp, out, rng=orng: fq_act(out, rng))
-        if weights_only:
+            if dynamic is not None and name in dynamic.dynamic:
+                m.register_forward_pre_hook(lambda mod, inp: (_fq_per_image(inp[0]),) + tuple(inp[1:]))
+            elif not weights_only:
+                _static_hooks(mods, name, ranges, clip_output=dynamic is not None)
+        if weights_only or dynamic is not None:
             continue
         if ATTENTION in quantized and isinstance(m, Attention):
             m._r = {p: ranges.outputs[f"{name}.{p}"] for p in ("q", "k", "v")}
@@ -387,36 +366,11 @@ def simulate(model: nn.Module, ranges: Ranges, quantized: set[str], weights_only
     return sim
 
 
-def _dynamic_hooks(sim: nn.Module, ranges: Ranges, scheme: DynamicScheme, layer_fams: list[Family],
-                   folds: dict[str, torch.Tensor], weight_eps: float) -> None:
-    for name, m in sim.named_modules():
-        if not isinstance(m, (nn.Conv2d, nn.Linear)) or not any(f.owns(name) for f in layer_fams) \
-                or name in scheme.float:
-            continue
-        with torch.no_grad():
-            m.weight.copy_(fq_weight(m.weight, folds.get(name), weight_eps))
-        if name in scheme.dynamic:
-            m.register_forward_pre_hook(lambda mod, inp: (_fq_per_image(inp[0]),) + tuple(inp[1:]))
-            continue
-        rng = ranges.inputs[name]
-        m.register_forward_pre_hook(lambda mod, inp, rng=rng: (fq_act(inp[0], rng),) + tuple(inp[1:]))
-        out_at = _output_point(sim, name)
-        if out_at is None:  # BN + ReLU6 follow: the output is quantized after the clip (fused), on [0, 6]
-            bn = bn_after(dict(sim.named_modules()), name)
-            out_at = next(n for n, mod in sim.named_modules() if mod is bn)
-            lo, hi = ranges.outputs[out_at]
-            orng = (max(lo, 0.0), min(hi, 6.0))
-        else:
-            orng = ranges.outputs[out_at]
-        sim.get_submodule(out_at).register_forward_hook(lambda mod, inp, out, rng=orng: fq_act(out, rng))
-
-
 @torch.inference_mode()
 def model_logprobs(model: nn.Module, images: np.ndarray, batch: int = 25) -> list[np.ndarray]:
-    """Per-level log-probs of a (float or simulated) HierarchicalQueryModel on uint8 NHWC photos."""
+    """Per-level log-probs (float64) of a (float or simulated) HierarchicalQueryModel on uint8 NHWC photos."""
+    from converters import run_batched
     from train.backbones import normalize_uint8
-    outs = []
-    for i in range(0, len(images), batch):
-        x = torch.from_numpy(np.ascontiguousarray(images[i:i + batch]))
-        outs.append([o.numpy() for o in model(normalize_uint8(x.permute(0, 3, 1, 2)))])
-    return [np.concatenate([o[l] for o in outs]).astype(np.float64) for l in range(len(outs[0]))]
+    lp = run_batched(lambda x: [o.numpy() for o in model(normalize_uint8(torch.from_numpy(x).permute(0, 3, 1, 2)))],
+                     images, batch)
+    return [a.astype(np.float64) for a in lp]

@@ -1,13 +1,9 @@
 """TFLite int8: litert-torch's PT2E quantizer, int8 weights per channel and int8 activations.
 
-torch.export -> `litert_torch.quantize.pt2e_quantizer.PT2EQuantizer` annotating only the Conv2d /
-Linear modules of the plan's quantized families (the same layer filter as for ExecuTorch)
--> prepare_pt2e -> calibration on the real photos -> convert_pt2e(fold_quantize=False) ->
-`litert_torch.convert(..., quant_config=QuantConfig(pt2e_quantizer=...))`.
-
-The input stays the uint8 NHWC image: the graph's first op casts it to float and normalizes, and the
-first quantize op sits after that, so the .tflite input tensor is uint8 with no scale/zero point and
-the SDK's tflite backend feeds it unchanged (asserted below).
+The same export, layer filter and calibration as ExecuTorch (`quantize.executorch.convert`), then
+`litert_torch.convert(..., quant_config=QuantConfig(pt2e_quantizer=...))`. The graph's first op casts the
+uint8 NHWC image to float and normalizes, so the .tflite input tensor stays uint8 with no scale or zero
+point and the SDK feeds it unchanged (asserted).
 """
 
 from __future__ import annotations
@@ -17,10 +13,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from converters._common import tool_versions
+from converters import embedded_metadata, tool_versions
+from converters.tflite import finish_file
 
-from ._common import QuantContext, QuantizeError, TargetResult, finish_int8, fp32_artifact
+from ._common import QuantContext, QuantizeError, TargetResult, failing_as, finish_int8, fp32_artifact
 from .executorch import convert, fuse_clamp_outputs, layer_filter, quantized_module_names
+from .recipes import TFLiteRecipe
 
 
 def litert_quantizer(names: list[str], is_qat: bool = False):
@@ -55,26 +53,13 @@ def tensor_types(path: Path) -> dict[str, int]:
     return out
 
 
-def quantize(ctx: QuantContext, out_dir: Path) -> TargetResult:
-    """fp32 export (converters.tflite) for size, then PT2E int8 -> `<out_dir>/tflite/model.tflite`."""
-    from converters._metadata import embedded_metadata
-    from converters.tflite import finish_file
-
-    fp32 = fp32_artifact(ctx, "tflite", out_dir / "fp32" / "tflite")
-    example = torch.zeros(1, ctx.image_size, ctx.image_size, 3, dtype=torch.uint8)
-    names = quantized_module_names(ctx)
-    ctx.log(f"tflite: litert PT2E quantizer on {len(names)} Conv/Linear layers, calibrating on "
-            f"{len(ctx.calibration)} photos")
-    int8_dir = out_dir / "tflite"
-    int8_dir.mkdir(parents=True, exist_ok=True)
-    path = int8_dir / "model.tflite"
-    quantizer = litert_quantizer(names)
-    try:
-        write_tflite(convert(ctx, quantizer, fold_quantize=False), quantizer, example, path)
-    except Exception as e:
-        raise QuantizeError(f"tflite int8 failed: {type(e).__name__}: {e}") from e
-    finish_file(path, embedded_metadata(ctx.taxonomy, ctx.spec("int8")))
+def finish_tflite(ctx: QuantContext, path: Path, fp32_size: int | None, scheme: str, notes: list[str],
+                  versions=("litert-torch", "ai-edge-litert")) -> TargetResult:
+    """Metadata, the uint8-input and int8-tensor checks, manifest and SDK parity of a converted int8
+    .tflite (`write_tflite`)."""
     from ai_edge_litert.interpreter import Interpreter
+
+    finish_file(path, embedded_metadata(ctx.taxonomy, ctx.spec("int8")))
     inp = Interpreter(model_path=str(path)).get_input_details()[0]
     if np.dtype(inp["dtype"]) != np.uint8 or any(inp["quantization"]) and inp["quantization"] != (0.0, 0):
         raise QuantizeError(f"tflite int8: input tensor is {np.dtype(inp['dtype']).name} with quantization "
@@ -82,12 +67,24 @@ def quantize(ctx: QuantContext, out_dir: Path) -> TargetResult:
     types = tensor_types(path)
     if not types.get("int8"):
         raise QuantizeError(f"tflite int8: no int8 tensor in the converted model ({types})")
-    float_layers = ctx.float_layers("float ops")
+    notes = [*notes[:1], f"tensor dtypes: {types}", "input tensor: uint8 image, not quantized (the graph casts and "
+             "normalizes it)", *notes[1:]]
+    export = {"fixed_batch": 1, "runtime": "ai_edge_litert.interpreter.Interpreter", "signature": "serving_default",
+              "thread_safe": False}
+    return finish_int8(ctx, "tflite", path, fp32_size, tool_versions(*versions), scheme, ctx.float_layers("float ops"),
+                       notes, export=export)
+
+
+def quantize(ctx: QuantContext, out_dir: Path, recipe: TFLiteRecipe) -> TargetResult:
+    """fp32 export (converters.tflite) for size, then PT2E int8 -> `<out_dir>/tflite/model.tflite`."""
+    fp32 = fp32_artifact(ctx, "tflite", out_dir / "fp32" / "tflite")
+    names = quantized_module_names(ctx)
+    ctx.log(f"tflite: litert PT2E quantizer on {len(names)} Conv/Linear layers, calibrating on "
+            f"{len(ctx.calibration)} photos")
+    path = out_dir / "tflite" / "model.tflite"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    quantizer = litert_quantizer(names)
+    with failing_as("tflite int8"):
+        write_tflite(convert(ctx, quantizer, fold_quantize=False), quantizer, ctx.example(), path)
     scheme = "litert-torch PT2EQuantizer: int8 symmetric per-channel weights, int8 per-tensor activations (histogram)"
-    notes = [f"{len(names)} Conv/Linear layers int8", f"tensor dtypes: {types}",
-             "input tensor: uint8 image, not quantized (the graph casts and normalizes it)"]
-    m = finish_int8(ctx, "tflite", path, tool_versions("litert-torch", "ai-edge-litert"), scheme, float_layers, notes)
-    m.metrics["export"] = {"fixed_batch": 1, "runtime": "ai_edge_litert.interpreter.Interpreter",
-                           "signature": "serving_default", "thread_safe": False}
-    m.save(int8_dir)
-    return TargetResult("tflite", int8_dir, fp32.manifest.size_bytes, m.size_bytes, float_layers, scheme, notes=notes)
+    return finish_tflite(ctx, path, fp32.manifest.size_bytes, scheme, [f"{len(names)} Conv/Linear layers int8"])

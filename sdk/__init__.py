@@ -4,7 +4,10 @@ Imports numpy and Pillow only; the runtime an artifact needs (onnxruntime, ai-ed
 executorch, coremltools) is imported when a model of that kind is loaded. Never torch.
 """
 
-from ._backends import available_backends, register_backend
+from . import datasets
+from ._backends import VNNI_FLAGS, BackendUnavailableError, available_backends, register_backend
+from ._backends import concat_levels
+from ._calibrate import answered_depth, batch_logprobs, decode_set, lca_height
 from ._classifier import Classifier, HierarchicalPrediction, ItemError, LevelPrediction
 from ._decode import TreeDecoder
 from ._errors import (
@@ -12,19 +15,27 @@ from ._errors import (
     Int8AccuracyWarning,
     InvalidImageError,
     ModelIntegrityError,
+    ModelNotFoundError,
     ModelOutputError,
     TaxonomyError,
     UnsupportedFormatError,
 )
+from ._files import atomic_write, sha256_file
 from ._image import load_image, prepare
-from ._manifest import InputSpec, Manifest, sha256_file
-from ._taxonomy import Node, Taxonomy
+from ._manifest import FORMAT_VERSION, InputSpec, Manifest, size_bytes
+from ._registry import Registry
+from ._taxonomy import IMAGE_SUFFIXES, Node, Taxonomy
+from .datasets import HierDataset, Sample, load_dataset, stratified_holdout
 
 __version__ = "0.1.0"
 
 __all__ = [
     "Classifier", "HierarchicalPrediction", "ItemError", "LevelPrediction", "TreeDecoder",
-    "HierfgError", "Int8AccuracyWarning", "InvalidImageError", "ModelIntegrityError", "ModelOutputError", "TaxonomyError",
-    "UnsupportedFormatError", "load_image", "prepare", "InputSpec", "Manifest", "sha256_file",
-    "Node", "Taxonomy", "available_backends", "register_backend", "__version__",
+    "HierfgError", "Int8AccuracyWarning", "InvalidImageError", "ModelIntegrityError", "ModelNotFoundError",
+    "ModelOutputError", "TaxonomyError", "UnsupportedFormatError", "load_image", "prepare", "InputSpec", "Manifest",
+    "sha256_file", "Node", "Taxonomy", "available_backends", "register_backend", "__version__",
+    "datasets", "HierDataset", "Sample", "load_dataset", "stratified_holdout",
+    # helpers the other stages share (public so no package reaches into sdk's private modules)
+    "atomic_write", "size_bytes", "FORMAT_VERSION", "IMAGE_SUFFIXES", "Registry", "BackendUnavailableError",
+    "VNNI_FLAGS", "answered_depth", "decode_set", "lca_height", "batch_logprobs", "concat_levels",
 ]

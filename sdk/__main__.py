@@ -1,4 +1,4 @@
-"""`python -m sdk classify|info|calibrate` — the SDK from the command line.
+"""`python -m sdk classify|info|calibrate --model DIR …` — the SDK from the command line.
 
 Errors print one line (`error: …`) to stderr and exit non-zero; no traceback.
 Exit codes: 0 ok, 1 some images could not be classified, 2 usage / model / data error.
@@ -42,7 +42,7 @@ def _names(values: Sequence[str] | None) -> list[str] | None:
     return [n.strip() for v in values for n in v.split(",") if n.strip()]
 
 
-def _fmt_pred(pred: Any, level_names: Sequence[str]) -> str:
+def _fmt_pred(pred: Any) -> str:
     if pred.is_unknown:
         return f"unknown item (out-of-catalogue score {pred.unknown_score:.3f})"
     parts = [f"{p.label} ({p.probability:.0%})" for p in pred.path]
@@ -63,31 +63,25 @@ def cmd_classify(args: argparse.Namespace) -> int:
         kw["unknown_threshold"] = None
     bar = _Progress(len(args.images), "classifying", enabled=len(args.images) >= 8 and not args.quiet)
     failed = 0
-    # in chunks so the bar moves and memory stays bounded for thousands of files
-    chunk = 16
+    chunk = 16  # so the bar moves and memory stays bounded for thousands of files
     for start in range(0, len(args.images), chunk):
         names = args.images[start:start + chunk]
-        results = clf.classify_batch(names, **kw)
-        for name, r in zip(names, results):
-            if isinstance(r, ItemError):
-                failed += 1
-                if args.json:
-                    print(json.dumps({"image": name, "error": type(r.error).__name__, "message": str(r.error)},
-                                     ensure_ascii=False))
-                else:
-                    if bar.enabled:
-                        sys.stderr.write("\n")
-                    print(f"error: {name}: {type(r.error).__name__}: {r.error}", file=sys.stderr)
-                continue
+        for name, r in zip(names, clf.classify_batch(names, **kw)):
+            bad = isinstance(r, ItemError)
+            failed += bad
             if args.json:
-                print(json.dumps({"image": name, **r.to_dict()}, ensure_ascii=False))
-            else:
-                if bar.enabled:
-                    sys.stderr.write("\r")
-                print(f"{name}: {_fmt_pred(r, clf.taxonomy.level_names)}")
-                if args.top_k > 1 and args.verbose:
-                    for level, items in r.top_k.items():
-                        print(f"    {level:>10}: " + ", ".join(f"{l} {s:.0%}" for l, s in items))
+                row = {"error": type(r.error).__name__, "message": str(r.error)} if bad else r.to_dict()
+                print(json.dumps({"image": name, **row}, ensure_ascii=False))
+                continue
+            if bar.enabled:
+                sys.stderr.write("\n" if bad else "\r")
+            if bad:
+                print(f"error: {name}: {type(r.error).__name__}: {r.error}", file=sys.stderr)
+                continue
+            print(f"{name}: {_fmt_pred(r)}")
+            if args.top_k > 1 and args.verbose:
+                for level, items in r.top_k.items():
+                    print(f"    {level:>10}: " + ", ".join(f"{l} {s:.0%}" for l, s in items))
         bar.update(len(names))
     bar.close()
     return 1 if failed else 0
@@ -136,77 +130,81 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
 
     from . import _calibrate as C
     from ._classifier import Classifier
+    from .datasets import load_dataset, restrict_to_list
 
-    try:
-        from tqdm.auto import tqdm
-        from train.data import load_dataset
-    except ImportError as e:
-        raise HierfgError(f"calibrate needs the training extras ({e.name} is missing): pip install 'hierfg[train]'") from None
     clf = Classifier.load(args.model, backend=args.backend, num_threads=args.threads)
     model_dir = Path(args.model) if Path(args.model).is_dir() else Path(args.model).parent
+    names = clf.taxonomy.level_names
 
-    def load(split: str, listing: str | None = None):
+    def load(split: str, listing: str | None) -> tuple[Any, list[np.ndarray], str]:
         ds = load_dataset(args.data, split, taxonomy=clf.taxonomy)
         if listing:
-            keep = {str(Path(l.strip())) for l in Path(listing).read_text().splitlines() if l.strip()}
-            ds = ds.subset([i for i, s in enumerate(ds.samples) if str(Path(str(s.source))) in keep])
-            if not len(ds):
-                raise HierfgError(f"{listing}: none of its paths are in split {split!r} of {args.data}")
+            try:
+                ds = restrict_to_list(ds, listing)
+            except ValueError as e:
+                raise HierfgError(str(e)) from None
         if args.limit and len(ds) > args.limit:
             ds = ds.subset(np.linspace(0, len(ds) - 1, args.limit).round().astype(int).tolist())
-        return ds
+        source = f"{args.data}:{split}" + (f" ({listing})" if listing else "") + f", {len(ds)} images"
+        return ds, logprobs([s.source for s in ds.samples], f"{split} ({len(ds)} images)"), source
 
-    def logprobs(sources, desc):
-        with tqdm(total=len(sources), desc=desc, leave=False) as bar:
+    def logprobs(sources: list[Any], desc: str) -> list[np.ndarray]:
+        bar = _Progress(len(sources), desc, enabled=True)
+        try:
             return C.batch_logprobs(clf, sources, progress=bar.update)
+        finally:
+            bar.close()
 
-    ds = load(args.split, args.holdout_list)
-    lp = logprobs([s.source for s in ds.samples], f"{args.split} ({len(ds)} images)")
+    ds, lp, source = load(args.split, args.holdout_list)
     ood = C.out_of_catalogue_images(args.ood_per_kind, seed=args.seed)
     ood_lp = logprobs([img for _, img in ood], f"out-of-catalogue ({len(ood)} generated)")
     plot_dir = Path(args.plot_dir) if args.plot_dir else model_dir / "calibration"
+    try:
+        import matplotlib  # noqa: F401  (only to know whether the plots can be drawn)
+    except ImportError:
+        print("note: no plots; pip install matplotlib to get the coverage/precision curves", file=sys.stderr)
+        plot_dir = None
     cal = C.calibrate(clf, lp, ds.labels(), ood_lp, [k for k, _ in ood], args.target_precision,
                       args.max_false_unknown, plot_dir)
-    source = f"{args.data}:{args.split}" + (f" ({args.holdout_list})" if args.holdout_list else "") + f", {len(ds)} images"
-    decoding = cal.decoding(args.target_precision, args.max_false_unknown, source, clf.taxonomy.level_names)
-    names = clf.taxonomy.level_names
+    decoding = cal.decoding(args.target_precision, args.max_false_unknown, source, names)
     print("thresholds  " + ", ".join(f"{n}={t:.4f}" for n, t in zip(names, cal.thresholds)))
     print(f"unknown     {cal.unknown_score} > {cal.unknown_threshold:.4f}")
     _print_report(f"calibration set {source}:", cal.report)
     _print_report(f"generated out-of-catalogue images ({', '.join(C.OUT_OF_CATALOGUE_KINDS)}):", cal.ood_report)
     for split in args.eval_split or []:
-        eds = load(split, args.eval_list)
-        elp = logprobs([s.source for s in eds.samples], f"{split} ({len(eds)} images)")
+        eds, elp, esource = load(split, args.eval_list)
         rep = C.decoding_report(C.decode_set(clf.taxonomy, elp, eds.labels()), cal.thresholds, cal.unknown_score,
                                 cal.unknown_threshold, names)
         decoding["calibration"].setdefault("eval", {})[split] = rep
-        _print_report(f"evaluation on {args.data}:{split}" + (f" ({args.eval_list})" if args.eval_list else "") +
-                      f", {len(eds)} images, at these thresholds:", rep)
+        _print_report(f"evaluation on {esource}, at these thresholds:", rep)
     if args.report_json:
         Path(args.report_json).write_text(json.dumps(decoding, indent=1, default=C._json_default))
+    plots = "plots: " + ", ".join(str(p) for p in cal.plots) if cal.plots else "no plots"
     if args.dry_run:
-        print(f"dry run: manifest not changed; plots in {plot_dir}")
+        print(f"dry run: manifest not changed; {plots}")
     else:
-        path = C.write_decoding(model_dir, json.loads(json.dumps(decoding, default=C._json_default)))
-        print(f"wrote thresholds to {path} ('decoding'); plots: {', '.join(str(p) for p in cal.plots)}")
+        print(f"wrote thresholds to {C.write_decoding(model_dir, decoding)} ('decoding'); {plots}")
     return 0
+
+
+MODEL_HELP = "model directory (artifact + manifest.json) or its manifest.json; the repository bundles demo/model"
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m sdk", description="hierfg SDK: classify images with an exported model")
     sub = p.add_subparsers(dest="cmd", required=True)
 
-    def model_opts(sp, positional=False):
-        if positional:
-            sp.add_argument("model", help="model directory (artifact + manifest.json) or the manifest file")
-        else:
-            sp.add_argument("--model", required=True, help="model directory (artifact + manifest.json)")
-        sp.add_argument("--backend", default=None, help="runtime backend (default: the manifest's target)")
-        sp.add_argument("--threads", type=int, default=None, help="runtime threads")
+    def command(name: str, fn, help: str, runtime: bool = True) -> argparse.ArgumentParser:
+        sp = sub.add_parser(name, help=help)
+        sp.set_defaults(fn=fn, parser=sp)
+        sp.add_argument("--model", metavar="DIR", help=MODEL_HELP)
+        if runtime:
+            sp.add_argument("--backend", default=None, help="runtime backend (default: the manifest's target)")
+            sp.add_argument("--threads", type=int, default=None, help="runtime threads")
+        return sp
 
-    c = sub.add_parser("classify", help="classify image files; prints the (backed-off) path per image")
+    c = command("classify", cmd_classify, "classify image files; prints the (backed-off) path per image")
     c.add_argument("images", nargs="+", help="image files (JPEG, PNG, WebP, GIF, BMP, TIFF)")
-    model_opts(c)
     c.add_argument("--json", action="store_true", help="one JSON object per line")
     c.add_argument("--top-k", type=int, default=3)
     c.add_argument("--thresholds", default=None, help="per-level thresholds, comma separated (default: manifest)")
@@ -215,15 +213,12 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--no-unknown", action="store_true", help="do not flag out-of-catalogue items")
     c.add_argument("-v", "--verbose", action="store_true", help="also print the top-k per level")
     c.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
-    c.set_defaults(fn=cmd_classify)
 
-    i = sub.add_parser("info", help="print the manifest summary of a model")
-    i.add_argument("model", help="model directory or manifest.json")
+    i = command("info", cmd_info, "print the manifest summary of a model", runtime=False)
+    i.add_argument("positional_model", nargs="?", metavar="MODEL", help="the same as --model (older form)")
     i.add_argument("--json", action="store_true", help="print the whole manifest")
-    i.set_defaults(fn=cmd_info)
 
-    k = sub.add_parser("calibrate", help="pick back-off and unknown thresholds on labelled data; write the manifest")
-    model_opts(k)
+    k = command("calibrate", cmd_calibrate, "pick back-off and unknown thresholds on labelled data; write the manifest")
     k.add_argument("--data", required=True, help="dataset root (Grocery Store root or folder tree)")
     k.add_argument("--split", default="val")
     k.add_argument("--holdout-list", default=None, help="only the images listed in this file (e.g. a run's holdout.txt)")
@@ -236,16 +231,22 @@ def build_parser() -> argparse.ArgumentParser:
                    help="evaluate only the images of --eval-split listed in this file (e.g. a run's holdout.txt: "
                         "calibrate on val, judge on the train slice the model never saw)")
     k.add_argument("--limit", type=int, default=0, help="use at most N images of the split (evenly spaced)")
-    k.add_argument("--plot-dir", default=None, help="where the PNG curves go (default: MODEL/calibration)")
+    k.add_argument("--plot-dir", default=None,
+                   help="where the PNG curves go (default: MODEL/calibration; drawn when matplotlib is installed)")
     k.add_argument("--report-json", default=None, help="also write the full report here")
     k.add_argument("--dry-run", action="store_true", help="do not change the manifest")
     k.add_argument("--seed", type=int, default=0)
-    k.set_defaults(fn=cmd_calibrate)
     return p
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    legacy = getattr(args, "positional_model", None)
+    if legacy and args.model and legacy != args.model:
+        args.parser.error(f"two models given ({legacy} and --model {args.model}); pass one --model DIR")
+    args.model = args.model or legacy
+    if not args.model:
+        args.parser.error(f"--model DIR is required: the {MODEL_HELP}")
     try:
         return args.fn(args)
     except (HierfgError, OSError, ValueError) as e:

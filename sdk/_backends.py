@@ -5,12 +5,13 @@ A backend takes a uint8 NHWC batch and returns one (batch, n_level) float array 
 
 from __future__ import annotations
 
+import importlib
 import platform
+import sys
 import threading
 import warnings
 from pathlib import Path
-from typing import Callable
-
+from typing import Any
 import numpy as np
 
 from ._errors import Int8AccuracyWarning, ModelIntegrityError
@@ -20,6 +21,7 @@ from ._registry import Registry
 
 class BackendUnavailableError(ModelIntegrityError):
     """The artifact is intact, but its runtime cannot run here (package missing, or wrong OS)."""
+
 
 _BACKENDS: Registry = Registry("backend", missing=ModelIntegrityError)
 register_backend = _BACKENDS.register
@@ -31,34 +33,6 @@ def available_backends() -> list[str]:
 
 def create_backend(name: str, path: Path, manifest: Manifest, num_threads: int | None) -> "Backend":
     return _BACKENDS.get(name)(path, manifest, num_threads)
-
-
-class BackendUnavailableError(ModelIntegrityError):
-    """The artifact is intact, but its runtime cannot run here (package missing, or wrong OS)."""
-
-_REGISTRY: dict[str, Callable[..., "Backend"]] = {}
-
-
-def register_backend(target: str):
-    def deco(cls):
-        if target in _REGISTRY:
-            raise ValueError(f"backend for target {target!r} is already registered")
-        _REGISTRY[target] = cls
-        return cls
-    return deco
-
-
-def available_backends() -> list[str]:
-    return sorted(_REGISTRY)
-
-
-def create_backend(name: str, path: Path, manifest: Manifest, num_threads: int | None) -> "Backend":
-    try:
-        cls = _REGISTRY[name]
-    except KeyError:
-        raise ModelIntegrityError(
-            f"no backend {name!r}; available: {', '.join(available_backends())}") from None
-    return cls(path, manifest, num_threads)
 
 
 class Backend:
@@ -73,7 +47,28 @@ class Backend:
         self.num_threads = num_threads
 
     def run(self, batch: np.ndarray) -> list[np.ndarray]:
+        """Outputs for a batch of any size (split into `fixed_batch` rows when the artifact needs it)."""
+        if self.fixed_batch:
+            return run_in_fixed_batches(self._run_one, batch, self.fixed_batch)
+        return self._run_one(batch)
+
+    def _run_one(self, batch: np.ndarray) -> list[np.ndarray]:
         raise NotImplementedError
+
+    def _check_outputs(self, found: list[str] | int) -> None:
+        """The runtime's outputs against the manifest's: the same names, or the same count where the
+        runtime does not keep the exported names."""
+        want = list(self.manifest.outputs)
+        if found != (want if isinstance(found, list) else len(want)):
+            raise ModelIntegrityError(f"{self.path}: the model has outputs {found}, the manifest lists {want}")
+
+
+def _runtime(module: str, what: str, install: str) -> Any:
+    """Import a runtime package the artifact needs, or say how to install it."""
+    try:
+        return importlib.import_module(module)
+    except ImportError as e:
+        raise BackendUnavailableError(f"the {what} backend needs {install}: pip install {install}") from e
 
 
 _X86 = {"x86_64", "amd64", "i386", "i686", "x86"}
@@ -125,10 +120,7 @@ class OnnxRuntimeBackend(Backend):
 
     def __init__(self, path: Path, manifest: Manifest, num_threads: int | None):
         super().__init__(path, manifest, num_threads)
-        try:
-            import onnxruntime as ort
-        except ImportError as e:
-            raise ModelIntegrityError("the ONNX backend needs onnxruntime: pip install onnxruntime") from e
+        ort = _runtime("onnxruntime", "ONNX", "onnxruntime")
         opts = ort.SessionOptions()
         opts.intra_op_num_threads = int(num_threads or 1)
         opts.log_severity_level = 3  # errors only: unused-initializer warnings are noise on a device
@@ -141,12 +133,10 @@ class OnnxRuntimeBackend(Backend):
         if risk:
             warnings.warn(f"{path}: {risk}", Int8AccuracyWarning, stacklevel=4)
         self.input_name = self.session.get_inputs()[0].name
-        names = [o.name for o in self.session.get_outputs()]
-        if names != list(manifest.outputs):
-            raise ModelIntegrityError(f"{path}: graph outputs {names} differ from the manifest's {manifest.outputs}")
-        self.output_names = names
+        self.output_names = [o.name for o in self.session.get_outputs()]
+        self._check_outputs(self.output_names)
 
-    def run(self, batch: np.ndarray) -> list[np.ndarray]:
+    def _run_one(self, batch: np.ndarray) -> list[np.ndarray]:
         return self.session.run(self.output_names, {self.input_name: batch})
 
 
@@ -160,6 +150,11 @@ def run_in_fixed_batches(run_one, batch: np.ndarray, fixed: int) -> list[np.ndar
         if k < fixed:
             chunk = np.concatenate([chunk, np.zeros((fixed - k, *chunk.shape[1:]), chunk.dtype)])
         parts.append([np.asarray(o)[:k] for o in run_one(chunk)])
+    return concat_levels(parts)
+
+
+def concat_levels(parts: list[list[np.ndarray]]) -> list[np.ndarray]:
+    """Per-level outputs of consecutive batches joined into one array per level."""
     return [np.concatenate([p[l] for p in parts]) for l in range(len(parts[0]))]
 
 
@@ -172,10 +167,7 @@ class LiteRtBackend(Backend):
 
     def __init__(self, path: Path, manifest: Manifest, num_threads: int | None):
         super().__init__(path, manifest, num_threads)
-        try:
-            from ai_edge_litert.interpreter import Interpreter
-        except ImportError as e:
-            raise BackendUnavailableError("the TFLite backend needs ai-edge-litert: pip install ai-edge-litert") from e
+        Interpreter = _runtime("ai_edge_litert.interpreter", "TFLite", "ai-edge-litert").Interpreter
         try:
             self.interpreter = Interpreter(model_path=str(path), num_threads=int(num_threads or 1))
             sigs = self.interpreter.get_signature_list()
@@ -193,11 +185,7 @@ class LiteRtBackend(Backend):
         # litert-torch names the tuple outputs output_0, output_1, ...: order by that index, not by dict order
         names = list(self.runner.get_output_details())
         self.output_keys = sorted(names, key=lambda n: int(n.rsplit("_", 1)[-1]) if n.rsplit("_", 1)[-1].isdigit() else n)
-        if len(self.output_keys) != len(manifest.outputs):
-            raise ModelIntegrityError(f"{path}: {len(self.output_keys)} outputs, the manifest lists {len(manifest.outputs)}")
-
-    def run(self, batch: np.ndarray) -> list[np.ndarray]:
-        return run_in_fixed_batches(self._run_one, batch, self.fixed_batch)
+        self._check_outputs(len(self.output_keys))
 
     def _run_one(self, batch: np.ndarray) -> list[np.ndarray]:
         out = self.runner(**{self.input_name: np.ascontiguousarray(batch, dtype=np.uint8)})
@@ -214,16 +202,11 @@ class ExecuTorchBackend(Backend):
 
     def __init__(self, path: Path, manifest: Manifest, num_threads: int | None):
         super().__init__(path, manifest, num_threads)
+        # the one place the SDK touches torch: ExecuTorch's Python runtime takes tensors
+        self._torch = _runtime("torch", "ExecuTorch", "torch")
+        runtime = _runtime("executorch.runtime", "ExecuTorch", "executorch")
         try:
-            import torch  # the one place the SDK touches torch: ExecuTorch's Python runtime takes tensors
-            from executorch.runtime import Runtime
-        except ImportError as e:
-            raise BackendUnavailableError("the ExecuTorch backend needs the executorch package (and torch): "
-                                          "pip install executorch") from e
-        self._torch = torch
-        try:
-            program = Runtime.get().load_program(str(path))
-            self.method = program.load_method("forward")
+            self.method = runtime.Runtime.get().load_program(str(path)).load_method("forward")
             meta = self.method.metadata
             in_sizes = list(meta.input_tensor_meta(0).sizes())
             n_out = meta.num_outputs()
@@ -232,12 +215,8 @@ class ExecuTorchBackend(Backend):
         s = manifest.input.size
         if in_sizes[1:] != [s, s, 3]:
             raise ModelIntegrityError(f"{path}: input shape {in_sizes}, the manifest says [N, {s}, {s}, 3]")
-        if n_out != len(manifest.outputs):
-            raise ModelIntegrityError(f"{path}: {n_out} outputs, the manifest lists {len(manifest.outputs)}")
+        self._check_outputs(n_out)
         self.fixed_batch = int(in_sizes[0])
-
-    def run(self, batch: np.ndarray) -> list[np.ndarray]:
-        return run_in_fixed_batches(self._run_one, batch, self.fixed_batch)
 
     def _run_one(self, batch: np.ndarray) -> list[np.ndarray]:
         x = self._torch.from_numpy(np.ascontiguousarray(batch, dtype=np.uint8))
@@ -253,16 +232,11 @@ class CoreMLBackend(Backend):
 
     def __init__(self, path: Path, manifest: Manifest, num_threads: int | None):
         super().__init__(path, manifest, num_threads)
-        import sys
-
         if sys.platform != "darwin":
             raise BackendUnavailableError(
                 f"{path}: Core ML prediction needs macOS (the Core ML framework); this is {sys.platform}. "
                 "Run this artifact on a Mac/iOS device, or load the onnx/tflite/executorch export here")
-        try:
-            import coremltools as ct
-        except ImportError as e:
-            raise BackendUnavailableError("the Core ML backend needs coremltools: pip install coremltools") from e
+        ct = _runtime("coremltools", "Core ML", "coremltools")
         try:
             self.model = ct.models.MLModel(str(path), compute_units=ct.ComputeUnit.CPU_ONLY)
             spec = self.model.get_spec()
@@ -271,13 +245,8 @@ class CoreMLBackend(Backend):
         inp = spec.description.input[0]
         self.input_name = inp.name
         self.fixed_batch = int(inp.type.multiArrayType.shape[0])
-        names = [o.name for o in spec.description.output]
-        if names != list(manifest.outputs):
-            raise ModelIntegrityError(f"{path}: outputs {names} differ from the manifest's {manifest.outputs}")
-        self.output_names = names
-
-    def run(self, batch: np.ndarray) -> list[np.ndarray]:
-        return run_in_fixed_batches(self._run_one, batch, self.fixed_batch)
+        self.output_names = [o.name for o in spec.description.output]
+        self._check_outputs(self.output_names)
 
     def _run_one(self, batch: np.ndarray) -> list[np.ndarray]:
         # Core ML I/O has no uint8: the package takes float32 pixel values 0..255 (see converters/coreml.py)

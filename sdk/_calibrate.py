@@ -12,27 +12,29 @@ threshold 1.0 (the answer stops above it).
 Out-of-catalogue ("unknown") detection: each score in `sdk._decode.UNKNOWN_SCORES` is computed on the
 in-catalogue calibration images and on generated out-of-catalogue images (`out_of_catalogue_images`:
 uniform and Gaussian noise, blank frames in solid colours, colour gradients, checkerboards, and the
-coloured-shape images of `train.data.synthetic_dataset`; no photos, since the Grocery Store dataset
+coloured-shape images of `sdk.datasets.synthetic_dataset`; no photos, since the Grocery Store dataset
 has none of non-grocery objects). Its threshold is the in-catalogue quantile that flags at most
 `max_false_unknown` of real items; the score that flags the most generated images at that rate wins.
 
-This module may import `train` (for `load_dataset`), tqdm and matplotlib; `import sdk` does not import it.
+The plots need matplotlib (imported only by `plot_curves`); everything else is numpy.
 """
 
 from __future__ import annotations
 
 import datetime as _dt
 import json
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import numpy as np
 
+from ._backends import concat_levels
 from ._classifier import Classifier
 from ._decode import DEFAULT_UNKNOWN_SCORE, UNKNOWN_SCORES, TreeDecoder, unknown_scores
+from ._files import atomic_write
 from ._manifest import MANIFEST_NAME
+from .datasets import synthetic_dataset
 
 OUT_OF_CATALOGUE_KINDS = ("uniform-noise", "gaussian-noise", "blank", "gradient", "checkerboard", "synthetic-shapes")
 
@@ -60,10 +62,6 @@ def out_of_catalogue_images(n_per_kind: int = 12, seed: int = 0) -> list[tuple[s
         img = np.empty((h, w, 3), np.uint8)
         img[mask], img[~mask] = rng.integers(0, 256, 3), rng.integers(0, 256, 3)
         out.append(("checkerboard", img))
-    try:
-        from train.data import synthetic_dataset
-    except ImportError:  # calibrating without the train package: generated textures only
-        return out
     shapes = synthetic_dataset("ood", per_class=max(1, n_per_kind // 8 + 1), size=224).samples
     idx = np.random.default_rng(seed).permutation(len(shapes))[:n_per_kind]
     out += [("synthetic-shapes", shapes[int(i)].source) for i in idx]
@@ -105,12 +103,10 @@ def decode_set(taxonomy, logprobs: Sequence[np.ndarray], labels: np.ndarray | No
         r, e = next(iter(errors.items()))
         raise type(e)(f"image {r} of the calibration set: {e}")
     marg = dec.node_sums(leaf)
-    n = leaf.shape[0]
-    paths = np.asarray([dec.greedy_path(marg, r) for r in range(n)], np.int64).reshape(n, taxonomy.depth)
-    probs = np.stack([marg[l][np.arange(n), paths[:, l]] for l in range(taxonomy.depth)], 1) if n else \
-        np.zeros((0, taxonomy.depth))
+    paths = dec.greedy_paths(marg)
+    probs = np.stack([marg[l][np.arange(len(paths)), paths[:, l]] for l in range(taxonomy.depth)], 1)
     labels = np.full_like(paths, -1) if labels is None else np.asarray(labels, np.int64)
-    anc = dec.anc[np.asarray(logprobs[-1]).argmax(axis=1)] if n else np.zeros((0, taxonomy.depth), np.int64)
+    anc = dec.anc[np.asarray(logprobs[-1]).argmax(axis=1)]
     return DecodedSet(paths, probs, labels, {k: unknown_scores(k, leaf, marg) for k in UNKNOWN_SCORES}, anc)
 
 
@@ -164,7 +160,8 @@ def calibrate_unknown(in_scores: dict[str, np.ndarray], ood_scores: dict[str, np
 
 # ---- reporting ------------------------------------------------------------------------------------
 def lca_height(pred: np.ndarray, true: np.ndarray) -> np.ndarray:
-    """Height of the lowest common ancestor of two equally long paths (0 when equal)."""
+    """Per row, the height of the lowest common ancestor of two (N, depth) full paths: 0 when equal,
+    1 for siblings … depth when they differ at the coarsest level."""
     depth = true.shape[1]
     h = np.zeros(len(pred), np.int64)
     for lvl in range(pred.shape[1]):
@@ -191,27 +188,20 @@ def decoding_report(ds: DecodedSet, thresholds: Sequence[float], unknown_kind: s
         rep[f"precision/{name}"] = float(correct[a, l].mean()) if a.any() else float("nan")
     rep["flagged_unknown"] = float(unk.mean()) if n else float("nan")
     # "argmax" = the full tree-consistent path without back-off; "flat_argmax" = the finest head alone.
-    # mistake severity: an answer is a mistake when its deepest node is wrong; its severity is the
-    # height of the LCA of the full predicted and true paths (1 = sibling … depth = other category)
-    h_full = lca_height(paths, labels)
-    wrong_argmax = h_full > 0
+    # An answer is a mistake when its deepest node is wrong; its severity is the height of the LCA of
+    # the full predicted and true paths (1 = sibling … depth = other category). A back-off answer is
+    # wrong from its first wrong level on, so it has the same LCA as the full path.
+    h_full, h_flat = lca_height(paths, labels), lca_height(ds.flat[labelled], labels)
     deepest_right = np.ones(n, bool)
     rows = np.flatnonzero(d > 0)
     deepest_right[rows] = correct[rows, d[rows] - 1]
-    wrong_backoff = ~deepest_right
-    h_flat = lca_height(ds.flat[labelled], labels)
-    rep["flat_argmax/fine_top1"] = float((h_flat == 0).mean()) if n else float("nan")
-    rep["flat_argmax/mistakes"] = int((h_flat > 0).sum())
-    rep["flat_argmax/mistake_severity"] = float(h_flat[h_flat > 0].mean()) if (h_flat > 0).any() else 0.0
-    rep["flat_argmax/severity_per_image"] = float(h_flat.sum() / max(n, 1))
-    rep["argmax/fine_top1"] = float((~wrong_argmax).mean()) if n else float("nan")
-    rep["argmax/mistakes"] = int(wrong_argmax.sum())
-    rep["argmax/mistake_severity"] = float(h_full[wrong_argmax].mean()) if wrong_argmax.any() else 0.0
-    rep["argmax/severity_per_image"] = float(h_full.sum() / max(n, 1))
-    # a back-off mistake at level l is wrong from the first wrong level on: same LCA as the full path
-    rep["backoff/mistakes"] = int(wrong_backoff.sum())
-    rep["backoff/mistake_severity"] = float(h_full[wrong_backoff].mean()) if wrong_backoff.any() else 0.0
-    rep["backoff/severity_per_image"] = float(h_full[wrong_backoff].sum() / max(n, 1))
+    for kind, h, wrong in (("flat_argmax", h_flat, h_flat > 0), ("argmax", h_full, h_full > 0),
+                           ("backoff", h_full, ~deepest_right)):
+        if kind != "backoff":
+            rep[f"{kind}/fine_top1"] = float((~wrong).mean()) if n else float("nan")
+        rep[f"{kind}/mistakes"] = int(wrong.sum())
+        rep[f"{kind}/mistake_severity"] = float(h[wrong].mean()) if wrong.any() else 0.0
+        rep[f"{kind}/severity_per_image"] = float(h[wrong].sum() / max(n, 1))
     return rep
 
 
@@ -239,7 +229,14 @@ def plot_curves(curves: list[dict[str, Any]], level_names: Sequence[str], target
     import matplotlib.pyplot as plt
 
     out_dir.mkdir(parents=True, exist_ok=True)
-    written = []
+    written: list[Path] = []
+
+    def save(fig, name: str) -> None:
+        fig.tight_layout()
+        fig.savefig(out_dir / name, dpi=110)
+        plt.close(fig)
+        written.append(out_dir / name)
+
     for name, c in zip(level_names, curves):
         fig, ax = plt.subplots(figsize=(5, 4))
         ax.plot(c["coverage"], c["precision"], lw=1.5)
@@ -253,11 +250,7 @@ def plot_curves(curves: list[dict[str, Any]], level_names: Sequence[str], target
         ax.set_xlim(0, 1.02)
         ax.legend(fontsize=7, loc="lower left")
         ax.grid(alpha=0.3)
-        p = out_dir / f"calibration_{name}.png"
-        fig.tight_layout()
-        fig.savefig(p, dpi=110)
-        plt.close(fig)
-        written.append(p)
+        save(fig, f"calibration_{name}.png")
     if in_scores is not None and ood_scores is not None:
         fig, ax = plt.subplots(figsize=(5, 4))
         bins = np.linspace(0, 1, 41)
@@ -267,11 +260,7 @@ def plot_curves(curves: list[dict[str, Any]], level_names: Sequence[str], target
             ax.axvline(unknown_threshold, color="C3", ls="--", label=f"threshold {unknown_threshold:.3f}")
         ax.set_xlabel(f"unknown score ({unknown_kind})")
         ax.legend(fontsize=7)
-        p = out_dir / "unknown_score.png"
-        fig.tight_layout()
-        fig.savefig(p, dpi=110)
-        plt.close(fig)
-        written.append(p)
+        save(fig, "unknown_score.png")
     return written
 
 
@@ -284,9 +273,7 @@ def batch_logprobs(clf: Classifier, sources: Sequence[Any], batch_size: int = 16
         outs.append(clf.logprobs(batch))
         if progress:
             progress(len(batch))
-    if not outs:
-        return [np.zeros((0, n)) for n in clf.taxonomy.sizes]
-    return [np.concatenate([o[l] for o in outs]) for l in range(len(outs[0]))]
+    return concat_levels(outs) if outs else [np.zeros((0, n)) for n in clf.taxonomy.sizes]
 
 
 @dataclass
@@ -349,10 +336,7 @@ def write_decoding(model_dir: Path, decoding: dict[str, Any]) -> Path:
     path = model_dir / MANIFEST_NAME if model_dir.is_dir() else model_dir
     d = json.loads(path.read_text(encoding="utf-8"))
     d["decoding"] = decoding
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(d, indent=1, ensure_ascii=False), encoding="utf-8")
-    os.replace(tmp, path)
-    return path
+    return atomic_write(path, json.dumps(d, indent=1, ensure_ascii=False, default=_json_default))
 
 
 def _json_default(o: Any) -> Any:

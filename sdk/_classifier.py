@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
@@ -65,13 +65,11 @@ class HierarchicalPrediction:
         return sep.join(p.label for p in self.path) if self.path else "uncertain"
 
     def to_dict(self) -> dict[str, Any]:
-        def lv(p: LevelPrediction) -> dict[str, Any]:
-            return {"level": p.level, "index": p.index, "label": p.label, "probability": p.probability}
         return {
-            "path": [lv(p) for p in self.path],
-            "full_path": [lv(p) for p in self.full_path],
+            "path": [asdict(p) for p in self.path],
+            "full_path": [asdict(p) for p in self.full_path],
             "top_k": {k: [{"label": l, "probability": s} for l, s in v] for k, v in self.top_k.items()},
-            "deepest_confident": lv(self.path[-1]) if self.path else None,
+            "deepest_confident": asdict(self.path[-1]) if self.path else None,
             "is_unknown": self.is_unknown,
             "unknown_score": self.unknown_score,
             "allowed_mass": self.allowed_mass,
@@ -135,13 +133,12 @@ class Classifier:
         """Load a model directory (artifact + manifest.json), or the manifest file itself.
 
         The artifact's size and sha256 are checked against the manifest before any runtime parses it;
-        then the runtime's output shapes are checked against the taxonomy.
+        then the runtime's output shapes are checked against the taxonomy. A path that does not exist
+        raises `ModelNotFoundError`; a model that fails a check, `ModelIntegrityError`.
         """
         path = Path(path)
-        if not path.exists():
-            raise ModelIntegrityError(f"{path}: model path does not exist")
-        directory = path if path.is_dir() else path.parent
         manifest = Manifest.load(path)
+        directory = path if path.is_dir() else path.parent
         artifact = manifest.verify(directory)
         be = create_backend(backend or manifest.target, artifact, manifest, num_threads)
         clf = cls(be, manifest, directory)
@@ -159,11 +156,12 @@ class Classifier:
             thresholds = [thresholds.get(n, 0.0) for n in self.taxonomy.level_names]
         try:
             t = tuple(float(x) for x in thresholds)
+            ok = len(t) == self.taxonomy.depth and all(0.0 <= x <= 1.0 for x in t)
         except (TypeError, ValueError):
-            raise ValueError(f"thresholds must be {self.taxonomy.depth} numbers in [0, 1]; got {thresholds!r}") from None
-        if len(t) != self.taxonomy.depth or not all(0.0 <= x <= 1.0 for x in t):
+            ok = False
+        if not ok:
             raise ValueError(f"thresholds must be {self.taxonomy.depth} numbers in [0, 1] "
-                             f"(one per level {self.taxonomy.level_names}); got {thresholds}")
+                             f"(one per level {self.taxonomy.level_names}); got {thresholds!r}")
         return t
 
     @staticmethod
@@ -194,17 +192,6 @@ class Classifier:
     def logprobs(self, batch: np.ndarray) -> list[np.ndarray]:
         """Raw per-level log-probabilities (float64) for a uint8 (N, S, S, 3) batch."""
         batch = np.ascontiguousarray(batch, dtype=np.uint8)
-        fixed = self._backend.fixed_batch
-        if fixed and batch.shape[0] != fixed:
-            # an artifact compiled for one batch size: run full chunks, pad the last one
-            parts = []
-            for i in range(0, batch.shape[0], fixed):
-                chunk = batch[i:i + fixed]
-                n = chunk.shape[0]
-                if n < fixed:
-                    chunk = np.concatenate([chunk, np.zeros((fixed - n,) + chunk.shape[1:], np.uint8)])
-                parts.append([np.asarray(o)[:n] for o in self._backend.run(chunk)])
-            return [np.concatenate([p[l] for p in parts]).astype(np.float64) for l in range(len(parts[0]))]
         return [np.asarray(o, dtype=np.float64) for o in self._backend.run(batch)]
 
     def leaf_mask(self, allow: Iterable[str] | None = None, deny: Iterable[str] | None = None) -> np.ndarray | None:
@@ -235,11 +222,8 @@ class Classifier:
             idx = dec.greedy_path(marg, row)
             full = tuple(LevelPrediction(tax.level_names[l], i, tax.node(l, i).name, float(marg[l][row, i]))
                          for l, i in enumerate(idx))
-            path: list[LevelPrediction] = []
-            for p, t in zip(full, thresholds):
-                if p.probability < t:
-                    break
-                path.append(p)
+            # back-off: the answer stops above the first level whose marginal is under its threshold
+            kept = next((l for l, (p, t) in enumerate(zip(full, thresholds)) if p.probability < t), len(full))
             topk = {}
             for l, name in enumerate(tax.level_names):
                 cand = np.argsort(-marg[l][row], kind="stable")
@@ -247,7 +231,7 @@ class Classifier:
                     cand = cand[keep[l][cand]]
                 topk[name] = tuple((tax.node(l, int(i)).name, float(marg[l][row, i])) for i in cand[:top_k])
             is_unknown = unknown_threshold is not None and float(unk[row]) > unknown_threshold
-            out.append(HierarchicalPrediction(() if is_unknown else tuple(path), full, topk, is_unknown,
+            out.append(HierarchicalPrediction(() if is_unknown else full[:kept], full, topk, is_unknown,
                                               float(unk[row]), float(allowed_mass[row])))
         return out
 
@@ -301,10 +285,7 @@ class Classifier:
                 continue
             decoded = self._decode_batch(self.logprobs(np.stack(arrays)), top_k, th, ut, mask)
             for i, d in zip(where, decoded):
-                if isinstance(d, ModelOutputError):
-                    if raise_errors:
-                        raise d
-                    results[i] = ItemError(i, d)
-                else:
-                    results[i] = d
+                if isinstance(d, ModelOutputError) and raise_errors:
+                    raise d
+                results[i] = ItemError(i, d) if isinstance(d, ModelOutputError) else d
         return results  # type: ignore[return-value]

@@ -24,18 +24,12 @@ class TreeDecoder:
         self.taxonomy = taxonomy
         self.anc = np.asarray(taxonomy.ancestor_matrix(), dtype=np.int64)  # (n_leaves, depth)
         self.sizes = taxonomy.sizes
-        # leaf -> node membership per level (for callers that want a matmul)
-        self.member = []
-        # and, per level, leaves grouped by node for `node_sums`: a row's sums then never depend on
-        # the other rows in the batch (a BLAS matmul may change rounding with the batch size)
+        # per level, leaves grouped by node for `node_sums`: a row's sums then never depend on the other
+        # rows in the batch (a BLAS matmul may change rounding with the batch size)
         self._groups = []
         for lvl, n in enumerate(self.sizes):
-            m = np.zeros((self.anc.shape[0], n))
-            m[np.arange(self.anc.shape[0]), self.anc[:, lvl]] = 1.0
-            self.member.append(m)
             order = np.argsort(self.anc[:, lvl], kind="stable")
-            starts = np.searchsorted(self.anc[order, lvl], np.arange(n))
-            self._groups.append((order, starts))
+            self._groups.append((order, np.searchsorted(self.anc[order, lvl], np.arange(n))))
 
     def check_shapes(self, logprobs: Sequence[np.ndarray]) -> list[np.ndarray]:
         """Structural checks (count, shapes, batch sizes) that fail the whole batch."""
@@ -54,22 +48,15 @@ class TreeDecoder:
             raise ModelOutputError("outputs disagree on batch size")
         return out
 
-    def check(self, logprobs: Sequence[np.ndarray]) -> list[np.ndarray]:
-        """Shapes and finiteness of a whole batch (any NaN / +Inf raises `ModelOutputError`)."""
-        _, errors = self.leaf_probs(logprobs)
-        if errors:
-            raise next(iter(errors.values()))
-        return self.check_shapes(logprobs)
-
     def marginals(self, logprobs: Sequence[np.ndarray], leaf_mask: np.ndarray | None = None) -> list[np.ndarray]:
         """Per level, (batch, n_nodes) marginal probabilities under the tree-consistent leaf distribution.
 
-        Raises `ModelOutputError` if any row is unusable; `marginals_rows` isolates bad rows instead.
+        Raises `ModelOutputError` if any row is unusable; `leaf_probs` isolates bad rows instead.
         """
-        marg, errors = self.marginals_rows(logprobs, leaf_mask)
+        leaf, errors = self.leaf_probs(logprobs, leaf_mask)
         if errors:
             raise next(iter(errors.values()))
-        return marg
+        return self.node_sums(leaf)
 
     def leaf_probs(self, logprobs: Sequence[np.ndarray], leaf_mask: np.ndarray | None = None,
                    ) -> tuple[np.ndarray, dict[int, ModelOutputError]]:
@@ -103,12 +90,6 @@ class TreeDecoder:
         if errors:
             p[list(errors)] = 0.0
         return p, errors
-
-    def marginals_rows(self, logprobs: Sequence[np.ndarray], leaf_mask: np.ndarray | None = None,
-                       ) -> tuple[list[np.ndarray], dict[int, ModelOutputError]]:
-        """Marginals for every row, plus a per-row `ModelOutputError` for rows that must not be labelled."""
-        p, errors = self.leaf_probs(logprobs, leaf_mask)
-        return self.node_sums(p), errors
 
     def node_sums(self, leaf: np.ndarray) -> list[np.ndarray]:
         """Per level, (batch, n_nodes) sums of leaf probabilities under each node, row by row."""
@@ -156,7 +137,7 @@ class TreeDecoder:
         """Per level, which nodes keep at least one allowed leaf."""
         if leaf_mask is None:
             return None
-        return [(leaf_mask.astype(float) @ m) > 0 for m in self.member]
+        return [s[0] > 0 for s in self.node_sums(leaf_mask[None].astype(float))]
 
     def greedy_path(self, marg: Sequence[np.ndarray], row: int) -> list[int]:
         """Indices of the top-down most probable path for one batch row (always full depth)."""
@@ -167,10 +148,14 @@ class TreeDecoder:
             idx.append(kids[int(np.argmax(marg[lvl][row, kids]))])
         return idx
 
+    def greedy_paths(self, marg: Sequence[np.ndarray]) -> np.ndarray:
+        """(batch, depth) `greedy_path` of every row."""
+        n = marg[0].shape[0]
+        return np.asarray([self.greedy_path(marg, r) for r in range(n)], np.int64).reshape(n, self.taxonomy.depth)
+
     def paths(self, logprobs: Sequence[np.ndarray]) -> np.ndarray:
         """(batch, depth) greedy consistent paths — the batch form used by metrics and parity checks."""
-        marg = self.marginals(logprobs)
-        return np.asarray([self.greedy_path(marg, r) for r in range(marg[0].shape[0])], dtype=np.int64)
+        return self.greedy_paths(self.marginals(logprobs))
 
 
 # ---- out-of-catalogue scores ----------------------------------------------------------------------

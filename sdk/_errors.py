@@ -18,7 +18,11 @@ class UnsupportedFormatError(InvalidImageError):
 
 
 class ModelIntegrityError(HierfgError):
-    """A model artifact or its manifest failed a check (missing, hash, format, shapes, taxonomy)."""
+    """A model artifact or its manifest failed a check (missing file, hash, format, shapes, taxonomy)."""
+
+
+class ModelNotFoundError(HierfgError, FileNotFoundError):
+    """The model path does not exist (as opposed to a model that is there but fails a check)."""
 
 
 class ModelOutputError(HierfgError):

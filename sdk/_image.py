@@ -181,15 +181,11 @@ def load_image(source: ImageSource, target: int | None = None) -> Image.Image:
 def center_crop_aspect(img: Image.Image, max_aspect: float = MAX_ASPECT) -> Image.Image:
     """Crop the long side centrally so that long/short <= max_aspect (extreme strips stay bounded)."""
     w, h = img.size
-    if w > h * max_aspect:
-        nw = max(1, round(h * max_aspect))
-        left = (w - nw) // 2
-        return img.crop((left, 0, left + nw, h))
-    if h > w * max_aspect:
-        nh = max(1, round(w * max_aspect))
-        top = (h - nh) // 2
-        return img.crop((0, top, w, top + nh))
-    return img
+    nw, nh = min(w, max(1, round(h * max_aspect))), min(h, max(1, round(w * max_aspect)))
+    if (nw, nh) == (w, h):
+        return img
+    left, top = (w - nw) // 2, (h - nh) // 2
+    return img.crop((left, top, left + nw, top + nh))
 
 
 def prepare(

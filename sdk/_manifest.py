@@ -3,33 +3,19 @@
 from __future__ import annotations
 
 import datetime as _dt
-import hashlib
 import json
 import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ._errors import ModelIntegrityError, TaxonomyError
+from ._errors import ModelIntegrityError, ModelNotFoundError, TaxonomyError
+from ._files import atomic_write, sha256_file
 from ._taxonomy import Taxonomy
 
 FORMAT_VERSION = 1
 MANIFEST_NAME = "manifest.json"
 TARGETS = ("onnx", "tflite", "executorch", "coreml")
-
-
-def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
-    """sha256 of a file, or of every file in a directory (Core ML packages are directories)."""
-    path = Path(path)
-    h = hashlib.sha256()
-    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
-    for f in files:
-        if path.is_dir():
-            h.update(f.relative_to(path).as_posix().encode() + b"\0")
-        with open(f, "rb") as fh:
-            while block := fh.read(chunk):
-                h.update(block)
-    return h.hexdigest()
 
 
 def size_bytes(path: str | os.PathLike) -> int:
@@ -90,11 +76,7 @@ class Manifest:
         return json.dumps(self.to_dict(), indent=1, ensure_ascii=False)
 
     def save(self, directory: str | os.PathLike) -> Path:
-        path = Path(directory) / MANIFEST_NAME
-        tmp = path.with_suffix(".json.tmp")
-        tmp.write_text(self.to_json(), encoding="utf-8")
-        os.replace(tmp, path)
-        return path
+        return atomic_write(Path(directory) / MANIFEST_NAME, self.to_json())
 
     @classmethod
     def from_dict(cls, d: dict[str, Any], where: str = "manifest") -> "Manifest":
@@ -129,6 +111,11 @@ class Manifest:
     def load(cls, path: str | os.PathLike) -> "Manifest":
         """Read `manifest.json` (or the manifest inside a model directory)."""
         path = Path(path)
+        if not path.exists():
+            raise ModelNotFoundError(
+                f"{path}: model path does not exist; pass a model directory (artifact + manifest.json): "
+                "the repository bundles one in demo/model, and `python -m converters` or `python -m quantize` "
+                "export one from a checkpoint")
         if path.is_dir():
             path = path / MANIFEST_NAME
         if not path.is_file():

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Iterable, Sequence
 
 from ._errors import TaxonomyError
+from ._files import atomic_write
 
 FORMAT = "hierfg.taxonomy/1"
 
@@ -186,18 +187,12 @@ class Taxonomy:
         return tax
 
     def save(self, path: str | os.PathLike) -> Path:
-        path = Path(path)
-        tmp = path.with_suffix(path.suffix + ".tmp")
-        tmp.write_text(json.dumps(self.to_dict(), indent=1, ensure_ascii=False), encoding="utf-8")
-        os.replace(tmp, path)
-        return path
+        return atomic_write(path, json.dumps(self.to_dict(), indent=1, ensure_ascii=False))
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "Taxonomy":
         try:
             data = json.loads(Path(path).read_text(encoding="utf-8"))
-        except FileNotFoundError:
-            raise
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise TaxonomyError(f"{path}: not valid taxonomy JSON ({e})") from None
         return cls.from_dict(data)
@@ -243,10 +238,7 @@ class Taxonomy:
                 category = Path(iconic.strip("/")).parts[1]  # iconic-images-and-descriptions/<Category>/...
                 rows.append((fine_id, fine, coarse_id, coarse, category))
         rows.sort()
-        categories: list[str] = []
-        for *_, cat in rows:
-            if cat not in categories:
-                categories.append(cat)
+        categories = list(dict.fromkeys(cat for *_, cat in rows))  # in order of first appearance
         coarse_nodes: dict[int, Node] = {}
         for _, _, cid, cname, cat in rows:
             node = Node(cname, categories.index(cat))

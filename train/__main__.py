@@ -12,17 +12,19 @@ from typing import Any
 from .models import ModelConfig
 from .loop import TrainConfig
 
-STUDENT_DEFAULTS = ModelConfig(global_head=True)
-# HSQ-FT teacher: Lite2, three scales (block 6 at stride 8 pooled x2, block 14 at stride 16, head
-# at stride 32) fused by self-attention, eigen-image query init, two cross-attention layers per level.
-TEACHER_DEFAULTS = ModelConfig(arch="hsq_teacher", backbone="efficientnet_lite2", image_size=224, taps=(6, 14, -1),
+# The defaults are the reference recipes of configs/ (student.yaml, teacher.yaml, distill.yaml).
+STUDENT_DEFAULTS = ModelConfig(global_head=True, dropout=0.3)
+STUDENT_TRAIN = {"ema": 0.99, "losses": "ce,global_ce"}
+# HSQ-FT teacher: Lite2 at 260 px, three scales (block 6 at stride 8 pooled x2, block 14 at stride 16,
+# head at stride 32) fused by self-attention, eigen-image query init, two cross-attention layers per level.
+TEACHER_DEFAULTS = ModelConfig(arch="hsq_teacher", backbone="efficientnet_lite2", image_size=260, taps=(6, 14, -1),
                                tap_pool=(2, 1, 1), d_model=256, heads=8, query_layers=2, fusion_layers=1,
-                               query_init="eigen")
-TEACHER_TRAIN = {"losses": "ce,cluster", "loss_weights": "cluster=0.1", "holdout_fraction": 0.2}
-DISTILL_TRAIN = {"holdout_fraction": 0.2, "loss_weights": "kd=1"}
+                               query_init="eigen", global_head=True)
+TEACHER_TRAIN = {"epochs": 10, "losses": "ce,global_ce,cluster", "loss_weights": "cluster=0.1", "holdout_fraction": 0.2}
+DISTILL_TRAIN = {**STUDENT_TRAIN, "holdout_fraction": 0.2, "loss_weights": "kd=1"}
 # subcommand -> (help, model defaults, train defaults): what --help shows and what a run resolves against
 SUBCOMMANDS = {
-    "student": ("fine-tune the hierarchical query student on labels", STUDENT_DEFAULTS, {}),
+    "student": ("fine-tune the hierarchical query student on labels", STUDENT_DEFAULTS, STUDENT_TRAIN),
     "teacher": ("train the full HSQ-FT teacher (torchrun-ready: DDP on gloo/nccl)", TEACHER_DEFAULTS, TEACHER_TRAIN),
     "distill": ("distill a teacher into a student (labels + per-level KL)", STUDENT_DEFAULTS, DISTILL_TRAIN),
 }
@@ -73,7 +75,13 @@ def cmd_train(args: argparse.Namespace) -> int:
     tc = _resolve(TrainConfig, args, {**base_train, **conf.get("train", {})})
     if args.cmd == "distill":
         from .distill import distill
-        distill(args.teacher, mc, tc, args.out, temperature=args.temperature, resume=args.resume)
+        teachers = args.teacher or conf.get("teacher")
+        if not teachers:
+            print("error: distill needs a teacher: --teacher DIR (repeatable) or 'teacher:' in --config", file=sys.stderr)
+            return 2
+        temperature = args.temperature if args.temperature is not None else float(conf.get("temperature", 4.0))
+        distill([teachers] if isinstance(teachers, str) else teachers, mc, tc, args.out, temperature=temperature,
+                resume=args.resume)
     else:
         from .loop import train_model
         train_model(mc, tc, args.out, resume=args.resume)
@@ -82,7 +90,11 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from .evaluate import evaluate
-    m = evaluate(args.model, args.data, args.split, limit=args.limit)
+    try:
+        m = evaluate(args.model, args.data, args.split, limit=args.limit, listing=args.list)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     from .metrics import format_metrics
     print(f"{args.model} on {args.data}:{args.split} (n={int(m['n'])})")
     for k, v in m.items():
@@ -99,9 +111,11 @@ def main(argv: list[str] | None = None) -> int:
     for name, (help_, model_defaults, train_defaults) in SUBCOMMANDS.items():
         st = sub.add_parser(name, help=help_)
         if name == "distill":
-            st.add_argument("--teacher", required=True, action="append",
-                            help="teacher model directory; repeat for an ensemble (probabilities averaged)")
-            st.add_argument("--temperature", type=float, default=4.0, help="softening temperature T (default 4)")
+            st.add_argument("--teacher", action="append",
+                            help="teacher model directory; repeat for an ensemble (probabilities averaged); "
+                                 "or 'teacher:' in --config")
+            st.add_argument("--temperature", type=float, default=None,
+                            help="softening temperature T (default 4, or 'temperature:' in --config)")
         st.add_argument("--out", required=True, help="model directory to write")
         st.add_argument("--config", help="YAML/JSON with 'model' and 'train' sections; flags override it")
         st.add_argument("--resume", action="store_true", help="continue from <out>/checkpoint after a kill")
@@ -111,6 +125,8 @@ def main(argv: list[str] | None = None) -> int:
     ev.add_argument("--model", required=True, help="model directory (model.safetensors) or artifact directory (manifest.json)")
     ev.add_argument("--data", required=True, help="dataset root (Grocery Store root, folder tree, or 'synthetic')")
     ev.add_argument("--split", default="val", help="split file name without .txt (train, val, test, …)")
+    ev.add_argument("--list", help="only the photos of the split this file names, one path per line "
+                                   "(e.g. a run's holdout.txt with --split train)")
     ev.add_argument("--limit", type=int, default=0, help="evaluate only the first N images")
     ev.add_argument("--json", help="also write the metrics to this JSON file")
     args = p.parse_args(argv)

@@ -19,6 +19,7 @@ from __future__ import annotations
 import math
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 import torch
@@ -71,8 +72,8 @@ class Views:
 
 @dataclass(frozen=True)
 class Augmenter:
-    policy: str = "trivial"  # none: the device's exact input; basic: crop + flip + jitter; trivial: + one op
-    crop_scale: float = 0.25  # smallest crop area (fraction of the photo) of the random resized crop
+    policy: str = "basic"  # none: the device's exact input; basic: crop + flip + jitter; trivial: + one op
+    crop_scale: float = 0.35  # smallest crop area (fraction of the photo) of the random resized crop
     jitter: float = 0.3  # brightness / contrast / saturation factors drawn from [1 - j, 1 + j]
 
     def __post_init__(self):
@@ -207,3 +208,18 @@ def mix(x: torch.Tensor, m: Mix | None) -> torch.Tensor:
     out = x.clone()
     out[..., t:b, l:r] = x[m.pair][..., t:b, l:r]
     return out
+
+
+@dataclass
+class Batch:
+    """One training step's photos, as the losses and a teacher need them."""
+
+    idx: torch.Tensor  # rows of the training set
+    mix: Mix | None  # mixup / CutMix of the inputs (losses are mixed the same way)
+    views: torch.Tensor | None = None  # cached path: the cached view of each photo
+    render: Callable[[int], torch.Tensor] | None = None  # live path: the (mixed) normalized input at a size
+
+
+def step_generator(seed: int, epoch: int, step: int) -> torch.Generator:
+    """A step's draws depend only on (seed, epoch, step): a resumed run sees the same views and mixes."""
+    return torch.Generator().manual_seed(seed * 1_000_003 + epoch * 10_007 + step)

@@ -16,7 +16,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from sdk._registry import Registry
+from sdk import Registry
 
 STAGE_STRIDES = (1, 2, 2, 2, 1, 2, 1)
 BN_EPS = 1e-3

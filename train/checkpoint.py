@@ -8,24 +8,16 @@ A model directory holds `model.safetensors`, `config.json` (model + training con
 
 from __future__ import annotations
 
-import hashlib
 import json
-import os
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
 
-from sdk import Taxonomy
+from sdk import Taxonomy, atomic_write, sha256_file
 
 from .models import ModelConfig, build_model
-
-
-def _atomic(path: Path, write) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    write(tmp)
-    os.replace(tmp, path)
 
 
 def state_dict_for_save(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -36,9 +28,9 @@ def save_model(model: torch.nn.Module, cfg: ModelConfig, taxonomy: Taxonomy, out
                extra: dict[str, Any] | None = None) -> Path:
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    _atomic(out / "model.safetensors", lambda p: save_file(state_dict_for_save(model), str(p)))
+    atomic_write(out / "model.safetensors", lambda p: save_file(state_dict_for_save(model), str(p)))
     conf = {"model": cfg.to_dict(), **(extra or {})}
-    _atomic(out / "config.json", lambda p: p.write_text(json.dumps(conf, indent=1)))
+    atomic_write(out / "config.json", lambda p: p.write_text(json.dumps(conf, indent=1)))
     taxonomy.save(out / "taxonomy.json")
     return out / "model.safetensors"
 
@@ -58,12 +50,7 @@ def load_model(path: str | Path, pretrained: bool = False) -> tuple[torch.nn.Mod
     return model.eval(), cfg, taxonomy, conf
 
 
-def file_sha256(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while b := f.read(1 << 20):
-            h.update(b)
-    return h.hexdigest()
+file_sha256 = sha256_file  # the name the other stages use
 
 
 def save_training_state(out: Path, model: torch.nn.Module, optimizer, scheduler, epoch: int,
@@ -78,7 +65,7 @@ def save_training_state(out: Path, model: torch.nn.Module, optimizer, scheduler,
         save_file({k: v.contiguous() for k, v in ema.shadow.items()}, str(folder / "ema.safetensors"))
     torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                 "rng": torch.get_rng_state()}, folder / "state.pt")
-    _atomic(ck / "latest.json", lambda p: p.write_text(json.dumps(
+    atomic_write(ck / "latest.json", lambda p: p.write_text(json.dumps(
         {"epoch": epoch, "folder": folder.name, "history": history}, indent=1)))
     for old in ck.glob("epoch-*"):
         if old.name != folder.name:

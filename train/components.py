@@ -1,4 +1,4 @@
-"""Seed components as named, registered options (issue 3, part 2). Described in docs/components.md.
+"""Seed components as named, registered options. Described in docs/components.md.
 
 Architectures (`--arch`):
   * "flat" — the baseline: pooled head features -> dropout -> Linear to the fine classes; the coarser

@@ -28,8 +28,9 @@ from tqdm.auto import tqdm
 
 from .checkpoint import file_sha256, load_model
 from .losses import LossContext, register_loss
-from .loop import (CACHE_ROOT, Batch, FeatureCache, TrainConfig, autocast, prepare_data, resolve_precision,
-                   select_device, split_cached, train_model)
+from .augment import Batch
+from .cache import CACHE_ROOT, FeatureCache, split_cached
+from .loop import TrainConfig, autocast, prepare_data, resolve_precision, select_device, train_model
 from .models import ModelConfig
 from sdk import Taxonomy
 

@@ -29,18 +29,16 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from sdk import Taxonomy
+from sdk import Taxonomy, concat_levels
 
 from . import checkpoint as ckpt
-from .augment import Augmenter, ImageBank, Mix, draw_mix, mix, render
+from .augment import Augmenter, Batch, ImageBank, draw_mix, mix, render, step_generator
+from .cache import CachedFeed, FeatureCache, split_cached
 from .backbones import normalize_uint8
 from .data import HierDataset, load_dataset, load_view, relabel_coarse, stratified_holdout
 from .losses import LossContext, get_loss, parse_weights
 from .metrics import compute_metrics, format_metrics
 from .models import ModelConfig, build_model
-
-CACHE_ROOT = Path(".cache/features")
-
 
 @dataclass(frozen=True)
 class TrainConfig:
@@ -55,8 +53,8 @@ class TrainConfig:
     lr_backbone: float = 3e-4
     weight_decay: float = 0.05
     label_smoothing: float = 0.1
-    freeze_blocks: int = 11
-    cache_views: int = 4
+    freeze_blocks: int = 0  # >0: freeze the first N backbone blocks (with cache_views > 0: the cached path)
+    cache_views: int = 0  # >0 with freeze_blocks > 0: cache the frozen prefix's outputs for N views per photo
     seed: int = 0
     limit_per_class: int = 0  # >0: at most this many train images per finest class (tests)
     limit_val: int = 0
@@ -66,11 +64,11 @@ class TrainConfig:
     device: str = "auto"  # auto: cuda when available
     ema: float = 0.0  # >0: evaluate and save an exponential moving average of the weights (decay per step)
     mixup: float = 0.0  # >0: Beta(a, a) mixup of the inputs and of the losses
-    cutmix: float = 0.0  # >0 (live path): Beta(a, a) CutMix; with mixup too, one of the two per step
+    cutmix: float = 0.0  # >0: Beta(a, a) CutMix; with mixup too, one of the two per step
     precision: str = "auto"  # auto | fp32 | bf16 (autocast); auto: bf16 on CUDA and on CPUs with bf16 instructions
     channels_last: bool = True  # NHWC memory format for the convolutions (about 2x faster on CPU)
-    augment: str = "trivial"  # live path: none | basic (crop, flip, colour jitter) | trivial (+ one TrivialAugment op)
-    crop_scale: float = 0.25  # live path: smallest random-resized-crop area
+    augment: str = "basic"  # live path: none | basic (crop, flip, colour jitter) | trivial (+ one TrivialAugment op)
+    crop_scale: float = 0.35  # live path: smallest random-resized-crop area
     color_jitter: float = 0.3  # live path: brightness / contrast / saturation in [1 - j, 1 + j]
     decode_scale: float = 1.15  # live path: photos decoded once at image_size * decode_scale
     memory_mb: int = 6144  # live path: bound on the decoded photos in memory
@@ -90,62 +88,6 @@ def limit_per_class(ds: HierDataset, k: int, seed: int = 0) -> HierDataset:
         by.setdefault(s.labels[-1], []).append(i)
     keep = sorted(i for v in by.values() for i in rng.sample(v, min(k, len(v))))
     return ds.subset(keep)
-
-
-class FeatureCache:
-    """Frozen-prefix outputs for (view, image), fp16 on disk, computed once.
-
-    Stores the output of block `n_blocks - 1` (key "x", the input of the trainable part) and every
-    model tap that lies inside the frozen prefix (keys "tap<i>").
-    """
-
-    def __init__(self, model, ds: HierDataset, size: int, n_blocks: int, views: int, seed: int):
-        self.model, self.ds, self.size, self.n_blocks, self.views, self.seed = model, ds, size, n_blocks, views, seed
-        self.taps = tuple(t for t in model.cfg.taps if 0 <= t < n_blocks - 1)
-        bb = model.backbone
-        h = hashlib.sha256()
-        h.update(json.dumps([bb.name, size, n_blocks, seed, "v2"] + ([list(self.taps)] if self.taps else [])).encode())
-        for k, v in bb.state_dict().items():
-            if k.startswith(("_conv_stem", "_bn0")) or any(k.startswith(f"_blocks.{i}.") for i in range(n_blocks)):
-                h.update(k.encode())
-                h.update(v.numpy().tobytes()[:4096])
-        for s in ds.samples:
-            h.update(s.key.encode())
-        self.key = h.hexdigest()[:20]
-
-    def view(self, v: int) -> dict[str, torch.Tensor]:
-        from safetensors.torch import load_file, save_file
-        path = CACHE_ROOT / f"{self.key}-view{v}.safetensors"
-        if path.is_file():
-            return load_file(str(path))
-        path.parent.mkdir(parents=True, exist_ok=True)
-        parts: dict[str, list[torch.Tensor]] = {}
-        bb = self.model.backbone.eval()
-        bs = 32
-        with torch.inference_mode():
-            for i in tqdm(range(0, len(self.ds), bs), leave=False,
-                          desc=f"caching frozen features (view {v})"):
-                imgs = np.stack([load_view(s, self.size, v, self.seed) for s in self.ds.samples[i:i + bs]])
-                x = normalize_uint8(torch.from_numpy(imgs).permute(0, 3, 1, 2))
-                out = bb.prefix(x, self.n_blocks, self.taps)
-                parts.setdefault("x", []).append(out[self.n_blocks - 1].half())
-                for t in self.taps:
-                    parts.setdefault(f"tap{t}", []).append(out[t].half())
-        feats = {k: torch.cat(v).contiguous() for k, v in parts.items()}
-        tmp = path.with_name(path.name + ".tmp")
-        save_file(feats, str(tmp))
-        tmp.replace(path)
-        return feats
-
-    def all_views(self) -> dict[str, torch.Tensor]:
-        views = [self.view(v) for v in range(self.views)]
-        return {k: torch.stack([vw[k] for vw in views]) for k in views[0]}
-
-
-def split_cached(batch: dict[str, torch.Tensor], device) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
-    x = batch["x"].to(device).float()
-    cached = {int(k[3:]): v.to(device).float() for k, v in batch.items() if k.startswith("tap")}
-    return x, cached
 
 
 class WeightEMA:
@@ -191,8 +133,9 @@ def _param_groups(model, tc: TrainConfig):
 
 
 def freeze_prefix(model, n_blocks: int) -> None:
+    """Freeze the stem and the first `n_blocks` blocks (nothing of them when 0: the whole network trains)."""
     bb = model.backbone
-    mods = [bb._conv_stem, bb._bn0] + [bb._blocks[i] for i in range(n_blocks)]
+    mods = ([bb._conv_stem, bb._bn0] if n_blocks > 0 else []) + [bb._blocks[i] for i in range(n_blocks)]
     if bb._fc is not None:
         mods.append(bb._fc)
     for m in mods:
@@ -203,7 +146,7 @@ def freeze_prefix(model, n_blocks: int) -> None:
 def set_train_mode(model, n_blocks: int) -> None:
     model.train()
     bb = model.backbone
-    for m in [bb._bn0] + [bb._blocks[i] for i in range(n_blocks)]:
+    for m in ([bb._bn0] if n_blocks > 0 else []) + [bb._blocks[i] for i in range(n_blocks)]:
         m.eval()  # frozen BatchNorm keeps its ImageNet statistics
 
 
@@ -259,7 +202,7 @@ def predict_logprobs(model, ds: HierDataset, size: int, batch_size: int = 32,
                     imgs = torch.from_numpy(np.stack([load_view(s, size, 0, 0) for s in ds.samples[i:i + batch_size]]))
                 lps = model.forward_from(to_input(imgs.permute(0, 3, 1, 2).float(), device, channels_last), 0)
         outs.append([lp.float().cpu().numpy() for lp in lps])
-    return [np.concatenate([o[l] for o in outs]) for l in range(len(outs[0]))]
+    return concat_levels(outs)
 
 
 def prepare_data(tc: TrainConfig, out: Path | None) -> tuple[Taxonomy, HierDataset, dict[str, HierDataset]]:
@@ -295,21 +238,6 @@ def select_device(name: str = "auto") -> torch.device:
     return torch.device(name)
 
 
-@dataclass
-class Batch:
-    """One training step's photos, as the losses and a teacher need them."""
-
-    idx: torch.Tensor  # rows of the training set
-    mix: Mix | None  # mixup / CutMix of the inputs (losses are mixed the same way)
-    views: torch.Tensor | None = None  # cached path: the cached view of each photo
-    render: Callable[[int], torch.Tensor] | None = None  # live path: the (mixed) normalized input at a size
-
-
-def _step_generator(seed: int, epoch: int, step: int) -> torch.Generator:
-    """A step's draws depend only on (seed, epoch, step): a resumed run sees the same views and mixes."""
-    return torch.Generator().manual_seed(seed * 1_000_003 + epoch * 10_007 + step)
-
-
 class LiveFeed:
     """Photos decoded once into memory, a fresh augmented view of each at every step."""
 
@@ -322,7 +250,7 @@ class LiveFeed:
         self.tc, self.size, self.device = tc, mc.image_size, device
 
     def batch(self, idx: torch.Tensor, epoch: int, step: int) -> tuple[tuple, Batch]:
-        g = _step_generator(self.tc.seed, epoch, step)
+        g = step_generator(self.tc.seed, epoch, step)
         views = self.aug.draw(len(idx), g)
         m = draw_mix(len(idx), self.tc.mixup, self.tc.cutmix, g)
         photos = self.bank.batch(idx)
@@ -330,22 +258,6 @@ class LiveFeed:
         def render_at(size: int) -> torch.Tensor:
             return to_input(mix(render(photos, views, size), m), self.device, self.tc.channels_last)
         return (render_at(self.size), 0, None), Batch(idx, m, render=render_at)
-
-
-class CachedFeed:
-    """Frozen-prefix features cached per (view, photo); each step one cached view per photo."""
-
-    def __init__(self, feats: dict[str, torch.Tensor], tc: TrainConfig, start: int, device):
-        self.feats, self.tc, self.start, self.device = feats, tc, start, device
-        self.views = max(tc.cache_views, 1)
-
-    def batch(self, idx: torch.Tensor, epoch: int, step: int) -> tuple[tuple, Batch]:
-        g = _step_generator(self.tc.seed, epoch, step)
-        view = torch.randint(0, self.views, (len(idx),), generator=g)
-        m = draw_mix(len(idx), self.tc.mixup, self.tc.cutmix, g)
-        x, cached = split_cached({k: v[(view, idx)] for k, v in self.feats.items()}, self.device)
-        x, cached = mix(x, m), {t: mix(c, m) for t, c in cached.items()}
-        return (x, self.start, cached), Batch(idx, m, views=view)
 
 
 def _schedule(opt, steps_per_epoch: int, epochs: int):
@@ -411,6 +323,92 @@ def _replica_digests(model, world: int) -> dict[str, Any] | None:
     return {"world_size": world, "backend": dist.get_backend(), "weight_sha256_per_rank": digests}
 
 
+@dataclass
+class Run:
+    """What a training run sets up once: data, model, how batches are fed, optimizer state."""
+
+    tax: Taxonomy
+    train: HierDataset
+    evals: dict[str, HierDataset]
+    model: torch.nn.Module
+    feed: LiveFeed | CachedFeed
+    start: int  # the block the trained part starts at (0: the whole network)
+    evfeats: dict[str, Any]  # cached path: frozen features of the eval photos
+    evimages: dict[str, torch.Tensor]  # live path: the eval photos, decoded once at the input size
+
+
+def _setup(mc: ModelConfig, tc: TrainConfig, out: Path, device, precision: str, world: int, main_rank: bool,
+           log) -> Run:
+    """Data, model (frozen prefix, memory format, query init) and the batch feed of a run."""
+    import torch.distributed as dist
+    torch.manual_seed(tc.seed)
+    tax, train, evals = prepare_data(tc, out if main_rank else None)
+    if main_rank:
+        (out / "config.resolved.json").write_text(json.dumps({"model": mc.to_dict(), "train": asdict(tc)}, indent=1))
+    model = build_model(tax, mc, pretrained=True)
+    nfz = tc.freeze_blocks
+    freeze_prefix(model, nfz)
+    evfeats: dict[str, Any] = {}
+    evimages: dict[str, torch.Tensor] = {}
+    feats = None
+    if nfz > 0 and tc.cache_views > 0:
+        t0 = time.time()
+        if world > 1 and not main_rank:
+            dist.barrier()  # rank 0 builds the on-disk cache first; the others then read it
+        feats = FeatureCache(model, train, mc.image_size, nfz, tc.cache_views, tc.seed).all_views()
+        evfeats = {k: FeatureCache(model, d, mc.image_size, nfz, 1, tc.seed).view(0) for k, d in evals.items()}
+        if world > 1 and main_rank:
+            dist.barrier()
+        log(f"frozen features ready: { {k: tuple(v.shape) for k, v in feats.items()} } in {time.time() - t0:.0f}s")
+        feed, start = CachedFeed(feats, tc, nfz, device), nfz
+    else:
+        feed, start = LiveFeed(train, mc, tc, device, log), 0
+        if main_rank:
+            evimages = {k: ImageBank(d.samples, mc.image_size, tc.memory_mb, tc.threads).images for k, d in evals.items()}
+    model.to(device)
+    if tc.channels_last:
+        model.to(memory_format=torch.channels_last)
+    if mc.query_init == "eigen" and hasattr(model, "initialize_from_data"):  # same init on every rank
+        with autocast(device, precision):
+            model.initialize_from_data(train, feats, nfz, images=None if feats is not None else
+                                       ImageBank(train.samples, mc.image_size, tc.memory_mb, tc.threads).images)
+    return Run(tax, train, evals, model, feed, start, evfeats, evimages)
+
+
+def _train_epoch(run: Run, net, opt, sched, ema, epoch: int, tc: TrainConfig, device, precision: str,
+                 rank: int, world: int, teacher, clock: dict) -> float:
+    """One epoch over this rank's shard; returns the mean loss. `clock` carries the run's img/s."""
+    labels = torch.from_numpy(run.train.labels())
+    weights = parse_weights(tc.loss_weights)
+    loss_fns = {name: get_loss(name) for name in (l.strip() for l in tc.losses.split(",")) if name}
+    steps = math.ceil(len(run.train) / (tc.batch_size * world))
+    set_train_mode(run.model, tc.freeze_blocks)
+    # the epoch's order depends only on (seed, epoch): resumable
+    perm = torch.randperm(len(run.train), generator=torch.Generator().manual_seed(tc.seed * 1000 + epoch))[rank::world]
+    running = 0.0
+    bar = tqdm(range(steps), desc=f"epoch {epoch + 1}/{tc.epochs}", leave=False, disable=rank != 0)
+    for step in bar:
+        idx = perm[step * tc.batch_size:(step + 1) * tc.batch_size]
+        if len(idx) == 0:
+            idx = perm[:tc.batch_size]  # uneven shards: every rank must take the same number of steps
+        fwd, batch = run.feed.batch(idx, epoch, step)
+        with autocast(device, precision):
+            loss = _loss(net, run.model, fwd, batch, labels, run.tax, tc, loss_fns, weights, teacher, device)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(run.model.parameters(), 5.0)
+        opt.step()
+        sched.step()
+        if ema is not None:
+            ema.update(run.model)
+        running += loss.item()
+        clock["images"] += len(idx) * world
+        rate = clock["images"] / (time.time() - clock["start"])
+        left = ((tc.epochs - epoch) * steps - step - 1) * len(idx) * world / rate
+        bar.set_postfix(loss=f"{running / (step + 1):.3f}", img_s=f"{rate:.1f}", eta=f"{left / 60:.0f}min")
+    return running / steps
+
+
 def train_model(mc: ModelConfig, tc: TrainConfig, out: str | Path, resume: bool = False,
                 log=print, teacher=None) -> dict[str, Any]:
     """Train, evaluate every epoch, save the model directory. Returns the final metrics per eval split.
@@ -435,84 +433,27 @@ def train_model(mc: ModelConfig, tc: TrainConfig, out: str | Path, resume: bool 
     flags = sorted(cpu_flags()) if device.type == "cpu" else [device.type]
     log(f"precision {precision} (asked {tc.precision}; {'CPU flags ' + ','.join(flags) if flags else device.type}), "
         f"{'channels_last' if tc.channels_last else 'NCHW'}, {torch.get_num_threads()} threads")
-    torch.manual_seed(tc.seed)
-    tax, train, evals = prepare_data(tc, out if main_rank else None)
-    if main_rank:
-        (out / "config.resolved.json").write_text(json.dumps({"model": mc.to_dict(), "train": asdict(tc)}, indent=1))
-    model = build_model(tax, mc, pretrained=True)
-    nfz = tc.freeze_blocks
-    freeze_prefix(model, nfz)
-    evfeats: dict[str, Any] = {}
-    evimages: dict[str, torch.Tensor] = {}
-    if nfz > 0 and tc.cache_views > 0:
-        t0 = time.time()
-        if world > 1 and not main_rank:
-            dist.barrier()  # rank 0 builds the on-disk cache first; the others then read it
-        feats = FeatureCache(model, train, mc.image_size, nfz, tc.cache_views, tc.seed).all_views()
-        evfeats = {k: FeatureCache(model, d, mc.image_size, nfz, 1, tc.seed).view(0) for k, d in evals.items()}
-        if world > 1 and main_rank:
-            dist.barrier()
-        log(f"frozen features ready: { {k: tuple(v.shape) for k, v in feats.items()} } in {time.time() - t0:.0f}s")
-        feed = CachedFeed(feats, tc, nfz, device)
-        start = nfz
-    else:
-        feats, start = None, 0
-        feed = LiveFeed(train, mc, tc, device, log)
-        if main_rank:
-            evimages = {k: ImageBank(d.samples, mc.image_size, tc.memory_mb, tc.threads).images for k, d in evals.items()}
-    if hasattr(model, "initialize_from_data"):
-        model.initialize_from_data(train, feats, nfz)  # e.g. eigen-image query init (same on every rank)
-    model.to(device)
-    if tc.channels_last:
-        model.to(memory_format=torch.channels_last)
-    labels = torch.from_numpy(train.labels())
-    weights = parse_weights(tc.loss_weights)
-    loss_fns = {name: get_loss(name) for name in (l.strip() for l in tc.losses.split(",")) if name}
+    run = _setup(mc, tc, out, device, precision, world, main_rank, log)
+    model = run.model
     opt = torch.optim.AdamW(_param_groups(model, tc), weight_decay=tc.weight_decay)
-    steps_per_epoch = math.ceil(len(train) / (tc.batch_size * world))
-    sched = _schedule(opt, steps_per_epoch, tc.epochs)
+    sched = _schedule(opt, math.ceil(len(run.train) / (tc.batch_size * world)), tc.epochs)
     ema = WeightEMA(model, tc.ema) if tc.ema > 0 else None
     start_epoch, history = (ckpt.load_training_state(out, model, opt, sched, ema=ema) if resume else (0, []))
     if resume and start_epoch:
         log(f"resuming after epoch {start_epoch - 1} from {out / 'checkpoint'}")
     net = DDP(model, find_unused_parameters=True) if world > 1 else model
-    g = torch.Generator().manual_seed(tc.seed)
-    t_start, done_steps = time.time(), 0
+    clock = {"start": time.time(), "images": 0}
     for epoch in range(start_epoch, tc.epochs):
         t0 = time.time()
-        set_train_mode(model, nfz)
-        g.manual_seed(tc.seed * 1000 + epoch)  # the epoch's order depends only on (seed, epoch): resumable
-        perm = torch.randperm(len(train), generator=g)[rank::world]
-        running = 0.0
-        bar = tqdm(range(steps_per_epoch), desc=f"epoch {epoch + 1}/{tc.epochs}", leave=False, disable=not main_rank)
-        for step in bar:
-            idx = perm[step * tc.batch_size:(step + 1) * tc.batch_size]
-            if len(idx) == 0:
-                idx = perm[:tc.batch_size]  # uneven shards: every rank must take the same number of steps
-            fwd, batch = feed.batch(idx, epoch, step)
-            with autocast(device, precision):
-                loss = _loss(net, model, fwd, batch, labels, tax, tc, loss_fns, weights, teacher, device)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 5.0)
-            opt.step()
-            sched.step()
-            if ema is not None:
-                ema.update(model)
-            running += loss.item()
-            done_steps += 1
-            rate = done_steps * len(idx) * world / (time.time() - t_start)
-            left = ((tc.epochs - epoch) * steps_per_epoch - step - 1) * len(idx) * world / rate
-            bar.set_postfix(loss=f"{running / (step + 1):.3f}", img_s=f"{rate:.1f}", eta=f"{left / 60:.0f}min")
-        metrics = {}
+        loss = _train_epoch(run, net, opt, sched, ema, epoch, tc, device, precision, rank, world, teacher, clock)
         if main_rank:
             with ema.swapped(model) if ema is not None else contextlib.nullcontext():
-                metrics = _evaluate(model, evals, mc, tc, device, precision, evfeats, evimages, start)
+                metrics = _evaluate(model, run.evals, mc, tc, device, precision, run.evfeats, run.evimages, run.start)
             secs = time.time() - t0
-            rec = {"epoch": epoch, "loss": running / steps_per_epoch, "seconds": secs,
-                   "images_per_second": len(train) / secs, "eval": metrics}
+            rec = {"epoch": epoch, "loss": loss, "seconds": secs, "images_per_second": len(run.train) / secs,
+                   "eval": metrics}
             history.append(rec)
-            log(f"epoch {epoch + 1}/{tc.epochs} loss={rec['loss']:.3f} {secs:.0f}s ({len(train) / secs:.1f} img/s) " +
+            log(f"epoch {epoch + 1}/{tc.epochs} loss={loss:.3f} {secs:.0f}s ({len(run.train) / secs:.1f} img/s) " +
                 " | ".join(f"{k}: {format_metrics(v)}" for k, v in metrics.items()))
             ckpt.save_training_state(out, model, opt, sched, epoch, history, ema=ema)
         if world > 1:
@@ -520,19 +461,28 @@ def train_model(mc: ModelConfig, tc: TrainConfig, out: str | Path, resume: bool 
     sync = _replica_digests(model, world)
     metrics = history[-1]["eval"] if history else {}
     if main_rank:
-        model.cpu()
-        if ema is not None:  # the saved model is the weight average (what was evaluated)
-            model.load_state_dict(ema.shadow, strict=False)
-        model = model.to(memory_format=torch.contiguous_format)
-        if precision != "fp32":  # the saved figures are the fp32 ones, as the device computes them
-            metrics = _evaluate(model, evals, mc, replace(tc, channels_last=False), "cpu", "fp32", evfeats, evimages, start)
-            log("fp32: " + " | ".join(f"{k}: {format_metrics(v)}" for k, v in metrics.items()))
-        extra = {"train": asdict(tc), "precision": precision, "cpu_flags": flags, "history": history,
-                 "metrics": metrics, "wall_seconds": sum(h["seconds"] for h in history), "distributed": sync}
-        ckpt.save_model(model, mc, tax, out, extra)
-        (out / "metrics.json").write_text(json.dumps(metrics, indent=1))
-        log(f"wrote {out / 'model.safetensors'} (+ config.json, taxonomy.json, metrics.json)")
+        metrics = _save(run, mc, tc, out, ema, precision, flags, history, sync, log)
     if world > 1:
         dist.barrier()
         dist.destroy_process_group()
+    return metrics
+
+
+def _save(run: Run, mc: ModelConfig, tc: TrainConfig, out: Path, ema, precision: str, flags: list[str],
+          history: list[dict], sync, log) -> dict[str, Any]:
+    """Write the model directory (the weight average under --ema) with its fp32 metrics."""
+    model = run.model.cpu()
+    if ema is not None:  # the saved model is the weight average (what was evaluated)
+        model.load_state_dict(ema.shadow, strict=False)
+    model = model.to(memory_format=torch.contiguous_format)
+    metrics = history[-1]["eval"] if history else {}
+    if precision != "fp32":  # the saved figures are the fp32 ones, as the device computes them
+        metrics = _evaluate(model, run.evals, mc, replace(tc, channels_last=False), "cpu", "fp32", run.evfeats,
+                            run.evimages, run.start)
+        log("fp32: " + " | ".join(f"{k}: {format_metrics(v)}" for k, v in metrics.items()))
+    extra = {"train": asdict(tc), "precision": precision, "cpu_flags": flags, "history": history,
+             "metrics": metrics, "wall_seconds": sum(h["seconds"] for h in history), "distributed": sync}
+    ckpt.save_model(model, mc, run.tax, out, extra)
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=1))
+    log(f"wrote {out / 'model.safetensors'} (+ config.json, taxonomy.json, metrics.json)")
     return metrics

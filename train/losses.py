@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from sdk import Taxonomy
-from sdk._registry import Registry
+from sdk import Registry
 
 
 @dataclass
@@ -80,7 +80,7 @@ def global_ce(ctx: LossContext) -> torch.Tensor:
     """Deep supervision of the flat read-out (`global_head`): `ce` on its logits alone.
 
     The query heads and CAMP add a correction to these logits; trained only through the sum, the
-    query path can carry the whole decision and overfit the training sessions. This loss makes the
+    query path can carry the whole decision and overfit the days the training photos were taken on. This loss makes the
     pooled-feature read-out a classifier on its own (what the flat peer is), so the queries learn a
     refinement on top of it.
     """

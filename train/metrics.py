@@ -17,7 +17,7 @@ from typing import Sequence
 
 import numpy as np
 
-from sdk import Taxonomy, TreeDecoder
+from sdk import Taxonomy, TreeDecoder, lca_height
 
 
 def argmax_paths(logprobs: Sequence[np.ndarray]) -> np.ndarray:
@@ -30,16 +30,6 @@ def consistency_rate(taxonomy: Taxonomy, paths: np.ndarray) -> float:
         parent = np.asarray(taxonomy.parent_index(lvl))
         ok &= parent[paths[:, lvl]] == paths[:, lvl - 1]
     return float(ok.mean()) if len(paths) else float("nan")
-
-
-def lca_height(taxonomy: Taxonomy, pred: np.ndarray, true: np.ndarray) -> np.ndarray:
-    """Per image, height of the lowest common ancestor of two full paths (0 when equal)."""
-    depth = taxonomy.depth
-    h = np.zeros(len(pred), np.int64)
-    for lvl in range(depth):
-        # the deepest level where they still agree decides; a mismatch at lvl means height >= depth - lvl
-        h = np.where((pred[:, lvl] != true[:, lvl]) & (h == 0), depth - lvl, h)
-    return h
 
 
 def hierarchical_prf(pred_paths: Sequence[Sequence[int]], true: np.ndarray) -> tuple[float, float, float]:
@@ -75,7 +65,7 @@ def compute_metrics(taxonomy: Taxonomy, logprobs: Sequence[np.ndarray], labels: 
     out["consistency"] = consistency_rate(taxonomy, amax)
     wrong = full & (paths[:, -1] != labels[:, -1])
     out["fine_errors"] = float(wrong.sum())
-    out["mistake_severity"] = float(lca_height(taxonomy, paths[wrong], labels[wrong]).mean()) if wrong.any() else 0.0
+    out["mistake_severity"] = float(lca_height(paths[wrong], labels[wrong]).mean()) if wrong.any() else 0.0
     hp, hr, hf = hierarchical_prf(answered_paths if answered_paths is not None else paths, labels)
     out.update({"hP": hp, "hR": hr, "hF1": hf})
     return out

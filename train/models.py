@@ -23,7 +23,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from sdk import Taxonomy
-from sdk._registry import Registry
+from sdk import Registry
 
 from .backbones import EfficientNetLite, create_backbone, normalize_uint8
 
@@ -69,9 +69,13 @@ class ModelConfig:
 
 
 class Attention(nn.Module):
-    """Multi-head attention from separate Linear projections + SDPA (exports everywhere)."""
+    """Multi-head attention from separate Linear projections + SDPA (exports everywhere).
 
-    def __init__(self, d: int, heads: int, dropout: float = 0.0):
+    No dropout on the attention probabilities: with it, CPU SDPA falls back from its fused kernel to
+    materialized logits, and a Lite2 teacher step at 260 px took about 5x as long. Regularization is
+    the FFN's and the read-out's dropout."""
+
+    def __init__(self, d: int, heads: int):
         super().__init__()
         assert d % heads == 0, "d_model must be divisible by heads"
         self.h = heads
@@ -79,7 +83,6 @@ class Attention(nn.Module):
         self.k = nn.Linear(d, d)
         self.v = nn.Linear(d, d)
         self.o = nn.Linear(d, d)
-        self.dropout = dropout
         self.last_attn: torch.Tensor | None = None  # kept only when `keep_attn` (part selection, analysis)
         self.keep_attn = False
 
@@ -90,7 +93,7 @@ class Attention(nn.Module):
     def forward(self, xq: torch.Tensor, xkv: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         q, k, v = self._split(self.q(xq)), self._split(self.k(xkv)), self._split(self.v(xkv))
         if bias is None and not self.keep_attn:
-            y = F.scaled_dot_product_attention(q, k, v, dropout_p=self.dropout if self.training else 0.0)
+            y = F.scaled_dot_product_attention(q, k, v)
         else:
             logits = q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])
             if bias is not None:
@@ -98,7 +101,7 @@ class Attention(nn.Module):
             attn = logits.softmax(-1)
             if self.keep_attn:
                 self.last_attn = attn
-            y = F.dropout(attn, self.dropout, self.training) @ v
+            y = attn @ v
         b, h, n, dh = y.shape
         return self.o(y.transpose(1, 2).reshape(b, n, h * dh))
 
@@ -115,7 +118,7 @@ class CrossBlock(nn.Module):
         super().__init__()
         self.nq = nn.LayerNorm(d)
         self.nkv = nn.LayerNorm(d)
-        self.attn = Attention(d, heads, dropout)
+        self.attn = Attention(d, heads)
         self.nf = nn.LayerNorm(d)
         self.ffn = FFN(d, mult, dropout)
 
@@ -128,7 +131,7 @@ class SelfBlock(nn.Module):
     def __init__(self, d: int, heads: int, mult: int, dropout: float):
         super().__init__()
         self.n1 = nn.LayerNorm(d)
-        self.attn = Attention(d, heads, dropout)
+        self.attn = Attention(d, heads)
         self.n2 = nn.LayerNorm(d)
         self.ffn = FFN(d, mult, dropout)
 
@@ -288,8 +291,12 @@ class HierarchicalQueryModel(nn.Module):
     def forward(self, x: torch.Tensor, start: int = 0, cached: dict | None = None, aux: dict | None = None):
         return self.forward_from(x, start, cached=cached, aux=aux)
 
+    def queries_device(self) -> torch.device:
+        return self.head.queries[0].device
+
     @torch.no_grad()
-    def initialize_from_data(self, train, feats: dict | None, start: int, per_class: int = 40) -> None:
+    def initialize_from_data(self, train, feats: dict | None, start: int, per_class: int = 40,
+                             images: torch.Tensor | None = None) -> None:
         """Query init from a weighted eigen-image of each class (cfg.query_init == "eigen").
 
         For every node of every level, take the mean-pooled token embedding z (the model's own token
@@ -301,6 +308,7 @@ class HierarchicalQueryModel(nn.Module):
         class mean projects positively), s_k the standard deviation along v_k and r_k its share of the
         class's variance (explained-variance ratio). Each q_c is rescaled to unit RMS. Classes with a
         single image get their mean. Images labelled only above a level do not count at that level.
+        `images` (uint8 NHWC, one per training photo at the model's input size) spares decoding them.
         """
         if self.cfg.query_init != "eigen":
             return
@@ -328,9 +336,11 @@ class HierarchicalQueryModel(nn.Module):
                 cached = {int(k[3:]): v[0, part].float() for k, v in feats.items() if k.startswith("tap")}
                 self.forward_from(feats["x"][0, part].float(), start, cached=cached, aux=aux)
             else:
-                imgs = np.stack([load_view(train.samples[j], self.cfg.image_size, 0, 0) for j in part.tolist()])
-                self.forward_from(normalize_uint8(torch.from_numpy(imgs).permute(0, 3, 1, 2)), 0, aux=aux)
-            zs.append(aux["pooled"])
+                imgs = images[part] if images is not None else torch.from_numpy(
+                    np.stack([load_view(train.samples[j], self.cfg.image_size, 0, 0) for j in part.tolist()]))
+                x = normalize_uint8(imgs.permute(0, 3, 1, 2)).to(self.queries_device())
+                self.forward_from(x.contiguous(memory_format=torch.channels_last), 0, aux=aux)
+            zs.append(aux["pooled"].float().cpu())
         z_all = torch.cat(zs)
         lab = labels[torch.tensor(order)]
         for lvl, q in enumerate(self.head.queries):

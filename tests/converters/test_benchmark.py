@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from converters.benchmark import (BenchmarkError, coverage_curves, pareto, parse_entries, reliability, wilson)
-from converters._roofline import peak_macs
+from converters.benchmark import peak_macs
 
 LIMIT = 10
 
@@ -68,7 +68,7 @@ def test_table_has_every_row_and_column(bench):
 
 
 def test_metrics_match_compute_metrics_on_the_same_images(bench, grocery_root, onnx_artifact_dir, tiny_student_dir):
-    from converters._common import parity, torch_logprobs
+    from converters import parity, torch_logprobs
     from sdk import Classifier
     from train.checkpoint import load_model
     from train.metrics import compute_metrics

@@ -15,8 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from sdk import Classifier, Manifest, ModelIntegrityError
-from sdk._backends import BackendUnavailableError
+from sdk import BackendUnavailableError, Classifier, Manifest, ModelIntegrityError
 
 RUNNABLE = ["onnx", "tflite", "executorch"]  # runnable on Linux; Core ML predicts on macOS only
 FILES = {"onnx": "model.onnx", "tflite": "model.tflite", "executorch": "model.pte", "coreml": "model.mlpackage"}
@@ -35,7 +34,7 @@ def val_images(tiny_student_dir, grocery_root) -> np.ndarray:
 
 @pytest.fixture(scope="session")
 def torch_reference(tiny_student_dir, val_images) -> list[np.ndarray]:
-    from converters._common import torch_logprobs
+    from converters import torch_logprobs
     from train.checkpoint import load_model
     from train.models import DeployWrapper
 
@@ -66,7 +65,7 @@ def test_manifest_carries_parity_measured_on_real_photos(all_exports, target):
 @pytest.mark.slow
 @pytest.mark.parametrize("target", RUNNABLE)
 def test_reloaded_artifact_matches_pytorch_on_unseen_photos(all_exports, target, val_images, torch_reference):
-    from converters._common import parity
+    from converters import parity
 
     clf = Classifier.load(all_exports / target)
     cand = clf.logprobs(val_images)
@@ -188,7 +187,7 @@ def test_coreml_load_off_macos_raises_typed_error_saying_why(all_exports):
 @pytest.mark.skipif(sys.platform != "darwin", reason="Core ML prediction needs macOS (the Core ML framework); "
                                                      "on Linux only the package spec and metadata are checked")
 def test_coreml_prediction_matches_pytorch_on_macos(all_exports, val_images, torch_reference):
-    from converters._common import parity
+    from converters import parity
 
     clf = Classifier.load(all_exports / "coreml")
     rec = parity(torch_reference, clf.logprobs(val_images), clf.taxonomy)

@@ -144,7 +144,7 @@ def test_list_filters_and_csv_export(start_demo, demo_classifier, banana_jpg):
 
 
 def test_dataset_export_reads_as_grocery_split(start_demo, demo_classifier, grocery_root, banana_jpg, tmp_path):
-    from train.data import read_grocery
+    from sdk.datasets import read_grocery
 
     run = start_demo(demo_classifier)
     banana, granny, tomato = banana_jpg.read_bytes(), (grocery_root / GRANNY).read_bytes(), (grocery_root / TOMATO).read_bytes()

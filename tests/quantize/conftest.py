@@ -1,8 +1,7 @@
-"""One `quantize_checkpoint` run on the tiny real student, shared by the int8 and the QAT tests.
+"""One `quantize_checkpoint` run on the tiny real student, shared by the int8 tests.
 
-Every target, plus forced pt2e QAT for ExecuTorch and TFLite, in a single run: lowering to ExecuTorch
-and converting to TFLite dominate the cost, and a second run would redo the fp32 exports, the
-post-training artifacts, calibration and the sensitivity pass that both tests judge.
+Every target in a single run: lowering to ExecuTorch and converting to TFLite dominate the cost, and a
+second run would redo the fp32 exports, the artifacts, calibration and the sensitivity pass.
 """
 
 from __future__ import annotations
@@ -14,19 +13,18 @@ from typing import Any
 import pytest
 
 TARGETS = ["onnx", "executorch", "tflite", "coreml"]
-QAT_IMAGES = 40
 
 
 @pytest.fixture(scope="session")
 def int8_run(tiny_student_dir, grocery_root, tmp_path_factory) -> tuple[dict[str, Any], Path]:
     """(report, output directory) of `quantize_checkpoint` on 48 calibration / sensitivity / judging photos."""
-    from quantize import quantize_checkpoint
+    from quantize import ExecuTorchRecipe, quantize_checkpoint
 
     out = tmp_path_factory.mktemp("int8")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
+        # static ExecuTorch: the default `auto` is covered by the dynamic and size-bar tests
         rep = quantize_checkpoint(tiny_student_dir, str(grocery_root), TARGETS, out, n_calibration=48,
-                                  n_sensitivity=48, eval_limit=48, n_parity=24, qat_epochs=1,
-                                  qat={"images": QAT_IMAGES, "force": True}, log=lambda *_: None,
-                                  executorch_activations="static")  # QAT trains calibrated ranges
+                                  n_sensitivity=48, eval_limit=48, n_parity=24, log=lambda *_: None,
+                                  recipes={"executorch": ExecuTorchRecipe("static")})
     return rep, out

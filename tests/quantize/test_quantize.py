@@ -119,36 +119,30 @@ def test_a_kl_target_floats_the_most_sensitive_families_until_the_kl_is_met(tiny
         choose_float_families(model, r, sen.images, sen.labels, tax, max_kl=0.0, **quiet)
 
 
-@pytest.mark.slow
-def test_requested_float_families_are_float_from_the_first_step(tiny_student_dir, grocery_root):
-    from quantize.sensitivity import choose_float_families
-    from quantize.sim import ALWAYS_FLOAT, calibrate
-
-    model, tax, cal, sen = _student_and_photos(tiny_student_dir, grocery_root, 16, 12)
-    r = calibrate(model, cal.images)
-    quiet = dict(log=lambda *_: None, target_agreement=0.0, max_top1_drop=1.0)  # the bar alone floats nothing
-    keep = ("backbone stage 0 (block 0)", "backbone stem")
-    plan = choose_float_families(model, r, sen.images, sen.labels, tax, keep_float=keep, **quiet)
-    assert set(plan.float_families) == set(ALWAYS_FLOAT) | set(keep)
-    assert set(plan.steps[0]["float"]) == set(plan.float_families) and len(plan.steps) == 1
-    assert not set(keep) & set(plan.quantized) and "backbone stage 1 (blocks 1-2)" in plan.quantized
-    # graph order, whatever order they were asked in; the report's record names them
-    assert plan.requested_float == ["backbone stem", "backbone stage 0 (block 0)"]
-    assert plan.to_dict()["requested_float"] == plan.requested_float
-    # the sensitivity of every family is still measured, the requested ones included
-    assert set(keep) <= set(plan.single_kl)
-    with pytest.raises(ValueError, match="unknown families"):
-        choose_float_families(model, r, sen.images, sen.labels, tax, keep_float=("backbone stem", "nope"), **quiet)
-
-
-def test_cli_rejects_an_unknown_float_family_before_decoding_photos(tiny_student_dir, tmp_path, capsys):
+def test_cli_rejects_an_unknown_target_before_decoding_photos(tiny_student_dir, tmp_path, capsys):
     from quantize.__main__ import main
 
     rc = main(["--checkpoint", str(tiny_student_dir), "--data", str(tmp_path), "--out", str(tmp_path / "o"),
-               "--targets", "onnx", "--float-families", "backbone stem; CAMP blok"])
+               "--targets", "onnx, tflit"])
     err = capsys.readouterr().err
-    assert rc == 2 and "unknown float families ['CAMP blok']" in err and "CAMP block" in err
+    assert rc == 2 and "unknown target(s) ['tflit']" in err and "tflite" in err
     assert not (tmp_path / "o").exists()
+
+
+def test_recipes_are_validated_when_made():
+    from quantize import CoreMLRecipe, ExecuTorchRecipe, OnnxRecipe, QuantizeError
+    from quantize.recipes import resolve_recipes
+
+    with pytest.raises(QuantizeError, match="choose from auto, static, dynamic"):
+        ExecuTorchRecipe("halfway")
+    with pytest.raises(QuantizeError, match="choose from MinMax"):
+        OnnxRecipe("Median")
+    with pytest.raises(QuantizeError, match="weight_threshold"):
+        CoreMLRecipe(-1)
+    with pytest.raises(QuantizeError, match="expected a OnnxRecipe"):
+        resolve_recipes(["onnx"], {"onnx": ExecuTorchRecipe()})
+    got = resolve_recipes(["tflite", "onnx"], {"onnx": OnnxRecipe("Entropy", reduce_range=True)})
+    assert list(got) == ["tflite", "onnx"] and got["onnx"].calibration == "Entropy" and got["onnx"].reduce_range
 
 
 def test_cli_rejects_a_kl_target_that_is_not_positive(tmp_path, capsys):
@@ -232,7 +226,7 @@ def test_int8_artifacts_load_through_the_sdk(int8_run, grocery_root):
     rep, tmp_path = int8_run  # every target, calibrated on 48 real photos (tests/quantize/conftest.py)
     assert (tmp_path / "report.md").is_file()
     saved = json.loads((tmp_path / "report.json").read_text())
-    assert {t for t in saved["targets"] if not t.endswith("_qat")} == {"onnx", "executorch", "tflite", "coreml"}
+    assert set(saved["targets"]) == {"onnx", "executorch", "tflite", "coreml"}
     plan = saved["sensitivity"]
     assert set(plan["sensitivity_fine_agreement"]) >= {"CAMP block", "attention matmul+softmax"}
     for t in ("onnx", "executorch", "tflite", "coreml"):
@@ -392,7 +386,7 @@ def test_auto_activations_take_dynamic_only_for_a_clear_kl_gain():
     assert pick_activations(1e-3, 1e-3) == "static"  # no gain: the faster, smaller static scheme
     assert pick_activations(1e-3, 0.99e-3) == "static"  # a gain within noise is not worth the latency
     assert pick_activations(1e-3, DYNAMIC_KL_GAIN * 1e-3) == "dynamic"
-    assert pick_activations(2.3e-3, 6.8e-4) == "dynamic"  # the reference student's val KLs (README, session 19)
+    assert pick_activations(2.3e-3, 6.8e-4) == "dynamic"  # the reference student's val KLs
     assert pick_activations(1e-3, 0.5e-3, gain=0.4) == "static"
     with pytest.raises(QuantizeError, match="not finite"):
         pick_activations(float("nan"), 1e-3)
@@ -402,7 +396,7 @@ def test_auto_activations_take_dynamic_only_for_a_clear_kl_gain():
 def test_dynamic_executorch_quantizes_each_photo_at_run_time(tiny_student_dir, grocery_root, tmp_path, monkeypatch):
     """--executorch-activations dynamic: int8 weights, each Conv/Linear input quantized per photo inside the
     XNNPACK delegate; the constant-input query projection static, the stem and depthwise convs float.
-    Reached through `auto` (the default), here told to take dynamic at any KL, so the choice is recorded."""
+    Reached through `auto` (the default recipe), here told to take dynamic at any KL, so the choice is recorded."""
     import quantize.run
     from quantize import quantize_checkpoint
     from quantize.calibration import calibration_sets
@@ -433,8 +427,7 @@ def test_dynamic_executorch_quantizes_each_photo_at_run_time(tiny_student_dir, g
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         rep = quantize_checkpoint(tiny_student_dir, str(grocery_root), ["executorch"], tmp_path, n_calibration=24,
-                                  n_sensitivity=24, eval_limit=24, n_parity=12, executorch_activations="auto",
-                                  qat_epochs=1, qat={"images": 8, "force": True}, log=lambda *_: None)
+                                  n_sensitivity=24, eval_limit=24, n_parity=12, log=lambda *_: None)
     rec = rep["targets"]["executorch"]
     assert "error" not in rec, f"{rec.get('error')}\n{rec.get('traceback')}"
     q = Manifest.load(tmp_path / "executorch").metrics["quantization"]
@@ -453,7 +446,39 @@ def test_dynamic_executorch_quantizes_each_photo_at_run_time(tiny_student_dir, g
     # the artifact computes what the dynamic simulation computes (a static simulation would not be the reference)
     assert rec["splits"]["val"]["agreement_with_pytorch_simulation"]["agreement/fine"] >= 0.9
     assert rec["int8_size_bytes"] < 0.5 * rec["fp32_size_bytes"]
-    # QAT trains calibrated ranges: it is not run on a dynamic artifact, and the report says why
-    assert rep["targets"]["executorch_qat"]["skipped"] and "dynamic" in rep["targets"]["executorch_qat"]["reason"]
     pred = Classifier.load(tmp_path / "executorch").classify(grocery_root / "train/Fruit/Banana/Banana_001.jpg")
     assert pred.full_path
+
+
+@pytest.mark.slow
+def test_python_m_quantize_builds_an_executorch_int8_the_sdk_loads(tiny_student_dir, grocery_root, tmp_path):
+    from quantize.__main__ import main
+    from quantize.run import pick_activations
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        code = main(["--checkpoint", str(tiny_student_dir), "--data", str(grocery_root), "--targets", "executorch",
+                     "--out", str(tmp_path), "--calibration-images", "24", "--sensitivity-images", "24",
+                     "--eval-limit", "24"])
+    rep = json.loads((tmp_path / "report.json").read_text())
+    rec = rep["targets"]["executorch"]
+    assert "error" not in rec, rec.get("traceback")
+    assert code in (0, 1) and bool(code == 0) == rec["meets_bar"]
+    m = Manifest.load(tmp_path / "executorch")
+    assert m.precision == "int8"
+    # the CLI's default ExecuTorch activations: chosen by the two schemes' simulated KL, and the artifact is the choice
+    choice = rep["executorch_activations"]
+    kl = choice["simulated_fine_kl"]
+    rule = pick_activations(kl["static"], kl["dynamic"])
+    assert choice["requested"] == "auto"
+    if "dynamic_size_ratio" in choice:  # dynamic chosen, but its file was over the size bar: rebuilt static
+        assert rule == "dynamic" and choice["chosen"] == "static" and choice["dynamic_size_ratio"] > 0.3
+        assert "over the size bar" in (tmp_path / "report.md").read_text()
+    else:
+        assert choice["chosen"] == rule
+    assert m.metrics["quantization"]["activations"] == choice["chosen"]
+    val = rec["splits"]["val"]
+    # barely trained tiny student on 24 photos: 85 % catches a broken quantization (that lands near chance)
+    assert val["agreement_with_fp32"]["agreement/fine"] >= 0.85
+    assert val["agreement_with_pytorch_simulation"]["agreement/fine"] >= 0.85
+    assert Classifier.load(tmp_path / "executorch").classify(grocery_root / "train/Fruit/Banana/Banana_001.jpg").full_path

@@ -101,7 +101,7 @@ def test_pick_threshold():
 
 def test_calibrated_thresholds_meet_the_target_on_their_data():
     rng = np.random.default_rng(0)
-    from train.data import synthetic_taxonomy
+    from sdk.datasets import synthetic_taxonomy
     tax = synthetic_taxonomy()
     n = 400
     labels = np.asarray([tax.ancestors(2, int(i)) for i in rng.integers(0, 8, n)])
@@ -122,7 +122,7 @@ def test_calibrated_thresholds_meet_the_target_on_their_data():
 
 
 def test_calibrate_writes_only_the_decoding_section(model_copy, grocery_root, tmp_path):
-    from train.data import load_dataset
+    from sdk import load_dataset
     before = json.loads((model_copy / "manifest.json").read_text())
     clf = Classifier.load(model_copy)
     ds = load_dataset(grocery_root, "val", taxonomy=clf.taxonomy).subset(range(0, 296, 6))

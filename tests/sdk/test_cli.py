@@ -50,10 +50,13 @@ def test_classify_bad_images_one_line_each_and_exit_1(onnx_artifact_dir, banana_
 def test_bad_model_exits_2_without_traceback(tmp_path, banana_jpg):
     r = run("classify", banana_jpg, "--model", tmp_path / "nope")
     assert r.returncode == 2
-    assert r.stderr.startswith("error: ModelIntegrityError:") and r.stderr.count("\n") == 1
+    assert r.stderr.startswith("error: ModelNotFoundError:") and r.stderr.count("\n") == 1
+    assert "does not exist" in r.stderr and "demo/model" in r.stderr
     assert "Traceback" not in r.stderr
     r = run("info", tmp_path)
     assert r.returncode == 2 and "manifest not found" in r.stderr and "Traceback" not in r.stderr
+    r = run("info", "--model", tmp_path / "nope")
+    assert r.returncode == 2 and r.stderr.startswith("error: ModelNotFoundError:") and "Traceback" not in r.stderr
 
 
 def test_info(onnx_artifact_dir):
@@ -62,6 +65,37 @@ def test_info(onnx_artifact_dir):
     assert "onnx (fp32)" in r.stdout and "category (3) > coarse (43) > fine (81)" in r.stdout
     r = run("info", onnx_artifact_dir / "manifest.json", "--json")
     assert json.loads(r.stdout)["target"] == "onnx"
+
+
+def test_every_command_takes_model_option(onnx_artifact_dir):
+    r = run("info", "--model", onnx_artifact_dir)
+    assert r.returncode == 0, r.stderr
+    assert "onnx (fp32)" in r.stdout and r.stdout == run("info", onnx_artifact_dir).stdout
+    assert json.loads(run("info", "--model", onnx_artifact_dir / "manifest.json", "--json").stdout)["target"] == "onnx"
+    r = run("info", onnx_artifact_dir, "--model", onnx_artifact_dir / "other")
+    assert r.returncode == 2 and "two models" in r.stderr and "Traceback" not in r.stderr
+
+
+@pytest.mark.parametrize("args", [("info",), ("classify", "photo.jpg"), ("calibrate", "--data", "somewhere")])
+def test_missing_model_option_is_a_usage_error_that_says_what_to_pass(args):
+    r = run(*args)
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert f"python -m sdk {args[0]}: error: --model DIR is required" in r.stderr
+    assert "manifest.json" in r.stderr and "demo/model" in r.stderr
+
+
+@pytest.mark.slow
+def test_calibrate_without_matplotlib_skips_the_plots_with_a_note(model_copy, grocery_root, monkeypatch, capsys):
+    from sdk.__main__ import main
+
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # `import matplotlib` now raises ImportError
+    assert main(["calibrate", "--model", str(model_copy), "--data", str(grocery_root), "--limit", "12",
+                 "--ood-per-kind", "1"]) == 0
+    out, err = capsys.readouterr()
+    assert "pip install matplotlib" in err and "Traceback" not in err
+    assert "wrote thresholds to" in out and "no plots" in out
+    assert not (model_copy / "calibration").exists()
+    assert json.loads((model_copy / "manifest.json").read_text())["decoding"]["thresholds"]
 
 
 @pytest.mark.slow

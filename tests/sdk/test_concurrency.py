@@ -43,7 +43,7 @@ def _artifact(target, onnx_artifact_dir, all_exports_factory):
 @pytest.mark.slow
 @pytest.mark.parametrize("target", ["onnx", LOCKED, "tflite", "executorch", "coreml"])
 def test_threads_give_the_serial_answers(target, onnx_artifact_dir, grocery_root, request):
-    from train.data import load_dataset
+    from sdk import load_dataset
 
     # the `python -m converters all` artifacts the converter tests share, built only if a target needs them
     directory = _artifact(target, onnx_artifact_dir, lambda: request.getfixturevalue("all_exports"))

@@ -394,8 +394,10 @@ def _edit_manifest(d: Path, fn) -> None:
 
 
 def test_row16_missing(model_copy, tmp_path):
-    with pytest.raises(ModelIntegrityError, match="does not exist"):
+    with pytest.raises(sdk.ModelNotFoundError, match="does not exist") as e:
         Classifier.load(tmp_path / "nowhere")
+    assert isinstance(e.value, FileNotFoundError) and isinstance(e.value, sdk.HierfgError)
+    assert not isinstance(e.value, ModelIntegrityError) and "demo/model" in str(e.value)
     (model_copy / "model.onnx").unlink()
     with pytest.raises(ModelIntegrityError, match=r"model\.onnx.*missing"):
         Classifier.load(model_copy)
@@ -486,7 +488,7 @@ def _check_consistent(p: HierarchicalPrediction, tax: Taxonomy) -> None:
 
 
 def test_row18_paths_are_consistent(classifier, grocery_root):
-    from train.data import load_dataset
+    from sdk import load_dataset
     ds = load_dataset(grocery_root, "val")
     imgs = [s.source for s in ds.samples[::25]]
     tax = classifier.taxonomy
@@ -508,7 +510,7 @@ def test_row18_paths_are_consistent(classifier, grocery_root):
 # ---- row 19: blank, noise, out-of-catalogue ---------------------------------------------------------------------
 def test_row19_out_of_catalogue_never_a_confident_sku(model_copy, grocery_root):
     from sdk import _calibrate as C
-    from train.data import load_dataset
+    from sdk import load_dataset
 
     clf = Classifier.load(model_copy)
     ds = load_dataset(grocery_root, "val", taxonomy=clf.taxonomy)
@@ -529,7 +531,7 @@ def test_row19_out_of_catalogue_never_a_confident_sku(model_copy, grocery_root):
 def test_row20_onnx_fp32_matches_pytorch_through_the_sdk(classifier, tiny_student_dir, grocery_root):
     from converters._common import torch_logprobs
     from train.checkpoint import load_model
-    from train.data import load_dataset
+    from sdk import load_dataset
     from train.models import DeployWrapper
 
     model, cfg, tax, _ = load_model(tiny_student_dir)

@@ -36,3 +36,44 @@ def test_distill_tiny_student_from_tiny_teacher(tmp_path, tiny_student_dir, groc
     again = teacher_targets(tiny_student_dir, train, 2, tc.seed, log=lambda *a: None)
     assert again[-1].shape == (2, len(train), 81)
     assert any((tmp_path / ".cache" / "teacher").iterdir())
+
+
+def test_ensemble_averages_the_teachers_probabilities():
+    from train.distill import ensemble
+    a = [torch.log_softmax(torch.randn(4, n), -1) for n in (3, 5)]
+    b = [torch.log_softmax(torch.randn(4, n), -1) for n in (3, 5)]
+    for l, lp in enumerate(ensemble([a, b])):
+        torch.testing.assert_close(lp.exp(), (a[l].exp() + b[l].exp()) / 2)
+    torch.testing.assert_close(ensemble([a])[1], a[1])
+
+
+@pytest.mark.slow
+def test_live_distillation_runs_the_teachers_on_the_students_view(tmp_path, tiny_student_dir, grocery_root, monkeypatch):
+    """Whole network, live augmentation: the teachers see each step's own view at their own size, no cache."""
+    import train.distill as td
+    monkeypatch.chdir(tmp_path)
+    seen = []
+    real_call = td.LiveTeachers.__call__
+
+    def spy(self, batch):
+        seen.append([tuple(batch.render(size).shape) for _, size in self.models])
+        return real_call(self, batch)
+
+    monkeypatch.setattr(td.LiveTeachers, "__call__", spy)
+    mc = ModelConfig(image_size=64, d_model=32, heads=2)
+    tc = TrainConfig(data=str(grocery_root), epochs=1, limit_per_class=1, limit_val=8, threads=1, cutmix=1.0,
+                     holdout_fraction=0.0, losses="ce", loss_weights="kd=1")
+    out = tmp_path / "distilled"
+    distill([tiny_student_dir, tiny_student_dir], mc, tc, out, log=lambda *a: None)
+    assert seen and all(s == [(len_, 3, 128, 128)] * 2 for s in seen for len_ in [s[0][0]])
+    info = json.loads((out / "distill.json").read_text())
+    assert len(info["teachers"]) == 2 and len(info["teacher_sha256"]) == 2
+    assert not (tmp_path / ".cache").exists()
+
+
+def test_distill_cli_without_a_teacher_exits_2(tmp_path):
+    import subprocess
+    import sys
+    r = subprocess.run([sys.executable, "-m", "train", "distill", "--data", "synthetic", "--out", str(tmp_path / "x")],
+                       capture_output=True, text=True)
+    assert r.returncode == 2 and "teacher" in r.stderr and "Traceback" not in r.stderr

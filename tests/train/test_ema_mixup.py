@@ -1,5 +1,5 @@
-"""Weight averaging (--ema) and feature mixup (--mixup): the saved model is the average, and an
-interrupted run resumed from its checkpoint ends with exactly the weights of an uninterrupted one."""
+"""Weight averaging (--ema) and mixup / CutMix: the saved model is the average, and an interrupted
+live-augmented run resumed from its checkpoint ends with exactly the weights of an uninterrupted one."""
 
 import pytest
 import torch
@@ -12,8 +12,8 @@ from train.models import ModelConfig
 
 def _configs(root):
     mc = ModelConfig(image_size=96, d_model=32, heads=2, global_head=True)
-    tc = loop.TrainConfig(data=str(root), epochs=2, limit_per_class=2, limit_val=16, cache_views=2,
-                          threads=1, ema=0.9, mixup=0.4)
+    tc = loop.TrainConfig(data=str(root), epochs=2, limit_per_class=2, limit_val=16, freeze_blocks=0,
+                          threads=1, ema=0.9, mixup=0.4, cutmix=1.0)
     return mc, tc
 
 
@@ -65,10 +65,10 @@ def test_mixup_with_distillation_mixes_the_teacher_targets_with_the_labels(tmp_p
     try:
         mc = ModelConfig(image_size=64, d_model=32, heads=2)
         tc = loop.TrainConfig(data="synthetic", epochs=1, mixup=0.4, limit_per_class=2, cache_views=1,
-                              losses="ce,_probe_pairs", threads=1)
+                              freeze_blocks=11, losses="ce,_probe_pairs", threads=1)
 
-        def teacher(idx, views):  # every level's row i holds the image index i: traceable after mixing
-            return {"logps": [idx.float()[:, None].expand(-1, 3) for _ in range(3)], "temperature": 1.0}
+        def teacher(batch):  # every level's row i holds the image index i: traceable after mixing
+            return {"logps": [batch.idx.float()[:, None].expand(-1, 3) for _ in range(3)], "temperature": 1.0}
 
         loop.train_model(mc, tc, tmp_path / "x", log=lambda *a: None, teacher=teacher)
     finally:

@@ -1,0 +1,20 @@
+"""`python -m converters benchmark` — one table across export formats and peers, measured in one run.
+
+    python -m converters benchmark --data ROOT --split val \\
+        --artifacts student=runs/export-g224,student=runs/int8-g224 --artifacts flat-lite0=runs/flat-export \\
+        --torch student=runs/student-g224 --torch teacher=runs/teacher --out runs/benchmark
+
+Every row (an artifact run through sdk.Classifier, or a checkpoint in PyTorch eager) gets, on the same
+decoded images: size, batch-1 latency, throughput, `train.metrics.compute_metrics` and agreement with the
+PyTorch fp32 model of the same checkpoint. Writes benchmark.md, benchmark.json, plots and a model card per
+artifact (docs/benchmark.md). Modules: measure (rows, timing), stats, roofline, plots, report (tables,
+model cards), run (the driver and its command line).
+"""
+
+from .measure import BenchmarkError, Entry, Row, batched_pass, parse_entries, time_batch1
+from .roofline import count_macs, peak_macs
+from .run import main, run_benchmark
+from .stats import coverage_at, coverage_curves, goals, pareto, reliability, wilson
+
+__all__ = ["BenchmarkError", "Entry", "Row", "parse_entries", "batched_pass", "time_batch1", "count_macs", "peak_macs",
+           "main", "run_benchmark", "coverage_at", "coverage_curves", "goals", "pareto", "reliability", "wilson"]

@@ -1,0 +1,44 @@
+"""File helpers every stage shares: content hashes and crash-safe writes."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import uuid
+from pathlib import Path
+from typing import Callable
+
+
+def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
+    """sha256 of a file, or of every file in a directory (Core ML packages are directories)."""
+    path = Path(path)
+    h = hashlib.sha256()
+    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+    for f in files:
+        if path.is_dir():
+            h.update(f.relative_to(path).as_posix().encode() + b"\0")
+        with open(f, "rb") as fh:
+            while block := fh.read(chunk):
+                h.update(block)
+    return h.hexdigest()
+
+
+def atomic_write(path: str | os.PathLike, data: str | bytes | Callable[[Path], None]) -> Path:
+    """Write `path` through a temporary file beside it and an atomic rename: a kill or power loss at any
+    moment leaves either the old file or the new one, never half of one. `data` is text, bytes, or a
+    function that writes the file it is given (e.g. safetensors' `save_file`). The temporary name is
+    unique, so threads writing the same path at once never write into one file."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:12]}.tmp")
+    try:
+        if callable(data):
+            data(tmp)
+        else:
+            tmp.write_bytes(data if isinstance(data, bytes) else data.encode("utf-8"))
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return path

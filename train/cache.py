@@ -1,0 +1,99 @@
+"""The cached path for slow machines: frozen-prefix outputs computed once per photo and view.
+
+With `freeze_blocks > 0` and `cache_views > 0`, the first `freeze_blocks` backbone blocks are frozen
+and their outputs for `cache_views` views of every photo (the plain input, its mirror, seeded random
+crops; `train.data.load_view`) are stored on disk under `.cache/features/`, keyed by everything that
+changes them. Each epoch draws one cached view per photo and trains the rest of the network on it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from .augment import Batch, draw_mix, mix, step_generator
+from .backbones import normalize_uint8
+from .data import HierDataset, load_view
+
+if TYPE_CHECKING:
+    from .loop import TrainConfig
+
+CACHE_ROOT = Path(".cache/features")
+
+
+class FeatureCache:
+    """Frozen-prefix outputs for (view, image), fp16 on disk, computed once.
+
+    Stores the output of block `n_blocks - 1` (key "x", the input of the trainable part) and every
+    model tap that lies inside the frozen prefix (keys "tap<i>").
+    """
+
+    def __init__(self, model, ds: HierDataset, size: int, n_blocks: int, views: int, seed: int):
+        self.model, self.ds, self.size, self.n_blocks, self.views, self.seed = model, ds, size, n_blocks, views, seed
+        self.taps = tuple(t for t in model.cfg.taps if 0 <= t < n_blocks - 1)
+        bb = model.backbone
+        h = hashlib.sha256()
+        h.update(json.dumps([bb.name, size, n_blocks, seed, "v2"] + ([list(self.taps)] if self.taps else [])).encode())
+        for k, v in bb.state_dict().items():
+            if k.startswith(("_conv_stem", "_bn0")) or any(k.startswith(f"_blocks.{i}.") for i in range(n_blocks)):
+                h.update(k.encode())
+                h.update(v.numpy().tobytes()[:4096])
+        for s in ds.samples:
+            h.update(s.key.encode())
+        self.key = h.hexdigest()[:20]
+
+    def view(self, v: int) -> dict[str, torch.Tensor]:
+        from safetensors.torch import load_file, save_file
+        path = CACHE_ROOT / f"{self.key}-view{v}.safetensors"
+        if path.is_file():
+            return load_file(str(path))
+        path.parent.mkdir(parents=True, exist_ok=True)
+        parts: dict[str, list[torch.Tensor]] = {}
+        bb = self.model.backbone.eval()
+        bs = 32
+        with torch.inference_mode():
+            for i in tqdm(range(0, len(self.ds), bs), leave=False,
+                          desc=f"caching frozen features (view {v})"):
+                imgs = np.stack([load_view(s, self.size, v, self.seed) for s in self.ds.samples[i:i + bs]])
+                x = normalize_uint8(torch.from_numpy(imgs).permute(0, 3, 1, 2))
+                out = bb.prefix(x, self.n_blocks, self.taps)
+                parts.setdefault("x", []).append(out[self.n_blocks - 1].half())
+                for t in self.taps:
+                    parts.setdefault(f"tap{t}", []).append(out[t].half())
+        feats = {k: torch.cat(v).contiguous() for k, v in parts.items()}
+        tmp = path.with_name(path.name + ".tmp")
+        save_file(feats, str(tmp))
+        tmp.replace(path)
+        return feats
+
+    def all_views(self) -> dict[str, torch.Tensor]:
+        views = [self.view(v) for v in range(self.views)]
+        return {k: torch.stack([vw[k] for vw in views]) for k in views[0]}
+
+
+def split_cached(batch: dict[str, torch.Tensor], device) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
+    x = batch["x"].to(device).float()
+    cached = {int(k[3:]): v.to(device).float() for k, v in batch.items() if k.startswith("tap")}
+    return x, cached
+
+
+class CachedFeed:
+    """Frozen-prefix features cached per (view, photo); each step one cached view per photo."""
+
+    def __init__(self, feats: dict[str, torch.Tensor], tc: TrainConfig, start: int, device):
+        self.feats, self.tc, self.start, self.device = feats, tc, start, device
+        self.views = max(tc.cache_views, 1)
+
+    def batch(self, idx: torch.Tensor, epoch: int, step: int) -> tuple[tuple, Batch]:
+        g = step_generator(self.tc.seed, epoch, step)
+        view = torch.randint(0, self.views, (len(idx),), generator=g)
+        m = draw_mix(len(idx), self.tc.mixup, self.tc.cutmix, g)
+        x, cached = split_cached({k: v[(view, idx)] for k, v in self.feats.items()}, self.device)
+        x, cached = mix(x, m), {t: mix(c, m) for t, c in cached.items()}
+        return (x, self.start, cached), Batch(idx, m, views=view)

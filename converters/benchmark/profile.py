@@ -75,6 +75,7 @@ class Profile:
     nodes: list[NodeStat] = field(default_factory=list)
     graph_ops: dict[str, int] = field(default_factory=dict)  # op types of the graph the runtime executes
     exported_ops: dict[str, int] = field(default_factory=dict)  # op types of the file as exported
+    scopes: dict[str, float] = field(default_factory=dict)  # ms per model part, where node names carry one
     notes: list[str] = field(default_factory=list)
 
     @property
@@ -91,6 +92,15 @@ class Profile:
 
     def to_dict(self) -> dict[str, Any]:
         return {**asdict(self), "op_ms": self.op_ms, "ms_by_precision": self.ms_by_precision()}
+
+
+def scope_of(node: str) -> str:
+    """The model part an exported node belongs to, from its name ('/model/_blocks.3/…' -> '/model/_blocks'),
+    so backbone and head time can be told apart; nodes the runtime created have no scope."""
+    parts = node.split("/")
+    if len(parts) < 3 or parts[0]:
+        return "(added by the runtime)"
+    return "/" + "/".join(re.sub(r"\.\d+$", "", p) for p in parts[1:-1][:2])
 
 
 def aggregate(samples: Iterable[tuple[str, str, str, float]], run_ms: float | None, top: int,
@@ -203,6 +213,9 @@ def profile_onnxruntime(prof: Profile, model: Path, image: np.ndarray, workdir: 
     events = json.loads(Path(sess.end_profiling()).read_text())
     samples, prof.run_ms, n = onnx_node_samples(events, prof.warmup)
     prof.ops, prof.nodes = aggregate(samples, prof.run_ms, top)
+    for name, _, _, ms in samples:
+        prof.scopes[scope_of(name)] = prof.scopes.get(scope_of(name), 0.0) + ms
+    prof.scopes = dict(sorted(prof.scopes.items(), key=lambda kv: -kv[1]))
     prof.graph_ops, prof.exported_ops = graph_op_counts(optimized), graph_op_counts(model)
     introduced = {k: v for k, v in prof.graph_ops.items() if k not in prof.exported_ops}
     prof.notes.append(f"graph: {sum(prof.exported_ops.values())} nodes exported, {sum(prof.graph_ops.values())} after "

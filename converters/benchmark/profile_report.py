@@ -42,6 +42,8 @@ def format_profile(p: Profile, top: int = 10) -> str:
     by_prec = p.ms_by_precision()
     if by_prec and p.run_ms:
         lines.append("- by precision: " + ", ".join(f"{k} {v:.2f} ms ({_pct(v / p.run_ms)})" for k, v in by_prec.items()))
+    if p.scopes and p.run_ms:
+        lines.append("- by model part: " + ", ".join(f"{k} {v:.2f} ms ({_pct(v / p.run_ms)})" for k, v in p.scopes.items()))
     lines += [f"- {n}" for n in p.notes]
     if not p.ops:
         return "\n".join(lines)

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from converters.benchmark.profile import (CONVERT, FLOAT, INT8, OTHER, UNKNOWN, onnx_node_samples, onnx_precision,
-                                          profile_model, xnnpack_precision)
+                                          profile_model, scope_of, xnnpack_precision)
 from converters.benchmark.profile_report import format_profile, pattern_image
 
 RUNS, WARMUP = 4, 1
@@ -35,6 +35,7 @@ def test_onnx_op_times_are_positive_and_add_up_to_the_profiled_run(onnx_profile)
     # node kernels are timed inside the run: together they cannot exceed it, and they are most of it
     assert 0.3 * p.run_ms <= p.op_ms <= 1.02 * p.run_ms
     assert sum(p.ms_by_precision().values()) == pytest.approx(p.op_ms)
+    assert sum(p.scopes.values()) == pytest.approx(p.op_ms) and "/model/_blocks" in p.scopes
     assert [n.ms for n in p.nodes] == sorted((n.ms for n in p.nodes), reverse=True) and len(p.nodes) == 5
     assert p.nodes[0].ms <= max(o.ms for o in p.ops)
 
@@ -92,6 +93,13 @@ def test_onnx_profile_drops_warmup_runs_and_averages_the_rest():
 ])
 def test_onnx_precision_follows_the_op_and_the_dtypes_it_ran_on(op, ins, outs, want):
     assert onnx_precision(op, ins, outs) == want
+
+
+def test_scope_is_the_model_part_of_an_exported_node_name():
+    assert scope_of("/model/_blocks.12/_depthwise_conv/Conv_token_3") == "/model/_blocks"
+    assert scope_of("/model/head/cross.2.0/attn/Softmax") == "/model/head"
+    assert scope_of("/model/Clip_1_output_0_nchwc") == "/model"
+    assert scope_of("ReorderOutput_token_119") == "(added by the runtime)"
 
 
 @pytest.mark.parametrize("name, want", [

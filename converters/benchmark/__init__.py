@@ -8,13 +8,17 @@ Every row (an artifact run through sdk.Classifier, or a checkpoint in PyTorch ea
 decoded images: size, batch-1 latency, throughput, `train.metrics.compute_metrics` and agreement with the
 PyTorch fp32 model of the same checkpoint. Writes benchmark.md, benchmark.json, plots and a model card per
 artifact (docs/benchmark.md). Modules: measure (rows, timing), stats, roofline, plots, report (tables,
-model cards), run (the driver and its command line).
+model cards), run (the driver and its command line); profile and profile_report
+(`python -m converters profile`: per-op time per runtime, int8 vs float).
 """
 
 from .measure import BenchmarkError, Entry, Row, batched_pass, parse_entries, time_batch1
+from .profile import Profile, ProfileError, profile_model
+from .profile_report import format_profile
 from .roofline import count_macs, peak_macs
 from .run import main, run_benchmark
 from .stats import coverage_at, coverage_curves, goals, pareto, reliability, wilson
 
 __all__ = ["BenchmarkError", "Entry", "Row", "parse_entries", "batched_pass", "time_batch1", "count_macs", "peak_macs",
-           "main", "run_benchmark", "coverage_at", "coverage_curves", "goals", "pareto", "reliability", "wilson"]
+           "main", "run_benchmark", "Profile", "ProfileError", "profile_model", "format_profile",
+           "coverage_at", "coverage_curves", "goals", "pareto", "reliability", "wilson"]

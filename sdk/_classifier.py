@@ -13,7 +13,7 @@ import numpy as np
 
 from ._backends import Backend, LockedBackend, create_backend
 from ._decode import DEFAULT_UNKNOWN_SCORE, UNKNOWN_SCORES, TreeDecoder, unknown_scores
-from ._enroll import (Enrollment, EnrolledClass, fit_class, load_enrollment, mirror_views, save_enrollment, siblings,
+from ._enroll import (MIN_PHOTOS, Enrollment, EnrolledClass, fit_class, load_enrollment, mirror_views, save_enrollment, siblings,
                       validate_request)
 from ._errors import EmbeddingUnavailableError, EnrollmentError, HierfgError, ModelIntegrityError, ModelOutputError
 from ._image import ImageSource, prepare
@@ -265,13 +265,19 @@ class Classifier:
     # ---- enrollment ------------------------------------------------------------------------------
     def enroll(self, label: str, parent: str, images: Sequence[ImageSource], save: bool = True) -> EnrolledClass:
         """Add a product as a new leaf under `parent` (a node name at the level above the leaves, or
-        `level:name`) from its photos (5-10 recommended; 1 works, less reliably). Answers include it at
+        `level:name`) from its photos (at least 2; 5-10 recommended). Answers include it at
         once; with `save` it is also written to `enrolled.json` beside the model (atomically), which
         `Classifier.load` picks up. Raises `EmbeddingUnavailableError` for a model without the embedding
         output, `EnrollmentError` for an unknown parent or a label already in use."""
         self._require_embedding()
         parent = validate_request(label, parent, self.base_taxonomy, self._view[0])
-        views, photo = mirror_views(self._prepare_all(images))
+        batch = self._prepare_all(images)
+        if len(batch) < MIN_PHOTOS:
+            # one photo cannot say how far another photo of the product lies (its leave-one-out spread):
+            # measured leave-classes-out, 1-shot prototypes never won a photo (research/enrollment.py)
+            raise EnrollmentError(f"enrolling {label!r} needs at least {MIN_PHOTOS} photos (5-10 recommended); "
+                                  f"got {len(batch)}")
+        views, photo = mirror_views(batch)
         lps, emb = self._run(views)
         cls = fit_class(label, parent, emb, photo, lps[-1], siblings(self.base_taxonomy, parent))
         with self._enroll_lock:

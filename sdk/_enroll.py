@@ -1,8 +1,14 @@
 """Few-shot enrollment: new fine classes from a handful of photos, on the device, without retraining.
 
-A new product becomes a prototype in the model's embedding space (the mean of its photos' L2-normalized
-embeddings, renormalized) and a leaf appended under an existing parent at the deepest level. For a photo
-x, its log-odds against the parent's trained children taken together are
+A new product becomes a prototype (the renormalized mean of its photos' descriptors) and a leaf
+appended under an existing parent at the deepest level. A photo's descriptor joins, with equal weight,
+two unit vectors the model already computes: its L2-normalized embedding (the pooled head conv) and the
+square root of its fine-level distribution over the trained classes (cosine = Bhattacharyya coefficient).
+The second is what tells a new product from its trained siblings: a sibling's photos put their mass on
+that sibling, the new product's photos spread it in their own characteristic way. Measured leave-classes-
+out on Grocery (research/enrollment.py), 5-shot prototypes separate the held-out classes' photos from
+their siblings' with ROC AUC 0.94 on the joint descriptor against 0.86 on the embedding alone.
+For a photo x, its log-odds against the parent's trained children taken together are
 
     d(x) = scale * cos(x, prototype) + bias,
 
@@ -46,6 +52,7 @@ ENROLLMENT_NAME = "enrolled.json"
 ENROLLMENT_FORMAT = "hierfg.enrollment/1"
 SHARPNESS = 1.5  # nats per spread of the own leave-one-out cosines (research/enrollment.py measures it)
 TIE_SPREADS = 2.0  # the tie with the trained classes sits this many spreads below the own mean cosine
+MIN_PHOTOS = 2  # leave-one-out needs two; Classifier.enroll refuses fewer
 MIN_SPREAD = 0.03  # floor of the spread: a few photos under-estimate it (and one photo has none)
 
 
@@ -58,7 +65,7 @@ def normalize(x: np.ndarray) -> np.ndarray:
 class EnrolledClass:
     label: str
     parent: str  # name of a node at the level above the leaves
-    prototype: np.ndarray  # (dim,) unit vector, float32
+    prototype: np.ndarray  # (embedding dim + trained fine classes,) unit descriptor vector, float32
     scale: float
     bias: float
     n_photos: int
@@ -82,6 +89,12 @@ class EnrolledClass:
                    dict(d.get("calibration", {})))
 
 
+def descriptor(embeddings: np.ndarray, trained_fine: np.ndarray) -> np.ndarray:
+    """Unit descriptors: [normalized embedding, sqrt of the fine distribution] / sqrt 2 (module docstring)."""
+    prob = np.sqrt(np.exp(np.asarray(trained_fine, np.float64)))
+    return normalize(np.hstack([normalize(embeddings), normalize(prob)]))
+
+
 def parent_mass(fine: np.ndarray, siblings: np.ndarray) -> np.ndarray:
     """log of the fine-level mass of the trained children of a parent, per row (log-sum-exp)."""
     sub = np.asarray(fine, np.float64)[:, siblings]
@@ -98,7 +111,7 @@ def fit_class(label: str, parent: str, views: np.ndarray, photo_of_view: np.ndar
     photo each view is of (leave-one-out leaves a photo out with its mirror); `trained_fine`: (n_views,
     n_trained) fine log-probs the model gives the same views; `siblings`: the parent's trained fine classes.
     """
-    e = normalize(views)
+    e = descriptor(views, trained_fine)
     photos = np.unique(photo_of_view)
     proto = normalize(e.mean(0))
     if len(photos) > 1:
@@ -176,7 +189,7 @@ class Enrollment:
             raise EnrollmentError("enrolled classes need the model's embedding output")
         trained = np.asarray(logprobs[-1], np.float64)
         protos = np.stack([c.prototype for c in self.classes]).astype(np.float64)
-        d = normalize(embeddings) @ protos.T * np.array([c.scale for c in self.classes]) \
+        d = descriptor(embeddings, trained) @ protos.T * np.array([c.scale for c in self.classes]) \
             + np.array([c.bias for c in self.classes])
         fine = np.concatenate([trained, np.zeros_like(d)], axis=1)
         for parent in dict.fromkeys(c.parent for c in self.classes):
@@ -221,6 +234,7 @@ def save_enrollment(directory: str | os.PathLike, manifest: Manifest, enrollment
     """Write `enrolled.json` atomically: bound to the model's sha256 and dimension, hashed over its content."""
     payload = {"format": ENROLLMENT_FORMAT, "model_sha256": manifest.sha256, "taxonomy_hash": manifest.taxonomy.hash,
                "embedding_dim": int(manifest.embedding["dim"]) if manifest.embedding else 0,
+               "descriptor_dim": descriptor_dim(manifest),
                "classes": [c.to_dict() for c in enrollment.classes]}
     doc = {**payload, "sha256": _digest(payload)}
     return atomic_write(Path(directory) / ENROLLMENT_NAME, json.dumps(doc, indent=1, ensure_ascii=False))
@@ -254,12 +268,16 @@ def load_enrollment(directory: str | os.PathLike, manifest: Manifest) -> Enrollm
     enrollment = Enrollment()
     try:
         for d in payload["classes"]:
-            cls = EnrolledClass.from_dict(d, manifest.embedding["dim"])
+            cls = EnrolledClass.from_dict(d, descriptor_dim(manifest))
             validate_request(cls.label, cls.parent, manifest.taxonomy, enrollment)
             enrollment = enrollment.with_class(cls)
     except (KeyError, TypeError, ValueError) as e:  # EnrollmentError is a ValueError
         raise EnrollmentFileError(f"{path}: invalid class entry ({type(e).__name__}: {e}){redo}") from None
     return enrollment
+
+
+def descriptor_dim(manifest: Manifest) -> int:
+    return int(manifest.embedding["dim"]) + manifest.taxonomy.sizes[-1] if manifest.embedding else 0
 
 
 def mirror_views(batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -114,6 +114,8 @@ def test_requests_that_cannot_be_honoured_are_refused(model_copy, new_photos, tm
         clf.enroll("Y", "Apple", [new_photos[0], bad])
     with pytest.raises(TypeError):
         clf.enroll("Y", "Apple", str(new_photos[0]))
+    with pytest.raises(EnrollmentError, match="at least 2 photos"):
+        clf.enroll("Y", "Apple", new_photos[:1])
     assert [c.label for c in Classifier.load(model_copy).enrolled] == [NEW]  # nothing half-added
 
 

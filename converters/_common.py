@@ -53,6 +53,9 @@ class ExportSpec:
     # photos whose reference fine top-2 gap is below this many nats are near-ties that a lossy artifact
     # (int8) may flip without being broken: the agreement gate counts the other photos (0: every photo)
     tie_margin: float = 0.0
+    # smallest cosine allowed between the artifact's embedding and PyTorch's on the parity images (None:
+    # recorded, not judged); fp32 keeps the direction, so enrolled prototypes stay valid across formats
+    min_embedding_cosine: float | None = 0.99
     options: dict[str, Any] = field(default_factory=dict)
     model_info: dict[str, Any] = field(default_factory=dict)
 
@@ -77,11 +80,29 @@ def tool_versions(*packages: str, base=("hierfg", "torch", "numpy"), missing: st
     return out
 
 
+EMBEDDING_OUTPUT = "embedding"
+
+
 def output_names(taxonomy: Taxonomy) -> list[str]:
+    """The per-level log-prob outputs (the manifest's `outputs`), coarsest first."""
     return [f"logp_{name}" for name in taxonomy.level_names]
 
 
-def embedded_metadata(taxonomy: Taxonomy, spec: ExportSpec, input_spec: InputSpec | None = None) -> dict[str, str]:
+def graph_output_names(model: torch.nn.Module) -> list[str]:
+    """Every output of an exported graph in order: the levels, then the embedding when the model has one."""
+    return output_names(model.model.taxonomy) + ([EMBEDDING_OUTPUT] if embedding_record(model) else [])
+
+
+def embedding_record(model: torch.nn.Module) -> dict[str, Any] | None:
+    """The manifest's `embedding` entry for a DeployWrapper (None when it exports no embedding)."""
+    dim = getattr(model, "embedding_dim", None)
+    if not dim:
+        return None
+    return {"name": EMBEDDING_OUTPUT, "dim": int(dim), "normalized": "l2", "feature": model.embedding_feature}
+
+
+def embedded_metadata(taxonomy: Taxonomy, spec: ExportSpec, input_spec: InputSpec | None = None,
+                      embedding: dict[str, Any] | None = None) -> dict[str, str]:
     """What every artifact carries inside itself beside manifest.json (ONNX `metadata_props`, Core ML
     `user_defined_metadata`, a TFLite metadata entry), so a file that lost its manifest still says what
     its outputs mean and what it expects: string keys, string (JSON) values."""
@@ -94,6 +115,7 @@ def embedded_metadata(taxonomy: Taxonomy, spec: ExportSpec, input_spec: InputSpe
         "hierfg.preprocessing": json.dumps(asdict(inp)),
         "hierfg.outputs": json.dumps(output_names(taxonomy)),
         "hierfg.precision": spec.precision,
+        **({"hierfg.embedding": json.dumps(embedding)} if embedding else {}),
     }
 
 
@@ -103,10 +125,26 @@ def run_batched(run: Callable[[np.ndarray], Any], images: np.ndarray, batch: int
 
 
 @torch.inference_mode()
+def torch_outputs(deploy: torch.nn.Module, images: np.ndarray, batch: int = 16,
+                  ) -> tuple[list[np.ndarray], np.ndarray | None]:
+    """Per-level log-probs (float64) of a DeployWrapper on uint8 NHWC images, and its embeddings
+    (float32, None when the wrapper exports none)."""
+    out = run_batched(lambda x: [o.numpy() for o in deploy(torch.from_numpy(x))], images, batch)
+    depth = deploy.model.taxonomy.depth
+    return [a.astype(np.float64) for a in out[:depth]], (out[depth] if len(out) > depth else None)
+
+
 def torch_logprobs(deploy: torch.nn.Module, images: np.ndarray, batch: int = 16) -> list[np.ndarray]:
     """Per-level log-probs (float64) of a DeployWrapper on uint8 NHWC images."""
-    lp = run_batched(lambda x: [o.numpy() for o in deploy(torch.from_numpy(x))], images, batch)
-    return [a.astype(np.float64) for a in lp]
+    return torch_outputs(deploy, images, batch)[0]
+
+
+def embedding_parity(reference: np.ndarray, candidate: np.ndarray) -> dict[str, float]:
+    """Cosine between the artifact's and PyTorch's embedding of each photo: min and mean."""
+    ref = reference / np.maximum(np.linalg.norm(reference, axis=1, keepdims=True), 1e-12)
+    cand = candidate / np.maximum(np.linalg.norm(candidate, axis=1, keepdims=True), 1e-12)
+    cos = (ref.astype(np.float64) * cand).sum(1)
+    return {"embedding_cosine_min": float(cos.min()), "embedding_cosine_mean": float(cos.mean())}
 
 
 def parity(reference: list[np.ndarray], candidate: list[np.ndarray], taxonomy: Taxonomy,
@@ -143,11 +181,13 @@ def agreement_passes(rec: dict[str, Any], fine: str, min_agreement: float, tie_m
 
 
 def write_manifest(target: str, artifact: Path, taxonomy: Taxonomy, spec: ExportSpec,
-                   versions: dict[str, str], metrics: dict[str, Any] | None = None) -> Manifest:
+                   versions: dict[str, str], metrics: dict[str, Any] | None = None,
+                   embedding: dict[str, Any] | None = None) -> Manifest:
+    """`embedding`: the artifact's embedding output (`embedding_record`), or None when it has none."""
     m = Manifest(
         target=target, precision=spec.precision, file=artifact.name, sha256=sha256_file(artifact),
         size_bytes=size_bytes(artifact), input=InputSpec(size=spec.image_size), outputs=output_names(taxonomy),
-        taxonomy=taxonomy, metrics=metrics or {}, tool_versions=versions, model=spec.model_info,
+        taxonomy=taxonomy, metrics=metrics or {}, tool_versions=versions, model=spec.model_info, embedding=embedding,
     )
     m.save(artifact.parent)
     return m
@@ -160,8 +200,11 @@ def check_parity(target: str, deploy: torch.nn.Module, artifact: Path, manifest:
         raise ExportError("parity needs real images: pass ExportSpec(images=...) (see converters.parity_images)")
     clf = Classifier.load(artifact.parent)
     cand = clf.logprobs(spec.images)
-    ref = reference if reference is not None else torch_logprobs(deploy, spec.images)
+    ref, ref_emb = torch_outputs(deploy, spec.images)
+    ref = reference if reference is not None else ref
     rec = parity(ref, cand, manifest.taxonomy, spec.tie_margin)
+    if manifest.embedding is not None and ref_emb is not None:
+        rec.update(embedding_parity(ref_emb, clf.embeddings(spec.images)))
     rec["images"] = spec.image_source
     rec["reference"] = "pytorch fp32"
     manifest.metrics["parity"] = rec
@@ -177,6 +220,9 @@ def check_parity(target: str, deploy: torch.nn.Module, artifact: Path, manifest:
         worst = max(rec[f"max_abs_logprob/{n}"] for n in manifest.taxonomy.level_names)
         if worst > spec.max_abs_logprob:
             raise ParityError(f"{target}: max |Δ log-prob| {worst:.2e} exceeds {spec.max_abs_logprob:.0e}")
+    if spec.min_embedding_cosine is not None and rec.get("embedding_cosine_min", 1.0) < spec.min_embedding_cosine:
+        raise ParityError(f"{target}: embedding cosine with PyTorch {rec['embedding_cosine_min']:.4f} is below "
+                          f"{spec.min_embedding_cosine} on {rec['n_images']} images")
     return manifest
 
 
@@ -184,7 +230,8 @@ def finish_export(target: str, model: torch.nn.Module, path: Path, spec: ExportS
                   export: dict[str, Any] | None = None, no_parity: str | None = None) -> Artifact:
     """The manifest beside a written artifact (with its `export` record), then parity through the SDK on
     `spec.images`, unless `no_parity` says why it cannot run here."""
-    m = write_manifest(target, path, model.model.taxonomy, spec, versions, {"export": export} if export else None)
+    m = write_manifest(target, path, model.model.taxonomy, spec, versions, {"export": export} if export else None,
+                       embedding=embedding_record(model))
     if no_parity is None:
         m = check_parity(target, model, path, m, spec)
     else:

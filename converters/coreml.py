@@ -2,7 +2,7 @@
 
 Core ML model I/O has no uint8 type, so the package takes **float32** NHWC pixel values 0..255 named
 `image`; the normalization (x - 127) / 128 stays inside the graph as for every other target. Outputs are
-named like the manifest's (`logp_<level>`). Taxonomy, preprocessing and output names go in
+named like the manifest's (`logp_<level>`, then `embedding`). Taxonomy, preprocessing and output names go in
 `user_defined_metadata`.
 
 Prediction needs macOS. On other systems export cannot measure parity; instead it reloads the saved
@@ -23,14 +23,16 @@ import torch
 
 from sdk import InputSpec, Taxonomy
 
-from ._common import (Artifact, ExportError, ExportSpec, begin_export, embedded_metadata, example_images, finish_export,
-                      output_names, tool_versions)
+from ._common import (EMBEDDING_OUTPUT, Artifact, ExportError, ExportSpec, begin_export, embedded_metadata,
+                      embedding_record, example_images, finish_export, graph_output_names, output_names, tool_versions)
 
 PREDICTION_PLATFORM = "darwin"
 
 
-def verify_package(path: str | Path, taxonomy: Taxonomy, image_size: int, batch: int) -> dict[str, Any]:
-    """Reload a saved .mlpackage without compiling it (works on Linux) and check I/O spec and metadata.
+def verify_package(path: str | Path, taxonomy: Taxonomy, image_size: int, batch: int,
+                   embedding_dim: int | None = None) -> dict[str, Any]:
+    """Reload a saved .mlpackage without compiling it (works on Linux) and check I/O spec and metadata;
+    `embedding_dim`: the package also has the embedding output, this wide.
 
     Returns a record of what was checked; raises ExportError on the first mismatch.
     """
@@ -54,6 +56,8 @@ def verify_package(path: str | Path, taxonomy: Taxonomy, image_size: int, batch:
     names = output_names(taxonomy)
     outs = [(o.name, list(o.type.multiArrayType.shape), o.type.multiArrayType.dataType) for o in spec.description.output]
     want_out = [(n, [batch, k], fp32) for n, k in zip(names, taxonomy.sizes)]
+    if embedding_dim:
+        want_out.append((EMBEDDING_OUTPUT, [batch, int(embedding_dim)], fp32))
     if outs != want_out:
         raise ExportError(f"coreml: outputs {outs}, expected {want_out}")
     meta = dict(spec.description.metadata.userDefined)
@@ -86,10 +90,12 @@ def export(model: torch.nn.Module, spec: ExportSpec, out_dir: str | Path) -> Art
         ep = torch.export.export(model, (example,)).run_decompositions({})
         ml = ct.convert(ep, convert_to="mlprogram", compute_precision=ct.precision.FLOAT32,
                         inputs=[ct.TensorType(name="image", shape=tuple(example.shape), dtype=np.float32)],
-                        outputs=[ct.TensorType(name=n) for n in output_names(taxonomy)], minimum_deployment_target=target)
+                        outputs=[ct.TensorType(name=n) for n in graph_output_names(model)],
+                        minimum_deployment_target=target)
     except Exception as e:
         raise ExportError(f"coremltools conversion failed: {type(e).__name__}: {e}") from e
-    for k, v in embedded_metadata(taxonomy, spec, InputSpec(size=spec.image_size, dtype="float32")).items():
+    emb = embedding_record(model)
+    for k, v in embedded_metadata(taxonomy, spec, InputSpec(size=spec.image_size, dtype="float32"), emb).items():
         ml.user_defined_metadata[k] = v
     ml.short_description = f"hierfg {'/'.join(taxonomy.level_names)} classifier; float32 NHWC 0..255 RGB in, per-level log-probs out"
     if path.exists():
@@ -98,7 +104,8 @@ def export(model: torch.nn.Module, spec: ExportSpec, out_dir: str | Path) -> Art
     export = {"fixed_batch": batch, "package_input": {"name": "image", "dtype": "float32", "range": "0..255",
                                                       "layout": "NHWC"},
               "minimum_deployment_target": opts["minimum_deployment_target"],
-              "spec_check": verify_package(path, taxonomy, spec.image_size, batch), "thread_safe": False}
+              "spec_check": verify_package(path, taxonomy, spec.image_size, batch, emb and emb["dim"]),
+              "thread_safe": False}
     no_parity = None if sys.platform == PREDICTION_PLATFORM else (
         f"Core ML prediction needs macOS; exported on {sys.platform}, so only the reloaded package's spec and "
         "metadata were checked")

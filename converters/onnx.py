@@ -1,4 +1,4 @@
-"""ONNX: uint8 NHWC image in (dynamic batch), one log-prob tensor per level out; opset 17.
+"""ONNX: uint8 NHWC image in (dynamic batch), one log-prob tensor per level and the embedding out; opset 17.
 
 The taxonomy, input spec and output names are also written into the model's `metadata_props`, so
 the .onnx file carries its labels even without the manifest beside it.
@@ -10,8 +10,8 @@ from pathlib import Path
 
 import torch
 
-from ._common import (Artifact, ExportError, ExportSpec, begin_export, embedded_metadata, example_images, finish_export,
-                      output_names, tool_versions)
+from ._common import (Artifact, ExportError, ExportSpec, begin_export, embedded_metadata, embedding_record,
+                      example_images, finish_export, graph_output_names, tool_versions)
 
 
 def export(model: torch.nn.Module, spec: ExportSpec, out_dir: str | Path) -> Artifact:
@@ -19,7 +19,7 @@ def export(model: torch.nn.Module, spec: ExportSpec, out_dir: str | Path) -> Art
     import onnx
 
     out_dir, opts, taxonomy = begin_export("onnx", model, spec, out_dir)
-    names = output_names(taxonomy)
+    names = graph_output_names(model)  # the levels, then the embedding
     path = out_dir / "model.onnx"
     try:
         torch.onnx.export(
@@ -30,7 +30,7 @@ def export(model: torch.nn.Module, spec: ExportSpec, out_dir: str | Path) -> Art
     except Exception as e:
         raise ExportError(f"torch.onnx.export failed: {e}") from e
     proto = onnx.load(str(path))
-    for k, v in embedded_metadata(taxonomy, spec).items():
+    for k, v in embedded_metadata(taxonomy, spec, embedding=embedding_record(model)).items():
         p = proto.metadata_props.add()
         p.key, p.value = k, v
     onnx.checker.check_model(proto)

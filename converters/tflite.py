@@ -19,8 +19,8 @@ import torch
 
 from sdk import atomic_write
 
-from ._common import (Artifact, ExportError, ExportSpec, begin_export, embedded_metadata, example_images, finish_export,
-                      tool_versions)
+from ._common import (Artifact, ExportError, ExportSpec, begin_export, embedded_metadata, embedding_record,
+                      example_images, finish_export, tool_versions)
 
 METADATA_NAME = "hierfg"
 
@@ -80,7 +80,7 @@ def export(model: torch.nn.Module, spec: ExportSpec, out_dir: str | Path) -> Art
         litert_torch.convert(model, (example_images(spec, opts["batch"]),)).export(str(path))
     except Exception as e:
         raise ExportError(f"litert_torch.convert failed: {type(e).__name__}: {e}") from e
-    finish_file(path, embedded_metadata(taxonomy, spec))
+    finish_file(path, embedded_metadata(taxonomy, spec, embedding=embedding_record(model)))
     export = {"fixed_batch": int(opts["batch"]), "runtime": "ai_edge_litert.interpreter.Interpreter",
               "signature": "serving_default", "thread_safe": False}
     return finish_export("tflite", model, path, spec, tool_versions("litert-torch", "ai-edge-litert"), export)

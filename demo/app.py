@@ -23,6 +23,8 @@ from werkzeug.serving import make_server
 import sdk
 
 from .datafolder import DataFolder
+from .enroll import EnrollApi
+from .errors import DemoError
 from .storage import ACTIONS, PATH_SEP, Scan, ScanFilter, ScanNotFoundError, ScanStore, SQLiteScanStore
 
 log = logging.getLogger("demo")
@@ -32,15 +34,6 @@ DEFAULT_MODEL = Path(__file__).resolve().parent / "model"
 # What the page says for "the next level is uncertain" ("Apple — variety uncertain").
 LEVEL_WORDS = {"category": "category", "coarse": "type", "fine": "variety"}
 MAX_ID_LEN = 64
-
-
-class DemoError(Exception):
-    """An error the API answers with `status` and a message meant for the operator."""
-
-    def __init__(self, message: str, status: int = 400, kind: str = "bad_request"):
-        super().__init__(message)
-        self.status = status
-        self.kind = kind
 
 
 class ModelMissingError(sdk.ModelNotFoundError):
@@ -166,6 +159,7 @@ def create_app(classifier: sdk.Classifier, store: ScanStore, data: DataFolder, c
     app.add_url_rule("/", "index", lambda: send_from_directory(STATIC, "index.html"))
     app.add_url_rule("/scans", "scans_page", lambda: send_from_directory(STATIC, "scans.html"))
     _ScanApi(classifier, store, data, config).register(app)
+    EnrollApi(classifier, store, data, _clean_id).register(app)
     return app
 
 
@@ -216,9 +210,12 @@ class _ScanApi:
 
     def __init__(self, classifier: sdk.Classifier, store: ScanStore, data: DataFolder, config: DemoConfig):
         self.classifier, self.store, self.data, self.config = classifier, store, data, config
-        self.tax = classifier.taxonomy
-        self.tree = taxonomy_tree(self.tax)
         self.export_lock = threading.Lock()  # two exports at once would race on the temp folder name
+
+    @property
+    def tax(self) -> sdk.Taxonomy:
+        """The tree answers come from now: enrolling a product (EnrollApi) extends it."""
+        return self.classifier.taxonomy
 
     def register(self, app: Flask) -> None:
         for rule, method, view in (
@@ -238,7 +235,8 @@ class _ScanApi:
 
     def taxonomy(self):
         names = self.tax.level_names
-        return jsonify(levels=list(names), tree=self.tree, level_words=[level_word(n) for n in names])
+        return jsonify(levels=list(names), tree=taxonomy_tree(self.tax), level_words=[level_word(n) for n in names],
+                       enrolled=[c.label for c in self.classifier.enrolled])
 
     def classify(self):
         f = request.files.get("image")
@@ -249,6 +247,7 @@ class _ScanApi:
             raise DemoError("the uploaded image is empty; take the photo again", 400, "invalid_image")
         station = _clean_id(request.form.get("station"), "station")
         operator = _clean_id(request.form.get("operator"), "operator")
+        tax = self.tax  # before classifying: an enrollment meanwhile must not mix two trees in one answer
         try:
             pred = self.classifier.classify(photo)
         except sdk.UnsupportedFormatError as e:
@@ -263,12 +262,12 @@ class _ScanApi:
         deepest = pred.deepest_confident
         scan = self.store.add_scan(Scan(
             image_sha256=sha, image_file=self.data.save_image(photo, sha),
-            model_sha256=self.classifier.manifest.sha256, taxonomy_hash=self.tax.hash,
+            model_sha256=self.classifier.manifest.sha256, taxonomy_hash=tax.hash,
             station=station, operator=operator, predicted_path=PATH_SEP.join(p.label for p in pred.path),
             predicted_level=len(pred.path) - 1, confidence=deepest.probability if deepest else 0.0,
             is_unknown=bool(pred.is_unknown), confidences={p.level: p.probability for p in pred.full_path},
             prediction=pred.to_dict()))
-        return jsonify(scan=_public(scan), prediction=pred.to_dict(), display=describe(pred, self.tax)), 201
+        return jsonify(scan=_public(scan), prediction=pred.to_dict(), display=describe(pred, tax)), 201
 
     def action(self, scan_id: str):
         body = request.get_json(silent=True)

@@ -56,7 +56,23 @@ SCHEMA = (
         operator VARCHAR(64) NOT NULL
     )""",
     "CREATE INDEX IF NOT EXISTS scan_actions_scan ON scan_actions (scan_id)",
+    # Products enrolled on this station and forgotten again: who, when, from which photos, for which model.
+    """CREATE TABLE IF NOT EXISTS enrollment_events (
+        id VARCHAR(36) PRIMARY KEY,
+        created_at VARCHAR(32) NOT NULL,
+        event VARCHAR(16) NOT NULL,
+        label VARCHAR(255) NOT NULL,
+        parent VARCHAR(255) NOT NULL,
+        model_sha256 CHAR(64) NOT NULL,
+        photos TEXT NOT NULL,
+        details TEXT NOT NULL,
+        station VARCHAR(64) NOT NULL,
+        operator VARCHAR(64) NOT NULL
+    )""",
 )
+ENROLLMENT_EVENTS = ("enrolled", "forgotten")
+EVENT_COLUMNS = ("id", "created_at", "event", "label", "parent", "model_sha256", "photos", "details", "station",
+                 "operator")
 
 PATH_SEP = " > "
 
@@ -147,6 +163,13 @@ class ScanStore(abc.ABC):
 
     @abc.abstractmethod
     def count(self, flt: ScanFilter = ScanFilter()) -> int: ...
+
+    @abc.abstractmethod
+    def record_enrollment(self, event: str, label: str, parent: str, model_sha256: str, photos: list[str],
+                          details: dict[str, Any], station: str, operator: str) -> dict[str, Any]: ...
+
+    @abc.abstractmethod
+    def enrollment_events(self, limit: int = 100) -> list[dict[str, Any]]: ...
 
     def close(self) -> None:
         pass
@@ -294,9 +317,34 @@ class SQLScanStore(ScanStore):
             cur.execute(self._sql(f"SELECT COUNT(*) FROM scans{where}"), args)
             return int(cur.fetchone()[0])
 
+    def record_enrollment(self, event: str, label: str, parent: str, model_sha256: str, photos: list[str],
+                          details: dict[str, Any], station: str, operator: str) -> dict[str, Any]:
+        """Log a product enrolled or forgotten (`photos`: their files in the data folder)."""
+        if event not in ENROLLMENT_EVENTS:
+            raise ValueError(f"event must be one of {ENROLLMENT_EVENTS}; got {event!r}")
+        row = (str(uuid.uuid4()), utcnow(), event, label, parent, model_sha256, json.dumps(photos),
+               json.dumps(details, ensure_ascii=False), station, operator)
+        with self._tx() as cur:
+            cur.execute(self._sql(f"INSERT INTO enrollment_events ({', '.join(EVENT_COLUMNS)}) "
+                                  f"VALUES ({', '.join('?' * len(EVENT_COLUMNS))})"), row)
+        return _event(row)
+
+    def enrollment_events(self, limit: int = 100) -> list[dict[str, Any]]:
+        """The latest enrollment events, newest first."""
+        with self._tx() as cur:
+            cur.execute(self._sql(f"SELECT {', '.join(EVENT_COLUMNS)} FROM enrollment_events "
+                                  f"ORDER BY created_at DESC, id DESC LIMIT {int(limit)}"))
+            return [_event(r) for r in cur.fetchall()]
+
     def close(self) -> None:
         with self._lock:
             self._conn.close()
+
+
+def _event(row: Sequence[Any]) -> dict[str, Any]:
+    d = dict(zip(EVENT_COLUMNS, row))
+    d["photos"], d["details"] = json.loads(d["photos"]), json.loads(d["details"])
+    return d
 
 
 class SQLiteScanStore(SQLScanStore):

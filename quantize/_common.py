@@ -10,7 +10,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from converters import Artifact, ExportError, ExportSpec, check_parity, export_model, write_manifest
+from converters import Artifact, ExportError, ExportSpec, check_parity, embedding_record, export_model, write_manifest
 from sdk import Taxonomy
 
 from .calibration import ImageSet
@@ -23,6 +23,9 @@ INT8_MIN_AGREEMENT = 0.95
 # ... counted on the photos fp32 decides by at least this many nats: int8 moves a fine log-prob by up to
 # about half a nat (0.62 on the shipped model's parity photos), so closer calls may flip without a fault
 INT8_TIE_MARGIN = 0.25
+# int8 embedding vs fp32 PyTorch: a floor that catches a broken output, not a quality bar (enrolled prototypes
+# are made and compared through the same artifact, so a uniform int8 shift does not move a decision)
+INT8_MIN_EMBEDDING_COSINE = 0.9
 
 
 class QuantizeError(ExportError):
@@ -95,7 +98,8 @@ class QuantContext:
         return ExportSpec(image_size=self.image_size, precision=precision, images=self.parity.images,
                           image_source=self.parity.source, min_agreement=INT8_MIN_AGREEMENT if precision == "int8" else 0.995,
                           max_abs_logprob=None if precision == "int8" else 1e-3,
-                          tie_margin=INT8_TIE_MARGIN if precision == "int8" else 0.0, model_info=self.model_info, **kw)
+                          tie_margin=INT8_TIE_MARGIN if precision == "int8" else 0.0, model_info=self.model_info,
+                          min_embedding_cosine=INT8_MIN_EMBEDDING_COSINE if precision == "int8" else 0.99, **kw)
 
     def example(self) -> torch.Tensor:
         """One blank uint8 NHWC image: the example input the int8 graphs are exported with (batch 1)."""
@@ -132,7 +136,9 @@ def finish_int8(ctx: QuantContext, target: str, path: Path, fp32_size: int | Non
     record = {"scheme": scheme, "float_layers": float_layers, "notes": notes,
               "calibration_images": ctx.calibration.source, "plan": ctx.plan.to_dict(),
               "always_float_ops": list(ALWAYS_FLOAT), **(extra or {})}
-    m = write_manifest(target, path, ctx.taxonomy, spec, versions, {"quantization": record})
+    # every int8 graph is made from ctx.deploy()'s graph (or its fp32 export), so it has the same embedding output
+    m = write_manifest(target, path, ctx.taxonomy, spec, versions, {"quantization": record},
+                       embedding=embedding_record(ctx.deploy()))
     if no_parity is None:
         m = check_parity(target, ctx.deploy(), path, m, replace(spec, min_agreement=INT8_MIN_AGREEMENT,
                                                                        tie_margin=INT8_TIE_MARGIN))

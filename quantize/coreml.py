@@ -69,7 +69,8 @@ def quantize(ctx: QuantContext, out_dir: Path, recipe: CoreMLRecipe) -> TargetRe
     if path.exists():
         shutil.rmtree(path)
     q.save(str(path))
-    checked = verify_package(path, ctx.taxonomy, ctx.image_size, fp32.manifest.metrics.get("export", {}).get("fixed_batch", 1))
+    checked = verify_package(path, ctx.taxonomy, ctx.image_size, fp32.manifest.metrics.get("export", {}).get("fixed_batch", 1),
+                             (fp32.manifest.embedding or {}).get("dim"))
     ops = op_types(path)
     constexpr = {k: v for k, v in ops.items() if k.startswith("constexpr")}
     if not constexpr:

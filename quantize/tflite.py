@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from converters import embedded_metadata, tool_versions
+from converters import embedded_metadata, embedding_record, tool_versions
 from converters.tflite import finish_file
 
 from ._common import QuantContext, QuantizeError, TargetResult, failing_as, finish_int8, fp32_artifact
@@ -59,7 +59,7 @@ def finish_tflite(ctx: QuantContext, path: Path, fp32_size: int | None, scheme: 
     .tflite (`write_tflite`)."""
     from ai_edge_litert.interpreter import Interpreter
 
-    finish_file(path, embedded_metadata(ctx.taxonomy, ctx.spec("int8")))
+    finish_file(path, embedded_metadata(ctx.taxonomy, ctx.spec("int8"), embedding=embedding_record(ctx.deploy())))
     inp = Interpreter(model_path=str(path)).get_input_details()[0]
     if np.dtype(inp["dtype"]) != np.uint8 or any(inp["quantization"]) and inp["quantization"] != (0.0, 0):
         raise QuantizeError(f"tflite int8: input tensor is {np.dtype(inp['dtype']).name} with quantization "

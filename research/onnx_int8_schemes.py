@@ -94,7 +94,8 @@ def main(argv: list[str] | None = None) -> int:
     def run(path: str) -> tuple[np.ndarray, float]:
         s = ort.InferenceSession(path, so, providers=["CPUExecutionProvider"])
         name = s.get_inputs()[0].name
-        lp = np.concatenate([s.run(None, {name: ev.images[i:i + 8]})[-1] for i in range(0, len(ev.images), 8)])
+        fine = [f"logp_{tax.level_names[-1]}"]  # by name: newer exports add the embedding after the levels
+        lp = np.concatenate([s.run(fine, {name: ev.images[i:i + 8]})[0] for i in range(0, len(ev.images), 8)])
         t = time_batch1(lambda x: s.run(None, {name: x}), ev.images, warmup=10, repeats=40)
         return lp.astype(np.float64), t["median_ms"]
 

@@ -348,9 +348,10 @@ def train(prepared: torch.fx.GraphModule, ctx: QuantContext, photos: ImageSet, c
             x = torch.from_numpy(np.ascontiguousarray(photos.images[idx]))
             if cfg.augment:
                 x = augment_batch(x, rng)
+            depth = ctx.taxonomy.depth  # the deploy graph's outputs: the levels, then the embedding
             with torch.no_grad():
-                t_lp = teacher(x)
-            s_lp = prepared(x)
+                t_lp = teacher(x)[:depth]
+            s_lp = prepared(x)[:depth]
             l_ce = ce(LossContext(model=None, logps=list(s_lp), labels=labels[idx], aux={}, taxonomy=ctx.taxonomy))
             l_kd = _kl(t_lp, s_lp)
             loss = cfg.ce_weight * l_ce + cfg.kd_weight * l_kd

@@ -10,7 +10,11 @@ from ._backends import concat_levels
 from ._calibrate import answered_depth, batch_logprobs, decode_set, lca_height
 from ._classifier import Classifier, HierarchicalPrediction, ItemError, LevelPrediction
 from ._decode import TreeDecoder
+from ._enroll import ENROLLMENT_NAME, EnrolledClass
 from ._errors import (
+    EmbeddingUnavailableError,
+    EnrollmentError,
+    EnrollmentFileError,
     HierfgError,
     Int8AccuracyWarning,
     InvalidImageError,
@@ -38,4 +42,5 @@ __all__ = [
     # helpers the other stages share (public so no package reaches into sdk's private modules)
     "atomic_write", "size_bytes", "FORMAT_VERSION", "IMAGE_SUFFIXES", "Registry", "BackendUnavailableError",
     "VNNI_FLAGS", "answered_depth", "decode_set", "lca_height", "batch_logprobs", "concat_levels",
+    "EnrolledClass", "ENROLLMENT_NAME", "EmbeddingUnavailableError", "EnrollmentError", "EnrollmentFileError",
 ]

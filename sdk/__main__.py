@@ -1,4 +1,4 @@
-"""`python -m sdk classify|info|calibrate --model DIR …` — the SDK from the command line.
+"""`python -m sdk classify|info|calibrate|enroll|forget --model DIR …` — the SDK from the command line.
 
 Errors print one line (`error: …`) to stderr and exit non-zero; no traceback.
 Exit codes: 0 ok, 1 some images could not be classified, 2 usage / model / data error.
@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 from typing import Any, Sequence
 
+from ._enroll import ENROLLMENT_NAME
 from ._errors import HierfgError
 
 
@@ -100,6 +101,9 @@ def cmd_info(args: argparse.Namespace) -> int:
     print(f"input      {m.input.size}x{m.input.size} {m.input.color} {m.input.dtype} {m.input.layout}; {m.input.resize}")
     print(f"taxonomy   {' > '.join(f'{n} ({s})' for n, s in zip(tax.level_names, tax.sizes))}  hash {tax.hash[:12]}…")
     print(f"outputs    {', '.join(m.outputs)}")
+    emb = m.embedding
+    print(f"embedding  {emb['dim']}-d {emb.get('normalized', '')} ({emb.get('feature', '?')})" if emb else
+          "embedding  none (exported before enrollment existed; re-export to enroll products)")
     dec = m.decoding or {}
     if dec.get("thresholds") is not None:
         th = ", ".join(f"{n}={t:.3f}" for n, t in zip(tax.level_names, dec["thresholds"]))
@@ -116,6 +120,28 @@ def cmd_info(args: argparse.Namespace) -> int:
     if m.tool_versions:
         print("tools      " + ", ".join(f"{k} {v}" for k, v in m.tool_versions.items()))
     print(f"created    {m.created}")
+    return 0
+
+
+def cmd_enroll(args: argparse.Namespace) -> int:
+    from ._classifier import Classifier
+
+    clf = Classifier.load(args.model, backend=args.backend, num_threads=args.threads)
+    cls = clf.enroll(args.label, args.parent, args.images)
+    cal = cls.calibration
+    print(f"enrolled {cls.label!r} under {cls.parent!r} from {cls.n_photos} photos: own cosine "
+          f"{cal['own_cosine_mean']:.3f}, beats the best trained class on {cal['own_wins']:.0%} of its photos "
+          f"(by {cal['own_minus_trained_mean']:+.2f} nats on average)")
+    print(f"wrote {clf.directory / ENROLLMENT_NAME} ({len(clf.enrolled)} enrolled classes)")
+    return 0
+
+
+def cmd_forget(args: argparse.Namespace) -> int:
+    from ._classifier import Classifier
+
+    clf = Classifier.load(args.model, backend=args.backend, num_threads=args.threads)
+    clf.forget(args.label)
+    print(f"forgot {args.label!r}; wrote {clf.directory / ENROLLMENT_NAME} ({len(clf.enrolled)} enrolled classes left)")
     return 0
 
 
@@ -236,6 +262,14 @@ def build_parser() -> argparse.ArgumentParser:
     k.add_argument("--report-json", default=None, help="also write the full report here")
     k.add_argument("--dry-run", action="store_true", help="do not change the manifest")
     k.add_argument("--seed", type=int, default=0)
+
+    e = command("enroll", cmd_enroll, f"add a product under an existing parent from its photos (writes {ENROLLMENT_NAME})")
+    e.add_argument("images", nargs="+", help="photos of the product (5-10 recommended)")
+    e.add_argument("--label", required=True, help="name of the new product")
+    e.add_argument("--parent", required=True, help="the node it belongs under (a name at the level above the leaves)")
+
+    f = command("forget", cmd_forget, f"remove an enrolled product (rewrites {ENROLLMENT_NAME})")
+    f.add_argument("--label", required=True, help="the enrolled product to remove")
     return p
 
 

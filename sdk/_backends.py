@@ -58,7 +58,7 @@ class Backend:
     def _check_outputs(self, found: list[str] | int) -> None:
         """The runtime's outputs against the manifest's: the same names, or the same count where the
         runtime does not keep the exported names."""
-        want = list(self.manifest.outputs)
+        want = self.manifest.graph_outputs
         if found != (want if isinstance(found, list) else len(want)):
             raise ModelIntegrityError(f"{self.path}: the model has outputs {found}, the manifest lists {want}")
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
@@ -12,7 +13,9 @@ import numpy as np
 
 from ._backends import Backend, LockedBackend, create_backend
 from ._decode import DEFAULT_UNKNOWN_SCORE, UNKNOWN_SCORES, TreeDecoder, unknown_scores
-from ._errors import HierfgError, ModelIntegrityError, ModelOutputError
+from ._enroll import (MIN_PHOTOS, Enrollment, EnrolledClass, fit_class, load_enrollment, mirror_views, save_enrollment, siblings,
+                      validate_request)
+from ._errors import EmbeddingUnavailableError, EnrollmentError, HierfgError, ModelIntegrityError, ModelOutputError
 from ._image import ImageSource, prepare
 from ._manifest import Manifest
 from ._taxonomy import Taxonomy
@@ -107,16 +110,18 @@ class Classifier:
     'Fruit › Apple › Granny-Smith'
 
     A `Classifier` holds no per-call state: one instance may be used from many threads (backends whose
-    runtime is not thread-safe are wrapped in a lock).
+    runtime is not thread-safe are wrapped in a lock). `enroll` / `forget` swap in a new immutable view
+    (enrolled classes, extended taxonomy, decoder) under a lock; a call in flight keeps the view it began with.
     """
 
-    def __init__(self, backend: Backend, manifest: Manifest, directory: Path):
+    def __init__(self, backend: Backend, manifest: Manifest, directory: Path, enrollment: Enrollment | None = None):
         self.manifest = manifest
         self.directory = directory
-        self.taxonomy: Taxonomy = manifest.taxonomy
+        self.base_taxonomy: Taxonomy = manifest.taxonomy  # the trained classes: what the model's outputs index
         self.input_size = int(manifest.input.size)
         self._backend = backend if backend.thread_safe else LockedBackend(backend)
-        self._decoder = TreeDecoder(self.taxonomy)
+        self._enroll_lock = threading.Lock()
+        self._set_enrollment(enrollment or Enrollment())
         dec = manifest.decoding or {}
         try:
             self.thresholds = self._check_thresholds(dec.get("thresholds"))
@@ -129,12 +134,15 @@ class Classifier:
                                       "re-run `python -m sdk calibrate`") from None
 
     @classmethod
-    def load(cls, path: str | os.PathLike, backend: str | None = None, num_threads: int | None = None) -> "Classifier":
+    def load(cls, path: str | os.PathLike, backend: str | None = None, num_threads: int | None = None,
+             enrollment: bool = True) -> "Classifier":
         """Load a model directory (artifact + manifest.json), or the manifest file itself.
 
         The artifact's size and sha256 are checked against the manifest before any runtime parses it;
         then the runtime's output shapes are checked against the taxonomy. A path that does not exist
-        raises `ModelNotFoundError`; a model that fails a check, `ModelIntegrityError`.
+        raises `ModelNotFoundError`; a model that fails a check, `ModelIntegrityError`. The products
+        enrolled beside the model (`enrolled.json`) are picked up unless `enrollment=False`; a file that
+        is corrupt, altered or made for another model raises `EnrollmentFileError` (never used as is).
         """
         path = Path(path)
         manifest = Manifest.load(path)
@@ -143,7 +151,26 @@ class Classifier:
         be = create_backend(backend or manifest.target, artifact, manifest, num_threads)
         clf = cls(be, manifest, directory)
         clf._check_outputs()
+        if enrollment:
+            clf._set_enrollment(load_enrollment(directory, manifest))
         return clf
+
+    def _set_enrollment(self, enrollment: Enrollment) -> None:
+        tax = enrollment.taxonomy(self.base_taxonomy)
+        self._view = (enrollment, tax, TreeDecoder(tax))  # one assignment: readers see all three or none
+
+    @property
+    def taxonomy(self) -> Taxonomy:
+        """The label tree answers come from: the trained one plus the enrolled classes."""
+        return self._view[1]
+
+    @property
+    def _decoder(self) -> TreeDecoder:
+        return self._view[2]
+
+    @property
+    def enrolled(self) -> tuple[EnrolledClass, ...]:
+        return self._view[0].classes
 
     def _check_thresholds(self, thresholds: Sequence[float] | Mapping[str, float] | None) -> tuple[float, ...]:
         """Per-level thresholds as a sequence (coarsest first) or a {level name: threshold} mapping."""
@@ -180,28 +207,106 @@ class Classifier:
         except Exception as e:
             raise ModelIntegrityError(f"{self.directory}: the model failed on a probe input ({e})") from None
         sizes = [np.asarray(o).shape[-1] for o in outs]
-        if len(outs) != self.taxonomy.depth or sizes != list(self.taxonomy.sizes):
+        want = [*self.base_taxonomy.sizes, *([self.manifest.embedding["dim"]] if self.manifest.embedding else [])]
+        if sizes != want:
             raise ModelIntegrityError(
-                f"{self.directory}: model outputs have sizes {sizes}, the taxonomy's levels have "
-                f"{list(self.taxonomy.sizes)} labels")
+                f"{self.directory}: model outputs have sizes {sizes}, the manifest says {want} (the taxonomy's "
+                f"levels{', then the embedding' if self.manifest.embedding else ''})")
 
     # ---- inference ------------------------------------------------------------------------------
     def preprocess(self, image: ImageSource) -> np.ndarray:
         return prepare(image, self.input_size)
 
-    def logprobs(self, batch: np.ndarray) -> list[np.ndarray]:
-        """Raw per-level log-probabilities (float64) for a uint8 (N, S, S, 3) batch."""
-        batch = np.ascontiguousarray(batch, dtype=np.uint8)
-        return [np.asarray(o, dtype=np.float64) for o in self._backend.run(batch)]
+    def _run(self, batch: np.ndarray) -> tuple[list[np.ndarray], np.ndarray | None]:
+        """The model's own per-level log-probs (float64) and its embeddings (None without that output)."""
+        outs = self._backend.run(np.ascontiguousarray(batch, dtype=np.uint8))
+        depth = self.base_taxonomy.depth
+        emb = np.asarray(outs[depth], np.float32) if len(outs) > depth else None
+        return [np.asarray(o, dtype=np.float64) for o in outs[:depth]], emb
+
+    def logprobs(self, batch: np.ndarray, view: tuple | None = None) -> list[np.ndarray]:
+        """Per-level log-probabilities (float64) for a uint8 (N, S, S, 3) batch, over `self.taxonomy`:
+        the model's outputs as they are, unless classes were enrolled (their scores then extend the
+        finest level, renormalized)."""
+        lps, emb = self._run(batch)
+        return (view or self._view)[0].extend(lps, emb, self.base_taxonomy)
+
+    def embeddings(self, batch: np.ndarray) -> np.ndarray:
+        """(N, dim) float32 L2-normalized embeddings for a uint8 (N, S, S, 3) batch."""
+        self._require_embedding()
+        emb = self._run(batch)[1]
+        return (emb / np.maximum(np.linalg.norm(emb, axis=1, keepdims=True), 1e-12)).astype(np.float32)
+
+    def embed(self, images: Sequence[ImageSource]) -> np.ndarray:
+        """(N, dim) float32 L2-normalized embeddings of images (paths, bytes, PIL images or arrays), the
+        space enrolled prototypes live in. A bad image raises its error, naming its index."""
+        return self.embeddings(self._prepare_all(images))
+
+    def _require_embedding(self) -> None:
+        if self.manifest.embedding is None:
+            raise EmbeddingUnavailableError(
+                f"{self.directory}: this model has no embedding output (exported before enrollment existed), so "
+                "it cannot embed or enroll; re-export it with this hierfg version (`python -m converters` or "
+                "`python -m quantize`). Classifying works as before.")
+
+    def _prepare_all(self, images: Sequence[ImageSource]) -> np.ndarray:
+        if isinstance(images, (str, bytes, os.PathLike)) or (isinstance(images, np.ndarray) and images.ndim < 4):
+            raise TypeError("expected a sequence of images (a list of paths, bytes, PIL images or arrays)")
+        arrays = []
+        for i, image in enumerate(images):
+            try:
+                arrays.append(self.preprocess(image))
+            except HierfgError as e:
+                raise type(e)(f"image {i}: {e}") from e
+        if not arrays:
+            raise ValueError("no images given")
+        return np.stack(arrays)
+
+    # ---- enrollment ------------------------------------------------------------------------------
+    def enroll(self, label: str, parent: str, images: Sequence[ImageSource], save: bool = True) -> EnrolledClass:
+        """Add a product as a new leaf under `parent` (a node name at the level above the leaves, or
+        `level:name`) from its photos (at least 2; 5-10 recommended). Answers include it at
+        once; with `save` it is also written to `enrolled.json` beside the model (atomically), which
+        `Classifier.load` picks up. Raises `EmbeddingUnavailableError` for a model without the embedding
+        output, `EnrollmentError` for an unknown parent or a label already in use."""
+        self._require_embedding()
+        parent = validate_request(label, parent, self.base_taxonomy, self._view[0])
+        batch = self._prepare_all(images)
+        if len(batch) < MIN_PHOTOS:
+            # one photo cannot say how far another photo of the product lies (its leave-one-out spread):
+            # measured leave-classes-out, 1-shot prototypes never won a photo (research/enrollment.py)
+            raise EnrollmentError(f"enrolling {label!r} needs at least {MIN_PHOTOS} photos (5-10 recommended); "
+                                  f"got {len(batch)}")
+        views, photo = mirror_views(batch)
+        lps, emb = self._run(views)
+        cls = fit_class(label, parent, emb, photo, lps[-1], siblings(self.base_taxonomy, parent))
+        with self._enroll_lock:
+            enrollment = self._view[0]
+            validate_request(label, parent, self.base_taxonomy, enrollment)  # another thread may have taken it
+            self._commit(enrollment.with_class(cls), save)
+        return cls
+
+    def forget(self, label: str, save: bool = True) -> None:
+        """Remove an enrolled class (trained classes cannot be forgotten: `EnrollmentError`)."""
+        with self._enroll_lock:
+            if label in self.base_taxonomy.names(self.base_taxonomy.depth - 1):
+                raise EnrollmentError(f"{label!r} is a trained class, not an enrolled one; only enrolled classes "
+                                      "can be forgotten (use deny=[...] to exclude a trained one from answers)")
+            self._commit(self._view[0].without(label), save)
+
+    def _commit(self, enrollment: Enrollment, save: bool) -> None:
+        if save:  # the file first: if writing fails, memory still matches what is on disk
+            save_enrollment(self.directory, self.manifest, enrollment)
+        self._set_enrollment(enrollment)
 
     def leaf_mask(self, allow: Iterable[str] | None = None, deny: Iterable[str] | None = None) -> np.ndarray | None:
         """Leaves an answer may end in, for node names in `allow` / `deny` (see `TreeDecoder.leaf_mask`)."""
         return self._decoder.leaf_mask(allow, deny)
 
     def _decode_batch(self, lps: list[np.ndarray], top_k: int, thresholds: tuple[float, ...],
-                      unknown_threshold: float | None, mask: np.ndarray | None,
+                      unknown_threshold: float | None, mask: np.ndarray | None, view: tuple,
                       ) -> list[HierarchicalPrediction | ModelOutputError]:
-        dec, tax = self._decoder, self.taxonomy
+        _, tax, dec = view
         leaf, errors = dec.leaf_probs(lps)
         full_marg = dec.node_sums(leaf)
         unk = unknown_scores(self.unknown_score_kind, leaf, full_marg)
@@ -267,7 +372,8 @@ class Classifier:
             raise ValueError(f"batch_size must be >= 1; got {batch_size}")
         th = self._check_thresholds(thresholds) if thresholds is not None else self.thresholds
         ut = self.unknown_threshold if unknown_threshold is _MANIFEST else self._check_unknown(unknown_threshold)
-        mask = self._decoder.leaf_mask(allow, deny)
+        view = self._view  # one view for the whole call, whatever enroll / forget do meanwhile
+        mask = view[2].leaf_mask(allow, deny)
         images = list(images)
         results: list[HierarchicalPrediction | ItemError | None] = [None] * len(images)
         for start in range(0, len(images), batch_size):
@@ -283,7 +389,7 @@ class Classifier:
                     results[i] = ItemError(i, e)
             if not arrays:
                 continue
-            decoded = self._decode_batch(self.logprobs(np.stack(arrays)), top_k, th, ut, mask)
+            decoded = self._decode_batch(self.logprobs(np.stack(arrays), view), top_k, th, ut, mask, view)
             for i, d in zip(where, decoded):
                 if isinstance(d, ModelOutputError) and raise_errors:
                     raise d

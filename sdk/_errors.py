@@ -32,3 +32,16 @@ class ModelOutputError(HierfgError):
 class Int8AccuracyWarning(RuntimeWarning):
     """An int8 artifact loads and runs, but this CPU's int8 kernels are known to change its answers."""
 
+
+
+class EmbeddingUnavailableError(HierfgError):
+    """The model has no embedding output (exported before enrollment existed): it classifies, but cannot
+    enroll new products until it is re-exported."""
+
+
+class EnrollmentError(HierfgError, ValueError):
+    """An enrollment request cannot be honoured (unknown parent, label taken, no usable photo)."""
+
+
+class EnrollmentFileError(ModelIntegrityError):
+    """The enrollment file beside a model is refused: corrupt, tampered with, or made for another model."""

@@ -36,6 +36,17 @@ class InputSpec:
     normalization: str = "inside the graph: (x - 127) / 128"
 
 
+def _check_embedding(value: Any, where: str) -> dict[str, Any] | None:
+    if value is None:
+        return None
+    ok = isinstance(value, dict) and isinstance(value.get("name"), str) and value["name"] \
+        and isinstance(value.get("dim"), int) and not isinstance(value.get("dim"), bool) and value["dim"] > 0
+    if not ok:
+        raise ModelIntegrityError(f"{where}: manifest 'embedding' must be an object with a name and a positive "
+                                  f"integer dim; got {value!r}")
+    return dict(value)
+
+
 @dataclass
 class Manifest:
     target: str
@@ -50,6 +61,9 @@ class Manifest:
     decoding: dict[str, Any] = field(default_factory=dict)
     tool_versions: dict[str, str] = field(default_factory=dict)
     model: dict[str, Any] = field(default_factory=dict)
+    # the artifact's extra output after the levels: {"name", "dim", "normalized": "l2", "feature"}; None for
+    # artifacts exported before it existed (they still load and classify; enrollment asks to re-export)
+    embedding: dict[str, Any] | None = None
     created: str = field(default_factory=lambda: _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"))
     format_version: int = FORMAT_VERSION
 
@@ -69,8 +83,14 @@ class Manifest:
             "decoding": self.decoding,
             "tool_versions": self.tool_versions,
             "model": self.model,
+            **({"embedding": self.embedding} if self.embedding is not None else {}),
             "created": self.created,
         }
+
+    @property
+    def graph_outputs(self) -> list[str]:
+        """Every output of the artifact in order: the levels, then the embedding when it has one."""
+        return [*self.outputs, *([self.embedding["name"]] if self.embedding else [])]
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=1, ensure_ascii=False)
@@ -98,7 +118,7 @@ class Manifest:
                 size_bytes=int(d["size_bytes"]), input=InputSpec(**d["input"]), outputs=list(d["outputs"]),
                 taxonomy=tax, metrics=d.get("metrics", {}), decoding=d.get("decoding", {}),
                 tool_versions=d.get("tool_versions", {}), model=d.get("model", {}), created=d.get("created", ""),
-                format_version=d["format_version"],
+                format_version=d["format_version"], embedding=_check_embedding(d.get("embedding"), where),
             )
         except ModelIntegrityError:
             raise

@@ -281,6 +281,13 @@ class HierarchicalQueryModel(nn.Module):
         if aux is not None:
             aux["tokens"], aux["pooled"] = tokens, tokens.mean(1)
         glob = None
+        if aux is not None and -1 in feats:
+            # The embedding (DeployWrapper, few-shot enrollment): the pooled head conv, not the mean token nor
+            # the fine queries. The fine queries are one vector per *trained* class (a new product has none),
+            # and the 192-d tokens are a projection trained only to feed those queries; the 1280-d pooled head
+            # conv is what the global read-out's fine decision is a linear function of, and it keeps the
+            # generic ImageNet directions a product the heads never saw is told apart by.
+            aux["embedding"] = feats[-1].mean((2, 3), keepdim=True).flatten(1)  # keepdim: XNNPACK-delegable
         if self.cfg.global_head:
             g = self.global_drop(feats[-1].mean((2, 3), keepdim=True).flatten(1))  # keepdim: XNNPACK-delegable
             glob = [lin(g) for lin in self.global_head]
@@ -382,16 +389,59 @@ def build_model(taxonomy: Taxonomy, cfg: ModelConfig, pretrained: bool = True) -
     return _ARCHS.get(cfg.arch)(taxonomy, cfg, pretrained=pretrained)
 
 
-class DeployWrapper(nn.Module):
-    """The exported graph: uint8 NHWC RGB in, one log-probability tensor per level out."""
+def l2_normalize(x: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
+    """Row-wise x / ||x|| in the plain ops every export target lowers (mul, sum, clamp, sqrt, div)."""
+    return x / torch.sqrt((x * x).sum(-1, keepdim=True).clamp_min(eps))
 
-    def __init__(self, model: nn.Module):
+
+class DeployWrapper(nn.Module):
+    """The exported graph: uint8 NHWC RGB in; one log-probability tensor per level out, then (unless
+    `embedding=False`) the L2-normalized embedding the SDK enrolls new products with.
+
+    The embedding is the model's `aux["embedding"]` (query models: the pooled head conv, see
+    `HierarchicalQueryModel.forward_from`), else its `aux["pooled"]` (flat / HRN: the pooled head conv;
+    refined query models: the mean token)."""
+
+    def __init__(self, model: nn.Module, embedding: bool = True):
         super().__init__()
         self.model = model
+        self.embedding = embedding
+        self._embedding_dim: int | None = None
+        self._embedding_feature = ""
 
     def forward(self, image: torch.Tensor):
         x = normalize_uint8(image.permute(0, 3, 1, 2))
-        return tuple(self.model(x))
+        if not self.embedding:
+            return tuple(self.model(x))
+        aux: dict = {}
+        logps = self.model(x, aux=aux)
+        return (*logps, l2_normalize(aux["embedding"] if "embedding" in aux else aux["pooled"]))
 
+    @property
+    def depth(self) -> int:
+        return self.model.taxonomy.depth
 
-from . import components as _components  # noqa: E402,F401  registers archs flat/hrn, losses contrastive/aal
+    @property
+    def embedding_dim(self) -> int | None:
+        """Width of the embedding output (None without one)."""
+        return self._probe()[0] if self.embedding else None
+
+    @property
+    def embedding_feature(self) -> str | None:
+        """Which feature the embedding is, in words (None without one)."""
+        return self._probe()[1] if self.embedding else None
+
+    def _probe(self) -> tuple[int, str]:
+        # measured once on a blank image: which feature an architecture exposes is decided in its forward
+        if self._embedding_dim is None:
+            size = int(getattr(self.model.cfg, "image_size", 224))
+            aux: dict = {}
+            was = self.model.training
+            self.model.eval()
+            with torch.inference_mode():
+                self.model(normalize_uint8(torch.zeros(1, 3, size, size, dtype=torch.uint8)), aux=aux)
+            self.model.train(was)
+            key = "embedding" if "embedding" in aux else "pooled"
+            self._embedding_dim = int(aux[key].shape[-1])
+            self._embedding_feature = "pooled head conv" if key == "embedding" else "aux['pooled'] of the architecture"
+        return self._embedding_dim, self._embedding_feature

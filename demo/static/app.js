@@ -81,6 +81,7 @@ async function classify(blob, name) {
   try {
     const r = await api("/api/scans", { method: "POST", body: form });
     current = await r.json();
+    current.photo = blob;  // a new product enrolled from this scan starts with this photo
     if (previewUrl) URL.revokeObjectURL(previewUrl);
     previewUrl = URL.createObjectURL(blob);
     $("preview").src = previewUrl;

@@ -33,13 +33,18 @@ def val_images(tiny_student_dir, grocery_root) -> np.ndarray:
 
 
 @pytest.fixture(scope="session")
-def torch_reference(tiny_student_dir, val_images) -> list[np.ndarray]:
-    from converters import torch_logprobs
+def torch_outputs(tiny_student_dir, val_images) -> tuple[list[np.ndarray], np.ndarray]:
+    from converters import torch_outputs
     from train.checkpoint import load_model
     from train.models import DeployWrapper
 
     model, *_ = load_model(tiny_student_dir)
-    return torch_logprobs(DeployWrapper(model).eval(), val_images)
+    return torch_outputs(DeployWrapper(model).eval(), val_images)
+
+
+@pytest.fixture(scope="session")
+def torch_reference(torch_outputs) -> list[np.ndarray]:
+    return torch_outputs[0]
 
 
 @pytest.mark.slow
@@ -60,6 +65,27 @@ def test_manifest_carries_parity_measured_on_real_photos(all_exports, target):
     assert par["n_images"] == 24 and "val" in par["images"]
     assert par["agreement/fine"] >= 0.995
     assert max(par[f"max_abs_logprob/{l}"] for l in ("category", "coarse", "fine")) <= 1e-3
+    assert par["embedding_cosine_min"] >= 0.99
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("target", list(FILES))
+def test_every_artifact_declares_its_embedding_output(all_exports, target):
+    m = Manifest.load(all_exports / target)
+    assert m.embedding["name"] == "embedding" and m.embedding["normalized"] == "l2"
+    assert m.embedding["dim"] == 1280 and m.embedding["feature"] == "pooled head conv"  # Lite0's head conv
+    assert m.graph_outputs == [*m.outputs, "embedding"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("target", RUNNABLE)
+def test_reloaded_embedding_matches_pytorch_on_unseen_photos(all_exports, target, val_images, torch_outputs):
+    clf = Classifier.load(all_exports / target)
+    emb = clf.embeddings(val_images)
+    assert emb.shape == torch_outputs[1].shape and emb.dtype == np.float32
+    np.testing.assert_allclose(np.linalg.norm(emb, axis=1), 1.0, atol=1e-5)
+    cos = (emb * torch_outputs[1]).sum(1)
+    assert cos.min() >= 0.99, cos
 
 
 @pytest.mark.slow
@@ -168,10 +194,10 @@ def test_coreml_package_spec_and_metadata_verified_on_any_os(all_exports):
     from converters.coreml import verify_package
 
     m = Manifest.load(all_exports / "coreml")
-    rec = verify_package(all_exports / "coreml" / "model.mlpackage", m.taxonomy, 128, 1)
+    rec = verify_package(all_exports / "coreml" / "model.mlpackage", m.taxonomy, 128, 1, m.embedding["dim"])
     assert rec["input"] == ["image", [1, 128, 128, 3], "float32"]
-    assert [o[0] for o in rec["outputs"]] == m.outputs
-    assert {"hierfg.taxonomy", "hierfg.preprocessing", "hierfg.outputs"} <= set(rec["metadata_keys"])
+    assert [o[0] for o in rec["outputs"]] == m.graph_outputs
+    assert {"hierfg.taxonomy", "hierfg.preprocessing", "hierfg.outputs", "hierfg.embedding"} <= set(rec["metadata_keys"])
     if sys.platform != "darwin":
         assert m.metrics["parity"]["measured"] is False and "macOS" in m.metrics["parity"]["reason"]
 
@@ -211,6 +237,7 @@ def test_tflite_file_carries_taxonomy_and_preprocessing(all_exports):
     m = Manifest.load(all_exports / "tflite")
     assert json.loads(meta["hierfg.taxonomy"]) == m.taxonomy.to_dict()
     assert json.loads(meta["hierfg.outputs"]) == m.outputs
+    assert json.loads(meta["hierfg.embedding"]) == m.embedding
     assert json.loads(meta["hierfg.preprocessing"])["dtype"] == "uint8"
 
 
@@ -226,7 +253,7 @@ def test_tflite_keeps_no_module_paths_as_tensor_names(all_exports):
     assert inner and all(g.Tensors(i).Name().decode() == str(i) for i in inner)
     sig = model.SignatureDefs(0)
     assert sorted(sig.Outputs(i).Name().decode() for i in range(sig.OutputsLength())) == \
-        [f"output_{i}" for i in range(len(Manifest.load(all_exports / "tflite").outputs))]
+        [f"output_{i}" for i in range(len(Manifest.load(all_exports / "tflite").graph_outputs))]
 
 
 def test_int8_parity_gate_forgives_near_ties_and_catches_decided_flips():

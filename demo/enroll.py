@@ -1,0 +1,97 @@
+"""The "new product" flow: enroll a product from a few photos under an existing parent, on the station.
+
+Reached from the scan page's Correct… picker: the operator takes `MIN_PHOTOS` photos, names the product
+and picks its parent; the SDK adds it (`sdk.Classifier.enroll`, written to `enrolled.json` beside the
+model) and the scan log records the event with its photos (kept in the data folder, for retraining later).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import threading
+from typing import Any, Callable
+
+from flask import Flask, jsonify, request
+
+import sdk
+
+from .datafolder import DataFolder
+from .errors import DemoError
+from .storage import ScanStore
+
+MIN_PHOTOS = 5  # what the page asks for: fewer photos make a noticeably weaker prototype (research/enrollment.py)
+MAX_PHOTOS = 10
+MAX_LABEL_LEN = 120
+
+
+def _label(value: Any, what: str) -> str:
+    if not isinstance(value, str) or not value.strip():
+        raise DemoError(f"{what} is missing")
+    value = value.strip()
+    if len(value) > MAX_LABEL_LEN or any(ord(c) < 32 for c in value):
+        raise DemoError(f"{what} must be at most {MAX_LABEL_LEN} printable characters")
+    return value
+
+
+class EnrollApi:
+    """/api/enrollments: list, add (multipart photos + label + parent), forget."""
+
+    def __init__(self, classifier: sdk.Classifier, store: ScanStore, data: DataFolder,
+                 clean_id: Callable[[str | None, str], str]):
+        self.classifier, self.store, self.data, self.clean_id = classifier, store, data, clean_id
+        self.lock = threading.Lock()  # one enrollment at a time: each rewrites the file and the tree
+
+    def register(self, app: Flask) -> None:
+        app.add_url_rule("/api/enrollments", "list_enrollments", self.list, methods=["GET"])
+        app.add_url_rule("/api/enrollments", "enroll", self.enroll, methods=["POST"])
+        app.add_url_rule("/api/enrollments/<label>/forget", "forget", self.forget, methods=["POST"])
+
+    def list(self):
+        clf = self.classifier
+        up = clf.base_taxonomy.depth - 2
+        return jsonify(can_enroll=clf.manifest.embedding is not None, min_photos=MIN_PHOTOS, max_photos=MAX_PHOTOS,
+                       parent_level=clf.base_taxonomy.level_names[up],
+                       parents=[clf.base_taxonomy.path(up, i) for i in range(clf.base_taxonomy.sizes[up])],
+                       enrolled=[{"label": c.label, "parent": c.parent, "n_photos": c.n_photos, "created": c.created}
+                                 for c in clf.enrolled],
+                       events=self.store.enrollment_events(50))
+
+    def enroll(self):
+        label = _label(request.form.get("label"), "product name")
+        parent = _label(request.form.get("parent"), "parent")
+        station = self.clean_id(request.form.get("station"), "station")
+        operator = self.clean_id(request.form.get("operator"), "operator")
+        photos = [f.read() for f in request.files.getlist("photo")]
+        if not MIN_PHOTOS <= len(photos) <= MAX_PHOTOS:
+            raise DemoError(f"take {MIN_PHOTOS} to {MAX_PHOTOS} photos of the product (got {len(photos)})")
+        with self.lock:
+            try:
+                cls = self.classifier.enroll(label, parent, photos)
+            except sdk.EmbeddingUnavailableError as e:
+                raise DemoError(str(e), 409, "model_cannot_enroll") from None
+            except sdk.EnrollmentError as e:
+                raise DemoError(str(e), 400, "enrollment") from None
+            except sdk.InvalidImageError as e:
+                raise DemoError(f"not a usable photo: {e}; take it again", 400, "invalid_image") from None
+            files = [self.data.save_image(p, hashlib.sha256(p).hexdigest()) for p in photos]
+            event = self.store.record_enrollment(
+                "enrolled", cls.label, cls.parent, self.classifier.manifest.sha256, files,
+                {"n_photos": cls.n_photos, "calibration": cls.calibration}, station, operator)
+        tax = self.classifier.taxonomy
+        path = tax.path(tax.depth - 1, tax.index(tax.depth - 1, cls.label))
+        return jsonify(path=path, event=event, calibration=cls.calibration), 201
+
+    def forget(self, label: str):
+        body = request.get_json(silent=True) or {}
+        station = self.clean_id(body.get("station"), "station")
+        operator = self.clean_id(body.get("operator"), "operator")
+        with self.lock:
+            gone = next((c for c in self.classifier.enrolled if c.label == label), None)
+            try:
+                self.classifier.forget(label)
+            except sdk.EnrollmentError as e:
+                raise DemoError(str(e), 404, "not_found") from None
+            event = self.store.record_enrollment("forgotten", label, gone.parent if gone else "",
+                                                 self.classifier.manifest.sha256, [], {}, station, operator)
+        return jsonify(event=event)
+

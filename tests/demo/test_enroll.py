@@ -1,0 +1,125 @@
+"""The "new product" flow of the scanner: 5 photos + name + parent over HTTP (and in a real browser from
+the Correct… picker), the product recognized from then on, the event in the SQLite log."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sqlite3
+import uuid
+from pathlib import Path
+
+import pytest
+
+from demo import load_classifier
+
+NEW = "Granny-Smith-Organic"
+
+
+@pytest.fixture
+def own_classifier(onnx_artifact_dir, tmp_path):
+    """A classifier on a private copy of the model: enrolling writes enrolled.json beside it."""
+    d = tmp_path / "model"
+    shutil.copytree(onnx_artifact_dir, d)
+    return load_classifier(d)
+
+
+@pytest.fixture(scope="module")
+def photos(grocery_root) -> list[Path]:
+    return sorted((grocery_root / "train/Fruit/Apple/Granny-Smith").glob("*.jpg"))[-5:]
+
+
+def post_enroll(run, photos: list[bytes], label=NEW, parent="Apple", station="st-1", operator="op-1"):
+    boundary = uuid.uuid4().hex
+    fields = [("label", label), ("parent", parent), ("station", station), ("operator", operator)]
+    parts = [f'--{boundary}\r\nContent-Disposition: form-data; name="{k}"\r\n\r\n{v}\r\n'.encode() for k, v in fields]
+    for i, p in enumerate(photos):
+        parts.append(f'--{boundary}\r\nContent-Disposition: form-data; name="photo"; filename="p{i}.jpg"\r\n'
+                     "Content-Type: image/jpeg\r\n\r\n".encode() + p + b"\r\n")
+    parts.append(f"--{boundary}--\r\n".encode())
+    st, _, data = run.request("POST", "/api/enrollments", b"".join(parts),
+                              {"Content-Type": f"multipart/form-data; boundary={boundary}"})
+    return st, json.loads(data)
+
+
+def events(db: Path) -> list[sqlite3.Row]:
+    conn = sqlite3.connect(db)
+    conn.row_factory = sqlite3.Row
+    try:
+        return conn.execute("SELECT * FROM enrollment_events ORDER BY created_at").fetchall()
+    finally:
+        conn.close()
+
+
+def test_enroll_over_http_extends_the_tree_and_logs_the_event(start_demo, own_classifier, photos):
+    run = start_demo(own_classifier)
+    st, j = run.json("GET", "/api/enrollments")
+    assert st == 200 and j["can_enroll"] and j["min_photos"] == 5 and ["Fruit", "Apple"] in j["parents"]
+    st, j = post_enroll(run, [p.read_bytes() for p in photos])
+    assert st == 201, j
+    assert j["path"] == ["Fruit", "Apple", NEW] and j["event"]["event"] == "enrolled"
+    _, tax = run.json("GET", "/api/taxonomy")
+    apple = next(c for c in next(n for n in tax["tree"] if n["name"] == "Fruit")["children"] if c["name"] == "Apple")
+    assert NEW in [c["name"] for c in apple["children"]] and tax["enrolled"] == [NEW]
+    st, j = run.upload(photos[0].read_bytes())
+    assert st == 201 and j["display"]["full_path"][-1]["label"] == NEW
+    # a scan may now be corrected to the new product
+    st, j = run.json("POST", f"/api/scans/{j['scan']['id']}/action",
+                     {"action": "corrected", "label": ["Fruit", "Apple", NEW], "station": "st-1", "operator": "op-1"})
+    assert st == 200 and j["scan"]["final_path"] == f"Fruit > Apple > {NEW}"
+    [row] = events(run.db)
+    assert (row["event"], row["label"], row["parent"], row["station"]) == ("enrolled", NEW, "Apple", "st-1")
+    assert all(run.data.resolve(f).is_file() for f in json.loads(row["photos"]))
+    st, j = run.json("POST", f"/api/enrollments/{NEW}/forget", {"station": "st-2", "operator": "op-2"})
+    assert st == 200 and j["event"]["event"] == "forgotten"
+    assert [r["event"] for r in events(run.db)] == ["enrolled", "forgotten"]
+    assert run.json("GET", "/api/taxonomy")[1]["enrolled"] == []
+
+
+def test_bad_enrollment_requests_get_a_message_and_change_nothing(start_demo, own_classifier, photos, tmp_path):
+    run = start_demo(own_classifier)
+    good = [p.read_bytes() for p in photos]
+    st, j = post_enroll(run, good[:3])
+    assert st == 400 and "5 to 10 photos" in j["error"]
+    st, j = post_enroll(run, good, parent="Nowhere")
+    assert st == 400 and j["kind"] == "enrollment" and "Nowhere" in j["error"]
+    st, j = post_enroll(run, good, label="Granny-Smith")
+    assert st == 400 and "already exists" in j["error"]
+    st, j = post_enroll(run, [*good[:4], b"not a photo"])
+    assert st == 400 and j["kind"] == "invalid_image" and "image 4" in j["error"]
+    st, j = post_enroll(run, good, label=" ")
+    assert st == 400 and "product name is missing" in j["error"]
+    st, j = run.json("POST", "/api/enrollments/Nothing/forget", {})
+    assert st == 404
+    assert events(run.db) == [] and own_classifier.enrolled == ()
+
+
+@pytest.mark.slow
+def test_new_product_from_the_correct_screen_in_a_browser(start_demo, own_classifier, photos):
+    pytest.importorskip("playwright")
+    from demo.screenshots import CHROMIUM, launch_chromium, phone_page, scan
+    from playwright.sync_api import sync_playwright
+
+    if not Path(CHROMIUM).exists():
+        pytest.skip(f"{CHROMIUM} is missing: run tests/demo/install_browser.sh")
+    run = start_demo(own_classifier)
+    with sync_playwright() as pw:
+        b = launch_chromium(pw)
+        page = phone_page(b, run.url, station="dock-7", operator="li")
+        scan(page, photos[0])
+        page.click("#correct")
+        page.wait_for_selector("#picker[open]")
+        page.click("#picker-new")
+        page.wait_for_selector("#enroll[open]")
+        assert page.inner_text("#enroll-count") == "1"  # the scanned photo counts
+        page.fill("#enroll-label", NEW)
+        page.select_option("#enroll-parent", "Apple")
+        page.set_input_files("#enroll-file", [str(p) for p in photos[1:]])
+        assert page.inner_text("#enroll-count") == "5" and page.is_enabled("#enroll-save")
+        page.click("#enroll-save")
+        page.wait_for_selector("#done:not(.hidden)")
+        assert f"Corrected to Fruit > Apple > {NEW}" in page.inner_text("#done")
+        b.close()
+    [row] = events(run.db)
+    assert (row["event"], row["label"], row["station"], row["operator"]) == ("enrolled", NEW, "dock-7", "li")
+    assert [c.label for c in own_classifier.enrolled] == [NEW]

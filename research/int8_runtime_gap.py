@@ -51,8 +51,10 @@ def runtime_backend(target: str, ctx, converted, quantizer, workdir: Path):
     from quantize.tflite import write_tflite
     from sdk._backends import ExecuTorchBackend, LiteRtBackend
     example = ctx.example()
-    # the backends read only the input size and the number of outputs from a manifest
-    manifest = SimpleNamespace(input=SimpleNamespace(size=ctx.image_size), outputs=ctx.taxonomy.level_names)
+    # the backends read only the input size and the outputs (the levels, then the embedding) from a manifest
+    outputs = list(ctx.taxonomy.level_names)
+    manifest = SimpleNamespace(input=SimpleNamespace(size=ctx.image_size), outputs=outputs,
+                               graph_outputs=outputs + ["embedding"])
     if target == "executorch":
         write_pte(converted, example, workdir / "model.pte")
         return ExecuTorchBackend(workdir / "model.pte", manifest, 1)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import http.client
 import json
 import shutil
+import sqlite3
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -99,3 +100,18 @@ def model_with_decoding(tmp_path, onnx_artifact_dir) -> Callable[[dict], Path]:
         (out / "manifest.json").write_text(json.dumps(m, indent=1))
         return out
     return make
+
+
+def _rows(db: Path, sql: str) -> list[sqlite3.Row]:
+    conn = sqlite3.connect(db)
+    conn.row_factory = sqlite3.Row
+    try:
+        return conn.execute(sql).fetchall()
+    finally:
+        conn.close()
+
+
+@pytest.fixture
+def db_rows() -> Callable[[Path, str], list[sqlite3.Row]]:
+    """Rows of one query on a demo run's SQLite log, read the way an operator's tool would."""
+    return _rows

@@ -4,7 +4,6 @@ photo, read the breadcrumb, confirm or correct, and the row is in SQLite."""
 from __future__ import annotations
 
 import os
-import sqlite3
 from pathlib import Path
 
 import pytest
@@ -34,17 +33,8 @@ def browser():
         b.close()
 
 
-def db_rows(db: Path) -> list[sqlite3.Row]:
-    conn = sqlite3.connect(db)
-    conn.row_factory = sqlite3.Row
-    try:
-        return conn.execute("SELECT * FROM scans").fetchall()
-    finally:
-        conn.close()
-
-
 @pytest.mark.slow
-def test_upload_confirm_row_in_sqlite(browser, start_demo, demo_classifier, banana_jpg):
+def test_upload_confirm_row_in_sqlite(db_rows, browser, start_demo, demo_classifier, banana_jpg):
     run = start_demo(demo_classifier)
     page = phone_page(browser, run.url, station="dock-7", operator="li")
     assert "dock-7" in page.inner_text("#who")
@@ -58,14 +48,14 @@ def test_upload_confirm_row_in_sqlite(browser, start_demo, demo_classifier, bana
     page.click("#confirm")
     page.wait_for_selector("#done:not(.hidden)")
     assert page.inner_text("#done").startswith("✓ Confirmed")
-    [row] = db_rows(run.db)
+    [row] = db_rows(run.db, "SELECT * FROM scans")
     assert (row["action"], row["station"], row["operator"]) == ("confirmed", "dock-7", "li")
     assert row["final_path"] == " > ".join(p.label for p in want.path)
     page.context.close()
 
 
 @pytest.mark.slow
-def test_token_prompt_and_tree_picker_correction(browser, start_demo, demo_classifier, grocery_root):
+def test_token_prompt_and_tree_picker_correction(db_rows, browser, start_demo, demo_classifier, grocery_root):
     run = start_demo(demo_classifier, token="t0ken")
     page = phone_page(browser, run.url)
     # No token yet: the API answers 401 and the page opens Settings to ask for it.
@@ -87,6 +77,6 @@ def test_token_prompt_and_tree_picker_correction(browser, start_demo, demo_class
     page.set_input_files("#file", files=[{"name": "notes.jpg", "mimeType": "image/jpeg", "buffer": b"just text"}])
     page.wait_for_selector("#message.error")
     assert "not a usable image" in page.inner_text("#message")
-    [row] = db_rows(run.db)
+    [row] = db_rows(run.db, "SELECT * FROM scans")
     assert (row["action"], row["final_path"], row["final_level"]) == ("corrected", "Fruit > Apple > Granny-Smith", 2)
     page.context.close()

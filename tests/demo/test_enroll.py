@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import sqlite3
 import uuid
 from pathlib import Path
 
@@ -42,16 +41,10 @@ def post_enroll(run, photos: list[bytes], label=NEW, parent="Apple", station="st
     return st, json.loads(data)
 
 
-def events(db: Path) -> list[sqlite3.Row]:
-    conn = sqlite3.connect(db)
-    conn.row_factory = sqlite3.Row
-    try:
-        return conn.execute("SELECT * FROM enrollment_events ORDER BY created_at").fetchall()
-    finally:
-        conn.close()
+EVENTS = "SELECT * FROM enrollment_events ORDER BY created_at"
 
 
-def test_enroll_over_http_extends_the_tree_and_logs_the_event(start_demo, own_classifier, photos):
+def test_enroll_over_http_extends_the_tree_and_logs_the_event(db_rows, start_demo, own_classifier, photos):
     run = start_demo(own_classifier)
     st, j = run.json("GET", "/api/enrollments")
     assert st == 200 and j["can_enroll"] and j["min_photos"] == 5 and ["Fruit", "Apple"] in j["parents"]
@@ -67,16 +60,16 @@ def test_enroll_over_http_extends_the_tree_and_logs_the_event(start_demo, own_cl
     st, j = run.json("POST", f"/api/scans/{j['scan']['id']}/action",
                      {"action": "corrected", "label": ["Fruit", "Apple", NEW], "station": "st-1", "operator": "op-1"})
     assert st == 200 and j["scan"]["final_path"] == f"Fruit > Apple > {NEW}"
-    [row] = events(run.db)
+    [row] = db_rows(run.db, EVENTS)
     assert (row["event"], row["label"], row["parent"], row["station"]) == ("enrolled", NEW, "Apple", "st-1")
     assert all(run.data.resolve(f).is_file() for f in json.loads(row["photos"]))
     st, j = run.json("POST", f"/api/enrollments/{NEW}/forget", {"station": "st-2", "operator": "op-2"})
     assert st == 200 and j["event"]["event"] == "forgotten"
-    assert [r["event"] for r in events(run.db)] == ["enrolled", "forgotten"]
+    assert [r["event"] for r in db_rows(run.db, EVENTS)] == ["enrolled", "forgotten"]
     assert run.json("GET", "/api/taxonomy")[1]["enrolled"] == []
 
 
-def test_bad_enrollment_requests_get_a_message_and_change_nothing(start_demo, own_classifier, photos, tmp_path):
+def test_bad_enrollment_requests_get_a_message_and_change_nothing(db_rows, start_demo, own_classifier, photos, tmp_path):
     run = start_demo(own_classifier)
     good = [p.read_bytes() for p in photos]
     st, j = post_enroll(run, good[:3])
@@ -91,11 +84,11 @@ def test_bad_enrollment_requests_get_a_message_and_change_nothing(start_demo, ow
     assert st == 400 and "product name is missing" in j["error"]
     st, j = run.json("POST", "/api/enrollments/Nothing/forget", {})
     assert st == 404
-    assert events(run.db) == [] and own_classifier.enrolled == ()
+    assert db_rows(run.db, EVENTS) == [] and own_classifier.enrolled == ()
 
 
 @pytest.mark.slow
-def test_new_product_from_the_correct_screen_in_a_browser(start_demo, own_classifier, photos):
+def test_new_product_from_the_correct_screen_in_a_browser(db_rows, start_demo, own_classifier, photos):
     pytest.importorskip("playwright")
     from demo.screenshots import CHROMIUM, launch_chromium, phone_page, scan
     from playwright.sync_api import sync_playwright
@@ -120,6 +113,6 @@ def test_new_product_from_the_correct_screen_in_a_browser(start_demo, own_classi
         page.wait_for_selector("#done:not(.hidden)")
         assert f"Corrected to Fruit > Apple > {NEW}" in page.inner_text("#done")
         b.close()
-    [row] = events(run.db)
+    [row] = db_rows(run.db, EVENTS)
     assert (row["event"], row["label"], row["station"], row["operator"]) == ("enrolled", NEW, "dock-7", "li")
     assert [c.label for c in own_classifier.enrolled] == [NEW]

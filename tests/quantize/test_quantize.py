@@ -251,7 +251,8 @@ def test_int8_artifacts_load_through_the_sdk(int8_run, grocery_root):
     backbone_float = any(n.startswith(BACKBONE_NODE_PREFIXES) and "/Conv" in n for n in excluded)
     # int8 weights are ~1/4 of fp32; a backbone family the sensitivity pass kept float adds its fp32 weights
     assert onnx["size_ratio"] <= (0.40 if not backbone_float else 0.60), (onnx["size_ratio"], plan["float_families"])
-    # the backbone's stride-2 padding and skip adds run in int8: wrapped DequantizeLinear -> op -> QuantizeLinear
+    # the backbone's stride-2 "same" padding is folded into its convolutions (no Pad left), and its skip adds
+    # run in int8: wrapped DequantizeLinear -> Add -> QuantizeLinear
     import onnx as onnx_lib
     g = onnx_lib.load(str(tmp_path / "onnx" / "model.onnx")).graph
     producer = {o: n.op_type for n in g.node for o in n.output}
@@ -261,12 +262,13 @@ def test_int8_artifacts_load_through_the_sdk(int8_run, grocery_root):
             consumers.setdefault(i, []).append(n.op_type)
     bb = [n for n in g.node if n.op_type in ("Pad", "Add") and n.name.startswith("/model/_blocks.")
           and n.name not in excluded]
-    assert any(n.op_type == "Pad" for n in bb) and any(n.op_type == "Add" for n in bb), plan["float_families"]
+    assert not any(n.op_type == "Pad" for n in g.node)
+    assert any(n.op_type == "Add" for n in bb), plan["float_families"]
     for n in bb:
         assert producer.get(n.input[0]) == "DequantizeLinear", n.name
         assert consumers.get(n.output[0]) and set(consumers[n.output[0]]) == {"QuantizeLinear"}, n.name
     # the tiny student is barely trained (flat distributions, easy to flip; 48 photos): 85 % catches a broken
-    # quantization (that lands near chance), the real student is judged at 99 % by `python -m quantize`
+    # quantization (that lands near chance), the real student is judged at 98.5 % by `python -m quantize`
     for t in ("onnx", "executorch", "tflite"):
         agr = rep["targets"][t]["splits"]["val"]["agreement_with_fp32"]["agreement/fine"]
         assert agr >= 0.85, f"{t}: fine agreement with fp32 {agr}"

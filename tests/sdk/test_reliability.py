@@ -449,7 +449,7 @@ def test_row16_label_count_differs_from_output_size(model_copy):
         bigger = Taxonomy(list(tax.level_names), levels)
         m["taxonomy"], m["taxonomy_hash"] = bigger.to_dict(), bigger.hash
     _edit_manifest(model_copy, add_leaf)
-    with pytest.raises(ModelIntegrityError, match=r"outputs have sizes \[3, 43, 81\].*\[3, 43, 82\]"):
+    with pytest.raises(ModelIntegrityError, match=r"outputs have sizes \[3, 43, 81(, \d+)?\].*\[3, 43, 82(, \d+)?\]"):
         Classifier.load(model_copy)
 
 

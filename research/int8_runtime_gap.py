@@ -109,13 +109,14 @@ def main(argv: list[str] | None = None) -> int:
         for t in targets:
             quantizer = xnnpack_quantizer(names) if t == "executorch" else litert_quantizer(names)
             converted = convert(ctx, quantizer, fold_quantize=(t == "executorch"))
-            graph = {k: graph_logprobs(converted, s.images) for k, s in prep.evals.items()}
+            # the levels only: the embedding output follows them
+            graph = {k: graph_logprobs(converted, s.images)[:tax.depth] for k, s in prep.evals.items()}
             graphs[t] = graph
             (Path(tmp) / t).mkdir()
             backend = runtime_backend(t, ctx, converted, quantizer, Path(tmp) / t)
             rec = out["targets"].setdefault(t, {})
             for split, s in prep.evals.items():
-                rt = [o.astype(np.float64) for o in backend.run(s.images)]  # in the artifact's fixed batch
+                rt = [o.astype(np.float64) for o in backend.run(s.images)[:tax.depth]]  # in the fixed batch
                 r = {"fp32_top1": fp32_top1[split],
                      "graph_top1": compute_metrics(tax, graph[split], s.labels)[f"top1/{fine}"],
                      "runtime_top1": compute_metrics(tax, rt, s.labels)[f"top1/{fine}"],

@@ -200,8 +200,10 @@ def check_parity(target: str, deploy: torch.nn.Module, artifact: Path, manifest:
         raise ExportError("parity needs real images: pass ExportSpec(images=...) (see converters.parity_images)")
     clf = Classifier.load(artifact.parent)
     cand = clf.logprobs(spec.images)
-    ref, ref_emb = torch_outputs(deploy, spec.images)
-    ref = reference if reference is not None else ref
+    ref, ref_emb = reference, None
+    if reference is None or manifest.embedding is not None:  # PyTorch runs only for what is not given
+        lps, ref_emb = torch_outputs(deploy, spec.images)
+        ref = lps if reference is None else reference
     rec = parity(ref, cand, manifest.taxonomy, spec.tie_margin)
     if manifest.embedding is not None and ref_emb is not None:
         rec.update(embedding_parity(ref_emb, clf.embeddings(spec.images)))

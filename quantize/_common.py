@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from contextlib import contextmanager
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
@@ -140,8 +140,7 @@ def finish_int8(ctx: QuantContext, target: str, path: Path, fp32_size: int | Non
     m = write_manifest(target, path, ctx.taxonomy, spec, versions, {"quantization": record},
                        embedding=embedding_record(ctx.deploy()))
     if no_parity is None:
-        m = check_parity(target, ctx.deploy(), path, m, replace(spec, min_agreement=INT8_MIN_AGREEMENT,
-                                                                       tie_margin=INT8_TIE_MARGIN))
+        m = check_parity(target, ctx.deploy(), path, m, spec)  # ctx.spec("int8") carries the int8 floors
     else:
         m.metrics["parity"] = {"measured": False, "reason": no_parity}
     if export is not None:

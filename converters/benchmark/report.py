@@ -145,7 +145,7 @@ def model_card(rec: dict[str, Any], taxonomy, manifest, roof: dict[str, Any], an
                      + _card_use(rec, manifest) + ["## Reproduce", "", "```sh", *commands, "```", ""])
 
 
-def _goal_lines(g: dict[str, Any] | None) -> list[str]:
+def goal_lines(g: dict[str, Any] | None) -> list[str]:
     if not g:
         return []
     lines = ["## Goals", ""]
@@ -156,6 +156,12 @@ def _goal_lines(g: dict[str, Any] | None) -> list[str]:
         lines.append(f"- vs {g['peer']} ({g['peer_ms']:.2f} ms, fine top-1 {g['peer_fine']:.4f}): "
                      f"{'faster' if g['faster_than_peer'] else 'NOT faster'}, fine top-1 {g['student_fine']:.4f} "
                      f"{'≥' if g['at_least_as_accurate'] else '<'} peer")
+        lines.append(f"- ratio int8 student / fp32 peer: **{g['ratio']:.2f}×** — "
+                     f"{'meets' if g['ratio'] <= g['ratio_bar'] else 'MISSES'} ≤ {g['ratio_bar']:g}×")
+    if "fp32_ratio" in g:
+        lines.append(f"- ratio fp32 student ({g['student_fp32']}, {g['student_fp32_ms']:.2f} ms) / fp32 peer: "
+                     f"**{g['fp32_ratio']:.2f}×** — {'meets' if g['fp32_ratio'] <= g['fp32_ratio_bar'] else 'MISSES'} "
+                     f"≤ {g['fp32_ratio_bar']:g}×")
     if "error" in g:
         lines.append(f"- not judged: {g['error']}")
     return lines + [""]
@@ -226,7 +232,7 @@ def write_reports(out: Path, rows: list[Row], analyses: dict[str, dict[str, Any]
           "tree-consistent path; severity = mean LCA height of wrong fine answers; agree fine = fine top-1 "
           "agreement with the PyTorch fp32 model of the same checkpoint.", "",
           table_markdown(records, names), "", *(["Not measured here:", "", *notes, ""] if notes else []),
-          *_goal_lines(settings.get("goals")), *_roofline_lines(machine, roof), "", *_analysis_lines(analyses, names),
+          *goal_lines(settings.get("goals")), *_roofline_lines(machine, roof), "", *_analysis_lines(analyses, names),
           "", "## Plots", "", *[f"![{p.stem}]({p.name})" for p in plots],
           "", "## Model cards", "", *[f"- [{p.stem}]({p.relative_to(out)})" for p in cards],
           "", "## Reproduce", "", "```sh", settings["command"], "```", ""]

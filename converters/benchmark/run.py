@@ -14,7 +14,7 @@ import numpy as np
 from .measure import BenchmarkError, Entry, Row, parse_entries
 from .measure import measure, set_threads
 from .plots import plot_all
-from .report import table_markdown, write_reports
+from .report import goal_lines, table_markdown, write_reports
 from .roofline import machine_info, machine_line, roofline
 from .stats import agreement, analyse, goals
 
@@ -96,8 +96,8 @@ def run_benchmark(entries: list[Entry], data: str, split: str = "val", out: str 
     log("")
     log(machine_line(machine))
     log(table_markdown([r.record for r in rows], taxonomy.level_names))
-    if settings["goals"]:
-        log(f"goals: {json.dumps(settings['goals'])}")
+    for line in goal_lines(settings["goals"])[2:-1]:  # the bars, one line each, as in benchmark.md
+        log(line)
     log(f"wrote {paths['markdown']}, {paths['json']}, {len(plots)} plots and "
         f"{sum(r.entry.kind == 'artifact' for r in rows)} model cards in {out}")
     return json.loads(paths["json"].read_text())

@@ -131,9 +131,14 @@ def wilson(p: float, n: int, z: float = 1.96) -> tuple[float, float]:
     return float(c - h), float(c + h)
 
 
+INT8_RATIO_BAR = 0.5   # the shipped int8 student at most half the flat fp32 peer's latency
+FP32_RATIO_BAR = 1.15  # the fp32 student at most 15 % slower than the flat fp32 peer
+
+
 def goals(rows: list[Row], student: str | None, peer: str | None, max_ms: float, taxonomy) -> dict[str, Any] | None:
-    """The speed bar: the student's fastest int8 artifact within `max_ms` at batch 1, faster than the
-    peer's fastest fp32 artifact and at least as accurate at the fine level."""
+    """The speed bars: the student's fastest int8 artifact within `max_ms` at batch 1, faster than the
+    peer's fastest fp32 artifact, at least as accurate at the fine level, and its latency ratio to the
+    peer (int8 ≤ 0.5×; the student's own fp32 ≤ 1.15×), all from this one run."""
     if not student:
         return None
     fine = f"top1/{taxonomy.level_names[-1]}"
@@ -155,4 +160,12 @@ def goals(rows: list[Row], student: str | None, peer: str | None, max_ms: float,
                     "peer_fine": q.record["metrics"][fine]})
         res["faster_than_peer"] = res["student_ms"] < res["peer_ms"]
         res["at_least_as_accurate"] = res["student_fine"] >= res["peer_fine"]
+        res["ratio"] = res["student_ms"] / res["peer_ms"]
+        res["ratio_bar"] = INT8_RATIO_BAR
+        sf = [r for r in ok if r.entry.group == student and r.entry.precision == "fp32"]
+        if sf:
+            f = min(sf, key=lambda r: r.record["latency"]["median_ms"])
+            res.update({"student_fp32": f.entry.label, "student_fp32_ms": f.record["latency"]["median_ms"],
+                        "fp32_ratio": f.record["latency"]["median_ms"] / res["peer_ms"],
+                        "fp32_ratio_bar": FP32_RATIO_BAR})
     return res

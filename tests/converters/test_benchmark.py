@@ -195,6 +195,11 @@ def test_goals_judge_the_fastest_int8_student_against_the_fp32_peer():
     g = goals(rows, "s", "p", 8.0, _Tax())
     assert g["student"] == "s/tflite-int8" and g["within_max_ms"] and g["peer"] == "p/onnx-fp32"
     assert g["faster_than_peer"] and g["at_least_as_accurate"]
+    assert g["ratio"] == 6.0 / 9.0 and g["ratio"] > g["ratio_bar"]  # the ratio to the peer's fastest fp32 row
+    assert g["student_fp32"] == "s/onnx-fp32" and g["fp32_ratio"] == 5.0 / 9.0 and g["fp32_ratio"] <= g["fp32_ratio_bar"]
+    from converters.benchmark.report import goal_lines
+    text = "\n".join(goal_lines(g))
+    assert "0.67×** — MISSES ≤ 0.5×" in text and "0.56×** — meets ≤ 1.15×" in text
     assert not goals(rows, "s", "p", 5.5, _Tax())["within_max_ms"]
     assert "error" in goals(rows, "p", None, 8.0, _Tax())
 

@@ -83,9 +83,12 @@ def reduced_root(data: Path, out: Path, held_out: tuple[str, ...] = HELD_OUT, se
     return pools
 
 
-def train_student(root: Path, out: Path, epochs: int, quick: bool = False, log=print) -> float:
-    """The cheap cached training path (frozen first 11 blocks, one cached view) at the shipped 224 px
-    with the global read-out; returns the wall time in seconds. Skipped when `out` already holds a model."""
+def train_student(root: Path, out: Path, epochs: int, quick: bool = False, config: str | None = None,
+                  log=print) -> float:
+    """The student the classes are enrolled into; returns the wall time in seconds. Skipped when `out`
+    already holds a model. Without `config`: the cheap cached path (frozen first 11 blocks, one cached
+    view) at the shipped 224 px with the global read-out. With `config` (e.g. configs/student.yaml): that
+    recipe, whole network and all, on the reduced root (its slice is already out, so no holdout)."""
     if (out / "model.safetensors").is_file():
         log(f"reusing the trained student in {out}")
         return float(json.loads((out / "config.json").read_text()).get("enrollment_train_seconds", 0.0))
@@ -95,6 +98,12 @@ def train_student(root: Path, out: Path, epochs: int, quick: bool = False, log=p
     mc = ModelConfig(image_size=224, taps=(10, -1), d_model=192, heads=4, global_head=True, dropout=0.3)
     tc = TrainConfig(data=str(root), epochs=epochs, batch_size=32, lr=3e-3, freeze_blocks=11, cache_views=1,
                      losses="ce,global_ce", threads=1)
+    if config:
+        import yaml
+
+        recipe = yaml.safe_load(Path(config).read_text())
+        mc = ModelConfig.from_dict(recipe.get("model", {}))
+        tc = TrainConfig.from_dict({**recipe.get("train", {}), "data": str(root), "holdout_fraction": 0.0, "threads": 1})
     if quick:  # a pipeline check in minutes (the tests' tiny student), not a result
         mc = ModelConfig(image_size=128, d_model=64, heads=2)
         tc = TrainConfig(data=str(root), epochs=1, batch_size=32, limit_per_class=3, limit_val=48, cache_views=1,
@@ -197,7 +206,7 @@ def separation(clf, full: Taxonomy, pools: dict, lps: list[np.ndarray], emb: np.
     return out
 
 
-def judge(out: Path, pools: dict, shots: list[int], trials: int, train_secs: float, log=print) -> int:
+def judge(out: Path, pools: dict, shots: list[int], trials: int, train_secs: float, recipe: str = "", log=print) -> int:
     """Export, enroll every held-out class for each k and trial, score before / after; write the table."""
     from converters import export_checkpoint
     from sdk import Classifier
@@ -231,7 +240,7 @@ def judge(out: Path, pools: dict, shots: list[int], trials: int, train_secs: flo
                              "others": score(tax, ext, lab, others)})
         log(f"k={k}: {trials} trials done")
     sep = separation(clf, full, pools, lps, emb)
-    record = {"separation_auc_k5": sep, "held_out": list(HELD_OUT), "train_seconds": train_secs, "others_before": before, "rows": rows,
+    record = {"recipe": recipe or "cached frozen-backbone path", "separation_auc_k5": sep, "held_out": list(HELD_OUT), "train_seconds": train_secs, "others_before": before, "rows": rows,
               "defaults": {"sharpness": SHARPNESS, "tie_spreads": TIE_SPREADS},
               "eval_photos": {"enrolled": int(held.sum()), "others": int(len(others))}}
     md = table(record)
@@ -248,7 +257,7 @@ def table(rec: dict[str, Any]) -> str:
     d = rec["defaults"]
     b = rec["others_before"]
     lines = [f"Held out: {', '.join(rec['held_out'])} ({rec['eval_photos']['enrolled']} evaluation photos, val + "
-             f"20 % slice); other classes: {rec['eval_photos']['others']} photos. Student trained in "
+             f"20 % slice); other classes: {rec['eval_photos']['others']} photos. Student ({rec.get('recipe', 'cached path')}) trained in "
              f"{rec['train_seconds'] / 60:.0f} min on one core. Mean over trials.", "",
              f"Defaults (sharpness {d['sharpness']}, tie at {d['tie_spreads']} spreads):", "",
              "| k | enrolled fine top-1 | enrolled full path | others fine top-1 before → after | drop (pt) "
@@ -307,7 +316,9 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--data", required=True, help="Grocery Store root")
     p.add_argument("--out", required=True)
-    p.add_argument("--epochs", type=int, default=8)
+    p.add_argument("--epochs", type=int, default=8, help="epochs of the cached path (a --config recipe sets its own)")
+    p.add_argument("--config", help="train the student with this recipe (e.g. configs/student.yaml) instead of "
+                                    "the cached frozen-backbone path")
     p.add_argument("--shots", default="1,5,10")
     p.add_argument("--trials", type=int, default=3, help="random draws of the enrollment photos per k")
     p.add_argument("--train-only", action="store_true", help="stop after training (the judging needs the export)")
@@ -315,11 +326,11 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     out = Path(args.out)
     pools = reduced_root(Path(args.data), out / "data")
-    secs = train_student(out / "data", out / "student", args.epochs, args.quick)
+    secs = train_student(out / "data", out / "student", args.epochs, args.quick, args.config)
     if args.train_only:
         print(f"trained {out / 'student'} in {secs:.0f}s")
         return 0
-    return judge(out, pools, [int(k) for k in args.shots.split(",")], args.trials, secs)
+    return judge(out, pools, [int(k) for k in args.shots.split(",")], args.trials, secs, args.config or "")
 
 
 if __name__ == "__main__":

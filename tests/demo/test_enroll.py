@@ -90,7 +90,7 @@ def test_bad_enrollment_requests_get_a_message_and_change_nothing(db_rows, start
 @pytest.mark.slow
 def test_new_product_from_the_correct_screen_in_a_browser(db_rows, start_demo, own_classifier, photos):
     pytest.importorskip("playwright")
-    from demo.screenshots import CHROMIUM, launch_chromium, phone_page, scan
+    from benchmarks.screenshots import CHROMIUM, launch_chromium, phone_page, scan
     from playwright.sync_api import sync_playwright
 
     if not Path(CHROMIUM).exists():

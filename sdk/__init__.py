@@ -24,9 +24,9 @@ from ._errors import (
     TaxonomyError,
     UnsupportedFormatError,
 )
-from ._files import atomic_write, sha256_file
+from ._files import atomic_write, sha256_file, size_bytes
 from ._image import load_image, prepare
-from ._manifest import FORMAT_VERSION, InputSpec, Manifest, size_bytes
+from ._manifest import FORMAT_VERSION, InputSpec, Manifest
 from ._registry import Registry
 from ._taxonomy import IMAGE_SUFFIXES, Node, Taxonomy
 from .datasets import HierDataset, Sample, load_dataset, stratified_holdout

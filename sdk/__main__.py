@@ -19,22 +19,20 @@ from ._errors import HierfgError
 class _Progress:
     """A dependency-free progress bar on stderr (the SDK does not depend on tqdm)."""
 
-    def __init__(self, total: int, desc: str, enabled: bool):
+    def __init__(self, total: int, desc: str, enabled: bool = True):
         self.total, self.desc, self.n = total, desc, 0
         self.enabled = enabled and total > 1
 
     def update(self, k: int = 1) -> None:
         self.n += k
         if self.enabled:
-            width = 30
-            done = int(width * self.n / max(self.total, 1))
-            sys.stderr.write(f"\r{self.desc} [{'#' * done}{'.' * (width - done)}] {self.n}/{self.total}")
-            sys.stderr.flush()
+            done = 30 * self.n // self.total
+            print(f"\r{self.desc} [{'#' * done}{'.' * (30 - done)}] {self.n}/{self.total}", end="", file=sys.stderr,
+                  flush=True)
 
     def close(self) -> None:
         if self.enabled:
-            sys.stderr.write("\n")
-            sys.stderr.flush()
+            print(file=sys.stderr)
 
 
 def _names(values: Sequence[str] | None) -> list[str] | None:
@@ -175,7 +173,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
         return ds, logprobs([s.source for s in ds.samples], f"{split} ({len(ds)} images)"), source
 
     def logprobs(sources: list[Any], desc: str) -> list[np.ndarray]:
-        bar = _Progress(len(sources), desc, enabled=True)
+        bar = _Progress(len(sources), desc)
         try:
             return C.batch_logprobs(clf, sources, progress=bar.update)
         finally:

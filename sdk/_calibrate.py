@@ -144,17 +144,12 @@ def calibrate_unknown(in_scores: dict[str, np.ndarray], ood_scores: dict[str, np
                       max_false_unknown: float) -> tuple[str, float, dict[str, dict[str, float]]]:
     """Pick the score kind and threshold (flag when score > threshold) as in the module docstring."""
     table: dict[str, dict[str, float]] = {}
-    best = None
     for kind in UNKNOWN_SCORES:
         s_in, s_out = in_scores[kind], ood_scores[kind]
         thr = float(np.quantile(s_in, 1.0 - max_false_unknown, method="higher")) if len(s_in) else 1.0
-        row = {"threshold": thr, "false_unknown_rate": float((s_in > thr).mean()) if len(s_in) else 0.0,
-               "ood_detection_rate": float((s_out > thr).mean()) if len(s_out) else 0.0}
-        table[kind] = row
-        key = (row["ood_detection_rate"], kind == DEFAULT_UNKNOWN_SCORE)
-        if best is None or key > best[0]:
-            best = (key, kind)
-    kind = best[1]  # type: ignore[index]
+        table[kind] = {"threshold": thr, "false_unknown_rate": float((s_in > thr).mean()) if len(s_in) else 0.0,
+                       "ood_detection_rate": float((s_out > thr).mean()) if len(s_out) else 0.0}
+    kind = max(table, key=lambda k: (table[k]["ood_detection_rate"], k == DEFAULT_UNKNOWN_SCORE))
     return kind, table[kind]["threshold"], table
 
 
@@ -221,9 +216,8 @@ def ood_report(ood: DecodedSet, kinds: Sequence[str], thresholds: Sequence[float
 
 
 def plot_curves(curves: list[dict[str, Any]], level_names: Sequence[str], target: float, out_dir: Path,
-                in_scores: np.ndarray | None = None, ood_scores: np.ndarray | None = None,
-                unknown_kind: str = "", unknown_threshold: float | None = None) -> list[Path]:
-    """One coverage/precision PNG per level (and a histogram of the unknown score)."""
+                in_scores: np.ndarray, ood_scores: np.ndarray, unknown_kind: str, unknown_threshold: float) -> list[Path]:
+    """One coverage/precision PNG per level and a histogram of the unknown score."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -244,23 +238,20 @@ def plot_curves(curves: list[dict[str, Any]], level_names: Sequence[str], target
         ax.plot([c["coverage"][i]], [c["precision"][i]], "o", color="C3",
                 label=f"chosen t={c['chosen']:.3f}: coverage {c['coverage'][i]:.2f}, precision {c['precision'][i]:.3f}")
         ax.axhline(target, ls="--", color="grey", lw=1, label=f"target {target}")
-        ax.set_xlabel(f"coverage (share of images answered to '{name}')")
-        ax.set_ylabel(f"precision at '{name}'")
+        ax.set(xlabel=f"coverage (share of images answered to '{name}')", ylabel=f"precision at '{name}'",
+               xlim=(0, 1.02))
         ax.set_title(f"back-off at level '{name}' (levels above at their thresholds)", fontsize=9)
-        ax.set_xlim(0, 1.02)
         ax.legend(fontsize=7, loc="lower left")
         ax.grid(alpha=0.3)
         save(fig, f"calibration_{name}.png")
-    if in_scores is not None and ood_scores is not None:
-        fig, ax = plt.subplots(figsize=(5, 4))
-        bins = np.linspace(0, 1, 41)
-        ax.hist(in_scores, bins=bins, alpha=0.6, label="in-catalogue (calibration split)", density=True)
-        ax.hist(ood_scores, bins=bins, alpha=0.6, label="generated out-of-catalogue", density=True)
-        if unknown_threshold is not None:
-            ax.axvline(unknown_threshold, color="C3", ls="--", label=f"threshold {unknown_threshold:.3f}")
-        ax.set_xlabel(f"unknown score ({unknown_kind})")
-        ax.legend(fontsize=7)
-        save(fig, "unknown_score.png")
+    fig, ax = plt.subplots(figsize=(5, 4))
+    bins = np.linspace(0, 1, 41)
+    ax.hist(in_scores, bins=bins, alpha=0.6, label="in-catalogue (calibration split)", density=True)
+    ax.hist(ood_scores, bins=bins, alpha=0.6, label="generated out-of-catalogue", density=True)
+    ax.axvline(unknown_threshold, color="C3", ls="--", label=f"threshold {unknown_threshold:.3f}")
+    ax.set_xlabel(f"unknown score ({unknown_kind})")
+    ax.legend(fontsize=7)
+    save(fig, "unknown_score.png")
     return written
 
 

@@ -273,12 +273,10 @@ class _ScanApi:
 
     @staticmethod
     def _filter() -> ScanFilter:
-        a = request.args
-        act = a.get("action") or None
-        if act and act not in ACTIONS + ("pending",):
+        given = {k: request.args.get(k) or None for k in ("action", "station", "operator", "label", "since", "until")}
+        if given["action"] and given["action"] not in ACTIONS + ("pending",):
             raise DemoError(f"action filter must be one of {', '.join(ACTIONS + ('pending',))}")
-        return ScanFilter(action=act, station=a.get("station") or None, operator=a.get("operator") or None,
-                          label=a.get("label") or None, since=a.get("since") or None, until=a.get("until") or None)
+        return ScanFilter(**given)
 
     def list_scans(self):
         flt = self._filter()

@@ -52,10 +52,16 @@ def _fmt_pred(pred: Any) -> str:
     return text
 
 
-def cmd_classify(args: argparse.Namespace) -> int:
-    from ._classifier import Classifier, ItemError
+def _classifier(args: argparse.Namespace) -> Any:
+    from ._classifier import Classifier
 
-    clf = Classifier.load(args.model, backend=args.backend, num_threads=args.threads)
+    return Classifier.load(args.model, backend=args.backend, num_threads=args.threads)
+
+
+def cmd_classify(args: argparse.Namespace) -> int:
+    from ._classifier import ItemError
+
+    clf = _classifier(args)
     thresholds = [float(x) for x in args.thresholds.split(",")] if args.thresholds else None
     kw = dict(top_k=args.top_k, thresholds=thresholds, allow=_names(args.allow), deny=_names(args.deny))
     if args.no_unknown:
@@ -122,9 +128,7 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 
 def cmd_enroll(args: argparse.Namespace) -> int:
-    from ._classifier import Classifier
-
-    clf = Classifier.load(args.model, backend=args.backend, num_threads=args.threads)
+    clf = _classifier(args)
     cls = clf.enroll(args.label, args.parent, args.images)
     cal = cls.calibration
     print(f"enrolled {cls.label!r} under {cls.parent!r} from {cls.n_photos} photos: own cosine "
@@ -135,9 +139,7 @@ def cmd_enroll(args: argparse.Namespace) -> int:
 
 
 def cmd_forget(args: argparse.Namespace) -> int:
-    from ._classifier import Classifier
-
-    clf = Classifier.load(args.model, backend=args.backend, num_threads=args.threads)
+    clf = _classifier(args)
     clf.forget(args.label)
     print(f"forgot {args.label!r}; wrote {clf.directory / ENROLLMENT_NAME} ({len(clf.enrolled)} enrolled classes left)")
     return 0
@@ -153,11 +155,9 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     import numpy as np
 
     from . import _calibrate as C
-    from ._classifier import Classifier
     from .datasets import load_dataset, restrict_to_list
 
-    clf = Classifier.load(args.model, backend=args.backend, num_threads=args.threads)
-    model_dir = Path(args.model) if Path(args.model).is_dir() else Path(args.model).parent
+    clf = _classifier(args)
     names = clf.taxonomy.level_names
 
     def load(split: str, listing: str | None) -> tuple[Any, list[np.ndarray], str]:
@@ -182,7 +182,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     ds, lp, source = load(args.split, args.holdout_list)
     ood = C.out_of_catalogue_images(args.ood_per_kind, seed=args.seed)
     ood_lp = logprobs([img for _, img in ood], f"out-of-catalogue ({len(ood)} generated)")
-    plot_dir = Path(args.plot_dir) if args.plot_dir else model_dir / "calibration"
+    plot_dir = Path(args.plot_dir) if args.plot_dir else clf.directory / "calibration"
     try:
         import matplotlib  # noqa: F401  (only to know whether the plots can be drawn)
     except ImportError:
@@ -207,7 +207,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     if args.dry_run:
         print(f"dry run: manifest not changed; {plots}")
     else:
-        print(f"wrote thresholds to {C.write_decoding(model_dir, decoding)} ('decoding'); {plots}")
+        print(f"wrote thresholds to {C.write_decoding(clf.directory, decoding)} ('decoding'); {plots}")
     return 0
 
 

@@ -99,8 +99,6 @@ class Manifest:
                 tool_versions=d.get("tool_versions", {}), model=d.get("model", {}), created=d.get("created", ""),
                 format_version=d["format_version"], embedding=_check_embedding(d.get("embedding"), where),
             )
-        except ModelIntegrityError:
-            raise
         except TaxonomyError as e:
             raise ModelIntegrityError(f"{where}: invalid taxonomy: {e}") from None
         except (KeyError, TypeError, ValueError) as e:

@@ -161,35 +161,26 @@ def test_log_page_lists_enrollment_events_in_a_browser(start_demo, own_classifie
         b.close()
 
 
-def test_scans_answered_while_products_are_enrolled_and_forgotten(start_demo, own_classifier, photos, grocery_root):
+def test_scans_answered_while_products_are_enrolled_and_forgotten(start_demo, own_classifier, photos, grocery_root,
+                                                                   background_threads):
     """Flask serves requests in threads: a scan classified while another request enrolls or forgets a product
     is described with the tree its answer came from, never a mix (no 500, every path a path of the tree)."""
     run = start_demo(own_classifier)
     images = [photos[0].read_bytes(), (grocery_root / "train/Fruit/Banana/Banana_001.jpg").read_bytes()]
-    answers, problems, done = [], [], threading.Event()
+    answers = []
 
-    def scan(k: int) -> None:
+    def scan(k: int, done: threading.Event) -> None:
         while not done.is_set():
             st, j = run.upload(images[k % 2])
-            answers.append(st)
-            if st != 201:
-                problems.append(j)
-                continue
+            assert st == 201, j
             path = [c["label"] for c in j["display"]["full_path"]]
             probs = [c["probability"] for c in j["display"]["full_path"]]
-            under_its_parent = NEW not in path or path[:2] == ["Fruit", "Apple"]
-            if len(path) != 3 or probs != sorted(probs, reverse=True) or not under_its_parent:
-                problems.append(path)
+            assert len(path) == 3 and probs == sorted(probs, reverse=True), path
+            assert NEW not in path or path[:2] == ["Fruit", "Apple"], path
+            answers.append(path)
 
-    threads = [threading.Thread(target=scan, args=(k,)) for k in range(2)]
-    for t in threads:
-        t.start()
-    try:
+    with background_threads(scan, 2):
         for _ in range(3):
             assert post_enroll(run, [p.read_bytes() for p in photos])[0] == 201
             assert run.json("POST", f"/api/enrollments/{NEW}/forget", {})[0] == 200
-    finally:
-        done.set()
-        for t in threads:
-            t.join()
-    assert problems == [] and len(answers) >= 6
+    assert len(answers) >= 2

@@ -73,7 +73,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--model", default=str(DEFAULT_MODEL))
     p.add_argument("--backoff-model", help="a model folder whose calibrated thresholds make --backoff-photo back off "
                                            "(default: --model)")
-    p.add_argument("--data", default=os.environ.get("HIERFG_GROCERY", str(ROOT.parent / "shared/datasets/grocery-store")))
+    p.add_argument("--data", default=os.environ.get("HIERFG_GROCERY",
+                                                    str(ROOT.parent / "shared/datasets/grocery-store")))
     p.add_argument("--photo", default="val/Fruit/Melon/Galia-Melon/Galia-Melon_005.jpg")
     p.add_argument("--backoff-photo", default="val/Packages/Juice/God-Morgon-Orange-Juice/God-Morgon-Orange-Juice_004.jpg")
     p.add_argument("--out", default="docs/img")

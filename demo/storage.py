@@ -109,19 +109,16 @@ class Scan:
         return asdict(self)
 
     def _row(self) -> tuple:
-        d = self.to_dict()
-        d["is_unknown"] = int(self.is_unknown)
-        d["confidences"] = json.dumps(self.confidences, ensure_ascii=False)
-        d["prediction"] = json.dumps(self.prediction, ensure_ascii=False)
+        d = {**self.to_dict(), "is_unknown": int(self.is_unknown),
+             "confidences": json.dumps(self.confidences, ensure_ascii=False),
+             "prediction": json.dumps(self.prediction, ensure_ascii=False)}
         return tuple(d[c] for c in COLUMNS)
 
     @classmethod
     def _from_row(cls, row: Sequence[Any]) -> "Scan":
         d = dict(zip(COLUMNS, row))
-        d["is_unknown"] = bool(d["is_unknown"])
-        d["confidences"] = json.loads(d["confidences"])
-        d["prediction"] = json.loads(d["prediction"])
-        return cls(**d)
+        return cls(**{**d, "is_unknown": bool(d["is_unknown"]), "confidences": json.loads(d["confidences"]),
+                      "prediction": json.loads(d["prediction"])})
 
 
 @dataclass(frozen=True)

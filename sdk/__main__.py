@@ -101,8 +101,10 @@ def cmd_info(args: argparse.Namespace) -> int:
         return 0
     tax = m.taxonomy
     print(f"model      {Path(args.model)}")
-    print(f"target     {m.target} ({m.precision})  file {m.file}  {m.size_bytes / 1e6:.1f} MB  sha256 {m.sha256[:16]}…")
-    print(f"input      {m.input.size}x{m.input.size} {m.input.color} {m.input.dtype} {m.input.layout}; {m.input.resize}")
+    print(f"target     {m.target} ({m.precision})  file {m.file}  {m.size_bytes / 1e6:.1f} MB  "
+          f"sha256 {m.sha256[:16]}…")
+    print(f"input      {m.input.size}x{m.input.size} {m.input.color} {m.input.dtype} {m.input.layout}; "
+          f"{m.input.resize}")
     print(f"taxonomy   {' > '.join(f'{n} ({s})' for n, s in zip(tax.level_names, tax.sizes))}  hash {tax.hash[:12]}…")
     print(f"outputs    {', '.join(m.outputs)}")
     emb = m.embedding
@@ -245,7 +247,8 @@ def build_parser() -> argparse.ArgumentParser:
     k = command("calibrate", cmd_calibrate, "pick back-off and unknown thresholds on labelled data; write the manifest")
     k.add_argument("--data", required=True, help="dataset root (Grocery Store root or folder tree)")
     k.add_argument("--split", default="val")
-    k.add_argument("--holdout-list", default=None, help="only the images listed in this file (e.g. a run's holdout.txt)")
+    k.add_argument("--holdout-list", default=None,
+                   help="only the images listed in this file (e.g. a run's holdout.txt)")
     k.add_argument("--target-precision", type=float, default=0.98)
     k.add_argument("--max-false-unknown", type=float, default=0.05,
                    help="share of real items that may be flagged unknown")
@@ -261,7 +264,8 @@ def build_parser() -> argparse.ArgumentParser:
     k.add_argument("--dry-run", action="store_true", help="do not change the manifest")
     k.add_argument("--seed", type=int, default=0)
 
-    e = command("enroll", cmd_enroll, f"add a product under an existing parent from its photos (writes {ENROLLMENT_NAME})")
+    e = command("enroll", cmd_enroll,
+                f"add a product under an existing parent from its photos (writes {ENROLLMENT_NAME})")
     e.add_argument("images", nargs="+", help="photos of the product (5-10 recommended)")
     e.add_argument("--label", required=True, help="name of the new product")
     e.add_argument("--parent", required=True, help="the node it belongs under (a name at the level above the leaves)")

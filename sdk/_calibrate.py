@@ -217,7 +217,8 @@ def ood_report(ood: DecodedSet, kinds: Sequence[str], thresholds: Sequence[float
 
 
 def plot_curves(curves: list[dict[str, Any]], level_names: Sequence[str], target: float, out_dir: Path,
-                in_scores: np.ndarray, ood_scores: np.ndarray, unknown_kind: str, unknown_threshold: float) -> list[Path]:
+                in_scores: np.ndarray, ood_scores: np.ndarray, unknown_kind: str,
+                unknown_threshold: float) -> list[Path]:
     """One coverage/precision PNG per level and a histogram of the unknown score."""
     import matplotlib
     matplotlib.use("Agg")

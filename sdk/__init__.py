@@ -5,8 +5,7 @@ executorch, coremltools) is imported when a model of that kind is loaded. Never 
 """
 
 from . import datasets
-from ._backends import VNNI_FLAGS, BackendUnavailableError, available_backends, register_backend
-from ._backends import concat_levels
+from ._backends import VNNI_FLAGS, BackendUnavailableError, available_backends, concat_levels, register_backend
 from ._calibrate import answered_depth, batch_logprobs, decode_set, lca_height
 from ._classifier import Classifier, HierarchicalPrediction, ItemError, LevelPrediction
 from ._decode import TreeDecoder

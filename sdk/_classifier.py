@@ -67,16 +67,11 @@ class HierarchicalPrediction:
         return sep.join(p.label for p in self.path) if self.path else "uncertain"
 
     def to_dict(self) -> dict[str, Any]:
-        return {
-            "path": [asdict(p) for p in self.path],
-            "full_path": [asdict(p) for p in self.full_path],
-            "top_k": {k: [{"label": l, "probability": s} for l, s in v] for k, v in self.top_k.items()},
-            "deepest_confident": asdict(self.path[-1]) if self.path else None,
-            "is_unknown": self.is_unknown,
-            "unknown_score": self.unknown_score,
-            "allowed_mass": self.allowed_mass,
-            "breadcrumb": self.breadcrumb(),
-        }
+        return {"path": [asdict(p) for p in self.path], "full_path": [asdict(p) for p in self.full_path],
+                "top_k": {k: [{"label": l, "probability": s} for l, s in v] for k, v in self.top_k.items()},
+                "deepest_confident": asdict(self.path[-1]) if self.path else None, "is_unknown": self.is_unknown,
+                "unknown_score": self.unknown_score, "allowed_mass": self.allowed_mass,
+                "breadcrumb": self.breadcrumb()}
 
     def to_json(self, **kw: Any) -> str:
         return json.dumps(self.to_dict(), ensure_ascii=False, **kw)

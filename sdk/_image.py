@@ -122,10 +122,7 @@ def _to_rgb(img: Image.Image) -> Image.Image:
         a = (a - lo) / (hi - lo) * 255.0 if hi > lo else np.zeros_like(a)
         g = np.clip(np.rint(a), 0, 255).astype(np.uint8)
         return Image.fromarray(np.stack([g, g, g], axis=-1), "RGB")
-    if mode == "P" and "transparency" in img.info:
-        img = img.convert("RGBA")
-        mode = "RGBA"
-    if mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+    if mode in ("RGBA", "LA", "PA", "RGBa", "La") or (mode == "P" and "transparency" in img.info):
         rgba = img.convert("RGBA")
         bg = Image.new("RGBA", rgba.size, WHITE + (255,))
         return Image.alpha_composite(bg, rgba).convert("RGB")

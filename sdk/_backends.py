@@ -131,7 +131,6 @@ def int8_saturation_risk(manifest: Manifest, machine: str | None = None, vnni=_D
             "ExecuTorch int8 artifact.")
 
 
-
 def run_in_fixed_batches(run_one, batch: np.ndarray, fixed: int) -> list[np.ndarray]:
     """Run `run_one` (which takes exactly `fixed` rows) over any batch: split, zero-pad the last chunk, trim."""
     parts = []

@@ -22,7 +22,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from demo.app import DEFAULT_MODEL, DemoServer, open_demo  # noqa: E402
-from demo.loadtest import run_load  # noqa: E402
+from benchmarks.loadtest import run_load  # noqa: E402
 
 PHOTOS = ["train/Fruit/Banana/Banana_001.jpg", "train/Fruit/Apple/Granny-Smith/Granny-Smith_001.jpg",
           "train/Vegetables/Tomato/Regular-Tomato/Regular-Tomato_001.jpg",

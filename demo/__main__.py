@@ -4,6 +4,7 @@ write confirmed and corrected scans as a Grocery-style dataset."""
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import sys
 from pathlib import Path
@@ -49,12 +50,8 @@ def _serve(argv: list[str]) -> int:
     server = DemoServer(app, a.host, a.port, ssl_context=(a.cert, a.key) if a.cert else None)
     print(f"serving {server.url}/ (model {Path(a.model).resolve()}, data in {Path(a.data_dir).resolve()}"
           f"{', token required' if a.token else ''}); Ctrl-C to stop", flush=True)
-    try:
+    with contextlib.closing(store), contextlib.suppress(KeyboardInterrupt):
         server.serve_forever()
-    except KeyboardInterrupt:
-        pass
-    finally:
-        store.close()
     return 0
 
 
@@ -67,11 +64,8 @@ def _export(argv: list[str]) -> int:
     a = p.parse_args(argv)
     clf = load_classifier(a.model)
     data = DataFolder(a.data_dir)
-    store = open_store(data, a.db)
-    try:
+    with contextlib.closing(open_store(data, a.db)) as store:
         res = data.export_dataset(store, clf.taxonomy, a.name)
-    finally:
-        store.close()
     print(f"wrote {res.count} labelled images to {res.split_file} ({res.skipped} scans skipped: "
           "not labelled down to the finest level)")
     return 0

@@ -24,7 +24,7 @@ import sdk
 
 from .datafolder import DataFolder
 from .enroll import EnrollApi
-from .errors import DemoError
+from .errors import DemoError, station_and_operator
 from .storage import ACTIONS, PATH_SEP, Scan, ScanFilter, ScanNotFoundError, ScanStore, SQLiteScanStore
 
 log = logging.getLogger("demo")
@@ -33,27 +33,21 @@ DEFAULT_MODEL = Path(__file__).resolve().parent / "model"
 
 # What the page says for "the next level is uncertain" ("Apple — variety uncertain").
 LEVEL_WORDS = {"category": "category", "coarse": "type", "fine": "variety"}
-MAX_ID_LEN = 64
 
 
 class ModelMissingError(sdk.ModelNotFoundError):
     """The bundled model (or the --model folder) is not there."""
 
 
-def missing_model_message(model_dir: Path) -> str:
-    return (
-        f"no model at {model_dir} (manifest.json not found). The bundled model is produced by\n"
-        f"  python -m quantize --checkpoint <student dir> --data <grocery root> --targets onnx --out {model_dir}\n"
-        f"(or, in fp32: python -m converters onnx --checkpoint <student dir> --out {model_dir});\n"
-        f"or pass --model DIR pointing at any exported model folder (model file + manifest.json)."
-    )
-
-
 def load_classifier(model_dir: str | Path, num_threads: int | None = None) -> sdk.Classifier:
     """Load and verify the model, with a message naming the command that produces a missing one."""
     model_dir = Path(model_dir)
     if not (model_dir / "manifest.json").is_file() and not (model_dir.is_file() and model_dir.suffix == ".json"):
-        raise ModelMissingError(missing_model_message(model_dir))
+        raise ModelMissingError(
+            f"no model at {model_dir} (manifest.json not found). The bundled model is produced by\n"
+            f"  python -m quantize --checkpoint <student dir> --data <grocery root> --targets onnx --out {model_dir}\n"
+            f"(or, in fp32: python -m converters onnx --checkpoint <student dir> --out {model_dir});\n"
+            f"or pass --model DIR pointing at any exported model folder (model file + manifest.json).")
     return sdk.Classifier.load(model_dir, num_threads=num_threads)
 
 
@@ -105,25 +99,9 @@ def describe(pred: sdk.HierarchicalPrediction, tax: sdk.Taxonomy) -> dict[str, A
         if names[:len(prefix)] == prefix:
             cands.append({"path": names, "probability": prob})
     crumbs = [{"label": p.label, "level": p.level, "probability": p.probability} for p in pred.full_path]
-    return {
-        "status": status,
-        "headline": headline,
-        "crumbs": crumbs[:len(path)],
-        "full_path": crumbs,
-        "next_level": tax.level_names[next_level],
-        "next_level_word": level_word(tax.level_names[next_level]),
-        "candidates": cands[:4],
-        "can_confirm": bool(path) and not pred.is_unknown,
-    }
-
-
-def _clean_id(value: str | None, what: str) -> str:
-    value = (value or "").strip()
-    if len(value) > MAX_ID_LEN:
-        raise DemoError(f"{what} id is longer than {MAX_ID_LEN} characters")
-    if any(ord(c) < 32 for c in value):
-        raise DemoError(f"{what} id contains control characters")
-    return value or "unknown"
+    return {"status": status, "headline": headline, "crumbs": crumbs[:len(path)], "full_path": crumbs,
+            "next_level": tax.level_names[next_level], "next_level_word": level_word(tax.level_names[next_level]),
+            "candidates": cands[:4], "can_confirm": bool(path) and not pred.is_unknown}
 
 
 def _validate_path(tax: sdk.Taxonomy, names: Any) -> tuple[str, int]:
@@ -159,7 +137,7 @@ def create_app(classifier: sdk.Classifier, store: ScanStore, data: DataFolder, c
     app.add_url_rule("/", "index", lambda: send_from_directory(STATIC, "index.html"))
     app.add_url_rule("/scans", "scans_page", lambda: send_from_directory(STATIC, "scans.html"))
     _ScanApi(classifier, store, data, config).register(app)
-    EnrollApi(classifier, store, data, _clean_id).register(app)
+    EnrollApi(classifier, store, data).register(app)
     return app
 
 
@@ -245,9 +223,7 @@ class _ScanApi:
         photo = f.read()
         if not photo:
             raise DemoError("the uploaded image is empty; take the photo again", 400, "invalid_image")
-        station = _clean_id(request.form.get("station"), "station")
-        operator = _clean_id(request.form.get("operator"), "operator")
-        tax = self.tax  # before classifying: an enrollment meanwhile must not mix two trees in one answer
+        station, operator = station_and_operator(request.form)
         try:
             pred = self.classifier.classify(photo)
         except sdk.UnsupportedFormatError as e:
@@ -259,6 +235,7 @@ class _ScanApi:
             raise DemoError(f"the model could not answer for this photo ({e}); try another photo", 422,
                             "model_output") from None
         sha = hashlib.sha256(photo).hexdigest()
+        tax = pred.taxonomy  # the tree this answer is from, whatever enrollments happen meanwhile
         deepest = pred.deepest_confident
         scan = self.store.add_scan(Scan(
             image_sha256=sha, image_file=self.data.save_image(photo, sha),
@@ -276,8 +253,7 @@ class _ScanApi:
         act = body.get("action")
         if act not in ACTIONS:
             raise DemoError(f"action must be one of {', '.join(ACTIONS)}")
-        station = _clean_id(body.get("station"), "station")
-        operator = _clean_id(body.get("operator"), "operator")
+        station, operator = station_and_operator(body)
         scan = self._get(scan_id)
         if act == "confirmed":
             if not scan.predicted_path:
@@ -297,12 +273,10 @@ class _ScanApi:
 
     @staticmethod
     def _filter() -> ScanFilter:
-        a = request.args
-        act = a.get("action") or None
-        if act and act not in ACTIONS + ("pending",):
+        given = {k: request.args.get(k) or None for k in ("action", "station", "operator", "label", "since", "until")}
+        if given["action"] and given["action"] not in ACTIONS + ("pending",):
             raise DemoError(f"action filter must be one of {', '.join(ACTIONS + ('pending',))}")
-        return ScanFilter(action=act, station=a.get("station") or None, operator=a.get("operator") or None,
-                          label=a.get("label") or None, since=a.get("since") or None, until=a.get("until") or None)
+        return ScanFilter(**given)
 
     def list_scans(self):
         flt = self._filter()

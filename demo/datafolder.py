@@ -19,24 +19,14 @@ from .storage import PATH_SEP, ScanFilter, ScanStore
 
 # Extension from the content's magic bytes (the SDK has already decoded the bytes and checked the
 # format against its allowlist; this only names the file).
-_MAGIC = (
-    (b"\xff\xd8\xff", ".jpg"),
-    (b"\x89PNG\r\n\x1a\n", ".png"),
-    (b"GIF87a", ".gif"),
-    (b"GIF89a", ".gif"),
-    (b"BM", ".bmp"),
-    (b"II*\x00", ".tif"),
-    (b"MM\x00*", ".tif"),
-)
+_MAGIC = ((b"\xff\xd8\xff", ".jpg"), (b"\x89PNG\r\n\x1a\n", ".png"), (b"GIF87a", ".gif"), (b"GIF89a", ".gif"),
+          (b"BM", ".bmp"), (b"II*\x00", ".tif"), (b"MM\x00*", ".tif"))
 
 
 def image_suffix(data: bytes) -> str:
     if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
         return ".webp"
-    for magic, ext in _MAGIC:
-        if data.startswith(magic):
-            return ext
-    return ".img"
+    return next((ext for magic, ext in _MAGIC if data.startswith(magic)), ".img")
 
 
 class OutsideDataFolderError(ValueError):
@@ -51,8 +41,8 @@ class DatasetExport:
     skipped: int  # confirmed/corrected scans that are not at the fine level or not in this taxonomy
 
     def to_dict(self) -> dict:
-        return {"directory": str(self.directory), "split_file": str(self.split_file),
-                "count": self.count, "skipped": self.skipped}
+        return {"directory": str(self.directory), "split_file": str(self.split_file), "count": self.count,
+                "skipped": self.skipped}
 
 
 class DataFolder:
@@ -94,8 +84,7 @@ class DataFolder:
         name = name or "dataset-" + datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S-%f")
         if not name.replace("-", "").replace("_", "").isalnum():
             raise ValueError(f"export name must be letters, digits, - and _; got {name!r}")
-        out_rel = f"exports/{name}"
-        out = self.resolve(out_rel)
+        out = self.resolve(f"exports/{name}")
         if out.exists():
             raise FileExistsError(f"{out} already exists; choose another name")
         fine = taxonomy.depth - 1
@@ -110,8 +99,7 @@ class DataFolder:
                 labelled.append((scan.action_at or "", scan.image_sha256, scan.image_file, leaf))
         latest = {sha: (image_file, leaf) for _, sha, image_file, leaf in sorted(labelled)}
         tmp = self.resolve(f"exports/.tmp-{name}")
-        if tmp.exists():
-            shutil.rmtree(tmp)
+        shutil.rmtree(tmp, ignore_errors=True)  # left by an export that was killed
         tmp.mkdir(parents=True)
         lines = []
         for sha, (image_file, leaf) in sorted(latest.items(), key=lambda kv: (kv[1][1], kv[0])):

@@ -9,14 +9,13 @@ from __future__ import annotations
 
 import hashlib
 import threading
-from typing import Any, Callable
 
 from flask import Flask, jsonify, request
 
 import sdk
 
 from .datafolder import DataFolder
-from .errors import DemoError
+from .errors import DemoError, station_and_operator, typed_text
 from .storage import ScanStore
 
 MIN_PHOTOS = 5  # what the page asks for: fewer photos make a noticeably weaker prototype (research/enrollment.py)
@@ -24,21 +23,11 @@ MAX_PHOTOS = 10
 MAX_LABEL_LEN = 120
 
 
-def _label(value: Any, what: str) -> str:
-    if not isinstance(value, str) or not value.strip():
-        raise DemoError(f"{what} is missing")
-    value = value.strip()
-    if len(value) > MAX_LABEL_LEN or any(ord(c) < 32 for c in value):
-        raise DemoError(f"{what} must be at most {MAX_LABEL_LEN} printable characters")
-    return value
-
-
 class EnrollApi:
     """/api/enrollments: list, add (multipart photos + label + parent), forget."""
 
-    def __init__(self, classifier: sdk.Classifier, store: ScanStore, data: DataFolder,
-                 clean_id: Callable[[str | None, str], str]):
-        self.classifier, self.store, self.data, self.clean_id = classifier, store, data, clean_id
+    def __init__(self, classifier: sdk.Classifier, store: ScanStore, data: DataFolder):
+        self.classifier, self.store, self.data = classifier, store, data
         self.lock = threading.Lock()  # one enrollment at a time: each rewrites the file and the tree
 
     def register(self, app: Flask) -> None:
@@ -47,20 +36,18 @@ class EnrollApi:
         app.add_url_rule("/api/enrollments/<label>/forget", "forget", self.forget, methods=["POST"])
 
     def list(self):
-        clf = self.classifier
-        up = clf.base_taxonomy.depth - 2
+        clf, base = self.classifier, self.classifier.base_taxonomy
+        up = base.depth - 2
         return jsonify(can_enroll=clf.manifest.embedding is not None, min_photos=MIN_PHOTOS, max_photos=MAX_PHOTOS,
-                       parent_level=clf.base_taxonomy.level_names[up],
-                       parents=[clf.base_taxonomy.path(up, i) for i in range(clf.base_taxonomy.sizes[up])],
+                       parent_level=base.level_names[up], parents=[base.path(up, i) for i in range(base.sizes[up])],
                        enrolled=[{"label": c.label, "parent": c.parent, "n_photos": c.n_photos, "created": c.created}
                                  for c in clf.enrolled],
                        events=self.store.enrollment_events(50))
 
     def enroll(self):
-        label = _label(request.form.get("label"), "product name")
-        parent = _label(request.form.get("parent"), "parent")
-        station = self.clean_id(request.form.get("station"), "station")
-        operator = self.clean_id(request.form.get("operator"), "operator")
+        label = typed_text(request.form.get("label"), "product name", MAX_LABEL_LEN)
+        parent = typed_text(request.form.get("parent"), "parent", MAX_LABEL_LEN)
+        station, operator = station_and_operator(request.form)
         photos = [f.read() for f in request.files.getlist("photo")]
         if not MIN_PHOTOS <= len(photos) <= MAX_PHOTOS:
             raise DemoError(f"take {MIN_PHOTOS} to {MAX_PHOTOS} photos of the product (got {len(photos)})")
@@ -77,21 +64,20 @@ class EnrollApi:
             event = self.store.record_enrollment(
                 "enrolled", cls.label, cls.parent, self.classifier.manifest.sha256, files,
                 {"n_photos": cls.n_photos, "calibration": cls.calibration}, station, operator)
-        tax = self.classifier.taxonomy
-        path = tax.path(tax.depth - 1, tax.index(tax.depth - 1, cls.label))
+        base = self.classifier.base_taxonomy  # a new leaf's ancestors are trained nodes
+        path = [*base.path(base.depth - 2, base.index(base.depth - 2, cls.parent)), cls.label]
         return jsonify(path=path, event=event, calibration=cls.calibration), 201
 
     def forget(self, label: str):
         body = request.get_json(silent=True) or {}
-        station = self.clean_id(body.get("station"), "station")
-        operator = self.clean_id(body.get("operator"), "operator")
+        station, operator = station_and_operator(body)
         with self.lock:
             gone = next((c for c in self.classifier.enrolled if c.label == label), None)
             try:
                 self.classifier.forget(label)
             except sdk.EnrollmentError as e:
                 raise DemoError(str(e), 404, "not_found") from None
-            event = self.store.record_enrollment("forgotten", label, gone.parent if gone else "",
-                                                 self.classifier.manifest.sha256, [], {}, station, operator)
+            event = self.store.record_enrollment("forgotten", label, gone.parent, self.classifier.manifest.sha256, [],
+                                                 {}, station, operator)
         return jsonify(event=event)
 

@@ -23,9 +23,11 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
 ACTIONS = ("confirmed", "corrected", "rejected")
+ENROLLMENT_EVENTS = ("enrolled", "forgotten")
+PATH_SEP = " > "
 
-# (name, type) of the scan log's columns, in storage order.
-SCAN_COLUMNS = (
+# (name, type) of each table's columns, in storage order.
+SCAN_TABLE = (
     ("id", "VARCHAR(36) PRIMARY KEY"), ("created_at", "VARCHAR(32) NOT NULL"),
     ("image_sha256", "CHAR(64) NOT NULL"), ("image_file", "VARCHAR(255) NOT NULL"),
     ("model_sha256", "CHAR(64) NOT NULL"), ("taxonomy_hash", "CHAR(64) NOT NULL"),
@@ -36,45 +38,35 @@ SCAN_COLUMNS = (
     ("action", "VARCHAR(16)"), ("final_path", "VARCHAR(1024)"), ("final_level", "INTEGER"),
     ("action_at", "VARCHAR(32)"), ("action_operator", "VARCHAR(64)"), ("action_station", "VARCHAR(64)"),
 )
-COLUMNS = tuple(name for name, _ in SCAN_COLUMNS)
+# The audit trail: a scan may be confirmed, then corrected; `scans` holds the latest action, `scan_actions` all.
+ACTION_TABLE = (
+    ("id", "VARCHAR(36) PRIMARY KEY"), ("scan_id", "VARCHAR(36) NOT NULL REFERENCES scans (id)"),
+    ("created_at", "VARCHAR(32) NOT NULL"), ("action", "VARCHAR(16) NOT NULL"), ("final_path", "VARCHAR(1024)"),
+    ("final_level", "INTEGER"), ("station", "VARCHAR(64) NOT NULL"), ("operator", "VARCHAR(64) NOT NULL"),
+)
+# Products enrolled on this station and forgotten again: who, when, from which photos, for which model.
+EVENT_TABLE = (
+    ("id", "VARCHAR(36) PRIMARY KEY"), ("created_at", "VARCHAR(32) NOT NULL"), ("event", "VARCHAR(16) NOT NULL"),
+    ("label", "VARCHAR(255) NOT NULL"), ("parent", "VARCHAR(255) NOT NULL"), ("model_sha256", "CHAR(64) NOT NULL"),
+    ("photos", "TEXT NOT NULL"), ("details", "TEXT NOT NULL"), ("station", "VARCHAR(64) NOT NULL"),
+    ("operator", "VARCHAR(64) NOT NULL"),
+)
+COLUMNS, ACTION_COLUMNS, EVENT_COLUMNS = (tuple(n for n, _ in t) for t in (SCAN_TABLE, ACTION_TABLE, EVENT_TABLE))
+
+
+def _create(table: str, columns: Sequence[tuple[str, str]]) -> str:
+    return f"CREATE TABLE IF NOT EXISTS {table} ({', '.join(f'{n} {t}' for n, t in columns)})"
+
 
 # One statement per string: DB-API drivers other than sqlite3 do not accept scripts.
 SCHEMA = (
-    f"CREATE TABLE IF NOT EXISTS scans ({', '.join(f'{n} {t}' for n, t in SCAN_COLUMNS)})",
+    _create("scans", SCAN_TABLE),
     "CREATE INDEX IF NOT EXISTS scans_created ON scans (created_at)",
     "CREATE INDEX IF NOT EXISTS scans_action ON scans (action)",
-    # The audit trail: a scan may be confirmed, then corrected; `scans` holds the latest action,
-    # `scan_actions` all of them.
-    """CREATE TABLE IF NOT EXISTS scan_actions (
-        id VARCHAR(36) PRIMARY KEY,
-        scan_id VARCHAR(36) NOT NULL REFERENCES scans (id),
-        created_at VARCHAR(32) NOT NULL,
-        action VARCHAR(16) NOT NULL,
-        final_path VARCHAR(1024),
-        final_level INTEGER,
-        station VARCHAR(64) NOT NULL,
-        operator VARCHAR(64) NOT NULL
-    )""",
+    _create("scan_actions", ACTION_TABLE),
     "CREATE INDEX IF NOT EXISTS scan_actions_scan ON scan_actions (scan_id)",
-    # Products enrolled on this station and forgotten again: who, when, from which photos, for which model.
-    """CREATE TABLE IF NOT EXISTS enrollment_events (
-        id VARCHAR(36) PRIMARY KEY,
-        created_at VARCHAR(32) NOT NULL,
-        event VARCHAR(16) NOT NULL,
-        label VARCHAR(255) NOT NULL,
-        parent VARCHAR(255) NOT NULL,
-        model_sha256 CHAR(64) NOT NULL,
-        photos TEXT NOT NULL,
-        details TEXT NOT NULL,
-        station VARCHAR(64) NOT NULL,
-        operator VARCHAR(64) NOT NULL
-    )""",
+    _create("enrollment_events", EVENT_TABLE),
 )
-ENROLLMENT_EVENTS = ("enrolled", "forgotten")
-EVENT_COLUMNS = ("id", "created_at", "event", "label", "parent", "model_sha256", "photos", "details", "station",
-                 "operator")
-
-PATH_SEP = " > "
 
 
 class ScanNotFoundError(KeyError):
@@ -117,19 +109,16 @@ class Scan:
         return asdict(self)
 
     def _row(self) -> tuple:
-        d = self.to_dict()
-        d["is_unknown"] = int(self.is_unknown)
-        d["confidences"] = json.dumps(self.confidences, ensure_ascii=False)
-        d["prediction"] = json.dumps(self.prediction, ensure_ascii=False)
+        d = {**self.to_dict(), "is_unknown": int(self.is_unknown),
+             "confidences": json.dumps(self.confidences, ensure_ascii=False),
+             "prediction": json.dumps(self.prediction, ensure_ascii=False)}
         return tuple(d[c] for c in COLUMNS)
 
     @classmethod
     def _from_row(cls, row: Sequence[Any]) -> "Scan":
         d = dict(zip(COLUMNS, row))
-        d["is_unknown"] = bool(d["is_unknown"])
-        d["confidences"] = json.loads(d["confidences"])
-        d["prediction"] = json.loads(d["prediction"])
-        return cls(**d)
+        return cls(**{**d, "is_unknown": bool(d["is_unknown"]), "confidences": json.loads(d["confidences"]),
+                      "prediction": json.loads(d["prediction"])})
 
 
 @dataclass(frozen=True)
@@ -220,6 +209,15 @@ class SQLScanStore(ScanStore):
     def _sql(self, sql: str) -> str:
         return sql if self._ph == "?" else sql.replace("?", self._ph)
 
+    def _fetch(self, sql: str, args: Sequence[Any] = ()) -> list[Sequence[Any]]:
+        with self._tx() as cur:
+            cur.execute(self._sql(sql), args)
+            return cur.fetchall()
+
+    def _insert(self, cur: Any, table: str, columns: Sequence[str], row: Sequence[Any]) -> None:
+        marks = ", ".join("?" * len(columns))
+        cur.execute(self._sql(f"INSERT INTO {table} ({', '.join(columns)}) VALUES ({marks})"), row)
+
     @contextlib.contextmanager
     def _tx(self) -> Iterator[Any]:
         """One transaction: commit when the block ends, roll back when it raises."""
@@ -235,9 +233,8 @@ class SQLScanStore(ScanStore):
                 cur.close()
 
     def add_scan(self, scan: Scan) -> Scan:
-        marks = ", ".join("?" * len(COLUMNS))
         with self._tx() as cur:
-            cur.execute(self._sql(f"INSERT INTO scans ({', '.join(COLUMNS)}) VALUES ({marks})"), scan._row())
+            self._insert(cur, "scans", COLUMNS, scan._row())
         return scan
 
     def record_action(self, scan_id: str, action: str, final_path: str | None, final_level: int | None,
@@ -252,53 +249,39 @@ class SQLScanStore(ScanStore):
                 (action, final_path, final_level, now, operator, station, scan_id))
             if cur.rowcount == 0:
                 raise ScanNotFoundError(scan_id)
-            cur.execute(self._sql(
-                "INSERT INTO scan_actions (id, scan_id, created_at, action, final_path, final_level, station, "
-                "operator) VALUES (?, ?, ?, ?, ?, ?, ?, ?)"),
-                (str(uuid.uuid4()), scan_id, now, action, final_path, final_level, station, operator))
+            self._insert(cur, "scan_actions", ACTION_COLUMNS,
+                         (str(uuid.uuid4()), scan_id, now, action, final_path, final_level, station, operator))
         return self.get(scan_id)
 
     def get(self, scan_id: str) -> Scan:
-        with self._tx() as cur:
-            cur.execute(self._sql(f"SELECT {', '.join(COLUMNS)} FROM scans WHERE id = ?"), (scan_id,))
-            row = cur.fetchone()
-        if row is None:
+        rows = self._fetch(f"SELECT {', '.join(COLUMNS)} FROM scans WHERE id = ?", (scan_id,))
+        if not rows:
             raise ScanNotFoundError(scan_id)
-        return Scan._from_row(row)
+        return Scan._from_row(rows[0])
 
     def actions(self, scan_id: str) -> list[dict[str, Any]]:
         """The audit trail of one scan, oldest first."""
         cols = ("created_at", "action", "final_path", "final_level", "station", "operator")
-        with self._tx() as cur:
-            cur.execute(self._sql(f"SELECT {', '.join(cols)} FROM scan_actions WHERE scan_id = ? "
-                                  "ORDER BY created_at, id"), (scan_id,))
-            return [dict(zip(cols, r)) for r in cur.fetchall()]
+        rows = self._fetch(f"SELECT {', '.join(cols)} FROM scan_actions WHERE scan_id = ? ORDER BY created_at, id",
+                           (scan_id,))
+        return [dict(zip(cols, r)) for r in rows]
 
     def _where(self, flt: ScanFilter) -> tuple[str, list[Any]]:
-        terms, args = [], []
-        if flt.action == "pending":
-            terms.append("action IS NULL")
-        elif flt.action:
-            if flt.action not in ACTIONS:
-                raise ValueError(f"action filter must be one of {ACTIONS + ('pending',)}; got {flt.action!r}")
-            terms.append("action = ?")
-            args.append(flt.action)
-        for col in ("station", "operator"):
-            v = getattr(flt, col)
-            if v:
-                terms.append(f"{col} = ?")
-                args.append(v)
+        if flt.action and flt.action not in ACTIONS + ("pending",):
+            raise ValueError(f"action filter must be one of {ACTIONS + ('pending',)}; got {flt.action!r}")
+        terms = ["action IS NULL"] if flt.action == "pending" else []
+        args: list[Any] = []
+        for term, value in (("action = ?", flt.action != "pending" and flt.action), ("station = ?", flt.station),
+                            ("operator = ?", flt.operator), ("created_at >= ?", flt.since),
+                            ("created_at < ?", flt.until)):
+            if value:
+                terms.append(term)
+                args.append(value)
         if flt.label:
             # LIKE with explicit ESCAPE behaves the same on SQLite, PostgreSQL and MySQL.
             pat = "%" + flt.label.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
             terms.append("(predicted_path LIKE ? ESCAPE '\\' OR final_path LIKE ? ESCAPE '\\')")
             args += [pat, pat]
-        if flt.since:
-            terms.append("created_at >= ?")
-            args.append(flt.since)
-        if flt.until:
-            terms.append("created_at < ?")
-            args.append(flt.until)
         return (" WHERE " + " AND ".join(terms)) if terms else "", args
 
     def list(self, flt: ScanFilter = ScanFilter(), limit: int = 100, offset: int = 0,
@@ -307,15 +290,11 @@ class SQLScanStore(ScanStore):
         order = "ASC" if oldest_first else "DESC"
         sql = (f"SELECT {', '.join(COLUMNS)} FROM scans{where} ORDER BY created_at {order}, id {order} "
                f"LIMIT {int(limit)} OFFSET {int(offset)}")
-        with self._tx() as cur:
-            cur.execute(self._sql(sql), args)
-            return [Scan._from_row(r) for r in cur.fetchall()]
+        return [Scan._from_row(r) for r in self._fetch(sql, args)]
 
     def count(self, flt: ScanFilter = ScanFilter()) -> int:
         where, args = self._where(flt)
-        with self._tx() as cur:
-            cur.execute(self._sql(f"SELECT COUNT(*) FROM scans{where}"), args)
-            return int(cur.fetchone()[0])
+        return int(self._fetch(f"SELECT COUNT(*) FROM scans{where}", args)[0][0])
 
     def record_enrollment(self, event: str, label: str, parent: str, model_sha256: str, photos: list[str],
                           details: dict[str, Any], station: str, operator: str) -> dict[str, Any]:
@@ -325,16 +304,13 @@ class SQLScanStore(ScanStore):
         row = (str(uuid.uuid4()), utcnow(), event, label, parent, model_sha256, json.dumps(photos),
                json.dumps(details, ensure_ascii=False), station, operator)
         with self._tx() as cur:
-            cur.execute(self._sql(f"INSERT INTO enrollment_events ({', '.join(EVENT_COLUMNS)}) "
-                                  f"VALUES ({', '.join('?' * len(EVENT_COLUMNS))})"), row)
+            self._insert(cur, "enrollment_events", EVENT_COLUMNS, row)
         return _event(row)
 
     def enrollment_events(self, limit: int = 100) -> list[dict[str, Any]]:
         """The latest enrollment events, newest first."""
-        with self._tx() as cur:
-            cur.execute(self._sql(f"SELECT {', '.join(EVENT_COLUMNS)} FROM enrollment_events "
-                                  f"ORDER BY created_at DESC, id DESC LIMIT {int(limit)}"))
-            return [_event(r) for r in cur.fetchall()]
+        return [_event(r) for r in self._fetch(f"SELECT {', '.join(EVENT_COLUMNS)} FROM enrollment_events "
+                                               f"ORDER BY created_at DESC, id DESC LIMIT {int(limit)}")]
 
     def close(self) -> None:
         with self._lock:

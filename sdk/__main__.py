@@ -19,22 +19,20 @@ from ._errors import HierfgError
 class _Progress:
     """A dependency-free progress bar on stderr (the SDK does not depend on tqdm)."""
 
-    def __init__(self, total: int, desc: str, enabled: bool):
+    def __init__(self, total: int, desc: str, enabled: bool = True):
         self.total, self.desc, self.n = total, desc, 0
         self.enabled = enabled and total > 1
 
     def update(self, k: int = 1) -> None:
         self.n += k
         if self.enabled:
-            width = 30
-            done = int(width * self.n / max(self.total, 1))
-            sys.stderr.write(f"\r{self.desc} [{'#' * done}{'.' * (width - done)}] {self.n}/{self.total}")
-            sys.stderr.flush()
+            done = 30 * self.n // self.total
+            print(f"\r{self.desc} [{'#' * done}{'.' * (30 - done)}] {self.n}/{self.total}", end="", file=sys.stderr,
+                  flush=True)
 
     def close(self) -> None:
         if self.enabled:
-            sys.stderr.write("\n")
-            sys.stderr.flush()
+            print(file=sys.stderr)
 
 
 def _names(values: Sequence[str] | None) -> list[str] | None:
@@ -54,10 +52,16 @@ def _fmt_pred(pred: Any) -> str:
     return text
 
 
-def cmd_classify(args: argparse.Namespace) -> int:
-    from ._classifier import Classifier, ItemError
+def _classifier(args: argparse.Namespace) -> Any:
+    from ._classifier import Classifier
 
-    clf = Classifier.load(args.model, backend=args.backend, num_threads=args.threads)
+    return Classifier.load(args.model, backend=args.backend, num_threads=args.threads)
+
+
+def cmd_classify(args: argparse.Namespace) -> int:
+    from ._classifier import ItemError
+
+    clf = _classifier(args)
     thresholds = [float(x) for x in args.thresholds.split(",")] if args.thresholds else None
     kw = dict(top_k=args.top_k, thresholds=thresholds, allow=_names(args.allow), deny=_names(args.deny))
     if args.no_unknown:
@@ -97,8 +101,10 @@ def cmd_info(args: argparse.Namespace) -> int:
         return 0
     tax = m.taxonomy
     print(f"model      {Path(args.model)}")
-    print(f"target     {m.target} ({m.precision})  file {m.file}  {m.size_bytes / 1e6:.1f} MB  sha256 {m.sha256[:16]}…")
-    print(f"input      {m.input.size}x{m.input.size} {m.input.color} {m.input.dtype} {m.input.layout}; {m.input.resize}")
+    print(f"target     {m.target} ({m.precision})  file {m.file}  {m.size_bytes / 1e6:.1f} MB  "
+          f"sha256 {m.sha256[:16]}…")
+    print(f"input      {m.input.size}x{m.input.size} {m.input.color} {m.input.dtype} {m.input.layout}; "
+          f"{m.input.resize}")
     print(f"taxonomy   {' > '.join(f'{n} ({s})' for n, s in zip(tax.level_names, tax.sizes))}  hash {tax.hash[:12]}…")
     print(f"outputs    {', '.join(m.outputs)}")
     emb = m.embedding
@@ -124,9 +130,7 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 
 def cmd_enroll(args: argparse.Namespace) -> int:
-    from ._classifier import Classifier
-
-    clf = Classifier.load(args.model, backend=args.backend, num_threads=args.threads)
+    clf = _classifier(args)
     cls = clf.enroll(args.label, args.parent, args.images)
     cal = cls.calibration
     print(f"enrolled {cls.label!r} under {cls.parent!r} from {cls.n_photos} photos: own cosine "
@@ -137,9 +141,7 @@ def cmd_enroll(args: argparse.Namespace) -> int:
 
 
 def cmd_forget(args: argparse.Namespace) -> int:
-    from ._classifier import Classifier
-
-    clf = Classifier.load(args.model, backend=args.backend, num_threads=args.threads)
+    clf = _classifier(args)
     clf.forget(args.label)
     print(f"forgot {args.label!r}; wrote {clf.directory / ENROLLMENT_NAME} ({len(clf.enrolled)} enrolled classes left)")
     return 0
@@ -155,11 +157,9 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     import numpy as np
 
     from . import _calibrate as C
-    from ._classifier import Classifier
     from .datasets import load_dataset, restrict_to_list
 
-    clf = Classifier.load(args.model, backend=args.backend, num_threads=args.threads)
-    model_dir = Path(args.model) if Path(args.model).is_dir() else Path(args.model).parent
+    clf = _classifier(args)
     names = clf.taxonomy.level_names
 
     def load(split: str, listing: str | None) -> tuple[Any, list[np.ndarray], str]:
@@ -175,7 +175,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
         return ds, logprobs([s.source for s in ds.samples], f"{split} ({len(ds)} images)"), source
 
     def logprobs(sources: list[Any], desc: str) -> list[np.ndarray]:
-        bar = _Progress(len(sources), desc, enabled=True)
+        bar = _Progress(len(sources), desc)
         try:
             return C.batch_logprobs(clf, sources, progress=bar.update)
         finally:
@@ -184,7 +184,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     ds, lp, source = load(args.split, args.holdout_list)
     ood = C.out_of_catalogue_images(args.ood_per_kind, seed=args.seed)
     ood_lp = logprobs([img for _, img in ood], f"out-of-catalogue ({len(ood)} generated)")
-    plot_dir = Path(args.plot_dir) if args.plot_dir else model_dir / "calibration"
+    plot_dir = Path(args.plot_dir) if args.plot_dir else clf.directory / "calibration"
     try:
         import matplotlib  # noqa: F401  (only to know whether the plots can be drawn)
     except ImportError:
@@ -209,7 +209,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     if args.dry_run:
         print(f"dry run: manifest not changed; {plots}")
     else:
-        print(f"wrote thresholds to {C.write_decoding(model_dir, decoding)} ('decoding'); {plots}")
+        print(f"wrote thresholds to {C.write_decoding(clf.directory, decoding)} ('decoding'); {plots}")
     return 0
 
 
@@ -247,7 +247,8 @@ def build_parser() -> argparse.ArgumentParser:
     k = command("calibrate", cmd_calibrate, "pick back-off and unknown thresholds on labelled data; write the manifest")
     k.add_argument("--data", required=True, help="dataset root (Grocery Store root or folder tree)")
     k.add_argument("--split", default="val")
-    k.add_argument("--holdout-list", default=None, help="only the images listed in this file (e.g. a run's holdout.txt)")
+    k.add_argument("--holdout-list", default=None,
+                   help="only the images listed in this file (e.g. a run's holdout.txt)")
     k.add_argument("--target-precision", type=float, default=0.98)
     k.add_argument("--max-false-unknown", type=float, default=0.05,
                    help="share of real items that may be flagged unknown")
@@ -263,7 +264,8 @@ def build_parser() -> argparse.ArgumentParser:
     k.add_argument("--dry-run", action="store_true", help="do not change the manifest")
     k.add_argument("--seed", type=int, default=0)
 
-    e = command("enroll", cmd_enroll, f"add a product under an existing parent from its photos (writes {ENROLLMENT_NAME})")
+    e = command("enroll", cmd_enroll,
+                f"add a product under an existing parent from its photos (writes {ENROLLMENT_NAME})")
     e.add_argument("images", nargs="+", help="photos of the product (5-10 recommended)")
     e.add_argument("--label", required=True, help="name of the new product")
     e.add_argument("--parent", required=True, help="the node it belongs under (a name at the level above the leaves)")

@@ -11,7 +11,8 @@ import sys
 import threading
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
+
 import numpy as np
 
 from ._errors import Int8AccuracyWarning, ModelIntegrityError
@@ -36,15 +37,26 @@ def create_backend(name: str, path: Path, manifest: Manifest, num_threads: int |
 
 
 class Backend:
-    """Base class. `thread_safe` False means the Classifier serializes calls with a lock."""
+    """Base class. `thread_safe` False means the Classifier serializes calls with a lock. A subclass loads
+    its artifact in `_load`; whatever the runtime raises there becomes a `ModelIntegrityError`."""
 
     thread_safe = True
     fixed_batch: int | None = None  # set when the artifact only accepts one batch size
+    runtime = "the runtime"  # who could not load the artifact, in the error message
 
     def __init__(self, path: Path, manifest: Manifest, num_threads: int | None):
         self.path = path
         self.manifest = manifest
         self.num_threads = num_threads
+        try:
+            self._load(path, manifest, int(num_threads or 1))
+        except ModelIntegrityError:
+            raise
+        except Exception as e:
+            raise ModelIntegrityError(f"{path}: {self.runtime} could not load the model ({e})") from None
+
+    def _load(self, path: Path, manifest: Manifest, num_threads: int) -> None:
+        pass
 
     def run(self, batch: np.ndarray) -> list[np.ndarray]:
         """Outputs for a batch of any size (split into `fixed_batch` rows when the artifact needs it)."""
@@ -54,6 +66,11 @@ class Backend:
 
     def _run_one(self, batch: np.ndarray) -> list[np.ndarray]:
         raise NotImplementedError
+
+    def _check_input(self, shape: Sequence[int], dtype: str = "uint8") -> None:
+        s, shape = self.manifest.input.size, [int(n) for n in shape]
+        if dtype != "uint8" or shape[1:] != [s, s, 3]:
+            raise ModelIntegrityError(f"{self.path}: input is {dtype}{shape}, the manifest says uint8 [N, {s}, {s}, 3]")
 
     def _check_outputs(self, found: list[str] | int) -> None:
         """The runtime's outputs against the manifest's: the same names, or the same count where the
@@ -114,42 +131,14 @@ def int8_saturation_risk(manifest: Manifest, machine: str | None = None, vnni=_D
             "ExecuTorch int8 artifact.")
 
 
-@register_backend("onnx")
-class OnnxRuntimeBackend(Backend):
-    thread_safe = True  # InferenceSession.run is documented as thread-safe
-
-    def __init__(self, path: Path, manifest: Manifest, num_threads: int | None):
-        super().__init__(path, manifest, num_threads)
-        ort = _runtime("onnxruntime", "ONNX", "onnxruntime")
-        opts = ort.SessionOptions()
-        opts.intra_op_num_threads = int(num_threads or 1)
-        opts.log_severity_level = 3  # errors only: unused-initializer warnings are noise on a device
-        opts.inter_op_num_threads = 1
-        try:
-            self.session = ort.InferenceSession(str(path), sess_options=opts, providers=["CPUExecutionProvider"])
-        except Exception as e:
-            raise ModelIntegrityError(f"{path}: onnxruntime could not load the model ({e})") from None
-        risk = int8_saturation_risk(manifest)
-        if risk:
-            warnings.warn(f"{path}: {risk}", Int8AccuracyWarning, stacklevel=4)
-        self.input_name = self.session.get_inputs()[0].name
-        self.output_names = [o.name for o in self.session.get_outputs()]
-        self._check_outputs(self.output_names)
-
-    def _run_one(self, batch: np.ndarray) -> list[np.ndarray]:
-        return self.session.run(self.output_names, {self.input_name: batch})
-
-
 def run_in_fixed_batches(run_one, batch: np.ndarray, fixed: int) -> list[np.ndarray]:
     """Run `run_one` (which takes exactly `fixed` rows) over any batch: split, zero-pad the last chunk, trim."""
-    n = batch.shape[0]
     parts = []
-    for i in range(0, n, fixed):
+    for i in range(0, batch.shape[0], fixed):
         chunk = batch[i:i + fixed]
         k = chunk.shape[0]
-        if k < fixed:
-            chunk = np.concatenate([chunk, np.zeros((fixed - k, *chunk.shape[1:]), chunk.dtype)])
-        parts.append([np.asarray(o)[:k] for o in run_one(chunk)])
+        padded = np.concatenate([chunk, np.zeros((fixed - k, *chunk.shape[1:]), chunk.dtype)])
+        parts.append([np.asarray(o)[:k] for o in run_one(padded)])
     return concat_levels(parts)
 
 
@@ -158,33 +147,50 @@ def concat_levels(parts: list[list[np.ndarray]]) -> list[np.ndarray]:
     return [np.concatenate([p[l] for p in parts]) for l in range(len(parts[0]))]
 
 
+@register_backend("onnx")
+class OnnxRuntimeBackend(Backend):
+    thread_safe = True  # InferenceSession.run is documented as thread-safe
+    runtime = "onnxruntime"
+
+    def _load(self, path: Path, manifest: Manifest, num_threads: int) -> None:
+        ort = _runtime("onnxruntime", "ONNX", "onnxruntime")
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = num_threads
+        opts.inter_op_num_threads = 1
+        opts.log_severity_level = 3  # errors only: unused-initializer warnings are noise on a device
+        self.session = ort.InferenceSession(str(path), sess_options=opts, providers=["CPUExecutionProvider"])
+        risk = int8_saturation_risk(manifest)
+        if risk:  # stacklevel: the caller of Classifier.load
+            warnings.warn(f"{path}: {risk}", Int8AccuracyWarning, stacklevel=5)
+        self.input_name = self.session.get_inputs()[0].name
+        self.output_names = [o.name for o in self.session.get_outputs()]
+        self._check_outputs(self.output_names)
+
+    def _run_one(self, batch: np.ndarray) -> list[np.ndarray]:
+        return self.session.run(self.output_names, {self.input_name: batch})
+
+
 @register_backend("tflite")
 class LiteRtBackend(Backend):
     """ai-edge-litert's Interpreter. One Interpreter holds its tensors in place: not shareable across
     threads, so `thread_safe` is False and the Classifier serializes calls with a lock."""
 
     thread_safe = False
+    runtime = "the LiteRT interpreter"
 
-    def __init__(self, path: Path, manifest: Manifest, num_threads: int | None):
-        super().__init__(path, manifest, num_threads)
+    def _load(self, path: Path, manifest: Manifest, num_threads: int) -> None:
         Interpreter = _runtime("ai_edge_litert.interpreter", "TFLite", "ai-edge-litert").Interpreter
-        try:
-            self.interpreter = Interpreter(model_path=str(path), num_threads=int(num_threads or 1))
-            sigs = self.interpreter.get_signature_list()
-            if len(sigs) != 1:
-                raise ValueError(f"expected one signature, found {sorted(sigs)}")
-            self.signature = next(iter(sigs))
-            self.runner = self.interpreter.get_signature_runner(self.signature)
-        except Exception as e:
-            raise ModelIntegrityError(f"{path}: the LiteRT interpreter could not load the model ({e})") from None
+        self.interpreter = Interpreter(model_path=str(path), num_threads=num_threads)
+        sigs = self.interpreter.get_signature_list()
+        if len(sigs) != 1:
+            raise ValueError(f"expected one signature, found {sorted(sigs)}")
+        self.runner = self.interpreter.get_signature_runner(next(iter(sigs)))
         (self.input_name, inp), = self.runner.get_input_details().items()
-        if inp["dtype"] is not np.uint8 or list(inp["shape"][1:]) != [manifest.input.size, manifest.input.size, 3]:
-            raise ModelIntegrityError(f"{path}: input is {inp['dtype'].__name__}{list(inp['shape'])}, the manifest "
-                                      f"says uint8 [N, {manifest.input.size}, {manifest.input.size}, 3]")
+        self._check_input(inp["shape"], np.dtype(inp["dtype"]).name)
         self.fixed_batch = int(inp["shape"][0])
-        # litert-torch names the tuple outputs output_0, output_1, ...: order by that index, not by dict order
-        names = list(self.runner.get_output_details())
-        self.output_keys = sorted(names, key=lambda n: int(n.rsplit("_", 1)[-1]) if n.rsplit("_", 1)[-1].isdigit() else n)
+        # litert-torch names the tuple outputs output_0, output_1, ...: order by that number (output_10 after
+        # output_9, so shorter names first), not by dict order
+        self.output_keys = sorted(self.runner.get_output_details(), key=lambda n: (len(n), n))
         self._check_outputs(len(self.output_keys))
 
     def _run_one(self, batch: np.ndarray) -> list[np.ndarray]:
@@ -199,23 +205,16 @@ class ExecuTorchBackend(Backend):
     A loaded Method reuses its planned memory between calls: not thread-safe, calls are serialized."""
 
     thread_safe = False
+    runtime = "the ExecuTorch runtime"
 
-    def __init__(self, path: Path, manifest: Manifest, num_threads: int | None):
-        super().__init__(path, manifest, num_threads)
+    def _load(self, path: Path, manifest: Manifest, num_threads: int) -> None:
         # the one place the SDK touches torch: ExecuTorch's Python runtime takes tensors
         self._torch = _runtime("torch", "ExecuTorch", "torch")
         runtime = _runtime("executorch.runtime", "ExecuTorch", "executorch")
-        try:
-            self.method = runtime.Runtime.get().load_program(str(path)).load_method("forward")
-            meta = self.method.metadata
-            in_sizes = list(meta.input_tensor_meta(0).sizes())
-            n_out = meta.num_outputs()
-        except Exception as e:
-            raise ModelIntegrityError(f"{path}: the ExecuTorch runtime could not load the program ({e})") from None
-        s = manifest.input.size
-        if in_sizes[1:] != [s, s, 3]:
-            raise ModelIntegrityError(f"{path}: input shape {in_sizes}, the manifest says [N, {s}, {s}, 3]")
-        self._check_outputs(n_out)
+        self.method = runtime.Runtime.get().load_program(str(path)).load_method("forward")
+        in_sizes = list(self.method.metadata.input_tensor_meta(0).sizes())
+        self._check_input(in_sizes)
+        self._check_outputs(self.method.metadata.num_outputs())
         self.fixed_batch = int(in_sizes[0])
 
     def _run_one(self, batch: np.ndarray) -> list[np.ndarray]:
@@ -229,22 +228,18 @@ class CoreMLBackend(Backend):
     raises `BackendUnavailableError` after the integrity check. One MLModel per Classifier, behind a lock."""
 
     thread_safe = False
+    runtime = "coremltools"
 
-    def __init__(self, path: Path, manifest: Manifest, num_threads: int | None):
-        super().__init__(path, manifest, num_threads)
+    def _load(self, path: Path, manifest: Manifest, num_threads: int) -> None:
         if sys.platform != "darwin":
             raise BackendUnavailableError(
                 f"{path}: Core ML prediction needs macOS (the Core ML framework); this is {sys.platform}. "
                 "Run this artifact on a Mac/iOS device, or load the onnx/tflite/executorch export here")
         ct = _runtime("coremltools", "Core ML", "coremltools")
-        try:
-            self.model = ct.models.MLModel(str(path), compute_units=ct.ComputeUnit.CPU_ONLY)
-            spec = self.model.get_spec()
-        except Exception as e:
-            raise ModelIntegrityError(f"{path}: coremltools could not load the package ({e})") from None
-        inp = spec.description.input[0]
-        self.input_name = inp.name
-        self.fixed_batch = int(inp.type.multiArrayType.shape[0])
+        self.model = ct.models.MLModel(str(path), compute_units=ct.ComputeUnit.CPU_ONLY)
+        spec = self.model.get_spec()
+        self.input_name = spec.description.input[0].name
+        self.fixed_batch = int(spec.description.input[0].type.multiArrayType.shape[0])
         self.output_names = [o.name for o in spec.description.output]
         self._check_outputs(self.output_names)
 

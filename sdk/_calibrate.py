@@ -95,6 +95,12 @@ class DecodedSet:
     unknown: dict[str, np.ndarray]  # score kind -> (N,)
     flat: np.ndarray  # (N, depth) ancestors of the finest head's own argmax (a flat classifier's answer)
 
+    def labelled(self) -> "DecodedSet":
+        """The rows labelled at every level."""
+        keep = (self.labels >= 0).all(1)
+        return DecodedSet(self.paths[keep], self.probs[keep], self.labels[keep],
+                          {k: v[keep] for k, v in self.unknown.items()}, self.flat[keep])
+
 
 def decode_set(taxonomy, logprobs: Sequence[np.ndarray], labels: np.ndarray | None = None) -> DecodedSet:
     dec = TreeDecoder(taxonomy)
@@ -118,15 +124,12 @@ def answered_depth(probs: np.ndarray, thresholds: Sequence[float]) -> np.ndarray
 
 def calibrate_thresholds(ds: DecodedSet, target: float) -> tuple[list[float], list[dict[str, Any]]]:
     """Per-level thresholds (see module docstring) and per-level precision/coverage curves."""
-    depth = ds.paths.shape[1]
-    labelled = (ds.labels >= 0).all(1)
-    paths, probs, labels = ds.paths[labelled], ds.probs[labelled], ds.labels[labelled]
-    correct = paths == labels
-    n = len(paths)
+    ds = ds.labelled()
+    probs, correct, n = ds.probs, ds.paths == ds.labels, len(ds.paths)
     thresholds: list[float] = []
     curves: list[dict[str, Any]] = []
     reach = np.ones(n, bool)  # answered down to the level above
-    for lvl in range(depth):
+    for lvl in range(probs.shape[1]):
         t = pick_threshold(probs[reach, lvl], correct[reach, lvl], target)
         grid = np.unique(np.r_[np.linspace(0, 1, 201), probs[reach, lvl]])
         cov, prec = [], []
@@ -144,17 +147,12 @@ def calibrate_unknown(in_scores: dict[str, np.ndarray], ood_scores: dict[str, np
                       max_false_unknown: float) -> tuple[str, float, dict[str, dict[str, float]]]:
     """Pick the score kind and threshold (flag when score > threshold) as in the module docstring."""
     table: dict[str, dict[str, float]] = {}
-    best = None
     for kind in UNKNOWN_SCORES:
         s_in, s_out = in_scores[kind], ood_scores[kind]
         thr = float(np.quantile(s_in, 1.0 - max_false_unknown, method="higher")) if len(s_in) else 1.0
-        row = {"threshold": thr, "false_unknown_rate": float((s_in > thr).mean()) if len(s_in) else 0.0,
-               "ood_detection_rate": float((s_out > thr).mean()) if len(s_out) else 0.0}
-        table[kind] = row
-        key = (row["ood_detection_rate"], kind == DEFAULT_UNKNOWN_SCORE)
-        if best is None or key > best[0]:
-            best = (key, kind)
-    kind = best[1]  # type: ignore[index]
+        table[kind] = {"threshold": thr, "false_unknown_rate": float((s_in > thr).mean()) if len(s_in) else 0.0,
+                       "ood_detection_rate": float((s_out > thr).mean()) if len(s_out) else 0.0}
+    kind = max(table, key=lambda k: (table[k]["ood_detection_rate"], k == DEFAULT_UNKNOWN_SCORE))
     return kind, table[kind]["threshold"], table
 
 
@@ -162,43 +160,41 @@ def calibrate_unknown(in_scores: dict[str, np.ndarray], ood_scores: dict[str, np
 def lca_height(pred: np.ndarray, true: np.ndarray) -> np.ndarray:
     """Per row, the height of the lowest common ancestor of two (N, depth) full paths: 0 when equal,
     1 for siblings … depth when they differ at the coarsest level."""
-    depth = true.shape[1]
-    h = np.zeros(len(pred), np.int64)
-    for lvl in range(pred.shape[1]):
-        h = np.where((pred[:, lvl] != true[:, lvl]) & (h == 0), depth - lvl, h)
-    return h
+    differ = np.asarray(pred) != np.asarray(true)
+    return np.where(differ.any(axis=1), differ.shape[1] - differ.argmax(axis=1), 0).astype(np.int64)
+
+
+def _mean(x: np.ndarray) -> float:
+    return float(np.mean(x)) if np.size(x) else float("nan")
 
 
 def decoding_report(ds: DecodedSet, thresholds: Sequence[float], unknown_kind: str | None,
                     unknown_threshold: float | None, level_names: Sequence[str]) -> dict[str, Any]:
     """Figures of the back-off answers vs plain argmax on a labelled set."""
-    labelled = (ds.labels >= 0).all(1)
-    paths, probs, labels = ds.paths[labelled], ds.probs[labelled], ds.labels[labelled]
-    n, depth = paths.shape
-    unk = (ds.unknown[unknown_kind][labelled] > unknown_threshold) if unknown_kind and unknown_threshold is not None \
+    ds = ds.labelled()
+    n, depth = ds.paths.shape
+    unk = ds.unknown[unknown_kind] > unknown_threshold if unknown_kind and unknown_threshold is not None \
         else np.zeros(n, bool)
-    d = np.where(unk, 0, answered_depth(probs, thresholds))
-    correct = paths == labels
+    d = np.where(unk, 0, answered_depth(ds.probs, thresholds))
+    correct = ds.paths == ds.labels
     answered = np.arange(depth)[None, :] < d[:, None]
-    rep: dict[str, Any] = {"n": int(n)}
-    rep["answered_node_precision"] = float(correct[answered].mean()) if answered.any() else float("nan")
+    rep: dict[str, Any] = {"n": int(n), "answered_node_precision": _mean(correct[answered])}
     for l, name in enumerate(level_names):
-        a = answered[:, l]
-        rep[f"coverage/{name}"] = float(a.mean()) if n else float("nan")
-        rep[f"precision/{name}"] = float(correct[a, l].mean()) if a.any() else float("nan")
-    rep["flagged_unknown"] = float(unk.mean()) if n else float("nan")
+        rep[f"coverage/{name}"] = _mean(answered[:, l])
+        rep[f"precision/{name}"] = _mean(correct[answered[:, l], l])
+    rep["flagged_unknown"] = _mean(unk)
     # "argmax" = the full tree-consistent path without back-off; "flat_argmax" = the finest head alone.
     # An answer is a mistake when its deepest node is wrong; its severity is the height of the LCA of
     # the full predicted and true paths (1 = sibling … depth = other category). A back-off answer is
     # wrong from its first wrong level on, so it has the same LCA as the full path.
-    h_full, h_flat = lca_height(paths, labels), lca_height(ds.flat[labelled], labels)
+    h_full, h_flat = lca_height(ds.paths, ds.labels), lca_height(ds.flat, ds.labels)
     deepest_right = np.ones(n, bool)
     rows = np.flatnonzero(d > 0)
     deepest_right[rows] = correct[rows, d[rows] - 1]
     for kind, h, wrong in (("flat_argmax", h_flat, h_flat > 0), ("argmax", h_full, h_full > 0),
                            ("backoff", h_full, ~deepest_right)):
         if kind != "backoff":
-            rep[f"{kind}/fine_top1"] = float((~wrong).mean()) if n else float("nan")
+            rep[f"{kind}/fine_top1"] = _mean(~wrong)
         rep[f"{kind}/mistakes"] = int(wrong.sum())
         rep[f"{kind}/mistake_severity"] = float(h[wrong].mean()) if wrong.any() else 0.0
         rep[f"{kind}/severity_per_image"] = float(h[wrong].sum() / max(n, 1))
@@ -211,19 +207,19 @@ def ood_report(ood: DecodedSet, kinds: Sequence[str], thresholds: Sequence[float
     d = np.where(flagged, 0, answered_depth(ood.probs, thresholds))
     depth = ood.paths.shape[1]
     kinds_arr = np.asarray(kinds)
-    rep: dict[str, Any] = {"n": int(len(d)), "flagged_unknown": float(flagged.mean()),
-                           "answered_to_finest": float((d == depth).mean())}
+    rep: dict[str, Any] = {"n": int(len(d)), "flagged_unknown": _mean(flagged),
+                           "answered_to_finest": _mean(d == depth)}
     for k in dict.fromkeys(kinds):
         m = kinds_arr == k
-        rep[f"{k}/flagged_unknown"] = float(flagged[m].mean())
-        rep[f"{k}/answered_to_finest"] = float((d[m] == depth).mean())
+        rep[f"{k}/flagged_unknown"] = _mean(flagged[m])
+        rep[f"{k}/answered_to_finest"] = _mean(d[m] == depth)
     return rep
 
 
 def plot_curves(curves: list[dict[str, Any]], level_names: Sequence[str], target: float, out_dir: Path,
-                in_scores: np.ndarray | None = None, ood_scores: np.ndarray | None = None,
-                unknown_kind: str = "", unknown_threshold: float | None = None) -> list[Path]:
-    """One coverage/precision PNG per level (and a histogram of the unknown score)."""
+                in_scores: np.ndarray, ood_scores: np.ndarray, unknown_kind: str,
+                unknown_threshold: float) -> list[Path]:
+    """One coverage/precision PNG per level and a histogram of the unknown score."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -244,23 +240,20 @@ def plot_curves(curves: list[dict[str, Any]], level_names: Sequence[str], target
         ax.plot([c["coverage"][i]], [c["precision"][i]], "o", color="C3",
                 label=f"chosen t={c['chosen']:.3f}: coverage {c['coverage'][i]:.2f}, precision {c['precision'][i]:.3f}")
         ax.axhline(target, ls="--", color="grey", lw=1, label=f"target {target}")
-        ax.set_xlabel(f"coverage (share of images answered to '{name}')")
-        ax.set_ylabel(f"precision at '{name}'")
+        ax.set(xlabel=f"coverage (share of images answered to '{name}')", ylabel=f"precision at '{name}'",
+               xlim=(0, 1.02))
         ax.set_title(f"back-off at level '{name}' (levels above at their thresholds)", fontsize=9)
-        ax.set_xlim(0, 1.02)
         ax.legend(fontsize=7, loc="lower left")
         ax.grid(alpha=0.3)
         save(fig, f"calibration_{name}.png")
-    if in_scores is not None and ood_scores is not None:
-        fig, ax = plt.subplots(figsize=(5, 4))
-        bins = np.linspace(0, 1, 41)
-        ax.hist(in_scores, bins=bins, alpha=0.6, label="in-catalogue (calibration split)", density=True)
-        ax.hist(ood_scores, bins=bins, alpha=0.6, label="generated out-of-catalogue", density=True)
-        if unknown_threshold is not None:
-            ax.axvline(unknown_threshold, color="C3", ls="--", label=f"threshold {unknown_threshold:.3f}")
-        ax.set_xlabel(f"unknown score ({unknown_kind})")
-        ax.legend(fontsize=7)
-        save(fig, "unknown_score.png")
+    fig, ax = plt.subplots(figsize=(5, 4))
+    bins = np.linspace(0, 1, 41)
+    ax.hist(in_scores, bins=bins, alpha=0.6, label="in-catalogue (calibration split)", density=True)
+    ax.hist(ood_scores, bins=bins, alpha=0.6, label="generated out-of-catalogue", density=True)
+    ax.axvline(unknown_threshold, color="C3", ls="--", label=f"threshold {unknown_threshold:.3f}")
+    ax.set_xlabel(f"unknown score ({unknown_kind})")
+    ax.legend(fontsize=7)
+    save(fig, "unknown_score.png")
     return written
 
 
@@ -287,24 +280,16 @@ class Calibration:
     curves: list[dict[str, Any]] = field(repr=False, default_factory=list)
     plots: list[Path] = field(default_factory=list)
 
-    def decoding(self, target: float, max_false_unknown: float, source: str, level_names: Sequence[str]) -> dict[str, Any]:
+    def decoding(self, target: float, max_false_unknown: float, source: str,
+                 level_names: Sequence[str]) -> dict[str, Any]:
         """The manifest's `decoding` section."""
-        return {
-            "thresholds": [round(t, 6) for t in self.thresholds],
-            "levels": list(level_names),
-            "unknown_score": self.unknown_score,
-            "unknown_threshold": round(self.unknown_threshold, 6),
-            "calibration": {
-                "data": source,
-                "target_precision": target,
-                "max_false_unknown": max_false_unknown,
-                "out_of_catalogue": "generated: " + ", ".join(OUT_OF_CATALOGUE_KINDS),
-                "report": self.report,
-                "unknown_scores": self.unknown_table,
-                "out_of_catalogue_report": self.ood_report,
-                "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-            },
-        }
+        calibration = {"data": source, "target_precision": target, "max_false_unknown": max_false_unknown,
+                       "out_of_catalogue": "generated: " + ", ".join(OUT_OF_CATALOGUE_KINDS), "report": self.report,
+                       "unknown_scores": self.unknown_table, "out_of_catalogue_report": self.ood_report,
+                       "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")}
+        return {"thresholds": [round(t, 6) for t in self.thresholds], "levels": list(level_names),
+                "unknown_score": self.unknown_score, "unknown_threshold": round(self.unknown_threshold, 6),
+                "calibration": calibration}
 
 
 def calibrate(clf: Classifier, in_logprobs: Sequence[np.ndarray], labels: np.ndarray,

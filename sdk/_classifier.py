@@ -5,16 +5,16 @@ from __future__ import annotations
 import json
 import os
 import threading
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, Iterable, Mapping, NamedTuple, Sequence
 
 import numpy as np
 
 from ._backends import Backend, LockedBackend, create_backend
 from ._decode import DEFAULT_UNKNOWN_SCORE, UNKNOWN_SCORES, TreeDecoder, unknown_scores
-from ._enroll import (MIN_PHOTOS, Enrollment, EnrolledClass, fit_class, load_enrollment, mirror_views, save_enrollment, siblings,
-                      validate_request)
+from ._enroll import (MIN_PHOTOS, Enrollment, EnrolledClass, fit_class, load_enrollment, mirror_views, normalize,
+                      save_enrollment, siblings, validate_request)
 from ._errors import EmbeddingUnavailableError, EnrollmentError, HierfgError, ModelIntegrityError, ModelOutputError
 from ._image import ImageSource, prepare
 from ._manifest import Manifest
@@ -39,6 +39,8 @@ class HierarchicalPrediction:
     (label, marginal) pairs, best first. Every probability is a tree-consistent marginal: along a path
     a child's probability never exceeds its parent's. With an allow / deny list the marginals are
     renormalized over the allowed leaves and `allowed_mass` is the share the model gave them before.
+    `taxonomy` is the tree the answer's indices and labels refer to: the trained one plus the classes
+    enrolled when it was answered (another thread may enroll or forget a product meanwhile).
     """
 
     path: tuple[LevelPrediction, ...]
@@ -47,15 +49,12 @@ class HierarchicalPrediction:
     is_unknown: bool = False
     unknown_score: float = 0.0
     allowed_mass: float = 1.0
+    taxonomy: Taxonomy | None = field(default=None, repr=False, compare=False)
 
     @property
     def deepest_confident(self) -> LevelPrediction | None:
         """The node the answer stops at (None when nothing cleared its threshold, or unknown)."""
         return self.path[-1] if self.path else None
-
-    @property
-    def label(self) -> str | None:
-        return self.path[-1].label if self.path else None
 
     @property
     def is_complete(self) -> bool:
@@ -68,16 +67,11 @@ class HierarchicalPrediction:
         return sep.join(p.label for p in self.path) if self.path else "uncertain"
 
     def to_dict(self) -> dict[str, Any]:
-        return {
-            "path": [asdict(p) for p in self.path],
-            "full_path": [asdict(p) for p in self.full_path],
-            "top_k": {k: [{"label": l, "probability": s} for l, s in v] for k, v in self.top_k.items()},
-            "deepest_confident": asdict(self.path[-1]) if self.path else None,
-            "is_unknown": self.is_unknown,
-            "unknown_score": self.unknown_score,
-            "allowed_mass": self.allowed_mass,
-            "breadcrumb": self.breadcrumb(),
-        }
+        return {"path": [asdict(p) for p in self.path], "full_path": [asdict(p) for p in self.full_path],
+                "top_k": {k: [{"label": l, "probability": s} for l, s in v] for k, v in self.top_k.items()},
+                "deepest_confident": asdict(self.path[-1]) if self.path else None, "is_unknown": self.is_unknown,
+                "unknown_score": self.unknown_score, "allowed_mass": self.allowed_mass,
+                "breadcrumb": self.breadcrumb()}
 
     def to_json(self, **kw: Any) -> str:
         return json.dumps(self.to_dict(), ensure_ascii=False, **kw)
@@ -97,7 +91,22 @@ class ItemError:
         return {"index": self.index, "error": type(self.error).__name__, "message": str(self.error)}
 
 
+class _View(NamedTuple):
+    """What enroll / forget replace in one assignment, so a call sees all of one state or all of the next."""
+
+    enrollment: Enrollment
+    taxonomy: Taxonomy
+    decoder: TreeDecoder
+
+
 _MANIFEST = object()  # sentinel: "use the manifest's value"
+
+
+def _image_list(images: Sequence[ImageSource]) -> list[ImageSource]:
+    if isinstance(images, (str, bytes, os.PathLike)) or (isinstance(images, np.ndarray) and images.ndim < 4):
+        raise TypeError("expected a sequence of images (a list of paths, bytes, PIL images or arrays); "
+                        "classify() takes one image")
+    return list(images)
 # What a bad *input* may raise; anything else is a bug and propagates.
 _ITEM_ERRORS = (HierfgError, ValueError, OSError, TypeError)
 
@@ -157,38 +166,35 @@ class Classifier:
 
     def _set_enrollment(self, enrollment: Enrollment) -> None:
         tax = enrollment.taxonomy(self.base_taxonomy)
-        self._view = (enrollment, tax, TreeDecoder(tax))  # one assignment: readers see all three or none
+        self._view = _View(enrollment, tax, TreeDecoder(tax))
 
     @property
     def taxonomy(self) -> Taxonomy:
         """The label tree answers come from: the trained one plus the enrolled classes."""
-        return self._view[1]
-
-    @property
-    def _decoder(self) -> TreeDecoder:
-        return self._view[2]
+        return self._view.taxonomy
 
     @property
     def enrolled(self) -> tuple[EnrolledClass, ...]:
-        return self._view[0].classes
+        return self._view.enrollment.classes
 
     def _check_thresholds(self, thresholds: Sequence[float] | Mapping[str, float] | None) -> tuple[float, ...]:
         """Per-level thresholds as a sequence (coarsest first) or a {level name: threshold} mapping."""
+        names = self.base_taxonomy.level_names
         if thresholds is None:
-            return (0.0,) * self.taxonomy.depth
+            return (0.0,) * len(names)
         if isinstance(thresholds, Mapping):
-            extra = set(thresholds) - set(self.taxonomy.level_names)
+            extra = set(thresholds) - set(names)
             if extra:
-                raise ValueError(f"thresholds name unknown levels {sorted(extra)}; levels are {self.taxonomy.level_names}")
-            thresholds = [thresholds.get(n, 0.0) for n in self.taxonomy.level_names]
+                raise ValueError(f"thresholds name unknown levels {sorted(extra)}; levels are {names}")
+            thresholds = [thresholds.get(n, 0.0) for n in names]
         try:
             t = tuple(float(x) for x in thresholds)
-            ok = len(t) == self.taxonomy.depth and all(0.0 <= x <= 1.0 for x in t)
+            ok = len(t) == len(names) and all(0.0 <= x <= 1.0 for x in t)
         except (TypeError, ValueError):
             ok = False
         if not ok:
-            raise ValueError(f"thresholds must be {self.taxonomy.depth} numbers in [0, 1] "
-                             f"(one per level {self.taxonomy.level_names}); got {thresholds!r}")
+            raise ValueError(f"thresholds must be {len(names)} numbers in [0, 1] (one per level {names}); "
+                             f"got {thresholds!r}")
         return t
 
     @staticmethod
@@ -224,18 +230,17 @@ class Classifier:
         emb = np.asarray(outs[depth], np.float32) if len(outs) > depth else None
         return [np.asarray(o, dtype=np.float64) for o in outs[:depth]], emb
 
-    def logprobs(self, batch: np.ndarray, view: tuple | None = None) -> list[np.ndarray]:
+    def logprobs(self, batch: np.ndarray, view: _View | None = None) -> list[np.ndarray]:
         """Per-level log-probabilities (float64) for a uint8 (N, S, S, 3) batch, over `self.taxonomy`:
         the model's outputs as they are, unless classes were enrolled (their scores then extend the
         finest level, renormalized)."""
         lps, emb = self._run(batch)
-        return (view or self._view)[0].extend(lps, emb, self.base_taxonomy)
+        return (view or self._view).enrollment.extend(lps, emb, self.base_taxonomy)
 
     def embeddings(self, batch: np.ndarray) -> np.ndarray:
         """(N, dim) float32 L2-normalized embeddings for a uint8 (N, S, S, 3) batch."""
         self._require_embedding()
-        emb = self._run(batch)[1]
-        return (emb / np.maximum(np.linalg.norm(emb, axis=1, keepdims=True), 1e-12)).astype(np.float32)
+        return normalize(self._run(batch)[1]).astype(np.float32)
 
     def embed(self, images: Sequence[ImageSource]) -> np.ndarray:
         """(N, dim) float32 L2-normalized embeddings of images (paths, bytes, PIL images or arrays), the
@@ -250,10 +255,8 @@ class Classifier:
                 "`python -m quantize`). Classifying works as before.")
 
     def _prepare_all(self, images: Sequence[ImageSource]) -> np.ndarray:
-        if isinstance(images, (str, bytes, os.PathLike)) or (isinstance(images, np.ndarray) and images.ndim < 4):
-            raise TypeError("expected a sequence of images (a list of paths, bytes, PIL images or arrays)")
         arrays = []
-        for i, image in enumerate(images):
+        for i, image in enumerate(_image_list(images)):
             try:
                 arrays.append(self.preprocess(image))
             except HierfgError as e:
@@ -270,7 +273,7 @@ class Classifier:
         `Classifier.load` picks up. Raises `EmbeddingUnavailableError` for a model without the embedding
         output, `EnrollmentError` for an unknown parent or a label already in use."""
         self._require_embedding()
-        parent = validate_request(label, parent, self.base_taxonomy, self._view[0])
+        parent = validate_request(label, parent, self.base_taxonomy, self._view.enrollment)
         batch = self._prepare_all(images)
         if len(batch) < MIN_PHOTOS:
             # one photo cannot say how far another photo of the product lies (its leave-one-out spread):
@@ -281,7 +284,7 @@ class Classifier:
         lps, emb = self._run(views)
         cls = fit_class(label, parent, emb, photo, lps[-1], siblings(self.base_taxonomy, parent))
         with self._enroll_lock:
-            enrollment = self._view[0]
+            enrollment = self._view.enrollment
             validate_request(label, parent, self.base_taxonomy, enrollment)  # another thread may have taken it
             self._commit(enrollment.with_class(cls), save)
         return cls
@@ -292,7 +295,7 @@ class Classifier:
             if label in self.base_taxonomy.names(self.base_taxonomy.depth - 1):
                 raise EnrollmentError(f"{label!r} is a trained class, not an enrolled one; only enrolled classes "
                                       "can be forgotten (use deny=[...] to exclude a trained one from answers)")
-            self._commit(self._view[0].without(label), save)
+            self._commit(self._view.enrollment.without(label), save)
 
     def _commit(self, enrollment: Enrollment, save: bool) -> None:
         if save:  # the file first: if writing fails, memory still matches what is on disk
@@ -301,32 +304,29 @@ class Classifier:
 
     def leaf_mask(self, allow: Iterable[str] | None = None, deny: Iterable[str] | None = None) -> np.ndarray | None:
         """Leaves an answer may end in, for node names in `allow` / `deny` (see `TreeDecoder.leaf_mask`)."""
-        return self._decoder.leaf_mask(allow, deny)
+        return self._view.decoder.leaf_mask(allow, deny)
 
     def _decode_batch(self, lps: list[np.ndarray], top_k: int, thresholds: tuple[float, ...],
-                      unknown_threshold: float | None, mask: np.ndarray | None, view: tuple,
+                      unknown_threshold: float | None, mask: np.ndarray | None, view: _View,
                       ) -> list[HierarchicalPrediction | ModelOutputError]:
-        _, tax, dec = view
+        tax, dec = view.taxonomy, view.decoder
         leaf, errors = dec.leaf_probs(lps)
-        full_marg = dec.node_sums(leaf)
-        unk = unknown_scores(self.unknown_score_kind, leaf, full_marg)
-        if mask is None:
-            marg, allowed_mass = full_marg, np.ones(leaf.shape[0])
-        else:
+        marg = dec.node_sums(leaf)
+        unk = unknown_scores(self.unknown_score_kind, leaf, marg)  # on the unrestricted distribution
+        allowed_mass = np.ones(len(leaf))
+        if mask is not None:
             allowed_mass = leaf[:, mask].sum(axis=1)
-            mleaf, merr = dec.leaf_probs(lps, mask)
-            for r, e in merr.items():
-                errors.setdefault(r, e)
-            marg = dec.node_sums(mleaf)
+            masked, masked_errors = dec.leaf_probs(lps, mask)
+            errors = {**masked_errors, **errors}
+            marg = dec.node_sums(masked)
         keep = dec.node_allowed(mask)
         out: list[HierarchicalPrediction | ModelOutputError] = []
-        for row in range(leaf.shape[0]):
+        for row in range(len(leaf)):
             if row in errors:
                 out.append(errors[row])
                 continue
-            idx = dec.greedy_path(marg, row)
             full = tuple(LevelPrediction(tax.level_names[l], i, tax.node(l, i).name, float(marg[l][row, i]))
-                         for l, i in enumerate(idx))
+                         for l, i in enumerate(dec.greedy_path(marg, row)))
             # back-off: the answer stops above the first level whose marginal is under its threshold
             kept = next((l for l, (p, t) in enumerate(zip(full, thresholds)) if p.probability < t), len(full))
             topk = {}
@@ -337,7 +337,7 @@ class Classifier:
                 topk[name] = tuple((tax.node(l, int(i)).name, float(marg[l][row, i])) for i in cand[:top_k])
             is_unknown = unknown_threshold is not None and float(unk[row]) > unknown_threshold
             out.append(HierarchicalPrediction(() if is_unknown else full[:kept], full, topk, is_unknown,
-                                              float(unk[row]), float(allowed_mass[row])))
+                                              float(unk[row]), float(allowed_mass[row]), tax))
         return out
 
     def classify(self, image: ImageSource, top_k: int = 5,
@@ -353,8 +353,8 @@ class Classifier:
         Raises the input's error (`InvalidImageError`, `FileNotFoundError`, `ValueError` …) or
         `ModelOutputError` when the model's output for it is NaN / Inf.
         """
-        return self.classify_batch([image], top_k=top_k, thresholds=thresholds, allow=allow, deny=deny,
-                                   unknown_threshold=unknown_threshold, raise_errors=True)[0]  # type: ignore[return-value]
+        return self.classify_batch([image], top_k, thresholds, allow, deny, unknown_threshold,  # type: ignore
+                                   raise_errors=True)[0]
 
     def classify_batch(self, images: Sequence[ImageSource], top_k: int = 5,
                        thresholds: Sequence[float] | Mapping[str, float] | None = None,
@@ -364,8 +364,7 @@ class Classifier:
         """Classify many images, `batch_size` at a time. A bad item (undecodable, or NaN model output)
         yields an `ItemError` naming its index and the rest are answered; `raise_errors=True` raises
         the first such error instead. Options as in `classify`."""
-        if isinstance(images, (str, bytes, os.PathLike, np.ndarray)):
-            raise TypeError("classify_batch takes a sequence of images; use classify() for one image")
+        images = _image_list(images)
         if not isinstance(top_k, int) or isinstance(top_k, bool) or top_k < 1:
             raise ValueError(f"top_k must be a positive integer; got {top_k!r}")
         if batch_size < 1:
@@ -373,25 +372,21 @@ class Classifier:
         th = self._check_thresholds(thresholds) if thresholds is not None else self.thresholds
         ut = self.unknown_threshold if unknown_threshold is _MANIFEST else self._check_unknown(unknown_threshold)
         view = self._view  # one view for the whole call, whatever enroll / forget do meanwhile
-        mask = view[2].leaf_mask(allow, deny)
-        images = list(images)
+        mask = view.decoder.leaf_mask(allow, deny)
         results: list[HierarchicalPrediction | ItemError | None] = [None] * len(images)
         for start in range(0, len(images), batch_size):
-            arrays: list[np.ndarray] = []
-            where: list[int] = []
+            arrays: dict[int, np.ndarray] = {}  # item index -> model input
             for i in range(start, min(start + batch_size, len(images))):
                 try:
-                    arrays.append(self.preprocess(images[i]))
-                    where.append(i)
+                    arrays[i] = self.preprocess(images[i])
                 except _ITEM_ERRORS as e:
                     if raise_errors:
                         raise
                     results[i] = ItemError(i, e)
-            if not arrays:
-                continue
-            decoded = self._decode_batch(self.logprobs(np.stack(arrays), view), top_k, th, ut, mask, view)
-            for i, d in zip(where, decoded):
-                if isinstance(d, ModelOutputError) and raise_errors:
-                    raise d
-                results[i] = ItemError(i, d) if isinstance(d, ModelOutputError) else d
+            if arrays:
+                lps = self.logprobs(np.stack(list(arrays.values())), view)
+                for i, d in zip(arrays, self._decode_batch(lps, top_k, th, ut, mask, view)):
+                    if isinstance(d, ModelOutputError) and raise_errors:
+                        raise d
+                    results[i] = ItemError(i, d) if isinstance(d, ModelOutputError) else d
         return results  # type: ignore[return-value]

@@ -31,23 +31,6 @@ class TreeDecoder:
             order = np.argsort(self.anc[:, lvl], kind="stable")
             self._groups.append((order, np.searchsorted(self.anc[order, lvl], np.arange(n))))
 
-    def check_shapes(self, logprobs: Sequence[np.ndarray]) -> list[np.ndarray]:
-        """Structural checks (count, shapes, batch sizes) that fail the whole batch."""
-        if len(logprobs) != self.taxonomy.depth:
-            raise ModelOutputError(f"model returned {len(logprobs)} outputs; taxonomy has {self.taxonomy.depth} levels")
-        out = []
-        for lvl, lp in enumerate(logprobs):
-            lp = np.asarray(lp, dtype=np.float64)
-            if lp.ndim == 1:
-                lp = lp[None]
-            if lp.ndim != 2 or lp.shape[1] != self.sizes[lvl]:
-                raise ModelOutputError(
-                    f"output of level {lvl} has shape {lp.shape}; expected (batch, {self.sizes[lvl]})")
-            out.append(lp)
-        if len({lp.shape[0] for lp in out}) != 1:
-            raise ModelOutputError("outputs disagree on batch size")
-        return out
-
     def marginals(self, logprobs: Sequence[np.ndarray], leaf_mask: np.ndarray | None = None) -> list[np.ndarray]:
         """Per level, (batch, n_nodes) marginal probabilities under the tree-consistent leaf distribution.
 
@@ -62,18 +45,22 @@ class TreeDecoder:
                    ) -> tuple[np.ndarray, dict[int, ModelOutputError]]:
         """(batch, n_leaves) leaf distribution, renormalized over `leaf_mask` if given, and the rows
         that cannot be decoded (NaN / +Inf in any level, or every allowed leaf at probability zero).
-        Bad rows hold zeros; the others are unaffected by them."""
-        lps = self.check_shapes(logprobs)
-        n = lps[0].shape[0]
-        errors: dict[int, ModelOutputError] = {}
+        Bad rows hold zeros; the others are unaffected by them. Wrong output counts or shapes fail the
+        whole batch."""
+        if len(logprobs) != self.taxonomy.depth:
+            raise ModelOutputError(f"model returned {len(logprobs)} outputs; taxonomy has {self.taxonomy.depth} levels")
+        lps = [np.atleast_2d(np.asarray(lp, dtype=np.float64)) for lp in logprobs]
         for lvl, lp in enumerate(lps):
-            bad = np.isnan(lp).any(axis=1) | np.isposinf(lp).any(axis=1)
-            for r in np.flatnonzero(bad):
+            if lp.ndim != 2 or lp.shape != (lps[0].shape[0], self.sizes[lvl]):
+                raise ModelOutputError(f"output of level {lvl} has shape {lp.shape}; expected "
+                                       f"({lps[0].shape[0]}, {self.sizes[lvl]}): (batch, nodes of the level)")
+        errors: dict[int, ModelOutputError] = {}
+        score = np.zeros((lps[0].shape[0], self.anc.shape[0]))
+        for lvl, lp in enumerate(lps):
+            for r in np.flatnonzero(np.isnan(lp).any(axis=1) | np.isposinf(lp).any(axis=1)):
                 errors.setdefault(int(r), ModelOutputError(
                     f"model output of level {lvl} ({self.taxonomy.level_names[lvl]!r}) holds NaN or +Inf for "
                     "this image; refusing to label it (check the artifact's parity report or re-export)"))
-        score = np.zeros((n, self.anc.shape[0]))
-        for lvl, lp in enumerate(lps):
             score += lp[:, self.anc[:, lvl]]
         if leaf_mask is not None:
             score[:, ~leaf_mask] = -np.inf
@@ -150,8 +137,8 @@ class TreeDecoder:
 
     def greedy_paths(self, marg: Sequence[np.ndarray]) -> np.ndarray:
         """(batch, depth) `greedy_path` of every row."""
-        n = marg[0].shape[0]
-        return np.asarray([self.greedy_path(marg, r) for r in range(n)], np.int64).reshape(n, self.taxonomy.depth)
+        rows = [self.greedy_path(marg, r) for r in range(len(marg[0]))]
+        return np.asarray(rows, np.int64).reshape(len(rows), self.taxonomy.depth)
 
     def paths(self, logprobs: Sequence[np.ndarray]) -> np.ndarray:
         """(batch, depth) greedy consistent paths — the batch form used by metrics and parity checks."""
@@ -162,14 +149,6 @@ class TreeDecoder:
 # Each maps the *unrestricted* leaf distribution (batch, n_leaves) and the marginals to a score in
 # [0, 1], higher = less like anything in the catalogue. `python -m sdk calibrate` picks one and its
 # threshold against generated out-of-catalogue images and stores both in the manifest.
-def _coarsest_margin(leaf: np.ndarray, marg: Sequence[np.ndarray]) -> np.ndarray:
-    return 1.0 - marg[0].max(axis=1)
-
-
-def _fine_margin(leaf: np.ndarray, marg: Sequence[np.ndarray]) -> np.ndarray:
-    return 1.0 - leaf.max(axis=1)
-
-
 def _leaf_entropy(leaf: np.ndarray, marg: Sequence[np.ndarray]) -> np.ndarray:
     with np.errstate(divide="ignore", invalid="ignore"):
         h = -np.where(leaf > 0, leaf * np.log(leaf), 0.0).sum(axis=1)
@@ -177,17 +156,13 @@ def _leaf_entropy(leaf: np.ndarray, marg: Sequence[np.ndarray]) -> np.ndarray:
 
 
 UNKNOWN_SCORES = {
-    "coarsest_margin": _coarsest_margin,  # 1 - max marginal at the coarsest level
-    "fine_margin": _fine_margin,  # 1 - max leaf probability
+    "coarsest_margin": lambda leaf, marg: 1.0 - marg[0].max(axis=1),  # 1 - max marginal at the coarsest level
+    "fine_margin": lambda leaf, marg: 1.0 - leaf.max(axis=1),  # 1 - max leaf probability
     "leaf_entropy": _leaf_entropy,  # entropy of the leaf distribution / log(n_leaves)
 }
 DEFAULT_UNKNOWN_SCORE = "coarsest_margin"
 
 
 def unknown_scores(kind: str, leaf: np.ndarray, marg: Sequence[np.ndarray]) -> np.ndarray:
-    """Out-of-catalogue score per row (see UNKNOWN_SCORES)."""
-    try:
-        fn = UNKNOWN_SCORES[kind]
-    except KeyError:
-        raise ValueError(f"unknown out-of-catalogue score {kind!r}; choose one of {sorted(UNKNOWN_SCORES)}") from None
-    return np.clip(fn(leaf, marg), 0.0, 1.0)
+    """Out-of-catalogue score per row of a kind in UNKNOWN_SCORES (the Classifier checks the manifest's)."""
+    return np.clip(UNKNOWN_SCORES[kind](leaf, marg), 0.0, 1.0)

@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import base64
 import datetime as _dt
-import hashlib
 import json
 import math
 import os
@@ -44,7 +43,7 @@ from typing import Any
 import numpy as np
 
 from ._errors import EnrollmentError, EnrollmentFileError
-from ._files import atomic_write
+from ._files import atomic_write, json_sha256
 from ._manifest import Manifest
 from ._taxonomy import Node, Taxonomy
 
@@ -96,11 +95,9 @@ def descriptor(embeddings: np.ndarray, trained_fine: np.ndarray) -> np.ndarray:
 
 
 def parent_mass(fine: np.ndarray, siblings: np.ndarray) -> np.ndarray:
-    """log of the fine-level mass of the trained children of a parent, per row (log-sum-exp)."""
-    sub = np.asarray(fine, np.float64)[:, siblings]
-    top = sub.max(1, keepdims=True)
-    with np.errstate(invalid="ignore"):
-        return (top + np.log(np.exp(sub - top).sum(1, keepdims=True)))[:, 0]
+    """log of the fine-level mass of the trained children of a parent, per row."""
+    with np.errstate(invalid="ignore"):  # a NaN row stays NaN: the decoder refuses it per item
+        return np.logaddexp.reduce(np.asarray(fine, np.float64)[:, siblings], axis=1)
 
 
 def fit_class(label: str, parent: str, views: np.ndarray, photo_of_view: np.ndarray, trained_fine: np.ndarray,
@@ -130,11 +127,8 @@ def fit_class(label: str, parent: str, views: np.ndarray, photo_of_view: np.ndar
     d = scale * cos + bias
     share = -np.logaddexp(0.0, d)  # log 1 / (1 + e^d): what the trained siblings keep
     own_scores = mass + d + share  # the new class's fine log-prob on its own (held-out) photos
-    rest = np.full(len(e), -np.inf)
-    others = np.setdiff1d(np.arange(trained_fine.shape[1]), siblings)
-    if len(others):
-        rest = trained_fine[:, others].max(1)
-    trained_after = np.maximum(rest, trained_fine[:, siblings].max(1) + share)  # best trained class, extended
+    extended = np.array(trained_fine, np.float64)
+    extended[:, siblings] += share[:, None]  # the trained classes once the new one takes its share
     calibration = {
         "views": int(len(e)), "own_cosine_mean": float(cos.mean()), "own_cosine_spread": spread, "tie_cosine": tau,
         "own_score_mean": float(own_scores.mean()), "trained_best_mean": float(trained_best.mean()),
@@ -142,7 +136,7 @@ def fit_class(label: str, parent: str, views: np.ndarray, photo_of_view: np.ndar
         # > 0: on its own photos the new class outscores the best trained class by this many nats on average
         "own_minus_trained_mean": float((own_scores - trained_best).mean()),
         # how often it beats every trained class on its own photos once enrolled
-        "own_wins": float((own_scores > trained_after).mean()),
+        "own_wins": float((own_scores > extended.max(1)).mean()),
         # share of the fine mass the model gives the parent on these photos: low means the model puts the
         # product under another parent, where the new leaf cannot win
         "parent_mass_mean": float(np.exp(mass).mean()),
@@ -185,8 +179,6 @@ class Enrollment:
         model's log-probs come back unchanged."""
         if not self.classes:
             return logprobs
-        if embeddings is None:
-            raise EnrollmentError("enrolled classes need the model's embedding output")
         trained = np.asarray(logprobs[-1], np.float64)
         protos = np.stack([c.prototype for c in self.classes]).astype(np.float64)
         d = descriptor(embeddings, trained) @ protos.T * np.array([c.scale for c in self.classes]) \
@@ -226,17 +218,13 @@ def validate_request(label: str, parent: str, base: Taxonomy, enrollment: Enroll
 
 
 # ---- the enrollment file ----------------------------------------------------------------------------
-def _digest(payload: dict[str, Any]) -> str:
-    return hashlib.sha256(json.dumps(payload, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
-
-
 def save_enrollment(directory: str | os.PathLike, manifest: Manifest, enrollment: Enrollment) -> Path:
     """Write `enrolled.json` atomically: bound to the model's sha256 and dimension, hashed over its content."""
     payload = {"format": ENROLLMENT_FORMAT, "model_sha256": manifest.sha256, "taxonomy_hash": manifest.taxonomy.hash,
                "embedding_dim": int(manifest.embedding["dim"]) if manifest.embedding else 0,
                "descriptor_dim": descriptor_dim(manifest),
                "classes": [c.to_dict() for c in enrollment.classes]}
-    doc = {**payload, "sha256": _digest(payload)}
+    doc = {**payload, "sha256": json_sha256(payload)}
     return atomic_write(Path(directory) / ENROLLMENT_NAME, json.dumps(doc, indent=1, ensure_ascii=False))
 
 
@@ -255,7 +243,7 @@ def load_enrollment(directory: str | os.PathLike, manifest: Manifest) -> Enrollm
     if not isinstance(doc, dict) or doc.get("format") != ENROLLMENT_FORMAT:
         raise EnrollmentFileError(f"{path}: not a {ENROLLMENT_FORMAT} file{redo}")
     payload = {k: v for k, v in doc.items() if k != "sha256"}
-    if doc.get("sha256") != _digest(payload):
+    if doc.get("sha256") != json_sha256(payload):
         raise EnrollmentFileError(f"{path}: content hash mismatch (the file was changed or damaged after it was "
                                   f"written){redo}")
     if payload.get("model_sha256") != manifest.sha256 or payload.get("taxonomy_hash") != manifest.taxonomy.hash:

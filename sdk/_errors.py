@@ -33,7 +33,6 @@ class Int8AccuracyWarning(RuntimeWarning):
     """An int8 artifact loads and runs, but this CPU's int8 kernels are known to change its answers."""
 
 
-
 class EmbeddingUnavailableError(HierfgError):
     """The model has no embedding output (exported before enrollment existed): it classifies, but cannot
     enroll new products until it is re-exported."""

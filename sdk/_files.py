@@ -3,24 +3,38 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import uuid
 from pathlib import Path
 from typing import Callable
 
 
+def _files_of(path: Path) -> list[Path]:
+    """The file itself, or every file in a directory in a stable order (Core ML packages are directories)."""
+    return sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+
+
+def size_bytes(path: str | os.PathLike) -> int:
+    return sum(f.stat().st_size for f in _files_of(Path(path)))
+
+
 def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
-    """sha256 of a file, or of every file in a directory (Core ML packages are directories)."""
+    """sha256 of a file, or of every file in a directory (names and contents)."""
     path = Path(path)
     h = hashlib.sha256()
-    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
-    for f in files:
+    for f in _files_of(path):
         if path.is_dir():
             h.update(f.relative_to(path).as_posix().encode() + b"\0")
         with open(f, "rb") as fh:
             while block := fh.read(chunk):
                 h.update(block)
     return h.hexdigest()
+
+
+def json_sha256(payload: object) -> str:
+    """sha256 of `payload` as canonical JSON (sorted keys, no spaces): the content hash of a JSON document."""
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 
 def atomic_write(path: str | os.PathLike, data: str | bytes | Callable[[Path], None]) -> Path:

@@ -16,6 +16,7 @@ Contract (documented in the README, tested against RELIABILITY.md):
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import warnings
@@ -43,22 +44,17 @@ def _open(source: Any) -> Image.Image:
             raise FileNotFoundError(f"image not found: {path}")
         if path.is_dir():
             raise IsADirectoryError(f"expected an image file, got a directory: {path}")
-        size = path.stat().st_size
-        if size == 0:
-            raise InvalidImageError(f"{path}: empty file")
-        if size > MAX_FILE_BYTES:
-            raise InvalidImageError(f"{path}: {size} bytes is over the {MAX_FILE_BYTES}-byte limit")
-        data = path.read_bytes()
-        where = str(path)
+        size, where = path.stat().st_size, str(path)
+        data = path.read_bytes() if 0 < size <= MAX_FILE_BYTES else b""  # never read an oversized file
     elif isinstance(source, (bytes, bytearray, memoryview)):
-        data = bytes(source)
-        where = "<bytes>"
-        if not data:
-            raise InvalidImageError("empty image bytes")
-        if len(data) > MAX_FILE_BYTES:
-            raise InvalidImageError(f"{len(data)} bytes is over the {MAX_FILE_BYTES}-byte limit")
+        data, where = bytes(source), "<bytes>"
+        size = len(data)
     else:
         raise TypeError(f"cannot read an image from {type(source).__name__}")
+    if size == 0:
+        raise InvalidImageError(f"{where}: empty image")
+    if size > MAX_FILE_BYTES:
+        raise InvalidImageError(f"{where}: {size} bytes is over the {MAX_FILE_BYTES}-byte limit")
     _reject_known_other_formats(data, where)
     try:
         with warnings.catch_warnings():
@@ -126,10 +122,7 @@ def _to_rgb(img: Image.Image) -> Image.Image:
         a = (a - lo) / (hi - lo) * 255.0 if hi > lo else np.zeros_like(a)
         g = np.clip(np.rint(a), 0, 255).astype(np.uint8)
         return Image.fromarray(np.stack([g, g, g], axis=-1), "RGB")
-    if mode == "P" and "transparency" in img.info:
-        img = img.convert("RGBA")
-        mode = "RGBA"
-    if mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+    if mode in ("RGBA", "LA", "PA", "RGBa", "La") or (mode == "P" and "transparency" in img.info):
         rgba = img.convert("RGBA")
         bg = Image.new("RGBA", rgba.size, WHITE + (255,))
         return Image.alpha_composite(bg, rgba).convert("RGB")
@@ -137,10 +130,8 @@ def _to_rgb(img: Image.Image) -> Image.Image:
 
 
 def _decode(img: Image.Image, target: int | None) -> Image.Image:
-    try:
+    with contextlib.suppress(EOFError):  # animated / multi-page: the first frame
         img.seek(0)
-    except EOFError:
-        pass
     if target and img.format == "JPEG":
         # Decode at the smallest DCT scale that still leaves >= 2x the target on the short side.
         img.draft("RGB", (target * 2, target * 2))

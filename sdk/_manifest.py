@@ -10,19 +10,11 @@ from pathlib import Path
 from typing import Any
 
 from ._errors import ModelIntegrityError, ModelNotFoundError, TaxonomyError
-from ._files import atomic_write, sha256_file
+from ._files import atomic_write, sha256_file, size_bytes
 from ._taxonomy import Taxonomy
 
 FORMAT_VERSION = 1
 MANIFEST_NAME = "manifest.json"
-TARGETS = ("onnx", "tflite", "executorch", "coreml")
-
-
-def size_bytes(path: str | os.PathLike) -> int:
-    path = Path(path)
-    if path.is_dir():
-        return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
-    return path.stat().st_size
 
 
 @dataclass(frozen=True)
@@ -68,24 +60,12 @@ class Manifest:
     format_version: int = FORMAT_VERSION
 
     def to_dict(self) -> dict[str, Any]:
-        return {
-            "format_version": self.format_version,
-            "target": self.target,
-            "precision": self.precision,
-            "file": self.file,
-            "sha256": self.sha256,
-            "size_bytes": self.size_bytes,
-            "input": asdict(self.input),
-            "outputs": list(self.outputs),
-            "taxonomy_hash": self.taxonomy.hash,
-            "taxonomy": self.taxonomy.to_dict(),
-            "metrics": self.metrics,
-            "decoding": self.decoding,
-            "tool_versions": self.tool_versions,
-            "model": self.model,
-            **({"embedding": self.embedding} if self.embedding is not None else {}),
-            "created": self.created,
-        }
+        return {"format_version": self.format_version, "target": self.target, "precision": self.precision,
+                "file": self.file, "sha256": self.sha256, "size_bytes": self.size_bytes, "input": asdict(self.input),
+                "outputs": list(self.outputs), "taxonomy_hash": self.taxonomy.hash,
+                "taxonomy": self.taxonomy.to_dict(), "metrics": self.metrics, "decoding": self.decoding,
+                "tool_versions": self.tool_versions, "model": self.model,
+                **({"embedding": self.embedding} if self.embedding is not None else {}), "created": self.created}
 
     @property
     def graph_outputs(self) -> list[str]:
@@ -111,8 +91,7 @@ class Manifest:
                     f"{where}: taxonomy hash mismatch (manifest says {str(d.get('taxonomy_hash'))[:12]}…, "
                     f"the taxonomy in it hashes to {tax.hash[:12]}…)")
             if len(d["outputs"]) != tax.depth:
-                raise ModelIntegrityError(
-                    f"{where}: {len(d['outputs'])} output names for a {tax.depth}-level taxonomy")
+                raise ModelIntegrityError(f"{where}: {len(d['outputs'])} output names for a {tax.depth}-level taxonomy")
             return cls(
                 target=d["target"], precision=d["precision"], file=d["file"], sha256=d["sha256"],
                 size_bytes=int(d["size_bytes"]), input=InputSpec(**d["input"]), outputs=list(d["outputs"]),
@@ -120,8 +99,6 @@ class Manifest:
                 tool_versions=d.get("tool_versions", {}), model=d.get("model", {}), created=d.get("created", ""),
                 format_version=d["format_version"], embedding=_check_embedding(d.get("embedding"), where),
             )
-        except ModelIntegrityError:
-            raise
         except TaxonomyError as e:
             raise ModelIntegrityError(f"{where}: invalid taxonomy: {e}") from None
         except (KeyError, TypeError, ValueError) as e:

@@ -7,7 +7,6 @@ level's head. Every leaf sits at the deepest level.
 from __future__ import annotations
 
 import csv
-import hashlib
 import json
 import os
 from dataclasses import dataclass
@@ -15,7 +14,7 @@ from pathlib import Path
 from typing import Iterable, Sequence
 
 from ._errors import TaxonomyError
-from ._files import atomic_write
+from ._files import atomic_write, json_sha256
 
 FORMAT = "hierfg.taxonomy/1"
 
@@ -41,59 +40,45 @@ class Taxonomy:
         self._index = [{n.name: i for i, n in enumerate(lvl)} for lvl in self._levels]
         # children[l][i]: indices at level l+1 whose parent is node i of level l
         self._children: list[list[list[int]]] = []
-        for lvl in range(self.depth - 1):
-            ch: list[list[int]] = [[] for _ in self._levels[lvl]]
-            for j, node in enumerate(self._levels[lvl + 1]):
-                ch[node.parent].append(j)
-            self._children.append(ch)
-        self._hash = hashlib.sha256(
-            json.dumps(self._payload(), sort_keys=True, separators=(",", ":")).encode()
-        ).hexdigest()
+        for upper, lower in zip(self._levels, self._levels[1:]):
+            self._children.append([[] for _ in upper])
+            for j, node in enumerate(lower):
+                self._children[-1][node.parent].append(j)
+        self._hash = json_sha256(self._payload())
 
-    # ---- validation -------------------------------------------------------------------------
     def _validate(self) -> None:
-        if len(self._level_names) == 0 or len(self._levels) != len(self._level_names):
-            raise TaxonomyError(
-                f"taxonomy needs one node list per level name; got {len(self._level_names)} names "
-                f"and {len(self._levels)} levels"
-            )
-        if len(set(self._level_names)) != len(self._level_names):
-            raise TaxonomyError(f"duplicate level names in {self._level_names}")
-        for lvl, nodes in enumerate(self._levels):
+        names, levels = self._level_names, self._levels
+        if not names or len(levels) != len(names):
+            raise TaxonomyError(f"taxonomy needs one node list per level name; got {len(names)} names "
+                                f"and {len(levels)} levels")
+        if len(set(names)) != len(names):
+            raise TaxonomyError(f"duplicate level names in {names}")
+        for lvl, nodes in enumerate(levels):
             if not nodes:
-                raise TaxonomyError(f"level {lvl} ({self._level_names[lvl]!r}) has no nodes")
+                raise TaxonomyError(f"level {lvl} ({names[lvl]!r}) has no nodes")
             seen: set[str] = set()
             for i, node in enumerate(nodes):
+                p = node.parent
                 if not node.name:
                     raise TaxonomyError(f"level {lvl} node {i} has an empty name")
                 if node.name in seen:
-                    raise TaxonomyError(
-                        f"duplicate name {node.name!r} at level {lvl} ({self._level_names[lvl]!r}); "
-                        "names must be unique within a level"
-                    )
+                    raise TaxonomyError(f"duplicate name {node.name!r} at level {lvl} ({names[lvl]!r}); "
+                                        "names must be unique within a level")
                 seen.add(node.name)
-                if lvl == 0:
-                    if node.parent is not None:
-                        raise TaxonomyError(f"root-level node {node.name!r} must have parent null")
-                else:
-                    p = node.parent
-                    if not isinstance(p, int) or isinstance(p, bool) or not 0 <= p < len(self._levels[lvl - 1]):
-                        raise TaxonomyError(
-                            f"orphan: node {node.name!r} at level {lvl} has parent {p!r}, which is not an "
-                            f"index into level {lvl - 1} (0..{len(self._levels[lvl - 1]) - 1})"
-                        )
+                if lvl == 0 and p is not None:
+                    raise TaxonomyError(f"root-level node {node.name!r} must have parent null")
+                if lvl and (not isinstance(p, int) or isinstance(p, bool) or not 0 <= p < len(levels[lvl - 1])):
+                    raise TaxonomyError(f"orphan: node {node.name!r} at level {lvl} has parent {p!r}, which is not "
+                                        f"an index into level {lvl - 1} (0..{len(levels[lvl - 1]) - 1})")
         # Parents always point one level up, so a cycle cannot be expressed; what can go wrong is a
         # node above the deepest level with no child: a leaf that is not at the deepest level.
-        for lvl in range(len(self._levels) - 1):
-            has_child = {n.parent for n in self._levels[lvl + 1]}
-            for i, node in enumerate(self._levels[lvl]):
-                if i not in has_child:
-                    raise TaxonomyError(
-                        f"node {node.name!r} at level {lvl} has no child: every leaf must sit at the deepest "
-                        f"level ({self._level_names[-1]!r}); repeat it one level down (as Banana > Banana)"
-                    )
+        for lvl, (upper, lower) in enumerate(zip(levels, levels[1:])):
+            childless = set(range(len(upper))) - {n.parent for n in lower}
+            if childless:
+                raise TaxonomyError(
+                    f"node {upper[min(childless)].name!r} at level {lvl} has no child: every leaf must sit at the "
+                    f"deepest level ({names[-1]!r}); repeat it one level down (as Banana > Banana)")
 
-    # ---- accessors --------------------------------------------------------------------------
     @property
     def depth(self) -> int:
         return len(self._levels)
@@ -156,14 +141,9 @@ class Taxonomy:
         """Parent indices of every node at `level` (>= 1)."""
         return [n.parent for n in self._levels[level]]
 
-    # ---- (de)serialization ------------------------------------------------------------------
     def _payload(self) -> dict:
-        return {
-            "levels": [
-                {"name": name, "nodes": [{"name": n.name, "parent": n.parent} for n in nodes]}
-                for name, nodes in zip(self._level_names, self._levels)
-            ]
-        }
+        return {"levels": [{"name": name, "nodes": [{"name": n.name, "parent": n.parent} for n in nodes]}
+                           for name, nodes in zip(self._level_names, self._levels)]}
 
     def to_dict(self) -> dict:
         return {"format": FORMAT, "hash": self._hash, **self._payload()}
@@ -181,9 +161,8 @@ class Taxonomy:
             raise TaxonomyError(f"taxonomy JSON is missing a field: {e}") from None
         tax = cls(names, levels)
         if "hash" in data and data["hash"] != tax.hash:
-            raise TaxonomyError(
-                f"taxonomy hash mismatch: file says {data['hash'][:12]}…, content hashes to {tax.hash[:12]}…"
-            )
+            raise TaxonomyError(f"taxonomy hash mismatch: file says {data['hash'][:12]}…, content hashes to "
+                                f"{tax.hash[:12]}…")
         return tax
 
     def save(self, path: str | os.PathLike) -> Path:
@@ -197,7 +176,6 @@ class Taxonomy:
             raise TaxonomyError(f"{path}: not valid taxonomy JSON ({e})") from None
         return cls.from_dict(data)
 
-    # ---- builders ---------------------------------------------------------------------------
     @classmethod
     def from_paths(cls, level_names: Sequence[str], paths: Iterable[Sequence[str]]) -> "Taxonomy":
         """Build from root-to-leaf name paths, all of length len(level_names). Order: first seen."""
@@ -227,17 +205,10 @@ class Taxonomy:
         csv_path = root / "classes.csv"
         if not csv_path.is_file():
             raise FileNotFoundError(f"{csv_path} not found: is {root} a Grocery Store dataset root?")
-        rows = []
         with open(csv_path, newline="", encoding="utf-8") as f:
-            reader = csv.reader(f)
-            next(reader)
-            for r in reader:
-                if not r:
-                    continue
-                fine, fine_id, coarse, coarse_id, iconic = r[0].strip(), int(r[1]), r[2].strip(), int(r[3]), r[4]
-                category = Path(iconic.strip("/")).parts[1]  # iconic-images-and-descriptions/<Category>/...
-                rows.append((fine_id, fine, coarse_id, coarse, category))
-        rows.sort()
+            # (fine id, fine, coarse id, coarse, category from iconic-images-and-descriptions/<Category>/...)
+            rows = sorted((int(r[1]), r[0].strip(), int(r[3]), r[2].strip(), Path(r[4].strip("/")).parts[1])
+                          for r in list(csv.reader(f))[1:] if r)
         categories = list(dict.fromkeys(cat for *_, cat in rows))  # in order of first appearance
         coarse_nodes: dict[int, Node] = {}
         for _, _, cid, cname, cat in rows:
@@ -248,14 +219,9 @@ class Taxonomy:
             raise TaxonomyError("classes.csv coarse ids are not contiguous from 0")
         if [r[0] for r in rows] != list(range(len(rows))):
             raise TaxonomyError("classes.csv fine ids are not contiguous from 0")
-        return cls(
-            ["category", "coarse", "fine"],
-            [
-                [Node(c, None) for c in categories],
-                [coarse_nodes[i] for i in range(len(coarse_nodes))],
-                [Node(fine, cid) for _, fine, cid, _, _ in rows],
-            ],
-        )
+        return cls(["category", "coarse", "fine"], [[Node(c, None) for c in categories],
+                                                     [coarse_nodes[i] for i in range(len(coarse_nodes))],
+                                                     [Node(fine, cid) for _, fine, cid, _, _ in rows]])
 
     @classmethod
     def from_folder_tree(cls, root: str | os.PathLike, level_names: Sequence[str] | None = None) -> "Taxonomy":

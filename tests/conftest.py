@@ -6,7 +6,9 @@ small enough for CI and real enough that exports and int8 are judged on a traine
 
 from __future__ import annotations
 
+import contextlib
 import os
+import threading
 from pathlib import Path
 
 import pytest
@@ -66,3 +68,30 @@ def all_exports(tmp_path_factory, tiny_student_dir, grocery_root) -> Path:
                  "--parity-images", "24"]) == 0
     return out
 
+
+
+@pytest.fixture
+def background_threads():
+    """`with background_threads(work, n) as errors:` runs `work(k, done)` in n threads (k = 0..n-1) while the
+    block runs, then sets `done`, joins them and fails the test with what any of them raised."""
+    @contextlib.contextmanager
+    def run(work, n: int):
+        done, errors = threading.Event(), []
+
+        def body(k: int) -> None:
+            try:
+                work(k, done)
+            except BaseException as e:  # surfaced below; a thread must not die silently
+                errors.append(e)
+
+        threads = [threading.Thread(target=body, args=(k,)) for k in range(n)]
+        for t in threads:
+            t.start()
+        try:
+            yield errors
+        finally:
+            done.set()
+            for t in threads:
+                t.join()
+        assert not errors, errors[:3]
+    return run

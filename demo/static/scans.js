@@ -1,4 +1,4 @@
-// The log page: recent scans with filters, CSV export, labelled-dataset export.
+// The log page: recent scans with filters, CSV export, labelled-dataset export; products enrolled and forgotten.
 "use strict";
 
 const $ = (id) => document.getElementById(id);
@@ -21,6 +21,8 @@ function query() {
   }
   return q;
 }
+
+function when(iso) { return iso.replace("T", " ").slice(0, 19); }
 
 function message(text, kind = "error") {
   $("message").textContent = text;
@@ -53,7 +55,7 @@ async function load(reset) {
       const row = el("li", { class: "scan-row", "data-id": s.id }, img,
         el("div", {},
           el("div", { class: "label", text: label }),
-          el("div", { class: "meta", text: s.created_at.replace("T", " ").slice(0, 19) + " · " + s.station + " · " + s.operator +
+          el("div", { class: "meta", text: when(s.created_at) + " · " + s.station + " · " + s.operator +
                                           " · " + Math.round(s.confidence * 100) + "%" }),
           el("span", { class: "tag " + (s.action || ""), text: s.action || "pending" })));
       $("scans").append(row);
@@ -62,6 +64,25 @@ async function load(reset) {
     offset += j.scans.length;
     $("total").textContent = offset + " of " + j.total + " scans";
     $("more").classList.toggle("hidden", offset >= j.total);
+  } catch (e) {
+    message(e.message);
+  }
+}
+
+// Enrollment events (GET /api/enrollments), newest first: when, which product under which parent, from how
+// many photos, who; a forgotten product is listed as such.
+async function loadEvents() {
+  try {
+    const j = await (await api("/api/enrollments")).json();
+    $("events").replaceChildren(...j.events.map((e) => el("li", { class: "scan-row event-row", "data-event": e.event },
+      el("div", {},
+        el("div", { class: "label" }, el("span", { class: "ev-label", text: e.label }), " under ",
+          el("span", { class: "ev-parent", text: e.parent || "?" })),
+        el("div", { class: "meta" }, el("span", { class: "ev-time", text: when(e.created_at) }),
+          e.event === "enrolled" ? el("span", { class: "ev-photos", text: " · " + e.photos.length + " photos" }) : "",
+          " · " + e.station + " · " + e.operator),
+        el("span", { class: "tag " + e.event, text: e.event })))));
+    $("events-empty").classList.toggle("hidden", j.events.length > 0);
   } catch (e) {
     message(e.message);
   }
@@ -84,3 +105,4 @@ $("dataset").addEventListener("click", async () => {
   } catch (e) { message(e.message); }
 });
 load(true);
+loadEvents();

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from demo.screenshots import CHROMIUM, launch_chromium, phone_page, scan
+from benchmarks.screenshots import CHROMIUM, launch_chromium, phone_page, scan
 
 IN_CI = os.environ.get("CI", "").lower() == "true"
 

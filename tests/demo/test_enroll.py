@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import threading
 import uuid
 from pathlib import Path
 
@@ -90,7 +91,7 @@ def test_bad_enrollment_requests_get_a_message_and_change_nothing(db_rows, start
 @pytest.mark.slow
 def test_new_product_from_the_correct_screen_in_a_browser(db_rows, start_demo, own_classifier, photos):
     pytest.importorskip("playwright")
-    from demo.screenshots import CHROMIUM, launch_chromium, phone_page, scan
+    from benchmarks.screenshots import CHROMIUM, launch_chromium, phone_page, scan
     from playwright.sync_api import sync_playwright
 
     if not Path(CHROMIUM).exists():
@@ -116,3 +117,70 @@ def test_new_product_from_the_correct_screen_in_a_browser(db_rows, start_demo, o
     [row] = db_rows(run.db, EVENTS)
     assert (row["event"], row["label"], row["station"], row["operator"]) == ("enrolled", NEW, "dock-7", "li")
     assert [c.label for c in own_classifier.enrolled] == [NEW]
+
+
+def test_log_page_fetches_the_enrollment_events(start_demo, own_classifier, photos):
+    run = start_demo(own_classifier)
+    st, _, html = run.request("GET", "/scans")
+    assert st == 200 and b'id="events"' in html and b"/static/scans.js" in html
+    st, _, js = run.request("GET", "/static/scans.js")
+    assert st == 200 and b'api("/api/enrollments")' in js and b"loadEvents();" in js
+    assert post_enroll(run, [p.read_bytes() for p in photos])[0] == 201
+    assert run.json("POST", f"/api/enrollments/{NEW}/forget", {"station": "st-2", "operator": "op-2"})[0] == 200
+    events = run.json("GET", "/api/enrollments")[1]["events"]  # what the page lists, newest first
+    assert [(e["event"], e["label"], e["parent"], len(e["photos"])) for e in events] == \
+        [("forgotten", NEW, "Apple", 0), ("enrolled", NEW, "Apple", 5)]
+
+
+@pytest.mark.slow
+def test_log_page_lists_enrollment_events_in_a_browser(start_demo, own_classifier, photos):
+    pytest.importorskip("playwright")
+    from benchmarks.screenshots import CHROMIUM, launch_chromium, phone_page
+    from playwright.sync_api import sync_playwright
+
+    if not Path(CHROMIUM).exists():
+        pytest.skip(f"{CHROMIUM} is missing: run tests/demo/install_browser.sh")
+    run = start_demo(own_classifier, token="t0ken")
+    assert post_enroll(run, [p.read_bytes() for p in photos], station="dock-7", operator="li")[0] == 201
+    assert run.json("POST", f"/api/enrollments/{NEW}/forget", {"station": "dock-8", "operator": "bo"})[0] == 200
+    events = run.json("GET", "/api/enrollments")[1]["events"]
+    with sync_playwright() as pw:
+        b = launch_chromium(pw)
+        page = phone_page(b, run.url, token="t0ken")
+        page.goto(run.url + "/scans")
+        page.wait_for_selector("#events li >> nth=1")
+        rows = page.locator("#events li")
+        assert [rows.nth(i).get_attribute("data-event") for i in range(rows.count())] == ["forgotten", "enrolled"]
+        assert rows.locator(".ev-label").all_inner_texts() == [NEW, NEW]
+        assert rows.locator(".ev-parent").all_inner_texts() == ["Apple", "Apple"]
+        assert rows.locator(".ev-time").all_inner_texts() == [e["created_at"].replace("T", " ")[:19] for e in events]
+        assert rows.nth(1).locator(".ev-photos").inner_text().endswith("5 photos")
+        assert rows.nth(0).locator(".ev-photos").count() == 0  # forgetting takes no photo
+        assert "dock-8 · bo" in rows.nth(0).inner_text() and "dock-7 · li" in rows.nth(1).inner_text()
+        assert page.is_hidden("#events-empty")
+        b.close()
+
+
+def test_scans_answered_while_products_are_enrolled_and_forgotten(start_demo, own_classifier, photos, grocery_root,
+                                                                   background_threads):
+    """Flask serves requests in threads: a scan classified while another request enrolls or forgets a product
+    is described with the tree its answer came from, never a mix (no 500, every path a path of the tree)."""
+    run = start_demo(own_classifier)
+    images = [photos[0].read_bytes(), (grocery_root / "train/Fruit/Banana/Banana_001.jpg").read_bytes()]
+    answers = []
+
+    def scan(k: int, done: threading.Event) -> None:
+        while not done.is_set():
+            st, j = run.upload(images[k % 2])
+            assert st == 201, j
+            path = [c["label"] for c in j["display"]["full_path"]]
+            probs = [c["probability"] for c in j["display"]["full_path"]]
+            assert len(path) == 3 and probs == sorted(probs, reverse=True), path
+            assert NEW not in path or path[:2] == ["Fruit", "Apple"], path
+            answers.append(path)
+
+    with background_threads(scan, 2):
+        for _ in range(3):
+            assert post_enroll(run, [p.read_bytes() for p in photos])[0] == 201
+            assert run.json("POST", f"/api/enrollments/{NEW}/forget", {})[0] == 200
+    assert len(answers) >= 2

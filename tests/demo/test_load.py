@@ -7,7 +7,7 @@ import sqlite3
 
 import pytest
 
-from demo.loadtest import run_load
+from benchmarks.loadtest import run_load
 
 CLIENTS, SCANS_EACH = 50, 4
 PHOTOS = ["train/Fruit/Banana/Banana_001.jpg", "train/Fruit/Apple/Granny-Smith/Granny-Smith_001.jpg",

@@ -8,6 +8,8 @@ import json
 import os
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -168,6 +170,43 @@ def test_failed_write_leaves_the_old_file_and_the_old_answers(model_copy, new_ph
     assert not [p for p in model_copy.iterdir() if p.name.endswith(".tmp")]
     assert [c.label for c in clf.enrolled] == [NEW]  # memory still matches the disk
     assert [c.label for c in Classifier.load(model_copy).enrolled] == [NEW]
+
+
+def test_classify_during_enroll_and_forget_sees_one_whole_state(model_copy, new_photos, other_photos,
+                                                                background_threads):
+    """enroll / forget in one thread while others classify: every answer is consistent with the tree it
+    reports (`taxonomy`: the trained one, or it plus the new product), never a mix, and nothing raises."""
+    clf = Classifier.load(model_copy)
+    base = clf.base_taxonomy
+    photos = [clf.preprocess(p) for p in (*new_photos, *other_photos[:3])]
+    seen = set()
+
+    def check(p) -> None:
+        tax = p.taxonomy
+        assert tax is not None and tax.sizes in (base.sizes, (*base.sizes[:-1], base.sizes[-1] + 1))
+        for a, b in zip(p.full_path, p.full_path[1:]):
+            assert tax.parent(tax.level_names.index(b.level), b.index) == a.index
+            assert b.probability <= a.probability + 1e-12
+        assert all(tax.node(l, q.index).name == q.label for l, q in enumerate(p.full_path))
+        assert {label for label, _ in p.top_k["fine"]} <= set(tax.names(2))
+        seen.add(tax.sizes[-1])
+
+    def classify(k: int, done: threading.Event) -> None:
+        while not done.is_set():
+            check(clf.classify(photos[k % len(photos)], allow=["Fruit"] if k % 2 else None))
+            for p in clf.classify_batch(photos[k % 3:k % 3 + 3]):
+                check(p)
+            k += 1
+
+    with background_threads(classify, 3) as errors:
+        for _ in range(4):
+            clf.enroll(NEW, "Apple", new_photos)
+            deadline = time.monotonic() + 60
+            while base.sizes[-1] + 1 not in seen and time.monotonic() < deadline and not errors:
+                time.sleep(0.05)  # until a classify has answered with the new product in the tree
+            clf.forget(NEW)
+    assert seen == {base.sizes[-1], base.sizes[-1] + 1}
+    assert clf.enrolled == () and Classifier.load(model_copy).enrolled == ()
 
 
 @pytest.fixture(scope="session")

@@ -1,6 +1,6 @@
 """Phone-sized screenshots of the demo, taken by Debian's chromium driven by Playwright:
 
-    python -m demo.screenshots --model demo/model --out docs/img
+    python benchmarks/screenshots.py --model demo/model --out docs/img
 
 Needs the `playwright` Python package (dev extra) and /usr/bin/chromium (tests/demo/install_browser.sh);
 never `playwright install`, which downloads its own browser build. Writes demo-scan.png (a classified
@@ -17,6 +17,9 @@ import sys
 import tempfile
 from pathlib import Path
 from typing import Iterator
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
 
 CHROMIUM = os.environ.get("HIERFG_CHROMIUM", "/usr/bin/chromium")
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
@@ -51,7 +54,7 @@ def scan(page, photo: Path) -> None:
 @contextlib.contextmanager
 def _serving(model: str, data_dir: Path) -> Iterator[str]:
     """The demo on a free local port for the block; yields its URL."""
-    from .app import DemoServer, open_demo
+    from demo.app import DemoServer, open_demo
 
     app, store = open_demo(model, data_dir)
     try:
@@ -64,14 +67,14 @@ def _serving(model: str, data_dir: Path) -> Iterator[str]:
 def main(argv: list[str] | None = None) -> int:
     from playwright.sync_api import sync_playwright
 
-    from .app import DEFAULT_MODEL
+    from demo.app import DEFAULT_MODEL
 
-    p = argparse.ArgumentParser(prog="python -m demo.screenshots", description="Screenshots of the demo page.")
+    p = argparse.ArgumentParser(prog="python benchmarks/screenshots.py", description="Screenshots of the demo page.")
     p.add_argument("--model", default=str(DEFAULT_MODEL))
     p.add_argument("--backoff-model", help="a model folder whose calibrated thresholds make --backoff-photo back off "
                                            "(default: --model)")
-    p.add_argument("--data", default=os.environ.get("HIERFG_GROCERY", str(Path(__file__).resolve().parents[2] /
-                                                                           "shared/datasets/grocery-store")))
+    p.add_argument("--data", default=os.environ.get("HIERFG_GROCERY",
+                                                    str(ROOT.parent / "shared/datasets/grocery-store")))
     p.add_argument("--photo", default="val/Fruit/Melon/Galia-Melon/Galia-Melon_005.jpg")
     p.add_argument("--backoff-photo", default="val/Packages/Juice/God-Morgon-Orange-Juice/God-Morgon-Orange-Juice_004.jpg")
     p.add_argument("--out", default="docs/img")

@@ -1,6 +1,6 @@
 """A loopback load generator for the demo server: N concurrent clients, each scanning and confirming a
-fixed number of photos. Used by the load test (correctness) and `benchmarks/demo_load.py` (speed).
-Standard library only, so it measures the server and not a client library.
+fixed number of photos. Used by the load test (tests/demo/test_load.py, correctness) and
+`benchmarks/demo_load.py` (speed). Standard library only, so it measures the server and not a client library.
 """
 
 from __future__ import annotations

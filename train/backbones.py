@@ -168,14 +168,7 @@ class EfficientNetLite(nn.Module):
     def prefix(self, x: torch.Tensor, n_blocks: int, taps: tuple[int, ...] = ()) -> dict[int, torch.Tensor]:
         """Stem + the first n_blocks blocks (the part frozen and cached in training): the output of
         block n_blocks-1 plus any earlier taps."""
-        x = self.stem(x)
-        out = {}
-        for i in range(n_blocks):
-            x = self._blocks[i](x)
-            if i in taps:
-                out[i] = x
-        out[n_blocks - 1] = x
-        return out
+        return self.forward_range(x, 0, (*taps, n_blocks - 1))
 
     def imagenet_logits(self, x: torch.Tensor) -> torch.Tensor:
         feats = self.forward_range(x, 0, (-1,))[-1]

@@ -91,9 +91,9 @@ def global_ce(ctx: LossContext) -> torch.Tensor:
     return hier_ce(replace(ctx, logps=logps))
 
 
-def _leaf_membership(taxonomy: Taxonomy, device) -> list[torch.Tensor]:
-    anc = torch.tensor(taxonomy.ancestor_matrix(), device=device)
-    return [anc[:, l] for l in range(taxonomy.depth)]
+def deepest_labelled(labels: torch.Tensor) -> torch.Tensor:
+    """Deepest labelled level per row (-1: unlabelled); labels are top-down (-1 below)."""
+    return (labels >= 0).long().cumprod(1).sum(1) - 1
 
 
 @register_loss("tree")
@@ -105,13 +105,12 @@ def tree_loss(ctx: LossContext) -> torch.Tensor:
     paths through it. Each image is scored at its deepest labelled level, so images labelled only at a
     coarse level train the tree correctly (no fine target is invented for them).
     """
-    anc = _leaf_membership(ctx.taxonomy, ctx.labels.device)
+    anc = torch.tensor(ctx.taxonomy.ancestor_matrix(), device=ctx.labels.device).T  # (depth, n_leaves)
     score = sum(lp.float()[:, anc[l]] for l, lp in enumerate(ctx.logps))  # (B, n_leaves)
     log_z = torch.logsumexp(score, 1)
     total = score.new_zeros(())
     n = 0
-    labelled = ctx.labels >= 0
-    deepest = labelled.long().cumprod(1).sum(1) - 1  # deepest level labelled (labels are top-down)
+    deepest = deepest_labelled(ctx.labels)
     for lvl in range(ctx.taxonomy.depth):
         m = deepest == lvl
         if not m.any():

@@ -14,6 +14,7 @@ every export target takes (TOOLCHAIN.md).
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Sequence
@@ -187,27 +188,32 @@ class HierarchicalQueryHead(nn.Module):
         self.camp = nn.ModuleList(CAMP(d, cfg.heads, cfg.ffn_mult, cfg.dropout) for _ in range(taxonomy.depth - 1)) \
             if cfg.camp else None
 
+    def level(self, lvl: int, tokens: torch.Tensor, outs: list[torch.Tensor], logps: list[torch.Tensor],
+              ) -> tuple[torch.Tensor, torch.Tensor]:
+        """One level's queries and read-out logits on `tokens`, given the coarser levels' queries and
+        log-probs (TransFG part selection runs the fine level again through it, sharing every weight)."""
+        q = self.queries[lvl].unsqueeze(0).expand(tokens.shape[0], -1, -1)
+        if lvl > 0 and self.cfg.coarse_to_fine:
+            q = q + self.fuse_scale[lvl - 1] * outs[lvl - 1].index_select(1, getattr(self, f"parent_{lvl}"))
+        for blk in self.cross[lvl]:
+            q = blk(q, tokens)
+        if lvl > 0 and self.camp is not None:
+            q = self.camp[lvl - 1](q, outs[lvl - 1], logps[lvl - 1])
+        return q, self.readout[lvl](q)
+
     def forward(self, tokens: torch.Tensor, aux: dict | None = None, global_logits: list | None = None):
         """Per-level log-probs; when `aux` is a dict it receives 'logits' and 'queries' per level.
 
         `global_logits` (per level, from a linear read-out of globally pooled features) are added to
         the query read-out before the softmax, so CAMP's prior already includes them.
         """
-        b = tokens.shape[0]
         logps: list[torch.Tensor] = []
         logits: list[torch.Tensor] = []
         outs: list[torch.Tensor] = []
-        for lvl, n in enumerate(self.sizes):
-            q = self.queries[lvl].unsqueeze(0).expand(b, -1, -1)
-            if lvl > 0 and self.cfg.coarse_to_fine:
-                parent = getattr(self, f"parent_{lvl}")
-                q = q + self.fuse_scale[lvl - 1] * outs[-1].index_select(1, parent)
-            for blk in self.cross[lvl]:
-                q = blk(q, tokens)
-            if lvl > 0 and self.camp is not None:
-                q = self.camp[lvl - 1](q, outs[-1], logps[-1])
+        for lvl in range(len(self.sizes)):
+            q, lg = self.level(lvl, tokens, outs, logps)
             outs.append(q)
-            logits.append(self.readout[lvl](q) + (global_logits[lvl] if global_logits is not None else 0))
+            logits.append(lg + (global_logits[lvl] if global_logits is not None else 0))
             logps.append(F.log_softmax(logits[-1], dim=-1))
         if aux is not None:
             aux["logits"], aux["queries"] = logits, outs
@@ -298,9 +304,6 @@ class HierarchicalQueryModel(nn.Module):
     def forward(self, x: torch.Tensor, start: int = 0, cached: dict | None = None, aux: dict | None = None):
         return self.forward_from(x, start, cached=cached, aux=aux)
 
-    def queries_device(self) -> torch.device:
-        return self.head.queries[0].device
-
     @torch.no_grad()
     def initialize_from_data(self, train, feats: dict | None, start: int, per_class: int = 40,
                              images: torch.Tensor | None = None) -> None:
@@ -319,19 +322,18 @@ class HierarchicalQueryModel(nn.Module):
         """
         if self.cfg.query_init != "eigen":
             return
-        from .backbones import normalize_uint8
-        from .data import load_view
         import numpy as np
+
+        from .data import load_view
 
         labels = torch.as_tensor(train.labels())
         g = torch.Generator().manual_seed(0)
         chosen: set[int] = set()
         for lvl in range(labels.shape[1]):
             for c in labels[:, lvl].unique().tolist():
-                if c < 0:
-                    continue
-                idx = (labels[:, lvl] == c).nonzero().flatten()
-                chosen.update(idx[torch.randperm(len(idx), generator=g)[:per_class]].tolist())
+                if c >= 0:
+                    idx = (labels[:, lvl] == c).nonzero().flatten()
+                    chosen.update(idx[torch.randperm(len(idx), generator=g)[:per_class]].tolist())
         order = sorted(chosen)
         was_training = self.training
         self.eval()
@@ -345,7 +347,7 @@ class HierarchicalQueryModel(nn.Module):
             else:
                 imgs = images[part] if images is not None else torch.from_numpy(
                     np.stack([load_view(train.samples[j], self.cfg.image_size, 0, 0) for j in part.tolist()]))
-                x = normalize_uint8(imgs.permute(0, 3, 1, 2)).to(self.queries_device())
+                x = normalize_uint8(imgs.permute(0, 3, 1, 2)).to(self.head.queries[0].device)
                 self.forward_from(x.contiguous(memory_format=torch.channels_last), 0, aux=aux)
             zs.append(aux["pooled"].float().cpu())
         z_all = torch.cat(zs)
@@ -360,8 +362,7 @@ class HierarchicalQueryModel(nn.Module):
                 e = mu.clone()
                 if len(z) > 1:
                     _, sv, vt = torch.linalg.svd(z - mu, full_matrices=False)
-                    var = sv ** 2
-                    ratio = var / var.sum().clamp_min(1e-12)
+                    ratio = sv ** 2 / (sv ** 2).sum().clamp_min(1e-12)
                     for k in range(min(self.cfg.eigen_components, len(sv))):
                         v = vt[k] if float(vt[k] @ mu) >= 0 else -vt[k]
                         e += ratio[k] * (sv[k] / (len(z) - 1) ** 0.5) * v
@@ -406,8 +407,6 @@ class DeployWrapper(nn.Module):
         super().__init__()
         self.model = model
         self.embedding = embedding
-        self._embedding_dim: int | None = None
-        self._embedding_feature = ""
 
     def forward(self, image: torch.Tensor):
         x = normalize_uint8(image.permute(0, 3, 1, 2))
@@ -424,24 +423,23 @@ class DeployWrapper(nn.Module):
     @property
     def embedding_dim(self) -> int | None:
         """Width of the embedding output (None without one)."""
-        return self._probe()[0] if self.embedding else None
+        return self._probe[0] if self.embedding else None
 
     @property
     def embedding_feature(self) -> str | None:
         """Which feature the embedding is, in words (None without one)."""
-        return self._probe()[1] if self.embedding else None
+        return self._probe[1] if self.embedding else None
 
+    @functools.cached_property
     def _probe(self) -> tuple[int, str]:
         # measured once on a blank image: which feature an architecture exposes is decided in its forward
-        if self._embedding_dim is None:
-            size = int(getattr(self.model.cfg, "image_size", 224))
-            aux: dict = {}
-            was = self.model.training
-            self.model.eval()
-            with torch.inference_mode():
-                self.model(normalize_uint8(torch.zeros(1, 3, size, size, dtype=torch.uint8)), aux=aux)
-            self.model.train(was)
-            key = "embedding" if "embedding" in aux else "pooled"
-            self._embedding_dim = int(aux[key].shape[-1])
-            self._embedding_feature = "pooled head conv" if key == "embedding" else "aux['pooled'] of the architecture"
-        return self._embedding_dim, self._embedding_feature
+        size = int(getattr(self.model.cfg, "image_size", 224))
+        aux: dict = {}
+        was = self.model.training
+        self.model.eval()
+        with torch.inference_mode():
+            self.model(normalize_uint8(torch.zeros(1, 3, size, size, dtype=torch.uint8)), aux=aux)
+        self.model.train(was)
+        if "embedding" in aux:
+            return int(aux["embedding"].shape[-1]), "pooled head conv"
+        return int(aux["pooled"].shape[-1]), "aux['pooled'] of the architecture"

@@ -10,8 +10,6 @@ from typing import Any
 import numpy as np
 import torch
 
-from sdk import sha256_file
-
 from ._common import TARGETS, Artifact, ExportError, ExportSpec
 
 
@@ -46,15 +44,13 @@ def parity_images(data: str, split: str, size: int, n: int = 64, taxonomy=None) 
 
 def _load(checkpoint: str | Path, data: str | None):
     """(model, config, taxonomy, dataset root): the checkpoint and the data its parity images come from."""
-    from train.checkpoint import load_model
+    from train.checkpoint import load_model, manifest_model_record
 
     model, cfg, tax, conf = load_model(checkpoint)
     data = data or conf.get("train", {}).get("data")
     if not data:
         raise ExportError("no --data given and the checkpoint does not record its dataset")
-    info = {"checkpoint_sha256": sha256_file(Path(checkpoint) / "model.safetensors"), "config": cfg.to_dict(),
-            "metrics_pytorch": conf.get("metrics", {})}
-    return model, cfg, tax, data, info
+    return model, cfg, tax, data, manifest_model_record(checkpoint, cfg, conf)
 
 
 def export_checkpoint(checkpoint: str | Path, target: str, out_dir: str | Path, data: str | None = None,

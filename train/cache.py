@@ -27,11 +27,8 @@ CACHE_ROOT = Path(".cache/features")
 
 
 class FeatureCache:
-    """Frozen-prefix outputs for (view, image), fp16 on disk, computed once.
-
-    Stores the output of block `n_blocks - 1` (key "x", the input of the trainable part) and every
-    model tap that lies inside the frozen prefix (keys "tap<i>").
-    """
+    """Frozen-prefix outputs per (view, image), fp16 on disk, computed once: key "x" (block n_blocks - 1,
+    the input of the trainable part) and "tap<i>" for every model tap inside the frozen prefix."""
 
     def __init__(self, model, ds: HierDataset, size: int, n_blocks: int, views: int, seed: int):
         self.model, self.ds, self.size, self.n_blocks, self.views, self.seed = model, ds, size, n_blocks, views, seed

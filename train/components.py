@@ -133,12 +133,9 @@ def setup_refinement(model: nn.Module) -> None:
 
 
 def token_saliency(attn: torch.Tensor, fine_logp: torch.Tensor) -> torch.Tensor:
-    """(B, heads, n_fine, N) cross-attention -> (B, N) token saliency.
-
-    Attention is summed over heads and averaged over the fine queries weighted by the predicted fine
-    probabilities (detached): tokens that the *likely* classes look at count, not those looked at by
-    the 80 implausible class queries (a plain max over queries is dominated by them).
-    """
+    """(B, heads, n_fine, N) cross-attention -> (B, N) token saliency, averaged over the fine queries
+    weighted by the (detached) predicted fine probabilities: a plain max would be dominated by the 80
+    implausible class queries."""
     w = fine_logp.detach().exp()
     return (attn.sum(1) * w[:, :, None]).sum(1)
 
@@ -177,11 +174,8 @@ def _tap_grids(model: nn.Module, feats: dict[int, torch.Tensor]) -> list[tuple[i
 
 
 def attended_box(sal: torch.Tensor, h: int, w: int) -> torch.Tensor:
-    """Bounding box of the grid cells with saliency >= its mean, as fractions (y0, y1, x0, x1) (B, 4).
-
-    Written with comparisons, where and min/max reductions only (exportable). Never empty: the
-    maximum is always >= the mean.
-    """
+    """Bounding box (y0, y1, x0, x1 fractions, (B, 4)) of the grid cells with saliency >= its mean, in
+    exportable ops only; never empty, the maximum is always >= the mean."""
     a = sal.reshape(-1, h, w)
     mask = (a >= a.mean((1, 2), keepdim=True)).float()
     rows, cols = mask.amax(2), mask.amax(1)

@@ -83,11 +83,9 @@ def limit_per_class(ds: HierDataset, k: int, seed: int = 0) -> HierDataset:
 
 
 class WeightEMA:
-    """Exponential moving average of every float parameter and buffer (BatchNorm statistics too).
-
-    The decay warms up as min(decay, (1 + n) / (10 + n)) after n updates: without it the freshly
-    initialized heads stay in the average (0.998 over 1,000 steps keeps 13.5 % of the random init).
-    `swapped(model)` temporarily loads the average into the model (evaluation, saving)."""
+    """Exponential moving average of every float parameter and buffer (BatchNorm statistics too); the
+    decay warms up as min(decay, (1 + n) / (10 + n)), or the freshly initialized heads would stay in the average
+    (0.998 over 1,000 steps keeps 13.5 % of the random init). `swapped(model)` loads it temporarily."""
 
     def __init__(self, model: torch.nn.Module, decay: float):
         self.decay = decay
@@ -405,9 +403,9 @@ def train_model(mc: ModelConfig, tc: TrainConfig, out: str | Path, resume: bool 
                 log=print, teacher=None) -> dict[str, Any]:
     """Train, evaluate every epoch, save the model directory. Returns the final metrics per eval split.
 
-    Under `torchrun` (WORLD_SIZE > 1) this runs DistributedDataParallel: gloo on CPU, nccl on CUDA;
-    each rank trains on its shard of every epoch's permutation, rank 0 evaluates and writes.
-    `teacher` (a callable: `Batch` -> {"logps", "temperature"}) is used by distillation.
+    Under `torchrun` (WORLD_SIZE > 1): DistributedDataParallel (gloo on CPU, nccl on CUDA), each rank on its
+    shard of every epoch's permutation, rank 0 evaluating and writing. `teacher`: `Batch` -> {"logps",
+    "temperature"}, for distillation.
     """
     import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel as DDP

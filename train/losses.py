@@ -74,13 +74,9 @@ def fine_ce(ctx: LossContext) -> torch.Tensor:
 
 @register_loss("global_ce")
 def global_ce(ctx: LossContext) -> torch.Tensor:
-    """Deep supervision of the flat read-out (`global_head`): `ce` on its logits alone.
-
-    The query heads and CAMP add a correction to these logits; trained only through the sum, the
-    query path can carry the whole decision and overfit the days the training photos were taken on. This loss makes the
-    pooled-feature read-out a classifier on its own (what the flat peer is), so the queries learn a
-    refinement on top of it.
-    """
+    """Deep supervision of the flat read-out (`global_head`): `ce` on its logits alone. Trained only
+    through the sum, the query path can carry the whole decision and overfit the training days; this makes the
+    pooled read-out a classifier of its own, and the queries learn a refinement on top of it."""
     glob = ctx.aux.get("global_logits")
     if glob is None:
         raise ValueError("the global_ce loss needs a model with global_head=true")
@@ -95,13 +91,9 @@ def deepest_labelled(labels: torch.Tensor) -> torch.Tensor:
 
 @register_loss("tree")
 def tree_loss(ctx: LossContext) -> torch.Tensor:
-    """HRN's probabilistic label-relation-tree loss.
-
-    The score of a legal root-to-leaf path is the sum of its nodes' log-probabilities; normalizing
-    over all legal paths gives a distribution on leaves, and a node's probability is the sum over the
-    paths through it. Each image is scored at its deepest labelled level, so images labelled only at a
-    coarse level train the tree correctly (no fine target is invented for them).
-    """
+    """HRN's probabilistic label-relation-tree loss: a legal root-to-leaf path scores the sum of its
+    nodes' log-probs, normalized over all paths; each image is scored at its deepest labelled level, so
+    coarse-only images invent no fine target."""
     anc = torch.tensor(ctx.taxonomy.ancestor_matrix(), device=ctx.labels.device).T  # (depth, n_leaves)
     score = sum(lp.float()[:, anc[l]] for l, lp in enumerate(ctx.logps))  # (B, n_leaves)
     log_z = torch.logsumexp(score, 1)

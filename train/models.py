@@ -64,11 +64,9 @@ class ModelConfig:
 
 
 class Attention(nn.Module):
-    """Multi-head attention from separate Linear projections + SDPA (exports everywhere).
-
-    No dropout on the attention probabilities: with it, CPU SDPA falls back from its fused kernel to
-    materialized logits, and a Lite2 teacher step at 260 px took about 5x as long. Regularization is
-    the FFN's and the read-out's dropout."""
+    """Multi-head attention from separate Linear projections + SDPA (exports everywhere). No dropout on the
+    attention probabilities: with it CPU SDPA falls back from its fused kernel, and a Lite2 teacher step took
+    about 5x as long."""
 
     def __init__(self, d: int, heads: int):
         super().__init__()
@@ -265,11 +263,9 @@ class HierarchicalQueryModel(nn.Module):
 
     def forward_from(self, x: torch.Tensor, start: int = 0, cached: dict[int, torch.Tensor] | None = None,
                      aux: dict | None = None):
-        """Run from backbone block `start` (0: from the normalized image) to per-level log-probs.
-
-        `cached` supplies taps computed earlier (frozen, cached blocks before `start`). When `aux` is a
-        dict it receives 'tokens', 'pooled' (mean token), and the head's 'logits' and 'queries'.
-        """
+        """Run from backbone block `start` (0: the normalized image) to per-level log-probs; `cached`: taps
+        computed earlier (the frozen prefix). `aux` receives tokens, pooled, embedding, the head's logits
+        and queries (and global_logits)."""
         if self.cfg.part_select or self.cfg.c2f_refine:
             from .components import refined_forward  # TransFG part selection / Coarse2Fine
             return refined_forward(self, x, start, cached, aux)
@@ -301,18 +297,11 @@ class HierarchicalQueryModel(nn.Module):
     @torch.no_grad()
     def initialize_from_data(self, train, feats: dict | None, start: int, per_class: int = 40,
                              images: torch.Tensor | None = None) -> None:
-        """Query init from a weighted eigen-image of each class (cfg.query_init == "eigen").
-
-        For every node of every level, take the mean-pooled token embedding z (the model's own token
-        space, before training) of up to `per_class` training images under that node (view 0), and set
-
-            q_c = mean_c + sum_{k<=K} r_k * s_k * v_k
-
-        where v_k are the leading K principal directions of that class's z (sign chosen so that the
-        class mean projects positively), s_k the standard deviation along v_k and r_k its share of the
-        class's variance (explained-variance ratio). Each q_c is rescaled to unit RMS. Classes with a
-        single image get their mean. Images labelled only above a level do not count at that level.
-        `images` (uint8 NHWC, one per training photo at the model's input size) spares decoding them.
+        """Query init from a weighted eigen-image of each class (cfg.query_init == "eigen"): from the
+        mean-pooled tokens z of up to `per_class` training images under each node (view 0; images labelled only
+        above a level do not count there), q_c = mean_c + sum_{k<=K} r_k * s_k * v_k over the class's leading K
+        principal directions v_k (signed to project the mean positively), their standard deviations s_k and
+        explained-variance ratios r_k, rescaled to unit RMS. `images` (uint8 NHWC at the input size) spares decoding.
         """
         if self.cfg.query_init != "eigen":
             return
@@ -391,11 +380,8 @@ def l2_normalize(x: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
 
 class DeployWrapper(nn.Module):
     """The exported graph: uint8 NHWC RGB in; one log-probability tensor per level out, then (unless
-    `embedding=False`) the L2-normalized embedding the SDK enrolls new products with.
-
-    The embedding is the model's `aux["embedding"]` (query models: the pooled head conv, see
-    `HierarchicalQueryModel.forward_from`), else its `aux["pooled"]` (flat / HRN: the pooled head conv;
-    refined query models: the mean token)."""
+    `embedding=False`) the L2-normalized embedding the SDK enrolls new products with: `aux["embedding"]`
+    (query models) else `aux["pooled"]`."""
 
     def __init__(self, model: nn.Module, embedding: bool = True):
         super().__init__()

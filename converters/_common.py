@@ -61,7 +61,6 @@ class Artifact:
     target: str
     path: Path
     manifest: Manifest
-    directory: Path
 
 
 def tool_versions(*packages: str, base=("hierfg", "torch", "numpy"), missing: str | None = None) -> dict[str, str]:
@@ -235,7 +234,7 @@ def finish_export(target: str, model: torch.nn.Module, path: Path, spec: ExportS
     else:
         m.metrics["parity"] = {"measured": False, "reason": no_parity, "images": spec.image_source}
         m.save(path.parent)
-    return Artifact(target, path, m, path.parent)
+    return Artifact(target, path, m)
 
 
 def begin_export(target: str, model: torch.nn.Module, spec: ExportSpec, out_dir: str | Path,

@@ -79,4 +79,5 @@ def export(model: torch.nn.Module, spec: ExportSpec, out_dir: str | Path) -> Art
     finish_file(path, embedded_metadata(taxonomy, spec, embedding=embedding_record(model)))
     export = {"fixed_batch": int(opts["batch"]), "runtime": "ai_edge_litert.interpreter.Interpreter",
               "signature": "serving_default", "thread_safe": False}
-    return finish_export("tflite", model, path, spec, tool_versions("litert-torch", "ai-edge-litert"), {"export": export})
+    versions = tool_versions("litert-torch", "ai-edge-litert")
+    return finish_export("tflite", model, path, spec, versions, {"export": export})

@@ -110,5 +110,6 @@ def prepare_context(checkpoint: str | Path, data: str, targets: Sequence[str], n
     plan = choose_float_families(model, ranges, sen.images, sen.labels, tax, source=sen.source, log=log,
                                  shifts=int8_shifts, max_kl=plan_kl)
     log(f"float families: {plan.float_families}")
-    return Prepared(str(checkpoint), str(data), model, tax, size, conf, manifest_model_record(checkpoint, cfg, conf), cal, sen, _parity_set(evals["val"], n_parity),
+    info = manifest_model_record(checkpoint, cfg, conf)
+    return Prepared(str(checkpoint), str(data), model, tax, size, conf, info, cal, sen, _parity_set(evals["val"], n_parity),
                     evals, ranges, int8_shifts, coreml_shifts, plan, log)

@@ -11,6 +11,7 @@ import contextlib
 import hashlib
 import json
 import math
+import os
 import random
 import time
 from dataclasses import asdict, dataclass, fields, replace
@@ -217,11 +218,6 @@ def prepare_data(tc: TrainConfig, out: Path | None) -> tuple[Taxonomy, HierDatas
     return tax, train, evals
 
 
-def _dist_info() -> tuple[int, int]:
-    import os
-    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-
-
 def select_device(name: str = "auto") -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -291,7 +287,6 @@ def _init_distributed(tc: TrainConfig, world: int) -> torch.device:
     device = select_device(tc.device)
     if world > 1 and not dist.is_initialized():
         if device.type == "cuda":
-            import os
             device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
             torch.cuda.set_device(device)
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
@@ -411,7 +406,7 @@ def train_model(mc: ModelConfig, tc: TrainConfig, out: str | Path, resume: bool 
     from torch.nn.parallel import DistributedDataParallel as DDP
 
     out = Path(out)
-    rank, world = _dist_info()
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     device = _init_distributed(tc, world)
     main_rank = rank == 0
     log = log if main_rank else (lambda *a, **k: None)

@@ -64,12 +64,7 @@ def hier_ce(ctx: LossContext) -> torch.Tensor:
 @register_loss("fine_ce")
 def fine_ce(ctx: LossContext) -> torch.Tensor:
     """Cross-entropy on the finest level only (what a flat classifier is trained with)."""
-    y = ctx.labels[:, -1]
-    m = y >= 0
-    if not m.any():
-        return ctx.logps[-1].new_zeros(())
-    lp = ctx.logps[-1][m].float()
-    return ((1 - ctx.smoothing) * -lp.gather(1, y[m, None]).squeeze(1) - ctx.smoothing * lp.mean(1)).mean()
+    return hier_ce(replace(ctx, logps=ctx.logps[-1:], labels=ctx.labels[:, -1:]))
 
 
 @register_loss("global_ce")

@@ -15,10 +15,6 @@ import numpy as np
 from sdk import Taxonomy, TreeDecoder, lca_height
 
 
-def argmax_paths(logprobs: Sequence[np.ndarray]) -> np.ndarray:
-    return np.stack([np.asarray(lp).argmax(1) for lp in logprobs], 1)
-
-
 def consistency_rate(taxonomy: Taxonomy, paths: np.ndarray) -> float:
     ok = np.ones(len(paths), bool)
     for lvl in range(1, taxonomy.depth):
@@ -49,7 +45,7 @@ def compute_metrics(taxonomy: Taxonomy, logprobs: Sequence[np.ndarray], labels: 
     labels = np.asarray(labels)
     names = taxonomy.level_names
     paths = TreeDecoder(taxonomy).paths(logprobs)
-    amax = argmax_paths(logprobs)
+    amax = np.stack([np.asarray(lp).argmax(1) for lp in logprobs], 1)
     out: dict[str, float] = {"n": float(len(labels))}
     for lvl, name in enumerate(names):
         m = labels[:, lvl] >= 0

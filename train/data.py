@@ -11,8 +11,9 @@ from dataclasses import replace
 import numpy as np
 
 from sdk import prepare
-from sdk.datasets import (SYNTH_TREE, HierDataset, Sample, full_labels, load_dataset, read_folder_tree,  # noqa: F401
-                          read_grocery, stratified_holdout, synthetic_dataset, synthetic_taxonomy)
+# re-exported: training code and its tests read datasets through train.data
+from sdk.datasets import (HierDataset, Sample, load_dataset, read_grocery, stratified_holdout,  # noqa: F401
+                          synthetic_taxonomy)
 
 
 def relabel_coarse(ds: HierDataset, ratio: float, seed: int = 0) -> HierDataset:

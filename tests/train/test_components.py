@@ -211,7 +211,7 @@ def test_aal_on_every_arch_uses_normalized_class_weights(kw):
 
 
 # ---- TransFG part selection ----------------------------------------------------------------------
-def test_run_level_reproduces_the_head():
+def test_one_level_step_reproduces_the_head():
     m = _model()
     aux: dict = {}
     with torch.no_grad():

@@ -30,6 +30,7 @@ class Prepared:
     model: torch.nn.Module
     taxonomy: Taxonomy
     image_size: int
+    conf: dict[str, Any]  # the checkpoint's config.json
     info: dict[str, Any]  # what every manifest records about the model (checkpoint hash, config, metrics)
     calibration: ImageSet
     sensitivity: ImageSet  # training photos the float plan was measured on (they did not calibrate)
@@ -110,5 +111,5 @@ def prepare_context(checkpoint: str | Path, data: str, targets: Sequence[str], n
                                  shifts=int8_shifts, max_kl=plan_kl)
     log(f"float families: {plan.float_families}")
     info = manifest_model_record(checkpoint, cfg, conf)
-    return Prepared(str(checkpoint), str(data), model, tax, size, info, cal, sen, _parity_set(evals["val"], n_parity),
+    return Prepared(str(checkpoint), str(data), model, tax, size, conf, info, cal, sen, _parity_set(evals["val"], n_parity),
                     evals, ranges, int8_shifts, coreml_shifts, plan, log)

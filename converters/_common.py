@@ -1,10 +1,6 @@
 """What every converter shares: the export spec, the artifact record, manifest and embedded metadata,
-running a model in batches, and parity.
-
-Parity at export: the artifact is loaded through the SDK (hash-checked like on a device), run on real
-images decoded exactly as the SDK decodes them, and compared with the PyTorch model on the same uint8
-batch: max |Δ log-prob| per level and per-level agreement of the tree-consistent path. The figures go
-into the manifest; below threshold the export fails loudly.
+running a model in batches, and parity: the artifact is loaded through the SDK (hash-checked like on a
+device), run on real photos and compared with PyTorch on the same uint8 batch; below threshold export fails.
 """
 
 from __future__ import annotations
@@ -65,7 +61,6 @@ class Artifact:
     target: str
     path: Path
     manifest: Manifest
-    directory: Path
 
 
 def tool_versions(*packages: str, base=("hierfg", "torch", "numpy"), missing: str | None = None) -> dict[str, str]:
@@ -229,17 +224,17 @@ def check_parity(target: str, deploy: torch.nn.Module, artifact: Path, manifest:
 
 
 def finish_export(target: str, model: torch.nn.Module, path: Path, spec: ExportSpec, versions: dict[str, str],
-                  export: dict[str, Any] | None = None, no_parity: str | None = None) -> Artifact:
-    """The manifest beside a written artifact (with its `export` record), then parity through the SDK on
-    `spec.images`, unless `no_parity` says why it cannot run here."""
-    m = write_manifest(target, path, model.model.taxonomy, spec, versions, {"export": export} if export else None,
-                       embedding=embedding_record(model))
+                  metrics: dict[str, Any] | None = None, no_parity: str | None = None) -> Artifact:
+    """The manifest beside a written artifact (with its `metrics`: the `export` record, int8's
+    `quantization`), then parity through the SDK on `spec.images`, unless `no_parity` says why it cannot
+    run here."""
+    m = write_manifest(target, path, model.model.taxonomy, spec, versions, metrics, embedding=embedding_record(model))
     if no_parity is None:
         m = check_parity(target, model, path, m, spec)
     else:
         m.metrics["parity"] = {"measured": False, "reason": no_parity, "images": spec.image_source}
         m.save(path.parent)
-    return Artifact(target, path, m, path.parent)
+    return Artifact(target, path, m)
 
 
 def begin_export(target: str, model: torch.nn.Module, spec: ExportSpec, out_dir: str | Path,

@@ -10,8 +10,6 @@ from typing import Any
 import numpy as np
 import torch
 
-from sdk import sha256_file
-
 from ._common import TARGETS, Artifact, ExportError, ExportSpec
 
 
@@ -44,53 +42,47 @@ def parity_images(data: str, split: str, size: int, n: int = 64, taxonomy=None) 
     return imgs, f"{data}:{split} ({len(idx)} images spread over {len(ds)})"
 
 
-def _load(checkpoint: str | Path, data: str | None):
-    """(model, config, taxonomy, dataset root): the checkpoint and the data its parity images come from."""
-    from train.checkpoint import load_model
+def _prepared(checkpoint: str | Path, data: str | None, split: str, n_parity: int):
+    """The checkpoint wrapped for export, and the spec with its parity photos (from `data`, else the dataset
+    the checkpoint was trained on) and the manifest's model record."""
+    from train.checkpoint import load_model, manifest_model_record
+    from train.models import DeployWrapper
 
     model, cfg, tax, conf = load_model(checkpoint)
     data = data or conf.get("train", {}).get("data")
     if not data:
         raise ExportError("no --data given and the checkpoint does not record its dataset")
-    info = {"checkpoint_sha256": sha256_file(Path(checkpoint) / "model.safetensors"), "config": cfg.to_dict(),
-            "metrics_pytorch": conf.get("metrics", {})}
-    return model, cfg, tax, data, info
+    images, source = parity_images(data, split, cfg.image_size, n_parity, taxonomy=tax)
+    spec = ExportSpec(image_size=cfg.image_size, images=images, image_source=source,
+                      model_info=manifest_model_record(checkpoint, cfg, conf))
+    return DeployWrapper(model).eval(), spec
 
 
 def export_checkpoint(checkpoint: str | Path, target: str, out_dir: str | Path, data: str | None = None,
-                      split: str = "val", n_parity: int = 64, options: dict[str, Any] | None = None,
-                      spec: ExportSpec | None = None) -> Artifact:
+                      split: str = "val", n_parity: int = 64, options: dict[str, Any] | None = None) -> Artifact:
     """Load a trained model directory and export it to one target with parity on real images."""
-    from train.models import DeployWrapper
-
     _module(target)
     opts = validate_options(target, options or {})
-    model, cfg, tax, data, info = _load(checkpoint, data)
-    if spec is None:
-        images, source = parity_images(data, split, cfg.image_size, n_parity, taxonomy=tax)
-        spec = ExportSpec(image_size=cfg.image_size, images=images, image_source=source)
-    spec = replace(spec, options=opts, model_info={**info, **spec.model_info})
-    return export_model(target, DeployWrapper(model).eval(), spec, out_dir)
+    model, spec = _prepared(checkpoint, data, split, n_parity)
+    return export_model(target, model, replace(spec, options=opts), out_dir)
 
 
 def export_all(checkpoint: str | Path, out_dir: str | Path, data: str | None = None, split: str = "val",
                n_parity: int = 64, targets: list[str] | None = None, log=print) -> dict[str, Artifact]:
     """Export one checkpoint to every target, each into `<out_dir>/<target>/` with its own manifest.
 
-    Parity images are decoded once and shared. A failing target does not stop the others; after all
-    were tried, an ExportError lists every failure (the artifacts that passed are left in place).
+    The checkpoint is loaded and the parity images decoded once. A failing target does not stop the others;
+    after all were tried, an ExportError lists every failure (the artifacts that passed are left in place).
     """
     targets = list(targets or TARGETS)
     for t in targets:
         _module(t)  # unknown target or missing converter: fail before any work
-    _, cfg, tax, data, _ = _load(checkpoint, data)
-    images, source = parity_images(data, split, cfg.image_size, n_parity, taxonomy=tax)
-    spec = ExportSpec(image_size=cfg.image_size, images=images, image_source=source)
+    model, spec = _prepared(checkpoint, data, split, n_parity)
     done: dict[str, Artifact] = {}
     failed: dict[str, str] = {}
     for t in targets:
         try:
-            done[t] = export_checkpoint(checkpoint, t, Path(out_dir) / t, data=data, split=split, spec=spec)
+            done[t] = export_model(t, model, spec, Path(out_dir) / t)
         except ExportError as e:
             failed[t] = str(e)
             log(f"{t}: FAILED: {e}")

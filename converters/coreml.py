@@ -1,13 +1,8 @@
 """Core ML (.mlpackage, ML program, fp32) via coremltools from `torch.export`.
 
-Core ML model I/O has no uint8 type, so the package takes **float32** NHWC pixel values 0..255 named
-`image`; the normalization (x - 127) / 128 stays inside the graph as for every other target. Outputs are
-named like the manifest's (`logp_<level>`, then `embedding`). Taxonomy, preprocessing and output names go in
-`user_defined_metadata`.
-
-Prediction needs macOS. On other systems export cannot measure parity; instead it reloads the saved
-package and checks its spec (input name/shape/dtype, output names/shapes, metadata), and the manifest
-records `parity.measured = false` with the reason. On macOS the usual parity check runs.
+Core ML I/O has no uint8 type, so the package takes float32 NHWC pixel values 0..255 named `image`; the
+normalization stays inside the graph. Prediction needs macOS: elsewhere export reloads the saved package and
+checks its spec and metadata instead, and the manifest records `parity.measured = false` with the reason.
 """
 
 from __future__ import annotations
@@ -109,4 +104,4 @@ def export(model: torch.nn.Module, spec: ExportSpec, out_dir: str | Path) -> Art
     no_parity = None if sys.platform == PREDICTION_PLATFORM else (
         f"Core ML prediction needs macOS; exported on {sys.platform}, so only the reloaded package's spec and "
         "metadata were checked")
-    return finish_export("coreml", model, path, spec, tool_versions("coremltools"), export, no_parity)
+    return finish_export("coreml", model, path, spec, tool_versions("coremltools"), {"export": export}, no_parity)

@@ -1,24 +1,11 @@
 """ExecuTorch (.pte): torch.export -> to_edge_transform_and_lower(XnnpackPartitioner) -> to_executorch.
 
-Every convolution, linear and matmul must land in the XNNPACK delegate; export asserts it. What XNNPACK
-has no kernel for may stay on ExecuTorch's portable kernels, and only this (see PORTABLE_ALLOWED):
-
-- `native_layer_norm` (no XNNPACK LayerNorm; TOOLCHAIN.md: fine),
-- the read-out tail per level: `sum` over d_model and `_log_softmax` over <= 81 classes,
-- data movement without arithmetic: expand / unsqueeze / select / permute / index_select / view /
-  clone copies, `_to_dim_order_copy` (the uint8 -> float cast of the input) and the delegate's getitem.
-
-Anything else outside the delegate (an unlowered matmul, a quantized op needing
-`executorch.kernels.quantized`, ...) fails the export with the op names.
-
-SDPA is decomposed to matmul -> softmax -> matmul before lowering: torch's default decomposition goes
-through `_safe_softmax`, whose fully-masked-row guard (eq/any/where/full_like) XNNPACK cannot take and
-which cuts the graph into more delegate segments. The model never passes a mask to SDPA (CAMP's biased
-attention is written out with plain ops), so the plain form computes the same thing.
-
-GELU with `approximate="tanh"` is decomposed to tanh/mul/add before lowering too: XNNPACK's GeluConfig
-(executorch 1.5.1) takes every `aten.gelu` and runs XNNPACK's exact erf GELU, ignoring the `approximate`
-argument. On the tiny student that alone made max |Δ log-prob| vs PyTorch ~3e-4 instead of ~1e-6.
+Every convolution, linear and matmul must land in the XNNPACK delegate (asserted); only the ops of
+PORTABLE_ALLOWED may stay on the portable kernels: LayerNorm, the read-out's sum and log-softmax, and data
+movement. Two decompositions run before lowering: SDPA to matmul -> softmax -> matmul (the default goes
+through `_safe_softmax`, whose masked-row guard XNNPACK cannot take; the model passes no mask), and tanh
+GELU to tanh/mul/add (XNNPACK's GeluConfig, executorch 1.5.1, takes every `aten.gelu` and runs exact erf GELU,
+ignoring `approximate`: ~3e-4 max |Δ log-prob| instead of ~1e-6).
 """
 
 from __future__ import annotations
@@ -120,4 +107,4 @@ def export(model: torch.nn.Module, spec: ExportSpec, out_dir: str | Path) -> Art
     export = {"fixed_batch": int(opts["batch"]), "delegate": "XnnpackPartitioner",
               "delegate_segments": delegate_count(edge.exported_program().graph_module),
               "portable_ops": dict(sorted(portable.items())), "thread_safe": False}
-    return finish_export("executorch", model, path, spec, tool_versions("executorch"), export)
+    return finish_export("executorch", model, path, spec, tool_versions("executorch"), {"export": export})

@@ -1,12 +1,8 @@
 """TFLite (LiteRT): uint8 NHWC image in, one log-prob tensor per level out, via litert-torch.
 
-The DeployWrapper already takes NHWC uint8 and normalizes inside the graph, so the .tflite input is
-exactly what a phone camera pipeline hands over. The batch size is fixed (option `batch`, default 1);
-the SDK splits larger batches. Runs with ai-edge-litert's Interpreter (no TensorFlow needed).
-
-The flatbuffer's `metadata` table gets one entry, `hierfg`: a JSON object with the taxonomy,
-preprocessing and output names (the same keys ONNX and Core ML carry), so the .tflite file keeps its
-labels even without the manifest beside it. Read it back with `read_metadata(path)`.
+The batch size is fixed (option `batch`, default 1; the SDK splits larger batches). The flatbuffer's
+`metadata` table gets a `hierfg` JSON entry with the keys ONNX and Core ML carry, so the file keeps its
+labels without the manifest beside it (`read_metadata`).
 """
 
 from __future__ import annotations
@@ -83,4 +79,5 @@ def export(model: torch.nn.Module, spec: ExportSpec, out_dir: str | Path) -> Art
     finish_file(path, embedded_metadata(taxonomy, spec, embedding=embedding_record(model)))
     export = {"fixed_batch": int(opts["batch"]), "runtime": "ai_edge_litert.interpreter.Interpreter",
               "signature": "serving_default", "thread_safe": False}
-    return finish_export("tflite", model, path, spec, tool_versions("litert-torch", "ai-edge-litert"), export)
+    versions = tool_versions("litert-torch", "ai-edge-litert")
+    return finish_export("tflite", model, path, spec, versions, {"export": export})

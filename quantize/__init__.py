@@ -1,9 +1,5 @@
-"""int8 for every target (`python -m quantize`): real-photo calibration, measured float set, report.
-
-Modules: calibration (real photos, decoded as the SDK decodes), sim (PyTorch simulation of the int8
-scheme by block family), bias (bias correction of weight rounding), sensitivity (which families stay
-float), prepare (everything the targets are made from), recipes (per-target settings), one module
-per target (onnx, executorch, tflite, coreml), report, run (the pipeline).
+"""int8 for every target (`python -m quantize`): real-photo calibration, a measured float plan, bias
+correction, one module per target, a report; `run` is the pipeline.
 """
 
 from ._common import QuantizeError

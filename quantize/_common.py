@@ -10,7 +10,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from converters import Artifact, ExportError, ExportSpec, check_parity, embedding_record, export_model, write_manifest
+from converters import Artifact, ExportError, ExportSpec, export_model, finish_export
 from sdk import Taxonomy
 
 from .calibration import ImageSet
@@ -130,22 +130,15 @@ def finish_int8(ctx: QuantContext, target: str, path: Path, fp32_size: int | Non
                 scheme: str, float_layers: list[str], notes: list[str], extra: dict[str, Any] | None = None,
                 export: dict[str, Any] | None = None, no_parity: str | None = None,
                 result_extra: dict[str, Any] | None = None) -> TargetResult:
-    """Write the int8 manifest (precision int8, the `quantization` record with the target's `extra`
-    fields, `export` metrics) and check SDK parity on real photos, unless `no_parity` says why not."""
-    spec = ctx.spec("int8")
+    """The int8 manifest (the `quantization` record with the target's `extra` fields, `export` metrics) and
+    SDK parity with fp32 PyTorch on real photos (`ctx.spec("int8")` carries the int8 floors), unless
+    `no_parity` says why not. Every int8 graph is made from ctx.deploy()'s graph (or its fp32 export), so
+    it has the same embedding output."""
     record = {"scheme": scheme, "float_layers": float_layers, "notes": notes,
               "calibration_images": ctx.calibration.source, "plan": ctx.plan.to_dict(),
               "always_float_ops": list(ALWAYS_FLOAT), **(extra or {})}
-    # every int8 graph is made from ctx.deploy()'s graph (or its fp32 export), so it has the same embedding output
-    m = write_manifest(target, path, ctx.taxonomy, spec, versions, {"quantization": record},
-                       embedding=embedding_record(ctx.deploy()))
-    if no_parity is None:
-        m = check_parity(target, ctx.deploy(), path, m, spec)  # ctx.spec("int8") carries the int8 floors
-    else:
-        m.metrics["parity"] = {"measured": False, "reason": no_parity}
-    if export is not None:
-        m.metrics["export"] = export
-    m.save(path.parent)
+    metrics = {"quantization": record, **({"export": export} if export is not None else {})}
+    m = finish_export(target, ctx.deploy(), path, ctx.spec("int8"), versions, metrics, no_parity).manifest
     return TargetResult(target, path.parent, fp32_size, m.size_bytes, float_layers, scheme, no_parity is None, notes,
                         result_extra or {})
 

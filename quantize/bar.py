@@ -1,11 +1,8 @@
 """The int8 bar and the one rule that judges it, shared by the sensitivity pass and the per-target report.
 
-The bar is judged on `val` and the 20 % train slice pooled (825 Grocery photos): on `val` alone (296)
-the agreement bar sat below the noise floor of 8-bit weights.
-
-Agreement and top-1 drop are measured on N photos, so they move in steps of 1/N; the comparisons
-allow 1e-9 so a figure exactly on the bar counts as within it (in binary floats 0.97 - 0.965 =
-0.0050000000000000044 > 0.005).
+It is judged on `val` and the 20 % train slice pooled: on `val` alone (296 photos) the agreement bar sat below
+the noise floor of 8-bit weights. Figures move in steps of 1/N, so a figure exactly on the bar counts as within
+it (in binary floats 0.97 - 0.965 > 0.005).
 """
 
 from __future__ import annotations

@@ -1,16 +1,9 @@
-"""Bias correction of int8 weight rounding, measured on the calibration photos.
+"""Bias correction of int8 weight rounding (Nagel et al., ICCV 2019, section 4.2), measured on the calibration photos.
 
-Rounding a layer's weights to int8 (per output channel, `quantize.sim.fq_weight`) shifts the *mean* of
-each output channel by E[(W - Q(W)) x], and the shift compounds through the network; EfficientNet-Lite's
-3x3 depthwise filters (nine weights a channel) make it large. The empirical correction of Nagel et al.
-(ICCV 2019, section 4.2) measures that shift per channel on real photos and adds it back: into the
-running mean of the BatchNorm after a backbone conv (every backend folds BatchNorm into the conv, so the
-graph is unchanged), or into the bias of a Linear / head conv.
-
-Shifts are measured once on the fp32 model (each layer's own rounding error on its fp32 input, so they do
-not depend on which other families are quantized) and applied for whichever families a plan quantizes.
-`bias_corrected` returns a corrected *copy*, the source of the int8 artifacts and their simulation; fp32
-stays the reference of every agreement figure, and the int8 weights are those of the uncorrected model.
+Rounding a layer's weights to int8 shifts the mean of each output channel by E[(W - Q(W)) x], and the shift
+compounds through the network (EfficientNet-Lite's nine-weight depthwise filters make it large). The shift is
+measured once per channel on the fp32 model and added back, into the running mean of the BatchNorm after a
+backbone conv (folded away by every backend) or into a bias, of a *copy*: fp32 stays the reference.
 Correcting activation-quantization shifts the same way diverged, and is not done.
 """
 
@@ -70,11 +63,9 @@ def _bias_target(mods: dict[str, nn.Module], name: str) -> tuple[str, nn.Module]
 def rounding_shifts(model: nn.Module, images: np.ndarray, fams: list[Family], batch: int = 25,
                     targets: dict[str, torch.Tensor] | None = None,
                     weight_eps: float = OBSERVER_EPS) -> dict[str, torch.Tensor]:
-    """Per quantized Conv2d / Linear: the mean over photos (and positions) of E[(W - Q(W)) x] per output channel.
-
-    `targets`: per layer, the rounded weights to measure against where they are not round-to-nearest of
-    the fp32 weights (another rounding, a perturbation); `model` stays the fp32 model.
-    `weight_eps`: the observers' scale clamp (`quantize.sim.OBSERVER_EPS`; 0 for Core ML's rounding)."""
+    """Per quantized Conv2d / Linear: the mean output shift E[(W - Q(W)) x] per output channel.
+    `targets`: per layer, rounded weights to measure against instead of round-to-nearest (research studies);
+    `weight_eps`: the observers' scale clamp (0 for Core ML's rounding)."""
     targets = targets or {}
     folds = fold_factors(model)
     layers = {n: m for n, m in model.named_modules()

@@ -1,8 +1,7 @@
 """Real-photo image sets for calibration, sensitivity and evaluation, decoded exactly as the SDK decodes.
 
-Calibration and the sensitivity pass draw from the training split *minus* the 20 % stratified slice
-(`sdk.stratified_holdout`), so the images that judge int8 accuracy on that slice never set a
-quantization range. No augmentation: `sdk.prepare(path, size)` is the device's own decoding.
+Calibration and sensitivity photos come from the training split *minus* its 20 % stratified slice, so the
+photos that judge int8 on that slice never set a quantization range.
 """
 
 from __future__ import annotations
@@ -66,11 +65,8 @@ def calibration_sets(data: str, size: int, taxonomy: Taxonomy, n_calibration: in
                      sensitivity_from_slice: bool = False) -> tuple[ImageSet, ImageSet]:
     """(calibration photos, disjoint sensitivity photos), both from `split` outside its 20 % slice.
 
-    `sensitivity_from_slice`: the model was trained without the 20 % slice (its run wrote
-    holdout.txt), so the sensitivity photos come from that slice: on photos a model memorized every
-    family agrees 100 % with fp32 and the measurement cannot rank anything. (The slice is also a
-    judging set; the report says so.)
-
+    `sensitivity_from_slice` (the model was trained without the slice): the sensitivity photos come from the
+    slice, since on photos a model memorized every family agrees 100 % with fp32 and nothing can be ranked.
     Warns (CalibrationWarning) below 300 calibration photos; never falls back to random tensors.
     """
     if n_calibration < 1:

@@ -1,9 +1,7 @@
 """Core ML int8: weights linearly quantized (int8, symmetric, per output channel); activations float.
 
-`ct.optimize.coreml.linear_quantize_weights` on the fp32 package from `converters.coreml`: every weight
-becomes a constexpr dequantize op holding int8 data. Int8 *activations* calibrate by running predictions,
-which only macOS does; off macOS the report gives the PyTorch simulation of these int8 weights instead
-(and says so), and the package is reloaded and its spec, metadata and constexpr ops verified.
+Int8 *activations* calibrate by running predictions, which only macOS does; off macOS the report gives the
+PyTorch simulation of these int8 weights instead (and says so), and the package's spec is verified.
 """
 
 from __future__ import annotations

@@ -1,17 +1,10 @@
 """ExecuTorch int8: pt2e with the XNNPACK quantizer, lowered fully into the XNNPACK delegate.
 
-torch.export -> XNNPACKQuantizer annotating only the Conv2d / Linear layers of the plan's quantized
-families (a node filter on each node's deepest module: the layer or the BatchNorm its conv+bn pattern
-needs; a global config would also quantize residual adds and the read-out, which the sensitivity pass
-did not measure), each conv's output observer moved after its ReLU6 -> prepare_pt2e -> the calibration
-photos -> convert_pt2e -> `converters.executorch`'s decompositions and lowering -> asserted: nothing but
-the converter's allow-listed float ops outside XNNPACK, in particular no quantize/dequantize op, so the
-`.pte` needs no `executorch.kernels.quantized` at load time.
-
-With a dynamic scheme (`ctx.dynamic`, `quantize.sim.DynamicScheme`) the plan's layers take the
-quantizer's dynamic config (int8 weights, each input quantized per photo at run time, float outputs)
-except where XNNPACK cannot run it: depthwise convs and the stem stay float, the projection of the
-constant level-0 queries stays static.
+The quantizer annotates only the Conv2d / Linear layers of the plan's quantized families (a global config
+would also quantize residual adds and the read-out, which the sensitivity pass did not measure). Lowering
+asserts no quantize/dequantize op outside XNNPACK, so the .pte needs no `executorch.kernels.quantized`. In the
+dynamic scheme (`quantize.sim.DynamicScheme`) depthwise convs and the stem stay float and the projection of
+the constant level-0 queries stays static: XNNPACK cannot run them dynamically.
 """
 
 from __future__ import annotations
@@ -71,14 +64,9 @@ CLAMPS = {_aten.relu6.default, _aten.hardtanh.default, _aten.hardtanh_.default, 
 
 
 def fuse_clamp_outputs(model):
-    """Quantize a conv's output after the ReLU6 (or ReLU / hardtanh) that follows it, not before.
-
-    Neither quantizer knows `aten.relu6` (their conv+activation patterns match `relu` only), so they
-    observe each conv's output before the clip, over a range whose negative side the clip discards:
-    the ReLU6 output then lives on a grid several times coarser than [0, 6] needs. The conv's (or its
-    BatchNorm's) output spec moves to the clip when the clip is its only user, the pattern both lowerings
-    fuse and the scheme `quantize.sim` measures (it halved the ExecuTorch artifact's KL to fp32).
-    Returns `model`."""
+    """Quantize a conv's output after the ReLU6 that follows it, not before: neither quantizer knows
+    `aten.relu6`, so each would observe the pre-clip range, whose negative side the clip discards, and put the
+    ReLU6 output on a grid several times too coarse. It halved the ExecuTorch artifact's KL to fp32. Returns `model`."""
     from torchao.quantization.pt2e.quantizer import QuantizationAnnotation
     key = "quantization_annotation"
     for node in model.graph.nodes:

@@ -1,11 +1,8 @@
-"""ONNX int8: static QDQ, int8 weights per channel, calibrated by a reader over real photos.
+"""ONNX int8: `quantize_static` QDQ on the fp32 export, int8 weights per channel, calibrated on real photos.
 
-`onnxruntime.quantization.quantize_static` on the fp32 export from `converters.onnx`. Conv, MatMul and
-Gemm are quantized; nodes of the plan's float families are excluded by name (the legacy exporter names
-nodes after their module path), and so are the attention matmuls unless the plan quantizes attention.
-Not `quantize_dynamic`: it turns convolutions into ConvInteger (10x slower here, batch-dependent).
-Activations uint8, weights int8 (U8S8, what ORT's x86 and ARM kernels take); on x86 without VNNI
-`reduce_range` (7-bit weights) avoids the int16 saturation of U8S8 convolutions.
+Nodes of the plan's float families are excluded by name (the exporter names nodes after their module path),
+and so are the attention matmuls unless the plan quantizes attention. Not `quantize_dynamic`: it turns
+convolutions into ConvInteger (10x slower here). U8S8, what ORT's fast kernels take.
 """
 
 from __future__ import annotations

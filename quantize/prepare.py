@@ -11,7 +11,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import torch
 
-from sdk import Taxonomy, sha256_file
+from sdk import Taxonomy
 
 from ._common import QuantContext
 from .bias import bias_corrected, rounding_shifts
@@ -88,7 +88,7 @@ def prepare_context(checkpoint: str | Path, data: str, targets: Sequence[str], n
     """Load the checkpoint, decode the real photos, calibrate, measure the shifts of int8 weight rounding
     (`bias_correction`), and choose the float families by measurement (`plan_kl`: a KL target for them,
     `quantize.sensitivity.choose_float_families`)."""
-    from train.checkpoint import load_model
+    from train.checkpoint import load_model, manifest_model_record
 
     resolve_recipes(targets)  # an unknown target fails before any work
     model, cfg, tax, conf = load_model(checkpoint)
@@ -110,7 +110,6 @@ def prepare_context(checkpoint: str | Path, data: str, targets: Sequence[str], n
     plan = choose_float_families(model, ranges, sen.images, sen.labels, tax, source=sen.source, log=log,
                                  shifts=int8_shifts, max_kl=plan_kl)
     log(f"float families: {plan.float_families}")
-    info = {"checkpoint_sha256": sha256_file(Path(checkpoint) / "model.safetensors"), "config": cfg.to_dict(),
-            "metrics_pytorch": conf.get("metrics", {})}
+    info = manifest_model_record(checkpoint, cfg, conf)
     return Prepared(str(checkpoint), str(data), model, tax, size, conf, info, cal, sen, _parity_set(evals["val"], n_parity),
                     evals, ranges, int8_shifts, coreml_shifts, plan, log)

@@ -265,11 +265,8 @@ def quantize_checkpoint(checkpoint: str | Path, data: str, targets: Sequence[str
                         plan_kl: float | None = None, recipes: dict[str, Any] | None = None) -> dict[str, Any]:
     """Run the whole int8 pipeline for a model directory; writes `<out>/<target>/` + report.{md,json}.
 
-    `bias_correction`: the int8 artifacts come from a copy of the model whose biases undo the mean shift
-    of int8 weight rounding, measured on the calibration photos (`quantize.bias`); fp32 stays the reference.
-    `plan_kl`: the float plan must also keep the simulated mean fine KL to fp32 on the sensitivity photos at
-    or below it (`quantize.sensitivity.choose_float_families`).
-    `recipes`: target -> its recipe (`quantize.recipes`; the default recipe for a target not named).
+    `bias_correction`: int8 is made from a copy corrected for weight rounding (`quantize.bias`). `plan_kl`: the
+    float plan must also bring the simulated fine KL to or below it. `recipes`: target -> its recipe.
     """
     from .report import write_report
 

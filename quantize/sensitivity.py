@@ -1,16 +1,10 @@
-"""Which families stay float: measured, one family at a time, on real photos.
+"""Which families stay float: measured, one family at a time, on real photos that did not calibrate.
 
-For every family the PyTorch simulation (quantize.sim, with the bias correction the artifacts get)
-quantizes that family alone and measures, on training photos that did not calibrate, the fine top-1
-agreement of the tree-consistent path with fp32 and the mean KL of the fine distribution (finer-grained
-than agreement on a few hundred photos, so it ranks families that all agree 100 %). Then all families are
-quantized together, and while that model misses the bar on those photos (`target_agreement`,
-`max_top1_drop`) or the KL target (`max_kl`), the most sensitive family still quantized moves to float:
-by single agreement (ties: KL) while the bar is unmet, by single KL once only the KL target is — a family
-that flips one confident photo but barely moves the KL is not what a KL target asks to float. The KL target
-exists because agreement on photos the model is sure of moves in steps of one photo and misses the noise
-that flips near-ties elsewhere. LayerNorm and log-softmax inputs are measured but stay float: no backend
-configuration here quantizes them.
+Each family alone is quantized in the PyTorch simulation (with bias correction) and scored by fine agreement
+with fp32 and the mean fine KL (finer-grained than agreement on a few hundred photos). Then, while all
+quantized families together miss the bar or the KL target (`max_kl`), the most sensitive family still
+quantized moves to float: by agreement (ties: KL) while the bar is unmet, by KL once only the KL target is.
+LayerNorm and log-softmax inputs are measured but stay float: no backend here quantizes them.
 """
 
 from __future__ import annotations
@@ -20,6 +14,7 @@ from typing import Any, Callable
 
 import numpy as np
 
+from converters import parity
 from sdk import Taxonomy, TreeDecoder
 
 from .bar import MAX_TOP1_DROP, MIN_AGREEMENT, meets_bar
@@ -27,8 +22,7 @@ from .sim import ALWAYS_FLOAT, Ranges, families, model_logprobs, simulate
 
 
 def fine_agreement(taxonomy: Taxonomy, ref: list[np.ndarray], cand: list[np.ndarray]) -> float:
-    dec = TreeDecoder(taxonomy)
-    return float((dec.paths(ref)[:, -1] == dec.paths(cand)[:, -1]).mean())
+    return parity(ref, cand, taxonomy)[f"agreement/{taxonomy.level_names[-1]}"]
 
 
 NEAR_TIE = 0.1  # fp32 probability gap between its two most likely fine classes below which an answer is a near-tie
@@ -36,14 +30,9 @@ NEAR_TIE = 0.1  # fp32 probability gap between its two most likely fine classes 
 
 def disagreements(taxonomy: Taxonomy, ref: list[np.ndarray], cand: list[np.ndarray],
                   near_tie: float = NEAR_TIE, names: tuple[str, ...] | list[str] = ()) -> dict[str, Any]:
-    """Where int8 changes the decoded fine answer, how sure was fp32?
-
-    For every image whose fine label (greedy tree-consistent decoding, as the SDK answers) differs
-    between `ref` (fp32) and `cand` (int8): fp32's gap between its two most probable fine classes
-    (fine marginals of the decoder). Also the agreement on the images fp32 answers with a gap of at
-    least `near_tie`, i.e. whether int8 ever overturns an answer fp32 was sure of (None when fp32 is
-    sure of no image: JSON has no NaN). With `names` (one per image), `changed` lists each changed
-    photo: its name, fp32's and int8's fine answers, and fp32's gap, surest first — the photos to look at.
+    """Where int8 changes the decoded fine answer, how sure was fp32 (the gap between its two most
+    probable fine marginals)? Also the agreement on the images fp32 is sure of (gap >= `near_tie`; None when
+    there are none: JSON has no NaN), and with `names` every changed photo, surest first: the photos to look at.
     """
     dec = TreeDecoder(taxonomy)
     a, b = dec.paths(ref)[:, -1], dec.paths(cand)[:, -1]

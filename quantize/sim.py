@@ -1,17 +1,10 @@
 """A PyTorch simulation of the int8 scheme the backends apply, family by family.
 
-The scheme every backend here implements for a quantized Conv2d / Linear: weights int8 per output
-channel, symmetric (max |w| / 127); the input *and the output* activation int8 per tensor, asymmetric,
-range from calibration on real photos (min/max, always containing 0). A conv's output is quantized after
-its BatchNorm (the folded conv's output), or, when ReLU6 follows, as the next layer's input (the backends
-fold the clip into the output range). Simulating input quantization alone missed a third of ONNX
-Runtime's disagreements: the output quantization of the linear bottlenecks and projections is where
-they came from.
-
-Families group the model's quantizable parts so one can be quantized at a time (sensitivity) and the
-sensitive ones kept float: layer families are module-name prefixes of `HierarchicalQueryModel`, which
-every backend maps to its own graph (ONNX node names, pt2e `nn_module_stack`); three are ops (attention
-matmuls + softmax, LayerNorm inputs, the final log-softmax input).
+A quantized Conv2d / Linear: weights int8 per output channel, symmetric; its input *and output* activation
+int8 per tensor, asymmetric, ranges calibrated on real photos. The output is quantized after the BatchNorm,
+or, where ReLU6 follows, as the next layer's input: simulating input quantization alone missed a third of
+ONNX Runtime's disagreements. Families group the quantizable parts (module-name prefixes every backend maps
+to its own graph, plus three op families) so each can be quantized alone and the sensitive ones kept float.
 """
 
 from __future__ import annotations
@@ -213,11 +206,9 @@ def is_depthwise(m: nn.Module) -> bool:
 class DynamicScheme:
     """ExecuTorch's dynamic int8: how each Conv2d / Linear of the plan's quantized families runs in XNNPACK.
 
-    `dynamic`: int8 weights, the input quantized per image at run time (XNNPACK's qd8 kernels), the output
-    float, so no calibrated range can clip or coarsen a photo unlike the calibration photos. `static`: the
-    calibrated scheme, where the dynamic kernels cannot run (a projection of constant learned queries).
-    `float`: depthwise convs (no dynamic kernel; static, they brought most of the static error back) and
-    the stem. `why`: layer -> why it is not dynamic."""
+    `dynamic`: int8 weights, input quantized per image at run time (qd8), float output; `static`: the calibrated
+    scheme, where the dynamic kernels cannot run; `float`: depthwise convs and the stem. `why`: layer -> why it
+    is not dynamic."""
 
     dynamic: frozenset[str]
     static: frozenset[str]
@@ -322,15 +313,10 @@ def simulate(model: nn.Module, ranges: Ranges, quantized: set[str], weights_only
              dynamic: DynamicScheme | None = None, grouping: str = "stages") -> nn.Module:
     """A copy of `model` with the named families fake-quantized (everything else float).
 
-    `weights_only`: only weights of the layer families are quantized (the Core ML weight-only scheme).
-    `shifts`: weight-rounding bias correction (`quantize.bias.rounding_shifts`) applied to the
-    quantized layers, as the int8 artifacts get it.
-    `weight_eps`: the observers' clamp of the folded weight scale (`OBSERVER_EPS`, ExecuTorch and TFLite);
-    0 for the schemes without one (Core ML weights, ONNX Runtime).
-    `dynamic`: ExecuTorch's dynamic scheme (`DynamicScheme`): its dynamic layers get int8 weights and a
-    per-image int8 input, its static layers the calibrated scheme, its float layers nothing; the op
-    families stay float (the XNNPACK quantizer annotates Conv2d / Linear only).
-    `grouping`: how `quantized` names the backbone's families (`backbone_families`).
+    `weights_only`: Core ML's weight-only scheme. `shifts`: the bias correction the int8 artifacts get
+    (`quantize.bias.rounding_shifts`). `weight_eps`: the observers' scale clamp (`OBSERVER_EPS`; 0 for Core ML and
+    ONNX Runtime). `dynamic`: ExecuTorch's dynamic scheme, where the op families stay float. `grouping`: how
+    `quantized` names the backbone's families (`backbone_families`).
     """
     from train.models import Attention, GroupReadout
     sim = copy.deepcopy(model).eval()
@@ -366,11 +352,8 @@ def simulate(model: nn.Module, ranges: Ranges, quantized: set[str], weights_only
     return sim
 
 
-@torch.inference_mode()
 def model_logprobs(model: nn.Module, images: np.ndarray, batch: int = 25) -> list[np.ndarray]:
     """Per-level log-probs (float64) of a (float or simulated) HierarchicalQueryModel on uint8 NHWC photos."""
-    from converters import run_batched
-    from train.backbones import normalize_uint8
-    lp = run_batched(lambda x: [o.numpy() for o in model(normalize_uint8(torch.from_numpy(x).permute(0, 3, 1, 2)))],
-                     images, batch)
-    return [a.astype(np.float64) for a in lp]
+    from converters import torch_logprobs
+    from train.models import DeployWrapper
+    return torch_logprobs(DeployWrapper(model, embedding=False), images, batch)

@@ -1,9 +1,7 @@
 """TFLite int8: litert-torch's PT2E quantizer, int8 weights per channel and int8 activations.
 
-The same export, layer filter and calibration as ExecuTorch (`quantize.executorch.convert`), then
-`litert_torch.convert(..., quant_config=QuantConfig(pt2e_quantizer=...))`. The graph's first op casts the
-uint8 NHWC image to float and normalizes, so the .tflite input tensor stays uint8 with no scale or zero
-point and the SDK feeds it unchanged (asserted).
+The same export, layer filter and calibration as ExecuTorch (`quantize.executorch.convert`); the .tflite
+input tensor stays uint8 with no scale or zero point, so the SDK feeds it unchanged (asserted).
 """
 
 from __future__ import annotations

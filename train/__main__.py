@@ -95,7 +95,6 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    from .metrics import format_metrics
     print(f"{args.model} on {args.data}:{args.split} (n={int(m['n'])})")
     for k, v in m.items():
         print(f"  {k:24s} {v:.4f}" if isinstance(v, float) else f"  {k:24s} {v}")

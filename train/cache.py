@@ -1,9 +1,6 @@
-"""The cached path for slow machines: frozen-prefix outputs computed once per photo and view.
-
-With `freeze_blocks > 0` and `cache_views > 0`, the first `freeze_blocks` backbone blocks are frozen
-and their outputs for `cache_views` views of every photo (the plain input, its mirror, seeded random
-crops; `train.data.load_view`) are stored on disk under `.cache/features/`, keyed by everything that
-changes them. Each epoch draws one cached view per photo and trains the rest of the network on it.
+"""The cached path for slow machines (`freeze_blocks > 0`, `cache_views > 0`): the frozen prefix's outputs
+for `cache_views` views of every photo (`train.data.load_view`) stored under `.cache/features/`, keyed by
+everything that changes them; each epoch draws one cached view per photo.
 """
 
 from __future__ import annotations
@@ -17,6 +14,8 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from sdk import atomic_write
+
 from .augment import Batch, draw_mix, mix, step_generator
 from .backbones import normalize_uint8
 from .data import HierDataset, load_view
@@ -28,11 +27,8 @@ CACHE_ROOT = Path(".cache/features")
 
 
 class FeatureCache:
-    """Frozen-prefix outputs for (view, image), fp16 on disk, computed once.
-
-    Stores the output of block `n_blocks - 1` (key "x", the input of the trainable part) and every
-    model tap that lies inside the frozen prefix (keys "tap<i>").
-    """
+    """Frozen-prefix outputs per (view, image), fp16 on disk, computed once: key "x" (block n_blocks - 1,
+    the input of the trainable part) and "tap<i>" for every model tap inside the frozen prefix."""
 
     def __init__(self, model, ds: HierDataset, size: int, n_blocks: int, views: int, seed: int):
         self.model, self.ds, self.size, self.n_blocks, self.views, self.seed = model, ds, size, n_blocks, views, seed
@@ -67,9 +63,7 @@ class FeatureCache:
                 for t in self.taps:
                     parts.setdefault(f"tap{t}", []).append(out[t].half())
         feats = {k: torch.cat(v).contiguous() for k, v in parts.items()}
-        tmp = path.with_name(path.name + ".tmp")
-        save_file(feats, str(tmp))
-        tmp.replace(path)
+        atomic_write(path, lambda p: save_file(feats, str(p)))
         return feats
 
     def all_views(self) -> dict[str, torch.Tensor]:

@@ -1,8 +1,5 @@
-"""Checkpoints: safetensors weights + JSON config + taxonomy.json; never a pickle.
-
-A model directory holds `model.safetensors`, `config.json` (model + training config, resolved) and
-`taxonomy.json`. Resumable training state lives in `<out>/checkpoint/`, written atomically
-(temp file + rename) at the end of every epoch; optimizer state is read back with
+"""Checkpoints: safetensors weights + JSON config + taxonomy.json; never a pickle. Resumable training state
+lives in `<out>/checkpoint/`, written at the end of every epoch; optimizer state is read back with
 `torch.load(weights_only=True)`.
 """
 
@@ -50,7 +47,10 @@ def load_model(path: str | Path, pretrained: bool = False) -> tuple[torch.nn.Mod
     return model.eval(), cfg, taxonomy, conf
 
 
-file_sha256 = sha256_file  # the name the other stages use
+def manifest_model_record(path: str | Path, cfg: ModelConfig, conf: dict) -> dict[str, Any]:
+    """What every artifact's manifest records about the model directory it was made from."""
+    return {"checkpoint_sha256": sha256_file(Path(path) / "model.safetensors"), "config": cfg.to_dict(),
+            "metrics_pytorch": conf.get("metrics", {})}
 
 
 def save_training_state(out: Path, model: torch.nn.Module, optimizer, scheduler, epoch: int,

@@ -1,17 +1,5 @@
-"""Seed components as named, registered options. Described in docs/components.md.
-
-Architectures (`--arch`):
-  * "flat" — the baseline: pooled head features -> dropout -> Linear to the fine classes; the coarser
-    levels are the tree sums of the fine probabilities (a constant membership matrix + matmul).
-  * "hrn"  — HRN (Chen et al., CVPR 2022) head: granularity-specific blocks with residual
-    combination of parent-level features, per-level classifiers. Train it with `--losses tree,fine_ce`.
-
-Options of the query models (`ModelConfig`, arch hsq_*):
-  * `part_select=k` — TransFG part selection: the k most attended tokens feed a second fine look.
-  * `c2f_refine=True` — Coarse2Fine attention-guided refinement: crop the attended region, run again.
-
-Losses (`--losses`): "contrastive" (TransFG) and "aal" (angular asymmetric loss).
-
+"""The seed components as registered options (docs/components.md): the "flat" and "hrn" archs, TransFG
+part selection and Coarse2Fine refinement of the query models, the "contrastive" and "aal" losses.
 Importing this module (train/models.py does, at its end) registers all of them.
 """
 
@@ -24,18 +12,14 @@ import torch.nn.functional as F
 from sdk import Taxonomy
 
 from .backbones import create_backbone
-from .losses import LossContext, register_loss
+from .losses import LossContext, deepest_labelled, register_loss
 from .models import Attention, ModelConfig, register_arch
 
 
 # ---- tree marginals (flat) ------------------------------------------------------------------------
 class TreeMarginals(nn.Module):
-    """Fine log-probs -> per-level log-probs: log of the summed fine probabilities under each node.
-
-    Written as a constant 0/1 membership matrix and a matmul (no scatter/index ops), so it exports
-    to ONNX/TFLite/Core ML/ExecuTorch like the rest of the graph. The max is subtracted before exp so
-    a node whose children are all far below the best class stays finite (clamped at 1e-30).
-    """
+    """Fine log-probs -> per-level log-probs: log of the summed fine probabilities under each node,
+    as a constant 0/1 membership matrix and a matmul (no scatter/index ops: it exports everywhere)."""
 
     def __init__(self, taxonomy: Taxonomy):
         super().__init__()
@@ -54,13 +38,8 @@ class TreeMarginals(nn.Module):
 
 
 class _PooledBackboneModel(nn.Module):
-    """Shared plumbing of the pooled-feature heads: the backbone's head conv (tap -1), averaged.
-
-    Same interface as HierarchicalQueryModel (`cfg`, `taxonomy`, `backbone` with `_fc = None`,
-    `forward_from(x, start, cached, aux)`), so train_model's freezing and feature caching work
-    unchanged. `cfg.taps` is ignored: only the head conv output is used (taps cached by the
-    training loop for other archs are passed in `cached` and simply not read).
-    """
+    """The pooled head conv (tap -1) under HierarchicalQueryModel's interface (`cfg`, `taxonomy`,
+    `backbone`, `forward_from`), so the loop's freezing and caching work unchanged; `cfg.taps` is ignored."""
 
     def __init__(self, taxonomy: Taxonomy, cfg: ModelConfig, pretrained: bool = True):
         super().__init__()
@@ -70,10 +49,7 @@ class _PooledBackboneModel(nn.Module):
         self.backbone._fc = None  # the ImageNet classifier is not part of this model
 
     def pooled(self, x: torch.Tensor, start: int = 0, cached: dict | None = None) -> torch.Tensor:
-        if cached and -1 in cached:
-            f = cached[-1]
-        else:
-            f = self.backbone.forward_range(x, start, (-1,))[-1]
+        f = cached[-1] if cached and -1 in cached else self.backbone.forward_range(x, start, (-1,))[-1]
         return f.mean((2, 3), keepdim=True).flatten(1)  # keepdim: the form XNNPACK delegates
 
     def forward(self, x: torch.Tensor, start: int = 0, cached: dict | None = None, aux: dict | None = None):
@@ -81,12 +57,8 @@ class _PooledBackboneModel(nn.Module):
 
 
 class FlatModel(_PooledBackboneModel):
-    """Flat baseline (arch "flat"): pooled head features -> dropout -> Linear over the FINE classes.
-
-    Coarser levels come from the tree (`TreeMarginals`), so the outputs are per-level log-probs like
-    every arch, always tree-consistent. Train it with `--losses fine_ce` (what a flat classifier
-    is); `ce` also works and then additionally trains the derived coarse marginals.
-    """
+    """Flat baseline (arch "flat"): pooled head features -> dropout -> Linear over the fine classes;
+    the coarser levels are their tree marginals. Train it with `--losses fine_ce`."""
 
     def __init__(self, taxonomy: Taxonomy, cfg: ModelConfig, pretrained: bool = True):
         super().__init__(taxonomy, cfg, pretrained)
@@ -109,19 +81,9 @@ class FlatModel(_PooledBackboneModel):
 
 
 class HRNModel(_PooledBackboneModel):
-    """HRN head (arch "hrn"; Chen et al., "Label Relation Graphs Enhanced Hierarchical Residual
-    Network for Hierarchical Multi-Granularity Classification", CVPR 2022).
-
-    Per level a granularity-specific block (Linear -> LayerNorm -> ReLU -> Dropout -> Linear on the
-    pooled backbone features; HRN uses conv blocks on the feature map, on a frozen-prefix CPU budget a
-    pooled MLP is the equivalent of 1x1 convs followed by pooling) gives h_l. Hierarchical residual
-    combination, top-down: z_0 = ReLU(h_0), z_l = ReLU(h_l + P_l z_{l-1}) with a learned linear P_l,
-    so each child level reuses its parent's features. Per-level linear classifiers -> log-softmax.
-
-    HRN's training objective is the probabilistic label-relation-tree loss plus cross-entropy on the
-    finest level: `--losses tree,fine_ce`. The levels are independent softmaxes (not tree-consistent by
-    construction); the tree loss and the SDK's TreeDecoder make them consistent.
-    """
+    """HRN head (arch "hrn"; Chen et al., CVPR 2022): per level a granularity-specific MLP on the pooled
+    features gives h_l, combined top-down as z_0 = ReLU(h_0), z_l = ReLU(h_l + P_l z_{l-1}); a linear
+    classifier per level. Train it with `--losses tree,fine_ce` (docs/components.md)."""
 
     def __init__(self, taxonomy: Taxonomy, cfg: ModelConfig, pretrained: bool = True):
         super().__init__(taxonomy, cfg, pretrained)
@@ -159,12 +121,8 @@ register_arch("hrn", HRNModel)
 
 # ---- refinement of the query models: TransFG part selection, Coarse2Fine ------------------------
 def setup_refinement(model: nn.Module) -> None:
-    """Called by HierarchicalQueryModel.__init__ when `part_select` or `c2f_refine` is set.
-
-    Keeps the attention map of the fine level's last cross block (both options read it) and, for
-    Coarse2Fine, initializes every attention projection orthogonally (as the C2F paper does for its
-    attention weights; their biases are zeroed).
-    """
+    """Keep the fine level's last cross-attention map (both options read it); Coarse2Fine also starts
+    every attention projection orthogonal with zero biases, as the C2F paper does."""
     model.head.cross[-1][-1].attn.keep_attn = True
     if model.cfg.c2f_refine:
         for m in model.modules():
@@ -174,31 +132,10 @@ def setup_refinement(model: nn.Module) -> None:
                     nn.init.zeros_(lin.bias)
 
 
-def run_level(head: nn.Module, lvl: int, tokens: torch.Tensor, outs: list[torch.Tensor],
-              logps: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """One level of HierarchicalQueryHead on `tokens` given the coarser levels' queries and log-probs.
-
-    Mirrors the head's own loop (tests/train/test_components.py checks they agree), so a second look
-    shares every weight of the first one.
-    """
-    b = tokens.shape[0]
-    q = head.queries[lvl].unsqueeze(0).expand(b, -1, -1)
-    if lvl > 0 and head.cfg.coarse_to_fine:
-        q = q + head.fuse_scale[lvl - 1] * outs[lvl - 1].index_select(1, getattr(head, f"parent_{lvl}"))
-    for blk in head.cross[lvl]:
-        q = blk(q, tokens)
-    if lvl > 0 and head.camp is not None:
-        q = head.camp[lvl - 1](q, outs[lvl - 1], logps[lvl - 1])
-    return q, head.readout[lvl](q)
-
-
 def token_saliency(attn: torch.Tensor, fine_logp: torch.Tensor) -> torch.Tensor:
-    """(B, heads, n_fine, N) cross-attention -> (B, N) token saliency.
-
-    Attention is summed over heads and averaged over the fine queries weighted by the predicted fine
-    probabilities (detached): tokens that the *likely* classes look at count, not those looked at by
-    the 80 implausible class queries (a plain max over queries is dominated by them).
-    """
+    """(B, heads, n_fine, N) cross-attention -> (B, N) token saliency, averaged over the fine queries
+    weighted by the (detached) predicted fine probabilities: a plain max would be dominated by the 80
+    implausible class queries."""
     w = fine_logp.detach().exp()
     return (attn.sum(1) * w[:, :, None]).sum(1)
 
@@ -218,7 +155,7 @@ def _look(model: nn.Module, feats: dict[int, torch.Tensor], aux: dict) -> tuple[
         idx = sal.topk(k, dim=1).indices  # not differentiable (a selection); the gather below is
         parts = tokens.gather(1, idx[:, :, None].expand(-1, -1, tokens.shape[2]))
         lvl = len(logps) - 1
-        _, logits2 = run_level(head, lvl, parts, aux["queries"], logps)
+        _, logits2 = head.level(lvl, parts, aux["queries"], logps)
         fine = 0.5 * (aux["logits"][-1] + logits2)  # mean of the two fine logits
         aux["part_index"], aux["part_logits"] = idx, logits2
         aux["logits"] = aux["logits"][:-1] + [fine]
@@ -237,11 +174,8 @@ def _tap_grids(model: nn.Module, feats: dict[int, torch.Tensor]) -> list[tuple[i
 
 
 def attended_box(sal: torch.Tensor, h: int, w: int) -> torch.Tensor:
-    """Bounding box of the grid cells with saliency >= its mean, as fractions (y0, y1, x0, x1) (B, 4).
-
-    Written with comparisons, where and min/max reductions only (exportable). Never empty: the
-    maximum is always >= the mean.
-    """
+    """Bounding box (y0, y1, x0, x1 fractions, (B, 4)) of the grid cells with saliency >= its mean, in
+    exportable ops only; never empty, the maximum is always >= the mean."""
     a = sal.reshape(-1, h, w)
     mask = (a >= a.mean((1, 2), keepdim=True)).float()
     rows, cols = mask.amax(2), mask.amax(1)
@@ -276,16 +210,10 @@ def refined_forward(model: nn.Module, x: torch.Tensor, start: int, cached: dict[
                     aux: dict | None) -> list[torch.Tensor]:
     """HierarchicalQueryModel.forward_from with part selection and/or Coarse2Fine refinement.
 
-    Coarse2Fine: the first look's fine-level token saliency on the finest tap grid with stride >= 16
-    (else the coarsest) gives the attended box (threshold at the mean). The paper crops the raw
-    image; here, because the frozen backbone prefix is cached on CPU, a *feature map* is cropped: the
-    input of block `crop = max(start, cfg.c2f_crop_block)` (the cached prefix output in training; the
-    raw normalized image only when crop == 0) together with the earlier taps, resampled to the
-    original grid, and the rest of the backbone, tokens and head run again. Set `c2f_crop_block` to
-    the training run's `freeze_blocks` so that evaluation and the exported graph (start == 0) crop the
-    very features training cropped. The two looks are combined by averaging their log-probs and
-    renormalizing per level (= the mean of the logits up to a per-row constant, i.e. the normalized
-    geometric mean of the two distributions).
+    Coarse2Fine crops the attended box of the input of block `max(start, cfg.c2f_crop_block)` (a cached
+    feature map in training: set `c2f_crop_block` to `freeze_blocks` so the exported graph crops the same
+    features) and runs the rest again; the two looks' log-probs are averaged and renormalized per level
+    (docs/components.md).
     """
     aux = {} if aux is None else aux
     cfg, bb = model.cfg, model.backbone
@@ -315,22 +243,13 @@ def refined_forward(model: nn.Module, x: torch.Tensor, start: int, cached: dict[
 
 
 # ---- losses -----------------------------------------------------------------------------------
-def _deepest(labels: torch.Tensor) -> torch.Tensor:
-    """Deepest labelled level per row (-1: unlabelled); labels are top-down (-1 below)."""
-    return (labels >= 0).long().cumprod(1).sum(1) - 1
-
-
 def contrastive_loss(features: torch.Tensor, labels: torch.Tensor, margin: float = 0.4) -> torch.Tensor:
-    """TransFG contrastive loss on L2-normalized features.
-
-    Same-class pairs cost 1 - cos, different-class pairs max(cos - margin, 0); mean over the ordered
-    pairs i != j of rows with at least one label. With mixed granularity a pair is compared at the
-    deepest level labelled in *both* rows (a coarse-only image and a fine one under the same parent
-    count as the same class; under a different parent, as different).
-    """
+    """TransFG contrastive loss on L2-normalized features: same-class pairs cost 1 - cos, others
+    max(cos - margin, 0), over the ordered pairs i != j; a pair is compared at the deepest level labelled
+    in both rows (mixed granularity)."""
     z = F.normalize(features.float(), dim=-1)
     cos = z @ z.T
-    deep = _deepest(labels)
+    deep = deepest_labelled(labels)
     common = torch.minimum(deep[:, None], deep[None, :])  # (B, B)
     lvl = common.clamp_min(0)
     same = labels.gather(1, lvl) == labels.T.gather(0, lvl)  # labels[i, lvl[i, j]] == labels[j, lvl[i, j]]
@@ -352,12 +271,9 @@ AAL_DEFAULTS = {"s": 7.0, "gamma_neg": 1.0, "gamma_pos": 0.0, "clip": 0.05}
 
 def angular_asymmetric_loss(cos: torch.Tensor, y: torch.Tensor, s: float = 7.0, gamma_neg: float = 1.0,
                             gamma_pos: float = 0.0, clip: float = 0.05) -> torch.Tensor:
-    """Asymmetric loss (Ridnik et al., ICCV 2021) on cosine logits: p = sigmoid(s * cos) one-vs-all.
-
-    Positive: -(1 - p)^gamma_pos log p. Negative: with the shifted probability p_m = max(p - clip, 0),
-    -p_m^gamma_neg log(1 - p_m) (easy negatives below `clip` cost nothing). Summed over classes,
-    averaged over rows; rows with y == -1 are skipped.
-    """
+    """Asymmetric loss (Ridnik et al., ICCV 2021) on cosine logits, one-vs-all sigmoid of s * cos; the
+    negatives' probability is shifted down by `clip`, so easy negatives cost nothing; rows with y == -1
+    are skipped."""
     m = y >= 0
     if not m.any():
         return cos.new_zeros(())
@@ -372,12 +288,8 @@ def angular_asymmetric_loss(cos: torch.Tensor, y: torch.Tensor, s: float = 7.0, 
 
 
 def fine_cosines(ctx: LossContext) -> torch.Tensor:
-    """(B, n_fine) cosines between L2-normalized fine features and L2-normalized class weights.
-
-    Query models: each class's own (LayerNorm-ed, as in the read-out) fine query against that class's
-    read-out weight vector — no new parameters. Flat/HRN: the fine features against the rows of the
-    fine classifier.
-    """
+    """(B, n_fine) cosines of the fine features with the class weights: for query models each class's
+    own fine query (LayerNorm-ed) against its read-out weight vector; for flat/HRN the fine classifier's rows."""
     head = getattr(ctx.model, "head", None)
     if "queries" in ctx.aux and head is not None and hasattr(head, "readout"):
         ro = head.readout[-1]

@@ -1,9 +1,6 @@
-"""Training's datasets. The readers (Grocery Store split files, folder trees, the synthetic generator,
-the stratified holdout) live in `sdk.datasets`, so the SDK calibrates on exactly what training reads;
-this module adds HRN relabelling and the augmented views training decodes.
-
-Every image goes through `sdk.prepare`, the function the device uses, so training and device see
-the same pixels (EXIF orientation, RGB conversion, aspect clamp, bilinear resize).
+"""Training's datasets: the readers live in `sdk.datasets` (the SDK calibrates on exactly what training
+reads); this module adds HRN relabelling and the augmented views of the cached path, all through
+`sdk.prepare`, the device's decoding.
 """
 
 from __future__ import annotations
@@ -14,8 +11,9 @@ from dataclasses import replace
 import numpy as np
 
 from sdk import prepare
-from sdk.datasets import (SYNTH_TREE, HierDataset, Sample, full_labels, load_dataset, read_folder_tree,  # noqa: F401
-                          read_grocery, stratified_holdout, synthetic_dataset, synthetic_taxonomy)
+# re-exported: training code and its tests read datasets through train.data
+from sdk.datasets import (HierDataset, Sample, load_dataset, read_grocery, stratified_holdout,  # noqa: F401
+                          synthetic_taxonomy)
 
 
 def relabel_coarse(ds: HierDataset, ratio: float, seed: int = 0) -> HierDataset:

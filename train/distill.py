@@ -1,14 +1,9 @@
 """Distillation: `python -m train distill --teacher DIR [--teacher DIR2 …] --data ROOT --out DIR`.
 
-loss = labels (per level, coarse-only labels respected: `ce`) + alpha * per-level KL to the teacher's
-temperature-softened distributions (`kd`). Several teachers form an ensemble: their probabilities
-are averaged per level.
-
-On the live path (the default) the teachers run at every step on the very view the student trains
-on, rendered at each teacher's own resolution from the same crop recipe (`train.augment.render`), in
-inference mode with the training precision. On the cached path (`freeze_blocks > 0`,
-`cache_views > 0`) the teachers' outputs are computed once per cached view and stored on disk, keyed
-by the teachers' weights sha256 + the augmentation seed + number of views + the training images.
+loss = labels (`ce`) + per-level KL to the teachers' temperature-softened distributions (`kd`), several
+teachers averaged in probability. Live path: the teachers run on each step's own augmented view at their own
+resolution. Cached path: their outputs per cached view are computed once and stored on disk, keyed by the
+teachers' sha256, the seed, the views and the training images.
 """
 
 from __future__ import annotations
@@ -20,19 +15,18 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from .checkpoint import file_sha256, load_model
+from .checkpoint import load_model
 from .losses import LossContext, register_loss
 from .augment import Batch
 from .cache import CACHE_ROOT, FeatureCache, split_cached
 from .loop import TrainConfig, autocast, prepare_data, resolve_precision, select_device, train_model
 from .models import ModelConfig
-from sdk import Taxonomy
+from sdk import Taxonomy, atomic_write, sha256_file
 
 
 @register_loss("kd")
@@ -56,7 +50,7 @@ def teacher_targets(teacher_dir: str | Path, train, views: int, seed: int, log=p
     teacher, tcfg, _, tconf = load_model(teacher_dir)
     tfz = int(tconf.get("train", {}).get("freeze_blocks", 0)) or tcfg.taps[0]
     h = hashlib.sha256()
-    h.update(file_sha256(Path(teacher_dir) / "model.safetensors").encode())
+    h.update(sha256_file(Path(teacher_dir) / "model.safetensors").encode())
     h.update(json.dumps([seed, views, tcfg.image_size]).encode())
     for s in train.samples:
         h.update(s.key.encode())
@@ -75,7 +69,7 @@ def teacher_targets(teacher_dir: str | Path, train, views: int, seed: int, log=p
         out.append([torch.cat([p[l] for p in per]) for l in range(len(per[0]))])
     levels = [torch.stack([o[l] for o in out]).contiguous() for l in range(len(out[0]))]
     path.parent.mkdir(parents=True, exist_ok=True)
-    save_file({f"level{l}": t for l, t in enumerate(levels)}, str(path))
+    atomic_write(path, lambda p: save_file({f"level{l}": t for l, t in enumerate(levels)}, str(p)))
     return levels
 
 
@@ -133,5 +127,5 @@ def distill(teacher_dir: str | Path | list, mc: ModelConfig, tc: TrainConfig, ou
     Path(out).mkdir(parents=True, exist_ok=True)
     (Path(out) / "distill.json").write_text(json.dumps({
         "teachers": teachers, "temperature": temperature,
-        "teacher_sha256": [file_sha256(Path(t) / "model.safetensors") for t in teachers]}, indent=1))
+        "teacher_sha256": [sha256_file(Path(t) / "model.safetensors") for t in teachers]}, indent=1))
     return train_model(mc, tc, out, resume=resume, log=log, teacher=teacher_fn)

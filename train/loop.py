@@ -1,16 +1,8 @@
 """Training loop for every model (query student, HSQ-FT teacher, flat, HRN), one process or DDP.
 
-Two ways to feed the network:
-
-* **live** (default, `freeze_blocks == 0` or `cache_views == 0`): photos are decoded once into memory
-  (`train.augment.ImageBank`) and every step renders a fresh augmented view of each (random resized
-  crop, flip, colour jitter, a TrivialAugment operation, optional mixup / CutMix). With channels_last
-  and bf16 autocast on CPUs that have bf16 instructions, a whole-network Lite0 epoch of Grocery takes
-  about two minutes on two cores (`benchmarks/train_speed.py`).
-* **cached** (`freeze_blocks > 0` and `cache_views > 0`, for slow machines): the first `freeze_blocks`
-  backbone blocks are frozen and their outputs computed once per photo and augmentation view (the
-  plain input, its mirror, seeded random crops) and stored under `.cache/features/`; each epoch draws
-  one cached view per photo and trains the rest of the network on it.
+Two ways to feed the network: **live** (the default: photos decoded once, a fresh augmented view of each at
+every step, `train.augment`) and **cached** (`freeze_blocks > 0` and `cache_views > 0`, for slow machines: the
+frozen prefix's outputs computed once per photo and view, `train.cache`).
 """
 
 from __future__ import annotations
@@ -19,11 +11,12 @@ import contextlib
 import hashlib
 import json
 import math
+import os
 import random
 import time
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -91,11 +84,9 @@ def limit_per_class(ds: HierDataset, k: int, seed: int = 0) -> HierDataset:
 
 
 class WeightEMA:
-    """Exponential moving average of every float parameter and buffer (BatchNorm statistics too).
-
-    The decay warms up as min(decay, (1 + n) / (10 + n)) after n updates: without it the freshly
-    initialized heads stay in the average (0.998 over 1,000 steps keeps 13.5 % of the random init).
-    `swapped(model)` temporarily loads the average into the model (evaluation, saving)."""
+    """Exponential moving average of every float parameter and buffer (BatchNorm statistics too); the
+    decay warms up as min(decay, (1 + n) / (10 + n)), or the freshly initialized heads would stay in the average
+    (0.998 over 1,000 steps keeps 13.5 % of the random init). `swapped(model)` loads it temporarily."""
 
     def __init__(self, model: torch.nn.Module, decay: float):
         self.decay = decay
@@ -227,11 +218,6 @@ def prepare_data(tc: TrainConfig, out: Path | None) -> tuple[Taxonomy, HierDatas
     return tax, train, evals
 
 
-def _dist_info() -> tuple[int, int]:
-    import os
-    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-
-
 def select_device(name: str = "auto") -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -301,7 +287,6 @@ def _init_distributed(tc: TrainConfig, world: int) -> torch.device:
     device = select_device(tc.device)
     if world > 1 and not dist.is_initialized():
         if device.type == "cuda":
-            import os
             device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
             torch.cuda.set_device(device)
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
@@ -413,15 +398,15 @@ def train_model(mc: ModelConfig, tc: TrainConfig, out: str | Path, resume: bool 
                 log=print, teacher=None) -> dict[str, Any]:
     """Train, evaluate every epoch, save the model directory. Returns the final metrics per eval split.
 
-    Under `torchrun` (WORLD_SIZE > 1) this runs DistributedDataParallel: gloo on CPU, nccl on CUDA;
-    each rank trains on its shard of every epoch's permutation, rank 0 evaluates and writes.
-    `teacher` (a callable: `Batch` -> {"logps", "temperature"}) is used by distillation.
+    Under `torchrun` (WORLD_SIZE > 1): DistributedDataParallel (gloo on CPU, nccl on CUDA), each rank on its
+    shard of every epoch's permutation, rank 0 evaluating and writing. `teacher`: `Batch` -> {"logps",
+    "temperature"}, for distillation.
     """
     import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel as DDP
 
     out = Path(out)
-    rank, world = _dist_info()
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     device = _init_distributed(tc, world)
     main_rank = rank == 0
     log = log if main_rank else (lambda *a, **k: None)

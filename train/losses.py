@@ -1,9 +1,6 @@
-"""Losses as named, registered components, selected with `--losses ce,cluster,tree` and weighted
-with `--loss-weights cluster=0.1,tree=1`.
-
-Every loss receives a `LossContext`: the model, per-level log-probs, labels (-1 = not labelled at
-that level), the `aux` dict the model filled (tokens, pooled token, per-level logits and queries) and
-the taxonomy.
+"""Losses as named, registered components (`--losses ce,cluster,tree`, `--loss-weights cluster=0.1`).
+Each receives a `LossContext`: the model, per-level log-probs, labels (-1: not labelled at that level),
+the `aux` dict the model filled and the taxonomy.
 """
 
 from __future__ import annotations
@@ -67,23 +64,14 @@ def hier_ce(ctx: LossContext) -> torch.Tensor:
 @register_loss("fine_ce")
 def fine_ce(ctx: LossContext) -> torch.Tensor:
     """Cross-entropy on the finest level only (what a flat classifier is trained with)."""
-    y = ctx.labels[:, -1]
-    m = y >= 0
-    if not m.any():
-        return ctx.logps[-1].new_zeros(())
-    lp = ctx.logps[-1][m].float()
-    return ((1 - ctx.smoothing) * -lp.gather(1, y[m, None]).squeeze(1) - ctx.smoothing * lp.mean(1)).mean()
+    return hier_ce(replace(ctx, logps=ctx.logps[-1:], labels=ctx.labels[:, -1:]))
 
 
 @register_loss("global_ce")
 def global_ce(ctx: LossContext) -> torch.Tensor:
-    """Deep supervision of the flat read-out (`global_head`): `ce` on its logits alone.
-
-    The query heads and CAMP add a correction to these logits; trained only through the sum, the
-    query path can carry the whole decision and overfit the days the training photos were taken on. This loss makes the
-    pooled-feature read-out a classifier on its own (what the flat peer is), so the queries learn a
-    refinement on top of it.
-    """
+    """Deep supervision of the flat read-out (`global_head`): `ce` on its logits alone. Trained only
+    through the sum, the query path can carry the whole decision and overfit the training days; this makes the
+    pooled read-out a classifier of its own, and the queries learn a refinement on top of it."""
     glob = ctx.aux.get("global_logits")
     if glob is None:
         raise ValueError("the global_ce loss needs a model with global_head=true")
@@ -91,27 +79,22 @@ def global_ce(ctx: LossContext) -> torch.Tensor:
     return hier_ce(replace(ctx, logps=logps))
 
 
-def _leaf_membership(taxonomy: Taxonomy, device) -> list[torch.Tensor]:
-    anc = torch.tensor(taxonomy.ancestor_matrix(), device=device)
-    return [anc[:, l] for l in range(taxonomy.depth)]
+def deepest_labelled(labels: torch.Tensor) -> torch.Tensor:
+    """Deepest labelled level per row (-1: unlabelled); labels are top-down (-1 below)."""
+    return (labels >= 0).long().cumprod(1).sum(1) - 1
 
 
 @register_loss("tree")
 def tree_loss(ctx: LossContext) -> torch.Tensor:
-    """HRN's probabilistic label-relation-tree loss.
-
-    The score of a legal root-to-leaf path is the sum of its nodes' log-probabilities; normalizing
-    over all legal paths gives a distribution on leaves, and a node's probability is the sum over the
-    paths through it. Each image is scored at its deepest labelled level, so images labelled only at a
-    coarse level train the tree correctly (no fine target is invented for them).
-    """
-    anc = _leaf_membership(ctx.taxonomy, ctx.labels.device)
+    """HRN's probabilistic label-relation-tree loss: a legal root-to-leaf path scores the sum of its
+    nodes' log-probs, normalized over all paths; each image is scored at its deepest labelled level, so
+    coarse-only images invent no fine target."""
+    anc = torch.tensor(ctx.taxonomy.ancestor_matrix(), device=ctx.labels.device).T  # (depth, n_leaves)
     score = sum(lp.float()[:, anc[l]] for l, lp in enumerate(ctx.logps))  # (B, n_leaves)
     log_z = torch.logsumexp(score, 1)
     total = score.new_zeros(())
     n = 0
-    labelled = ctx.labels >= 0
-    deepest = labelled.long().cumprod(1).sum(1) - 1  # deepest level labelled (labels are top-down)
+    deepest = deepest_labelled(ctx.labels)
     for lvl in range(ctx.taxonomy.depth):
         m = deepest == lvl
         if not m.any():

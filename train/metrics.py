@@ -1,14 +1,9 @@
 """Hierarchical metrics, one module used by training, evaluation, export parity and benchmarks.
 
-Definitions (N images, labels per level, -1 = not labelled at that level):
-- `top1/<level>`: accuracy of the tree-consistent path (sdk.TreeDecoder) at that level;
-- `argmax_top1/<level>`: accuracy of each head's own argmax;
-- `full_path`: all levels of the consistent path right (images labelled at every level);
-- `consistency`: share of images whose independent per-level argmaxes form a legal path;
-- `mistake_severity`: over wrong fine predictions, mean height of the lowest common ancestor of
-  prediction and truth (1 = siblings under the same parent … depth = different roots);
-- `hP`, `hR`, `hF1`: hierarchical precision / recall / F1 over the node sets of predicted and
-  true paths (answered depth may be shorter than the tree with back-off).
+`top1/<level>`: the tree-consistent path (sdk.TreeDecoder); `argmax_top1/<level>`: each head's own argmax;
+`consistency`: share of images whose per-level argmaxes form a legal path; `mistake_severity`: mean LCA height
+of wrong fine answers; `hP`/`hR`/`hF1`: hierarchical precision / recall / F1 over node sets. Label -1: not
+labelled at that level.
 """
 
 from __future__ import annotations
@@ -18,10 +13,6 @@ from typing import Sequence
 import numpy as np
 
 from sdk import Taxonomy, TreeDecoder, lca_height
-
-
-def argmax_paths(logprobs: Sequence[np.ndarray]) -> np.ndarray:
-    return np.stack([np.asarray(lp).argmax(1) for lp in logprobs], 1)
 
 
 def consistency_rate(taxonomy: Taxonomy, paths: np.ndarray) -> float:
@@ -54,7 +45,7 @@ def compute_metrics(taxonomy: Taxonomy, logprobs: Sequence[np.ndarray], labels: 
     labels = np.asarray(labels)
     names = taxonomy.level_names
     paths = TreeDecoder(taxonomy).paths(logprobs)
-    amax = argmax_paths(logprobs)
+    amax = np.stack([np.asarray(lp).argmax(1) for lp in logprobs], 1)
     out: dict[str, float] = {"n": float(len(labels))}
     for lvl, name in enumerate(names):
         m = labels[:, lvl] >= 0

@@ -1,22 +1,17 @@
 """Hierarchical query models: a backbone, multi-scale tokens, per-level class queries, CAMP.
 
-Per level, one learnable query per class cross-attends to the backbone's feature tokens. A finer
-query starts from its own embedding plus its parent's attended query times a learned scale
-(coarse-to-fine fusion). CAMP (cross attention on multi-level queries with the coarser prediction
-as prior): each finer query attends over *all* coarser queries, with the coarser level's
-log-probabilities added to the attention logits, so the coarser prediction guides the finer one
-without forcing it — a wrong coarse argmax can still be overruled by the evidence in the queries.
-Each level ends in a per-class linear read-out of its queries and a log-softmax.
-
-Attention is written as Linear projections + `scaled_dot_product_attention` / plain matmuls, the form
-every export target takes (TOOLCHAIN.md).
+Per level, one learnable query per class cross-attends to the backbone's tokens; a finer query adds its
+parent's attended query times a learned scale. CAMP: each finer query attends over the coarser queries with
+the coarser log-probabilities added to the attention logits, so the coarser prediction guides the finer one
+without forcing it. Attention is Linear projections + SDPA / plain matmuls, the form every target exports.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import asdict, dataclass, field, fields
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 import torch.nn as nn
@@ -69,11 +64,9 @@ class ModelConfig:
 
 
 class Attention(nn.Module):
-    """Multi-head attention from separate Linear projections + SDPA (exports everywhere).
-
-    No dropout on the attention probabilities: with it, CPU SDPA falls back from its fused kernel to
-    materialized logits, and a Lite2 teacher step at 260 px took about 5x as long. Regularization is
-    the FFN's and the read-out's dropout."""
+    """Multi-head attention from separate Linear projections + SDPA (exports everywhere). No dropout on the
+    attention probabilities: with it CPU SDPA falls back from its fused kernel, and a Lite2 teacher step took
+    about 5x as long."""
 
     def __init__(self, d: int, heads: int):
         super().__init__()
@@ -187,27 +180,32 @@ class HierarchicalQueryHead(nn.Module):
         self.camp = nn.ModuleList(CAMP(d, cfg.heads, cfg.ffn_mult, cfg.dropout) for _ in range(taxonomy.depth - 1)) \
             if cfg.camp else None
 
+    def level(self, lvl: int, tokens: torch.Tensor, outs: list[torch.Tensor], logps: list[torch.Tensor],
+              ) -> tuple[torch.Tensor, torch.Tensor]:
+        """One level's queries and read-out logits on `tokens`, given the coarser levels' queries and
+        log-probs (TransFG part selection runs the fine level again through it, sharing every weight)."""
+        q = self.queries[lvl].unsqueeze(0).expand(tokens.shape[0], -1, -1)
+        if lvl > 0 and self.cfg.coarse_to_fine:
+            q = q + self.fuse_scale[lvl - 1] * outs[lvl - 1].index_select(1, getattr(self, f"parent_{lvl}"))
+        for blk in self.cross[lvl]:
+            q = blk(q, tokens)
+        if lvl > 0 and self.camp is not None:
+            q = self.camp[lvl - 1](q, outs[lvl - 1], logps[lvl - 1])
+        return q, self.readout[lvl](q)
+
     def forward(self, tokens: torch.Tensor, aux: dict | None = None, global_logits: list | None = None):
         """Per-level log-probs; when `aux` is a dict it receives 'logits' and 'queries' per level.
 
         `global_logits` (per level, from a linear read-out of globally pooled features) are added to
         the query read-out before the softmax, so CAMP's prior already includes them.
         """
-        b = tokens.shape[0]
         logps: list[torch.Tensor] = []
         logits: list[torch.Tensor] = []
         outs: list[torch.Tensor] = []
-        for lvl, n in enumerate(self.sizes):
-            q = self.queries[lvl].unsqueeze(0).expand(b, -1, -1)
-            if lvl > 0 and self.cfg.coarse_to_fine:
-                parent = getattr(self, f"parent_{lvl}")
-                q = q + self.fuse_scale[lvl - 1] * outs[-1].index_select(1, parent)
-            for blk in self.cross[lvl]:
-                q = blk(q, tokens)
-            if lvl > 0 and self.camp is not None:
-                q = self.camp[lvl - 1](q, outs[-1], logps[-1])
+        for lvl in range(len(self.sizes)):
+            q, lg = self.level(lvl, tokens, outs, logps)
             outs.append(q)
-            logits.append(self.readout[lvl](q) + (global_logits[lvl] if global_logits is not None else 0))
+            logits.append(lg + (global_logits[lvl] if global_logits is not None else 0))
             logps.append(F.log_softmax(logits[-1], dim=-1))
         if aux is not None:
             aux["logits"], aux["queries"] = logits, outs
@@ -265,11 +263,9 @@ class HierarchicalQueryModel(nn.Module):
 
     def forward_from(self, x: torch.Tensor, start: int = 0, cached: dict[int, torch.Tensor] | None = None,
                      aux: dict | None = None):
-        """Run from backbone block `start` (0: from the normalized image) to per-level log-probs.
-
-        `cached` supplies taps computed earlier (frozen, cached blocks before `start`). When `aux` is a
-        dict it receives 'tokens', 'pooled' (mean token), and the head's 'logits' and 'queries'.
-        """
+        """Run from backbone block `start` (0: the normalized image) to per-level log-probs; `cached`: taps
+        computed earlier (the frozen prefix). `aux` receives tokens, pooled, embedding, the head's logits
+        and queries (and global_logits)."""
         if self.cfg.part_select or self.cfg.c2f_refine:
             from .components import refined_forward  # TransFG part selection / Coarse2Fine
             return refined_forward(self, x, start, cached, aux)
@@ -298,40 +294,29 @@ class HierarchicalQueryModel(nn.Module):
     def forward(self, x: torch.Tensor, start: int = 0, cached: dict | None = None, aux: dict | None = None):
         return self.forward_from(x, start, cached=cached, aux=aux)
 
-    def queries_device(self) -> torch.device:
-        return self.head.queries[0].device
-
     @torch.no_grad()
     def initialize_from_data(self, train, feats: dict | None, start: int, per_class: int = 40,
                              images: torch.Tensor | None = None) -> None:
-        """Query init from a weighted eigen-image of each class (cfg.query_init == "eigen").
-
-        For every node of every level, take the mean-pooled token embedding z (the model's own token
-        space, before training) of up to `per_class` training images under that node (view 0), and set
-
-            q_c = mean_c + sum_{k<=K} r_k * s_k * v_k
-
-        where v_k are the leading K principal directions of that class's z (sign chosen so that the
-        class mean projects positively), s_k the standard deviation along v_k and r_k its share of the
-        class's variance (explained-variance ratio). Each q_c is rescaled to unit RMS. Classes with a
-        single image get their mean. Images labelled only above a level do not count at that level.
-        `images` (uint8 NHWC, one per training photo at the model's input size) spares decoding them.
+        """Query init from a weighted eigen-image of each class (cfg.query_init == "eigen"): from the
+        mean-pooled tokens z of up to `per_class` training images under each node (view 0; images labelled only
+        above a level do not count there), q_c = mean_c + sum_{k<=K} r_k * s_k * v_k over the class's leading K
+        principal directions v_k (signed to project the mean positively), their standard deviations s_k and
+        explained-variance ratios r_k, rescaled to unit RMS. `images` (uint8 NHWC at the input size) spares decoding.
         """
         if self.cfg.query_init != "eigen":
             return
-        from .backbones import normalize_uint8
-        from .data import load_view
         import numpy as np
+
+        from .data import load_view
 
         labels = torch.as_tensor(train.labels())
         g = torch.Generator().manual_seed(0)
         chosen: set[int] = set()
         for lvl in range(labels.shape[1]):
             for c in labels[:, lvl].unique().tolist():
-                if c < 0:
-                    continue
-                idx = (labels[:, lvl] == c).nonzero().flatten()
-                chosen.update(idx[torch.randperm(len(idx), generator=g)[:per_class]].tolist())
+                if c >= 0:
+                    idx = (labels[:, lvl] == c).nonzero().flatten()
+                    chosen.update(idx[torch.randperm(len(idx), generator=g)[:per_class]].tolist())
         order = sorted(chosen)
         was_training = self.training
         self.eval()
@@ -345,7 +330,7 @@ class HierarchicalQueryModel(nn.Module):
             else:
                 imgs = images[part] if images is not None else torch.from_numpy(
                     np.stack([load_view(train.samples[j], self.cfg.image_size, 0, 0) for j in part.tolist()]))
-                x = normalize_uint8(imgs.permute(0, 3, 1, 2)).to(self.queries_device())
+                x = normalize_uint8(imgs.permute(0, 3, 1, 2)).to(self.head.queries[0].device)
                 self.forward_from(x.contiguous(memory_format=torch.channels_last), 0, aux=aux)
             zs.append(aux["pooled"].float().cpu())
         z_all = torch.cat(zs)
@@ -360,8 +345,7 @@ class HierarchicalQueryModel(nn.Module):
                 e = mu.clone()
                 if len(z) > 1:
                     _, sv, vt = torch.linalg.svd(z - mu, full_matrices=False)
-                    var = sv ** 2
-                    ratio = var / var.sum().clamp_min(1e-12)
+                    ratio = sv ** 2 / (sv ** 2).sum().clamp_min(1e-12)
                     for k in range(min(self.cfg.eigen_components, len(sv))):
                         v = vt[k] if float(vt[k] @ mu) >= 0 else -vt[k]
                         e += ratio[k] * (sv[k] / (len(z) - 1) ** 0.5) * v
@@ -396,18 +380,13 @@ def l2_normalize(x: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
 
 class DeployWrapper(nn.Module):
     """The exported graph: uint8 NHWC RGB in; one log-probability tensor per level out, then (unless
-    `embedding=False`) the L2-normalized embedding the SDK enrolls new products with.
-
-    The embedding is the model's `aux["embedding"]` (query models: the pooled head conv, see
-    `HierarchicalQueryModel.forward_from`), else its `aux["pooled"]` (flat / HRN: the pooled head conv;
-    refined query models: the mean token)."""
+    `embedding=False`) the L2-normalized embedding the SDK enrolls new products with: `aux["embedding"]`
+    (query models) else `aux["pooled"]`."""
 
     def __init__(self, model: nn.Module, embedding: bool = True):
         super().__init__()
         self.model = model
         self.embedding = embedding
-        self._embedding_dim: int | None = None
-        self._embedding_feature = ""
 
     def forward(self, image: torch.Tensor):
         x = normalize_uint8(image.permute(0, 3, 1, 2))
@@ -424,24 +403,23 @@ class DeployWrapper(nn.Module):
     @property
     def embedding_dim(self) -> int | None:
         """Width of the embedding output (None without one)."""
-        return self._probe()[0] if self.embedding else None
+        return self._probe[0] if self.embedding else None
 
     @property
     def embedding_feature(self) -> str | None:
         """Which feature the embedding is, in words (None without one)."""
-        return self._probe()[1] if self.embedding else None
+        return self._probe[1] if self.embedding else None
 
+    @functools.cached_property
     def _probe(self) -> tuple[int, str]:
         # measured once on a blank image: which feature an architecture exposes is decided in its forward
-        if self._embedding_dim is None:
-            size = int(getattr(self.model.cfg, "image_size", 224))
-            aux: dict = {}
-            was = self.model.training
-            self.model.eval()
-            with torch.inference_mode():
-                self.model(normalize_uint8(torch.zeros(1, 3, size, size, dtype=torch.uint8)), aux=aux)
-            self.model.train(was)
-            key = "embedding" if "embedding" in aux else "pooled"
-            self._embedding_dim = int(aux[key].shape[-1])
-            self._embedding_feature = "pooled head conv" if key == "embedding" else "aux['pooled'] of the architecture"
-        return self._embedding_dim, self._embedding_feature
+        size = int(getattr(self.model.cfg, "image_size", 224))
+        aux: dict = {}
+        was = self.model.training
+        self.model.eval()
+        with torch.inference_mode():
+            self.model(normalize_uint8(torch.zeros(1, 3, size, size, dtype=torch.uint8)), aux=aux)
+        self.model.train(was)
+        if "embedding" in aux:
+            return int(aux["embedding"].shape[-1]), "pooled head conv"
+        return int(aux["pooled"].shape[-1]), "aux['pooled'] of the architecture"

@@ -1,15 +1,8 @@
-"""`python -m converters benchmark` — one table across export formats and peers, measured in one run.
-
-    python -m converters benchmark --data ROOT --split val \\
-        --artifacts student=runs/export-g224,student=runs/int8-g224 --artifacts flat-lite0=runs/flat-export \\
-        --torch student=runs/student-g224 --torch teacher=runs/teacher --out runs/benchmark
-
-Every row (an artifact run through sdk.Classifier, or a checkpoint in PyTorch eager) gets, on the same
-decoded images: size, batch-1 latency, throughput, `train.metrics.compute_metrics` and agreement with the
-PyTorch fp32 model of the same checkpoint. Writes benchmark.md, benchmark.json, plots and a model card per
-artifact (docs/benchmark.md). Modules: measure (rows, timing), stats, roofline, plots, report (tables,
-model cards), run (the driver and its command line); profile and profile_report
-(`python -m converters profile`: per-op time per runtime, int8 vs float).
+"""`python -m converters benchmark` (docs/benchmark.md) — one table across export formats and peers, measured
+in one run: size, batch-1 latency, throughput, `train.metrics.compute_metrics` and agreement with PyTorch fp32,
+on the same decoded images; benchmark.md, benchmark.json, plots and a model card per artifact. Modules:
+measure (rows, timing), stats, roofline, plots, report, run (the driver and its command line); profile and
+profile_report (`python -m converters profile`: per-op time per runtime, int8 vs float).
 """
 
 from .measure import BenchmarkError, Entry, Row, batched_pass, parse_entries, time_batch1

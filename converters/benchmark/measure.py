@@ -152,15 +152,14 @@ def set_threads(threads: int, executorch: bool = True) -> dict[str, Any]:
 
 
 def _runner_torch(path: Path):
-    from sdk import sha256_file
-    from train.checkpoint import load_model
+    from train.checkpoint import load_model, manifest_model_record
     from train.models import DeployWrapper
 
-    model, cfg, tax, _ = load_model(path)
+    model, cfg, tax, conf = load_model(path)
     deploy = DeployWrapper(model).eval()
-    weights = path / "model.safetensors"
-    info = {"checkpoint_sha256": sha256_file(weights), "config": cfg.to_dict(), "checkpoint": str(path)}
-    return lambda batch: torch_logprobs(deploy, batch, len(batch)), tax, cfg.image_size, weights.stat().st_size, info, None
+    nbytes = (path / "model.safetensors").stat().st_size
+    info = manifest_model_record(path, cfg, conf)  # the record an artifact of this checkpoint carries
+    return lambda batch: torch_logprobs(deploy, batch, len(batch)), tax, cfg.image_size, nbytes, info, None
 
 
 def _runner_artifact(path: Path, threads: int):

@@ -1,13 +1,7 @@
 """Where a batch-1 inference spends its time, op by op, and whether each op runs in int8 or in float.
 
-Each runtime reports what it can measure here:
-- onnxruntime: its own profiler, per node of the graph it runs after its optimizations (QDQ pairs fused
-  into QLinearConv and the like), so the op types are the ones that execute, not the exported ones;
-- ExecuTorch: ETDump events, one per XNNPACK op inside the delegate and one per portable kernel outside;
-- LiteRT: its Python interpreter has no per-op profiler, so op counts from the flatbuffer and the
-  whole-model time (per-op timing needs the `benchmark_model` binary with --enable_op_profiling=true);
-- Core ML: cannot run off macOS; the reason is reported.
-The command line and the table are in `profile_report`.
+What each runtime can measure here (onnxruntime's profiler, ExecuTorch's ETDump, LiteRT op counts only,
+Core ML nothing off macOS) is in docs/benchmark.md; the command line and the table are in `profile_report`.
 """
 
 from __future__ import annotations
@@ -22,6 +16,7 @@ from typing import Any, Callable, Iterable
 
 import numpy as np
 
+from .._common import tool_versions
 from .measure import RUNTIMES, time_batch1
 
 INT8, FLOAT, CONVERT, OTHER, UNKNOWN = "int8", "float", "convert", "other", "?"
@@ -121,12 +116,7 @@ def aggregate(samples: Iterable[tuple[str, str, str, float]], run_ms: float | No
 
 
 def _version(dist: str) -> str:
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version(dist)
-    except PackageNotFoundError:
-        return "(version unknown)"
+    return tool_versions(dist, base=(), missing="(version unknown)")[dist]
 
 
 # ---- onnxruntime -------------------------------------------------------------------------------------------

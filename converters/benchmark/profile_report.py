@@ -1,10 +1,5 @@
-"""`python -m converters profile --model DIR [--model DIR …]` — a per-op table for each artifact.
-
-    python -m converters profile --model demo/model --model runs/flat-onnx --threads 1 --runs 20 \\
-        --data /path/to/grocery-store --json runs/profile.json
-
-For every model directory: op type, node count, ms per inference, share of the whole run, int8 or float,
-then the slowest single nodes. What each runtime can measure is in `profile`'s module docstring.
+"""`python -m converters profile --model DIR [--model DIR …]` — a per-op table for each artifact
+(docs/benchmark.md): op type, node count, ms per inference, share of the run, precision, the slowest nodes.
 """
 
 from __future__ import annotations

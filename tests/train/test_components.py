@@ -12,7 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from train.components import (angular_asymmetric_loss, attended_box, contrastive_loss, crop_resize, run_level,
+from train.components import (angular_asymmetric_loss, attended_box, contrastive_loss, crop_resize,
                               token_saliency)
 from train.data import synthetic_taxonomy
 from train.losses import LossContext, get_loss, list_losses
@@ -211,12 +211,12 @@ def test_aal_on_every_arch_uses_normalized_class_weights(kw):
 
 
 # ---- TransFG part selection ----------------------------------------------------------------------
-def test_run_level_reproduces_the_head():
+def test_one_level_step_reproduces_the_head():
     m = _model()
     aux: dict = {}
     with torch.no_grad():
         lps = m(_images(), aux=aux)
-        _, logits = run_level(m.head, TAX.depth - 1, aux["tokens"], aux["queries"], lps)
+        _, logits = m.head.level(TAX.depth - 1, aux["tokens"], aux["queries"], lps)
     torch.testing.assert_close(logits, aux["logits"][-1])
 
 

@@ -365,11 +365,19 @@ register_arch("hsq_student", HierarchicalQueryModel)
 register_arch("hsq_teacher", HierarchicalQueryModel)
 
 
+def _register_components() -> None:
+    """The peers (flat, HRN) register themselves in train.components, which imports this module: it is
+    imported here, on first use, so `--arch flat` works whichever module the caller imported first."""
+    from . import components  # noqa: F401
+
+
 def list_archs() -> list[str]:
+    _register_components()
     return _ARCHS.names()
 
 
 def build_model(taxonomy: Taxonomy, cfg: ModelConfig, pretrained: bool = True) -> nn.Module:
+    _register_components()
     return _ARCHS.get(cfg.arch)(taxonomy, cfg, pretrained=pretrained)
 
 

@@ -23,3 +23,21 @@ def test_the_sdk_snippet_runs_on_the_bundled_model(banana_jpg, monkeypatch, caps
     exec(block.replace('"photo.jpg"', repr(str(banana_jpg))), {})
     out = capsys.readouterr().out
     assert "Fruit" in out and "Banana" in out
+
+
+def test_the_bundled_model_enrolls_a_product_as_the_readme_says(grocery_root, tmp_path):
+    """`clf.enroll` on `demo/model` (copied: enrollment writes beside the model): the bundled artifact
+    carries the embedding output, and the new product is answered under its parent."""
+    import shutil
+
+    from sdk import Classifier
+
+    model = shutil.copytree(ROOT / "demo/model", tmp_path / "model")
+    clf = Classifier.load(model)
+    photos = sorted((grocery_root / "train/Fruit/Apple/Pink-Lady").glob("*.jpg"))
+    assert clf.embed(photos[:2]).shape == (2, 1280)
+    clf.enroll("Pink-Lady-Organic", "Apple", photos[:5])
+    assert (model / "enrolled.json").is_file()
+    again = Classifier.load(model)  # enrolled.json is picked up on load
+    assert [e.label for e in again.enrolled] == ["Pink-Lady-Organic"]
+    assert [p.label for p in again.classify(photos[0]).path][:2] == ["Fruit", "Apple"]

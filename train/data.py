@@ -12,8 +12,8 @@ import numpy as np
 
 from sdk import prepare
 # re-exported: training code and its tests read datasets through train.data
-from sdk.datasets import (HierDataset, Sample, load_dataset, read_grocery, stratified_holdout,  # noqa: F401
-                          synthetic_taxonomy)
+from sdk.datasets import (SYNTH_TREE, HierDataset, Sample, full_labels, load_dataset, read_folder_tree,  # noqa: F401
+                          read_grocery, stratified_holdout, synthetic_dataset, synthetic_taxonomy)
 
 
 def relabel_coarse(ds: HierDataset, ratio: float, seed: int = 0) -> HierDataset:

@@ -1,5 +1,6 @@
 """Training-step throughput: the query student (Lite0 @ 224) and the teacher (Lite2 @ 260), whole
-network trained, in NCHW fp32, channels_last fp32 and channels_last + bf16 autocast.
+network trained, in NCHW fp32, channels_last fp32 and channels_last + bf16 autocast (depthwise convs kept
+fp32, as `train` runs it, and, for comparison, in bf16 too).
 
     python benchmarks/train_speed.py [--models student,teacher] [--steps 4] [--batch 32] [--compile]
                                      [--json runs/train_speed.json]
@@ -24,6 +25,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from train.__main__ import STUDENT_DEFAULTS, TEACHER_DEFAULTS  # noqa: E402
+from train.backbones import SameConv  # noqa: E402
 from train.data import synthetic_taxonomy  # noqa: E402
 from train.loop import autocast, cpu_flags, to_input  # noqa: E402
 from train.losses import LossContext, get_loss  # noqa: E402
@@ -31,16 +33,23 @@ from train.models import build_model  # noqa: E402
 from dataclasses import replace  # noqa: E402
 
 MODELS = {"student": replace(STUDENT_DEFAULTS, image_size=224), "teacher": replace(TEACHER_DEFAULTS, image_size=260)}
-MODES = {"nchw-fp32": (False, "fp32"), "channels_last-fp32": (True, "fp32"), "channels_last-bf16": (True, "bf16")}
+# (channels_last, precision, depthwise convs in bf16 too): the last mode is autocast without the backbone's
+# fp32 depthwise convs (train/backbones.py SameConv), to show what keeping them fp32 is worth on this CPU
+MODES = {"nchw-fp32": (False, "fp32", False), "channels_last-fp32": (True, "fp32", False),
+         "channels_last-bf16": (True, "bf16", False), "channels_last-bf16-dwbf16": (True, "bf16", True)}
 EPOCH_PHOTOS = 2640
 
 
 def time_steps(name: str, mode: str, steps: int, batch: int, compile_: bool = False) -> dict:
-    channels_last, precision = MODES[mode]
+    channels_last, precision, bf16_depthwise = MODES[mode]
     torch.manual_seed(0)
     cfg = MODELS[name]
     tax = synthetic_taxonomy()
     model = build_model(tax, cfg, pretrained=True).train()
+    if bf16_depthwise:  # this model's instances only: plain autocast everywhere
+        for conv in model.modules():
+            if isinstance(conv, SameConv) and conv.groups > 1:
+                conv._conv_forward = conv._same_conv
     if channels_last:
         model.to(memory_format=torch.channels_last)
     net = torch.compile(model) if compile_ else model

@@ -43,7 +43,7 @@ def tiny_student_dir(tmp_path_factory, grocery_root) -> Path:
     out = tmp_path_factory.mktemp("tiny_student")
     mc = ModelConfig(image_size=128, d_model=64, heads=2)
     tc = TrainConfig(data=str(grocery_root), epochs=2, batch_size=32, limit_per_class=3, limit_val=48,
-                     cache_views=1, freeze_blocks=11, lr=3e-3)
+                     cache_views=1, freeze_blocks=11, lr=3e-3, precision="fp32")
     train_model(mc, tc, out, log=lambda *_: None)
     return out
 

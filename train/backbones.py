@@ -47,6 +47,15 @@ class SameConv(nn.Conv2d):
 
     # nn.Conv2d.forward calls this with its own weight and bias; quantize.bias calls it with others
     def _conv_forward(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        if self.groups > 1 and x.device.type == "cpu" and torch.is_autocast_enabled("cpu"):
+            # Depthwise convs stay fp32 under CPU bf16 autocast: oneDNN's bf16 depthwise backward is several
+            # times slower than its fp32 one on some CPUs (AMX Xeon), and these convs are a small share of
+            # the FLOPs (benchmarks/train_speed.py measures it). Not taken while exporting (no autocast).
+            with torch.autocast("cpu", enabled=False):
+                return self._same_conv(x.float(), weight.float(), None if bias is None else bias.float())
+        return self._same_conv(x, weight, bias)
+
+    def _same_conv(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         k, s = self.kernel_size[0], self.stride[0]
         if s == 1:
             return F.conv2d(x, weight, bias, 1, k // 2, 1, self.groups)

@@ -436,7 +436,7 @@ def train_model(mc: ModelConfig, tc: TrainConfig, out: str | Path, resume: bool 
                 metrics = _evaluate(model, run.evals, mc, tc, device, precision, run.evfeats, run.evimages, run.start)
             secs = time.time() - t0
             rec = {"epoch": epoch, "loss": loss, "seconds": secs, "images_per_second": len(run.train) / secs,
-                   "eval": metrics}
+                   "precision": precision, "eval": metrics}  # per epoch: a resumed run may change it
             history.append(rec)
             log(f"epoch {epoch + 1}/{tc.epochs} loss={loss:.3f} {secs:.0f}s ({len(run.train) / secs:.1f} img/s) " +
                 " | ".join(f"{k}: {format_metrics(v)}" for k, v in metrics.items()))

@@ -402,6 +402,14 @@ def train_model(mc: ModelConfig, tc: TrainConfig, out: str | Path, resume: bool 
     shard of every epoch's permutation, rank 0 evaluating and writing. `teacher`: `Batch` -> {"logps",
     "temperature"}, for distillation.
     """
+    before = torch.get_num_threads()  # `tc.threads` holds for this run only, not for the caller's process
+    try:
+        return _train_model(mc, tc, out, resume, log, teacher)
+    finally:
+        torch.set_num_threads(before)
+
+
+def _train_model(mc: ModelConfig, tc: TrainConfig, out: Path | str, resume: bool, log, teacher) -> dict[str, Any]:
     import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel as DDP
 

@@ -2,17 +2,19 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 
 from .._common import run_batched, torch_logprobs
 
+THREAD_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
 RUNTIMES = {"onnx": "onnxruntime", "tflite": "ai-edge-litert", "executorch": "executorch (XNNPACK)",
             "coreml": "Core ML", "pytorch": "PyTorch eager"}
 
@@ -131,11 +133,41 @@ def batched_pass(run: Callable[[np.ndarray], list[np.ndarray]], images: np.ndarr
     return lp, float(sum(k for _, k in timed_batches) / max(sum(t for t, _ in timed_batches), 1e-12))
 
 
+@contextlib.contextmanager
+def pinned_threads(threads: int, executorch: bool = True) -> Iterator[dict[str, Any]]:
+    """`set_threads` for the duration of a block, then every runtime back to the count it had: a library
+    call must not leave the caller's process (or the subprocesses it starts later) on another count."""
+    import torch
+    env = {v: os.environ.get(v) for v in THREAD_VARS}
+    before = torch.get_num_threads()
+    et_before = _executorch_threads() if executorch else None
+    try:
+        yield set_threads(threads, executorch)
+    finally:
+        for var, val in env.items():
+            if val is None:
+                os.environ.pop(var, None)
+            else:
+                os.environ[var] = val
+        torch.set_num_threads(before)
+        if et_before:
+            from executorch.extension.pybindings import portable_lib as et
+            et._unsafe_reset_threadpool(et_before)
+
+
+def _executorch_threads() -> int | None:
+    try:
+        from executorch.extension.pybindings import portable_lib as et
+        return int(et._threadpool_get_thread_count())
+    except (ImportError, AttributeError):
+        return None
+
+
 def set_threads(threads: int, executorch: bool = True) -> dict[str, Any]:
     """Pin every runtime to `threads`: env for OpenMP/MKL, torch, and ExecuTorch's XNNPACK threadpool.
 
     onnxruntime and LiteRT take the count when a model is loaded (sdk.Classifier.load(num_threads=...))."""
-    for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
+    for var in THREAD_VARS:
         os.environ[var] = str(threads)
     import torch
     torch.set_num_threads(threads)

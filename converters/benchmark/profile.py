@@ -271,12 +271,16 @@ def executorch_samples(events: list[Any], warmup: int) -> tuple[list[tuple[str, 
 
 def profile_executorch(prof: Profile, model: Path, image: np.ndarray, workdir: Path, top: int) -> None:
     """Run the program with ETDump enabled and read the events back with the devtools Inspector."""
+    from .measure import pinned_threads
+
+    with pinned_threads(prof.threads):
+        _profile_executorch(prof, model, image, workdir, top)
+
+
+def _profile_executorch(prof: Profile, model: Path, image: np.ndarray, workdir: Path, top: int) -> None:
     import torch
     from executorch.runtime import Runtime
 
-    from .measure import set_threads
-
-    set_threads(prof.threads)
     try:
         program = Runtime.get().load_program(str(model), enable_etdump=True, debug_buffer_size=0)
     except (RuntimeError, TypeError) as e:  # a runtime built without ETDump support refuses the option

@@ -12,7 +12,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from .measure import BenchmarkError, Entry, Row, parse_entries
-from .measure import measure, set_threads
+from .measure import measure, pinned_threads
 from .plots import plot_all
 from .report import goal_lines, table_markdown, write_reports
 from .roofline import machine_info, machine_line, roofline
@@ -74,33 +74,33 @@ def run_benchmark(entries: list[Entry], data: str, split: str = "val", out: str 
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    thread_rec = set_threads(threads, executorch=any(e.target == "executorch" for e in entries))
-    machine = {**machine_info(threads), "runtime_threads": thread_rec}
-    log(machine_line(machine))
-    taxonomy = common_taxonomy(entries)
-    ds = load_dataset(data, split, taxonomy=taxonomy)
-    if limit:
-        idx = np.linspace(0, len(ds) - 1, num=min(limit, len(ds))).round().astype(int)
-        ds = ds.subset(sorted(set(idx.tolist())))
-    rows = measure_all(entries, ds, threads, warmup, repeats, batch, log)
-    agreement(rows, reference, taxonomy)
-    chosen = focus_rows([r for r in rows if r.record["status"] == "ok"], focus)
-    analyses = {r.entry.label: analyse(r, taxonomy, ds.labels()) for r in chosen}
-    roof = roofline(rows, taxonomy, machine)
-    plots = plot_all(rows, analyses, taxonomy, out)
-    settings = {"data": str(data), "split": split, "n_images": len(ds), "threads": threads, "warmup": warmup,
-                "repeats": repeats, "batch": batch, "limit": limit, "reference": reference,
-                "command": command or "python -m converters benchmark …",
-                "goals": goals(rows, student, peer, max_ms, taxonomy)}
-    paths = write_reports(out, rows, analyses, taxonomy, machine, roof, plots, settings)
-    log("")
-    log(machine_line(machine))
-    log(table_markdown([r.record for r in rows], taxonomy.level_names))
-    for line in goal_lines(settings["goals"])[2:-1]:  # the bars, one line each, as in benchmark.md
-        log(line)
-    log(f"wrote {paths['markdown']}, {paths['json']}, {len(plots)} plots and "
-        f"{sum(r.entry.kind == 'artifact' for r in rows)} model cards in {out}")
-    return json.loads(paths["json"].read_text())
+    with pinned_threads(threads, executorch=any(e.target == "executorch" for e in entries)) as thread_rec:
+        machine = {**machine_info(threads), "runtime_threads": thread_rec}
+        log(machine_line(machine))
+        taxonomy = common_taxonomy(entries)
+        ds = load_dataset(data, split, taxonomy=taxonomy)
+        if limit:
+            idx = np.linspace(0, len(ds) - 1, num=min(limit, len(ds))).round().astype(int)
+            ds = ds.subset(sorted(set(idx.tolist())))
+        rows = measure_all(entries, ds, threads, warmup, repeats, batch, log)
+        agreement(rows, reference, taxonomy)
+        chosen = focus_rows([r for r in rows if r.record["status"] == "ok"], focus)
+        analyses = {r.entry.label: analyse(r, taxonomy, ds.labels()) for r in chosen}
+        roof = roofline(rows, taxonomy, machine)
+        plots = plot_all(rows, analyses, taxonomy, out)
+        settings = {"data": str(data), "split": split, "n_images": len(ds), "threads": threads, "warmup": warmup,
+                    "repeats": repeats, "batch": batch, "limit": limit, "reference": reference,
+                    "command": command or "python -m converters benchmark …",
+                    "goals": goals(rows, student, peer, max_ms, taxonomy)}
+        paths = write_reports(out, rows, analyses, taxonomy, machine, roof, plots, settings)
+        log("")
+        log(machine_line(machine))
+        log(table_markdown([r.record for r in rows], taxonomy.level_names))
+        for line in goal_lines(settings["goals"])[2:-1]:  # the bars, one line each, as in benchmark.md
+            log(line)
+        log(f"wrote {paths['markdown']}, {paths['json']}, {len(plots)} plots and "
+            f"{sum(r.entry.kind == 'artifact' for r in rows)} model cards in {out}")
+        return json.loads(paths["json"].read_text())
 
 
 def main(argv: list[str] | None = None) -> int:

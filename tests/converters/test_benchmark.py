@@ -23,8 +23,13 @@ LIMIT = 10
 
 @pytest.fixture(scope="module")
 def bench(tmp_path_factory, onnx_artifact_dir, tiny_student_dir, grocery_root):
+    import os
+
+    import torch
+
     from converters.__main__ import main
 
+    before = (torch.get_num_threads(), os.environ.get("OMP_NUM_THREADS"))
     root = tmp_path_factory.mktemp("bench")
     arts = root / "artifacts"
     shutil.copytree(onnx_artifact_dir, arts / "onnx")
@@ -39,6 +44,8 @@ def bench(tmp_path_factory, onnx_artifact_dir, tiny_student_dir, grocery_root):
                "--warmup", "1", "--repeats", "3", "--batch", "4", "--artifacts", f"tiny={arts}",
                "--torch", f"tiny={tiny_student_dir}", "--out", str(out)])
     assert rc == 0
+    # the benchmark pins every runtime to --threads 1 while it measures, then gives the caller its own back
+    assert (torch.get_num_threads(), os.environ.get("OMP_NUM_THREADS")) == before
     return out, json.loads((out / "benchmark.json").read_text())
 
 

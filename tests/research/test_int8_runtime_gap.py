@@ -6,6 +6,7 @@ int8 run (tests/research/conftest.py), its runtime answers must be that run's ar
 """
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -16,12 +17,17 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_runtime_leg_reproduces_the_shipped_artifacts(qat_run, tiny_student_dir, grocery_root, tmp_path):
+    import torch
+
     rep, _ = qat_run  # calibration 48, sensitivity 48, judged on 48 photos per split
     out = tmp_path / "gap.json"
+    # the same thread count as the in-process int8 run: fp32 reductions (calibration, the sensitivity ranking,
+    # the fp32 reference) depend on it, and a near-random tiny model has near-ties that such a change flips
+    env = {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())}
     r = subprocess.run([sys.executable, str(ROOT / "research/int8_runtime_gap.py"), "--checkpoint",
                         str(tiny_student_dir), "--data", str(grocery_root), "--calibration-images", "48",
                         "--sensitivity-images", "48", "--limit", "48", "--json", str(out)],
-                       capture_output=True, text=True, cwd=ROOT)
+                       capture_output=True, text=True, cwd=ROOT, env=env)
     assert r.returncode == 0, r.stderr[-3000:]
     gap = json.loads(out.read_text())
     fine = Taxonomy.load(tiny_student_dir / "taxonomy.json").level_names[-1]

@@ -20,7 +20,9 @@ def _configs(root):
 @pytest.mark.slow
 def test_ema_mixup_run_resumes_bit_exactly_and_saves_the_average(tmp_path, grocery_root, monkeypatch):
     mc, tc = _configs(grocery_root)
+    torch.set_num_threads(2)
     loop.train_model(mc, tc, tmp_path / "straight", log=lambda *a: None)
+    assert torch.get_num_threads() == 2  # threads=1 held for that run only
 
     real_save = ckpt.save_training_state
 

@@ -38,7 +38,7 @@ class EnrollApi:
     def list(self):
         clf, base = self.classifier, self.classifier.base_taxonomy
         up = base.depth - 2
-        return jsonify(can_enroll=clf.manifest.embedding is not None, min_photos=MIN_PHOTOS, max_photos=MAX_PHOTOS,
+        return jsonify(can_enroll=clf.can_enroll, min_photos=MIN_PHOTOS, max_photos=MAX_PHOTOS,
                        parent_level=base.level_names[up], parents=[base.path(up, i) for i in range(base.sizes[up])],
                        enrolled=[{"label": c.label, "parent": c.parent, "n_photos": c.n_photos, "created": c.created}
                                  for c in clf.enrolled],
@@ -51,6 +51,9 @@ class EnrollApi:
         photos = [f.read() for f in request.files.getlist("photo")]
         if not MIN_PHOTOS <= len(photos) <= MAX_PHOTOS:
             raise DemoError(f"take {MIN_PHOTOS} to {MAX_PHOTOS} photos of the product (got {len(photos)})")
+        if not self.classifier.can_enroll:
+            raise DemoError("this model cannot enroll products: it lacks the embedding output or its statistics "
+                            "(`python -m sdk embedding-stats`)", 409, "model_cannot_enroll")
         with self.lock:
             try:
                 cls = self.classifier.enroll(label, parent, photos)

@@ -1,18 +1,21 @@
 """Few-shot enrollment on the device, judged leave-classes-out on Grocery.
 
     python research/enrollment.py --data $HIERFG_GROCERY --out runs/enrollment            # train + export + judge
-    python research/enrollment.py --data $HIERFG_GROCERY --out runs/enrollment --epochs 8 --shots 1,5,10
+    python research/enrollment.py --data $HIERFG_GROCERY --out runs/enrollment-whole --config configs/student.yaml \
+        --shots 1,5,10 --trials 3                                                               # the reported study
 
 1. A Grocery-style root without HELD_OUT (8 fine classes, one per coarse class that keeps other children,
    so every parent stays in the tree) and without a stratified 20 % slice of `train` (the slice the
    shipped recipe holds out), written under <out>/data with symlinks to the photos.
-2. A student trained on it with the cached frozen-prefix path (`freeze_blocks=11`: cheap on one core),
-   exported to ONNX with the embedding output.
-3. For k in --shots and --trials random draws of k training photos per held-out class: every held-out
+2. A student trained on it (with --config, that recipe, e.g. the shipped whole-network one; without, the
+   cached frozen-prefix path, cheap on one core), exported to ONNX with the embedding output.
+3. The embedding statistics (`python -m sdk embedding-stats`) from the reduced root's training photos.
+4. For k in --shots and --trials random draws of k training photos per held-out class: every held-out
    class is enrolled through `sdk.Classifier.enroll` (the device path, no torch), then the evaluation
-   photos (`val` + the slice, of every class) are decoded by the extended tree. Reported: fine top-1
-   and full-path accuracy of the enrolled classes, of the other classes before and after enrollment,
-   and the wall time of one enrollment from k photos.
+   photos (`val` + the slice, of every class) are decoded by the extended tree. Reported on `val` +
+   slice, and on each apart: fine top-1 and full-path accuracy of the enrolled classes, of the other
+   classes before and after enrollment; the wall time of one enrollment from k photos; a (sharpness,
+   margin) grid at k = 5.
 
 Writes <out>/enrollment.md, <out>/enrollment.json and, when matplotlib is installed, <out>/enrollment.png.
 """
@@ -149,8 +152,8 @@ def labels_in(tax: Taxonomy, names: list[str]) -> np.ndarray:
 
 def enroll_trial(clf, full: Taxonomy, pools: dict, k: int, rng: np.random.Generator, params: list[tuple]) -> dict:
     """One draw of k photos per held-out class: each class enrolled through the SDK (timed), then the
-    fits for every (sharpness, tie_spreads) in `params` from the same model outputs."""
-    from sdk._enroll import Enrollment, fit_class, mirror_views, siblings
+    fits for every (sharpness, margin) in `params` from the same model outputs."""
+    from sdk._enroll import Enrollment, fit_class, mirror_views
 
     fits: dict[tuple, list] = {p: [] for p in params}
     seconds = []
@@ -164,85 +167,72 @@ def enroll_trial(clf, full: Taxonomy, pools: dict, k: int, rng: np.random.Genera
             seconds.append(time.perf_counter() - t0)
             clf.forget(name, save=False)
         views, photo = mirror_views(np.stack([clf.preprocess(s) for s in chosen]))
-        lp, emb = clf._run(views)
-        for sh, ts in params:
-            sib = siblings(clf.base_taxonomy, parent)
-            fits[(sh, ts)].append(fit_class(name, parent, emb, photo, lp[-1], sib, sharpness=sh, tie_spreads=ts))
+        emb = clf._run(views)[1]
+        for sh, mg in params:
+            fits[(sh, mg)].append(fit_class(name, parent, emb, photo, clf._stats, clf.base_taxonomy, sharpness=sh, margin=mg))
     return {"seconds": seconds, "enrollments": {p: Enrollment(tuple(c)) for p, c in fits.items()}}
 
 
-def auc(pos: np.ndarray, neg: np.ndarray) -> float:
-    """ROC AUC: the chance a random positive outscores a random negative (ties count half)."""
-    return float(((pos[:, None] > neg[None]).sum() + 0.5 * (pos[:, None] == neg[None]).sum()) / (len(pos) * len(neg)))
-
-
-def separation(clf, full: Taxonomy, pools: dict, lps: list[np.ndarray], emb: np.ndarray, k: int = 5,
-               trials: int = 3) -> dict[str, float]:
-    """Which descriptor tells a held-out class's photos from its trained siblings' photos: ROC AUC of the
-    cosine to a k-photo prototype, mean over the held-out classes and `trials` draws. Candidates: the
-    exported embedding, the square root of the fine distribution, and the two joined (the SDK's choice)."""
-    from sdk._enroll import descriptor, normalize
-
-    names = np.array([n for _, n in pools["eval"]])
-    enames = [n for _, n in pools["enroll"]]
-    esrc = [s for s, _ in pools["enroll"]]
-    elps, eemb = sdk_outputs(clf, esrc)
-    kinds = {"embedding": (normalize(emb), normalize(eemb)),
-             "sqrt fine distribution": (normalize(np.sqrt(np.exp(lps[-1]))), normalize(np.sqrt(np.exp(elps[-1])))),
-             "joined (SDK)": (descriptor(emb, lps[-1]), descriptor(eemb, elps[-1]))}
-    leaf = full.depth - 1
-    parent = {n: full.parent(leaf, full.index(leaf, n)) for n in set(names)}
-    out = {}
-    for kind, (ev, en) in kinds.items():
-        scores = []
-        for t in range(trials):
-            rng = np.random.default_rng(t)
-            for n in HELD_OUT:
-                idx = [i for i, m in enumerate(enames) if m == n]
-                proto = normalize(en[rng.choice(idx, size=k, replace=False)].mean(0))
-                sib = np.array([parent[m] == parent[n] and m != n for m in names])
-                scores.append(auc(ev[names == n] @ proto, ev[sib] @ proto))
-        out[kind] = float(np.mean(scores))
-    return out
+def parent_share(full: Taxonomy, base: Taxonomy, lps: list[np.ndarray], names: list[str], held: np.ndarray) -> float:
+    """Share of the held-out classes' evaluation photos whose trained model puts the most mass on their
+    true parent: what an enrolled class could reach if it only split its parent's mass."""
+    leaf, up = full.depth - 1, full.depth - 2
+    rows = np.flatnonzero(held)
+    true = [base.index(up, full.node(up, full.parent(leaf, full.index(leaf, names[i]))).name) for i in rows]
+    return float(np.mean(lps[up][rows].argmax(1) == np.array(true)))
 
 
 def judge(out: Path, pools: dict, shots: list[int], trials: int, train_secs: float, recipe: str = "", log=print) -> int:
-    """Export, enroll every held-out class for each k and trial, score before / after; write the table."""
+    """Export, write the embedding statistics, enroll every held-out class for each k and trial, score
+    before / after; write the table."""
     from converters import export_checkpoint
     from sdk import Classifier
-    from sdk._enroll import SHARPNESS, TIE_SPREADS
+    from sdk._enroll import MARGIN, SHARPNESS
 
     art = out / "onnx"
     if not (art / "manifest.json").is_file():
         export_checkpoint(out / "student", "onnx", art, data=str(out / "data"), split="val", n_parity=64)
     clf = Classifier.load(art, enrollment=False)
     base = clf.base_taxonomy
+    if clf._stats is None:  # the reduced root's train split is exactly what the student was trained on
+        ds = load_dataset(out / "data", "train", taxonomy=base)
+        t0 = time.time()
+        clf.write_embedding_stats([x.source for x in ds.samples],
+                                  [base.node(base.depth - 1, int(i)).name for i in ds.labels()[:, -1]],
+                                  source=f"{out / 'data'}:train, {len(ds)} photos")
+        log(f"embedding statistics from {len(ds)} training photos in {time.time() - t0:.0f}s")
     full = Taxonomy.from_grocery(Path(pools["data"]))
     sources, names = [s for s, _ in pools["eval"]], [n for _, n in pools["eval"]]
     t0 = time.time()
     lps, emb = sdk_outputs(clf, sources)
     log(f"{len(sources)} evaluation photos through the SDK in {time.time() - t0:.0f}s")
     held = np.array([n in HELD_OUT for n in names])
+    in_val = np.array(["/val/" in Path(s).as_posix() for s in sources])
     others = np.flatnonzero(~held)
-    before = score(base, [lp[others] for lp in lps], labels_in(base, [names[i] for i in others]),
-                   np.arange(len(others)))
-    params = sorted({(SHARPNESS, TIE_SPREADS), *[(sh, ts) for sh in (1.0, 1.5, 3.0) for ts in (0.0, 0.5, 1.0, 2.0)]})
+    parts = {"pooled": np.ones(len(names), bool), "val": in_val, "slice": ~in_val}
+
+    def before(mask):
+        rows = np.flatnonzero(~held & mask)
+        return score(base, [lp[rows] for lp in lps], labels_in(base, [names[i] for i in rows]), np.arange(len(rows)))
+    params = sorted({(SHARPNESS, MARGIN), *[(sh, mg) for sh in (20.0, 50.0, 100.0) for mg in (-0.02, 0.0, 0.02)]})
     rows: list[dict[str, Any]] = []
     for k in shots:
         for trial in range(trials):
             res = enroll_trial(clf, full, pools, k, np.random.default_rng(1000 * k + trial), params)
-            for (sh, ts), enr in res["enrollments"].items():
+            for (sh, mg), enr in res["enrollments"].items():
                 tax = enr.taxonomy(base)
-                ext = enr.extend(lps, emb, base)
+                ext = enr.extend(lps, emb, base, clf._stats)
                 lab = labels_in(tax, names)
-                rows.append({"k": k, "trial": trial, "sharpness": sh, "tie_spreads": ts,
-                             "enroll_seconds": res["seconds"], "enrolled": score(tax, ext, lab, np.flatnonzero(held)),
-                             "others": score(tax, ext, lab, others)})
+                rows.append({"k": k, "trial": trial, "sharpness": sh, "margin": mg, "enroll_seconds": res["seconds"],
+                             **{f"{part}/{who}": score(tax, ext, lab, np.flatnonzero(mask & sel))
+                                for part, mask in parts.items() for who, sel in (("enrolled", held), ("others", ~held))}})
         log(f"k={k}: {trials} trials done")
-    sep = separation(clf, full, pools, lps, emb)
-    record = {"recipe": recipe or "cached frozen-backbone path", "separation_auc_k5": sep, "held_out": list(HELD_OUT), "train_seconds": train_secs, "others_before": before, "rows": rows,
-              "defaults": {"sharpness": SHARPNESS, "tie_spreads": TIE_SPREADS},
-              "eval_photos": {"enrolled": int(held.sum()), "others": int(len(others))}}
+    record = {"recipe": recipe or "cached frozen-backbone path", "held_out": list(HELD_OUT), "train_seconds": train_secs,
+              "others_before": {part: before(mask) for part, mask in parts.items()}, "rows": rows,
+              "parent_share": parent_share(full, base, lps, names, held),
+              "defaults": {"sharpness": SHARPNESS, "margin": MARGIN},
+              "eval_photos": {"enrolled": int(held.sum()), "others": int(len(others)),
+                              "enrolled_val": int((held & in_val).sum()), "others_val": int((~held & in_val).sum())}}
     md = table(record)
     plot(record, out / "enrollment.png")
     return write_results(out, "enrollment", record, md)
@@ -253,38 +243,40 @@ def _mean(rows: list[dict], key: str, sub: str) -> float:
 
 
 def table(rec: dict[str, Any]) -> str:
-    """Markdown: the shipped defaults per k, then the (sharpness, tie spreads) grid at k = 5."""
-    d = rec["defaults"]
-    b = rec["others_before"]
-    lines = [f"Held out: {', '.join(rec['held_out'])} ({rec['eval_photos']['enrolled']} evaluation photos, val + "
-             f"20 % slice); other classes: {rec['eval_photos']['others']} photos. Student ({rec.get('recipe', 'cached path')}) trained in "
-             f"{rec['train_seconds'] / 60:.0f} min on one core. Mean over trials.", "",
-             f"Defaults (sharpness {d['sharpness']}, tie at {d['tie_spreads']} spreads):", "",
-             "| k | enrolled fine top-1 | enrolled full path | others fine top-1 before → after | drop (pt) "
-             "| others full path after | consistency | enroll one class (s, mean / max) |",
+    """Markdown: the shipped defaults per k (pooled, then val and slice apart), then the (sharpness,
+    margin) grid at k = 5."""
+    d, b, e = rec["defaults"], rec["others_before"], rec["eval_photos"]
+    lines = [f"Held out: {', '.join(rec['held_out'])} ({e['enrolled']} evaluation photos, {e['enrolled_val']} of them "
+             f"val, the rest the 20 % slice); other classes: {e['others']} photos ({e['others_val']} val). Student "
+             f"({rec.get('recipe', 'cached path')}) trained in {rec['train_seconds'] / 60:.0f} min on one core. "
+             f"Mean over trials.", "",
+             f"Defaults (sharpness {d['sharpness']:g}, margin {d['margin']:g}):", "",
+             "| k | photos | enrolled fine top-1 | enrolled full path | others fine top-1 before → after | drop (pt) "
+             "| consistency | enroll one class (s, mean / max) |",
              "|---|---|---|---|---|---|---|---|"]
     for k in sorted({r["k"] for r in rec["rows"]}):
-        rs = [r for r in rec["rows"] if r["k"] == k and (r["sharpness"], r["tie_spreads"]) ==
-              (d["sharpness"], d["tie_spreads"])]
+        rs = [r for r in rec["rows"] if r["k"] == k and (r["sharpness"], r["margin"]) == (d["sharpness"], d["margin"])]
         secs = [s for r in rs for s in r["enroll_seconds"]]
-        after = _mean(rs, "others", "fine_top1")
-        cons = min(min(r["enrolled"]["consistency"], r["others"]["consistency"]) for r in rs)
-        lines.append(f"| {k} | {_mean(rs, 'enrolled', 'fine_top1'):.3f} | {_mean(rs, 'enrolled', 'full_path'):.3f} | "
-                     f"{b['fine_top1']:.3f} → {after:.3f} | {100 * (b['fine_top1'] - after):.2f} | "
-                     f"{_mean(rs, 'others', 'full_path'):.3f} | {cons:.3f} | "
-                     + (f"{np.mean(secs):.2f} / {np.max(secs):.2f} |" if secs else "refused (< 2 photos) |"))
-    lines += ["", "Held-out photos against their trained siblings' photos, cosine to a 5-photo prototype (ROC AUC): "
-              + ", ".join(f"{k} {v:.3f}" for k, v in rec["separation_auc_k5"].items()) + "."]
-    lines += ["", "k = 5, calibration grid (enrolled fine top-1 / others' drop in pt):", "",
-              "| sharpness \\ tie spreads | " + " | ".join(str(t) for t in sorted({r["tie_spreads"] for r in rec["rows"]}))
-              + " |", "|---" * (1 + len({r["tie_spreads"] for r in rec["rows"]})) + "|"]
+        for part in ("pooled", "val", "slice"):
+            after = _mean(rs, f"{part}/others", "fine_top1")
+            cons = min(min(r[f"{part}/enrolled"]["consistency"], r[f"{part}/others"]["consistency"]) for r in rs)
+            lines.append(f"| {k} | {part} | {_mean(rs, f'{part}/enrolled', 'fine_top1'):.3f} | "
+                         f"{_mean(rs, f'{part}/enrolled', 'full_path'):.3f} | {b[part]['fine_top1']:.3f} → {after:.3f} | "
+                         f"{100 * (b[part]['fine_top1'] - after):.2f} | {cons:.3f} | "
+                         + ((f"{np.mean(secs):.2f} / {np.max(secs):.2f} |" if secs else "refused (< 2 photos) |")
+                            if part == "pooled" else "|"))
+    lines += ["", f"The trained model puts the most mass on the true parent for {rec['parent_share']:.1%} of the "
+              "held-out classes' photos: a new leaf that only split its parent's mass could not win the rest."]
+    margins = sorted({r["margin"] for r in rec["rows"]})
+    lines += ["", "k = 5, pooled, enrolled fine top-1 / others' drop in pt:", "",
+              "| sharpness \\ margin | " + " | ".join(f"{m:g}" for m in margins) + " |", "|---" * (1 + len(margins)) + "|"]
     for sh in sorted({r["sharpness"] for r in rec["rows"]}):
         cells = []
-        for ts in sorted({r["tie_spreads"] for r in rec["rows"]}):
-            rs = [r for r in rec["rows"] if r["k"] == 5 and r["sharpness"] == sh and r["tie_spreads"] == ts]
-            cells.append(f"{_mean(rs, 'enrolled', 'fine_top1'):.3f} / {100 * (b['fine_top1'] - _mean(rs, 'others', 'fine_top1')):.2f}"
-                         if rs else "–")
-        lines.append(f"| {sh} | " + " | ".join(cells) + " |")
+        for mg in margins:
+            rs = [r for r in rec["rows"] if r["k"] == 5 and r["sharpness"] == sh and r["margin"] == mg]
+            cells.append(f"{_mean(rs, 'pooled/enrolled', 'fine_top1'):.3f} / "
+                         f"{100 * (b['pooled']['fine_top1'] - _mean(rs, 'pooled/others', 'fine_top1')):.2f}" if rs else "–")
+        lines.append(f"| {sh:g} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -299,12 +291,12 @@ def plot(rec: dict[str, Any], path: Path) -> None:
         return
     d = rec["defaults"]
     ks = sorted({r["k"] for r in rec["rows"]})
-    rs = {k: [r for r in rec["rows"] if r["k"] == k and (r["sharpness"], r["tie_spreads"]) ==
-              (d["sharpness"], d["tie_spreads"])] for k in ks}
+    rs = {k: [r for r in rec["rows"] if r["k"] == k and (r["sharpness"], r["margin"]) ==
+              (d["sharpness"], d["margin"])] for k in ks}
     fig, ax = plt.subplots(figsize=(5, 3.5))
-    ax.plot(ks, [_mean(rs[k], "enrolled", "fine_top1") for k in ks], "o-", label="enrolled classes")
-    ax.plot(ks, [_mean(rs[k], "others", "fine_top1") for k in ks], "s-", label="other classes, after")
-    ax.axhline(rec["others_before"]["fine_top1"], ls="--", c="gray", label="other classes, before")
+    ax.plot(ks, [_mean(rs[k], "pooled/enrolled", "fine_top1") for k in ks], "o-", label="enrolled classes")
+    ax.plot(ks, [_mean(rs[k], "pooled/others", "fine_top1") for k in ks], "s-", label="other classes, after")
+    ax.axhline(rec["others_before"]["pooled"]["fine_top1"], ls="--", c="gray", label="other classes, before")
     ax.set(xlabel="photos per enrolled class (k)", ylabel="fine top-1", xticks=ks, ylim=(0, 1))
     ax.legend(loc="lower right")
     fig.tight_layout()

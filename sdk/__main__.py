@@ -1,4 +1,4 @@
-"""`python -m sdk classify|info|calibrate|enroll|forget --model DIR …` — the SDK from the command line.
+"""`python -m sdk classify|info|calibrate|embedding-stats|enroll|forget --model DIR …` — the SDK from the command line.
 
 Errors print one line (`error: …`) to stderr and exit non-zero; no traceback.
 Exit codes: 0 ok, 1 some images could not be classified, 2 usage / model / data error.
@@ -11,6 +11,8 @@ import json
 import sys
 from pathlib import Path
 from typing import Any, Sequence
+
+import numpy as np
 
 from ._enroll import ENROLLMENT_NAME
 from ._errors import HierfgError
@@ -110,6 +112,10 @@ def cmd_info(args: argparse.Namespace) -> int:
     emb = m.embedding
     print(f"embedding  {emb['dim']}-d {emb.get('normalized', '')} ({emb.get('feature', '?')})" if emb else
           "embedding  none (exported before enrollment existed; re-export to enroll products)")
+    if emb:
+        st = emb.get("stats")
+        print(f"enrolling  statistics {st['file']} ({st.get('data') or str(st.get('photos', '?')) + ' photos'})" if st
+              else "enrolling  no embedding statistics yet: `python -m sdk embedding-stats --model DIR --data DATASET`")
     dec = m.decoding or {}
     if dec.get("thresholds") is not None:
         th = ", ".join(f"{n}={t:.3f}" for n, t in zip(tax.level_names, dec["thresholds"]))
@@ -133,10 +139,31 @@ def cmd_enroll(args: argparse.Namespace) -> int:
     clf = _classifier(args)
     cls = clf.enroll(args.label, args.parent, args.images)
     cal = cls.calibration
-    print(f"enrolled {cls.label!r} under {cls.parent!r} from {cls.n_photos} photos: own cosine "
-          f"{cal['own_cosine_mean']:.3f}, beats the best trained class on {cal['own_wins']:.0%} of its photos "
-          f"(by {cal['own_minus_trained_mean']:+.2f} nats on average)")
+    rivals = ", ".join(f"{k} ({v})" for k, v in cal["nearest_trained"].items())
+    print(f"enrolled {cls.label!r} under {cls.parent!r} from {cls.n_photos} photos: left out in turn, each photo is "
+          f"nearer the others' prototype than to every trained class in {cal['own_wins']:.0%} of views "
+          f"(mean margin {cal['own_margin_mean']:+.3f}); nearest trained classes: {rivals}")
     print(f"wrote {clf.directory / ENROLLMENT_NAME} ({len(clf.enrolled)} enrolled classes)")
+    return 0
+
+
+def cmd_embedding_stats(args: argparse.Namespace) -> int:
+    from .datasets import load_dataset, stratified_holdout
+    clf = _classifier(args)
+    ds = load_dataset(args.data, args.split, taxonomy=clf.base_taxonomy)
+    keep = list(range(len(ds)))
+    if not args.with_slice:  # the photos training saw: the 20 % slice stays unseen, as in `python -m train`
+        keep, _ = stratified_holdout(ds, 0.2, seed=0)
+    if args.per_class:
+        fine = ds.labels()[:, -1]
+        keep = [i for c in np.unique(fine[keep]) for i in [j for j in keep if fine[j] == c][:args.per_class]]
+    sub = ds.subset(sorted(keep))
+    leaf = clf.base_taxonomy.depth - 1
+    names = [clf.base_taxonomy.node(leaf, int(i)).name for i in sub.labels()[:, -1]]
+    source = f"{args.data}:{args.split}{'' if args.with_slice else ' without the 20 % slice'}, {len(sub)} photos"
+    rec = clf.write_embedding_stats([x.source for x in sub.samples], names, source=source)
+    print(f"wrote {clf.directory / rec['file']} ({rec['photos']} photos, {rec['classes']} classes, rank {rec['rank']}) "
+          f"and its sha256 into {clf.directory / 'manifest.json'}")
     return 0
 
 
@@ -269,6 +296,14 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("images", nargs="+", help="photos of the product (5-10 recommended)")
     e.add_argument("--label", required=True, help="name of the new product")
     e.add_argument("--parent", required=True, help="the node it belongs under (a name at the level above the leaves)")
+
+    st = command("embedding-stats", cmd_embedding_stats,
+                 "fit where the trained classes sit in the embedding (needed once before enrolling)")
+    st.add_argument("--data", required=True, help="the dataset the model was trained on (Grocery Store root or folder tree)")
+    st.add_argument("--split", default="train")
+    st.add_argument("--with-slice", action="store_true",
+                    help="also use the 20 %% of the split that training holds out (default: leave it out)")
+    st.add_argument("--per-class", type=int, default=0, help="at most N photos per class (0: all)")
 
     f = command("forget", cmd_forget, f"remove an enrolled product (rewrites {ENROLLMENT_NAME})")
     f.add_argument("--label", required=True, help="the enrolled product to remove")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import threading
@@ -13,9 +14,10 @@ import numpy as np
 
 from ._backends import Backend, LockedBackend, create_backend
 from ._decode import DEFAULT_UNKNOWN_SCORE, UNKNOWN_SCORES, TreeDecoder, unknown_scores
-from ._enroll import (MIN_PHOTOS, Enrollment, EnrolledClass, fit_class, load_enrollment, mirror_views, normalize,
-                      save_enrollment, siblings, validate_request)
+from ._enroll import (ENROLLMENT_NAME, MIN_PHOTOS, STATS_NAME, EmbeddingStats, Enrollment, EnrolledClass, fit_class,
+                      load_enrollment, mirror_views, normalize, save_enrollment, validate_request)
 from ._errors import EmbeddingUnavailableError, EnrollmentError, HierfgError, ModelIntegrityError, ModelOutputError
+from ._files import atomic_write
 from ._image import ImageSource, prepare
 from ._manifest import Manifest
 from ._taxonomy import Taxonomy
@@ -97,6 +99,7 @@ class _View(NamedTuple):
     enrollment: Enrollment
     taxonomy: Taxonomy
     decoder: TreeDecoder
+    stats: EmbeddingStats | None  # where the trained classes sit in the embedding (None: cannot enroll)
 
 
 _MANIFEST = object()  # sentinel: "use the manifest's value"
@@ -130,6 +133,7 @@ class Classifier:
         self.input_size = int(manifest.input.size)
         self._backend = backend if backend.thread_safe else LockedBackend(backend)
         self._enroll_lock = threading.Lock()
+        self._stats: EmbeddingStats | None = None
         self._set_enrollment(enrollment or Enrollment())
         dec = manifest.decoding or {}
         try:
@@ -160,13 +164,15 @@ class Classifier:
         be = create_backend(backend or manifest.target, artifact, manifest, num_threads)
         clf = cls(be, manifest, directory)
         clf._check_outputs()
+        clf._stats = EmbeddingStats.load(directory, manifest)
+        clf._set_enrollment(Enrollment())
         if enrollment:
             clf._set_enrollment(load_enrollment(directory, manifest))
         return clf
 
     def _set_enrollment(self, enrollment: Enrollment) -> None:
         tax = enrollment.taxonomy(self.base_taxonomy)
-        self._view = _View(enrollment, tax, TreeDecoder(tax))
+        self._view = _View(enrollment, tax, TreeDecoder(tax), self._stats)
 
     @property
     def taxonomy(self) -> Taxonomy:
@@ -235,7 +241,8 @@ class Classifier:
         the model's outputs as they are, unless classes were enrolled (their scores then extend the
         finest level, renormalized)."""
         lps, emb = self._run(batch)
-        return (view or self._view).enrollment.extend(lps, emb, self.base_taxonomy)
+        view = view or self._view
+        return view.enrollment.extend(lps, emb, self.base_taxonomy, view.stats)
 
     def embeddings(self, batch: np.ndarray) -> np.ndarray:
         """(N, dim) float32 L2-normalized embeddings for a uint8 (N, S, S, 3) batch."""
@@ -253,6 +260,65 @@ class Classifier:
                 f"{self.directory}: this model has no embedding output (exported before enrollment existed), so "
                 "it cannot embed or enroll; re-export it with this hierfg version (`python -m converters` or "
                 "`python -m quantize`). Classifying works as before.")
+
+    @property
+    def can_enroll(self) -> bool:
+        """Does this model have what enrollment needs: the embedding output and its statistics?"""
+        return self.manifest.embedding is not None and self._stats is not None
+
+    def _require_stats(self) -> EmbeddingStats:
+        self._require_embedding()
+        if self._stats is None:
+            raise EnrollmentError(
+                f"{self.directory}: this model has no embedding statistics ({STATS_NAME}), which enrollment "
+                "compares new products in; write them once from the photos it was trained on: "
+                f"`python -m sdk embedding-stats --model {self.directory} --data DATASET`")
+        return self._stats
+
+    def write_embedding_stats(self, images: Sequence[ImageSource], labels: Sequence[str], source: str = "",
+                              batch: int = 32) -> dict[str, Any]:
+        """Fit and save the embedding statistics enrollment needs, from training photos and their fine
+        labels (names of trained classes): `embedding_stats.npz` beside the model, declared with its
+        sha256 in the manifest (both written atomically). Each photo counts with its mirror image.
+        Refused while products are enrolled (their prototypes live in the old statistics' space)."""
+        self._require_embedding()
+        leaf = self.base_taxonomy.depth - 1
+        images, labels = _image_list(images), list(labels)
+        if len(images) != len(labels) or len(images) < 2:
+            raise ValueError(f"need at least 2 photos and one label each; got {len(images)} photos, {len(labels)} labels")
+        unknown = sorted(set(labels) - set(self.base_taxonomy.names(leaf)))
+        if unknown:
+            raise ValueError(f"labels that are not trained {self.base_taxonomy.level_names[leaf]!r} classes: {unknown[:5]}")
+        with self._enroll_lock:
+            if self._view.enrollment.classes:
+                raise EnrollmentError("forget the enrolled products first: their prototypes live in the space of "
+                                      "the current statistics")
+            embs = []
+            for i in range(0, len(images), batch):
+                views, _ = mirror_views(self._prepare_all(images[i:i + batch]))
+                embs.append(self._run(views)[1])
+            y = np.array([self.base_taxonomy.index(leaf, n) for n in labels])
+            ys = np.concatenate([np.concatenate([y[i:i + batch]] * 2) for i in range(0, len(y), batch)])
+            stats = EmbeddingStats.fit(np.concatenate(embs), ys, self.base_taxonomy.sizes[-1])
+            # a new file under a new name, then the manifest, then the old file goes: a kill at any moment
+            # leaves a manifest whose statistics file exists and matches
+            data = stats.to_bytes()
+            digest = hashlib.sha256(data).hexdigest()
+            name = f"{Path(STATS_NAME).stem}-{digest[:12]}.npz"
+            old = (self.manifest.embedding.get("stats") or {}).get("file")
+            atomic_write(self.directory / name, data)
+            rec = {"file": name, "sha256": digest, "photos": len(images), "views": int(len(ys)),
+                   "classes": int((stats.counts > 0).sum()), "rank": int(stats.basis.shape[1]),
+                   **({"data": source} if source else {})}
+            self.manifest.embedding = {**self.manifest.embedding, "stats": rec}
+            self.manifest.save(self.directory)
+            if (self.directory / ENROLLMENT_NAME).exists():  # empty now: bind it to the new statistics
+                save_enrollment(self.directory, self.manifest, self._view.enrollment)
+            if old and old != name and Path(old).name == old:
+                (self.directory / old).unlink(missing_ok=True)
+            self._stats = stats
+            self._set_enrollment(self._view.enrollment)
+        return rec
 
     def _prepare_all(self, images: Sequence[ImageSource]) -> np.ndarray:
         arrays = []
@@ -280,9 +346,9 @@ class Classifier:
             # measured leave-classes-out, 1-shot prototypes never won a photo (research/enrollment.py)
             raise EnrollmentError(f"enrolling {label!r} needs at least {MIN_PHOTOS} photos (5-10 recommended); "
                                   f"got {len(batch)}")
+        stats = self._require_stats()
         views, photo = mirror_views(batch)
-        lps, emb = self._run(views)
-        cls = fit_class(label, parent, emb, photo, lps[-1], siblings(self.base_taxonomy, parent))
+        cls = fit_class(label, parent, self._run(views)[1], photo, stats, self.base_taxonomy)
         with self._enroll_lock:
             enrollment = self._view.enrollment
             validate_request(label, parent, self.base_taxonomy, enrollment)  # another thread may have taken it

@@ -52,8 +52,21 @@ def tiny_student_dir(tmp_path_factory, grocery_root) -> Path:
 def onnx_artifact_dir(tmp_path_factory, tiny_student_dir, grocery_root) -> Path:
     from converters import export_checkpoint
 
+    from sdk import Classifier, load_dataset
+
     out = tmp_path_factory.mktemp("onnx_artifact")
     export_checkpoint(tiny_student_dir, "onnx", out, data=str(grocery_root), split="val", n_parity=24)
+    # embedding statistics for enrollment from the photos it trained on (3 per class), Granny Smith left out:
+    # to the enrollment tests a product photographed like it is one the trained classes do not cover
+    clf = Classifier.load(out, enrollment=False)
+    leaf = clf.base_taxonomy.depth - 1
+    ds = load_dataset(grocery_root, "train", taxonomy=clf.base_taxonomy)
+    names = [clf.base_taxonomy.node(leaf, int(i)).name for i in ds.labels()[:, -1]]
+    pick: list[int] = []
+    for i, n in enumerate(names):
+        if n != "Granny-Smith" and sum(names[j] == n for j in pick) < 3:
+            pick.append(i)
+    clf.write_embedding_stats([ds.samples[i].source for i in pick], [names[i] for i in pick], source="3 per class")
     return out
 
 

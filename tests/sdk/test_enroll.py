@@ -56,28 +56,37 @@ def test_enrolled_product_is_a_leaf_under_its_parent_and_wins_its_own_photos(mod
     np.testing.assert_allclose(np.exp(lp[-1]).sum(1), 1.0, atol=1e-6)  # float32 model outputs
 
 
-def test_enrollment_only_splits_its_parents_mass(model_copy, new_photos, other_photos):
-    """The new leaf takes its share of the parent's mass: coarser marginals and every answer under another
-    parent stay exactly as they were."""
-    photos = [*other_photos, *new_photos]
-    before = Classifier.load(model_copy).classify_batch(photos)
-    after = enrolled(model_copy, new_photos).classify_batch(photos)
+def test_other_products_keep_their_answers_and_the_levels_stay_marginals(model_copy, new_photos, other_photos):
+    """A photo nearer a trained class than the new prototype keeps the model's answer at every level, its
+    probabilities scaled by one common factor <= 1; the new product's share is added to its leaf and to
+    its parent and category, so every level still sums to one."""
+    clf = Classifier.load(model_copy)
+    before = clf.classify_batch(other_photos)
+    clf.enroll(NEW, "Apple", new_photos)
+    after = clf.classify_batch(other_photos)
     for b, a in zip(before, after):
-        depth = 3 if b.full_path[1].label != "Apple" else 2
-        assert [x.label for x in a.full_path[:depth]] == [x.label for x in b.full_path[:depth]]
-        assert [x.probability for x in a.full_path[:depth]] == pytest.approx([x.probability for x in b.full_path[:depth]])
-    assert sum(b.full_path[1].label != "Apple" for b in before) >= 5
-    assert sum(a.full_path[-1].label == NEW for a in after) >= 4  # and it does take the product's photos
+        assert [x.label for x in a.full_path] == [x.label for x in b.full_path]
+        ratio = [y.probability / x.probability for x, y in zip(b.full_path, a.full_path)]
+        assert max(ratio) <= 1 + 1e-6 and max(ratio) - min(ratio) < 1e-5  # float32 outputs
+        assert min(ratio) > 0.99  # their photos are far from the new prototype: almost nothing moves
+    tax = clf.taxonomy
+    lps = clf.logprobs(np.stack([clf.preprocess(f) for f in [*new_photos, *other_photos]]))
+    new_leaf = np.exp(lps[-1][:, -1])
+    assert new_leaf[:5].mean() > 0.5 > new_leaf[5:].max()
+    for level, (name, lp) in enumerate(zip(["Fruit", "Apple"], lps)):
+        np.testing.assert_allclose(np.exp(lp).sum(1), 1.0, atol=1e-6)
+        assert (np.exp(lp[:, tax.index(level, name)]) >= new_leaf - 1e-9).all()  # its ancestors carry its mass
 
 
-def test_calibration_record_puts_both_sides_on_one_footing(model_copy, new_photos):
+def test_calibration_record_says_how_its_own_photos_score(model_copy, new_photos):
     cls = enrolled(model_copy, new_photos).enrolled[0]
     cal = cls.calibration
     assert cls.n_photos == 5 and cal["views"] == 10 and cls.parent == "Apple"
     assert abs(float(np.linalg.norm(cls.prototype)) - 1) < 1e-5
-    # the tie point sits below the product's own cosines, so its photos outscore the trained best
-    assert cal["tie_cosine"] < cal["own_cosine_mean"] and cal["own_wins"] >= 0.8
-    assert cal["own_minus_trained_mean"] > 0 and 0 < cal["parent_mass_mean"] <= 1
+    # left out in turn, its photos are nearer the others' prototype than to any trained class, mostly
+    assert cal["own_wins"] >= 0.7 and cal["own_margin_mean"] > 0 and cal["own_margin_min"] <= cal["own_margin_mean"]
+    assert sum(cal["nearest_trained"].values()) <= 10 and set(cal["nearest_trained"]) <= set(
+        Classifier.load(model_copy).base_taxonomy.names(2))
 
 
 def test_unseen_photos_of_the_product_are_answered_as_it(model_copy, new_photos, grocery_root):
@@ -141,15 +150,57 @@ def test_tampered_corrupt_or_foreign_file_is_refused(model_copy, new_photos):
     with pytest.raises(EnrollmentFileError, match="not readable as JSON"):
         Classifier.load(model_copy)
 
-    def foreign(d):  # a well-formed file made for another model: its own hash is right
-        d["model_sha256"] = "0" * 64
-        payload = {k: v for k, v in d.items() if k != "sha256"}
-        d["sha256"] = hashlib.sha256(json.dumps(payload, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
-    f.write_bytes(good)
-    _rewrite(f, foreign)
-    with pytest.raises(EnrollmentFileError, match="made for another model"):
-        Classifier.load(model_copy)
+    def resigned(**fields):  # a well-formed file with other bindings: its own hash is right
+        def change(d):
+            d.update(fields)
+            payload = {k: v for k, v in d.items() if k != "sha256"}
+            d["sha256"] = hashlib.sha256(json.dumps(payload, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+        return change
+
+    for fields, message in (({"model_sha256": "0" * 64}, "made for another model"),  # another model
+                            ({"stats_sha256": "1" * 64}, "other embedding statistics")):  # another space
+        f.write_bytes(good)
+        _rewrite(f, resigned(**fields))
+        with pytest.raises(EnrollmentFileError, match=message):
+            Classifier.load(model_copy)
     assert Classifier.load(model_copy, enrollment=False).enrolled == ()  # the model itself still loads
+
+
+def test_embedding_statistics_are_checked_needed_and_rewritable(model_copy, new_photos, grocery_root):
+    from sdk import ModelIntegrityError
+    m = json.loads((model_copy / "manifest.json").read_text())
+    stats = model_copy / m["embedding"]["stats"]["file"]
+    assert m["embedding"]["stats"]["photos"] == 3 * 80 and stats.is_file()
+    good = stats.read_bytes()
+    stats.write_bytes(good[:-10])
+    with pytest.raises(ModelIntegrityError, match="sha256 does not match"):
+        Classifier.load(model_copy)
+    stats.unlink()
+    with pytest.raises(ModelIntegrityError, match="missing"):
+        Classifier.load(model_copy)
+    stats.write_bytes(good)
+
+    clf = enrolled(model_copy, new_photos)
+    with pytest.raises(EnrollmentError, match="forget the enrolled products first"):
+        clf.write_embedding_stats(new_photos[:2], ["Granny-Smith"] * 2)
+    clf.forget(NEW)
+    with pytest.raises(ValueError, match="not trained 'fine' classes"):
+        clf.write_embedding_stats(new_photos[:2], [NEW] * 2)
+    r = cli("embedding-stats", "--model", model_copy, "--data", grocery_root, "--per-class", 1)
+    assert r.returncode == 0, r.stderr
+    m2 = json.loads((model_copy / "manifest.json").read_text())
+    rec = m2["embedding"]["stats"]
+    assert rec["file"] != m["embedding"]["stats"]["file"] and rec["classes"] == 81 and "without the 20 % slice" in rec["data"]
+    assert not stats.exists() and (model_copy / rec["file"]).is_file()  # the old file went once the manifest moved on
+    assert m2["sha256"] == m["sha256"]  # the model itself is untouched
+    assert "enrolling  statistics" in cli("info", "--model", model_copy).stdout
+
+    m2["embedding"].pop("stats")
+    (model_copy / "manifest.json").write_text(json.dumps(m2))
+    bare = Classifier.load(model_copy)
+    assert not bare.can_enroll and clf.can_enroll
+    with pytest.raises(EnrollmentError, match="python -m sdk embedding-stats"):
+        bare.enroll(NEW, "Apple", new_photos)
 
 
 def test_failed_write_leaves_the_old_file_and_the_old_answers(model_copy, new_photos, monkeypatch):
@@ -228,7 +279,7 @@ def test_artifact_without_embedding_loads_classifies_and_says_to_reexport(legacy
     raw = json.loads((legacy_artifact_dir / "manifest.json").read_text())
     assert "embedding" not in raw
     clf = Classifier.load(legacy_artifact_dir)
-    assert clf.classify(new_photos[0]).full_path
+    assert clf.classify(new_photos[0]).full_path and not clf.can_enroll
     for call in (lambda: clf.enroll(NEW, "Apple", new_photos), lambda: clf.embed(new_photos)):
         with pytest.raises(EmbeddingUnavailableError, match="re-export"):
             call()

@@ -67,7 +67,7 @@ def reduced_root(data: Path, out: Path, held_out: tuple[str, ...] = HELD_OUT, se
         if not link.exists():
             link.symlink_to((data / split).resolve(), target_is_directory=True)
     val = load_dataset(data, "val")
-    pools: dict[str, Any] = {"enroll": [], "eval": [], "data": str(data)}
+    pools: dict[str, Any] = {"enroll": [], "eval": [], "data": str(data), "held_out": list(held_out)}
     lines: dict[str, list[str]] = {"train": [], "val": []}
     for split, ds in (("train", full), ("val", val)):
         for i, s in enumerate(ds.samples):
@@ -157,7 +157,7 @@ def enroll_trial(clf, full: Taxonomy, pools: dict, k: int, rng: np.random.Genera
 
     fits: dict[tuple, list] = {p: [] for p in params}
     seconds = []
-    for name in HELD_OUT:
+    for name in pools["held_out"]:
         photos = [s for s, n in pools["enroll"] if n == name]
         chosen = [photos[i] for i in rng.choice(len(photos), size=min(k, len(photos)), replace=False)]
         parent = full.node(full.depth - 2, full.parent(full.depth - 1, full.index(full.depth - 1, name))).name
@@ -206,7 +206,7 @@ def judge(out: Path, pools: dict, shots: list[int], trials: int, train_secs: flo
     t0 = time.time()
     lps, emb = sdk_outputs(clf, sources)
     log(f"{len(sources)} evaluation photos through the SDK in {time.time() - t0:.0f}s")
-    held = np.array([n in HELD_OUT for n in names])
+    held = np.array([n in pools["held_out"] for n in names])
     in_val = np.array(["/val/" in Path(s).as_posix() for s in sources])
     others = np.flatnonzero(~held)
     parts = {"pooled": np.ones(len(names), bool), "val": in_val, "slice": ~in_val}
@@ -227,7 +227,7 @@ def judge(out: Path, pools: dict, shots: list[int], trials: int, train_secs: flo
                              **{f"{part}/{who}": score(tax, ext, lab, np.flatnonzero(mask & sel))
                                 for part, mask in parts.items() for who, sel in (("enrolled", held), ("others", ~held))}})
         log(f"k={k}: {trials} trials done")
-    record = {"recipe": recipe or "cached frozen-backbone path", "held_out": list(HELD_OUT), "train_seconds": train_secs,
+    record = {"recipe": recipe or "cached frozen-backbone path", "held_out": pools["held_out"], "train_seconds": train_secs,
               "others_before": {part: before(mask) for part, mask in parts.items()}, "rows": rows,
               "parent_share": parent_share(full, base, lps, names, held),
               "defaults": {"sharpness": SHARPNESS, "margin": MARGIN},
@@ -311,13 +311,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--epochs", type=int, default=8, help="epochs of the cached path (a --config recipe sets its own)")
     p.add_argument("--config", help="train the student with this recipe (e.g. configs/student.yaml) instead of "
                                     "the cached frozen-backbone path")
+    p.add_argument("--held-out", default=",".join(HELD_OUT),
+                   help="fine classes left out of training and enrolled (default: one per parent with other children)")
     p.add_argument("--shots", default="1,5,10")
     p.add_argument("--trials", type=int, default=3, help="random draws of the enrollment photos per k")
     p.add_argument("--train-only", action="store_true", help="stop after training (the judging needs the export)")
     p.add_argument("--quick", action="store_true", help="a tiny 128 px model trained for one epoch: checks the pipeline")
     args = p.parse_args(argv)
     out = Path(args.out)
-    pools = reduced_root(Path(args.data), out / "data")
+    pools = reduced_root(Path(args.data), out / "data", tuple(n.strip() for n in args.held_out.split(",") if n.strip()))
     secs = train_student(out / "data", out / "student", args.epochs, args.quick, args.config)
     if args.train_only:
         print(f"trained {out / 'student'} in {secs:.0f}s")

@@ -28,7 +28,7 @@ def test_the_held_out_classes_leave_training_but_every_parent_keeps_a_child(redu
     assert not fine & set(HELD_OUT) and len(fine) == 81 - len(HELD_OUT)
     trained = {Path(s.source).resolve() for s in load_dataset(out, "train").samples}
     assert trained and not trained & {Path(s).resolve() for s, _ in pools["eval"]}  # the slice and val judge only
-    assert {n for _, n in pools["enroll"]} == set(HELD_OUT)  # enrollment photos come from the held-out classes
+    assert {n for _, n in pools["enroll"]} == set(HELD_OUT) == set(pools["held_out"])  # enrollment photos: held-out classes
     assert not trained & {Path(s).resolve() for s, _ in pools["enroll"]}
 
 

@@ -293,12 +293,13 @@ class Classifier:
             if self._view.enrollment.classes:
                 raise EnrollmentError("forget the enrolled products first: their prototypes live in the space of "
                                       "the current statistics")
-            embs = []
-            for i in range(0, len(images), batch):
-                views, _ = mirror_views(self._prepare_all(images[i:i + batch]))
-                embs.append(self._run(views)[1])
             y = np.array([self.base_taxonomy.index(leaf, n) for n in labels])
-            ys = np.concatenate([np.concatenate([y[i:i + batch]] * 2) for i in range(0, len(y), batch)])
+            embs, ys = [], []
+            for i in range(0, len(images), batch):
+                views, photo = mirror_views(self._prepare_all(images[i:i + batch]))
+                embs.append(self._run(views)[1])
+                ys.append(y[i + photo])
+            ys = np.concatenate(ys)
             stats = EmbeddingStats.fit(np.concatenate(embs), ys, self.base_taxonomy.sizes[-1])
             # a new file under a new name, then the manifest, then the old file goes: a kill at any moment
             # leaves a manifest whose statistics file exists and matches

@@ -74,11 +74,11 @@ class EmbeddingStats:
         z = normalize(embeddings) - self.mean
         return normalize(z + ((z @ self.basis) * self.gain) @ self.basis.T)
 
-    def best_trained(self, z: np.ndarray) -> np.ndarray:
-        """(N,) cosine of each space vector to its nearest trained class mean."""
+    def trained_cosines(self, z: np.ndarray) -> np.ndarray:
+        """(N, n_trained) cosine of each space vector to every trained class mean (-inf: a class without one)."""
         cos = z @ self.class_means.T
         cos[:, self.counts == 0] = -np.inf
-        return cos.max(1)
+        return cos
 
     @classmethod
     def fit(cls, embeddings: np.ndarray, labels: np.ndarray, n_classes: int, rank: int = STATS_RANK,
@@ -189,8 +189,7 @@ def fit_class(label: str, parent: str, views: np.ndarray, photo_of_view: np.ndar
         own = (z * normalize(np.stack([total - z[photo_of_view == p].sum(0) for p in photo_of_view]))).sum(1)
     else:
         own = z @ proto
-    cos = z @ stats.class_means.T
-    cos[:, stats.counts == 0] = -np.inf
+    cos = stats.trained_cosines(z)
     nearest = cos.argmax(1)
     m = own - cos.max(1) - margin
     leaf = base.depth - 1
@@ -245,21 +244,19 @@ class Enrollment:
             raise EnrollmentError("enrolled classes need the model's embedding and its embedding statistics")
         z = stats.space(embeddings)
         protos = np.stack([c.prototype for c in self.classes]).astype(np.float64)
-        d = (z @ protos.T - stats.best_trained(z)[:, None]) * np.array([c.scale for c in self.classes]) \
+        d = (z @ protos.T - stats.trained_cosines(z).max(1, keepdims=True)) * np.array([c.scale for c in self.classes]) \
             + np.array([c.bias for c in self.classes])
         with np.errstate(invalid="ignore"):  # a NaN row stays NaN: the decoder refuses it per item
             top = np.maximum(d.max(1, keepdims=True), 0.0)
             norm = np.log(np.exp(-top) + np.exp(d - top).sum(1, keepdims=True)) + top
             keep, share = -norm, d - norm  # log 1 / (1 + sum e^d), log e^d_j / (1 + sum e^d)
-        out = []
         up = base.depth - 2
+        lineage = [base.ancestors(up, base.index(up, c.parent)) for c in self.classes]  # per level, root first
+        out = []
         for level, lp in enumerate(logprobs[:-1]):
             lp = np.asarray(lp, np.float64) + keep
-            for j, c in enumerate(self.classes):
-                node = base.index(up, c.parent)
-                for lv in range(up, level, -1):
-                    node = base.parent(lv, node)
-                lp[:, node] = np.logaddexp(lp[:, node], share[:, j])
+            for j, nodes in enumerate(lineage):
+                lp[:, nodes[level]] = np.logaddexp(lp[:, nodes[level]], share[:, j])
             out.append(lp)
         out.append(np.concatenate([np.asarray(logprobs[-1], np.float64) + keep, share], axis=1))
         return out

@@ -60,10 +60,16 @@ def backbone_families(backbone: nn.Module, grouping: str = "stages") -> list[Fam
 
 
 def families(model: nn.Module, grouping: str = "stages") -> list[Family]:
-    """The block families of a HierarchicalQueryModel, in graph order (`grouping`: `backbone_families`)."""
+    """The block families of a model, in graph order (`grouping`: `backbone_families`): a
+    HierarchicalQueryModel's backbone, tokens and query head; a pooled-feature peer's (flat, HRN) backbone
+    and, as one family, the layers that read its pooled features out."""
     fams = backbone_families(model.backbone, grouping)
+    head = getattr(model, "head", None)
+    if head is None:
+        readout = tuple(n for n, m in model.named_children() if n != "backbone"
+                        and any(isinstance(x, (nn.Linear, nn.Conv2d)) for x in m.modules()))
+        return fams + [Family("read-out", readout)] * bool(readout) + [Family(n) for n in ALWAYS_FLOAT]
     fams.append(Family("token projections", ("tokens.proj",)))
-    head = model.head
     attn, ffn = [], []
     for lvl, blocks in enumerate(head.cross):
         for b in range(len(blocks)):

@@ -70,6 +70,27 @@ def test_backbone_families_split_the_backbone_into_its_stages_each_layer_once():
         backbone_families(bb, "halves")
 
 
+@pytest.mark.parametrize("arch", ["flat", "hrn"])
+def test_a_pooled_feature_peer_has_families_owning_each_layer_once_and_simulates(arch):
+    """`python -m quantize` takes the flat and HRN peers too: their read-out layers form one family."""
+    from quantize.sim import calibrate, families, model_logprobs, simulate
+    from sdk.datasets import synthetic_dataset, synthetic_taxonomy
+    from train.models import ModelConfig, build_model
+
+    torch.manual_seed(0)
+    model = build_model(synthetic_taxonomy(), ModelConfig(arch=arch, image_size=64, d_model=32), pretrained=False).eval()
+    fams = families(model)
+    layers = [n for n, m in model.named_modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear))]
+    owners = {n: [f.name for f in fams if f.owns(n)] for n in layers}
+    assert all(len(o) == 1 for o in owners.values()), owners
+    assert "read-out" in [f.name for f in fams]
+    images = np.stack([np.asarray(s.source) for s in synthetic_dataset("train", per_class=1, size=64).samples[:8]])
+    r = calibrate(model, images)
+    ref = model_logprobs(model, images)
+    allq = model_logprobs(simulate(model, r, {f.name for f in fams}), images)
+    assert max(np.abs(a - b).max() for a, b in zip(ref, allq)) > 1e-5
+
+
 @pytest.mark.slow
 def test_simulation_quantizes_only_the_named_families(tiny_student_dir, grocery_root):
     from quantize.sim import calibrate, families, model_logprobs, simulate

@@ -8,7 +8,7 @@ import warnings
 
 from ._common import QuantizeError
 from .recipes import ACTIVATIONS, ONNX_CALIBRATIONS, TARGETS, ExecuTorchRecipe, OnnxRecipe
-from .run import DYNAMIC_KL_GAIN, quantize_checkpoint
+from .run import SPEED_TIE, quantize_checkpoint
 
 
 def parser() -> argparse.ArgumentParser:
@@ -30,8 +30,9 @@ def parser() -> argparse.ArgumentParser:
                         "rebuilt from the greedy's earlier plan that fits (the report says so)")
     p.add_argument("--executorch-activations", choices=ACTIVATIONS, default="auto",
                    help="ExecuTorch activations: calibrated int8 (static), quantized per photo at run time (dynamic; "
-                        "depthwise convs and the stem stay float), or auto (default): dynamic when its simulated fine KL "
-                        f"to fp32 on the sensitivity photos is at most {DYNAMIC_KL_GAIN:g} x the static one's")
+                        "depthwise convs and the stem stay float), or auto (default): both built, judged and timed (batch 1, "
+                        "one thread), the fastest that meets the int8 bar kept (within "
+                        f"{SPEED_TIE * 100:.0f} %% of it: the one agreeing more with fp32)")
     p.add_argument("--onnx-calibration", choices=ONNX_CALIBRATIONS, default="MinMax",
                    help="onnxruntime calibration method (default MinMax; the histogram methods need memory for every "
                         "calibration batch's intermediate outputs)")

@@ -182,7 +182,8 @@ def quantize(ctx: QuantContext, out_dir: Path, recipe: OnnxRecipe) -> TargetResu
     scheme = (f"onnxruntime quantize_static, QDQ, U8 activations / S8 weights per channel"
               f"{' (reduce_range)' if recipe.reduce_range else ''}, {recipe.calibration} calibration")
     notes = [f"{n_q} QuantizeLinear nodes"]
-    # read by the SDK at load time (Int8AccuracyWarning): signed int8 weights saturate on x86 without VNNI
+    # read by the SDK at load time: on x86 without VNNI the fused kernels saturate signed int8 weights,
+    # so the SDK runs such a graph unfused there
     types = {"activations": "uint8", "weights": "int8", "reduce_range": recipe.reduce_range}
     return finish_int8(ctx, "onnx", path, fp32.manifest.size_bytes, tool_versions("onnx", "onnxruntime"), scheme,
                        float_layers, notes, extra={"onnx_types": types}, result_extra={"excluded_nodes": excl})

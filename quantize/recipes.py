@@ -32,8 +32,8 @@ class OnnxRecipe:
 @dataclass(frozen=True)
 class ExecuTorchRecipe:
     """pt2e XNNPACK quantizer, fully delegated. `activations`: calibrated int8 (static), quantized per
-    photo at run time (dynamic), or auto: the one whose simulation is closer to fp32 on the sensitivity
-    photos (`quantize.run.choose_activations`)."""
+    photo at run time (dynamic), or auto: both built, judged and timed, the fastest that meets the int8
+    bar kept (`quantize.run.pick_fastest`)."""
 
     activations: str = "auto"
 

@@ -27,13 +27,12 @@ def _activations_lines(c: dict[str, Any] | None) -> list[str]:
         return []
     if c["requested"] != "auto":
         return ["", f"ExecuTorch activations: {c['chosen']} (requested)."]
-    kl = c["simulated_fine_kl"]
-    if kl is None:
-        return ["", f"ExecuTorch activations: {c['chosen']} (auto; {c['why']})."]
-    return ["", f"ExecuTorch activations: **{c['chosen']}** (auto). Simulated mean fine KL to fp32 on {c['photos']}: "
-                f"static {kl['static']:.2e}, dynamic {kl['dynamic']:.2e}; rule: {c['rule']}." +
-                (f" Built static: the dynamic file was {100 * c['dynamic_size_ratio']:.1f} % of fp32, over the size bar."
-                 if "dynamic_size_ratio" in c else "")]
+    built = "; ".join(f"{k}: failed ({v['error']})" if "error" in v else
+                      f"{k}: {v['median_ms']:.2f} ms, pooled fine agreement {_pct(v['fine_agreement'])} %, "
+                      f"size {_pct(v['size_ratio'])} %, bar {'met' if v['meets_bar'] else 'not met'}"
+                      for k, v in c["candidates"].items())
+    return ["", f"ExecuTorch activations: **{c['chosen']}** (auto; {c['rule']}). Built: {built}; "
+                f"on {c['measured_on']}."]
 
 
 CHANGED_LISTED = 20  # changed photos listed per split in report.md (all are in report.json)
@@ -86,6 +85,10 @@ def _target_lines(t: str, rec: dict[str, Any]) -> list[str]:
              f"- size: {rec['int8_size_bytes'] / 1e6:.2f} MB int8"
              + (f" vs {rec['fp32_size_bytes'] / 1e6:.2f} MB fp32 ({100 * ratio:.1f} %)" if ratio else ""),
              f"- stayed float: {'; '.join(rec['float_layers'])}", f"- meets the bar: **{'yes' if rec['meets_bar'] else 'no'}**"]
+    if rec.get("latency"):
+        lat = rec["latency"]
+        lines.append(f"- latency (batch 1, one thread, {lat['cpu']}): {lat['int8_ms']:.2f} ms int8 vs "
+                     f"{lat['fp32_ms']:.2f} ms fp32 ({lat['int8_vs_fp32']:.2f}x)")
     lines += [f"- note: {n}" for n in rec.get("notes", [])]
     if rec.get("plan"):  # rebuilt with fewer of the --plan-kl floats for the size bar
         lines.append(f"- float plan: {', '.join(rec['plan']['float_families'])}, because {rec['plan']['why']}; tried:")

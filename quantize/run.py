@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import shutil
 import time
 import traceback
 from pathlib import Path
@@ -20,10 +21,11 @@ from .recipes import resolve_recipes
 from .sensitivity import Plan, disagreements, fine_kl
 from .sim import families, model_logprobs, simulate
 
-# `auto` takes ExecuTorch's dynamic scheme only when its simulated fine KL to fp32 on the sensitivity photos
-# is at most this share of the static scheme's: it costs latency (float depthwise convs, per-photo input
-# ranges) and size (float stem and depthwise weights), so a gain within noise is not worth it
-DYNAMIC_KL_GAIN = 0.8
+# `auto` builds ExecuTorch both ways and keeps the fastest artifact that meets the int8 bar; two whose
+# batch-1 times differ by less than this share are a tie (one run's timing moves by a few per cent on a
+# shared machine), which the one agreeing more with fp32 wins
+SPEED_TIE = 0.05
+LATENCY_PHOTOS = 32  # `val` photos each artifact is timed on, batch 1, one thread
 
 
 def sdk_logprobs(directory: Path, images: np.ndarray, batch: int = 16) -> list[np.ndarray]:
@@ -99,28 +101,30 @@ def fallback_order(plan, int8_size: int, fp32_size: int | None, params: dict[str
     return fit + [fbs[-1]]
 
 
-def pick_activations(kl_static: float, kl_dynamic: float, gain: float | None = None) -> str:
-    """`auto`'s rule: "dynamic" when its KL is at most `gain` (default `DYNAMIC_KL_GAIN`) times the static one's."""
-    gain = DYNAMIC_KL_GAIN if gain is None else gain
-    if not (np.isfinite(kl_static) and np.isfinite(kl_dynamic)):
-        raise QuantizeError(f"simulated KL not finite (static {kl_static}, dynamic {kl_dynamic})")
-    return "dynamic" if kl_dynamic <= gain * kl_static else "static"
+def pick_fastest(candidates: dict[str, dict[str, Any]]) -> str:
+    """`auto`'s rule: of the schemes meeting the int8 bar (all of them, if none does), the fastest by
+    `median_ms`; one within `SPEED_TIE` of it with a higher pooled `fine_agreement` wins the tie."""
+    if not candidates:
+        raise QuantizeError("no scheme was built: nothing to choose from")
+    bad = [k for k, c in candidates.items() if not np.isfinite(c["median_ms"])]
+    if bad:
+        raise QuantizeError(f"latency not finite for {bad}")
+    ok = {k: c for k, c in candidates.items() if c["meets_bar"]} or candidates
+    fastest = min(c["median_ms"] for c in ok.values())
+    near = [k for k, c in ok.items() if c["median_ms"] <= fastest * (1 + SPEED_TIE)]
+    return max(near, key=lambda k: (ok[k]["fine_agreement"], -ok[k]["median_ms"]))
 
 
-def choose_activations(model, static_sim, dynamic_sim, sen, log: Callable[[str], None] = print) -> dict[str, Any]:
-    """Measure, on the sensitivity photos `sen` (the training photos the float plan was chosen on: neither
-    calibration nor evaluation photos), the mean fine KL to fp32 of the PyTorch simulations of ExecuTorch's
-    static and dynamic schemes for the run's plan, and pick one (`pick_activations`)."""
-    fp32 = model_logprobs(model, sen.images)
-    kl = {name: fine_kl(fp32, model_logprobs(sim, sen.images))
-          for name, sim in (("static", static_sim), ("dynamic", dynamic_sim))}
-    chosen = pick_activations(kl["static"], kl["dynamic"])
-    log(f"executorch activations (auto): simulated fine KL to fp32 on {sen.source}: static {kl['static']:.3g}, "
-        f"dynamic {kl['dynamic']:.3g} -> {chosen}")
-    return {"requested": "auto", "chosen": chosen, "simulated_fine_kl": {k: float(v) for k, v in kl.items()},
-            "photos": sen.source,
-            "rule": f"dynamic when its simulated KL is at most {DYNAMIC_KL_GAIN:g} x the static one's (it is "
-                    "slower and larger: float depthwise convs and stem, per-photo input ranges)"}
+def _pooled_agreement(rec: dict[str, Any], fine: str) -> float:
+    judged = rec.get("pooled") or next(iter(rec["splits"].values()))
+    return judged["agreement_with_fp32"][f"agreement/{fine}"]
+
+
+def _cpu() -> str:
+    from converters.benchmark.roofline import read_cpuinfo
+    cpu = read_cpuinfo()
+    simd = [f for f in ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_int8") if f in cpu["flags"]]
+    return f"{cpu['model']} ({'+'.join(simd) or 'no AVX'})"
 
 
 class Int8Run:
@@ -175,31 +179,10 @@ class Int8Run:
         res = importlib.import_module(f"quantize.{target}").quantize(ctx, self.out, self.recipes[target])
         return res, self.judge(res, ctx), ctx
 
-    def executorch_activations(self) -> dict[str, Any]:
-        requested = self.recipes["executorch"].activations
-        if requested != "auto":
-            return {"requested": requested, "chosen": requested}
-        plan = self.prep.plan
-        try:
-            return choose_activations(self.prep.model, self.variant(plan)[1], self.variant(plan, True)[1],
-                                      self.prep.sensitivity, self.log)
-        except Exception as e:  # the measurement failing must not cost the artifact: static is the default
-            why = f"measuring the dynamic scheme failed: {type(e).__name__}: {e}"
-            self.log(f"executorch activations (auto): {why}; static")
-            return {"requested": "auto", "chosen": "static", "simulated_fine_kl": None, "why": why}
-
-    def build_target(self, t: str) -> dict[str, Any]:
-        """Build and judge one target; rebuilt static, then from earlier plans, while over the size bar."""
-        dyn = t == "executorch" and self.choice["chosen"] == "dynamic"
-        res, rec, ctx = self.build(t, self.prep.plan, dyn)
-        if dyn and self.choice["requested"] == "auto" and (rec["size_ratio"] or 0) > MAX_SIZE_RATIO:
-            # the dynamic scheme's float depthwise convs and stem cost size; the bar is a limit
-            self.log(f"executorch: dynamic is {rec['size_ratio'] * 100:.1f} % of fp32, over the "
-                     f"{MAX_SIZE_RATIO * 100:.0f} % size bar; rebuilding it static")
-            self.choice = {**self.choice, "chosen": "static", "dynamic_size_ratio": rec["size_ratio"],
-                           "why": "the dynamic artifact was over the size bar"}
-            dyn = False
-            res, rec, ctx = self.build(t, self.prep.plan, dyn)
+    def build_within_size(self, t: str, dynamic: bool) -> tuple[TargetResult, dict[str, Any], QuantContext]:
+        """Build and judge one target from the run's plan; rebuilt from the greedy's earlier plans while the
+        --plan-kl floats put its file over the size bar."""
+        res, rec, ctx = self.build(t, self.prep.plan, dynamic)
         tried = []
         for fb in fallback_order(self.prep.plan, rec["int8_size_bytes"], rec["fp32_size_bytes"], self.params,
                                  MAX_SIZE_RATIO):
@@ -211,11 +194,79 @@ class Int8Run:
                      f"{MAX_SIZE_RATIO * 100:.0f} % size bar; rebuilding it with float {fb.float_families}")
             tried.append({"float_families": ctx.plan.float_families, "size_ratio": rec["size_ratio"],
                           "splits": split_summary(rec, self.fine)})
-            res, rec, ctx = self.build(t, fb, dyn)
+            res, rec, ctx = self.build(t, fb, dynamic)
         if tried:
             rec["plan"] = {"float_families": ctx.plan.float_families,
                            "why": f"the --plan-kl {self.prep.plan.max_kl:g} plan put the file over the size bar",
                            "over_the_size_bar": tried}
+        return res, rec, ctx
+
+    def time(self, t: str, int8_dirs: dict[str, Path]) -> dict[str, dict[str, float]]:
+        """Batch-1, one-thread latency of int8 artifacts and of the target's fp32 export, interleaved."""
+        from converters.benchmark import time_artifacts
+        images = next(iter(self.prep.evals.values())).images[:LATENCY_PHOTOS]
+        return time_artifacts({**int8_dirs, "fp32": self.out / "fp32" / t}, images, threads=1)
+
+    def latency_record(self, times: dict[str, dict[str, float]], scheme: str) -> dict[str, Any]:
+        i8, f32 = times[scheme], times["fp32"]
+        return {"int8_ms": i8["median_ms"], "int8_p90_ms": i8["p90_ms"], "fp32_ms": f32["median_ms"],
+                "int8_vs_fp32": i8["median_ms"] / f32["median_ms"], "threads": 1, "batch": 1,
+                "photos": min(LATENCY_PHOTOS, len(next(iter(self.prep.evals.values())).images)),
+                "rounds": i8["rounds"], "cpu": _cpu()}
+
+    def build_fastest_executorch(self) -> tuple[TargetResult, dict[str, Any], QuantContext]:
+        """`auto`: ExecuTorch built with static and with dynamic activations, each judged and timed (one
+        thread, batch 1, interleaved); the one `pick_fastest` keeps becomes `<out>/executorch`."""
+        built, cands = {}, {}
+        for scheme in ("static", "dynamic"):
+            try:
+                res, rec, ctx = self.build_within_size("executorch", scheme == "dynamic")
+            except Exception as e:  # one scheme failing must not cost the target
+                self.log(f"executorch ({scheme}): FAILED: {type(e).__name__}: {e}")
+                cands[scheme] = {"error": f"{type(e).__name__}: {e}"}
+                continue
+            park = self.out / f"executorch-{scheme}"
+            shutil.rmtree(park, ignore_errors=True)
+            res.int8_dir.rename(park)
+            built[scheme] = (res, rec, ctx, park)
+        if not built:
+            raise QuantizeError(f"ExecuTorch: neither scheme could be built: {cands}")
+        times = self.time("executorch", {k: v[3] for k, v in built.items()})
+        for scheme, (_, rec, _, _) in built.items():
+            cands[scheme] = {"median_ms": times[scheme]["median_ms"], "meets_bar": rec["meets_bar"],
+                             "fine_agreement": _pooled_agreement(rec, self.fine),
+                             "fine_top1_drop": (rec.get("pooled") or next(iter(rec["splits"].values())))["fine_top1_drop"],
+                             "size_ratio": rec["size_ratio"]}
+        chosen = pick_fastest({k: c for k, c in cands.items() if "error" not in c})
+        final = self.out / "executorch"
+        shutil.rmtree(final, ignore_errors=True)
+        for scheme, (res, rec, ctx, park) in built.items():
+            if scheme != chosen:
+                shutil.rmtree(park)
+        res, rec, ctx, park = built[chosen]
+        park.rename(final)
+        res.int8_dir, rec["int8_dir"] = final, str(final)
+        rec["latency"] = self.latency_record(times, chosen)
+        self.choice = {"requested": "auto", "chosen": chosen, "candidates": cands, "measured_on": rec["latency"]["cpu"],
+                       "rule": f"the fastest that meets the int8 bar (batch 1, one thread, {rec['latency']['photos']} "
+                               f"val photos); within {SPEED_TIE:.0%} of it, the one agreeing more with fp32"}
+        self.log(f"executorch activations (auto): " + ", ".join(
+            f"{k} {c['median_ms']:.2f} ms, bar {'met' if c['meets_bar'] else 'not met'}" if "error" not in c
+            else f"{k} failed" for k, c in cands.items()) + f" -> {chosen}")
+        return res, rec, ctx
+
+    def build_target(self, t: str) -> dict[str, Any]:
+        """Build, judge and time one target (ExecuTorch `auto`: `build_fastest_executorch`); its manifest
+        gets the evaluation, the latency and, for ExecuTorch, how its activations were chosen."""
+        if t == "executorch" and self.recipes[t].activations == "auto":
+            res, rec, ctx = self.build_fastest_executorch()
+        else:
+            activations = getattr(self.recipes[t], "activations", None)
+            res, rec, ctx = self.build_within_size(t, activations == "dynamic")
+            if t == "executorch":
+                self.choice = {"requested": activations, "chosen": activations}
+            if res.runnable_here:
+                rec["latency"] = self.latency_record(self.time(t, {"int8": res.int8_dir}), "int8")
         self.contexts[t] = ctx
         m = Manifest.load(res.int8_dir)
         m.metrics["int8_evaluation"] = {k: v for k, v in rec.items() if k not in ("float_layers", "notes", "scheme")}
@@ -235,8 +286,6 @@ class Int8Run:
 
     def build_all(self) -> dict[str, dict[str, Any]]:
         """Every target's judged record; a target that fails gets an `error` record, the others go on."""
-        if "executorch" in self.recipes:
-            self.choice = self.executorch_activations()
         results: dict[str, Any] = {}
         for t in self.recipes:
             self.log(f"== {t}")

@@ -15,7 +15,7 @@ from ._errors import (
     EnrollmentError,
     EnrollmentFileError,
     HierfgError,
-    Int8AccuracyWarning,
+    Int8FallbackWarning,
     InvalidImageError,
     ModelIntegrityError,
     ModelNotFoundError,
@@ -34,7 +34,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "Classifier", "HierarchicalPrediction", "ItemError", "LevelPrediction", "TreeDecoder",
-    "HierfgError", "Int8AccuracyWarning", "InvalidImageError", "ModelIntegrityError", "ModelNotFoundError",
+    "HierfgError", "Int8FallbackWarning", "InvalidImageError", "ModelIntegrityError", "ModelNotFoundError",
     "ModelOutputError", "TaxonomyError", "UnsupportedFormatError", "load_image", "prepare", "InputSpec", "Manifest",
     "sha256_file", "Node", "Taxonomy", "available_backends", "register_backend", "__version__",
     "datasets", "HierDataset", "Sample", "load_dataset", "stratified_holdout",

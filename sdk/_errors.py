@@ -29,8 +29,8 @@ class ModelOutputError(HierfgError):
     """The model produced outputs that cannot be turned into a label (NaN, Inf, wrong shape)."""
 
 
-class Int8AccuracyWarning(RuntimeWarning):
-    """An int8 artifact loads and runs, but this CPU's int8 kernels are known to change its answers."""
+class Int8FallbackWarning(RuntimeWarning):
+    """An int8 artifact runs through a slower path here: this CPU's fast int8 kernels would change its answers."""
 
 
 class EmbeddingUnavailableError(HierfgError):

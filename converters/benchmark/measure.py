@@ -117,6 +117,24 @@ def time_batch1(run: Callable[[np.ndarray], Any], images: np.ndarray, warmup: in
     return {"median_ms": float(np.median(ts)), "p90_ms": float(np.percentile(ts, 90)), "repeats": len(ts)}
 
 
+def time_artifacts(dirs: dict[str, Path], images: np.ndarray, threads: int = 1, rounds: int = 3, warmup: int = 5,
+                   repeats: int = 30) -> dict[str, dict[str, float]]:
+    """Batch-1 latency of several artifacts through `sdk.Classifier`, timed in interleaved rounds (a drift
+    of the machine's speed hits them alike): per name, the median over rounds of each round's median ms,
+    and the worst round's p90. The runtimes run on `threads` threads and get the caller's counts back."""
+    from sdk import Classifier
+
+    per: dict[str, list[dict[str, float]]] = {k: [] for k in dirs}
+    with pinned_threads(threads):
+        runs = {k: Classifier.load(d, num_threads=threads).logprobs for k, d in dirs.items()}
+        for _ in range(rounds):
+            for k, run in runs.items():
+                per[k].append(time_batch1(run, images, warmup, repeats))
+    return {k: {"median_ms": float(np.median([r["median_ms"] for r in v])),
+                "p90_ms": float(max(r["p90_ms"] for r in v)), "rounds": rounds, "repeats": repeats, "threads": threads}
+            for k, v in per.items()}
+
+
 def batched_pass(run: Callable[[np.ndarray], list[np.ndarray]], images: np.ndarray, batch: int,
                  ) -> tuple[list[np.ndarray], float]:
     """Log-probs of all images at `batch`, and images/s over every batch but the first (a warm-up)."""

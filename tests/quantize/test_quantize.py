@@ -213,24 +213,21 @@ def test_the_size_fallback_tries_the_plans_estimated_to_fit_most_floats_first():
 def test_a_target_over_the_size_bar_is_rebuilt_without_the_kl_floats(tiny_student_dir, grocery_root, tmp_path,
                                                                       monkeypatch):
     """--plan-kl is a preference, the size bar a limit: a target whose file the KL floats push over
-    the bar is rebuilt from the plan the greedy held before them, and the report says so. So is
-    `auto`'s dynamic ExecuTorch: over the bar, it is rebuilt static first."""
+    the bar is rebuilt from the plan the greedy held before them, and the report says so."""
     import quantize.run
-    from quantize import quantize_checkpoint
+    from quantize import ExecuTorchRecipe, quantize_checkpoint
 
     import quantize.sensitivity
     # the greedy meets the accuracy bar at once, so every float it adds is for the KL target alone (what
     # the size bar may take back), whatever answers the tiny model's int8 simulation changes
     monkeypatch.setattr(quantize.sensitivity, "meets_bar", lambda *a, **k: True)
     monkeypatch.setattr(quantize.run, "MAX_SIZE_RATIO", 0.0)  # every file is over: the rebuild must happen
-    monkeypatch.setattr(quantize.run, "DYNAMIC_KL_GAIN", 1e9)  # auto takes dynamic first, then the size bar rules
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         rep = quantize_checkpoint(tiny_student_dir, str(grocery_root), ["executorch"], tmp_path, n_calibration=24,
-                                  n_sensitivity=24, eval_limit=24, n_parity=12, plan_kl=1e-9, log=lambda *_: None)
-    # the dynamic scheme (larger: float depthwise convs and stem) was over the bar, so auto fell back to static
-    choice = rep["executorch_activations"]
-    assert choice["chosen"] == "static" and choice["dynamic_size_ratio"] > 0, choice
+                                  n_sensitivity=24, eval_limit=24, n_parity=12, plan_kl=1e-9, log=lambda *_: None,
+                                  recipes={"executorch": ExecuTorchRecipe("static")})
+    assert rep["executorch_activations"] == {"requested": "static", "chosen": "static"}
     assert Manifest.load(tmp_path / "executorch").metrics["quantization"]["activations"] == "static"
     kl_floats = rep["sensitivity"]["float_families"]
     rec = rep["targets"]["executorch"]
@@ -261,6 +258,14 @@ def test_int8_artifacts_load_through_the_sdk(int8_run, grocery_root):
         assert m.precision == "int8"
         assert m.metrics["quantization"]["plan"]["float_families"] == plan["float_families"]
         assert rec["int8_size_bytes"] < rec["fp32_size_bytes"]
+        # every target that runs here is timed against its fp32 export, and the manifest carries it
+        lat = m.metrics["int8_evaluation"].get("latency")
+        if t == "coreml":
+            assert lat is None  # Core ML runs on macOS only
+        else:
+            assert lat["int8_ms"] > 0 and lat["fp32_ms"] > 0 and lat["threads"] == 1 and lat["batch"] == 1, lat
+            assert abs(lat["int8_vs_fp32"] - lat["int8_ms"] / lat["fp32_ms"]) < 1e-9
+    assert "ms fp32" in (tmp_path / "report.md").read_text()
     # ONNX: the int8 file is small and answers like fp32 on real val photos
     onnx = rep["targets"]["onnx"]
     # the SDK reads these at load time (sdk._backends.int8_saturation_risk)
@@ -448,25 +453,35 @@ def test_disagreements_report_how_sure_fp32_was_where_int8_changed_the_answer():
         disagreements(tree, [cat, fp32], [cat, int8], names=["a.jpg", "b.jpg"])
 
 
-def test_auto_activations_take_dynamic_only_for_a_clear_kl_gain():
-    from quantize.run import DYNAMIC_KL_GAIN, QuantizeError, pick_activations
+def test_auto_keeps_the_fastest_scheme_that_meets_the_bar():
+    from quantize.run import SPEED_TIE, QuantizeError, pick_fastest
 
-    assert pick_activations(1e-3, 1e-3) == "static"  # no gain: the faster, smaller static scheme
-    assert pick_activations(1e-3, 0.99e-3) == "static"  # a gain within noise is not worth the latency
-    assert pick_activations(1e-3, DYNAMIC_KL_GAIN * 1e-3) == "dynamic"
-    assert pick_activations(2.3e-3, 6.8e-4) == "dynamic"  # the reference student's val KLs
-    assert pick_activations(1e-3, 0.5e-3, gain=0.4) == "static"
+    def c(ms, ok=True, agree=0.99):
+        return {"median_ms": ms, "meets_bar": ok, "fine_agreement": agree}
+
+    assert pick_fastest({"static": c(10.0), "dynamic": c(12.0)}) == "static"
+    assert pick_fastest({"static": c(12.0), "dynamic": c(10.0)}) == "dynamic"
+    # faster but off the bar loses to a slower scheme on it
+    assert pick_fastest({"static": c(8.0, ok=False), "dynamic": c(12.0)}) == "dynamic"
+    # a tie within SPEED_TIE goes to the one agreeing more with fp32; outside it, speed decides
+    tie = 10.0 * (1 + SPEED_TIE / 2)
+    assert pick_fastest({"static": c(10.0, agree=0.985), "dynamic": c(tie, agree=0.995)}) == "dynamic"
+    assert pick_fastest({"static": c(10.0, agree=0.985), "dynamic": c(10.0 * (1 + 2 * SPEED_TIE), agree=0.995)}) == "static"
+    # none meets the bar: the fastest of all (the report says the bar is not met)
+    assert pick_fastest({"static": c(10.0, ok=False), "dynamic": c(9.0, ok=False)}) == "dynamic"
+    assert pick_fastest({"static": c(10.0)}) == "static"
     with pytest.raises(QuantizeError, match="not finite"):
-        pick_activations(float("nan"), 1e-3)
+        pick_fastest({"static": c(float("nan")), "dynamic": c(9.0)})
+    with pytest.raises(QuantizeError, match="no scheme"):
+        pick_fastest({})
 
 
 @pytest.mark.slow
 def test_dynamic_executorch_quantizes_each_photo_at_run_time(tiny_student_dir, grocery_root, tmp_path, monkeypatch):
     """--executorch-activations dynamic: int8 weights, each Conv/Linear input quantized per photo inside the
-    XNNPACK delegate; the constant-input query projection static, the stem and depthwise convs float.
-    Reached through `auto` (the default recipe), here told to take dynamic at any KL, so the choice is recorded."""
+    XNNPACK delegate; the constant-input query projection static, the stem and depthwise convs float."""
     import quantize.run
-    from quantize import quantize_checkpoint
+    from quantize import ExecuTorchRecipe, quantize_checkpoint
     from quantize.calibration import calibration_sets
     from quantize.sim import STEM, calibrate, dynamic_scheme, families, image_independent_layers, simulate
     from train.checkpoint import load_model
@@ -489,22 +504,19 @@ def test_dynamic_executorch_quantizes_each_photo_at_run_time(tiny_student_dir, g
     assert torch.equal(sim[dw].weight, fp[dw].weight)
     assert not torch.equal(sim["backbone._blocks.3._expand_conv"].weight, fp["backbone._blocks.3._expand_conv"].weight)
 
-    monkeypatch.setattr(quantize.run, "DYNAMIC_KL_GAIN", 1e9)
     # the tiny student's float depthwise convs and stem weigh more than the size bar allows: not judged here
     monkeypatch.setattr(quantize.run, "MAX_SIZE_RATIO", 1.0)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         rep = quantize_checkpoint(tiny_student_dir, str(grocery_root), ["executorch"], tmp_path, n_calibration=24,
-                                  n_sensitivity=24, eval_limit=24, n_parity=12, log=lambda *_: None)
+                                  n_sensitivity=24, eval_limit=24, n_parity=12, log=lambda *_: None,
+                                  recipes={"executorch": ExecuTorchRecipe("dynamic")})
     rec = rep["targets"]["executorch"]
     assert "error" not in rec, f"{rec.get('error')}\n{rec.get('traceback')}"
     q = Manifest.load(tmp_path / "executorch").metrics["quantization"]
     assert q["activations"] == "dynamic" and "per photo at run time" in q["scheme"]
-    choice = rep["executorch_activations"]
-    assert choice["requested"] == "auto" and choice["chosen"] == "dynamic" and q["activations_choice"] == choice
-    assert all(0 < kl < 1 for kl in choice["simulated_fine_kl"].values()), choice
-    assert "24 photos" in choice["photos"]
-    assert "ExecuTorch activations: **dynamic** (auto)" in (tmp_path / "report.md").read_text()
+    assert rep["executorch_activations"] == q["activations_choice"] == {"requested": "dynamic", "chosen": "dynamic"}
+    assert "ExecuTorch activations: dynamic (requested)" in (tmp_path / "report.md").read_text()
     # the artifact's scheme is that of the run's measured float plan (the tiny student's greedy may float families)
     quantized = {f.name for f in families(model)} - set(rep["sensitivity"]["float_families"])
     expect = dynamic_scheme(model, quantized, cal.images)
@@ -521,7 +533,7 @@ def test_dynamic_executorch_quantizes_each_photo_at_run_time(tiny_student_dir, g
 @pytest.mark.slow
 def test_python_m_quantize_builds_an_executorch_int8_the_sdk_loads(tiny_student_dir, grocery_root, tmp_path):
     from quantize.__main__ import main
-    from quantize.run import pick_activations
+    from quantize.run import pick_fastest
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -534,17 +546,18 @@ def test_python_m_quantize_builds_an_executorch_int8_the_sdk_loads(tiny_student_
     assert code in (0, 1) and bool(code == 0) == rec["meets_bar"]
     m = Manifest.load(tmp_path / "executorch")
     assert m.precision == "int8"
-    # the CLI's default ExecuTorch activations: chosen by the two schemes' simulated KL, and the artifact is the choice
+    # the CLI's default ExecuTorch activations: both schemes built, judged and timed; the artifact is the rule's pick
     choice = rep["executorch_activations"]
-    kl = choice["simulated_fine_kl"]
-    rule = pick_activations(kl["static"], kl["dynamic"])
-    assert choice["requested"] == "auto"
-    if "dynamic_size_ratio" in choice:  # dynamic chosen, but its file was over the size bar: rebuilt static
-        assert rule == "dynamic" and choice["chosen"] == "static" and choice["dynamic_size_ratio"] > 0.3
-        assert "over the size bar" in (tmp_path / "report.md").read_text()
-    else:
-        assert choice["chosen"] == rule
+    cands = choice["candidates"]
+    assert choice["requested"] == "auto" and set(cands) == {"static", "dynamic"}, choice
+    assert all(c["median_ms"] > 0 and 0 <= c["fine_agreement"] <= 1 for c in cands.values()), cands
+    assert choice["chosen"] == pick_fastest(cands)
     assert m.metrics["quantization"]["activations"] == choice["chosen"]
+    assert m.metrics["quantization"]["activations_choice"] == choice
+    assert not (tmp_path / "executorch-static").exists() and not (tmp_path / "executorch-dynamic").exists()
+    lat = m.metrics["int8_evaluation"]["latency"]
+    assert lat["int8_ms"] == cands[choice["chosen"]]["median_ms"] and lat["fp32_ms"] > 0 and lat["threads"] == 1
+    assert "ExecuTorch activations: **" in (tmp_path / "report.md").read_text()
     val = rec["splits"]["val"]
     # barely trained tiny student on 24 photos: 85 % catches a broken quantization (that lands near chance)
     assert val["agreement_with_fp32"]["agreement/fine"] >= 0.85

@@ -1,4 +1,4 @@
-"""The SDK warns when an int8 ONNX artifact meets a CPU whose onnxruntime int8 kernels saturate."""
+"""An int8 ONNX artifact on a CPU whose onnxruntime int8 kernels saturate: the SDK runs it unfused and says so."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import warnings
 import pytest
 
 import sdk._backends as backends
-from sdk import Classifier, Int8AccuracyWarning, Manifest
+from sdk import Classifier, Int8FallbackWarning, Manifest
 from sdk._backends import cpu_has_vnni, int8_saturation_risk
 
 U8S8 = {"scheme": "onnxruntime quantize_static, QDQ, U8 activations / S8 weights per channel, MinMax calibration",
@@ -52,7 +52,15 @@ def test_risk_only_for_signed_int8_onnx_on_x86_without_vnni(onnx_artifact_dir):
     assert int8_saturation_risk(_manifest(onnx_artifact_dir, target="tflite"), "x86_64", False) is None
 
 
-def test_classifier_load_warns_once_and_still_runs(onnx_artifact_dir, tmp_path, monkeypatch, banana_jpg):
+def _unfused(clf) -> str | None:
+    opts = clf._backend.session.get_session_options()
+    try:
+        return opts.get_session_config_entry("session.disable_quant_qdq")
+    except RuntimeError:  # never set
+        return None
+
+
+def test_classifier_load_runs_unfused_warns_once_and_still_runs(onnx_artifact_dir, tmp_path, monkeypatch, banana_jpg):
     d = tmp_path / "int8"
     shutil.copytree(onnx_artifact_dir, d)
     m = json.loads((d / "manifest.json").read_text())
@@ -61,12 +69,13 @@ def test_classifier_load_warns_once_and_still_runs(onnx_artifact_dir, tmp_path, 
     (d / "manifest.json").write_text(json.dumps(m))
     monkeypatch.setattr(backends, "cpu_has_vnni", lambda: False)
     monkeypatch.setattr(backends.platform, "machine", lambda: "x86_64")
-    with pytest.warns(Int8AccuracyWarning, match="int8.*without VNNI") as rec:
+    with pytest.warns(Int8FallbackWarning, match="int8.*without VNNI") as rec:
         clf = Classifier.load(d)
     assert len(rec) == 1 and rec[0].filename == __file__  # points at the caller's load line
+    assert _unfused(clf) == "1"  # quantize/dequantize nodes kept: no saturating fused int8 kernels
     assert clf.classify(banana_jpg).full_path  # a warning, not a refusal
     monkeypatch.setattr(backends, "cpu_has_vnni", lambda: True)
     with warnings.catch_warnings():
-        warnings.simplefilter("error", Int8AccuracyWarning)
-        Classifier.load(d)
+        warnings.simplefilter("error", Int8FallbackWarning)
+        assert _unfused(Classifier.load(d)) != "1"  # VNNI: the fast fused kernels
         Classifier.load(onnx_artifact_dir)  # fp32: never

@@ -14,7 +14,6 @@ latency (interleaved rounds), with this CPU's VNNI flag.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 import warnings
@@ -47,6 +46,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rounds", type=int, default=3, help="interleaved timing rounds over the photos")
     p.add_argument("--json", default=None)
     a = p.parse_args(argv)
+    from research.output import print_table
     from sdk import Classifier
     from sdk._backends import cpu_has_vnni
     from sdk.datasets import load_dataset
@@ -75,14 +75,11 @@ def main(argv: list[str] | None = None) -> int:
         k: {"fine_top1": float((answers[k] == truth).mean()),
             "agreement_with_exact": float((answers[k] == answers["exact"]).mean()),
             "median_ms": 1000 * float(np.median(times[k]))} for k in PATHS}}
-    print(f"{a.model} on {len(x)} {a.split} photos, VNNI {res['vnni']}")
-    for k, v in res["paths"].items():
-        print(f"  {k:8s} fine top-1 {v['fine_top1']:.3f}  agreement with exact {v['agreement_with_exact'] * 100:.1f} %"
-              f"  {v['median_ms']:.1f} ms")
-    if a.json:
-        Path(a.json).write_text(json.dumps(res, indent=2))
-    return 0
-
+    lines = [f"{a.model} on {len(x)} {a.split} photos, VNNI {res['vnni']}", "",
+             "| path | fine top-1 | agreement with exact | ms |", "|---|---|---|---|"]
+    lines += [f"| {k} | {v['fine_top1']:.3f} | {v['agreement_with_exact'] * 100:.1f} % | {v['median_ms']:.1f} |"
+              for k, v in res["paths"].items()]
+    return print_table(lines, res, a.json)
 
 if __name__ == "__main__":
     sys.exit(main())

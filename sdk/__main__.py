@@ -14,8 +14,12 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from . import _calibrate as C
+from ._classifier import Classifier, ItemError
 from ._enroll import ENROLLMENT_NAME
 from ._errors import HierfgError
+from ._manifest import MANIFEST_NAME, Manifest
+from .datasets import load_dataset, restrict_to_list, stratified_holdout
 
 
 class _Progress:
@@ -54,15 +58,11 @@ def _fmt_pred(pred: Any) -> str:
     return text
 
 
-def _classifier(args: argparse.Namespace) -> Any:
-    from ._classifier import Classifier
-
+def _classifier(args: argparse.Namespace) -> Classifier:
     return Classifier.load(args.model, backend=args.backend, num_threads=args.threads)
 
 
 def cmd_classify(args: argparse.Namespace) -> int:
-    from ._classifier import ItemError
-
     clf = _classifier(args)
     thresholds = [float(x) for x in args.thresholds.split(",")] if args.thresholds else None
     kw = dict(top_k=args.top_k, thresholds=thresholds, allow=_names(args.allow), deny=_names(args.deny))
@@ -95,8 +95,6 @@ def cmd_classify(args: argparse.Namespace) -> int:
 
 
 def cmd_info(args: argparse.Namespace) -> int:
-    from ._manifest import Manifest
-
     m = Manifest.load(args.model)
     if args.json:
         print(m.to_json())
@@ -148,7 +146,6 @@ def cmd_enroll(args: argparse.Namespace) -> int:
 
 
 def cmd_embedding_stats(args: argparse.Namespace) -> int:
-    from .datasets import load_dataset, stratified_holdout
     clf = _classifier(args)
     ds = load_dataset(args.data, args.split, taxonomy=clf.base_taxonomy)
     keep = list(range(len(ds)))
@@ -163,7 +160,7 @@ def cmd_embedding_stats(args: argparse.Namespace) -> int:
     source = f"{args.data}:{args.split}{'' if args.with_slice else ' without the 20 % slice'}, {len(sub)} photos"
     rec = clf.write_embedding_stats([x.source for x in sub.samples], names, source=source)
     print(f"wrote {clf.directory / rec['file']} ({rec['photos']} photos, {rec['classes']} classes, rank {rec['rank']}) "
-          f"and its sha256 into {clf.directory / 'manifest.json'}")
+          f"and its sha256 into {clf.directory / MANIFEST_NAME}")
     return 0
 
 
@@ -181,11 +178,6 @@ def _print_report(title: str, rep: dict[str, Any]) -> None:
 
 
 def cmd_calibrate(args: argparse.Namespace) -> int:
-    import numpy as np
-
-    from . import _calibrate as C
-    from .datasets import load_dataset, restrict_to_list
-
     clf = _classifier(args)
     names = clf.taxonomy.level_names
 
@@ -211,14 +203,8 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     ds, lp, source = load(args.split, args.holdout_list)
     ood = C.out_of_catalogue_images(args.ood_per_kind, seed=args.seed)
     ood_lp = logprobs([img for _, img in ood], f"out-of-catalogue ({len(ood)} generated)")
-    plot_dir = Path(args.plot_dir) if args.plot_dir else clf.directory / "calibration"
-    try:
-        import matplotlib  # noqa: F401  (only to know whether the plots can be drawn)
-    except ImportError:
-        print("note: no plots; pip install matplotlib to get the coverage/precision curves", file=sys.stderr)
-        plot_dir = None
     cal = C.calibrate(clf, lp, ds.labels(), ood_lp, [k for k, _ in ood], args.target_precision,
-                      args.max_false_unknown, plot_dir)
+                      args.max_false_unknown)
     decoding = cal.decoding(args.target_precision, args.max_false_unknown, source, names)
     print("thresholds  " + ", ".join(f"{n}={t:.4f}" for n, t in zip(names, cal.thresholds)))
     print(f"unknown     {cal.unknown_score} > {cal.unknown_threshold:.4f}")
@@ -231,12 +217,11 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
         decoding["calibration"].setdefault("eval", {})[split] = rep
         _print_report(f"evaluation on {esource}, at these thresholds:", rep)
     if args.report_json:
-        Path(args.report_json).write_text(json.dumps(decoding, indent=1, default=C._json_default))
-    plots = "plots: " + ", ".join(str(p) for p in cal.plots) if cal.plots else "no plots"
+        Path(args.report_json).write_text(json.dumps(decoding, indent=1))
     if args.dry_run:
-        print(f"dry run: manifest not changed; {plots}")
+        print("dry run: manifest not changed")
     else:
-        print(f"wrote thresholds to {C.write_decoding(clf.directory, decoding)} ('decoding'); {plots}")
+        print(f"wrote thresholds to {C.write_decoding(clf.directory, decoding)} ('decoding')")
     return 0
 
 
@@ -285,8 +270,6 @@ def build_parser() -> argparse.ArgumentParser:
                    help="evaluate only the images of --eval-split listed in this file (e.g. a run's holdout.txt: "
                         "calibrate on val, judge on the train slice the model never saw)")
     k.add_argument("--limit", type=int, default=0, help="use at most N images of the split (evenly spaced)")
-    k.add_argument("--plot-dir", default=None,
-                   help="where the PNG curves go (default: MODEL/calibration; drawn when matplotlib is installed)")
     k.add_argument("--report-json", default=None, help="also write the full report here")
     k.add_argument("--dry-run", action="store_true", help="do not change the manifest")
     k.add_argument("--seed", type=int, default=0)

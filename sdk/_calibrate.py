@@ -16,14 +16,14 @@ coloured-shape images of `sdk.datasets.synthetic_dataset`; no photos, since the 
 has none of non-grocery objects). Its threshold is the in-catalogue quantile that flags at most
 `max_false_unknown` of real items; the score that flags the most generated images at that rate wins.
 
-The plots need matplotlib (imported only by `plot_curves`); everything else is numpy.
+numpy only: the coverage/precision curves behind these choices are drawn by `research/calibration_curves.py`.
 """
 
 from __future__ import annotations
 
 import datetime as _dt
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -122,26 +122,24 @@ def answered_depth(probs: np.ndarray, thresholds: Sequence[float]) -> np.ndarray
     return np.cumprod(passed, axis=1).sum(axis=1)
 
 
-def calibrate_thresholds(ds: DecodedSet, target: float) -> tuple[list[float], list[dict[str, Any]]]:
-    """Per-level thresholds (see module docstring) and per-level precision/coverage curves."""
-    ds = ds.labelled()
-    probs, correct, n = ds.probs, ds.paths == ds.labels, len(ds.paths)
-    thresholds: list[float] = []
-    curves: list[dict[str, Any]] = []
-    reach = np.ones(n, bool)  # answered down to the level above
-    for lvl in range(probs.shape[1]):
-        t = pick_threshold(probs[reach, lvl], correct[reach, lvl], target)
-        grid = np.unique(np.r_[np.linspace(0, 1, 201), probs[reach, lvl]])
-        cov, prec = [], []
-        for g in grid:
-            ans = reach & (probs[:, lvl] >= g)
-            cov.append(ans.sum() / max(n, 1))
-            prec.append(correct[ans, lvl].mean() if ans.any() else np.nan)
-        thresholds.append(t)
-        curves.append({"threshold": grid, "coverage": np.asarray(cov), "precision": np.asarray(prec), "chosen": t})
-        reach = reach & (probs[:, lvl] >= t)
-    return thresholds, curves
+def _flagged_and_depth(ds: DecodedSet, thresholds: Sequence[float], unknown_kind: str | None,
+                       unknown_threshold: float | None) -> tuple[np.ndarray, np.ndarray]:
+    """Per row, whether it is flagged unknown, and how many levels its answer keeps (0 when flagged)."""
+    flagged = ds.unknown[unknown_kind] > unknown_threshold if unknown_kind and unknown_threshold is not None \
+        else np.zeros(len(ds.paths), bool)
+    return flagged, np.where(flagged, 0, answered_depth(ds.probs, thresholds))
 
+
+def calibrate_thresholds(ds: DecodedSet, target: float) -> list[float]:
+    """Per-level thresholds, coarsest first (see module docstring)."""
+    ds = ds.labelled()
+    probs, correct = ds.probs, ds.paths == ds.labels
+    thresholds: list[float] = []
+    reach = np.ones(len(probs), bool)  # answered down to the level above
+    for lvl in range(probs.shape[1]):
+        thresholds.append(pick_threshold(probs[reach, lvl], correct[reach, lvl], target))
+        reach &= probs[:, lvl] >= thresholds[-1]
+    return thresholds
 
 def calibrate_unknown(in_scores: dict[str, np.ndarray], ood_scores: dict[str, np.ndarray],
                       max_false_unknown: float) -> tuple[str, float, dict[str, dict[str, float]]]:
@@ -173,9 +171,7 @@ def decoding_report(ds: DecodedSet, thresholds: Sequence[float], unknown_kind: s
     """Figures of the back-off answers vs plain argmax on a labelled set."""
     ds = ds.labelled()
     n, depth = ds.paths.shape
-    unk = ds.unknown[unknown_kind] > unknown_threshold if unknown_kind and unknown_threshold is not None \
-        else np.zeros(n, bool)
-    d = np.where(unk, 0, answered_depth(ds.probs, thresholds))
+    unk, d = _flagged_and_depth(ds, thresholds, unknown_kind, unknown_threshold)
     correct = ds.paths == ds.labels
     answered = np.arange(depth)[None, :] < d[:, None]
     rep: dict[str, Any] = {"n": int(n), "answered_node_precision": _mean(correct[answered])}
@@ -203,8 +199,7 @@ def decoding_report(ds: DecodedSet, thresholds: Sequence[float], unknown_kind: s
 
 def ood_report(ood: DecodedSet, kinds: Sequence[str], thresholds: Sequence[float], unknown_kind: str,
                unknown_threshold: float) -> dict[str, Any]:
-    flagged = ood.unknown[unknown_kind] > unknown_threshold
-    d = np.where(flagged, 0, answered_depth(ood.probs, thresholds))
+    flagged, d = _flagged_and_depth(ood, thresholds, unknown_kind, unknown_threshold)
     depth = ood.paths.shape[1]
     kinds_arr = np.asarray(kinds)
     rep: dict[str, Any] = {"n": int(len(d)), "flagged_unknown": _mean(flagged),
@@ -214,47 +209,6 @@ def ood_report(ood: DecodedSet, kinds: Sequence[str], thresholds: Sequence[float
         rep[f"{k}/flagged_unknown"] = _mean(flagged[m])
         rep[f"{k}/answered_to_finest"] = _mean(d[m] == depth)
     return rep
-
-
-def plot_curves(curves: list[dict[str, Any]], level_names: Sequence[str], target: float, out_dir: Path,
-                in_scores: np.ndarray, ood_scores: np.ndarray, unknown_kind: str,
-                unknown_threshold: float) -> list[Path]:
-    """One coverage/precision PNG per level and a histogram of the unknown score."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    out_dir.mkdir(parents=True, exist_ok=True)
-    written: list[Path] = []
-
-    def save(fig, name: str) -> None:
-        fig.tight_layout()
-        fig.savefig(out_dir / name, dpi=110)
-        plt.close(fig)
-        written.append(out_dir / name)
-
-    for name, c in zip(level_names, curves):
-        fig, ax = plt.subplots(figsize=(5, 4))
-        ax.plot(c["coverage"], c["precision"], lw=1.5)
-        i = int(np.argmin(np.abs(c["threshold"] - c["chosen"])))
-        ax.plot([c["coverage"][i]], [c["precision"][i]], "o", color="C3",
-                label=f"chosen t={c['chosen']:.3f}: coverage {c['coverage'][i]:.2f}, precision {c['precision'][i]:.3f}")
-        ax.axhline(target, ls="--", color="grey", lw=1, label=f"target {target}")
-        ax.set(xlabel=f"coverage (share of images answered to '{name}')", ylabel=f"precision at '{name}'",
-               xlim=(0, 1.02))
-        ax.set_title(f"back-off at level '{name}' (levels above at their thresholds)", fontsize=9)
-        ax.legend(fontsize=7, loc="lower left")
-        ax.grid(alpha=0.3)
-        save(fig, f"calibration_{name}.png")
-    fig, ax = plt.subplots(figsize=(5, 4))
-    bins = np.linspace(0, 1, 41)
-    ax.hist(in_scores, bins=bins, alpha=0.6, label="in-catalogue (calibration split)", density=True)
-    ax.hist(ood_scores, bins=bins, alpha=0.6, label="generated out-of-catalogue", density=True)
-    ax.axvline(unknown_threshold, color="C3", ls="--", label=f"threshold {unknown_threshold:.3f}")
-    ax.set_xlabel(f"unknown score ({unknown_kind})")
-    ax.legend(fontsize=7)
-    save(fig, "unknown_score.png")
-    return written
 
 
 # ---- the whole procedure --------------------------------------------------------------------------
@@ -277,8 +231,6 @@ class Calibration:
     report: dict[str, Any]
     unknown_table: dict[str, dict[str, float]]
     ood_report: dict[str, Any]
-    curves: list[dict[str, Any]] = field(repr=False, default_factory=list)
-    plots: list[Path] = field(default_factory=list)
 
     def decoding(self, target: float, max_false_unknown: float, source: str,
                  level_names: Sequence[str]) -> dict[str, Any]:
@@ -294,8 +246,8 @@ class Calibration:
 
 def calibrate(clf: Classifier, in_logprobs: Sequence[np.ndarray], labels: np.ndarray,
               ood_logprobs: Sequence[np.ndarray], ood_kinds: Sequence[str], target: float = 0.98,
-              max_false_unknown: float = 0.05, plot_dir: Path | None = None) -> Calibration:
-    """Thresholds, unknown cut-off, figures and plots from precomputed log-probs."""
+              max_false_unknown: float = 0.05) -> Calibration:
+    """Thresholds, unknown cut-off and figures from precomputed log-probs."""
     if not 0.0 < target <= 1.0:
         raise ValueError(f"target precision must be in (0, 1]; got {target}")
     if not 0.0 <= max_false_unknown < 1.0:
@@ -305,15 +257,11 @@ def calibrate(clf: Classifier, in_logprobs: Sequence[np.ndarray], labels: np.nda
     if not (ds.labels >= 0).all(1).any():
         raise ValueError("the calibration set has no image labelled at every level")
     ood = decode_set(tax, ood_logprobs)
-    thresholds, curves = calibrate_thresholds(ds, target)
+    thresholds = calibrate_thresholds(ds, target)
     kind, uthr, table = calibrate_unknown(ds.unknown, ood.unknown, max_false_unknown)
     rep = decoding_report(ds, thresholds, kind, uthr, tax.level_names)
     orep = ood_report(ood, ood_kinds, thresholds, kind, uthr)
-    cal = Calibration(thresholds, kind, uthr, rep, table, orep, curves)
-    if plot_dir is not None:
-        cal.plots = plot_curves(curves, tax.level_names, target, plot_dir, ds.unknown[kind], ood.unknown[kind],
-                                kind, uthr)
-    return cal
+    return Calibration(thresholds, kind, uthr, rep, table, orep)
 
 
 def write_decoding(model_dir: Path, decoding: dict[str, Any]) -> Path:
@@ -321,10 +269,4 @@ def write_decoding(model_dir: Path, decoding: dict[str, Any]) -> Path:
     path = model_dir / MANIFEST_NAME if model_dir.is_dir() else model_dir
     d = json.loads(path.read_text(encoding="utf-8"))
     d["decoding"] = decoding
-    return atomic_write(path, json.dumps(d, indent=1, ensure_ascii=False, default=_json_default))
-
-
-def _json_default(o: Any) -> Any:
-    if isinstance(o, np.generic):
-        return o.item()
-    raise TypeError(type(o).__name__)
+    return atomic_write(path, json.dumps(d, indent=1, ensure_ascii=False))

@@ -126,7 +126,7 @@ class Classifier:
     (enrolled classes, extended taxonomy, decoder) under a lock; a call in flight keeps the view it began with.
     """
 
-    def __init__(self, backend: Backend, manifest: Manifest, directory: Path, enrollment: Enrollment | None = None):
+    def __init__(self, backend: Backend, manifest: Manifest, directory: Path):
         self.manifest = manifest
         self.directory = directory
         self.base_taxonomy: Taxonomy = manifest.taxonomy  # the trained classes: what the model's outputs index
@@ -134,7 +134,7 @@ class Classifier:
         self._backend = backend if backend.thread_safe else LockedBackend(backend)
         self._enroll_lock = threading.Lock()
         self._stats: EmbeddingStats | None = None
-        self._set_enrollment(enrollment or Enrollment())
+        self._set_enrollment(Enrollment())
         dec = manifest.decoding or {}
         try:
             self.thresholds = self._check_thresholds(dec.get("thresholds"))
@@ -165,9 +165,7 @@ class Classifier:
         clf = cls(be, manifest, directory)
         clf._check_outputs()
         clf._stats = EmbeddingStats.load(directory, manifest)
-        clf._set_enrollment(Enrollment())
-        if enrollment:
-            clf._set_enrollment(load_enrollment(directory, manifest))
+        clf._set_enrollment(load_enrollment(directory, manifest) if enrollment else Enrollment())
         return clf
 
     def _set_enrollment(self, enrollment: Enrollment) -> None:

@@ -111,14 +111,13 @@ def test_calibrated_thresholds_meet_the_target_on_their_data():
         logits[np.arange(n), labels[:, lvl]] += rng.uniform(0, 4, n)
         lps.append(logits - np.log(np.exp(logits).sum(1, keepdims=True)))
     ds = C.decode_set(tax, lps, labels)
-    th, curves = C.calibrate_thresholds(ds, 0.95)
+    th = C.calibrate_thresholds(ds, 0.95)
     rep = C.decoding_report(ds, th, None, None, tax.level_names)
     for name in tax.level_names:
         assert np.isnan(rep[f"precision/{name}"]) or rep[f"precision/{name}"] >= 0.95
     assert rep["answered_node_precision"] >= 0.95
     assert rep["coverage/category"] > 0.5  # it does answer, it is not all back-off
     assert rep["coverage/category"] >= rep["coverage/coarse"] >= rep["coverage/fine"]
-    assert len(curves) == 3 and all(len(c["coverage"]) == len(c["precision"]) for c in curves)
 
 
 def test_calibrate_writes_only_the_decoding_section(model_copy, grocery_root, tmp_path):
@@ -129,9 +128,8 @@ def test_calibrate_writes_only_the_decoding_section(model_copy, grocery_root, tm
     ood = C.out_of_catalogue_images(2)
     assert {k for k, _ in ood} == set(C.OUT_OF_CATALOGUE_KINDS)
     cal = C.calibrate(clf, C.batch_logprobs(clf, [s.source for s in ds.samples]), ds.labels(),
-                      C.batch_logprobs(clf, [i for _, i in ood]), [k for k, _ in ood], 0.9, 0.05, tmp_path / "plots")
-    C.write_decoding(model_copy, json.loads(json.dumps(cal.decoding(0.9, 0.05, "val", clf.taxonomy.level_names),
-                                                       default=C._json_default)))
+                      C.batch_logprobs(clf, [i for _, i in ood]), [k for k, _ in ood], 0.9, 0.05)
+    C.write_decoding(model_copy, json.loads(json.dumps(cal.decoding(0.9, 0.05, "val", clf.taxonomy.level_names))))
     after = json.loads((model_copy / "manifest.json").read_text())
     assert {k: v for k, v in after.items() if k != "decoding"} == {k: v for k, v in before.items() if k != "decoding"}
     assert after["decoding"]["thresholds"] == [round(t, 6) for t in cal.thresholds]
@@ -139,8 +137,5 @@ def test_calibrate_writes_only_the_decoding_section(model_copy, grocery_root, tm
     assert clf2.thresholds == tuple(after["decoding"]["thresholds"])
     assert clf2.unknown_threshold == after["decoding"]["unknown_threshold"]
     assert clf2.unknown_score_kind == cal.unknown_score
-    assert sorted(p.name for p in cal.plots) == ["calibration_category.png", "calibration_coarse.png",
-                                                  "calibration_fine.png", "unknown_score.png"]
-    assert all(p.stat().st_size > 1000 for p in cal.plots)
     # the in-catalogue false-unknown rate is bounded by construction
     assert cal.report["flagged_unknown"] <= 0.05 + 1e-9

@@ -85,21 +85,20 @@ def test_missing_model_option_is_a_usage_error_that_says_what_to_pass(args):
 
 
 @pytest.mark.slow
-def test_calibrate_without_matplotlib_skips_the_plots_with_a_note(model_copy, grocery_root, monkeypatch, capsys):
+def test_calibrate_needs_no_matplotlib_and_writes_only_the_manifest(model_copy, grocery_root, monkeypatch, capsys):
     from sdk.__main__ import main
 
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # `import matplotlib` now raises ImportError
     assert main(["calibrate", "--model", str(model_copy), "--data", str(grocery_root), "--limit", "12",
                  "--ood-per-kind", "1"]) == 0
     out, err = capsys.readouterr()
-    assert "pip install matplotlib" in err and "Traceback" not in err
-    assert "wrote thresholds to" in out and "no plots" in out
+    assert "Traceback" not in err and "wrote thresholds to" in out
     assert not (model_copy / "calibration").exists()
     assert json.loads((model_copy / "manifest.json").read_text())["decoding"]["thresholds"]
 
 
 @pytest.mark.slow
-def test_calibrate_cli_writes_manifest_and_plots(model_copy, grocery_root, banana_jpg, tmp_path):
+def test_calibrate_cli_writes_manifest_and_report(model_copy, grocery_root, banana_jpg, tmp_path):
     listing = tmp_path / "slice.txt"  # like a run's holdout.txt: absolute paths of some train photos
     listing.write_text("\n".join(str(grocery_root / f"train/Fruit/Banana/Banana_{i:03d}.jpg") for i in (1, 2, 3)) + "\n")
     r = run("calibrate", "--model", model_copy, "--data", grocery_root, "--split", "val", "--limit", "40",
@@ -112,8 +111,6 @@ def test_calibrate_cli_writes_manifest_and_plots(model_copy, grocery_root, banan
     assert len(dec["thresholds"]) == 3 and dec["calibration"]["target_precision"] == 0.98
     assert dec["unknown_score"] and dec["unknown_threshold"] is not None
     assert "generated" in dec["calibration"]["out_of_catalogue"]
-    for lvl in ("category", "coarse", "fine"):
-        assert (model_copy / "calibration" / f"calibration_{lvl}.png").is_file()
     assert json.loads((tmp_path / "rep.json").read_text())["thresholds"] == dec["thresholds"]
     assert "back-off   category=" in run("info", model_copy).stdout
     assert run("classify", banana_jpg, "--model", model_copy).returncode == 0

@@ -47,7 +47,6 @@ class Backend:
     def __init__(self, path: Path, manifest: Manifest, num_threads: int | None):
         self.path = path
         self.manifest = manifest
-        self.num_threads = num_threads
         try:
             self._load(path, manifest, int(num_threads or 1))
         except ModelIntegrityError:

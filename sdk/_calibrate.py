@@ -9,12 +9,10 @@ marginal t such that, for every threshold t' >= t, the nodes answered at level l
 answered nodes of all levels together do too. A level whose precision never reaches the target gets
 threshold 1.0 (the answer stops above it).
 
-Out-of-catalogue ("unknown") detection: each score in `sdk._decode.UNKNOWN_SCORES` is computed on the
-in-catalogue calibration images and on generated out-of-catalogue images (`out_of_catalogue_images`:
-uniform and Gaussian noise, blank frames in solid colours, colour gradients, checkerboards, and the
-coloured-shape images of `sdk.datasets.synthetic_dataset`; no photos, since the Grocery Store dataset
-has none of non-grocery objects). Its threshold is the in-catalogue quantile that flags at most
-`max_false_unknown` of real items; the score that flags the most generated images at that rate wins.
+Out-of-catalogue ("unknown") detection: each score in `sdk._decode.UNKNOWN_SCORES` gets the in-catalogue
+quantile that flags at most `max_false_unknown` of real items as its threshold; the score that then flags
+the most generated out-of-catalogue images wins (generated because the Grocery Store dataset has no photos
+of non-grocery objects). docs/sdk.md, "Calibration", says the same for users.
 
 numpy only: the coverage/precision curves behind these choices are drawn by `research/calibration_curves.py`.
 """

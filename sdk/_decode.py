@@ -96,7 +96,7 @@ class TreeDecoder:
         def under(names: Iterable[str]) -> np.ndarray:
             hit = np.zeros(n, bool)
             for name in names:
-                lvl, idx = self.resolve(name)
+                lvl, idx = self.taxonomy.find(name)
                 hit |= self.anc[:, lvl] == idx
             return hit
 
@@ -109,16 +109,6 @@ class TreeDecoder:
             raise ValueError(f"allow={list(allow) if allow is not None else None} and "
                              f"deny={list(deny) if deny is not None else None} leave no leaf to answer with")
         return mask
-
-    def resolve(self, name: str) -> tuple[int, int]:
-        """(level, index) of a node given as `name` or `level:name`."""
-        tax = self.taxonomy
-        if ":" in name:
-            level, _, rest = name.partition(":")
-            if level in tax.level_names:
-                lvl = tax.level_names.index(level)
-                return lvl, tax.index(lvl, rest)
-        return tax.find(name)
 
     def node_allowed(self, leaf_mask: np.ndarray | None) -> list[np.ndarray] | None:
         """Per level, which nodes keep at least one allowed leaf."""

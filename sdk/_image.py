@@ -1,17 +1,8 @@
 """Image decoding shared by training and the device, so both see the same pixels.
 
-Contract (documented in the README, tested against RELIABILITY.md):
-- accepted sources: a path (str / PathLike), bytes, a PIL image, or a numpy uint8 array HxWx3 (RGB);
-- formats allowed by *content*: JPEG, PNG, WebP, GIF, BMP, TIFF; anything else -> UnsupportedFormatError;
-- EXIF orientation is applied; a corrupt EXIF block is ignored;
-- every mode is normalized to 8-bit RGB: alpha is composited on white, 16-bit and float images are
-  rescaled from their own range (not clamped);
-- animated / multi-page files: the first frame;
-- limits: file size <= MAX_FILE_BYTES, declared size <= MAX_PIXELS (checked from the header, before
-  decoding), both sides >= 1 pixel;
-- resize policy (`prepare`): centre-crop the long side so the aspect ratio is at most MAX_ASPECT, then
-  resize (bilinear) to the model's square input. Large JPEGs are decoded with `draft()` first, so a
-  48-megapixel photo is decoded at reduced scale in bounded memory.
+Sources: a path, bytes, a PIL image, or a numpy uint8 HxWx3 RGB array. The contract (formats by content,
+EXIF, modes, first frame, size limits, resize policy) is docs/sdk.md, "Image decoding contract"; the
+tests hold it to RELIABILITY.md.
 """
 
 from __future__ import annotations

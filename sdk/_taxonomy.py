@@ -108,7 +108,11 @@ class Taxonomy:
             raise TaxonomyError(f"no node named {name!r} at level {level} ({self._level_names[level]!r})") from None
 
     def find(self, name: str) -> tuple[int, int]:
-        """(level, index) of the shallowest node called `name`."""
+        """(level, index) of the node `level:name`, or of the shallowest node called `name`."""
+        level, sep, rest = name.partition(":")
+        if sep and level in self._level_names:
+            lvl = self._level_names.index(level)
+            return lvl, self.index(lvl, rest)
         for lvl in range(self.depth):
             if name in self._index[lvl]:
                 return lvl, self._index[lvl][name]

@@ -109,11 +109,9 @@ _DETECT = object()
 def int8_saturation_risk(manifest: Manifest, machine: str | None = None, vnni=_DETECT) -> str | None:
     """Why onnxruntime's fused int8 kernels would change this int8 ONNX artifact's answers on this CPU, or None.
 
-    onnxruntime runs QDQ convolutions with signed int8 weights (U8S8; S8S8 is converted to it) through
-    kernels that, on x86 without VNNI, add pairs of uint8 x int8 products in int16 and saturate. Measured
-    here on the Grocery student: 84 % fine agreement with the same graph run unfused. ARM CPUs and x86
-    CPUs with VNNI take other kernels. `machine` and `vnni` (True / False / None for unknown) default to
-    this machine's.
+    Signed int8 weights (U8S8; S8S8 is converted to it) run, on x86 without VNNI, through kernels that add
+    pairs of uint8 x int8 products in int16 and saturate; ARM CPUs and x86 CPUs with VNNI take other kernels.
+    `machine` and `vnni` (True / False / None for unknown) default to this machine's.
     """
     if manifest.target != "onnx" or manifest.precision != "int8":
         return None

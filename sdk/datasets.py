@@ -77,11 +77,10 @@ def read_grocery(root: str | Path, split: str = "train", taxonomy: Taxonomy | No
     return HierDataset(taxonomy, samples, f"grocery:{split}")
 
 
-def read_folder_tree(root: str | Path, taxonomy: Taxonomy | None = None,
-                     level_names: Sequence[str] | None = None) -> HierDataset:
+def read_folder_tree(root: str | Path, taxonomy: Taxonomy | None = None) -> HierDataset:
     """Read `root/<level0>/…/<leaf>/*.jpg`; images at another depth are skipped."""
     root = Path(root)
-    taxonomy = taxonomy or Taxonomy.from_folder_tree(root, level_names)
+    taxonomy = taxonomy or Taxonomy.from_folder_tree(root)
     samples = []
     for p in sorted(root.rglob("*")):
         parts = p.parent.relative_to(root).parts

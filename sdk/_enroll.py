@@ -83,12 +83,10 @@ class EmbeddingStats:
     @classmethod
     def fit(cls, embeddings: np.ndarray, labels: np.ndarray, n_classes: int, rank: int = STATS_RANK,
             shrink: float = STATS_SHRINK) -> "EmbeddingStats":
-        """From (N, dim) embeddings of training photos and their (N,) fine class indices."""
+        """From (N, dim) embeddings of training photos and their (N,) fine class indices (checked by the caller,
+        `Classifier.write_embedding_stats`)."""
         x = normalize(embeddings)
         labels = np.asarray(labels, np.int64)
-        if len(x) < 2 or x.ndim != 2 or labels.shape != (len(x),) or labels.min() < 0 or labels.max() >= n_classes:
-            raise ValueError(f"need (N >= 2, dim) embeddings with N class indices in [0, {n_classes}); got "
-                             f"{x.shape} and {labels.shape}")
         counts = np.bincount(labels, minlength=n_classes)
         raw = np.zeros((n_classes, x.shape[1]))
         np.add.at(raw, labels, x)

@@ -149,7 +149,7 @@ def _from_array(arr: np.ndarray) -> Image.Image:
 
 
 def load_image(source: ImageSource, target: int | None = None) -> Image.Image:
-    """Decode any accepted source into an upright 8-bit RGB PIL image (see module docstring)."""
+    """Decode any accepted source into an upright 8-bit RGB PIL image (the contract in docs/sdk.md)."""
     if isinstance(source, np.ndarray):
         return _from_array(source)
     if isinstance(source, Image.Image):
@@ -160,22 +160,18 @@ def load_image(source: ImageSource, target: int | None = None) -> Image.Image:
     return _decode(_open(source), target)
 
 
-def center_crop_aspect(img: Image.Image, max_aspect: float = MAX_ASPECT) -> Image.Image:
-    """Crop the long side centrally so that long/short <= max_aspect (extreme strips stay bounded)."""
+def center_crop_aspect(img: Image.Image) -> Image.Image:
+    """Crop the long side centrally so that long/short <= MAX_ASPECT (extreme strips stay bounded)."""
     w, h = img.size
-    nw, nh = min(w, max(1, round(h * max_aspect))), min(h, max(1, round(w * max_aspect)))
+    nw, nh = min(w, max(1, round(h * MAX_ASPECT))), min(h, max(1, round(w * MAX_ASPECT)))
     if (nw, nh) == (w, h):
         return img
     left, top = (w - nw) // 2, (h - nh) // 2
     return img.crop((left, top, left + nw, top + nh))
 
 
-def prepare(
-    source: ImageSource,
-    size: int,
-    crop: tuple[float, float, float, float] | None = None,
-    flip: bool = False,
-) -> np.ndarray:
+def prepare(source: ImageSource, size: int, crop: tuple[float, float, float, float] | None = None,
+            flip: bool = False) -> np.ndarray:
     """Decode + aspect clamp + resize to a (size, size, 3) uint8 RGB array: the model's input.
 
     `crop` (left, top, right, bottom, as fractions of the clamped image) and `flip` exist for training

@@ -33,16 +33,11 @@ class LevelPrediction:
 
 @dataclass(frozen=True)
 class HierarchicalPrediction:
-    """One image's answer.
+    """One image's answer; each field is described in docs/sdk.md ("HierarchicalPrediction fields").
 
-    `path` is the answer: root-to-node, stopping at the deepest level whose marginal clears its
-    threshold (it may be shorter than the tree is deep; empty when even the root level is unsure or
-    the item is unknown). `full_path` is the same walk without back-off. `top_k[level]` lists
-    (label, marginal) pairs, best first. Every probability is a tree-consistent marginal: along a path
-    a child's probability never exceeds its parent's. With an allow / deny list the marginals are
-    renormalized over the allowed leaves and `allowed_mass` is the share the model gave them before.
-    `taxonomy` is the tree the answer's indices and labels refer to: the trained one plus the classes
-    enrolled when it was answered (another thread may enroll or forget a product meanwhile).
+    Every probability is a tree-consistent marginal: along a path a child's probability never exceeds its
+    parent's. `taxonomy` travels with the answer because another thread may enroll or forget a product
+    while it is read.
     """
 
     path: tuple[LevelPrediction, ...]

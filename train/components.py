@@ -218,12 +218,7 @@ def refined_forward(model: nn.Module, x: torch.Tensor, start: int, cached: dict[
     aux = {} if aux is None else aux
     cfg, bb = model.cfg, model.backbone
     crop = max(start, cfg.c2f_crop_block) if cfg.c2f_refine else start
-    need = tuple(t for t in cfg.taps if not (cached and t in cached))
-    if crop > start and crop - 1 not in need:
-        need = need + (crop - 1,)  # the feature map to crop, computed on the way
-    feats = bb.forward_range(x, start, need) if need else {}
-    if cached:
-        feats.update(cached)
+    feats = model.features(x, start, cached, (crop - 1,) if crop > start else ())  # + the feature map to crop
     logps, sal = _look(model, feats, aux)
     if not cfg.c2f_refine:
         return logps

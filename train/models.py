@@ -11,7 +11,7 @@ from __future__ import annotations
 import functools
 import math
 from dataclasses import asdict, dataclass, field, fields
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torch.nn as nn
@@ -269,10 +269,7 @@ class HierarchicalQueryModel(nn.Module):
         if self.cfg.part_select or self.cfg.c2f_refine:
             from .components import refined_forward  # TransFG part selection / Coarse2Fine
             return refined_forward(self, x, start, cached, aux)
-        need = tuple(t for t in self.cfg.taps if not (cached and t in cached))
-        feats = self.backbone.forward_range(x, start, need) if need else {}
-        if cached:
-            feats.update(cached)
+        feats = self.features(x, start, cached)
         tokens = self.tokens(feats)
         if aux is not None:
             aux["tokens"], aux["pooled"] = tokens, tokens.mean(1)
@@ -294,22 +291,21 @@ class HierarchicalQueryModel(nn.Module):
     def forward(self, x: torch.Tensor, start: int = 0, cached: dict | None = None, aux: dict | None = None):
         return self.forward_from(x, start, cached=cached, aux=aux)
 
+    def features(self, x: torch.Tensor, start: int, cached: dict[int, torch.Tensor] | None,
+                 extra: tuple[int, ...] = ()) -> dict[int, torch.Tensor]:
+        """The taps (and `extra` blocks' outputs) from block `start` on, the `cached` ones taken as given."""
+        need = tuple(t for t in (*self.cfg.taps, *extra) if not (cached and t in cached))
+        return {**(self.backbone.forward_range(x, start, need) if need else {}), **(cached or {})}
+
     @torch.no_grad()
-    def initialize_from_data(self, train, feats: dict | None, start: int, per_class: int = 40,
-                             images: torch.Tensor | None = None) -> None:
+    def initialize_from_data(self, labels: torch.Tensor, pooled: Callable[[list[int]], torch.Tensor],
+                             per_class: int = 40) -> None:
         """Query init from a weighted eigen-image of each class (cfg.query_init == "eigen"): from the
-        mean-pooled tokens z of up to `per_class` training images under each node (view 0; images labelled only
-        above a level do not count there), q_c = mean_c + sum_{k<=K} r_k * s_k * v_k over the class's leading K
-        principal directions v_k (signed to project the mean positively), their standard deviations s_k and
-        explained-variance ratios r_k, rescaled to unit RMS. `images` (uint8 NHWC at the input size) spares decoding.
+        mean-pooled tokens z (`pooled(rows)`, view 0) of up to `per_class` training images under each node (images
+        labelled only above a level do not count there), q_c = mean_c + sum_{k<=K} r_k * s_k * v_k over the class's
+        leading K principal directions v_k (signed to project the mean positively), their standard deviations s_k
+        and explained-variance ratios r_k, rescaled to unit RMS.
         """
-        if self.cfg.query_init != "eigen":
-            return
-        import numpy as np
-
-        from .data import load_view
-
-        labels = torch.as_tensor(train.labels())
         g = torch.Generator().manual_seed(0)
         chosen: set[int] = set()
         for lvl in range(labels.shape[1]):
@@ -320,20 +316,8 @@ class HierarchicalQueryModel(nn.Module):
         order = sorted(chosen)
         was_training = self.training
         self.eval()
-        zs = []
-        for i in range(0, len(order), 64):
-            part = torch.tensor(order[i:i + 64])
-            aux: dict = {}
-            if feats is not None:
-                cached = {int(k[3:]): v[0, part].float() for k, v in feats.items() if k.startswith("tap")}
-                self.forward_from(feats["x"][0, part].float(), start, cached=cached, aux=aux)
-            else:
-                imgs = images[part] if images is not None else torch.from_numpy(
-                    np.stack([load_view(train.samples[j], self.cfg.image_size, 0, 0) for j in part.tolist()]))
-                x = normalize_uint8(imgs.permute(0, 3, 1, 2)).to(self.head.queries[0].device)
-                self.forward_from(x.contiguous(memory_format=torch.channels_last), 0, aux=aux)
-            zs.append(aux["pooled"].float().cpu())
-        z_all = torch.cat(zs)
+        z_all = pooled(order)
+        self.train(was_training)
         lab = labels[torch.tensor(order)]
         for lvl, q in enumerate(self.head.queries):
             new = q.data.clone()
@@ -351,7 +335,6 @@ class HierarchicalQueryModel(nn.Module):
                         e += ratio[k] * (sv[k] / (len(z) - 1) ** 0.5) * v
                 new[c] = e / e.pow(2).mean().sqrt().clamp_min(1e-6)
             q.data.copy_(new)
-        self.train(was_training)
 
 
 _ARCHS: Registry = Registry("architecture")

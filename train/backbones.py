@@ -19,11 +19,7 @@ BN_EPS = 1e-3
 BN_MOMENTUM = 0.01
 
 _BACKBONES: Registry = Registry("backbone")
-register_backbone = _BACKBONES.register
-
-
-def list_backbones() -> list[str]:
-    return _BACKBONES.names()
+register_backbone, list_backbones = _BACKBONES.register, _BACKBONES.names
 
 
 def create_backbone(name: str, pretrained: bool = True) -> "EfficientNetLite":

@@ -55,8 +55,8 @@ class FeatureCache:
         self.model, self.ds, self.size, self.n_blocks, self.views, self.seed = model, ds, size, n_blocks, views, seed
         self.taps = tuple(t for t in model.cfg.taps if 0 <= t < n_blocks - 1)
         bb = model.backbone
-        frozen = [k.encode() + v.numpy().tobytes()[:4096] for k, v in bb.state_dict().items()
-                  if k.startswith(("_conv_stem", "_bn0")) or any(k.startswith(f"_blocks.{i}.") for i in range(n_blocks))]
+        prefix = ("_conv_stem", "_bn0", *(f"_blocks.{i}." for i in range(n_blocks)))
+        frozen = [k.encode() + v.numpy().tobytes()[:4096] for k, v in bb.state_dict().items() if k.startswith(prefix)]
         header = [bb.name, size, n_blocks, seed, "v2"] + ([list(self.taps)] if self.taps else [])
         self.key = cache_key(header, ds.samples, *frozen)[:20]
 
@@ -92,11 +92,10 @@ class CachedFeed:
 
     def __init__(self, feats: dict[str, torch.Tensor], tc: TrainConfig, start: int, device):
         self.feats, self.tc, self.start, self.device = feats, tc, start, device
-        self.views = max(tc.cache_views, 1)
 
     def batch(self, idx: torch.Tensor, epoch: int, step: int) -> tuple[tuple, Batch]:
         g = step_generator(self.tc.seed, epoch, step)
-        view = torch.randint(0, self.views, (len(idx),), generator=g)
+        view = torch.randint(0, self.tc.cache_views, (len(idx),), generator=g)
         m = draw_mix(len(idx), self.tc.mixup, self.tc.cutmix, g)
         x, cached = split_cached({k: v[(view, idx)] for k, v in self.feats.items()}, self.device)
         x, cached = mix(x, m), {t: mix(c, m) for t, c in cached.items()}

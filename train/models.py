@@ -17,8 +17,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from sdk import Taxonomy
-from sdk import Registry
+from sdk import Registry, Taxonomy
 
 from .backbones import EfficientNetLite, create_backbone, normalize_uint8
 
@@ -37,7 +36,6 @@ class ModelConfig:
     query_layers: int = 1  # cross-attention layers per level
     fusion_layers: int = 0  # self-attention blocks over the multi-scale tokens
     camp: bool = True
-    coarse_to_fine: bool = True
     ffn_mult: int = 2
     dropout: float = 0.1
     global_head: bool = False  # add a linear read-out of the pooled head features to every level's logits
@@ -185,7 +183,7 @@ class HierarchicalQueryHead(nn.Module):
         """One level's queries and read-out logits on `tokens`, given the coarser levels' queries and
         log-probs (TransFG part selection runs the fine level again through it, sharing every weight)."""
         q = self.queries[lvl].unsqueeze(0).expand(tokens.shape[0], -1, -1)
-        if lvl > 0 and self.cfg.coarse_to_fine:
+        if lvl > 0:
             q = q + self.fuse_scale[lvl - 1] * outs[lvl - 1].index_select(1, getattr(self, f"parent_{lvl}"))
         for blk in self.cross[lvl]:
             q = blk(q, tokens)
@@ -239,15 +237,26 @@ class MultiScaleTokens(nn.Module):
         return self.norm(x)
 
 
-class HierarchicalQueryModel(nn.Module):
-    """Backbone + multi-scale tokens + hierarchical query head. Input: normalized float NCHW."""
+class BackboneModel(nn.Module):
+    """A backbone without its ImageNet classifier (1.3 M params) and a head. Input: normalized float NCHW;
+    `forward_from(x, start, cached, aux)` runs from block `start` with the frozen prefix's taps `cached`."""
 
     def __init__(self, taxonomy: Taxonomy, cfg: ModelConfig, pretrained: bool = True):
         super().__init__()
         self.cfg = cfg
         self.taxonomy = taxonomy
         self.backbone = create_backbone(cfg.backbone, pretrained=pretrained)
-        self.backbone._fc = None  # the ImageNet classifier is not part of this model (saves 1.3 M params)
+        self.backbone._fc = None
+
+    def forward(self, x: torch.Tensor, start: int = 0, cached: dict | None = None, aux: dict | None = None):
+        return self.forward_from(x, start, cached=cached, aux=aux)
+
+
+class HierarchicalQueryModel(BackboneModel):
+    """Backbone + multi-scale tokens + hierarchical query head."""
+
+    def __init__(self, taxonomy: Taxonomy, cfg: ModelConfig, pretrained: bool = True):
+        super().__init__(taxonomy, cfg, pretrained)
         self.tokens = MultiScaleTokens(self.backbone, cfg)
         self.head = HierarchicalQueryHead(taxonomy, cfg)
         if cfg.global_head:
@@ -287,9 +296,6 @@ class HierarchicalQueryModel(nn.Module):
             if aux is not None:
                 aux["global_logits"] = glob  # for deep supervision of the flat read-out (loss global_ce)
         return self.head(tokens, aux=aux, global_logits=glob)
-
-    def forward(self, x: torch.Tensor, start: int = 0, cached: dict | None = None, aux: dict | None = None):
-        return self.forward_from(x, start, cached=cached, aux=aux)
 
     def features(self, x: torch.Tensor, start: int, cached: dict[int, torch.Tensor] | None,
                  extra: tuple[int, ...] = ()) -> dict[int, torch.Tensor]:
@@ -338,12 +344,7 @@ class HierarchicalQueryModel(nn.Module):
 
 
 _ARCHS: Registry = Registry("architecture")
-
-
-def register_arch(name: str, cls: type) -> None:
-    _ARCHS.add(name, cls)
-
-
+register_arch = _ARCHS.add
 register_arch("hsq_student", HierarchicalQueryModel)
 register_arch("hsq_teacher", HierarchicalQueryModel)
 
@@ -386,10 +387,6 @@ class DeployWrapper(nn.Module):
         aux: dict = {}
         logps = self.model(x, aux=aux)
         return (*logps, l2_normalize(aux["embedding"] if "embedding" in aux else aux["pooled"]))
-
-    @property
-    def depth(self) -> int:
-        return self.model.taxonomy.depth
 
     @property
     def embedding_dim(self) -> int | None:

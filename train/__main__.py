@@ -48,13 +48,9 @@ def _add_dataclass_args(p: argparse.ArgumentParser, cls, skip=(), defaults: dict
 
 
 def _resolve(cls, args: argparse.Namespace, file_conf: dict[str, Any], base=None):
-    d = dataclasses.asdict(base) if base is not None else {}
-    d.update({k: v for k, v in file_conf.items() if k in {f.name for f in dataclasses.fields(cls)}})
-    for f in dataclasses.fields(cls):
-        v = getattr(args, f.name, None)
-        if v is not None:
-            d[f.name] = v
-    return cls.from_dict(d)
+    flags = {f.name: getattr(args, f.name, None) for f in dataclasses.fields(cls)}
+    return cls.from_dict({**(dataclasses.asdict(base) if base is not None else {}), **file_conf,
+                          **{k: v for k, v in flags.items() if v is not None}})
 
 
 def _read_config(path: str | None) -> dict[str, Any]:

@@ -14,7 +14,7 @@ import math
 import os
 import random
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +31,7 @@ from .backbones import normalize_uint8
 from .data import HierDataset, load_dataset, load_view, relabel_coarse, stratified_holdout
 from .losses import LossContext, get_loss, parse_weights
 from .metrics import compute_metrics, format_metrics
-from .models import ModelConfig, build_model
+from .models import ModelConfig, build_model, known_fields
 
 @dataclass(frozen=True)
 class TrainConfig:
@@ -68,8 +68,7 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "TrainConfig":
-        known = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in known})
+        return cls(**known_fields(cls, d))
 
 
 def limit_per_class(ds: HierDataset, k: int, seed: int = 0) -> HierDataset:
@@ -343,7 +342,7 @@ def _setup(mc: ModelConfig, tc: TrainConfig, out: Path, device, precision: str, 
             dist.barrier()  # rank 0 builds the on-disk cache first; the others then read it
         feats = FeatureCache(model, train, mc.image_size, nfz, tc.cache_views, tc.seed).all_views()
         ev_inputs = {k: {"feats": FeatureCache(model, d, mc.image_size, nfz, 1, tc.seed).view(0), "start": nfz}
-                       for k, d in evals.items()}
+                     for k, d in evals.items()}
         if world > 1 and main_rank:
             dist.barrier()
         log(f"frozen features ready: { {k: tuple(v.shape) for k, v in feats.items()} } in {time.time() - t0:.0f}s")
@@ -351,7 +350,7 @@ def _setup(mc: ModelConfig, tc: TrainConfig, out: Path, device, precision: str, 
     else:
         feed = LiveFeed(train, mc, tc, device, log)
         ev_inputs = {k: {"images": ImageBank(d.samples, mc.image_size, tc.memory_mb, tc.threads).images}
-                       for k, d in evals.items()} if main_rank else {}
+                     for k, d in evals.items()} if main_rank else {}
     model.to(device)
     if tc.channels_last:
         model.to(memory_format=torch.channels_last)

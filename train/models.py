@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import functools
 import math
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, fields
 from typing import Any, Callable
 
 import torch
@@ -20,6 +20,12 @@ import torch.nn.functional as F
 from sdk import Registry, Taxonomy
 
 from .backbones import EfficientNetLite, create_backbone, normalize_uint8
+
+
+def known_fields(cls, d: dict[str, Any]) -> dict[str, Any]:
+    """The entries of `d` that are fields of the dataclass `cls` (a config of another version may have others)."""
+    names = {f.name for f in fields(cls)}
+    return {k: v for k, v in d.items() if k in names}
 
 
 @dataclass(frozen=True)
@@ -47,18 +53,11 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "ModelConfig":
-        known = {f.name for f in fields(cls)}
-        kw = {k: v for k, v in d.items() if k in known}
-        for k in ("taps", "tap_pool"):
-            if k in kw:
-                kw[k] = tuple(kw[k])
-        return cls(**kw)
+        kw = known_fields(cls, d)
+        return cls(**{**kw, **{k: tuple(kw[k]) for k in ("taps", "tap_pool") if k in kw}})
 
     def to_dict(self) -> dict[str, Any]:
-        d = asdict(self)
-        d["taps"] = list(self.taps)
-        d["tap_pool"] = list(self.tap_pool)
-        return d
+        return {**asdict(self), "taps": list(self.taps), "tap_pool": list(self.tap_pool)}
 
 
 class Attention(nn.Module):

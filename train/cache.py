@@ -26,8 +26,8 @@ if TYPE_CHECKING:
 CACHE_ROOT = Path(".cache/features")
 
 
-def cache_key(header: list, samples, *blobs: bytes) -> str:
-    """sha256 of everything that changes a cached result: settings, weights (`blobs`) and the photos' identities."""
+def sha256_of(header: list, *blobs: bytes, samples=()) -> str:
+    """sha256 of everything that changes a result: settings (`header`), weights (`blobs`), the photos' identities."""
     h = hashlib.sha256(json.dumps(header).encode())
     for b in blobs:
         h.update(b)
@@ -58,7 +58,7 @@ class FeatureCache:
         prefix = ("_conv_stem", "_bn0", *(f"_blocks.{i}." for i in range(n_blocks)))
         frozen = [k.encode() + v.numpy().tobytes()[:4096] for k, v in bb.state_dict().items() if k.startswith(prefix)]
         header = [bb.name, size, n_blocks, seed, "v2"] + ([list(self.taps)] if self.taps else [])
-        self.key = cache_key(header, ds.samples, *frozen)[:20]
+        self.key = sha256_of(header, *frozen, samples=ds.samples)[:20]
 
     def view(self, v: int) -> dict[str, torch.Tensor]:
         return cached_tensors(CACHE_ROOT / f"{self.key}-view{v}.safetensors", lambda: self._compute(v))

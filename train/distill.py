@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from .checkpoint import load_model
 from .losses import LossContext, register_loss
 from .augment import Batch
-from .cache import CACHE_ROOT, FeatureCache, cache_key, cached_tensors
+from .cache import CACHE_ROOT, FeatureCache, cached_tensors, sha256_of
 from .loop import (TrainConfig, autocast, predict_logprobs, prepare_data, resolve_precision, select_device,
                    train_model)
 from .models import ModelConfig
@@ -46,8 +46,8 @@ def teacher_targets(teacher_dir: str | Path, train, views: int, seed: int, log=p
     """Per level, teacher log-probs of shape (views, N, n_level) for every cached view of `train`."""
     teacher, tcfg, _, tconf = load_model(teacher_dir)
     tfz = int(tconf.get("train", {}).get("freeze_blocks", 0)) or tcfg.taps[0]
-    key = cache_key([seed, views, tcfg.image_size], train.samples,
-                    sha256_file(Path(teacher_dir) / "model.safetensors").encode())
+    key = sha256_of([seed, views, tcfg.image_size], sha256_file(Path(teacher_dir) / "model.safetensors").encode(),
+                    samples=train.samples)
     path = CACHE_ROOT.parent / "teacher" / f"{key[:24]}.safetensors"
     if path.is_file():
         log(f"teacher targets from cache {path}")

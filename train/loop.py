@@ -8,7 +8,6 @@ frozen prefix's outputs computed once per photo and view, `train.cache`).
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import math
 import os
@@ -26,7 +25,7 @@ from sdk import Taxonomy, concat_levels
 
 from . import checkpoint as ckpt
 from .augment import Augmenter, Batch, ImageBank, draw_mix, mix, render, step_generator
-from .cache import CachedFeed, FeatureCache, split_cached
+from .cache import CachedFeed, FeatureCache, sha256_of, split_cached
 from .backbones import normalize_uint8
 from .data import HierDataset, load_dataset, load_view, relabel_coarse, stratified_holdout
 from .losses import LossContext, get_loss, parse_weights
@@ -303,12 +302,10 @@ def _replica_digests(model, world: int) -> dict[str, Any] | None:
     import torch.distributed as dist
     if world <= 1:
         return None
-    h = hashlib.sha256()
-    for k, v in sorted(model.named_parameters()):
-        h.update(k.encode())
-        h.update(v.detach().cpu().contiguous().numpy().tobytes())
+    params = sorted(model.named_parameters())
+    digest = sha256_of([], *(k.encode() + v.detach().cpu().contiguous().numpy().tobytes() for k, v in params))
     digests = [None] * world
-    dist.all_gather_object(digests, h.hexdigest())
+    dist.all_gather_object(digests, digest)
     return {"world_size": world, "backend": dist.get_backend(), "weight_sha256_per_rank": digests}
 
 

@@ -30,13 +30,11 @@ SUBCOMMANDS = {
 }
 
 
-def _add_dataclass_args(p: argparse.ArgumentParser, cls, skip=(), defaults: dict[str, Any] | None = None) -> None:
+def _add_dataclass_args(p: argparse.ArgumentParser, cls, defaults: dict[str, Any]) -> None:
     """One flag per field; the help shows the subcommand's effective default (`defaults` over the field's)."""
     for f in dataclasses.fields(cls):
-        if f.name in skip:
-            continue
         flag = "--" + f.name.replace("_", "-")
-        default = (defaults or {}).get(f.name, f.default)
+        default = defaults.get(f.name, f.default)
         if isinstance(default, bool):
             p.add_argument(flag, type=lambda s: s.lower() in ("1", "true", "yes"), default=None,
                            metavar="BOOL", help=f"(default {default})")
@@ -48,13 +46,9 @@ def _add_dataclass_args(p: argparse.ArgumentParser, cls, skip=(), defaults: dict
 
 
 def _resolve(cls, args: argparse.Namespace, file_conf: dict[str, Any], base=None):
-    d = dataclasses.asdict(base) if base is not None else {}
-    d.update({k: v for k, v in file_conf.items() if k in {f.name for f in dataclasses.fields(cls)}})
-    for f in dataclasses.fields(cls):
-        v = getattr(args, f.name, None)
-        if v is not None:
-            d[f.name] = v
-    return cls.from_dict(d)
+    flags = {f.name: getattr(args, f.name, None) for f in dataclasses.fields(cls)}
+    return cls.from_dict({**(dataclasses.asdict(base) if base is not None else {}), **file_conf,
+                          **{k: v for k, v in flags.items() if v is not None}})
 
 
 def _read_config(path: str | None) -> dict[str, Any]:
@@ -118,8 +112,8 @@ def main(argv: list[str] | None = None) -> int:
         st.add_argument("--out", required=True, help="model directory to write")
         st.add_argument("--config", help="YAML/JSON with 'model' and 'train' sections; flags override it")
         st.add_argument("--resume", action="store_true", help="continue from <out>/checkpoint after a kill")
-        _add_dataclass_args(st, ModelConfig, defaults=dataclasses.asdict(model_defaults))
-        _add_dataclass_args(st, TrainConfig, defaults=train_defaults)
+        _add_dataclass_args(st, ModelConfig, dataclasses.asdict(model_defaults))
+        _add_dataclass_args(st, TrainConfig, train_defaults)
     ev = sub.add_parser("evaluate", help="metrics of a checkpoint or exported artifact on a split")
     ev.add_argument("--model", required=True, help="model directory (model.safetensors) or artifact directory (manifest.json)")
     ev.add_argument("--data", required=True, help="dataset root (Grocery Store root, folder tree, or 'synthetic')")

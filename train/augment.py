@@ -97,12 +97,11 @@ class Augmenter:
             rot = op == OPS.index("rotate")
             geo[rot] = torch.stack([torch.stack([ang.cos(), -ang.sin()], -1),
                                     torch.stack([ang.sin(), ang.cos()], -1)], -2)[rot]
-            sh = sign * strength * 0.3
-            geo[op == OPS.index("shear_x"), 0, 1] = sh[op == OPS.index("shear_x")]
-            geo[op == OPS.index("shear_y"), 1, 0] = sh[op == OPS.index("shear_y")]
-            tr = sign * strength * 0.3
-            shift[op == OPS.index("translate_x"), 0] = tr[op == OPS.index("translate_x")]
-            shift[op == OPS.index("translate_y"), 1] = tr[op == OPS.index("translate_y")]
+            mag = sign * strength * 0.3  # shear and translation
+            for name, (i, j) in {"shear_x": (0, 1), "shear_y": (1, 0)}.items():
+                geo[op == OPS.index(name), i, j] = mag[op == OPS.index(name)]
+            for name, i in {"translate_x": 0, "translate_y": 1}.items():
+                shift[op == OPS.index(name), i] = mag[op == OPS.index(name)]
             a = a @ geo
             cx, cy = cx + shift[:, 0], cy + shift[:, 1]
         theta = torch.cat([a, torch.stack([cx, cy], -1)[:, :, None]], -1)
@@ -113,10 +112,24 @@ def _gray(x: torch.Tensor) -> torch.Tensor:
     return (0.299 * x[:, 0] + 0.587 * x[:, 1] + 0.114 * x[:, 2]).unsqueeze(1)
 
 
-def _rows(mask: torch.Tensor, x: torch.Tensor, fn) -> None:
-    """Apply `fn` in place to the photos selected by `mask`."""
-    if bool(mask.any()):
-        x[mask] = fn(x[mask])
+def _contrast(x: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
+    m = _gray(x).mean((2, 3), keepdim=True)
+    return (x - m) * f + m
+
+
+def _saturation(x: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
+    g = _gray(x)
+    return g + (x - g) * f
+
+
+def _sharpness(x: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
+    blur = torch.tensor([[1.0, 1, 1], [1, 5, 1], [1, 1, 1]]).expand(3, 1, 3, 3) / 13
+    return torch.lerp(F.conv2d(F.pad(x, (1, 1, 1, 1), mode="replicate"), blur, groups=3), x, f)
+
+
+def _autocontrast(x: torch.Tensor) -> torch.Tensor:
+    lo, hi = x.amin((2, 3), keepdim=True), x.amax((2, 3), keepdim=True)
+    return (x - lo) * 255 / (hi - lo).clamp_min(1)
 
 
 def render(images: torch.Tensor, views: Views, size: int) -> torch.Tensor:
@@ -125,35 +138,20 @@ def render(images: torch.Tensor, views: Views, size: int) -> torch.Tensor:
     grid = F.affine_grid(views.theta, [n, 3, size, size], align_corners=False)
     x = F.grid_sample(images, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
     b, c, s = (views.jitter[:, i].view(n, 1, 1, 1) for i in range(3))
-    x = x * b
-    m = _gray(x).mean((2, 3), keepdim=True)
-    x = (x - m) * c + m
-    g = _gray(x)
-    x = (g + (x - g) * s).clamp(0, 255)
+    x = _saturation(_contrast(x * b, c), s).clamp(0, 255)
     k = views.strength.view(n, 1, 1, 1)
-    op = views.op
-    sel = lambda name: op == OPS.index(name)  # noqa: E731
     # strength in [0, 1] -> factor in [0.1, 1.9] (PIL ImageEnhance convention: 1 = unchanged)
     factor = 0.1 + 1.8 * k
-    _rows(sel("brightness"), x, lambda v: v * factor[sel("brightness")])
-    _rows(sel("contrast"), x, lambda v: (v - _gray(v).mean((2, 3), keepdim=True)) * factor[sel("contrast")]
-          + _gray(v).mean((2, 3), keepdim=True))
-    _rows(sel("color"), x, lambda v: _gray(v) + (v - _gray(v)) * factor[sel("color")])
-    blur_k = torch.tensor([[1.0, 1, 1], [1, 5, 1], [1, 1, 1]]) / 13
-    _rows(sel("sharpness"), x, lambda v: torch.lerp(
-        F.conv2d(F.pad(v, (1, 1, 1, 1), mode="replicate"), blur_k.expand(3, 1, 3, 3), groups=3), v,
-        factor[sel("sharpness")]))
-    bits = (8 - (k * 4).floor()).clamp(4, 8)  # 4..8 bits kept
-    _rows(sel("posterize"), x, lambda v: torch.floor(v / 2 ** (8 - bits[sel("posterize")]))
-          * 2 ** (8 - bits[sel("posterize")]))
-    thr = 255 * (1 - k)
-    _rows(sel("solarize"), x, lambda v: torch.where(v >= thr[sel("solarize")], 255 - v, v))
-
-    def autocontrast(v):
-        lo = v.amin((2, 3), keepdim=True)
-        hi = v.amax((2, 3), keepdim=True)
-        return (v - lo) * 255 / (hi - lo).clamp_min(1)
-    _rows(sel("autocontrast"), x, autocontrast)
+    step = 2 ** (8 - (8 - (k * 4).floor()).clamp(4, 8))  # posterize: 4..8 bits kept
+    ops = {"brightness": lambda v, r: v * factor[r], "contrast": lambda v, r: _contrast(v, factor[r]),
+           "color": lambda v, r: _saturation(v, factor[r]), "sharpness": lambda v, r: _sharpness(v, factor[r]),
+           "posterize": lambda v, r: torch.floor(v / step[r]) * step[r],
+           "solarize": lambda v, r: torch.where(v >= 255 * (1 - k[r]), 255 - v, v),
+           "autocontrast": lambda v, r: _autocontrast(v)}
+    for name, fn in ops.items():
+        rows = views.op == OPS.index(name)
+        if bool(rows.any()):
+            x[rows] = fn(x[rows], rows)
     return x.clamp(0, 255)
 
 

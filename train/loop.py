@@ -8,13 +8,12 @@ frozen prefix's outputs computed once per photo and view, `train.cache`).
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import math
 import os
 import random
 import time
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -26,12 +25,12 @@ from sdk import Taxonomy, concat_levels
 
 from . import checkpoint as ckpt
 from .augment import Augmenter, Batch, ImageBank, draw_mix, mix, render, step_generator
-from .cache import CachedFeed, FeatureCache, split_cached
+from .cache import CachedFeed, FeatureCache, sha256_of, split_cached
 from .backbones import normalize_uint8
 from .data import HierDataset, load_dataset, load_view, relabel_coarse, stratified_holdout
 from .losses import LossContext, get_loss, parse_weights
 from .metrics import compute_metrics, format_metrics
-from .models import ModelConfig, build_model
+from .models import ModelConfig, build_model, known_fields
 
 @dataclass(frozen=True)
 class TrainConfig:
@@ -68,8 +67,7 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "TrainConfig":
-        known = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in known})
+        return cls(**known_fields(cls, d))
 
 
 def limit_per_class(ds: HierDataset, k: int, seed: int = 0) -> HierDataset:
@@ -123,21 +121,20 @@ def _param_groups(model, tc: TrainConfig):
     return [{"params": bb, "lr": tc.lr_backbone}, {"params": rest, "lr": tc.lr}]
 
 
-def freeze_prefix(model, n_blocks: int) -> None:
-    """Freeze the stem and the first `n_blocks` blocks (nothing of them when 0: the whole network trains)."""
+def _frozen_modules(model, n_blocks: int) -> list[torch.nn.Module]:
+    """The stem and the first `n_blocks` blocks (nothing of them when 0: the whole network trains)."""
     bb = model.backbone
-    mods = ([bb._conv_stem, bb._bn0] if n_blocks > 0 else []) + [bb._blocks[i] for i in range(n_blocks)]
-    if bb._fc is not None:
-        mods.append(bb._fc)
-    for m in mods:
-        for p in m.parameters():
-            p.requires_grad_(False)
+    return ([bb._conv_stem, bb._bn0] if n_blocks > 0 else []) + list(bb._blocks[:n_blocks])
+
+
+def freeze_prefix(model, n_blocks: int) -> None:
+    for m in _frozen_modules(model, n_blocks):
+        m.requires_grad_(False)
 
 
 def set_train_mode(model, n_blocks: int) -> None:
     model.train()
-    bb = model.backbone
-    for m in ([bb._bn0] if n_blocks > 0 else []) + [bb._blocks[i] for i in range(n_blocks)]:
+    for m in _frozen_modules(model, n_blocks):
         m.eval()  # frozen BatchNorm keeps its ImageNet statistics
 
 
@@ -172,27 +169,35 @@ def to_input(x: torch.Tensor, device, channels_last: bool) -> torch.Tensor:
     return x.contiguous(memory_format=torch.channels_last) if channels_last else x
 
 
+def eval_inputs(ds: HierDataset, size: int, rows, batch_size: int, device, channels_last: bool = False,
+                feats: dict[str, torch.Tensor] | None = None, start: int = 0, images: torch.Tensor | None = None):
+    """(x, start, cached) per batch of `rows` at the device's exact input (view 0): from cached frozen features
+    (`feats`, the input of block `start`), from `images` (uint8 NHWC, decoded once, see `ImageBank`), or decoding
+    each photo."""
+    for i in range(0, len(rows), batch_size):
+        part = torch.as_tensor(rows[i:i + batch_size])
+        if feats is not None:
+            x, cached = split_cached({k: v[part] for k, v in feats.items()}, device)
+            yield x, start, cached
+            continue
+        imgs = images[part] if images is not None else torch.from_numpy(
+            np.stack([load_view(ds.samples[j], size, 0, 0) for j in part.tolist()]))
+        yield to_input(imgs.permute(0, 3, 1, 2).float(), device, channels_last), 0, None
+
+
 @torch.inference_mode()
 def predict_logprobs(model, ds: HierDataset, size: int, batch_size: int = 32,
                      feats: dict[str, torch.Tensor] | None = None, start: int = 0, progress: bool = True,
                      device="cpu", images: torch.Tensor | None = None, precision: str = "fp32",
                      channels_last: bool = False) -> list[np.ndarray]:
-    """Per-level log-probs over a dataset at the device's exact input (view 0): from cached frozen
-    features, from `images` (uint8 NHWC, decoded once, see `ImageBank`), or decoding each photo."""
+    """Per-level log-probs over a dataset (inputs as `eval_inputs`)."""
     model.eval()
     outs: list[list[np.ndarray]] = []
-    for i in tqdm(range(0, len(ds), batch_size), desc="evaluating", leave=False, disable=not progress):
+    batches = eval_inputs(ds, size, range(len(ds)), batch_size, device, channels_last, feats, start, images)
+    for x, first, cached in tqdm(batches, total=math.ceil(len(ds) / batch_size), desc="evaluating", leave=False,
+                                 disable=not progress):
         with autocast(torch.device(device), precision):
-            if feats is not None:
-                x, cached = split_cached({k: v[i:i + batch_size] for k, v in feats.items()}, device)
-                lps = model.forward_from(x, start, cached=cached)
-            else:
-                if images is not None:
-                    imgs = images[i:i + batch_size]
-                else:
-                    imgs = torch.from_numpy(np.stack([load_view(s, size, 0, 0) for s in ds.samples[i:i + batch_size]]))
-                lps = model.forward_from(to_input(imgs.permute(0, 3, 1, 2).float(), device, channels_last), 0)
-        outs.append([lp.float().cpu().numpy() for lp in lps])
+            outs.append([lp.float().cpu().numpy() for lp in model.forward_from(x, first, cached=cached)])
     return concat_levels(outs)
 
 
@@ -273,13 +278,11 @@ def _loss(net, model, fwd, batch: Batch, labels, tax, tc: TrainConfig, loss_fns,
     return loss
 
 
-def _evaluate(model, evals, mc, tc, device, precision, evfeats, evimages, start) -> dict[str, Any]:
-    return {name: compute_metrics(d.taxonomy,
-                                  predict_logprobs(model, d, mc.image_size, feats=evfeats.get(name), start=start,
-                                                   device=device, images=evimages.get(name), precision=precision,
-                                                   channels_last=tc.channels_last),
-                                  d.labels())
-            for name, d in evals.items()}
+def _evaluate(run: "Run", channels_last: bool, device, precision: str) -> dict[str, Any]:
+    return {name: compute_metrics(d.taxonomy, predict_logprobs(run.model, d, run.model.cfg.image_size, device=device,
+                                                               precision=precision, channels_last=channels_last,
+                                                               **run.eval_inputs.get(name, {})), d.labels())
+            for name, d in run.evals.items()}
 
 
 def _init_distributed(tc: TrainConfig, world: int) -> torch.device:
@@ -299,27 +302,23 @@ def _replica_digests(model, world: int) -> dict[str, Any] | None:
     import torch.distributed as dist
     if world <= 1:
         return None
-    h = hashlib.sha256()
-    for k, v in sorted(model.named_parameters()):
-        h.update(k.encode())
-        h.update(v.detach().cpu().contiguous().numpy().tobytes())
+    params = sorted(model.named_parameters())
+    digest = sha256_of([], *(k.encode() + v.detach().cpu().contiguous().numpy().tobytes() for k, v in params))
     digests = [None] * world
-    dist.all_gather_object(digests, h.hexdigest())
+    dist.all_gather_object(digests, digest)
     return {"world_size": world, "backend": dist.get_backend(), "weight_sha256_per_rank": digests}
 
 
 @dataclass
 class Run:
-    """What a training run sets up once: data, model, how batches are fed, optimizer state."""
+    """What a training run sets up once: data, model, how batches are fed."""
 
     tax: Taxonomy
     train: HierDataset
     evals: dict[str, HierDataset]
     model: torch.nn.Module
     feed: LiveFeed | CachedFeed
-    start: int  # the block the trained part starts at (0: the whole network)
-    evfeats: dict[str, Any]  # cached path: frozen features of the eval photos
-    evimages: dict[str, torch.Tensor]  # live path: the eval photos, decoded once at the input size
+    eval_inputs: dict[str, dict[str, Any]]  # per eval split, predict_logprobs' input arguments (decoded or cached)
 
 
 def _setup(mc: ModelConfig, tc: TrainConfig, out: Path, device, precision: str, world: int, main_rank: bool,
@@ -333,31 +332,38 @@ def _setup(mc: ModelConfig, tc: TrainConfig, out: Path, device, precision: str, 
     model = build_model(tax, mc, pretrained=True)
     nfz = tc.freeze_blocks
     freeze_prefix(model, nfz)
-    evfeats: dict[str, Any] = {}
-    evimages: dict[str, torch.Tensor] = {}
-    feats = None
+    init_feats = None
     if nfz > 0 and tc.cache_views > 0:
         t0 = time.time()
         if world > 1 and not main_rank:
             dist.barrier()  # rank 0 builds the on-disk cache first; the others then read it
         feats = FeatureCache(model, train, mc.image_size, nfz, tc.cache_views, tc.seed).all_views()
-        evfeats = {k: FeatureCache(model, d, mc.image_size, nfz, 1, tc.seed).view(0) for k, d in evals.items()}
+        ev_inputs = {k: {"feats": FeatureCache(model, d, mc.image_size, nfz, 1, tc.seed).view(0), "start": nfz}
+                     for k, d in evals.items()}
         if world > 1 and main_rank:
             dist.barrier()
         log(f"frozen features ready: { {k: tuple(v.shape) for k, v in feats.items()} } in {time.time() - t0:.0f}s")
-        feed, start = CachedFeed(feats, tc, nfz, device), nfz
+        feed, init_feats = CachedFeed(feats, tc, nfz, device), {k: v[0] for k, v in feats.items()}
     else:
-        feed, start = LiveFeed(train, mc, tc, device, log), 0
-        if main_rank:
-            evimages = {k: ImageBank(d.samples, mc.image_size, tc.memory_mb, tc.threads).images for k, d in evals.items()}
+        feed = LiveFeed(train, mc, tc, device, log)
+        ev_inputs = {k: {"images": ImageBank(d.samples, mc.image_size, tc.memory_mb, tc.threads).images}
+                     for k, d in evals.items()} if main_rank else {}
     model.to(device)
     if tc.channels_last:
         model.to(memory_format=torch.channels_last)
     if mc.query_init == "eigen" and hasattr(model, "initialize_from_data"):  # same init on every rank
-        with autocast(device, precision):
-            model.initialize_from_data(train, feats, nfz, images=None if feats is not None else
-                                       ImageBank(train.samples, mc.image_size, tc.memory_mb, tc.threads).images)
-    return Run(tax, train, evals, model, feed, start, evfeats, evimages)
+
+        def pooled(rows: list[int]) -> torch.Tensor:
+            zs = []
+            for x, start, cached in eval_inputs(train, mc.image_size, rows, 64, device, tc.channels_last, init_feats,
+                                                nfz):
+                aux: dict = {}
+                with autocast(device, precision):
+                    model.forward_from(x, start, cached=cached, aux=aux)
+                zs.append(aux["pooled"].float().cpu())
+            return torch.cat(zs)
+        model.initialize_from_data(torch.as_tensor(train.labels()), pooled)
+    return Run(tax, train, evals, model, feed, ev_inputs)
 
 
 def _train_epoch(run: Run, net, opt, sched, ema, epoch: int, tc: TrainConfig, device, precision: str,
@@ -441,7 +447,7 @@ def _train_model(mc: ModelConfig, tc: TrainConfig, out: Path | str, resume: bool
         loss = _train_epoch(run, net, opt, sched, ema, epoch, tc, device, precision, rank, world, teacher, clock)
         if main_rank:
             with ema.swapped(model) if ema is not None else contextlib.nullcontext():
-                metrics = _evaluate(model, run.evals, mc, tc, device, precision, run.evfeats, run.evimages, run.start)
+                metrics = _evaluate(run, tc.channels_last, device, precision)
             secs = time.time() - t0
             rec = {"epoch": epoch, "loss": loss, "seconds": secs, "images_per_second": len(run.train) / secs,
                    "precision": precision, "eval": metrics}  # per epoch: a resumed run may change it
@@ -464,14 +470,13 @@ def _train_model(mc: ModelConfig, tc: TrainConfig, out: Path | str, resume: bool
 def _save(run: Run, mc: ModelConfig, tc: TrainConfig, out: Path, ema, precision: str, flags: list[str],
           history: list[dict], sync, log) -> dict[str, Any]:
     """Write the model directory (the weight average under --ema) with its fp32 metrics."""
-    model = run.model.cpu()
+    model = run.model.cpu()  # in place: `run` evaluates this model below
     if ema is not None:  # the saved model is the weight average (what was evaluated)
         model.load_state_dict(ema.shadow, strict=False)
-    model = model.to(memory_format=torch.contiguous_format)
+    model.to(memory_format=torch.contiguous_format)
     metrics = history[-1]["eval"] if history else {}
     if precision != "fp32":  # the saved figures are the fp32 ones, as the device computes them
-        metrics = _evaluate(model, run.evals, mc, replace(tc, channels_last=False), "cpu", "fp32", run.evfeats,
-                            run.evimages, run.start)
+        metrics = _evaluate(run, False, "cpu", "fp32")
         log("fp32: " + " | ".join(f"{k}: {format_metrics(v)}" for k, v in metrics.items()))
     extra = {"train": asdict(tc), "precision": precision, "cpu_flags": flags, "history": history,
              "metrics": metrics, "wall_seconds": sum(h["seconds"] for h in history), "distributed": sync}

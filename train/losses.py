@@ -6,13 +6,11 @@ the `aux` dict the model filled and the taxonomy.
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from typing import Callable
 
 import torch
 import torch.nn.functional as F
 
-from sdk import Taxonomy
-from sdk import Registry
+from sdk import Registry, Taxonomy
 
 
 @dataclass
@@ -25,17 +23,8 @@ class LossContext:
     smoothing: float = 0.1
 
 
-LossFn = Callable[[LossContext], torch.Tensor]
 _LOSSES: Registry = Registry("loss")
-register_loss = _LOSSES.register
-
-
-def list_losses() -> list[str]:
-    return _LOSSES.names()
-
-
-def get_loss(name: str) -> LossFn:
-    return _LOSSES.get(name)
+register_loss, get_loss, list_losses = _LOSSES.register, _LOSSES.get, _LOSSES.names
 
 
 def parse_weights(spec: str) -> dict[str, float]:

@@ -36,12 +36,8 @@ def hierarchical_prf(pred_paths: Sequence[Sequence[int]], true: np.ndarray) -> t
     return hp, hr, (2 * hp * hr / (hp + hr) if hp + hr else 0.0)
 
 
-def compute_metrics(taxonomy: Taxonomy, logprobs: Sequence[np.ndarray], labels: np.ndarray,
-                    answered_paths: Sequence[Sequence[int]] | None = None) -> dict[str, float]:
-    """All metrics for per-level log-probs (list of (N, n_level)) against labels (N, depth).
-
-    `answered_paths` (possibly shortened by back-off) feeds hP/hR/hF1; default: the full consistent path.
-    """
+def compute_metrics(taxonomy: Taxonomy, logprobs: Sequence[np.ndarray], labels: np.ndarray) -> dict[str, float]:
+    """All metrics for per-level log-probs (list of (N, n_level)) against labels (N, depth)."""
     labels = np.asarray(labels)
     names = taxonomy.level_names
     paths = TreeDecoder(taxonomy).paths(logprobs)
@@ -57,7 +53,7 @@ def compute_metrics(taxonomy: Taxonomy, logprobs: Sequence[np.ndarray], labels: 
     wrong = full & (paths[:, -1] != labels[:, -1])
     out["fine_errors"] = float(wrong.sum())
     out["mistake_severity"] = float(lca_height(paths[wrong], labels[wrong]).mean()) if wrong.any() else 0.0
-    hp, hr, hf = hierarchical_prf(answered_paths if answered_paths is not None else paths, labels)
+    hp, hr, hf = hierarchical_prf(paths, labels)
     out.update({"hP": hp, "hR": hr, "hF1": hf})
     return out
 

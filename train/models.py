@@ -10,17 +10,22 @@ from __future__ import annotations
 
 import functools
 import math
-from dataclasses import asdict, dataclass, field, fields
-from typing import Any
+from dataclasses import asdict, dataclass, fields
+from typing import Any, Callable
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from sdk import Taxonomy
-from sdk import Registry
+from sdk import Registry, Taxonomy
 
 from .backbones import EfficientNetLite, create_backbone, normalize_uint8
+
+
+def known_fields(cls, d: dict[str, Any]) -> dict[str, Any]:
+    """The entries of `d` that are fields of the dataclass `cls` (a config of another version may have others)."""
+    names = {f.name for f in fields(cls)}
+    return {k: v for k, v in d.items() if k in names}
 
 
 @dataclass(frozen=True)
@@ -37,7 +42,6 @@ class ModelConfig:
     query_layers: int = 1  # cross-attention layers per level
     fusion_layers: int = 0  # self-attention blocks over the multi-scale tokens
     camp: bool = True
-    coarse_to_fine: bool = True
     ffn_mult: int = 2
     dropout: float = 0.1
     global_head: bool = False  # add a linear read-out of the pooled head features to every level's logits
@@ -49,18 +53,11 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "ModelConfig":
-        known = {f.name for f in fields(cls)}
-        kw = {k: v for k, v in d.items() if k in known}
-        for k in ("taps", "tap_pool"):
-            if k in kw:
-                kw[k] = tuple(kw[k])
-        return cls(**kw)
+        kw = known_fields(cls, d)
+        return cls(**{**kw, **{k: tuple(kw[k]) for k in ("taps", "tap_pool") if k in kw}})
 
     def to_dict(self) -> dict[str, Any]:
-        d = asdict(self)
-        d["taps"] = list(self.taps)
-        d["tap_pool"] = list(self.tap_pool)
-        return d
+        return {**asdict(self), "taps": list(self.taps), "tap_pool": list(self.tap_pool)}
 
 
 class Attention(nn.Module):
@@ -185,7 +182,7 @@ class HierarchicalQueryHead(nn.Module):
         """One level's queries and read-out logits on `tokens`, given the coarser levels' queries and
         log-probs (TransFG part selection runs the fine level again through it, sharing every weight)."""
         q = self.queries[lvl].unsqueeze(0).expand(tokens.shape[0], -1, -1)
-        if lvl > 0 and self.cfg.coarse_to_fine:
+        if lvl > 0:
             q = q + self.fuse_scale[lvl - 1] * outs[lvl - 1].index_select(1, getattr(self, f"parent_{lvl}"))
         for blk in self.cross[lvl]:
             q = blk(q, tokens)
@@ -239,15 +236,26 @@ class MultiScaleTokens(nn.Module):
         return self.norm(x)
 
 
-class HierarchicalQueryModel(nn.Module):
-    """Backbone + multi-scale tokens + hierarchical query head. Input: normalized float NCHW."""
+class BackboneModel(nn.Module):
+    """A backbone without its ImageNet classifier (1.3 M params) and a head. Input: normalized float NCHW;
+    `forward_from(x, start, cached, aux)` runs from block `start` with the frozen prefix's taps `cached`."""
 
     def __init__(self, taxonomy: Taxonomy, cfg: ModelConfig, pretrained: bool = True):
         super().__init__()
         self.cfg = cfg
         self.taxonomy = taxonomy
         self.backbone = create_backbone(cfg.backbone, pretrained=pretrained)
-        self.backbone._fc = None  # the ImageNet classifier is not part of this model (saves 1.3 M params)
+        self.backbone._fc = None
+
+    def forward(self, x: torch.Tensor, start: int = 0, cached: dict | None = None, aux: dict | None = None):
+        return self.forward_from(x, start, cached=cached, aux=aux)
+
+
+class HierarchicalQueryModel(BackboneModel):
+    """Backbone + multi-scale tokens + hierarchical query head."""
+
+    def __init__(self, taxonomy: Taxonomy, cfg: ModelConfig, pretrained: bool = True):
+        super().__init__(taxonomy, cfg, pretrained)
         self.tokens = MultiScaleTokens(self.backbone, cfg)
         self.head = HierarchicalQueryHead(taxonomy, cfg)
         if cfg.global_head:
@@ -269,10 +277,7 @@ class HierarchicalQueryModel(nn.Module):
         if self.cfg.part_select or self.cfg.c2f_refine:
             from .components import refined_forward  # TransFG part selection / Coarse2Fine
             return refined_forward(self, x, start, cached, aux)
-        need = tuple(t for t in self.cfg.taps if not (cached and t in cached))
-        feats = self.backbone.forward_range(x, start, need) if need else {}
-        if cached:
-            feats.update(cached)
+        feats = self.features(x, start, cached)
         tokens = self.tokens(feats)
         if aux is not None:
             aux["tokens"], aux["pooled"] = tokens, tokens.mean(1)
@@ -291,25 +296,21 @@ class HierarchicalQueryModel(nn.Module):
                 aux["global_logits"] = glob  # for deep supervision of the flat read-out (loss global_ce)
         return self.head(tokens, aux=aux, global_logits=glob)
 
-    def forward(self, x: torch.Tensor, start: int = 0, cached: dict | None = None, aux: dict | None = None):
-        return self.forward_from(x, start, cached=cached, aux=aux)
+    def features(self, x: torch.Tensor, start: int, cached: dict[int, torch.Tensor] | None,
+                 extra: tuple[int, ...] = ()) -> dict[int, torch.Tensor]:
+        """The taps (and `extra` blocks' outputs) from block `start` on, the `cached` ones taken as given."""
+        need = tuple(t for t in (*self.cfg.taps, *extra) if not (cached and t in cached))
+        return {**(self.backbone.forward_range(x, start, need) if need else {}), **(cached or {})}
 
     @torch.no_grad()
-    def initialize_from_data(self, train, feats: dict | None, start: int, per_class: int = 40,
-                             images: torch.Tensor | None = None) -> None:
+    def initialize_from_data(self, labels: torch.Tensor, pooled: Callable[[list[int]], torch.Tensor],
+                             per_class: int = 40) -> None:
         """Query init from a weighted eigen-image of each class (cfg.query_init == "eigen"): from the
-        mean-pooled tokens z of up to `per_class` training images under each node (view 0; images labelled only
-        above a level do not count there), q_c = mean_c + sum_{k<=K} r_k * s_k * v_k over the class's leading K
-        principal directions v_k (signed to project the mean positively), their standard deviations s_k and
-        explained-variance ratios r_k, rescaled to unit RMS. `images` (uint8 NHWC at the input size) spares decoding.
+        mean-pooled tokens z (`pooled(rows)`, view 0) of up to `per_class` training images under each node (images
+        labelled only above a level do not count there), q_c = mean_c + sum_{k<=K} r_k * s_k * v_k over the class's
+        leading K principal directions v_k (signed to project the mean positively), their standard deviations s_k
+        and explained-variance ratios r_k, rescaled to unit RMS.
         """
-        if self.cfg.query_init != "eigen":
-            return
-        import numpy as np
-
-        from .data import load_view
-
-        labels = torch.as_tensor(train.labels())
         g = torch.Generator().manual_seed(0)
         chosen: set[int] = set()
         for lvl in range(labels.shape[1]):
@@ -320,20 +321,8 @@ class HierarchicalQueryModel(nn.Module):
         order = sorted(chosen)
         was_training = self.training
         self.eval()
-        zs = []
-        for i in range(0, len(order), 64):
-            part = torch.tensor(order[i:i + 64])
-            aux: dict = {}
-            if feats is not None:
-                cached = {int(k[3:]): v[0, part].float() for k, v in feats.items() if k.startswith("tap")}
-                self.forward_from(feats["x"][0, part].float(), start, cached=cached, aux=aux)
-            else:
-                imgs = images[part] if images is not None else torch.from_numpy(
-                    np.stack([load_view(train.samples[j], self.cfg.image_size, 0, 0) for j in part.tolist()]))
-                x = normalize_uint8(imgs.permute(0, 3, 1, 2)).to(self.head.queries[0].device)
-                self.forward_from(x.contiguous(memory_format=torch.channels_last), 0, aux=aux)
-            zs.append(aux["pooled"].float().cpu())
-        z_all = torch.cat(zs)
+        z_all = pooled(order)
+        self.train(was_training)
         lab = labels[torch.tensor(order)]
         for lvl, q in enumerate(self.head.queries):
             new = q.data.clone()
@@ -351,16 +340,10 @@ class HierarchicalQueryModel(nn.Module):
                         e += ratio[k] * (sv[k] / (len(z) - 1) ** 0.5) * v
                 new[c] = e / e.pow(2).mean().sqrt().clamp_min(1e-6)
             q.data.copy_(new)
-        self.train(was_training)
 
 
 _ARCHS: Registry = Registry("architecture")
-
-
-def register_arch(name: str, cls: type) -> None:
-    _ARCHS.add(name, cls)
-
-
+register_arch = _ARCHS.add
 register_arch("hsq_student", HierarchicalQueryModel)
 register_arch("hsq_teacher", HierarchicalQueryModel)
 
@@ -403,10 +386,6 @@ class DeployWrapper(nn.Module):
         aux: dict = {}
         logps = self.model(x, aux=aux)
         return (*logps, l2_normalize(aux["embedding"] if "embedding" in aux else aux["pooled"]))
-
-    @property
-    def depth(self) -> int:
-        return self.model.taxonomy.depth
 
     @property
     def embedding_dim(self) -> int | None:

@@ -151,14 +151,6 @@ def fp32_artifact(ctx: QuantContext, target: str, out_dir: Path) -> Artifact:
     return ctx.fp32_exports[out_dir]
 
 
-def split_summary(rec: dict[str, Any], fine: str) -> dict[str, dict[str, float]]:
-    """Per split of a judged int8 record: fp32 / int8 fine top-1, the drop, agreement and KL to fp32."""
-    return {split: {"fp32_fine_top1": s["fp32"][f"top1/{fine}"], "int8_fine_top1": s["int8"][f"top1/{fine}"],
-                    "fine_top1_drop": s["fine_top1_drop"], "fine_agreement": s["agreement_with_fp32"][f"agreement/{fine}"],
-                    "fine_kl_to_fp32": s.get("fine_kl_to_fp32")}
-            for split, s in rec.get("splits", {}).items()}
-
-
 def int8_source_artifact(ctx: QuantContext, target: str, out_dir: Path, fp32: Artifact,
                          model: torch.nn.Module | None = None) -> Artifact:
     """The fp32 graph a post-export quantizer (ONNX Runtime, coremltools) starts from: the bias-corrected

@@ -14,7 +14,7 @@ import numpy as np
 
 from converters import tool_versions
 
-from ._common import QuantContext, QuantizeError, TargetResult, finish_int8, fp32_artifact, int8_source_artifact
+from ._common import QuantContext, QuantizeError, TargetResult, failing_as, finish_int8, fp32_artifact, int8_source_artifact
 from .recipes import OnnxRecipe
 from .sim import ATTENTION, Family
 
@@ -80,22 +80,15 @@ def excluded_nodes(proto, float_families: Sequence[Family] = (), quantize_attent
 
 
 def quantize_graph(src: str | Path, dst: str | Path, input_name: str, batches: Iterable[np.ndarray],
-                   exclude: Sequence[str] = (), ops: Sequence[str] = QUANTIZED_OPS, reduce_range: bool = False,
-                   weight_type: str = "int8", calibrate_method: str = "MinMax",
-                   activation_type: str = "uint8") -> None:
-    """`quantize_static`, QDQ, per-channel weights, calibrated on `batches` of real uint8 photos.
-    `activation_type` "uint8" with `weight_type` "int8" is U8S8, what ORT's fast x86/ARM kernels take;
-    "uint8"/"uint8" is U8U8; "int8"/"int8" is S8S8."""
-    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+                   exclude: Sequence[str] = (), ops: Sequence[str] = QUANTIZED_OPS, **options) -> None:
+    """`quantize_static`, QDQ, per-channel weights, MinMax-calibrated on `batches` of real uint8 photos, U8S8
+    (uint8 activations, int8 weights: what ORT's fast x86/ARM kernels take); `options` override
+    `quantize_static`'s arguments (the research studies' other schemes)."""
+    from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
 
-    types = {"int8": QuantType.QInt8, "uint8": QuantType.QUInt8}
-    if calibrate_method != "MinMax":  # the histogram collectors stack the batches' outputs: equal sizes only
-        batches = [b[i:i + 1] for b in batches for i in range(len(b))]
-    quantize_static(str(src), str(dst), PhotoCalibrationReader(input_name, batches), quant_format=QuantFormat.QDQ,
-                    per_channel=True, activation_type=types[activation_type],
-                    weight_type=types[weight_type],
-                    op_types_to_quantize=list(ops), nodes_to_exclude=list(exclude), reduce_range=reduce_range,
-                    calibrate_method=getattr(CalibrationMethod, calibrate_method))
+    quantize_static(str(src), str(dst), PhotoCalibrationReader(input_name, batches), **{
+        "quant_format": QuantFormat.QDQ, "per_channel": True, "activation_type": QuantType.QUInt8,
+        "weight_type": QuantType.QInt8, "op_types_to_quantize": list(ops), "nodes_to_exclude": list(exclude), **options})
 
 
 def fold_pads(proto) -> int:
@@ -162,11 +155,8 @@ def quantize(ctx: QuantContext, out_dir: Path, recipe: OnnxRecipe) -> TargetResu
     path = int8_dir / "model.onnx"
     ctx.log(f"onnx: quantize_static QDQ per-channel on {len(ctx.calibration)} photos, "
             f"{len(excl)} Conv/MatMul nodes kept float")
-    try:
-        quantize_graph(pre, path, proto.graph.input[0].name, ctx.calibration_batches(), excl,
-                       reduce_range=recipe.reduce_range, calibrate_method=recipe.calibration)
-    except Exception as e:
-        raise QuantizeError(f"onnxruntime quantize_static failed: {type(e).__name__}: {e}") from e
+    with failing_as("onnxruntime quantize_static"):
+        quantize_graph(pre, path, proto.graph.input[0].name, ctx.calibration_batches(), excl)
     q = onnx.load(str(path))
     del q.metadata_props[:]
     for p in proto.metadata_props:
@@ -179,11 +169,10 @@ def quantize(ctx: QuantContext, out_dir: Path, recipe: OnnxRecipe) -> TargetResu
     fams = sorted(set(why))
     float_layers = [f"{f} ({why.count(f)} nodes)" for f in fams] + \
         ["LayerNorm, softmax, residual adds, log-softmax (ops not quantized)"]
-    scheme = (f"onnxruntime quantize_static, QDQ, U8 activations / S8 weights per channel"
-              f"{' (reduce_range)' if recipe.reduce_range else ''}, {recipe.calibration} calibration")
+    scheme = "onnxruntime quantize_static, QDQ, U8 activations / S8 weights per channel, MinMax calibration"
     notes = [f"{n_q} QuantizeLinear nodes"]
     # read by the SDK at load time: on x86 without VNNI the fused kernels saturate signed int8 weights,
     # so the SDK runs such a graph unfused there
-    types = {"activations": "uint8", "weights": "int8", "reduce_range": recipe.reduce_range}
+    types = {"activations": "uint8", "weights": "int8", "reduce_range": False}
     return finish_int8(ctx, "onnx", path, fp32.manifest.size_bytes, tool_versions("onnx", "onnxruntime"), scheme,
                        float_layers, notes, extra={"onnx_types": types}, result_extra={"excluded_nodes": excl})

@@ -46,14 +46,14 @@ class Prepared:
     @cached_property
     def ctx(self) -> QuantContext:
         """The context of the measured plan with static activations."""
-        return self.context(self.plan)
+        return self.context()
 
-    def context(self, plan: Plan, dynamic: bool = False) -> QuantContext:
-        """The context for one float plan: its int8 source model (bias correction on the plan's quantized
-        families) and the activation ranges the backends' observers see on it. `dynamic`: for ExecuTorch's
-        dynamic scheme (`quantize.sim.DynamicScheme`), whose float layers (depthwise convs, the stem) are
-        neither rounded nor corrected."""
-        cal, info = self.calibration, dict(self.info)
+    def context(self, dynamic: bool = False) -> QuantContext:
+        """The context of the plan: its int8 source model (bias correction on the plan's quantized families)
+        and the activation ranges the backends' observers see on it. `dynamic`: for ExecuTorch's dynamic
+        scheme (`quantize.sim.DynamicScheme`), whose float layers (depthwise convs, the stem) are neither
+        rounded nor corrected."""
+        cal, info, plan = self.calibration, dict(self.info), self.plan
         int8_model, ranges = self.model, self.ranges
         scheme = dynamic_scheme(self.model, set(plan.quantized), cal.images) if dynamic else None
         if self.int8_shifts is not None:
@@ -83,11 +83,9 @@ def _parity_set(val: ImageSet, n: int) -> ImageSet:
 
 def prepare_context(checkpoint: str | Path, data: str, targets: Sequence[str], n_calibration: int = 300,
                     n_sensitivity: int = 200, eval_limit: int = 0, n_parity: int = 64,
-                    log: Callable[[str], None] = print, bias_correction: bool = True,
-                    plan_kl: float | None = None) -> Prepared:
+                    log: Callable[[str], None] = print, bias_correction: bool = True) -> Prepared:
     """Load the checkpoint, decode the real photos, calibrate, measure the shifts of int8 weight rounding
-    (`bias_correction`), and choose the float families by measurement (`plan_kl`: a KL target for them,
-    `quantize.sensitivity.choose_float_families`)."""
+    (`bias_correction`), and choose the float families by measurement."""
     from train.checkpoint import load_model, manifest_model_record
 
     resolve_recipes(targets)  # an unknown target fails before any work
@@ -108,7 +106,7 @@ def prepare_context(checkpoint: str | Path, data: str, targets: Sequence[str], n
             coreml_shifts = rounding_shifts(model, cal.images, layer_fams, weight_eps=0.0)
     log(f"sensitivity pass on {sen.source}")
     plan = choose_float_families(model, ranges, sen.images, sen.labels, tax, source=sen.source, log=log,
-                                 shifts=int8_shifts, max_kl=plan_kl)
+                                 shifts=int8_shifts)
     log(f"float families: {plan.float_families}")
     info = manifest_model_record(checkpoint, cfg, conf)
     return Prepared(str(checkpoint), str(data), model, tax, size, conf, info, cal, sen, _parity_set(evals["val"], n_parity),

@@ -14,11 +14,11 @@ import numpy as np
 from converters import parity, run_batched
 from sdk import Classifier, Manifest
 
-from ._common import QuantContext, QuantizeError, TargetResult, split_summary
+from ._common import QuantContext, QuantizeError, TargetResult
 from .bar import MAX_SIZE_RATIO, MAX_TOP1_DROP, MIN_AGREEMENT, meets_bar
 from .prepare import Prepared, prepare_context
 from .recipes import resolve_recipes
-from .sensitivity import Plan, disagreements, fine_kl
+from .sensitivity import disagreements, fine_kl
 from .sim import families, model_logprobs, simulate
 
 # `auto` builds ExecuTorch both ways and keeps the fastest artifact that meets the int8 bar; two whose
@@ -77,30 +77,6 @@ def judge(res: TargetResult, evals, fp32_lp, sim_lp, taxonomy, sim_weights_only=
     return rec
 
 
-def family_parameters(model) -> dict[str, int]:
-    """Parameters under each family's module prefixes (its blocks' BatchNorms included)."""
-    fams = families(model)
-    out = {f.name: 0 for f in fams}
-    for n, p in model.named_parameters():
-        f = next((f for f in fams if f.prefixes and f.owns(n.rsplit(".", 1)[0])), None)
-        if f is not None:
-            out[f.name] += p.numel()
-    return out
-
-
-def fallback_order(plan, int8_size: int, fp32_size: int | None, params: dict[str, int], max_ratio: float) -> list:
-    """The earlier plans to rebuild a target from when the --plan-kl plan's file is over the size bar:
-    those whose file, estimated as this one minus 3 bytes per parameter that goes back to int8, fits
-    the bar, most floats first; then the plan before the first KL float, which is tried in any case."""
-    fbs = plan.kl_fallbacks()
-    if not fbs or not fp32_size:
-        return []
-    fit = [fb for fb in fbs[:-1]
-           if int8_size - 3 * sum(params.get(f, 0) for f in set(plan.float_families) - set(fb.float_families))
-           <= max_ratio * fp32_size]
-    return fit + [fbs[-1]]
-
-
 def pick_fastest(candidates: dict[str, dict[str, Any]]) -> str:
     """`auto`'s rule: of the schemes meeting the int8 bar (all of them, if none does), the fastest by
     `median_ms`; one within `SPEED_TIE` of it with a higher pooled `fine_agreement` wins the tie."""
@@ -115,9 +91,9 @@ def pick_fastest(candidates: dict[str, dict[str, Any]]) -> str:
     return max(near, key=lambda k: (ok[k]["fine_agreement"], -ok[k]["median_ms"]))
 
 
-def _pooled_agreement(rec: dict[str, Any], fine: str) -> float:
-    judged = rec.get("pooled") or next(iter(rec["splits"].values()))
-    return judged["agreement_with_fp32"][f"agreement/{fine}"]
+def _judged(rec: dict[str, Any]) -> dict[str, Any]:
+    """The figures a record's bar is judged on: the pooled splits, or its only split."""
+    return rec.get("pooled") or next(iter(rec["splits"].values()))
 
 
 def _cpu() -> str:
@@ -129,20 +105,17 @@ def _cpu() -> str:
 
 class Int8Run:
     """The targets of one run, built from one `Prepared` and judged against fp32 and against the PyTorch
-    simulation of the plan each was built from. A target can be rebuilt from another plan (one of the
-    greedy's earlier plans, for the size bar) or scheme (ExecuTorch static instead of dynamic): each
-    (plan, scheme) gets its context and simulation once."""
+    simulation of the scheme each was built from (ExecuTorch: static or dynamic activations); each scheme
+    gets its context and simulation once."""
 
     def __init__(self, prep: Prepared, out: str | Path, recipes: dict[str, Any], log: Callable[[str], None] = print):
         self.prep, self.out, self.recipes, self.log = prep, Path(out), recipes, log
         self.fine = prep.taxonomy.level_names[-1]
         log("fp32 references on the evaluation sets")
         self.fp32_lp = {k: model_logprobs(prep.model, s.images) for k, s in prep.evals.items()}
-        self.params = family_parameters(prep.model)
         self.contexts: dict[str, QuantContext] = {}  # the context each target was finally built from
         self.choice: dict[str, Any] | None = None  # how ExecuTorch's activations were chosen
-        self._variants: dict[tuple, tuple[QuantContext, Any]] = {}
-        self._sim_lps: dict[tuple, dict[str, list[np.ndarray]]] = {}
+        self._variants: dict[bool, tuple[QuantContext, dict[str, list[np.ndarray]]]] = {}
         self.coreml_lp = self._weights_only_logprobs() if "coreml" in recipes else None
 
     def _weights_only_logprobs(self) -> dict[str, list[np.ndarray]]:
@@ -152,54 +125,24 @@ class Int8Run:
                        shifts=p.coreml_shifts, weight_eps=0.0)
         return {k: model_logprobs(sim, s.images) for k, s in p.evals.items()}
 
-    def variant(self, plan: Plan, dynamic: bool = False) -> tuple[QuantContext, Any]:
-        """(context, simulated int8 model) of a float plan and ExecuTorch activation scheme."""
-        key = (tuple(plan.float_families), dynamic)
-        if key not in self._variants:
+    def variant(self, dynamic: bool) -> tuple[QuantContext, dict[str, list[np.ndarray]]]:
+        """(context, simulated int8 log-probs on the evaluation sets) of an ExecuTorch activation scheme."""
+        if dynamic not in self._variants:
             p = self.prep
-            c = p.ctx if plan is p.plan and not dynamic else p.context(plan, dynamic)
-            self._variants[key] = (c, simulate(p.model, c.ranges, set(c.plan.quantized), shifts=p.int8_shifts,
-                                               dynamic=c.dynamic))
-        return self._variants[key]
-
-    def sim_logprobs(self, plan: Plan, dynamic: bool = False) -> dict[str, list[np.ndarray]]:
-        key = (tuple(plan.float_families), dynamic)
-        if key not in self._sim_lps:
-            sim = self.variant(plan, dynamic)[1]
-            self._sim_lps[key] = {k: model_logprobs(sim, s.images) for k, s in self.prep.evals.items()}
-        return self._sim_lps[key]
+            c = p.context(dynamic=True) if dynamic else p.ctx
+            sim = simulate(p.model, c.ranges, set(c.plan.quantized), shifts=p.int8_shifts, dynamic=c.dynamic)
+            self._variants[dynamic] = (c, {k: model_logprobs(sim, s.images) for k, s in p.evals.items()})
+        return self._variants[dynamic]
 
     def judge(self, res: TargetResult, ctx: QuantContext) -> dict[str, Any]:
-        """`judge` against the simulation of the plan and scheme `ctx` was made for."""
-        return judge(res, self.prep.evals, self.fp32_lp, self.sim_logprobs(ctx.plan, ctx.dynamic is not None),
+        """`judge` against the simulation of the scheme `ctx` was made for."""
+        return judge(res, self.prep.evals, self.fp32_lp, self.variant(ctx.dynamic is not None)[1],
                      self.prep.taxonomy, self.coreml_lp)
 
-    def build(self, target: str, plan: Plan, dynamic: bool) -> tuple[TargetResult, dict[str, Any], QuantContext]:
-        ctx = self.variant(plan, dynamic)[0]
+    def build(self, target: str, dynamic: bool) -> tuple[TargetResult, dict[str, Any], QuantContext]:
+        ctx = self.variant(dynamic)[0]
         res = importlib.import_module(f"quantize.{target}").quantize(ctx, self.out, self.recipes[target])
         return res, self.judge(res, ctx), ctx
-
-    def build_within_size(self, t: str, dynamic: bool) -> tuple[TargetResult, dict[str, Any], QuantContext]:
-        """Build and judge one target from the run's plan; rebuilt from the greedy's earlier plans while the
-        --plan-kl floats put its file over the size bar."""
-        res, rec, ctx = self.build(t, self.prep.plan, dynamic)
-        tried = []
-        for fb in fallback_order(self.prep.plan, rec["int8_size_bytes"], rec["fp32_size_bytes"], self.params,
-                                 MAX_SIZE_RATIO):
-            if rec["size_ratio"] <= MAX_SIZE_RATIO:  # (no fp32 size: no fallbacks)
-                break
-            # the size bar is a hard limit, the KL target a preference: this target is rebuilt from an
-            # earlier plan of the greedy, with fewer of the families it floated for the KL target alone
-            self.log(f"{t}: {rec['size_ratio'] * 100:.1f} % of fp32 with float {ctx.plan.float_families} is over the "
-                     f"{MAX_SIZE_RATIO * 100:.0f} % size bar; rebuilding it with float {fb.float_families}")
-            tried.append({"float_families": ctx.plan.float_families, "size_ratio": rec["size_ratio"],
-                          "splits": split_summary(rec, self.fine)})
-            res, rec, ctx = self.build(t, fb, dynamic)
-        if tried:
-            rec["plan"] = {"float_families": ctx.plan.float_families,
-                           "why": f"the --plan-kl {self.prep.plan.max_kl:g} plan put the file over the size bar",
-                           "over_the_size_bar": tried}
-        return res, rec, ctx
 
     def time(self, t: str, int8_dirs: dict[str, Path]) -> dict[str, dict[str, float]]:
         """Batch-1, one-thread latency of int8 artifacts and of the target's fp32 export, interleaved."""
@@ -220,7 +163,7 @@ class Int8Run:
         built, cands = {}, {}
         for scheme in ("static", "dynamic"):
             try:
-                res, rec, ctx = self.build_within_size("executorch", scheme == "dynamic")
+                res, rec, ctx = self.build("executorch", scheme == "dynamic")
             except Exception as e:  # one scheme failing must not cost the target
                 self.log(f"executorch ({scheme}): FAILED: {type(e).__name__}: {e}")
                 cands[scheme] = {"error": f"{type(e).__name__}: {e}"}
@@ -234,8 +177,8 @@ class Int8Run:
         times = self.time("executorch", {k: v[3] for k, v in built.items()})
         for scheme, (_, rec, _, _) in built.items():
             cands[scheme] = {"median_ms": times[scheme]["median_ms"], "meets_bar": rec["meets_bar"],
-                             "fine_agreement": _pooled_agreement(rec, self.fine),
-                             "fine_top1_drop": (rec.get("pooled") or next(iter(rec["splits"].values())))["fine_top1_drop"],
+                             "fine_agreement": _judged(rec)["agreement_with_fp32"][f"agreement/{self.fine}"],
+                             "fine_top1_drop": _judged(rec)["fine_top1_drop"],
                              "size_ratio": rec["size_ratio"]}
         chosen = pick_fastest({k: c for k, c in cands.items() if "error" not in c})
         final = self.out / "executorch"
@@ -262,7 +205,7 @@ class Int8Run:
             res, rec, ctx = self.build_fastest_executorch()
         else:
             activations = getattr(self.recipes[t], "activations", None)
-            res, rec, ctx = self.build_within_size(t, activations == "dynamic")
+            res, rec, ctx = self.build(t, activations == "dynamic")
             if t == "executorch":
                 self.choice = {"requested": activations, "chosen": activations}
             if res.runnable_here:
@@ -311,18 +254,18 @@ class Int8Run:
 def quantize_checkpoint(checkpoint: str | Path, data: str, targets: Sequence[str], out: str | Path,
                         n_calibration: int = 300, n_sensitivity: int = 200, eval_limit: int = 0, n_parity: int = 64,
                         log: Callable[[str], None] = print, bias_correction: bool = True,
-                        plan_kl: float | None = None, recipes: dict[str, Any] | None = None) -> dict[str, Any]:
+                        recipes: dict[str, Any] | None = None) -> dict[str, Any]:
     """Run the whole int8 pipeline for a model directory; writes `<out>/<target>/` + report.{md,json}.
 
-    `bias_correction`: int8 is made from a copy corrected for weight rounding (`quantize.bias`). `plan_kl`: the
-    float plan must also bring the simulated fine KL to or below it. `recipes`: target -> its recipe.
+    `bias_correction`: int8 is made from a copy corrected for weight rounding (`quantize.bias`). `recipes`:
+    target -> its recipe.
     """
     from .report import write_report
 
     t0 = time.time()
     recipes = resolve_recipes(targets, recipes)
     prep = prepare_context(checkpoint, data, targets, n_calibration, n_sensitivity, eval_limit, n_parity, log,
-                           bias_correction, plan_kl)
+                           bias_correction)
     Path(out).mkdir(parents=True, exist_ok=True)
     run = Int8Run(prep, out, recipes, log)
     report = run.report(run.build_all(), round(time.time() - t0, 1))

@@ -55,19 +55,14 @@ def test_backbone_families_split_the_backbone_into_its_stages_each_layer_once():
 
     bb = efficientnet_lite0(pretrained=False)
     layers = [n for n, m in bb.named_modules() if isinstance(m, torch.nn.Conv2d)]
-    for grouping in ("stages", "thirds"):
-        fams = backbone_families(bb, grouping)
-        owners = {n: [f.name for f in fams if f.owns("backbone." + n)] for n in layers}
-        assert all(len(o) == 1 for o in owners.values()), (grouping, owners)
-    stages = backbone_families(bb, "stages")
+    stages = backbone_families(bb)
+    owners = {n: [f.name for f in stages if f.owns("backbone." + n)] for n in layers}
+    assert all(len(o) == 1 for o in owners.values()), owners
     # Lite0: the stem, 7 stages (output widths 16, 24, 40, 80, 112, 192, 320), the head conv
     assert [f.name for f in stages] == ["backbone stem", "backbone stage 0 (block 0)", "backbone stage 1 (blocks 1-2)",
                                         "backbone stage 2 (blocks 3-4)", "backbone stage 3 (blocks 5-7)",
                                         "backbone stage 4 (blocks 8-10)", "backbone stage 5 (blocks 11-14)",
                                         "backbone stage 6 (block 15)", "backbone head conv"]
-    assert len(backbone_families(bb, "thirds")) == 3
-    with pytest.raises(ValueError, match="grouping"):
-        backbone_families(bb, "halves")
 
 
 @pytest.mark.parametrize("arch", ["flat", "hrn"])

@@ -21,9 +21,6 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--calibration-images", type=int, default=300, help="real training photos for calibration (>= 300 recommended)")
     p.add_argument("--sensitivity-images", type=int, default=200, help="other training photos for the sensitivity pass")
     p.add_argument("--eval-limit", type=int, default=0, help="cap the evaluation sets (0: all of val and the 20 %% train slice)")
-    p.add_argument("--no-bias-correction", action="store_true",
-                   help="quantize the model as trained (default: fold the measured mean shift of int8 weight rounding "
-                        "into biases first; quantize/bias.py)")
     p.add_argument("--executorch-activations", choices=ACTIVATIONS, default="auto",
                    help="ExecuTorch activations: calibrated int8 (static), quantized per photo at run time (dynamic; "
                         "depthwise convs and the stem stay float), or auto (default): both built, judged and timed (batch 1, "
@@ -39,8 +36,7 @@ def main(argv: list[str] | None = None) -> int:
     recipes = {"executorch": ExecuTorchRecipe(a.executorch_activations)} if "executorch" in targets else None
     try:
         rep = quantize_checkpoint(a.checkpoint, a.data, targets, a.out, n_calibration=a.calibration_images,
-                                  n_sensitivity=a.sensitivity_images, eval_limit=a.eval_limit,
-                                  bias_correction=not a.no_bias_correction, recipes=recipes)
+                                  n_sensitivity=a.sensitivity_images, eval_limit=a.eval_limit, recipes=recipes)
     except QuantizeError as e:  # a bad argument argparse cannot see (an unknown target), as a usage error
         print(f"python -m quantize: error: {e}", file=sys.stderr)
         return 2

@@ -15,7 +15,7 @@ from sdk import Taxonomy
 
 from .calibration import ImageSet
 from .sensitivity import Plan
-from .sim import ALWAYS_FLOAT, ATTENTION, DynamicScheme, Family, Ranges, families
+from .sim import ALWAYS_FLOAT, DynamicScheme, Family, Ranges, families
 
 # int8 parity floor at export: a sanity check that the artifact is not broken. The bar (>= 98.5 % fine
 # agreement, <= 0.5 pt fine top-1 loss, quantize.bar) is judged on the full evaluation sets in the report.
@@ -26,6 +26,9 @@ INT8_TIE_MARGIN = 0.25
 # int8 embedding vs fp32 PyTorch: a floor that catches a broken output, not a quality bar (enrolled prototypes
 # are made and compared through the same artifact, so a uniform int8 shift does not move a decision)
 INT8_MIN_EMBEDDING_COSINE = 0.9
+INT8_FLOORS = dict(min_agreement=INT8_MIN_AGREEMENT, max_abs_logprob=None, tie_margin=INT8_TIE_MARGIN,
+                   min_embedding_cosine=INT8_MIN_EMBEDDING_COSINE)
+FP32_FLOORS = dict(min_agreement=0.995, max_abs_logprob=1e-3, tie_margin=0.0, min_embedding_cosine=0.99)
 
 
 class QuantizeError(ExportError):
@@ -81,25 +84,15 @@ class QuantContext:
             ["attention matmuls + softmax, LayerNorm, residual adds, per-class query read-out and log-softmax "
              f"({float_ops_run_as})"]
 
-    @property
-    def quantize_attention(self) -> bool:
-        return ATTENTION in self.plan.quantized
-
     def deploy(self, int8: bool = False) -> torch.nn.Module:
         """The uint8-in graph of the fp32 model, or (`int8`) of the model the int8 artifacts are made from."""
         from train.models import DeployWrapper
         return DeployWrapper(self.int8_model if int8 and self.int8_model is not None else self.model).eval()
 
-    @property
-    def bias_corrected(self) -> bool:
-        return self.int8_model is not None and self.int8_model is not self.model
-
-    def spec(self, precision: str = "int8", **kw: Any) -> ExportSpec:
+    def spec(self, precision: str = "int8") -> ExportSpec:
+        floors = INT8_FLOORS if precision == "int8" else FP32_FLOORS
         return ExportSpec(image_size=self.image_size, precision=precision, images=self.parity.images,
-                          image_source=self.parity.source, min_agreement=INT8_MIN_AGREEMENT if precision == "int8" else 0.995,
-                          max_abs_logprob=None if precision == "int8" else 1e-3,
-                          tie_margin=INT8_TIE_MARGIN if precision == "int8" else 0.0, model_info=self.model_info,
-                          min_embedding_cosine=INT8_MIN_EMBEDDING_COSINE if precision == "int8" else 0.99, **kw)
+                          image_source=self.parity.source, model_info=self.model_info, **floors)
 
     def example(self) -> torch.Tensor:
         """One blank uint8 NHWC image: the example input the int8 graphs are exported with (batch 1)."""
@@ -151,13 +144,9 @@ def fp32_artifact(ctx: QuantContext, target: str, out_dir: Path) -> Artifact:
     return ctx.fp32_exports[out_dir]
 
 
-def int8_source_artifact(ctx: QuantContext, target: str, out_dir: Path, fp32: Artifact,
-                         model: torch.nn.Module | None = None) -> Artifact:
+def int8_source_artifact(ctx: QuantContext, target: str, out_dir: Path, model: torch.nn.Module | None = None) -> Artifact:
     """The fp32 graph a post-export quantizer (ONNX Runtime, coremltools) starts from: the bias-corrected
-    model's export (`model`, default `ctx.int8_model`) in `<out>/fp32/<target>-bias-corrected/`, or the
-    fp32 artifact itself without correction."""
-    if not ctx.bias_corrected:
-        return fp32
+    model's export (`model`, default `ctx.int8_model`) in `<out>/fp32/<target>-bias-corrected/`."""
     from train.models import DeployWrapper
     net = DeployWrapper(model).eval() if model is not None else ctx.deploy(int8=True)
     return export_model(target, net, ctx.spec("fp32"), out_dir.parent / f"{out_dir.name}-bias-corrected")

@@ -141,7 +141,7 @@ def quantize(ctx: QuantContext, out_dir: Path, recipe: OnnxRecipe) -> TargetResu
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
     fp32 = fp32_artifact(ctx, "onnx", out_dir / "fp32" / "onnx")
-    src = int8_source_artifact(ctx, "onnx", out_dir / "fp32" / "onnx", fp32)
+    src = int8_source_artifact(ctx, "onnx", out_dir / "fp32" / "onnx")
     # ORT's recommended pre-pass: shape inference + graph optimizations (constant folding, fusions)
     # on the fp32 graph, so the quantizer sees the graph ORT will run
     pre = out_dir / "fp32" / "onnx-preprocessed.onnx"
@@ -149,7 +149,7 @@ def quantize(ctx: QuantContext, out_dir: Path, recipe: OnnxRecipe) -> TargetResu
     proto = onnx.load(str(pre))
     if fold_pads(proto):
         onnx.save(proto, str(pre))
-    excl, why = excluded_nodes(proto, ctx.float_layer_families, ctx.quantize_attention)
+    excl, why = excluded_nodes(proto, ctx.float_layer_families, ATTENTION in ctx.plan.quantized)
     int8_dir = out_dir / "onnx"
     int8_dir.mkdir(parents=True, exist_ok=True)
     path = int8_dir / "model.onnx"

@@ -253,19 +253,14 @@ class Int8Run:
 
 def quantize_checkpoint(checkpoint: str | Path, data: str, targets: Sequence[str], out: str | Path,
                         n_calibration: int = 300, n_sensitivity: int = 200, eval_limit: int = 0, n_parity: int = 64,
-                        log: Callable[[str], None] = print, bias_correction: bool = True,
-                        recipes: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Run the whole int8 pipeline for a model directory; writes `<out>/<target>/` + report.{md,json}.
-
-    `bias_correction`: int8 is made from a copy corrected for weight rounding (`quantize.bias`). `recipes`:
-    target -> its recipe.
-    """
+                        log: Callable[[str], None] = print, recipes: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Run the whole int8 pipeline for a model directory; writes `<out>/<target>/` + report.{md,json}. int8
+    is made from a copy corrected for weight rounding (`quantize.bias`). `recipes`: target -> its recipe."""
     from .report import write_report
 
     t0 = time.time()
     recipes = resolve_recipes(targets, recipes)
-    prep = prepare_context(checkpoint, data, targets, n_calibration, n_sensitivity, eval_limit, n_parity, log,
-                           bias_correction)
+    prep = prepare_context(checkpoint, data, targets, n_calibration, n_sensitivity, eval_limit, n_parity, log)
     Path(out).mkdir(parents=True, exist_ok=True)
     run = Int8Run(prep, out, recipes, log)
     report = run.report(run.build_all(), round(time.time() - t0, 1))

@@ -63,7 +63,7 @@ class QuantContext:
     int8_model: torch.nn.Module | None = None
     # Core ML's own rounding shifts (round-to-nearest, no scale clamp): it rounds the fp32 weights itself
     coreml_shifts: dict[str, torch.Tensor] | None = None
-    # fp32 exports by output directory, shared by the contexts of one run (they do not depend on the plan)
+    # fp32 exports by output directory, shared by the contexts of one run (they do not depend on the scheme)
     fp32_exports: dict[Path, Artifact] = field(default_factory=dict)
     # ExecuTorch's dynamic activation scheme, whose float layers the int8 model leaves unrounded
     # (None: static, calibrated int8 activations)
@@ -98,10 +98,9 @@ class QuantContext:
         """One blank uint8 NHWC image: the example input the int8 graphs are exported with (batch 1)."""
         return torch.zeros(1, self.image_size, self.image_size, 3, dtype=torch.uint8)
 
-    def calibration_batches(self, batch: int = 10):
+    def calibration_batches(self, batch: int = 10) -> list[np.ndarray]:
         imgs = self.calibration.images
-        for i in range(0, len(imgs), batch):
-            yield np.ascontiguousarray(imgs[i:i + batch])
+        return [np.ascontiguousarray(imgs[i:i + batch]) for i in range(0, len(imgs), batch)]
 
 
 @dataclass
@@ -138,7 +137,7 @@ def finish_int8(ctx: QuantContext, target: str, path: Path, fp32_size: int | Non
 
 def fp32_artifact(ctx: QuantContext, target: str, out_dir: Path) -> Artifact:
     """The fp32 export of a target through its converter (parity-checked like any export), once per run
-    and directory: a target rebuilt from another float plan reuses it."""
+    and directory: ExecuTorch's static and dynamic builds share it."""
     if out_dir not in ctx.fp32_exports:
         ctx.fp32_exports[out_dir] = export_model(target, ctx.deploy(), ctx.spec("fp32"), out_dir)
     return ctx.fp32_exports[out_dir]

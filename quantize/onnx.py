@@ -32,21 +32,14 @@ class PhotoCalibrationReader:
     """onnxruntime CalibrationDataReader over real uint8 photos (never random tensors)."""
 
     def __init__(self, input_name: str, batches):
-        self.input_name = input_name
-        self._batches = list(batches)
-        self._it = iter(self._batches)
+        self._feeds = [{input_name: b} for b in batches]
+        self.rewind()
 
     def get_next(self):
-        b = next(self._it, None)
-        return None if b is None else {self.input_name: b}
+        return next(self._it, None)
 
     def rewind(self) -> None:
-        self._it = iter(self._batches)
-
-
-def _module_of(node_name: str) -> str:
-    # "/model/head/cross.1.0/attn/v/MatMul" -> ".model.head.cross.1.0.attn.v.MatMul"
-    return node_name.replace("/", ".")
+        self._it = iter(self._feeds)
 
 
 def excluded_nodes(proto, float_families: Sequence[Family] = (), quantize_attention: bool = False,
@@ -65,7 +58,7 @@ def excluded_nodes(proto, float_families: Sequence[Family] = (), quantize_attent
                 out.append(n.name)
                 why.append(f"{n.op_type} outside the backbone")
                 continue
-        dotted = _module_of(n.name)
+        dotted = n.name.replace("/", ".")  # "/model/head/cross.1.0/attn/v/MatMul": ".model.head.cross.1.0.attn.v..."
         # the backbone runs through `forward_range`, not `__call__`, so its nodes carry no `backbone` scope
         fam = next((f for f in float_families if any(dotted.startswith(f".model.{p}.") or
                                                      dotted.startswith(f".model.{p.removeprefix('backbone.')}.")

@@ -48,6 +48,11 @@ def _split_record(taxonomy, source: str, labels, names, lp, lp32, lp_sim) -> dic
             "disagreements": disagreements(taxonomy, lp32, lp, names=names), "fine_kl_to_fp32": fine_kl(lp32, lp)}
 
 
+def _judged(rec: dict[str, Any]) -> dict[str, Any]:
+    """The figures a record's bar is judged on: the pooled splits, or its only split."""
+    return rec.get("pooled") or next(iter(rec["splits"].values()))
+
+
 def judge(res: TargetResult, evals, fp32_lp, sim_lp, taxonomy, sim_weights_only=None) -> dict[str, Any]:
     """int8 vs fp32 per split, and on the splits pooled (val + the train slice): the bar is judged on the
     pool, because one photo of `val` alone is 0.34 pt and the agreement bar sits below its noise."""
@@ -64,12 +69,12 @@ def judge(res: TargetResult, evals, fp32_lp, sim_lp, taxonomy, sim_weights_only=
     for split, s in evals.items():
         rec["splits"][split] = _split_record(taxonomy, s.source, s.labels, s.names, lps[split], fp32_lp[split],
                                              sim_lp[split])
-    judged = next(iter(rec["splits"].values()))
     if len(evals) > 1:
         cat = lambda d: [np.concatenate([d[k][lvl] for k in evals]) for lvl in range(taxonomy.depth)]  # noqa: E731
-        judged = rec["pooled"] = _split_record(
+        rec["pooled"] = _split_record(
             taxonomy, " + ".join(evals), np.concatenate([s.labels for s in evals.values()]),
             tuple(n for s in evals.values() for n in s.names), cat(lps), cat(fp32_lp), cat(sim_lp))
+    judged = _judged(rec)
     ok = meets_bar(judged["agreement_with_fp32"][f"agreement/{fine}"], judged["fine_top1_drop"])
     if rec["size_ratio"] is not None:
         ok &= rec["size_ratio"] <= MAX_SIZE_RATIO
@@ -89,18 +94,6 @@ def pick_fastest(candidates: dict[str, dict[str, Any]]) -> str:
     fastest = min(c["median_ms"] for c in ok.values())
     near = [k for k, c in ok.items() if c["median_ms"] <= fastest * (1 + SPEED_TIE)]
     return max(near, key=lambda k: (ok[k]["fine_agreement"], -ok[k]["median_ms"]))
-
-
-def _judged(rec: dict[str, Any]) -> dict[str, Any]:
-    """The figures a record's bar is judged on: the pooled splits, or its only split."""
-    return rec.get("pooled") or next(iter(rec["splits"].values()))
-
-
-def _cpu() -> str:
-    from converters.benchmark.roofline import read_cpuinfo
-    cpu = read_cpuinfo()
-    simd = [f for f in ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_int8") if f in cpu["flags"]]
-    return f"{cpu['model']} ({'+'.join(simd) or 'no AVX'})"
 
 
 class Int8Run:
@@ -144,18 +137,19 @@ class Int8Run:
         res = importlib.import_module(f"quantize.{target}").quantize(ctx, self.out, self.recipes[target])
         return res, self.judge(res, ctx), ctx
 
-    def time(self, t: str, int8_dirs: dict[str, Path]) -> dict[str, dict[str, float]]:
-        """Batch-1, one-thread latency of int8 artifacts and of the target's fp32 export, interleaved."""
+    def latency(self, t: str, int8_dirs: dict[str, Path]) -> dict[str, dict[str, Any]]:
+        """Batch-1, one-thread latency of each int8 artifact and of the target's fp32 export, timed interleaved."""
         from converters.benchmark import time_artifacts
+        from converters.benchmark.roofline import read_cpuinfo
         images = next(iter(self.prep.evals.values())).images[:LATENCY_PHOTOS]
-        return time_artifacts({**int8_dirs, "fp32": self.out / "fp32" / t}, images, threads=1)
-
-    def latency_record(self, times: dict[str, dict[str, float]], scheme: str) -> dict[str, Any]:
-        i8, f32 = times[scheme], times["fp32"]
-        return {"int8_ms": i8["median_ms"], "int8_p90_ms": i8["p90_ms"], "fp32_ms": f32["median_ms"],
-                "int8_vs_fp32": i8["median_ms"] / f32["median_ms"], "threads": 1, "batch": 1,
-                "photos": min(LATENCY_PHOTOS, len(next(iter(self.prep.evals.values())).images)),
-                "rounds": i8["rounds"], "cpu": _cpu()}
+        times = time_artifacts({**int8_dirs, "fp32": self.out / "fp32" / t}, images, threads=1)
+        cpu = read_cpuinfo()
+        simd = [f for f in ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_int8") if f in cpu["flags"]]
+        f32 = times["fp32"]["median_ms"]
+        return {k: {"int8_ms": times[k]["median_ms"], "int8_p90_ms": times[k]["p90_ms"], "fp32_ms": f32,
+                    "int8_vs_fp32": times[k]["median_ms"] / f32, "threads": 1, "batch": 1, "photos": len(images),
+                    "rounds": times[k]["rounds"], "cpu": f"{cpu['model']} ({'+'.join(simd) or 'no AVX'})"}
+                for k in int8_dirs}
 
     def build_fastest_executorch(self) -> tuple[TargetResult, dict[str, Any], QuantContext]:
         """`auto`: ExecuTorch built with static and with dynamic activations, each judged and timed (one
@@ -174,9 +168,9 @@ class Int8Run:
             built[scheme] = (res, rec, ctx, park)
         if not built:
             raise QuantizeError(f"ExecuTorch: neither scheme could be built: {cands}")
-        times = self.time("executorch", {k: v[3] for k, v in built.items()})
+        lat = self.latency("executorch", {k: v[3] for k, v in built.items()})
         for scheme, (_, rec, _, _) in built.items():
-            cands[scheme] = {"median_ms": times[scheme]["median_ms"], "meets_bar": rec["meets_bar"],
+            cands[scheme] = {"median_ms": lat[scheme]["int8_ms"], "meets_bar": rec["meets_bar"],
                              "fine_agreement": _judged(rec)["agreement_with_fp32"][f"agreement/{self.fine}"],
                              "fine_top1_drop": _judged(rec)["fine_top1_drop"],
                              "size_ratio": rec["size_ratio"]}
@@ -189,7 +183,7 @@ class Int8Run:
         res, rec, ctx, park = built[chosen]
         park.rename(final)
         res.int8_dir, rec["int8_dir"] = final, str(final)
-        rec["latency"] = self.latency_record(times, chosen)
+        rec["latency"] = lat[chosen]
         self.choice = {"requested": "auto", "chosen": chosen, "candidates": cands, "measured_on": rec["latency"]["cpu"],
                        "rule": f"the fastest that meets the int8 bar (batch 1, one thread, {rec['latency']['photos']} "
                                f"val photos); within {SPEED_TIE:.0%} of it, the one agreeing more with fp32"}
@@ -209,7 +203,7 @@ class Int8Run:
             if t == "executorch":
                 self.choice = {"requested": activations, "chosen": activations}
             if res.runnable_here:
-                rec["latency"] = self.latency_record(self.time(t, {"int8": res.int8_dir}), "int8")
+                rec["latency"] = self.latency(t, {"int8": res.int8_dir})["int8"]
         self.contexts[t] = ctx
         m = Manifest.load(res.int8_dir)
         m.metrics["int8_evaluation"] = {k: v for k, v in rec.items() if k not in ("float_layers", "notes", "scheme")}

@@ -85,7 +85,6 @@ class Ranges:
 
     inputs: dict[str, tuple[float, float]] = field(default_factory=dict)
     outputs: dict[str, tuple[float, float]] = field(default_factory=dict)
-    n_images: int = 0
 
 
 def _update(d: dict, k: str, t: torch.Tensor) -> None:
@@ -95,23 +94,18 @@ def _update(d: dict, k: str, t: torch.Tensor) -> None:
     d[k] = (lo, hi)
 
 
-def _observed(model: nn.Module):
-    from train.models import GroupReadout
-    for name, m in model.named_modules():
-        if isinstance(m, (nn.Conv2d, nn.Linear, nn.LayerNorm, nn.BatchNorm2d, GroupReadout)):
-            yield name, m
-
-
 @torch.inference_mode()
 def calibrate(model: nn.Module, images: np.ndarray, batch: int = 25) -> Ranges:
-    """Record min/max of every Conv2d/Linear/LayerNorm input and output on real uint8 photos (fp32 model)."""
-    r = Ranges(n_images=len(images))
+    """Record min/max of every Conv2d/Linear/LayerNorm/BatchNorm/read-out input and output on real uint8 photos."""
+    from train.models import GroupReadout
+    r = Ranges()
     hooks = []
-    for name, m in _observed(model):
-        def hook(mod, inp, out, name=name):
-            _update(r.inputs, name, inp[0])
-            _update(r.outputs, name, out)
-        hooks.append(m.register_forward_hook(hook))
+    for name, m in model.named_modules():
+        if isinstance(m, (nn.Conv2d, nn.Linear, nn.LayerNorm, nn.BatchNorm2d, GroupReadout)):
+            def hook(mod, inp, out, name=name):
+                _update(r.inputs, name, inp[0])
+                _update(r.outputs, name, out)
+            hooks.append(m.register_forward_hook(hook))
     feed(model, images, hooks, batch)
     return r
 

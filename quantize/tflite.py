@@ -6,6 +6,7 @@ input tensor stays uint8 with no scale or zero point, so the SDK feeds it unchan
 
 from __future__ import annotations
 
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -43,12 +44,7 @@ def write_tflite(converted: torch.nn.Module, quantizer, example: torch.Tensor, p
 def tensor_types(path: Path) -> dict[str, int]:
     """Counts of tensor dtypes in a .tflite file (int8 weights show up as INT8 tensors)."""
     from ai_edge_litert.interpreter import Interpreter
-    it = Interpreter(model_path=str(path))
-    out: dict[str, int] = {}
-    for d in it.get_tensor_details():
-        k = np.dtype(d["dtype"]).name
-        out[k] = out.get(k, 0) + 1
-    return out
+    return dict(Counter(np.dtype(d["dtype"]).name for d in Interpreter(model_path=str(path)).get_tensor_details()))
 
 
 def finish_tflite(ctx: QuantContext, path: Path, fp32_size: int | None, scheme: str, notes: list[str],

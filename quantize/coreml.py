@@ -60,8 +60,7 @@ def quantize(ctx: QuantContext, out_dir: Path, recipe: CoreMLRecipe) -> TargetRe
         q = cto.linear_quantize_weights(ml, config=cfg)
     path = out_dir / "coreml" / "model.mlpackage"
     path.parent.mkdir(parents=True, exist_ok=True)
-    if path.exists():
-        shutil.rmtree(path)
+    shutil.rmtree(path, ignore_errors=True)
     q.save(str(path))
     checked = verify_package(path, ctx.taxonomy, ctx.image_size, fp32.manifest.metrics.get("export", {}).get("fixed_batch", 1),
                              (fp32.manifest.embedding or {}).get("dim"))

@@ -151,10 +151,8 @@ def quantize(ctx: QuantContext, out_dir: Path, recipe: OnnxRecipe) -> TargetResu
     with failing_as("onnxruntime quantize_static"):
         quantize_graph(pre, path, proto.graph.input[0].name, ctx.calibration_batches(), excl)
     q = onnx.load(str(path))
-    del q.metadata_props[:]
-    for p in proto.metadata_props:
-        kv = q.metadata_props.add()
-        kv.key, kv.value = p.key, ("int8" if p.key == "hierfg.precision" else p.value)
+    props = {p.key: "int8" if p.key == "hierfg.precision" else p.value for p in proto.metadata_props}
+    onnx.helper.set_model_props(q, props)
     n_q = sum(1 for n in q.graph.node if n.op_type == "QuantizeLinear")
     if n_q == 0:
         raise QuantizeError("quantize_static inserted no QuantizeLinear node: nothing was quantized")

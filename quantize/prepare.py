@@ -33,7 +33,6 @@ class Prepared:
     conf: dict[str, Any]  # the checkpoint's config.json
     info: dict[str, Any]  # what every manifest records about the model (checkpoint hash, config, metrics)
     calibration: ImageSet
-    sensitivity: ImageSet  # training photos the float plan was measured on (they did not calibrate)
     parity: ImageSet  # val photos for the export-time parity check
     evals: dict[str, ImageSet]  # the judging sets: val and the 20 % train slice
     ranges: Ranges  # activation ranges of the fp32 model on the calibration photos
@@ -106,5 +105,5 @@ def prepare_context(checkpoint: str | Path, data: str, targets: Sequence[str], n
                                  shifts=int8_shifts)
     log(f"float families: {plan.float_families}")
     info = manifest_model_record(checkpoint, cfg, conf)
-    return Prepared(str(checkpoint), str(data), model, tax, size, conf, info, cal, sen, _parity_set(evals["val"], n_parity),
+    return Prepared(str(checkpoint), str(data), model, tax, size, conf, info, cal, _parity_set(evals["val"], n_parity),
                     evals, ranges, int8_shifts, coreml_shifts, plan, log)

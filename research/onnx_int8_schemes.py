@@ -31,7 +31,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 # onnxruntime int8 schemes by name: activation / weight types and 7-bit weights. "u8s8" is what
-# `python -m quantize` writes (ORT's fast x86/ARM kernels; "u8s8-rr" with --onnx-reduce-range)
+# `python -m quantize` writes (ORT's fast x86/ARM kernels; "u8s8-rr" was its removed --onnx-reduce-range)
 ONNX_SCHEMES: dict[str, dict] = {
     "u8s8": {"activations": "uint8", "weights": "int8", "reduce_range": False},
     "u8s8-rr": {"activations": "uint8", "weights": "int8", "reduce_range": True},

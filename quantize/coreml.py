@@ -51,7 +51,8 @@ def quantize(ctx: QuantContext, out_dir: Path, recipe: CoreMLRecipe) -> TargetRe
     import coremltools.optimize.coreml as cto
 
     fp32 = fp32_artifact(ctx, "coreml", out_dir / "fp32" / "coreml")
-    src = int8_source_artifact(ctx, "coreml", out_dir / "fp32" / "coreml", corrected_for_coreml(ctx, recipe.weight_threshold))
+    corrected = corrected_for_coreml(ctx, recipe.weight_threshold)
+    src = int8_source_artifact(ctx, "coreml", out_dir / "fp32" / "coreml", corrected)
     ctx.log("coreml: linear_quantize_weights int8 per-channel symmetric")
     ml = ct.models.MLModel(str(src.path), skip_model_load=True)
     cfg = cto.OptimizationConfig(global_config=cto.OpLinearQuantizerConfig(

@@ -150,7 +150,8 @@ def finish_pte(ctx: QuantContext, path: Path, edge, ops, fp32_size: int | None, 
     export = {"fixed_batch": 1, "delegate": "XnnpackPartitioner", "portable_ops": dict(sorted(ops.items())),
               "thread_safe": False}
     versions = tool_versions("executorch", "torchao")
-    return finish_int8(ctx, "executorch", path, fp32_size, versions, scheme, float_layers, notes, extra=extra, export=export)
+    return finish_int8(ctx, "executorch", path, fp32_size, versions, scheme, float_layers, notes, extra=extra,
+                       export=export)
 
 
 def quantize(ctx: QuantContext, out_dir: Path, recipe: ExecuTorchRecipe) -> TargetResult:

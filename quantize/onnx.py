@@ -14,7 +14,8 @@ import numpy as np
 
 from converters import tool_versions
 
-from ._common import QuantContext, QuantizeError, TargetResult, failing_as, finish_int8, fp32_artifact, int8_source_artifact
+from ._common import (QuantContext, QuantizeError, TargetResult, failing_as, finish_int8, fp32_artifact,
+                      int8_source_artifact)
 from .recipes import OnnxRecipe
 from .sim import ATTENTION, Family
 

@@ -170,14 +170,14 @@ class Int8Run:
             raise QuantizeError(f"ExecuTorch: neither scheme could be built: {cands}")
         lat = self.latency("executorch", {k: v[3] for k, v in built.items()})
         for scheme, (_, rec, _, _) in built.items():
+            judged = _judged(rec)
             cands[scheme] = {"median_ms": lat[scheme]["int8_ms"], "meets_bar": rec["meets_bar"],
-                             "fine_agreement": _judged(rec)["agreement_with_fp32"][f"agreement/{self.fine}"],
-                             "fine_top1_drop": _judged(rec)["fine_top1_drop"],
-                             "size_ratio": rec["size_ratio"]}
+                             "fine_agreement": judged["agreement_with_fp32"][f"agreement/{self.fine}"],
+                             "fine_top1_drop": judged["fine_top1_drop"], "size_ratio": rec["size_ratio"]}
         chosen = pick_fastest({k: c for k, c in cands.items() if "error" not in c})
         final = self.out / "executorch"
         shutil.rmtree(final, ignore_errors=True)
-        for scheme, (res, rec, ctx, park) in built.items():
+        for scheme, (*_, park) in built.items():
             if scheme != chosen:
                 shutil.rmtree(park)
         res, rec, ctx, park = built[chosen]

@@ -69,7 +69,7 @@ class Plan:
         return {"quantized_families": self.quantized, "float_families": self.float_families,
                 "sensitivity_fine_agreement": self.single, "sensitivity_fine_kl": self.single_kl, "greedy_steps": self.steps,
                 "simulated_fine_agreement": self.agreement, "n_images": self.n_images, "images": self.images,
-                "max_kl": None}  # the KL target of the removed --plan-kl; kept so every manifest's plan reads alike
+                "max_kl": None}  # the removed --plan-kl's KL target: kept so every manifest's plan reads alike
 
 
 def fine_kl(ref: list[np.ndarray], cand: list[np.ndarray]) -> float:

@@ -7,7 +7,7 @@ import sys
 import warnings
 
 from ._common import QuantizeError
-from .recipes import ACTIVATIONS, ONNX_CALIBRATIONS, TARGETS, ExecuTorchRecipe, OnnxRecipe
+from .recipes import ACTIVATIONS, TARGETS, ExecuTorchRecipe
 from .run import SPEED_TIE, quantize_checkpoint
 
 
@@ -21,40 +21,22 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--calibration-images", type=int, default=300, help="real training photos for calibration (>= 300 recommended)")
     p.add_argument("--sensitivity-images", type=int, default=200, help="other training photos for the sensitivity pass")
     p.add_argument("--eval-limit", type=int, default=0, help="cap the evaluation sets (0: all of val and the 20 %% train slice)")
-    p.add_argument("--no-bias-correction", action="store_true",
-                   help="quantize the model as trained (default: fold the measured mean shift of int8 weight rounding "
-                        "into biases first; quantize/bias.py)")
-    p.add_argument("--plan-kl", type=float, default=None,
-                   help="the float plan must also bring the simulated mean fine KL to fp32 on the sensitivity photos to "
-                        "this value or below (off by default); a target these floats push over the 30 %% size bar is "
-                        "rebuilt from the greedy's earlier plan that fits (the report says so)")
     p.add_argument("--executorch-activations", choices=ACTIVATIONS, default="auto",
                    help="ExecuTorch activations: calibrated int8 (static), quantized per photo at run time (dynamic; "
                         "depthwise convs and the stem stay float), or auto (default): both built, judged and timed (batch 1, "
                         "one thread), the fastest that meets the int8 bar kept (within "
                         f"{SPEED_TIE * 100:.0f} %% of it: the one agreeing more with fp32)")
-    p.add_argument("--onnx-calibration", choices=ONNX_CALIBRATIONS, default="MinMax",
-                   help="onnxruntime calibration method (default MinMax; the histogram methods need memory for every "
-                        "calibration batch's intermediate outputs)")
-    p.add_argument("--onnx-reduce-range", action="store_true",
-                   help="ONNX: 7-bit weights, for x86 CPUs without VNNI, whose U8S8 kernels saturate")
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = parser()
-    a = p.parse_args(argv)
-    if a.plan_kl is not None and not a.plan_kl > 0:
-        p.error(f"--plan-kl must be > 0 (got {a.plan_kl})")
+    a = parser().parse_args(argv)
     targets = [t.strip() for t in a.targets.split(",") if t.strip()]
-    recipes = {"onnx": OnnxRecipe(a.onnx_calibration, a.onnx_reduce_range),
-               "executorch": ExecuTorchRecipe(a.executorch_activations)}
     warnings.simplefilter("default")
+    recipes = {"executorch": ExecuTorchRecipe(a.executorch_activations)} if "executorch" in targets else None
     try:
         rep = quantize_checkpoint(a.checkpoint, a.data, targets, a.out, n_calibration=a.calibration_images,
-                                  n_sensitivity=a.sensitivity_images, eval_limit=a.eval_limit,
-                                  bias_correction=not a.no_bias_correction, plan_kl=a.plan_kl,
-                                  recipes={t: r for t, r in recipes.items() if t in targets})
+                                  n_sensitivity=a.sensitivity_images, eval_limit=a.eval_limit, recipes=recipes)
     except QuantizeError as e:  # a bad argument argparse cannot see (an unknown target), as a usage error
         print(f"python -m quantize: error: {e}", file=sys.stderr)
         return 2

@@ -15,7 +15,7 @@ from sdk import Taxonomy
 
 from .calibration import ImageSet
 from .sensitivity import Plan
-from .sim import ALWAYS_FLOAT, ATTENTION, DynamicScheme, Family, Ranges, families
+from .sim import ALWAYS_FLOAT, DynamicScheme, Family, Ranges, families
 
 # int8 parity floor at export: a sanity check that the artifact is not broken. The bar (>= 98.5 % fine
 # agreement, <= 0.5 pt fine top-1 loss, quantize.bar) is judged on the full evaluation sets in the report.
@@ -26,6 +26,9 @@ INT8_TIE_MARGIN = 0.25
 # int8 embedding vs fp32 PyTorch: a floor that catches a broken output, not a quality bar (enrolled prototypes
 # are made and compared through the same artifact, so a uniform int8 shift does not move a decision)
 INT8_MIN_EMBEDDING_COSINE = 0.9
+INT8_FLOORS = dict(min_agreement=INT8_MIN_AGREEMENT, max_abs_logprob=None, tie_margin=INT8_TIE_MARGIN,
+                   min_embedding_cosine=INT8_MIN_EMBEDDING_COSINE)
+FP32_FLOORS = dict(min_agreement=0.995, max_abs_logprob=1e-3, tie_margin=0.0, min_embedding_cosine=0.99)
 
 
 class QuantizeError(ExportError):
@@ -60,7 +63,7 @@ class QuantContext:
     int8_model: torch.nn.Module | None = None
     # Core ML's own rounding shifts (round-to-nearest, no scale clamp): it rounds the fp32 weights itself
     coreml_shifts: dict[str, torch.Tensor] | None = None
-    # fp32 exports by output directory, shared by the contexts of one run (they do not depend on the plan)
+    # fp32 exports by output directory, shared by the contexts of one run (they do not depend on the scheme)
     fp32_exports: dict[Path, Artifact] = field(default_factory=dict)
     # ExecuTorch's dynamic activation scheme, whose float layers the int8 model leaves unrounded
     # (None: static, calibrated int8 activations)
@@ -81,34 +84,23 @@ class QuantContext:
             ["attention matmuls + softmax, LayerNorm, residual adds, per-class query read-out and log-softmax "
              f"({float_ops_run_as})"]
 
-    @property
-    def quantize_attention(self) -> bool:
-        return ATTENTION in self.plan.quantized
-
     def deploy(self, int8: bool = False) -> torch.nn.Module:
         """The uint8-in graph of the fp32 model, or (`int8`) of the model the int8 artifacts are made from."""
         from train.models import DeployWrapper
         return DeployWrapper(self.int8_model if int8 and self.int8_model is not None else self.model).eval()
 
-    @property
-    def bias_corrected(self) -> bool:
-        return self.int8_model is not None and self.int8_model is not self.model
-
-    def spec(self, precision: str = "int8", **kw: Any) -> ExportSpec:
+    def spec(self, precision: str = "int8") -> ExportSpec:
+        floors = INT8_FLOORS if precision == "int8" else FP32_FLOORS
         return ExportSpec(image_size=self.image_size, precision=precision, images=self.parity.images,
-                          image_source=self.parity.source, min_agreement=INT8_MIN_AGREEMENT if precision == "int8" else 0.995,
-                          max_abs_logprob=None if precision == "int8" else 1e-3,
-                          tie_margin=INT8_TIE_MARGIN if precision == "int8" else 0.0, model_info=self.model_info,
-                          min_embedding_cosine=INT8_MIN_EMBEDDING_COSINE if precision == "int8" else 0.99, **kw)
+                          image_source=self.parity.source, model_info=self.model_info, **floors)
 
     def example(self) -> torch.Tensor:
         """One blank uint8 NHWC image: the example input the int8 graphs are exported with (batch 1)."""
         return torch.zeros(1, self.image_size, self.image_size, 3, dtype=torch.uint8)
 
-    def calibration_batches(self, batch: int = 10):
+    def calibration_batches(self, batch: int = 10) -> list[np.ndarray]:
         imgs = self.calibration.images
-        for i in range(0, len(imgs), batch):
-            yield np.ascontiguousarray(imgs[i:i + batch])
+        return [np.ascontiguousarray(imgs[i:i + batch]) for i in range(0, len(imgs), batch)]
 
 
 @dataclass
@@ -145,27 +137,15 @@ def finish_int8(ctx: QuantContext, target: str, path: Path, fp32_size: int | Non
 
 def fp32_artifact(ctx: QuantContext, target: str, out_dir: Path) -> Artifact:
     """The fp32 export of a target through its converter (parity-checked like any export), once per run
-    and directory: a target rebuilt from another float plan reuses it."""
+    and directory: ExecuTorch's static and dynamic builds share it."""
     if out_dir not in ctx.fp32_exports:
         ctx.fp32_exports[out_dir] = export_model(target, ctx.deploy(), ctx.spec("fp32"), out_dir)
     return ctx.fp32_exports[out_dir]
 
 
-def split_summary(rec: dict[str, Any], fine: str) -> dict[str, dict[str, float]]:
-    """Per split of a judged int8 record: fp32 / int8 fine top-1, the drop, agreement and KL to fp32."""
-    return {split: {"fp32_fine_top1": s["fp32"][f"top1/{fine}"], "int8_fine_top1": s["int8"][f"top1/{fine}"],
-                    "fine_top1_drop": s["fine_top1_drop"], "fine_agreement": s["agreement_with_fp32"][f"agreement/{fine}"],
-                    "fine_kl_to_fp32": s.get("fine_kl_to_fp32")}
-            for split, s in rec.get("splits", {}).items()}
-
-
-def int8_source_artifact(ctx: QuantContext, target: str, out_dir: Path, fp32: Artifact,
-                         model: torch.nn.Module | None = None) -> Artifact:
+def int8_source_artifact(ctx: QuantContext, target: str, out_dir: Path, model: torch.nn.Module | None = None) -> Artifact:
     """The fp32 graph a post-export quantizer (ONNX Runtime, coremltools) starts from: the bias-corrected
-    model's export (`model`, default `ctx.int8_model`) in `<out>/fp32/<target>-bias-corrected/`, or the
-    fp32 artifact itself without correction."""
-    if not ctx.bias_corrected:
-        return fp32
+    model's export (`model`, default `ctx.int8_model`) in `<out>/fp32/<target>-bias-corrected/`."""
     from train.models import DeployWrapper
     net = DeployWrapper(model).eval() if model is not None else ctx.deploy(int8=True)
     return export_model(target, net, ctx.spec("fp32"), out_dir.parent / f"{out_dir.name}-bias-corrected")

@@ -47,18 +47,6 @@ def rounding_error_output(mod: nn.Module, x: torch.Tensor, q: torch.Tensor | Non
     return mod._conv_forward(x, dw, None)  # train.backbones.SameConv keeps its TF "same" padding here
 
 
-def _bias_target(mods: dict[str, nn.Module], name: str) -> tuple[str, nn.Module] | None:
-    """Where a layer's shift goes (`mods`: the model's named modules): ("bn", BatchNorm) after a
-    backbone conv, ("bias", layer) else."""
-    bn = bn_after(mods, name)
-    if bn is not None:
-        return "bn", bn
-    layer = mods[name]
-    if getattr(layer, "bias", None) is not None:
-        return "bias", layer
-    return None
-
-
 @torch.inference_mode()
 def rounding_shifts(model: nn.Module, images: np.ndarray, fams: list[Family], batch: int = 25,
                     targets: dict[str, torch.Tensor] | None = None,
@@ -97,15 +85,14 @@ def apply_shifts(model: nn.Module, shifts: dict[str, torch.Tensor], fams: list[F
         for name, e in shifts.items():
             if not any(f.owns(name) for f in fams if f.prefixes):
                 continue  # a layer that stays float is not rounded: nothing to correct
-            tgt = _bias_target(mods, name)
-            if tgt is None:
+            bn = bn_after(mods, name)  # after a backbone conv the shift goes into the BatchNorm's mean
+            if bn is not None:
+                bn.running_mean -= e.to(bn.running_mean.dtype)
+            elif getattr(mods[name], "bias", None) is not None:
+                mods[name].bias += e.to(mods[name].bias.dtype)
+            else:
                 rec.skipped.append(name)
                 continue
-            kind, mod = tgt
-            if kind == "bn":
-                mod.running_mean -= e.to(mod.running_mean.dtype)
-            else:
-                mod.bias += e.to(mod.bias.dtype)
             rec.layers += 1
     return rec
 

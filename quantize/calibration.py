@@ -61,9 +61,8 @@ def _decode(ds, idx: list[int], size: int, what: str) -> ImageSet:
 
 
 def calibration_sets(data: str, size: int, taxonomy: Taxonomy, n_calibration: int = 300,
-                     n_sensitivity: int = 200, split: str = "train", seed: int = 0,
-                     sensitivity_from_slice: bool = False) -> tuple[ImageSet, ImageSet]:
-    """(calibration photos, disjoint sensitivity photos), both from `split` outside its 20 % slice.
+                     n_sensitivity: int = 200, sensitivity_from_slice: bool = False) -> tuple[ImageSet, ImageSet]:
+    """(calibration photos, disjoint sensitivity photos), both from `train` outside its 20 % slice.
 
     `sensitivity_from_slice` (the model was trained without the slice): the sensitivity photos come from the
     slice, since on photos a model memorized every family agrees 100 % with fp32 and nothing can be ranked.
@@ -74,14 +73,14 @@ def calibration_sets(data: str, size: int, taxonomy: Taxonomy, n_calibration: in
     if n_calibration < MIN_CALIBRATION_IMAGES:
         warnings.warn(f"calibrating on {n_calibration} photos; at least {MIN_CALIBRATION_IMAGES} are recommended "
                       "so the int8 ranges cover real inputs", CalibrationWarning, stacklevel=2)
-    ds = load_dataset(data, split, taxonomy=taxonomy)
+    ds = load_dataset(data, "train", taxonomy=taxonomy)
     keep, hold = stratified_holdout(ds, 0.2, seed=0)
     labels = ds.labels()
-    calib = _spread(keep, labels, n_calibration, seed)
+    calib = _spread(keep, labels, n_calibration, 0)
     rest = sorted(hold) if sensitivity_from_slice else sorted(set(keep) - set(calib))
-    sens = _spread(rest, labels, n_sensitivity, seed + 1) if n_sensitivity else []
+    sens = _spread(rest, labels, n_sensitivity, 1) if n_sensitivity else []
     if len(calib) < n_calibration:
-        warnings.warn(f"{split} has only {len(calib)} photos outside its 20 % slice; calibrating on those",
+        warnings.warn(f"train has only {len(calib)} photos outside its 20 % slice; calibrating on those",
                       CalibrationWarning, stacklevel=2)
     cal = _decode(ds, calib, size, "calibration")
     what = "sensitivity, from the 20 % slice the model did not train on" if sensitivity_from_slice else "sensitivity"

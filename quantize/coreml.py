@@ -39,11 +39,8 @@ def corrected_for_coreml(ctx: QuantContext, weight_threshold: int):
     """Bias correction only where coremltools rounds: it leaves weights of at most `weight_threshold`
     elements (early depthwise filters, biases) in float, and a layer that is not rounded must not be
     corrected."""
-    if not ctx.bias_corrected:
-        return None
     from .bias import bias_corrected
     sizes = {n: m.weight.numel() for n, m in ctx.model.named_modules() if hasattr(m, "weight") and m.weight is not None}
-    # no shifts (bias correction off): the plain fp32 model
     shifts = {n: e for n, e in (ctx.coreml_shifts or {}).items() if sizes.get(n, 0) > weight_threshold}
     return bias_corrected(ctx.model, shifts, [f for f in ctx.families if f.prefixes])[0]
 
@@ -54,8 +51,8 @@ def quantize(ctx: QuantContext, out_dir: Path, recipe: CoreMLRecipe) -> TargetRe
     import coremltools.optimize.coreml as cto
 
     fp32 = fp32_artifact(ctx, "coreml", out_dir / "fp32" / "coreml")
-    src = int8_source_artifact(ctx, "coreml", out_dir / "fp32" / "coreml", fp32,
-                               corrected_for_coreml(ctx, recipe.weight_threshold))
+    corrected = corrected_for_coreml(ctx, recipe.weight_threshold)
+    src = int8_source_artifact(ctx, "coreml", out_dir / "fp32" / "coreml", corrected)
     ctx.log("coreml: linear_quantize_weights int8 per-channel symmetric")
     ml = ct.models.MLModel(str(src.path), skip_model_load=True)
     cfg = cto.OptimizationConfig(global_config=cto.OpLinearQuantizerConfig(
@@ -64,8 +61,7 @@ def quantize(ctx: QuantContext, out_dir: Path, recipe: CoreMLRecipe) -> TargetRe
         q = cto.linear_quantize_weights(ml, config=cfg)
     path = out_dir / "coreml" / "model.mlpackage"
     path.parent.mkdir(parents=True, exist_ok=True)
-    if path.exists():
-        shutil.rmtree(path)
+    shutil.rmtree(path, ignore_errors=True)
     q.save(str(path))
     checked = verify_package(path, ctx.taxonomy, ctx.image_size, fp32.manifest.metrics.get("export", {}).get("fixed_batch", 1),
                              (fp32.manifest.embedding or {}).get("dim"))

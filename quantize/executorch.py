@@ -102,8 +102,9 @@ def xnnpack_quantizer(names: list[str], is_qat: bool = False, dynamic: list[str]
     return LayerQuantizer()
 
 
-def lower(converted: torch.nn.Module, example: torch.Tensor):
-    """converted pt2e module -> (edge program manager, ops outside the delegate); asserts delegation."""
+def write_pte(converted: torch.nn.Module, example: torch.Tensor, path: Path):
+    """Lower a converted pt2e module into XNNPACK (delegation asserted) and write its ExecuTorch program to
+    `path`; returns (edge program manager, ops outside the delegate)."""
     try:
         import executorch.kernels.quantized  # noqa: F401  (out variants, so a leak fails our assert, not lowering)
     except ImportError:
@@ -114,13 +115,6 @@ def lower(converted: torch.nn.Module, example: torch.Tensor):
         raise QuantizeError(f"executorch: quantized ops left outside XNNPACK: {leaked}; the .pte would need "
                             "executorch.kernels.quantized at load time and run them unaccelerated")
     check_delegation(ops)
-    return edge, ops
-
-
-def write_pte(converted: torch.nn.Module, example: torch.Tensor, path: Path):
-    """Lower a converted pt2e module (`lower`) and write its ExecuTorch program to `path`;
-    returns (edge program manager, ops outside the delegate)."""
-    edge, ops = lower(converted, example)
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write(path, edge.to_executorch().buffer)
     return edge, ops
@@ -146,8 +140,7 @@ def calibrated(gm: torch.fx.GraphModule, quantizer, images) -> torch.fx.GraphMod
 
 
 def finish_pte(ctx: QuantContext, path: Path, edge, ops, fp32_size: int | None, scheme: str, notes: list[str],
-               float_prefix: list[str] = (), extra: dict | None = None, versions=("executorch", "torchao"),
-               ) -> TargetResult:
+               float_prefix: list[str] = (), extra: dict | None = None) -> TargetResult:
     """Manifest, SDK parity and export record of a lowered int8 .pte (`write_pte`'s edge program and
     portable ops); `float_prefix`: what stayed float before the plan's families and ops."""
     float_layers = [*float_prefix, *ctx.float_layers("float, XNNPACK fp32 or the allow-listed portable ops: "
@@ -156,8 +149,9 @@ def finish_pte(ctx: QuantContext, path: Path, edge, ops, fp32_size: int | None, 
              "no quantize/dequantize op outside the delegate (asserted)"]
     export = {"fixed_batch": 1, "delegate": "XnnpackPartitioner", "portable_ops": dict(sorted(ops.items())),
               "thread_safe": False}
-    return finish_int8(ctx, "executorch", path, fp32_size, tool_versions(*versions), scheme, float_layers, notes,
-                       extra=extra, export=export)
+    versions = tool_versions("executorch", "torchao")
+    return finish_int8(ctx, "executorch", path, fp32_size, versions, scheme, float_layers, notes, extra=extra,
+                       export=export)
 
 
 def quantize(ctx: QuantContext, out_dir: Path, recipe: ExecuTorchRecipe) -> TargetResult:

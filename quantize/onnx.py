@@ -14,7 +14,8 @@ import numpy as np
 
 from converters import tool_versions
 
-from ._common import QuantContext, QuantizeError, TargetResult, finish_int8, fp32_artifact, int8_source_artifact
+from ._common import (QuantContext, QuantizeError, TargetResult, failing_as, finish_int8, fp32_artifact,
+                      int8_source_artifact)
 from .recipes import OnnxRecipe
 from .sim import ATTENTION, Family
 
@@ -32,21 +33,14 @@ class PhotoCalibrationReader:
     """onnxruntime CalibrationDataReader over real uint8 photos (never random tensors)."""
 
     def __init__(self, input_name: str, batches):
-        self.input_name = input_name
-        self._batches = list(batches)
-        self._it = iter(self._batches)
+        self._feeds = [{input_name: b} for b in batches]
+        self.rewind()
 
     def get_next(self):
-        b = next(self._it, None)
-        return None if b is None else {self.input_name: b}
+        return next(self._it, None)
 
     def rewind(self) -> None:
-        self._it = iter(self._batches)
-
-
-def _module_of(node_name: str) -> str:
-    # "/model/head/cross.1.0/attn/v/MatMul" -> ".model.head.cross.1.0.attn.v.MatMul"
-    return node_name.replace("/", ".")
+        self._it = iter(self._feeds)
 
 
 def excluded_nodes(proto, float_families: Sequence[Family] = (), quantize_attention: bool = False,
@@ -65,7 +59,7 @@ def excluded_nodes(proto, float_families: Sequence[Family] = (), quantize_attent
                 out.append(n.name)
                 why.append(f"{n.op_type} outside the backbone")
                 continue
-        dotted = _module_of(n.name)
+        dotted = n.name.replace("/", ".")  # "/model/head/cross.1.0/attn/v/MatMul": ".model.head.cross.1.0.attn.v..."
         # the backbone runs through `forward_range`, not `__call__`, so its nodes carry no `backbone` scope
         fam = next((f for f in float_families if any(dotted.startswith(f".model.{p}.") or
                                                      dotted.startswith(f".model.{p.removeprefix('backbone.')}.")
@@ -80,22 +74,15 @@ def excluded_nodes(proto, float_families: Sequence[Family] = (), quantize_attent
 
 
 def quantize_graph(src: str | Path, dst: str | Path, input_name: str, batches: Iterable[np.ndarray],
-                   exclude: Sequence[str] = (), ops: Sequence[str] = QUANTIZED_OPS, reduce_range: bool = False,
-                   weight_type: str = "int8", calibrate_method: str = "MinMax",
-                   activation_type: str = "uint8") -> None:
-    """`quantize_static`, QDQ, per-channel weights, calibrated on `batches` of real uint8 photos.
-    `activation_type` "uint8" with `weight_type` "int8" is U8S8, what ORT's fast x86/ARM kernels take;
-    "uint8"/"uint8" is U8U8; "int8"/"int8" is S8S8."""
-    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+                   exclude: Sequence[str] = (), ops: Sequence[str] = QUANTIZED_OPS, **options) -> None:
+    """`quantize_static`, QDQ, per-channel weights, MinMax-calibrated on `batches` of real uint8 photos, U8S8
+    (uint8 activations, int8 weights: what ORT's fast x86/ARM kernels take); `options` override
+    `quantize_static`'s arguments (the research studies' other schemes)."""
+    from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
 
-    types = {"int8": QuantType.QInt8, "uint8": QuantType.QUInt8}
-    if calibrate_method != "MinMax":  # the histogram collectors stack the batches' outputs: equal sizes only
-        batches = [b[i:i + 1] for b in batches for i in range(len(b))]
-    quantize_static(str(src), str(dst), PhotoCalibrationReader(input_name, batches), quant_format=QuantFormat.QDQ,
-                    per_channel=True, activation_type=types[activation_type],
-                    weight_type=types[weight_type],
-                    op_types_to_quantize=list(ops), nodes_to_exclude=list(exclude), reduce_range=reduce_range,
-                    calibrate_method=getattr(CalibrationMethod, calibrate_method))
+    quantize_static(str(src), str(dst), PhotoCalibrationReader(input_name, batches), **{
+        "quant_format": QuantFormat.QDQ, "per_channel": True, "activation_type": QuantType.QUInt8,
+        "weight_type": QuantType.QInt8, "op_types_to_quantize": list(ops), "nodes_to_exclude": list(exclude), **options})
 
 
 def fold_pads(proto) -> int:
@@ -148,7 +135,7 @@ def quantize(ctx: QuantContext, out_dir: Path, recipe: OnnxRecipe) -> TargetResu
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
     fp32 = fp32_artifact(ctx, "onnx", out_dir / "fp32" / "onnx")
-    src = int8_source_artifact(ctx, "onnx", out_dir / "fp32" / "onnx", fp32)
+    src = int8_source_artifact(ctx, "onnx", out_dir / "fp32" / "onnx")
     # ORT's recommended pre-pass: shape inference + graph optimizations (constant folding, fusions)
     # on the fp32 graph, so the quantizer sees the graph ORT will run
     pre = out_dir / "fp32" / "onnx-preprocessed.onnx"
@@ -156,22 +143,17 @@ def quantize(ctx: QuantContext, out_dir: Path, recipe: OnnxRecipe) -> TargetResu
     proto = onnx.load(str(pre))
     if fold_pads(proto):
         onnx.save(proto, str(pre))
-    excl, why = excluded_nodes(proto, ctx.float_layer_families, ctx.quantize_attention)
+    excl, why = excluded_nodes(proto, ctx.float_layer_families, ATTENTION in ctx.plan.quantized)
     int8_dir = out_dir / "onnx"
     int8_dir.mkdir(parents=True, exist_ok=True)
     path = int8_dir / "model.onnx"
     ctx.log(f"onnx: quantize_static QDQ per-channel on {len(ctx.calibration)} photos, "
             f"{len(excl)} Conv/MatMul nodes kept float")
-    try:
-        quantize_graph(pre, path, proto.graph.input[0].name, ctx.calibration_batches(), excl,
-                       reduce_range=recipe.reduce_range, calibrate_method=recipe.calibration)
-    except Exception as e:
-        raise QuantizeError(f"onnxruntime quantize_static failed: {type(e).__name__}: {e}") from e
+    with failing_as("onnxruntime quantize_static"):
+        quantize_graph(pre, path, proto.graph.input[0].name, ctx.calibration_batches(), excl)
     q = onnx.load(str(path))
-    del q.metadata_props[:]
-    for p in proto.metadata_props:
-        kv = q.metadata_props.add()
-        kv.key, kv.value = p.key, ("int8" if p.key == "hierfg.precision" else p.value)
+    props = {p.key: "int8" if p.key == "hierfg.precision" else p.value for p in proto.metadata_props}
+    onnx.helper.set_model_props(q, props)
     n_q = sum(1 for n in q.graph.node if n.op_type == "QuantizeLinear")
     if n_q == 0:
         raise QuantizeError("quantize_static inserted no QuantizeLinear node: nothing was quantized")
@@ -179,11 +161,10 @@ def quantize(ctx: QuantContext, out_dir: Path, recipe: OnnxRecipe) -> TargetResu
     fams = sorted(set(why))
     float_layers = [f"{f} ({why.count(f)} nodes)" for f in fams] + \
         ["LayerNorm, softmax, residual adds, log-softmax (ops not quantized)"]
-    scheme = (f"onnxruntime quantize_static, QDQ, U8 activations / S8 weights per channel"
-              f"{' (reduce_range)' if recipe.reduce_range else ''}, {recipe.calibration} calibration")
+    scheme = "onnxruntime quantize_static, QDQ, U8 activations / S8 weights per channel, MinMax calibration"
     notes = [f"{n_q} QuantizeLinear nodes"]
     # read by the SDK at load time: on x86 without VNNI the fused kernels saturate signed int8 weights,
     # so the SDK runs such a graph unfused there
-    types = {"activations": "uint8", "weights": "int8", "reduce_range": recipe.reduce_range}
+    types = {"activations": "uint8", "weights": "int8", "reduce_range": False}
     return finish_int8(ctx, "onnx", path, fp32.manifest.size_bytes, tool_versions("onnx", "onnxruntime"), scheme,
                        float_layers, notes, extra={"onnx_types": types}, result_extra={"excluded_nodes": excl})

@@ -33,11 +33,10 @@ class Prepared:
     conf: dict[str, Any]  # the checkpoint's config.json
     info: dict[str, Any]  # what every manifest records about the model (checkpoint hash, config, metrics)
     calibration: ImageSet
-    sensitivity: ImageSet  # training photos the float plan was measured on (they did not calibrate)
     parity: ImageSet  # val photos for the export-time parity check
     evals: dict[str, ImageSet]  # the judging sets: val and the 20 % train slice
     ranges: Ranges  # activation ranges of the fp32 model on the calibration photos
-    int8_shifts: dict[str, torch.Tensor] | None  # mean output shift of int8 weight rounding (None: no correction)
+    int8_shifts: dict[str, torch.Tensor]  # mean output shift of int8 weight rounding per layer
     coreml_shifts: dict[str, torch.Tensor] | None  # the same for Core ML's rounding (no scale clamp)
     plan: Plan
     log: Callable[[str], None] = print
@@ -46,24 +45,22 @@ class Prepared:
     @cached_property
     def ctx(self) -> QuantContext:
         """The context of the measured plan with static activations."""
-        return self.context(self.plan)
+        return self.context()
 
-    def context(self, plan: Plan, dynamic: bool = False) -> QuantContext:
-        """The context for one float plan: its int8 source model (bias correction on the plan's quantized
-        families) and the activation ranges the backends' observers see on it. `dynamic`: for ExecuTorch's
-        dynamic scheme (`quantize.sim.DynamicScheme`), whose float layers (depthwise convs, the stem) are
-        neither rounded nor corrected."""
-        cal, info = self.calibration, dict(self.info)
-        int8_model, ranges = self.model, self.ranges
+    def context(self, dynamic: bool = False) -> QuantContext:
+        """The context of the plan: its int8 source model (bias correction on the plan's quantized families)
+        and the activation ranges the backends' observers see on it. `dynamic`: for ExecuTorch's dynamic
+        scheme (`quantize.sim.DynamicScheme`), whose float layers (depthwise convs, the stem) are neither
+        rounded nor corrected."""
+        cal, plan = self.calibration, self.plan
         scheme = dynamic_scheme(self.model, set(plan.quantized), cal.images) if dynamic else None
-        if self.int8_shifts is not None:
-            skip = scheme.float if scheme is not None else frozenset()
-            quantized = [f for f in families(self.model) if f.name in plan.quantized]
-            int8_model, bc = bias_corrected(self.model, {k: v for k, v in self.int8_shifts.items() if k not in skip},
-                                            quantized, len(cal), cal.source)
-            info["bias_correction"] = bc.to_dict()
-            self.log(f"bias correction: {bc.layers} layers (largest shift {bc.max_shift:.3g})")
-            ranges = calibrate(int8_model, cal.images)  # what the backends' observers see
+        skip = scheme.float if scheme is not None else frozenset()
+        quantized = [f for f in families(self.model) if f.name in plan.quantized]
+        int8_model, bc = bias_corrected(self.model, {k: v for k, v in self.int8_shifts.items() if k not in skip},
+                                        quantized, len(cal), cal.source)
+        self.log(f"bias correction: {bc.layers} layers (largest shift {bc.max_shift:.3g})")
+        ranges = calibrate(int8_model, cal.images)  # what the backends' observers see
+        info = {**self.info, "bias_correction": bc.to_dict()}
         return QuantContext(self.model, self.taxonomy, self.image_size, cal, self.parity, plan, ranges, info, self.log,
                             int8_model=int8_model, coreml_shifts=self.coreml_shifts, fp32_exports=self.fp32_exports,
                             dynamic=scheme)
@@ -83,11 +80,9 @@ def _parity_set(val: ImageSet, n: int) -> ImageSet:
 
 def prepare_context(checkpoint: str | Path, data: str, targets: Sequence[str], n_calibration: int = 300,
                     n_sensitivity: int = 200, eval_limit: int = 0, n_parity: int = 64,
-                    log: Callable[[str], None] = print, bias_correction: bool = True,
-                    plan_kl: float | None = None) -> Prepared:
-    """Load the checkpoint, decode the real photos, calibrate, measure the shifts of int8 weight rounding
-    (`bias_correction`), and choose the float families by measurement (`plan_kl`: a KL target for them,
-    `quantize.sensitivity.choose_float_families`)."""
+                    log: Callable[[str], None] = print) -> Prepared:
+    """Load the checkpoint, decode the real photos, calibrate, measure the shifts of int8 weight rounding,
+    and choose the float families by measurement."""
     from train.checkpoint import load_model, manifest_model_record
 
     resolve_recipes(targets)  # an unknown target fails before any work
@@ -99,17 +94,16 @@ def prepare_context(checkpoint: str | Path, data: str, targets: Sequence[str], n
     evals = evaluation_sets(data, size, tax, limit=eval_limit)
     log(f"calibrating activation ranges on {cal.source}")
     ranges = calibrate(model, cal.images)
-    int8_shifts = coreml_shifts = None
-    if bias_correction:
-        layer_fams = [f for f in families(model) if f.prefixes]
-        log(f"measuring the mean output shift of int8 weight rounding per channel on {cal.source}")
-        int8_shifts = rounding_shifts(model, cal.images, layer_fams)
-        if "coreml" in targets:  # Core ML rounds the fp32 weights itself, without the observers' scale clamp
-            coreml_shifts = rounding_shifts(model, cal.images, layer_fams, weight_eps=0.0)
+    layer_fams = [f for f in families(model) if f.prefixes]
+    log(f"measuring the mean output shift of int8 weight rounding per channel on {cal.source}")
+    int8_shifts = rounding_shifts(model, cal.images, layer_fams)
+    coreml_shifts = None
+    if "coreml" in targets:  # Core ML rounds the fp32 weights itself, without the observers' scale clamp
+        coreml_shifts = rounding_shifts(model, cal.images, layer_fams, weight_eps=0.0)
     log(f"sensitivity pass on {sen.source}")
     plan = choose_float_families(model, ranges, sen.images, sen.labels, tax, source=sen.source, log=log,
-                                 shifts=int8_shifts, max_kl=plan_kl)
+                                 shifts=int8_shifts)
     log(f"float families: {plan.float_families}")
     info = manifest_model_record(checkpoint, cfg, conf)
-    return Prepared(str(checkpoint), str(data), model, tax, size, conf, info, cal, sen, _parity_set(evals["val"], n_parity),
+    return Prepared(str(checkpoint), str(data), model, tax, size, conf, info, cal, _parity_set(evals["val"], n_parity),
                     evals, ranges, int8_shifts, coreml_shifts, plan, log)

@@ -10,23 +10,13 @@ from dataclasses import dataclass
 from ._common import QuantizeError
 
 TARGETS = ("onnx", "executorch", "tflite", "coreml")
-ONNX_CALIBRATIONS = ("MinMax", "Entropy", "Percentile", "Distribution")
 ACTIVATIONS = ("auto", "static", "dynamic")
 
 
 @dataclass(frozen=True)
 class OnnxRecipe:
-    """onnxruntime `quantize_static`, QDQ, U8 activations / S8 weights per channel."""
-
-    # onnxruntime's calibration method; its histogram methods keep every calibration batch's
-    # intermediate outputs in memory (300 photos of the reference student: over 22 GB)
-    calibration: str = "MinMax"
-    # 7-bit weights: U8S8 convolutions on x86 without VNNI add pairs of products in int16 and saturate
-    reduce_range: bool = False
-
-    def __post_init__(self):
-        if self.calibration not in ONNX_CALIBRATIONS:
-            raise QuantizeError(f"unknown ONNX calibration {self.calibration!r}; choose from {', '.join(ONNX_CALIBRATIONS)}")
+    """onnxruntime `quantize_static`, QDQ, U8 activations / S8 weights per channel, MinMax calibration;
+    nothing to choose (docs/results.md, ONNX: no calibration method or weight range did better)."""
 
 
 @dataclass(frozen=True)

@@ -13,9 +13,7 @@ def _pct(x) -> str:
     return "–" if x is None else f"{100 * x:.2f}"
 
 
-def _bias_line(bc: dict[str, Any] | None) -> str:
-    if not bc:
-        return "- bias correction: off (int8 made from the model as trained)"
+def _bias_line(bc: dict[str, Any]) -> str:
     skipped = f"; {len(bc['skipped'])} quantized layers had no bias to take it" if bc["skipped"] else ""
     return (f"- bias correction: the mean output shift of int8 weight rounding, measured per channel on "
             f"{bc['images']}, folded into the biases of {bc['layers']} quantized layers (largest shift "
@@ -45,12 +43,10 @@ def _plan_lines(r: dict[str, Any]) -> list[str]:
              "| family | fine agreement with fp32 | mean KL (fine) | in the plan |", "|---|---|---|---|"]
     lines += [f"| {f} | {_pct(a)} % | {s['sensitivity_fine_kl'].get(f, float('nan')):.2e} | "
               f"{'float' if f in s['float_families'] else 'int8'} |" for f, a in s["sensitivity_fine_agreement"].items()]
-    target = "" if s.get("max_kl") is None else f"; target: mean fine KL ≤ {s['max_kl']:.1e} as well as the bar"
-    lines += ["", f"Greedy steps (all quantized families together{target}):", ""]
-    why = {"kl": " (bar met, KL target not: next family by KL)", "agreement": " (bar not met: next family by agreement)"}
+    lines += ["", "Greedy steps (all quantized families together):", ""]
     lines += [f"- float = {st['float'] or 'none'} → fine agreement {_pct(st['fine_agreement'])} %, "
-              f"fine top-1 drop {100 * st['fine_top1_drop']:+.2f} pt"
-              + (f", mean fine KL {st['fine_kl']:.2e}" if "fine_kl" in st else "") + why.get(st.get("next_float_chosen_by"), "")
+              f"fine top-1 drop {100 * st['fine_top1_drop']:+.2f} pt, mean fine KL {st['fine_kl']:.2e}"
+              + (" (bar not met: next family by agreement)" if "next_float_chosen_by" in st else "")
               for st in s["greedy_steps"]]
     return lines + _activations_lines(r.get("executorch_activations"))
 
@@ -90,12 +86,6 @@ def _target_lines(t: str, rec: dict[str, Any]) -> list[str]:
         lines.append(f"- latency (batch 1, one thread, {lat['cpu']}): {lat['int8_ms']:.2f} ms int8 vs "
                      f"{lat['fp32_ms']:.2f} ms fp32 ({lat['int8_vs_fp32']:.2f}x)")
     lines += [f"- note: {n}" for n in rec.get("notes", [])]
-    if rec.get("plan"):  # rebuilt with fewer of the --plan-kl floats for the size bar
-        lines.append(f"- float plan: {', '.join(rec['plan']['float_families'])}, because {rec['plan']['why']}; tried:")
-        lines += [f"  - float {', '.join(w['float_families'])}: {100 * w['size_ratio']:.1f} %; "
-                  + "; ".join(f"{k} agreement {_pct(v['fine_agreement'])} %, drop {100 * v['fine_top1_drop']:+.1f} pt, "
-                              f"KL {v['fine_kl_to_fp32']:.2e}" for k, v in w["splits"].items())
-                  for w in rec["plan"]["over_the_size_bar"]]
     lines += ["", "| split | level | fp32 top-1 | int8 top-1 | agreement with fp32 | agreement with PyTorch sim |",
               "|---|---|---|---|---|---|"]
     judged = {**rec["splits"], **({"pooled (the bar)": rec["pooled"]} if "pooled" in rec else {})}
@@ -112,7 +102,7 @@ def render_markdown(r: dict[str, Any]) -> str:
              f"- bar (ONNX, ExecuTorch, TFLite): fine top-1 drop ≤ {100 * r['bar']['max_fine_top1_drop']:.1f} pt, "
              f"fine agreement with fp32 ≥ {100 * r['bar']['min_fine_agreement']:g} % (on the evaluation sets pooled), "
              f"size ≤ {100 * r['bar']['max_size_ratio']:.0f} % of fp32",
-             _bias_line(r.get("bias_correction")), "", *_plan_lines(r), "", "## Targets", ""]
+             _bias_line(r["bias_correction"]), "", *_plan_lines(r), "", "## Targets", ""]
     lines += [line for t, rec in r["targets"].items() for line in _target_lines(t, rec)]
     return "\n".join(lines + [f"Run time: {r['seconds']} s."]) + "\n"
 

@@ -14,11 +14,11 @@ import numpy as np
 from converters import parity, run_batched
 from sdk import Classifier, Manifest
 
-from ._common import QuantContext, QuantizeError, TargetResult, split_summary
+from ._common import QuantContext, QuantizeError, TargetResult
 from .bar import MAX_SIZE_RATIO, MAX_TOP1_DROP, MIN_AGREEMENT, meets_bar
 from .prepare import Prepared, prepare_context
 from .recipes import resolve_recipes
-from .sensitivity import Plan, disagreements, fine_kl
+from .sensitivity import disagreements, fine_kl
 from .sim import families, model_logprobs, simulate
 
 # `auto` builds ExecuTorch both ways and keeps the fastest artifact that meets the int8 bar; two whose
@@ -48,6 +48,11 @@ def _split_record(taxonomy, source: str, labels, names, lp, lp32, lp_sim) -> dic
             "disagreements": disagreements(taxonomy, lp32, lp, names=names), "fine_kl_to_fp32": fine_kl(lp32, lp)}
 
 
+def _judged(rec: dict[str, Any]) -> dict[str, Any]:
+    """The figures a record's bar is judged on: the pooled splits, or its only split."""
+    return rec.get("pooled") or next(iter(rec["splits"].values()))
+
+
 def judge(res: TargetResult, evals, fp32_lp, sim_lp, taxonomy, sim_weights_only=None) -> dict[str, Any]:
     """int8 vs fp32 per split, and on the splits pooled (val + the train slice): the bar is judged on the
     pool, because one photo of `val` alone is 0.34 pt and the agreement bar sits below its noise."""
@@ -64,41 +69,17 @@ def judge(res: TargetResult, evals, fp32_lp, sim_lp, taxonomy, sim_weights_only=
     for split, s in evals.items():
         rec["splits"][split] = _split_record(taxonomy, s.source, s.labels, s.names, lps[split], fp32_lp[split],
                                              sim_lp[split])
-    judged = next(iter(rec["splits"].values()))
     if len(evals) > 1:
         cat = lambda d: [np.concatenate([d[k][lvl] for k in evals]) for lvl in range(taxonomy.depth)]  # noqa: E731
-        judged = rec["pooled"] = _split_record(
+        rec["pooled"] = _split_record(
             taxonomy, " + ".join(evals), np.concatenate([s.labels for s in evals.values()]),
             tuple(n for s in evals.values() for n in s.names), cat(lps), cat(fp32_lp), cat(sim_lp))
+    judged = _judged(rec)
     ok = meets_bar(judged["agreement_with_fp32"][f"agreement/{fine}"], judged["fine_top1_drop"])
     if rec["size_ratio"] is not None:
         ok &= rec["size_ratio"] <= MAX_SIZE_RATIO
     rec["meets_bar"] = bool(ok)
     return rec
-
-
-def family_parameters(model) -> dict[str, int]:
-    """Parameters under each family's module prefixes (its blocks' BatchNorms included)."""
-    fams = families(model)
-    out = {f.name: 0 for f in fams}
-    for n, p in model.named_parameters():
-        f = next((f for f in fams if f.prefixes and f.owns(n.rsplit(".", 1)[0])), None)
-        if f is not None:
-            out[f.name] += p.numel()
-    return out
-
-
-def fallback_order(plan, int8_size: int, fp32_size: int | None, params: dict[str, int], max_ratio: float) -> list:
-    """The earlier plans to rebuild a target from when the --plan-kl plan's file is over the size bar:
-    those whose file, estimated as this one minus 3 bytes per parameter that goes back to int8, fits
-    the bar, most floats first; then the plan before the first KL float, which is tried in any case."""
-    fbs = plan.kl_fallbacks()
-    if not fbs or not fp32_size:
-        return []
-    fit = [fb for fb in fbs[:-1]
-           if int8_size - 3 * sum(params.get(f, 0) for f in set(plan.float_families) - set(fb.float_families))
-           <= max_ratio * fp32_size]
-    return fit + [fbs[-1]]
 
 
 def pick_fastest(candidates: dict[str, dict[str, Any]]) -> str:
@@ -115,34 +96,19 @@ def pick_fastest(candidates: dict[str, dict[str, Any]]) -> str:
     return max(near, key=lambda k: (ok[k]["fine_agreement"], -ok[k]["median_ms"]))
 
 
-def _pooled_agreement(rec: dict[str, Any], fine: str) -> float:
-    judged = rec.get("pooled") or next(iter(rec["splits"].values()))
-    return judged["agreement_with_fp32"][f"agreement/{fine}"]
-
-
-def _cpu() -> str:
-    from converters.benchmark.roofline import read_cpuinfo
-    cpu = read_cpuinfo()
-    simd = [f for f in ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_int8") if f in cpu["flags"]]
-    return f"{cpu['model']} ({'+'.join(simd) or 'no AVX'})"
-
-
 class Int8Run:
     """The targets of one run, built from one `Prepared` and judged against fp32 and against the PyTorch
-    simulation of the plan each was built from. A target can be rebuilt from another plan (one of the
-    greedy's earlier plans, for the size bar) or scheme (ExecuTorch static instead of dynamic): each
-    (plan, scheme) gets its context and simulation once."""
+    simulation of the scheme each was built from (ExecuTorch: static or dynamic activations); each scheme
+    gets its context and simulation once."""
 
     def __init__(self, prep: Prepared, out: str | Path, recipes: dict[str, Any], log: Callable[[str], None] = print):
         self.prep, self.out, self.recipes, self.log = prep, Path(out), recipes, log
         self.fine = prep.taxonomy.level_names[-1]
         log("fp32 references on the evaluation sets")
         self.fp32_lp = {k: model_logprobs(prep.model, s.images) for k, s in prep.evals.items()}
-        self.params = family_parameters(prep.model)
         self.contexts: dict[str, QuantContext] = {}  # the context each target was finally built from
         self.choice: dict[str, Any] | None = None  # how ExecuTorch's activations were chosen
-        self._variants: dict[tuple, tuple[QuantContext, Any]] = {}
-        self._sim_lps: dict[tuple, dict[str, list[np.ndarray]]] = {}
+        self._variants: dict[bool, tuple[QuantContext, dict[str, list[np.ndarray]]]] = {}
         self.coreml_lp = self._weights_only_logprobs() if "coreml" in recipes else None
 
     def _weights_only_logprobs(self) -> dict[str, list[np.ndarray]]:
@@ -152,67 +118,38 @@ class Int8Run:
                        shifts=p.coreml_shifts, weight_eps=0.0)
         return {k: model_logprobs(sim, s.images) for k, s in p.evals.items()}
 
-    def variant(self, plan: Plan, dynamic: bool = False) -> tuple[QuantContext, Any]:
-        """(context, simulated int8 model) of a float plan and ExecuTorch activation scheme."""
-        key = (tuple(plan.float_families), dynamic)
-        if key not in self._variants:
+    def variant(self, dynamic: bool) -> tuple[QuantContext, dict[str, list[np.ndarray]]]:
+        """(context, simulated int8 log-probs on the evaluation sets) of an ExecuTorch activation scheme."""
+        if dynamic not in self._variants:
             p = self.prep
-            c = p.ctx if plan is p.plan and not dynamic else p.context(plan, dynamic)
-            self._variants[key] = (c, simulate(p.model, c.ranges, set(c.plan.quantized), shifts=p.int8_shifts,
-                                               dynamic=c.dynamic))
-        return self._variants[key]
-
-    def sim_logprobs(self, plan: Plan, dynamic: bool = False) -> dict[str, list[np.ndarray]]:
-        key = (tuple(plan.float_families), dynamic)
-        if key not in self._sim_lps:
-            sim = self.variant(plan, dynamic)[1]
-            self._sim_lps[key] = {k: model_logprobs(sim, s.images) for k, s in self.prep.evals.items()}
-        return self._sim_lps[key]
+            c = p.context(dynamic=True) if dynamic else p.ctx
+            sim = simulate(p.model, c.ranges, set(c.plan.quantized), shifts=p.int8_shifts, dynamic=c.dynamic)
+            self._variants[dynamic] = (c, {k: model_logprobs(sim, s.images) for k, s in p.evals.items()})
+        return self._variants[dynamic]
 
     def judge(self, res: TargetResult, ctx: QuantContext) -> dict[str, Any]:
-        """`judge` against the simulation of the plan and scheme `ctx` was made for."""
-        return judge(res, self.prep.evals, self.fp32_lp, self.sim_logprobs(ctx.plan, ctx.dynamic is not None),
+        """`judge` against the simulation of the scheme `ctx` was made for."""
+        return judge(res, self.prep.evals, self.fp32_lp, self.variant(ctx.dynamic is not None)[1],
                      self.prep.taxonomy, self.coreml_lp)
 
-    def build(self, target: str, plan: Plan, dynamic: bool) -> tuple[TargetResult, dict[str, Any], QuantContext]:
-        ctx = self.variant(plan, dynamic)[0]
+    def build(self, target: str, dynamic: bool) -> tuple[TargetResult, dict[str, Any], QuantContext]:
+        ctx = self.variant(dynamic)[0]
         res = importlib.import_module(f"quantize.{target}").quantize(ctx, self.out, self.recipes[target])
         return res, self.judge(res, ctx), ctx
 
-    def build_within_size(self, t: str, dynamic: bool) -> tuple[TargetResult, dict[str, Any], QuantContext]:
-        """Build and judge one target from the run's plan; rebuilt from the greedy's earlier plans while the
-        --plan-kl floats put its file over the size bar."""
-        res, rec, ctx = self.build(t, self.prep.plan, dynamic)
-        tried = []
-        for fb in fallback_order(self.prep.plan, rec["int8_size_bytes"], rec["fp32_size_bytes"], self.params,
-                                 MAX_SIZE_RATIO):
-            if rec["size_ratio"] <= MAX_SIZE_RATIO:  # (no fp32 size: no fallbacks)
-                break
-            # the size bar is a hard limit, the KL target a preference: this target is rebuilt from an
-            # earlier plan of the greedy, with fewer of the families it floated for the KL target alone
-            self.log(f"{t}: {rec['size_ratio'] * 100:.1f} % of fp32 with float {ctx.plan.float_families} is over the "
-                     f"{MAX_SIZE_RATIO * 100:.0f} % size bar; rebuilding it with float {fb.float_families}")
-            tried.append({"float_families": ctx.plan.float_families, "size_ratio": rec["size_ratio"],
-                          "splits": split_summary(rec, self.fine)})
-            res, rec, ctx = self.build(t, fb, dynamic)
-        if tried:
-            rec["plan"] = {"float_families": ctx.plan.float_families,
-                           "why": f"the --plan-kl {self.prep.plan.max_kl:g} plan put the file over the size bar",
-                           "over_the_size_bar": tried}
-        return res, rec, ctx
-
-    def time(self, t: str, int8_dirs: dict[str, Path]) -> dict[str, dict[str, float]]:
-        """Batch-1, one-thread latency of int8 artifacts and of the target's fp32 export, interleaved."""
+    def latency(self, t: str, int8_dirs: dict[str, Path]) -> dict[str, dict[str, Any]]:
+        """Batch-1, one-thread latency of each int8 artifact and of the target's fp32 export, timed interleaved."""
         from converters.benchmark import time_artifacts
+        from converters.benchmark.roofline import read_cpuinfo
         images = next(iter(self.prep.evals.values())).images[:LATENCY_PHOTOS]
-        return time_artifacts({**int8_dirs, "fp32": self.out / "fp32" / t}, images, threads=1)
-
-    def latency_record(self, times: dict[str, dict[str, float]], scheme: str) -> dict[str, Any]:
-        i8, f32 = times[scheme], times["fp32"]
-        return {"int8_ms": i8["median_ms"], "int8_p90_ms": i8["p90_ms"], "fp32_ms": f32["median_ms"],
-                "int8_vs_fp32": i8["median_ms"] / f32["median_ms"], "threads": 1, "batch": 1,
-                "photos": min(LATENCY_PHOTOS, len(next(iter(self.prep.evals.values())).images)),
-                "rounds": i8["rounds"], "cpu": _cpu()}
+        times = time_artifacts({**int8_dirs, "fp32": self.out / "fp32" / t}, images, threads=1)
+        cpu = read_cpuinfo()
+        simd = [f for f in ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_int8") if f in cpu["flags"]]
+        f32 = times["fp32"]["median_ms"]
+        return {k: {"int8_ms": times[k]["median_ms"], "int8_p90_ms": times[k]["p90_ms"], "fp32_ms": f32,
+                    "int8_vs_fp32": times[k]["median_ms"] / f32, "threads": 1, "batch": 1, "photos": len(images),
+                    "rounds": times[k]["rounds"], "cpu": f"{cpu['model']} ({'+'.join(simd) or 'no AVX'})"}
+                for k in int8_dirs}
 
     def build_fastest_executorch(self) -> tuple[TargetResult, dict[str, Any], QuantContext]:
         """`auto`: ExecuTorch built with static and with dynamic activations, each judged and timed (one
@@ -220,7 +157,7 @@ class Int8Run:
         built, cands = {}, {}
         for scheme in ("static", "dynamic"):
             try:
-                res, rec, ctx = self.build_within_size("executorch", scheme == "dynamic")
+                res, rec, ctx = self.build("executorch", scheme == "dynamic")
             except Exception as e:  # one scheme failing must not cost the target
                 self.log(f"executorch ({scheme}): FAILED: {type(e).__name__}: {e}")
                 cands[scheme] = {"error": f"{type(e).__name__}: {e}"}
@@ -231,22 +168,22 @@ class Int8Run:
             built[scheme] = (res, rec, ctx, park)
         if not built:
             raise QuantizeError(f"ExecuTorch: neither scheme could be built: {cands}")
-        times = self.time("executorch", {k: v[3] for k, v in built.items()})
+        lat = self.latency("executorch", {k: v[3] for k, v in built.items()})
         for scheme, (_, rec, _, _) in built.items():
-            cands[scheme] = {"median_ms": times[scheme]["median_ms"], "meets_bar": rec["meets_bar"],
-                             "fine_agreement": _pooled_agreement(rec, self.fine),
-                             "fine_top1_drop": (rec.get("pooled") or next(iter(rec["splits"].values())))["fine_top1_drop"],
-                             "size_ratio": rec["size_ratio"]}
+            judged = _judged(rec)
+            cands[scheme] = {"median_ms": lat[scheme]["int8_ms"], "meets_bar": rec["meets_bar"],
+                             "fine_agreement": judged["agreement_with_fp32"][f"agreement/{self.fine}"],
+                             "fine_top1_drop": judged["fine_top1_drop"], "size_ratio": rec["size_ratio"]}
         chosen = pick_fastest({k: c for k, c in cands.items() if "error" not in c})
         final = self.out / "executorch"
         shutil.rmtree(final, ignore_errors=True)
-        for scheme, (res, rec, ctx, park) in built.items():
+        for scheme, (*_, park) in built.items():
             if scheme != chosen:
                 shutil.rmtree(park)
         res, rec, ctx, park = built[chosen]
         park.rename(final)
         res.int8_dir, rec["int8_dir"] = final, str(final)
-        rec["latency"] = self.latency_record(times, chosen)
+        rec["latency"] = lat[chosen]
         self.choice = {"requested": "auto", "chosen": chosen, "candidates": cands, "measured_on": rec["latency"]["cpu"],
                        "rule": f"the fastest that meets the int8 bar (batch 1, one thread, {rec['latency']['photos']} "
                                f"val photos); within {SPEED_TIE:.0%} of it, the one agreeing more with fp32"}
@@ -262,11 +199,11 @@ class Int8Run:
             res, rec, ctx = self.build_fastest_executorch()
         else:
             activations = getattr(self.recipes[t], "activations", None)
-            res, rec, ctx = self.build_within_size(t, activations == "dynamic")
+            res, rec, ctx = self.build(t, activations == "dynamic")
             if t == "executorch":
                 self.choice = {"requested": activations, "chosen": activations}
             if res.runnable_here:
-                rec["latency"] = self.latency_record(self.time(t, {"int8": res.int8_dir}), "int8")
+                rec["latency"] = self.latency(t, {"int8": res.int8_dir})["int8"]
         self.contexts[t] = ctx
         m = Manifest.load(res.int8_dir)
         m.metrics["int8_evaluation"] = {k: v for k, v in rec.items() if k not in ("float_layers", "notes", "scheme")}
@@ -310,19 +247,14 @@ class Int8Run:
 
 def quantize_checkpoint(checkpoint: str | Path, data: str, targets: Sequence[str], out: str | Path,
                         n_calibration: int = 300, n_sensitivity: int = 200, eval_limit: int = 0, n_parity: int = 64,
-                        log: Callable[[str], None] = print, bias_correction: bool = True,
-                        plan_kl: float | None = None, recipes: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Run the whole int8 pipeline for a model directory; writes `<out>/<target>/` + report.{md,json}.
-
-    `bias_correction`: int8 is made from a copy corrected for weight rounding (`quantize.bias`). `plan_kl`: the
-    float plan must also bring the simulated fine KL to or below it. `recipes`: target -> its recipe.
-    """
+                        log: Callable[[str], None] = print, recipes: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Run the whole int8 pipeline for a model directory; writes `<out>/<target>/` + report.{md,json}. int8
+    is made from a copy corrected for weight rounding (`quantize.bias`). `recipes`: target -> its recipe."""
     from .report import write_report
 
     t0 = time.time()
     recipes = resolve_recipes(targets, recipes)
-    prep = prepare_context(checkpoint, data, targets, n_calibration, n_sensitivity, eval_limit, n_parity, log,
-                           bias_correction, plan_kl)
+    prep = prepare_context(checkpoint, data, targets, n_calibration, n_sensitivity, eval_limit, n_parity, log)
     Path(out).mkdir(parents=True, exist_ok=True)
     run = Int8Run(prep, out, recipes, log)
     report = run.report(run.build_all(), round(time.time() - t0, 1))

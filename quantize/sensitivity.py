@@ -2,9 +2,8 @@
 
 Each family alone is quantized in the PyTorch simulation (with bias correction) and scored by fine agreement
 with fp32 and the mean fine KL (finer-grained than agreement on a few hundred photos). Then, while all
-quantized families together miss the bar or the KL target (`max_kl`), the most sensitive family still
-quantized moves to float: by agreement (ties: KL) while the bar is unmet, by KL once only the KL target is.
-LayerNorm and log-softmax inputs are measured but stay float: no backend here quantizes them.
+quantized families together miss the bar, the most sensitive family still quantized moves to float (by
+agreement; ties: KL). LayerNorm and log-softmax inputs are measured but stay float: no backend here quantizes them.
 """
 
 from __future__ import annotations
@@ -65,29 +64,12 @@ class Plan:
     agreement: float = float("nan")  # combined plan's fine agreement with fp32 (simulation)
     n_images: int = 0
     images: str = ""
-    max_kl: float | None = None  # the KL target the greedy also had to meet (None: agreement and drop only)
-
-    def at_step(self, i: int) -> "Plan":
-        """The plan the greedy held at step `i` (its float families then, and the steps up to there)."""
-        st = self.steps[i]
-        floats = list(st["float"])
-        return Plan([f for f in self.single if f not in floats], floats, self.single, self.single_kl,
-                    [dict(x) for x in self.steps[:i]] + [{k: v for k, v in st.items() if k != "next_float_chosen_by"}],
-                    st["fine_agreement"], self.n_images, self.images, None)
-
-    def kl_fallbacks(self) -> list["Plan"]:
-        """The plans the greedy held while only the KL target was unmet, most floats first; the last is
-        the plan before its first family floated for the KL target alone (empty: none was)."""
-        i = next((i for i, st in enumerate(self.steps) if st.get("next_float_chosen_by") == "kl"), None)
-        if i is None:
-            return []
-        return [self.at_step(j) for j in range(len(self.steps) - 2, i - 1, -1)]
 
     def to_dict(self) -> dict[str, Any]:
         return {"quantized_families": self.quantized, "float_families": self.float_families,
                 "sensitivity_fine_agreement": self.single, "sensitivity_fine_kl": self.single_kl, "greedy_steps": self.steps,
                 "simulated_fine_agreement": self.agreement, "n_images": self.n_images, "images": self.images,
-                "max_kl": self.max_kl}
+                "max_kl": None}  # the removed --plan-kl's KL target: kept so every manifest's plan reads alike
 
 
 def fine_kl(ref: list[np.ndarray], cand: list[np.ndarray]) -> float:
@@ -101,13 +83,9 @@ def fine_top1(taxonomy: Taxonomy, lp: list[np.ndarray], labels: np.ndarray) -> f
 
 def choose_float_families(model, ranges: Ranges, images: np.ndarray, labels: np.ndarray, taxonomy: Taxonomy,
                           source: str = "", target_agreement: float = MIN_AGREEMENT, max_top1_drop: float = MAX_TOP1_DROP,
-                          log: Callable[[str], None] = print, shifts: dict | None = None,
-                          max_kl: float | None = None) -> Plan:
+                          log: Callable[[str], None] = print, shifts: dict | None = None) -> Plan:
     """Measure each family's sensitivity and pick the float set (see module docstring); `shifts` as
-    `quantize.sim.simulate` takes them; `max_kl`: also keep the combined model's mean fine KL to fp32 at
-    or below it."""
-    if max_kl is not None and not max_kl > 0:
-        raise ValueError(f"max_kl must be > 0 (got {max_kl}); None turns the KL target off")
+    `quantize.sim.simulate` takes them."""
     ref = model_logprobs(model, images)
     acc_ref = fine_top1(taxonomy, ref, labels)
     fams = [f.name for f in families(model)]
@@ -129,12 +107,8 @@ def choose_float_families(model, ranges: Ranges, images: np.ndarray, labels: np.
             agr, drop, kl_c = 1.0, 0.0, 0.0
         steps.append({"float": list(floats), "fine_agreement": agr, "fine_top1_drop": drop, "fine_kl": kl_c})
         log(f"  combined: float={floats} -> fine agreement {agr:.4f}, fine top-1 drop {drop * 100:+.2f} pt, KL {kl_c:.2e}")
-        bar_ok = meets_bar(agr, drop, target_agreement, max_top1_drop)
-        if (bar_ok and (max_kl is None or kl_c <= max_kl)) or not quant:
+        if meets_bar(agr, drop, target_agreement, max_top1_drop) or not quant:
             break
-        if bar_ok:  # only the KL target is unmet: float the family whose own quantization moves the KL most
-            floats.append(max(quant, key=lambda f: kl[f]))
-        else:  # the accuracy bar is unmet: the family whose own quantization changes most answers
-            floats.append(min(quant, key=lambda f: (single[f], -kl[f])))
-        steps[-1]["next_float_chosen_by"] = "kl" if bar_ok else "agreement"
-    return Plan(quant, floats, single, kl, steps, agr, len(images), source, max_kl)
+        floats.append(min(quant, key=lambda f: (single[f], -kl[f])))  # the family changing most answers alone
+        steps[-1]["next_float_chosen_by"] = "agreement"
+    return Plan(quant, floats, single, kl, steps, agr, len(images), source)

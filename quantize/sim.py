@@ -36,20 +36,12 @@ class Family:
         return any(module_name == p or module_name.startswith(p + ".") for p in self.prefixes)
 
 
-def backbone_families(backbone: nn.Module, grouping: str = "stages") -> list[Family]:
-    """The backbone's families, in graph order (module prefixes under `backbone.`). `grouping`: "stages"
-    (the stem, each EfficientNet stage -- the blocks between two changes of output width -- and the head
-    conv on their own, so a float plan can keep a small early stage float without its larger neighbours)
-    or "thirds" (stem + the first third of the blocks, the second third, the last third + head conv)."""
+def backbone_families(backbone: nn.Module) -> list[Family]:
+    """The backbone's families, in graph order (module prefixes under `backbone.`): the stem, each
+    EfficientNet stage (the blocks between two changes of output width) and the head conv on their own,
+    so a float plan can keep a small early stage float without its larger neighbours."""
     nb = backbone.num_blocks
     blk = lambda a, b: tuple(f"backbone._blocks.{i}" for i in range(a, b))  # noqa: E731
-    if grouping == "thirds":
-        cut = [0, nb // 3, 2 * nb // 3, nb]
-        return [Family(f"backbone blocks 0-{cut[1] - 1} + stem", ("backbone._conv_stem",) + blk(0, cut[1])),
-                Family(f"backbone blocks {cut[1]}-{cut[2] - 1}", blk(cut[1], cut[2])),
-                Family(f"backbone blocks {cut[2]}-{nb - 1} + head conv", blk(cut[2], nb) + ("backbone._conv_head",))]
-    if grouping != "stages":
-        raise ValueError(f"unknown backbone grouping {grouping!r}: stages or thirds")
     starts = [i for i, s in enumerate(backbone.specs) if i == 0 or s.cout != backbone.specs[i - 1].cout] + [nb]
     fams = [Family("backbone stem", ("backbone._conv_stem",))]
     for k, (a, b) in enumerate(zip(starts, starts[1:])):
@@ -59,11 +51,11 @@ def backbone_families(backbone: nn.Module, grouping: str = "stages") -> list[Fam
     return fams
 
 
-def families(model: nn.Module, grouping: str = "stages") -> list[Family]:
-    """The block families of a model, in graph order (`grouping`: `backbone_families`): a
-    HierarchicalQueryModel's backbone, tokens and query head; a pooled-feature peer's (flat, HRN) backbone
-    and, as one family, the layers that read its pooled features out."""
-    fams = backbone_families(model.backbone, grouping)
+def families(model: nn.Module) -> list[Family]:
+    """The block families of a model, in graph order: a HierarchicalQueryModel's backbone, tokens and query
+    head; a pooled-feature peer's (flat, HRN) backbone and, as one family, the layers that read its pooled
+    features out."""
+    fams = backbone_families(model.backbone)
     head = getattr(model, "head", None)
     if head is None:
         readout = tuple(n for n, m in model.named_children() if n != "backbone"
@@ -87,21 +79,12 @@ def families(model: nn.Module, grouping: str = "stages") -> list[Family]:
     return fams
 
 
-def check_families(model: nn.Module, names, what: str = "families", grouping: str = "stages") -> None:
-    """ValueError naming every entry of `names` that is not one of `model`'s families (`families`)."""
-    known = [f.name for f in families(model, grouping)]
-    unknown = [n for n in names if n not in known]
-    if unknown:
-        raise ValueError(f"unknown {what} {sorted(unknown)}; known: {known}")
-
-
 @dataclass
 class Ranges:
     """Calibrated activation ranges: per module name, (min, max) of its input and of its output."""
 
     inputs: dict[str, tuple[float, float]] = field(default_factory=dict)
     outputs: dict[str, tuple[float, float]] = field(default_factory=dict)
-    n_images: int = 0
 
 
 def _update(d: dict, k: str, t: torch.Tensor) -> None:
@@ -111,23 +94,18 @@ def _update(d: dict, k: str, t: torch.Tensor) -> None:
     d[k] = (lo, hi)
 
 
-def _observed(model: nn.Module):
-    from train.models import GroupReadout
-    for name, m in model.named_modules():
-        if isinstance(m, (nn.Conv2d, nn.Linear, nn.LayerNorm, nn.BatchNorm2d, GroupReadout)):
-            yield name, m
-
-
 @torch.inference_mode()
 def calibrate(model: nn.Module, images: np.ndarray, batch: int = 25) -> Ranges:
-    """Record min/max of every Conv2d/Linear/LayerNorm input and output on real uint8 photos (fp32 model)."""
-    r = Ranges(n_images=len(images))
+    """Record min/max of every Conv2d/Linear/LayerNorm/BatchNorm/read-out input and output on real uint8 photos."""
+    from train.models import GroupReadout
+    r = Ranges()
     hooks = []
-    for name, m in _observed(model):
-        def hook(mod, inp, out, name=name):
-            _update(r.inputs, name, inp[0])
-            _update(r.outputs, name, out)
-        hooks.append(m.register_forward_hook(hook))
+    for name, m in model.named_modules():
+        if isinstance(m, (nn.Conv2d, nn.Linear, nn.LayerNorm, nn.BatchNorm2d, GroupReadout)):
+            def hook(mod, inp, out, name=name):
+                _update(r.inputs, name, inp[0])
+                _update(r.outputs, name, out)
+            hooks.append(m.register_forward_hook(hook))
     feed(model, images, hooks, batch)
     return r
 
@@ -316,19 +294,21 @@ def _static_hooks(mods: dict[str, nn.Module], name: str, ranges: Ranges, clip_ou
 
 def simulate(model: nn.Module, ranges: Ranges, quantized: set[str], weights_only: bool = False,
              shifts: dict[str, torch.Tensor] | None = None, weight_eps: float = OBSERVER_EPS,
-             dynamic: DynamicScheme | None = None, grouping: str = "stages") -> nn.Module:
+             dynamic: DynamicScheme | None = None, fams: list[Family] | None = None) -> nn.Module:
     """A copy of `model` with the named families fake-quantized (everything else float).
 
     `weights_only`: Core ML's weight-only scheme. `shifts`: the bias correction the int8 artifacts get
     (`quantize.bias.rounding_shifts`). `weight_eps`: the observers' scale clamp (`OBSERVER_EPS`; 0 for Core ML and
-    ONNX Runtime). `dynamic`: ExecuTorch's dynamic scheme, where the op families stay float. `grouping`: how
-    `quantized` names the backbone's families (`backbone_families`).
+    ONNX Runtime). `dynamic`: ExecuTorch's dynamic scheme, where the op families stay float. `fams`: the
+    families `quantized` names (default `families(model)`).
     """
     from train.models import Attention, GroupReadout
     sim = copy.deepcopy(model).eval()
-    check_families(model, quantized, grouping=grouping)
-    fams = {f.name: f for f in families(model, grouping)}
-    layer_fams = [fams[n] for n in quantized if fams[n].prefixes]
+    by_name = {f.name: f for f in fams or families(model)}
+    unknown = sorted(set(quantized) - set(by_name))
+    if unknown:
+        raise ValueError(f"unknown families {unknown}; known: {list(by_name)}")
+    layer_fams = [by_name[n] for n in quantized if by_name[n].prefixes]
     unrounded = dynamic.float if dynamic is not None else frozenset()
     shifts = {k: v for k, v in (shifts or {}).items() if k not in unrounded}  # a float layer has nothing to correct
     if shifts:

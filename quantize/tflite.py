@@ -6,6 +6,7 @@ input tensor stays uint8 with no scale or zero point, so the SDK feeds it unchan
 
 from __future__ import annotations
 
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -40,17 +41,6 @@ def write_tflite(converted: torch.nn.Module, quantizer, example: torch.Tensor, p
     litert_torch.convert(converted, (example,), quant_config=QuantConfig(pt2e_quantizer=quantizer)).export(str(path))
 
 
-def tensor_types(path: Path) -> dict[str, int]:
-    """Counts of tensor dtypes in a .tflite file (int8 weights show up as INT8 tensors)."""
-    from ai_edge_litert.interpreter import Interpreter
-    it = Interpreter(model_path=str(path))
-    out: dict[str, int] = {}
-    for d in it.get_tensor_details():
-        k = np.dtype(d["dtype"]).name
-        out[k] = out.get(k, 0) + 1
-    return out
-
-
 def finish_tflite(ctx: QuantContext, path: Path, fp32_size: int | None, scheme: str, notes: list[str],
                   versions=("litert-torch", "ai-edge-litert")) -> TargetResult:
     """Metadata, the uint8-input and int8-tensor checks, manifest and SDK parity of a converted int8
@@ -58,11 +48,12 @@ def finish_tflite(ctx: QuantContext, path: Path, fp32_size: int | None, scheme: 
     from ai_edge_litert.interpreter import Interpreter
 
     finish_file(path, embedded_metadata(ctx.taxonomy, ctx.spec("int8"), embedding=embedding_record(ctx.deploy())))
-    inp = Interpreter(model_path=str(path)).get_input_details()[0]
+    interpreter = Interpreter(model_path=str(path))
+    inp = interpreter.get_input_details()[0]
     if np.dtype(inp["dtype"]) != np.uint8 or any(inp["quantization"]) and inp["quantization"] != (0.0, 0):
         raise QuantizeError(f"tflite int8: input tensor is {np.dtype(inp['dtype']).name} with quantization "
                             f"{inp['quantization']}; the SDK feeds the raw uint8 image")
-    types = tensor_types(path)
+    types = dict(Counter(np.dtype(d["dtype"]).name for d in interpreter.get_tensor_details()))
     if not types.get("int8"):
         raise QuantizeError(f"tflite int8: no int8 tensor in the converted model ({types})")
     notes = [*notes[:1], f"tensor dtypes: {types}", "input tensor: uint8 image, not quantized (the graph casts and "

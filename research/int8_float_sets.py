@@ -40,7 +40,19 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 SETS = ("none", "stem", "backbone-2/3", "backbone", "head", "weights-only", "all")
-GROUPING = "thirds"  # how the named sets split the backbone (`quantize.sim.backbone_families`)
+
+
+def families_in_thirds(model) -> list:
+    """`quantize.sim.families` with the backbone in thirds (stem + the first third of the blocks, the second
+    third, the last third + head conv): the grouping these sets and their figures were measured with."""
+    from quantize.sim import Family, families
+    nb = model.backbone.num_blocks
+    a, b = nb // 3, 2 * nb // 3
+    blk = lambda a, b: tuple(f"backbone._blocks.{i}" for i in range(a, b))  # noqa: E731
+    return [Family(f"backbone blocks 0-{a - 1} + stem", ("backbone._conv_stem",) + blk(0, a)),
+            Family(f"backbone blocks {a}-{b - 1}", blk(a, b)),
+            Family(f"backbone blocks {b}-{nb - 1} + head conv", blk(b, nb) + ("backbone._conv_head",)),
+            *[f for f in families(model) if not f.name.startswith("backbone")]]
 
 
 def float_set(name: str, fams: list) -> tuple[set[str], bool]:
@@ -82,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
     from quantize.bias import rounding_shifts
     from quantize.calibration import calibration_sets, evaluation_sets
     from quantize.sensitivity import disagreements, fine_kl
-    from quantize.sim import calibrate, families, model_logprobs, simulate
+    from quantize.sim import calibrate, model_logprobs, simulate
     from research.output import print_table
     from research.weights import with_weights
     from train.checkpoint import load_model
@@ -90,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
     model, cfg, tax, _ = load_model(a.checkpoint)
     cal, _ = calibration_sets(a.data, cfg.image_size, tax, a.calibration_images, 0)
     evals = evaluation_sets(a.data, cfg.image_size, tax, limit=a.limit)
-    fams = families(model, GROUPING)
+    fams = families_in_thirds(model)
     ranges = calibrate(model, cal.images)
     corrected = [f for f in fams if f.prefixes and (a.bias_correction == "all" or f.name.startswith("backbone"))]
     rounded = None
@@ -105,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
         quantized, weights_only = float_set(name, fams)
         # GPTQ's weights sit on the int8 grid, so the simulation's own rounding keeps them
         src = model if rounded is None else with_weights(model, rounded, [f for f in fams if f.name in quantized])
-        sim = simulate(src, ranges, quantized, weights_only=weights_only, shifts=shifts, grouping=GROUPING)
+        sim = simulate(src, ranges, quantized, weights_only=weights_only, shifts=shifts, fams=fams)
         rec = {"quantized_families": sorted(quantized), "weights_only": weights_only, "splits": {}}
         for split, s in evals.items():
             lp = model_logprobs(sim, s.images)

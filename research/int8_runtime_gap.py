@@ -81,7 +81,6 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--limit", type=int, default=0, help="judge at most N images per set (0 = all)")
     p.add_argument("--calibration-images", type=int, default=300)
     p.add_argument("--sensitivity-images", type=int, default=200)
-    p.add_argument("--plan-kl", type=float, default=None, help="as `python -m quantize --plan-kl`")
     p.add_argument("--json", help="also write the records to this file")
     a = p.parse_args(argv)
     targets = [t.strip() for t in a.targets.split(",") if t.strip()]
@@ -96,8 +95,7 @@ def main(argv: list[str] | None = None) -> int:
     from quantize.tflite import litert_quantizer
     from train.metrics import compute_metrics
 
-    prep = prepare_context(a.checkpoint, a.data, targets, a.calibration_images, a.sensitivity_images, a.limit,
-                           plan_kl=a.plan_kl)
+    prep = prepare_context(a.checkpoint, a.data, targets, a.calibration_images, a.sensitivity_images, a.limit)
     ctx, tax = prep.ctx, prep.ctx.taxonomy
     fine = tax.level_names[-1]
     names = quantized_module_names(ctx)

@@ -26,7 +26,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from research.onnx_int8_schemes import ONNX_SCHEMES as SCHEMES  # noqa: E402  (after the path insert)
+from research.onnx_int8_schemes import ONNX_SCHEMES as SCHEMES, quantize_options  # noqa: E402  (after the path insert)
 
 SIZE = 32
 
@@ -85,8 +85,7 @@ def measure(data: str, schemes: list[str], n_photos: int = 10) -> dict:
         for name in schemes:
             k = SCHEMES[name]
             dst = Path(tmp) / f"{name}.onnx"
-            quantize_graph(src, dst, "x", [photos[:half], photos[half:]], ops=["Conv"], weight_type=k["weights"],
-                           activation_type=k["activations"], reduce_range=k["reduce_range"])
+            quantize_graph(src, dst, "x", [photos[:half], photos[half:]], ops=["Conv"], **quantize_options(k))
             out["schemes"][name] = {
                 **k, "zero_point_types": zero_point_types(dst),
                 "max_error_optimized": float(np.abs(run(dst, True) - ref).max()) / scale,

@@ -31,7 +31,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 # onnxruntime int8 schemes by name: activation / weight types and 7-bit weights. "u8s8" is what
-# `python -m quantize` writes (ORT's fast x86/ARM kernels; "u8s8-rr" with --onnx-reduce-range)
+# `python -m quantize` writes (ORT's fast x86/ARM kernels; "u8s8-rr" was its removed --onnx-reduce-range)
 ONNX_SCHEMES: dict[str, dict] = {
     "u8s8": {"activations": "uint8", "weights": "int8", "reduce_range": False},
     "u8s8-rr": {"activations": "uint8", "weights": "int8", "reduce_range": True},
@@ -42,6 +42,14 @@ ONNX_SCHEMES: dict[str, dict] = {
 SCHEMES = ("u8s8", "u8s8-rr", "u8u8", "s8s8", "u8s8-noPadAdd", "head-only")
 FLOAT_PARTS = {"u8s8-noPadAdd": "u8s8", "head-only": "u8s8"}
 CALIBRATE_METHODS = ("MinMax", "Entropy", "Percentile", "Distribution")
+
+
+def quantize_options(scheme: dict, method: str = "MinMax") -> dict:
+    """`quantize.onnx.quantize_graph`'s `quantize_static` options for an `ONNX_SCHEMES` entry and calibration method."""
+    from onnxruntime.quantization import CalibrationMethod, QuantType
+    types = {"int8": QuantType.QInt8, "uint8": QuantType.QUInt8}
+    return {"activation_type": types[scheme["activations"]], "weight_type": types[scheme["weights"]],
+            "reduce_range": scheme["reduce_range"], "calibrate_method": getattr(CalibrationMethod, method)}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -114,9 +122,10 @@ def main(argv: list[str] | None = None) -> int:
                            if scheme == "head-only" else [])
             out = Path(tmp) / f"{scheme}-{method}.onnx"
             k = ONNX_SCHEMES[FLOAT_PARTS.get(scheme, scheme)]
-            quantize_graph(args.onnx, out, proto.graph.input[0].name, batches, excl, ops=ops,
-                           reduce_range=k["reduce_range"], weight_type=k["weights"], activation_type=k["activations"],
-                           calibrate_method=method)
+            # the histogram collectors stack the batches' outputs: equal sizes only
+            cal_batches = batches if method == "MinMax" else [b[i:i + 1] for b in batches for i in range(len(b))]
+            quantize_graph(args.onnx, out, proto.graph.input[0].name, cal_batches, excl, ops=ops,
+                           **quantize_options(k, method))
             lp, ms = run(str(out))
             fine = lp.argmax(1)
             kl = fine_kl([ref_lp], [lp])  # mean fine KL(fp32 || int8), as python -m quantize reports it

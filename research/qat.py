@@ -42,13 +42,21 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from quantize._common import QuantContext, QuantizeError, TargetResult, failing_as, split_summary
+from quantize._common import QuantContext, QuantizeError, TargetResult, failing_as
 from quantize.bar import MAX_TOP1_DROP, MIN_AGREEMENT, agreement_within, drop_within
 from quantize.calibration import ImageSet
 
 QAT_TARGETS = ("executorch", "tflite")
 # where the activation ranges of the fake-quantized graph come from (`prepare`)
 RANGES = ("ptq", "minmax")
+
+
+def split_summary(rec: dict[str, Any], fine: str) -> dict[str, dict[str, float]]:
+    """Per split of a judged int8 record: fp32 / int8 fine top-1, the drop, agreement and KL to fp32."""
+    return {split: {"fp32_fine_top1": s["fp32"][f"top1/{fine}"], "int8_fine_top1": s["int8"][f"top1/{fine}"],
+                    "fine_top1_drop": s["fine_top1_drop"], "fine_agreement": s["agreement_with_fp32"][f"agreement/{fine}"],
+                    "fine_kl_to_fp32": s.get("fine_kl_to_fp32")}
+            for split, s in rec.get("splits", {}).items()}
 
 
 @dataclass
@@ -452,7 +460,7 @@ def run_qat(ctx: QuantContext, results: dict[str, Any], out: str | Path, data: s
     ONNX / Core ML a record saying QAT is not available and which float families were tried.
     A target whose QAT fails gets an `error` record; the PTQ results stand either way.
     `contexts`: the context each target's post-training artifact was built from, where it is not `ctx`
-    (a target rebuilt with fewer of the --plan-kl floats for its size bar); its QAT starts from the same plan.
+    (ExecuTorch's dynamic activations); its QAT starts from the same context.
     `judge(res, ctx)`: the record of a QAT artifact, judged like post-training int8 against `ctx`'s plan.
     """
     out = Path(out)
@@ -565,7 +573,7 @@ def skipped_lines(r: dict[str, Any]) -> list[str]:
 
 def quantize_with_qat(checkpoint: str | Path, data: str, targets, out: str | Path, qat: dict[str, Any],
                       n_calibration: int = 300, n_sensitivity: int = 200, eval_limit: int = 0, n_parity: int = 64,
-                      plan_kl: float | None = None, log: Callable[[str], None] = print) -> dict[str, Any]:
+                      log: Callable[[str], None] = print) -> dict[str, Any]:
     """`python -m quantize` (static ExecuTorch activations: QAT trains calibrated ranges), then QAT for the
     targets that miss the bar (`qat["force"]`: every QAT-capable one). `qat`: QATConfig fields. Writes
     report.json (post-training and `<target>_qat` records) and report.md with a QAT section."""
@@ -579,8 +587,7 @@ def quantize_with_qat(checkpoint: str | Path, data: str, targets, out: str | Pat
 
     t0 = time.time()
     recipes = resolve_recipes(targets, {"executorch": ExecuTorchRecipe("static")} if "executorch" in targets else {})
-    prep = prepare_context(checkpoint, data, targets, n_calibration, n_sensitivity, eval_limit, n_parity, log,
-                           plan_kl=plan_kl)
+    prep = prepare_context(checkpoint, data, targets, n_calibration, n_sensitivity, eval_limit, n_parity, log)
     Path(out).mkdir(parents=True, exist_ok=True)
     run = Int8Run(prep, out, recipes, log)
     results = run.build_all()
@@ -615,14 +622,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--calibration-images", type=int, default=300)
     p.add_argument("--sensitivity-images", type=int, default=200)
     p.add_argument("--eval-limit", type=int, default=0)
-    p.add_argument("--plan-kl", type=float, default=None, help="as `python -m quantize --plan-kl`")
     a = p.parse_args(argv)
     qat = {"epochs": a.epochs, "force": a.force, "images": a.images, "lr": a.lr, "ce_weight": a.ce_weight,
            "batch_size": a.batch_size, "ranges": a.ranges, "augment": not a.no_augment,
            **({} if a.freeze_blocks is None else {"freeze_blocks": a.freeze_blocks})}
     warnings.simplefilter("default")
     rep = quantize_with_qat(a.checkpoint, a.data, [t.strip() for t in a.targets.split(",") if t.strip()], a.out, qat,
-                            a.calibration_images, a.sensitivity_images, a.eval_limit, plan_kl=a.plan_kl)
+                            a.calibration_images, a.sensitivity_images, a.eval_limit)
     print(f"report: {a.out}/report.md")
     return 0 if all(r.get("meets_bar") for r in rep["targets"].values() if "error" not in r) else 1
 

@@ -57,7 +57,6 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--freeze-blocks", default="0",
                    help="comma-separated: backbone blocks [0, N) and the stem not trained (python -m quantize's default "
                         "is the checkpoint's training freeze_blocks; 'ckpt' stands for it)")
-    p.add_argument("--plan-kl", type=float, default=None, help="start from python -m quantize --plan-kl's float plan")
     p.add_argument("--limit", type=int, default=0, help="judge at most N images per set (0 = all)")
     p.add_argument("--calibration-images", type=int, default=300)
     p.add_argument("--sensitivity-images", type=int, default=200)
@@ -71,8 +70,7 @@ def main(argv: list[str] | None = None) -> int:
 
     ranges = [r.strip() for r in a.ranges.split(",") if r.strip()]
     lrs = [float(x) for x in a.lrs.split(",") if x.strip()]
-    prep = prepare_context(a.checkpoint, a.data, ["executorch"], a.calibration_images, a.sensitivity_images, a.limit,
-                           plan_kl=a.plan_kl)
+    prep = prepare_context(a.checkpoint, a.data, ["executorch"], a.calibration_images, a.sensitivity_images, a.limit)
     ctx, tax = prep.ctx, prep.ctx.taxonomy
     ref = {k: model_logprobs(ctx.model, s.images) for k, s in prep.evals.items()}
     names = quantized_module_names(ctx)

@@ -23,7 +23,7 @@ def int8_run(tiny_student_dir, grocery_root, tmp_path_factory) -> tuple[dict[str
     out = tmp_path_factory.mktemp("int8")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        # static ExecuTorch: the default `auto` is covered by the dynamic and size-bar tests
+        # static ExecuTorch: the default `auto` and `dynamic` have their own tests
         rep = quantize_checkpoint(tiny_student_dir, str(grocery_root), TARGETS, out, n_calibration=48,
                                   n_sensitivity=48, eval_limit=48, n_parity=24, log=lambda *_: None,
                                   recipes={"executorch": ExecuTorchRecipe("static")})

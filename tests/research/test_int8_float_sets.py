@@ -9,6 +9,22 @@ ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = str(ROOT / "research/int8_float_sets.py")
 
 
+def test_the_thirds_split_the_backbone_each_layer_once():
+    import torch
+
+    from research.int8_float_sets import families_in_thirds
+    from train.__main__ import SUBCOMMANDS
+    from train.data import synthetic_taxonomy
+    from train.models import build_model
+
+    model = build_model(synthetic_taxonomy(), SUBCOMMANDS["student"][1], pretrained=False)
+    fams = families_in_thirds(model)
+    assert sum(f.name.startswith("backbone") for f in fams) == 3
+    owners = {n: [f.name for f in fams if f.owns(n)] for n, m in model.named_modules()
+              if n.startswith("backbone.") and isinstance(m, torch.nn.Conv2d)}
+    assert owners and all(len(o) == 1 for o in owners.values()), owners
+
+
 def test_float_sets_on_real_photos(tiny_student_dir, grocery_root, tmp_path):
     out = tmp_path / "f.json"
     r = subprocess.run([sys.executable, "-W", "ignore", SCRIPT, "--checkpoint", str(tiny_student_dir),

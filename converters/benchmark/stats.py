@@ -49,6 +49,13 @@ INT8_RATIO_BAR = 0.5   # the shipped int8 student at most half the flat fp32 pee
 FP32_RATIO_BAR = 1.15  # the fp32 student at most 15 % slower than the flat fp32 peer
 
 
+def _fastest(rows: list[Row], group: str, precision: str) -> Row | None:
+    """The measured artifact row of `group` at `precision` with the lowest median latency (None: there is none)."""
+    cand = [r for r in rows if r.record.get("status") == "ok" and r.entry.kind == "artifact"
+            and r.entry.group == group and r.entry.precision == precision]
+    return min(cand, key=lambda r: r.record["latency"]["median_ms"], default=None)
+
+
 def goals(rows: list[Row], student: str | None, peer: str | None, max_ms: float, taxonomy) -> dict[str, Any] | None:
     """The speed bars: the student's fastest int8 artifact within `max_ms` at batch 1, faster than the
     peer's fastest fp32 artifact, at least as accurate at the fine level, and its latency ratio to the
@@ -56,29 +63,25 @@ def goals(rows: list[Row], student: str | None, peer: str | None, max_ms: float,
     if not student:
         return None
     fine = f"top1/{taxonomy.level_names[-1]}"
-    ok = [r for r in rows if r.record.get("status") == "ok" and r.entry.kind == "artifact"]
-    cand = [r for r in ok if r.entry.group == student and r.entry.precision == "int8"]
-    if not cand:
+    s = _fastest(rows, student, "int8")
+    if s is None:
         return {"student": student, "error": f"no measured int8 artifact of {student!r}"}
-    s = min(cand, key=lambda r: r.record["latency"]["median_ms"])
     res: dict[str, Any] = {"student": s.entry.label, "student_ms": s.record["latency"]["median_ms"],
                            "student_fine": s.record["metrics"][fine], "max_ms": max_ms}
     res["within_max_ms"] = res["student_ms"] <= max_ms
     if peer:
-        pc = [r for r in ok if r.entry.group == peer and r.entry.precision == "fp32"]
-        if not pc:
+        q = _fastest(rows, peer, "fp32")
+        if q is None:
             res["error"] = f"no measured fp32 artifact of {peer!r}"
             return res
-        q = min(pc, key=lambda r: r.record["latency"]["median_ms"])
         res.update({"peer": q.entry.label, "peer_ms": q.record["latency"]["median_ms"],
                     "peer_fine": q.record["metrics"][fine]})
         res["faster_than_peer"] = res["student_ms"] < res["peer_ms"]
         res["at_least_as_accurate"] = res["student_fine"] >= res["peer_fine"]
         res["ratio"] = res["student_ms"] / res["peer_ms"]
         res["ratio_bar"] = INT8_RATIO_BAR
-        sf = [r for r in ok if r.entry.group == student and r.entry.precision == "fp32"]
-        if sf:
-            f = min(sf, key=lambda r: r.record["latency"]["median_ms"])
+        f = _fastest(rows, student, "fp32")
+        if f is not None:
             res.update({"student_fp32": f.entry.label, "student_fp32_ms": f.record["latency"]["median_ms"],
                         "fp32_ratio": f.record["latency"]["median_ms"] / res["peer_ms"],
                         "fp32_ratio_bar": FP32_RATIO_BAR})

@@ -66,8 +66,6 @@ def export_all(checkpoint: str | Path, out_dir: str | Path, data: str | None = N
     The checkpoint is loaded and the parity images decoded once. A failing target does not stop the others;
     after all were tried, an ExportError lists every failure (the artifacts that passed are left in place).
     """
-    for t in TARGETS:
-        _module(t)  # a missing converter: fail before any work
     model, spec = _prepared(checkpoint, data, split, n_parity)
     done: dict[str, Artifact] = {}
     failed: dict[str, str] = {}

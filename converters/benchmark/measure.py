@@ -173,15 +173,15 @@ def pinned_threads(threads: int, executorch: bool = True) -> Iterator[dict[str, 
     before = torch.get_num_threads()
     et = _executorch_pool() if executorch else None
     et_before = int(et._threadpool_get_thread_count()) if et else None
-    os.environ.update({v: str(threads) for v in THREAD_VARS})
-    torch.set_num_threads(threads)
-    rec: dict[str, Any] = {"torch": torch.get_num_threads(), "onnxruntime": threads, "tflite": threads}
-    if et:
-        et._unsafe_reset_threadpool(threads)
-        rec["executorch"] = int(et._threadpool_get_thread_count())
-    elif executorch:
-        rec["executorch"] = "not set (no threadpool controls in this executorch)"
     try:
+        os.environ.update({v: str(threads) for v in THREAD_VARS})
+        torch.set_num_threads(threads)
+        rec: dict[str, Any] = {"torch": torch.get_num_threads(), "onnxruntime": threads, "tflite": threads}
+        if et:
+            et._unsafe_reset_threadpool(threads)
+            rec["executorch"] = int(et._threadpool_get_thread_count())
+        elif executorch:
+            rec["executorch"] = "not set (no threadpool controls in this executorch)"
         yield rec
     finally:
         for var, val in env.items():

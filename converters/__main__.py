@@ -33,7 +33,10 @@ def main(argv: list[str] | None = None) -> int:
     opts = {}
     for kv in a.option:
         k, _, v = kv.partition("=")
-        opts[k] = json.loads(v)
+        try:
+            opts[k] = json.loads(v)
+        except json.JSONDecodeError:
+            p.error(f"--option {kv}: the value must be JSON, e.g. --option opset=18")
     if a.target == "all":
         if opts:
             p.error("--option applies to one target; 'all' uses each target's defaults")

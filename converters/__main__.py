@@ -9,6 +9,9 @@ import json
 import sys
 from pathlib import Path
 
+from sdk import HierfgError
+
+from ._common import ExportError
 from ._registry import TARGETS, export_all, export_checkpoint, summary_line
 
 
@@ -33,15 +36,21 @@ def main(argv: list[str] | None = None) -> int:
     opts = {}
     for kv in a.option:
         k, _, v = kv.partition("=")
-        opts[k] = json.loads(v)
-    if a.target == "all":
-        if opts:
-            p.error("--option applies to one target; 'all' uses each target's defaults")
-        export_all(a.checkpoint, a.out, data=a.data, split=a.split, n_parity=a.parity_images)
-        return 0
-    art = export_checkpoint(a.checkpoint, a.target, Path(a.out), data=a.data, split=a.split,
-                            n_parity=a.parity_images, options=opts)
-    print(summary_line(art))
+        try:
+            opts[k] = json.loads(v)
+        except json.JSONDecodeError:
+            p.error(f"--option {kv}: the value must be JSON, e.g. --option opset=18")
+    if a.target == "all" and opts:
+        p.error("--option applies to one target; 'all' uses each target's defaults")
+    try:
+        if a.target == "all":
+            export_all(a.checkpoint, a.out, data=a.data, split=a.split, n_parity=a.parity_images)
+        else:
+            print(summary_line(export_checkpoint(a.checkpoint, a.target, Path(a.out), data=a.data, split=a.split,
+                                                 n_parity=a.parity_images, options=opts)))
+    except (ExportError, FileNotFoundError, HierfgError) as e:  # a bad checkpoint, option or artifact: say which
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     return 0
 
 

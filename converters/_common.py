@@ -19,7 +19,7 @@ from sdk import (FORMAT_VERSION, Classifier, InputSpec, Manifest, Taxonomy, Tree
                  size_bytes)
 
 
-# target -> (module, options it accepts with their defaults); validated up front (`_registry.validate_options`)
+# target -> (module, options it accepts with their defaults); validated up front (`validate_options`)
 TARGETS: dict[str, tuple[str, dict[str, Any]]] = {
     "onnx": ("converters.onnx", {"opset": 17, "dynamic_batch": True}),
     "tflite": ("converters.tflite", {"batch": 1}),
@@ -175,31 +175,14 @@ def agreement_passes(rec: dict[str, Any], fine: str, min_agreement: float, tie_m
     return flipped <= math.ceil((1 - min_agreement) * n - 1e-9)
 
 
-def write_manifest(target: str, artifact: Path, taxonomy: Taxonomy, spec: ExportSpec,
-                   versions: dict[str, str], metrics: dict[str, Any] | None = None,
-                   embedding: dict[str, Any] | None = None) -> Manifest:
-    """`embedding`: the artifact's embedding output (`embedding_record`), or None when it has none."""
-    m = Manifest(
-        target=target, precision=spec.precision, file=artifact.name, sha256=sha256_file(artifact),
-        size_bytes=size_bytes(artifact), input=InputSpec(size=spec.image_size), outputs=output_names(taxonomy),
-        taxonomy=taxonomy, metrics=metrics or {}, tool_versions=versions, model=spec.model_info, embedding=embedding,
-    )
-    m.save(artifact.parent)
-    return m
-
-
-def check_parity(target: str, deploy: torch.nn.Module, artifact: Path, manifest: Manifest, spec: ExportSpec,
-                 reference: list[np.ndarray] | None = None) -> Manifest:
+def check_parity(target: str, deploy: torch.nn.Module, artifact: Path, manifest: Manifest,
+                 spec: ExportSpec) -> Manifest:
     """Run the artifact through the SDK on spec.images, record parity in the manifest, raise below threshold."""
     if spec.images is None or len(spec.images) == 0:
         raise ExportError("parity needs real images: pass ExportSpec(images=...) (see converters.parity_images)")
     clf = Classifier.load(artifact.parent)
-    cand = clf.logprobs(spec.images)
-    ref, ref_emb = reference, None
-    if reference is None or manifest.embedding is not None:  # PyTorch runs only for what is not given
-        lps, ref_emb = torch_outputs(deploy, spec.images)
-        ref = lps if reference is None else reference
-    rec = parity(ref, cand, manifest.taxonomy, spec.tie_margin)
+    ref, ref_emb = torch_outputs(deploy, spec.images)
+    rec = parity(ref, clf.logprobs(spec.images), manifest.taxonomy, spec.tie_margin)
     if manifest.embedding is not None and ref_emb is not None:
         rec.update(embedding_parity(ref_emb, clf.embeddings(spec.images)))
     rec["images"] = spec.image_source
@@ -228,7 +211,12 @@ def finish_export(target: str, model: torch.nn.Module, path: Path, spec: ExportS
     """The manifest beside a written artifact (with its `metrics`: the `export` record, int8's
     `quantization`), then parity through the SDK on `spec.images`, unless `no_parity` says why it cannot
     run here."""
-    m = write_manifest(target, path, model.model.taxonomy, spec, versions, metrics, embedding=embedding_record(model))
+    taxonomy = model.model.taxonomy
+    m = Manifest(target=target, precision=spec.precision, file=path.name, sha256=sha256_file(path),
+                 size_bytes=size_bytes(path), input=InputSpec(size=spec.image_size), outputs=output_names(taxonomy),
+                 taxonomy=taxonomy, metrics=metrics or {}, tool_versions=versions, model=spec.model_info,
+                 embedding=embedding_record(model))
+    m.save(path.parent)
     if no_parity is None:
         m = check_parity(target, model, path, m, spec)
     else:
@@ -237,13 +225,22 @@ def finish_export(target: str, model: torch.nn.Module, path: Path, spec: ExportS
     return Artifact(target, path, m)
 
 
+def validate_options(target: str, options: dict[str, Any]) -> dict[str, Any]:
+    """The target's default options updated with `options`; ExportError naming any it does not accept."""
+    allowed = TARGETS[target][1]
+    bad = sorted(set(options) - set(allowed))
+    if bad:
+        raise ExportError(f"target {target!r} does not accept option(s) {bad}; it accepts {sorted(allowed)}")
+    return {**allowed, **options}
+
+
 def begin_export(target: str, model: torch.nn.Module, spec: ExportSpec, out_dir: str | Path,
                  ) -> tuple[Path, dict[str, Any], Taxonomy]:
     """The preamble every converter shares: output folder, resolved options (a `batch` option, where a
     target has one, must be >= 1), the model's taxonomy, and eval mode."""
+    opts = validate_options(target, spec.options)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    opts = {**TARGETS[target][1], **spec.options}
     if "batch" in opts and int(opts["batch"]) < 1:
         raise ExportError(f"{target}: option batch must be >= 1, got {opts['batch']!r}")
     model.eval()

@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ._common import TARGETS, Artifact, ExportError, ExportSpec
+from ._common import TARGETS, Artifact, ExportError, ExportSpec, validate_options
 
 
 def _module(target: str):
@@ -22,14 +22,6 @@ def _module(target: str):
 def export_model(target: str, model: torch.nn.Module, spec: ExportSpec, out_dir: str | Path) -> Artifact:
     """Export a DeployWrapper-wrapped model to one target (`<target module>.export`)."""
     return _module(target).export(model, spec, out_dir)
-
-
-def validate_options(target: str, options: dict[str, Any]) -> dict[str, Any]:
-    allowed = TARGETS[target][1]
-    bad = sorted(set(options) - set(allowed))
-    if bad:
-        raise ExportError(f"target {target!r} does not accept option(s) {bad}; it accepts {sorted(allowed)}")
-    return {**allowed, **options}
 
 
 def parity_images(data: str, split: str, size: int, n: int = 64, taxonomy=None) -> tuple[np.ndarray, str]:
@@ -62,34 +54,31 @@ def export_checkpoint(checkpoint: str | Path, target: str, out_dir: str | Path, 
                       split: str = "val", n_parity: int = 64, options: dict[str, Any] | None = None) -> Artifact:
     """Load a trained model directory and export it to one target with parity on real images."""
     _module(target)
-    opts = validate_options(target, options or {})
+    validate_options(target, options or {})  # a bad option fails before the checkpoint is loaded
     model, spec = _prepared(checkpoint, data, split, n_parity)
-    return export_model(target, model, replace(spec, options=opts), out_dir)
+    return export_model(target, model, replace(spec, options=options or {}), out_dir)
 
 
 def export_all(checkpoint: str | Path, out_dir: str | Path, data: str | None = None, split: str = "val",
-               n_parity: int = 64, targets: list[str] | None = None, log=print) -> dict[str, Artifact]:
+               n_parity: int = 64) -> dict[str, Artifact]:
     """Export one checkpoint to every target, each into `<out_dir>/<target>/` with its own manifest.
 
     The checkpoint is loaded and the parity images decoded once. A failing target does not stop the others;
     after all were tried, an ExportError lists every failure (the artifacts that passed are left in place).
     """
-    targets = list(targets or TARGETS)
-    for t in targets:
-        _module(t)  # unknown target or missing converter: fail before any work
     model, spec = _prepared(checkpoint, data, split, n_parity)
     done: dict[str, Artifact] = {}
     failed: dict[str, str] = {}
-    for t in targets:
+    for t in TARGETS:
         try:
             done[t] = export_model(t, model, spec, Path(out_dir) / t)
         except ExportError as e:
             failed[t] = str(e)
-            log(f"{t}: FAILED: {e}")
+            print(f"{t}: FAILED: {e}")
         else:
-            log(summary_line(done[t]))
+            print(summary_line(done[t]))
     if failed:
-        raise ExportError(f"{len(failed)} of {len(targets)} targets failed: "
+        raise ExportError(f"{len(failed)} of {len(TARGETS)} targets failed: "
                           + "; ".join(f"{t}: {msg}" for t, msg in failed.items()))
     return done
 

@@ -50,19 +50,17 @@ def _op_name(target) -> str:
     return name.split(":")[0].replace("<EdgeOpOverload: ", "").strip(">")
 
 
+def _called_ops(graph_module: torch.fx.GraphModule) -> list[str]:
+    return [_op_name(n.target) for n in graph_module.graph.nodes if n.op == "call_function"]
+
+
 def outside_delegate(graph_module: torch.fx.GraphModule) -> Counter:
     """Counts of the ops of a lowered graph that run outside any delegate (delegate plumbing excluded)."""
-    ops: Counter = Counter()
-    for node in graph_module.graph.nodes:
-        if node.op == "call_function":
-            name = _op_name(node.target)
-            if name not in _DELEGATE_PLUMBING:
-                ops[name] += 1
-    return ops
+    return Counter(op for op in _called_ops(graph_module) if op not in _DELEGATE_PLUMBING)
 
 
 def delegate_count(graph_module: torch.fx.GraphModule) -> int:
-    return sum(1 for n in graph_module.graph.nodes if n.op == "call_function" and _op_name(n.target) == "executorch_call_delegate")
+    return _called_ops(graph_module).count("executorch_call_delegate")
 
 
 def check_delegation(ops: Counter, allowed: frozenset[str] = PORTABLE_ALLOWED) -> None:

@@ -1,4 +1,4 @@
-"""The warehouse-scanner web app: a Flask app over `sdk.Classifier`, a `ScanStore` and a `DataFolder`.
+"""The warehouse-scanner web app: a Flask app over `sdk.Classifier`, a `SQLScanStore` and a `DataFolder`.
 
 Pages (`/`, `/scans`) are static shells; everything with data goes through `/api/*`, which requires the
 shared token when one is configured (header `Authorization: Bearer <token>`). Every error answers JSON
@@ -25,7 +25,7 @@ import sdk
 from .datafolder import DataFolder
 from .enroll import EnrollApi
 from .errors import DemoError, station_and_operator
-from .storage import ACTIONS, PATH_SEP, Scan, ScanFilter, ScanNotFoundError, ScanStore, SQLiteScanStore
+from .storage import ACTIONS, PATH_SEP, Scan, ScanFilter, ScanNotFoundError, SQLiteScanStore, SQLScanStore
 
 log = logging.getLogger("demo")
 STATIC = Path(__file__).resolve().parent / "static"
@@ -59,8 +59,6 @@ def open_store(data: DataFolder, db: str | Path) -> SQLiteScanStore:
 
 @dataclass(frozen=True)
 class DemoConfig:
-    data_dir: Path
-    db: Path
     token: str | None = None
     max_upload_mb: float = 16.0
 
@@ -128,7 +126,7 @@ class _InMemoryUploads(Request):
         return io.BytesIO()
 
 
-def create_app(classifier: sdk.Classifier, store: ScanStore, data: DataFolder, config: DemoConfig) -> Flask:
+def create_app(classifier: sdk.Classifier, store: SQLScanStore, data: DataFolder, config: DemoConfig) -> Flask:
     """The Flask app. The caller owns `store` (closes it after the server stops)."""
     app = Flask("demo", static_folder=str(STATIC), static_url_path="/static")
     app.request_class = _InMemoryUploads
@@ -186,7 +184,7 @@ def _guard(app: Flask, config: DemoConfig) -> None:
 class _ScanApi:
     """The /api/* endpoints over one classifier, scan log and data folder."""
 
-    def __init__(self, classifier: sdk.Classifier, store: ScanStore, data: DataFolder, config: DemoConfig):
+    def __init__(self, classifier: sdk.Classifier, store: SQLScanStore, data: DataFolder, config: DemoConfig):
         self.classifier, self.store, self.data, self.config = classifier, store, data, config
         self.export_lock = threading.Lock()  # two exports at once would race on the temp folder name
 
@@ -289,7 +287,7 @@ class _ScanApi:
 
     def get_scan(self, scan_id: str):
         scan = self._get(scan_id)
-        actions = self.store.actions(scan_id) if hasattr(self.store, "actions") else []
+        actions = self.store.actions(scan_id)
         return jsonify(scan=_public(scan, full=True), actions=actions)
 
     def scan_image(self, scan_id: str):
@@ -351,10 +349,9 @@ class DemoServer:
 
 def open_demo(model_dir: str | Path, data_dir: str | Path, db: str | Path = "scans.sqlite",
               token: str | None = None, max_upload_mb: float = 16.0,
-              num_threads: int | None = None) -> tuple[Flask, ScanStore]:
+              num_threads: int | None = None) -> tuple[Flask, SQLScanStore]:
     """Load model, open the data folder and the SQLite log (a relative `db` lives in the data folder)."""
     clf = load_classifier(model_dir, num_threads)
     data = DataFolder(data_dir)
     store = open_store(data, db)
-    cfg = DemoConfig(data_dir=data.root, db=store.path, token=token or None, max_upload_mb=max_upload_mb)
-    return create_app(clf, store, data, cfg), store
+    return create_app(clf, store, data, DemoConfig(token or None, max_upload_mb)), store

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from sdk import Taxonomy, atomic_write
 
-from .storage import PATH_SEP, ScanFilter, ScanStore
+from .storage import PATH_SEP, ScanFilter, SQLScanStore
 
 # Extension from the content's magic bytes (the SDK has already decoded the bytes and checked the
 # format against its allowlist; this only names the file).
@@ -71,7 +71,7 @@ class DataFolder:
             atomic_write(dest, data)
         return rel
 
-    def export_dataset(self, store: ScanStore, taxonomy: Taxonomy, name: str | None = None) -> DatasetExport:
+    def export_dataset(self, store: SQLScanStore, taxonomy: Taxonomy, name: str | None = None) -> DatasetExport:
         """Write confirmed and corrected scans as a Grocery-style dataset under exports/<name>/.
 
         Layout: `train.txt` with lines `train/<Category>/<Coarse>/<Fine>/<sha>.jpg, fine_id, coarse_id`

@@ -16,7 +16,7 @@ import sdk
 
 from .datafolder import DataFolder
 from .errors import DemoError, station_and_operator, typed_text
-from .storage import ScanStore
+from .storage import SQLScanStore
 
 MIN_PHOTOS = 5  # what the page asks for: fewer photos make a noticeably weaker prototype (research/enrollment.py)
 MAX_PHOTOS = 10
@@ -26,7 +26,7 @@ MAX_LABEL_LEN = 120
 class EnrollApi:
     """/api/enrollments: list, add (multipart photos + label + parent), forget."""
 
-    def __init__(self, classifier: sdk.Classifier, store: ScanStore, data: DataFolder):
+    def __init__(self, classifier: sdk.Classifier, store: SQLScanStore, data: DataFolder):
         self.classifier, self.store, self.data = classifier, store, data
         self.lock = threading.Lock()  # one enrollment at a time: each rewrites the file and the tree
 

@@ -1,15 +1,13 @@
 """The scan log: every scan and every operator action, committed in a transaction each.
 
-`ScanStore` is the small interface the app talks to. `SQLScanStore` implements it over any DB-API 2
-connection with SQL kept to what SQLite, PostgreSQL and MySQL all accept: text ids generated in Python
-(no AUTOINCREMENT / SERIAL), ISO-8601 UTC timestamps as text, DOUBLE PRECISION, no upserts, no
-RETURNING. Another database needs only a `connect` function and its placeholder style;
-`SQLiteScanStore` is the embedded default.
+`SQLScanStore` keeps it over any DB-API 2 connection, with SQL kept to what SQLite, PostgreSQL and
+MySQL all accept: text ids generated in Python (no AUTOINCREMENT / SERIAL), ISO-8601 UTC timestamps as
+text, DOUBLE PRECISION, no upserts, no RETURNING. Another database needs only a `connect` function and
+its placeholder style; `SQLiteScanStore` is the embedded default.
 """
 
 from __future__ import annotations
 
-import abc
 import contextlib
 import csv
 import io
@@ -133,57 +131,6 @@ class ScanFilter:
     until: str | None = None       # ISO timestamp, exclusive
 
 
-class ScanStore(abc.ABC):
-    """What the demo needs from a database. Every method is one transaction."""
-
-    @abc.abstractmethod
-    def add_scan(self, scan: Scan) -> Scan: ...
-
-    @abc.abstractmethod
-    def record_action(self, scan_id: str, action: str, final_path: str | None, final_level: int | None,
-                      station: str, operator: str) -> Scan: ...
-
-    @abc.abstractmethod
-    def get(self, scan_id: str) -> Scan: ...
-
-    @abc.abstractmethod
-    def list(self, flt: ScanFilter = ScanFilter(), limit: int = 100, offset: int = 0,
-             oldest_first: bool = False) -> list[Scan]: ...
-
-    @abc.abstractmethod
-    def count(self, flt: ScanFilter = ScanFilter()) -> int: ...
-
-    @abc.abstractmethod
-    def record_enrollment(self, event: str, label: str, parent: str, model_sha256: str, photos: list[str],
-                          details: dict[str, Any], station: str, operator: str) -> dict[str, Any]: ...
-
-    @abc.abstractmethod
-    def enrollment_events(self, limit: int = 100) -> list[dict[str, Any]]: ...
-
-    def close(self) -> None:
-        pass
-
-    def iter_all(self, flt: ScanFilter = ScanFilter(), page: int = 500) -> Iterator[Scan]:
-        """Every matching scan, oldest first, read `page` rows at a time (bounded memory for exports)."""
-        offset = 0
-        while True:
-            rows = self.list(flt, limit=page, offset=offset, oldest_first=True)
-            yield from rows
-            if len(rows) < page:
-                return
-            offset += page
-
-    def export_csv(self, out: io.TextIOBase, flt: ScanFilter = ScanFilter()) -> int:
-        """Write matching scans as CSV (one row each, prediction JSON in a column); returns the count."""
-        w = csv.writer(out)
-        w.writerow(COLUMNS)
-        n = 0
-        for s in self.iter_all(flt):
-            w.writerow([_csv_safe(v) for v in s._row()])
-            n += 1
-        return n
-
-
 def _csv_safe(v: Any) -> Any:
     # Operator and station ids are typed by people; a leading = + - @ would run as a formula when the
     # CSV is opened in a spreadsheet.
@@ -192,9 +139,9 @@ def _csv_safe(v: Any) -> Any:
     return "" if v is None else v
 
 
-class SQLScanStore(ScanStore):
-    """`ScanStore` over a DB-API 2 connection. `placeholder` is the driver's parameter marker
-    ('?' for sqlite3, '%s' for psycopg / mysqlclient)."""
+class SQLScanStore:
+    """The scan log over a DB-API 2 connection; every method is one transaction. `placeholder` is the
+    driver's parameter marker ('?' for sqlite3, '%s' for psycopg / mysqlclient)."""
 
     def __init__(self, connect: Callable[[], Any], placeholder: str = "?"):
         self._conn = connect()
@@ -311,6 +258,26 @@ class SQLScanStore(ScanStore):
         """The latest enrollment events, newest first."""
         return [_event(r) for r in self._fetch(f"SELECT {', '.join(EVENT_COLUMNS)} FROM enrollment_events "
                                                f"ORDER BY created_at DESC, id DESC LIMIT {int(limit)}")]
+
+    def iter_all(self, flt: ScanFilter = ScanFilter(), page: int = 500) -> Iterator[Scan]:
+        """Every matching scan, oldest first, read `page` rows at a time (bounded memory for exports)."""
+        offset = 0
+        while True:
+            rows = self.list(flt, limit=page, offset=offset, oldest_first=True)
+            yield from rows
+            if len(rows) < page:
+                return
+            offset += page
+
+    def export_csv(self, out: io.TextIOBase, flt: ScanFilter = ScanFilter()) -> int:
+        """Write matching scans as CSV (one row each, prediction JSON in a column); returns the count."""
+        w = csv.writer(out)
+        w.writerow(COLUMNS)
+        n = 0
+        for s in self.iter_all(flt):
+            w.writerow([_csv_safe(v) for v in s._row()])
+            n += 1
+        return n
 
     def close(self) -> None:
         with self._lock:

@@ -4,7 +4,7 @@
         distilled-160=runs/distill-160 control-160=runs/student-160 --out runs/students
 
 For each model directory written by `python -m train` (teacher, student or distill): resolution,
-parameters, MACs of one image through the deployed graph (`converters.benchmark.count_macs`: the
+parameters, MACs of one image through the deployed graph (`research.benchmark_figures.count_macs`: the
 uint8-in / log-probs-out graph every exporter converts), fp32 size of `model.safetensors`, and the
 metrics the run measured at its end on every evaluated split (`val` and the held-out `holdout`
 slice), plus the teacher a distilled run learned from and the run's wall time. Nothing is retrained
@@ -23,7 +23,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from converters.benchmark import count_macs  # noqa: E402
+from research.benchmark_figures import count_macs  # noqa: E402
 from research.output import write_results  # noqa: E402
 from sdk import Taxonomy  # noqa: E402
 

@@ -151,16 +151,38 @@ def batched_pass(run: Callable[[np.ndarray], list[np.ndarray]], images: np.ndarr
     return lp, float(sum(k for _, k in timed_batches) / max(sum(t for t, _ in timed_batches), 1e-12))
 
 
+def _executorch_pool():
+    """ExecuTorch's pybindings when they expose its threadpool controls, else None."""
+    try:
+        from executorch.extension.pybindings import portable_lib as et
+    except ImportError:
+        return None
+    return et if hasattr(et, "_unsafe_reset_threadpool") and hasattr(et, "_threadpool_get_thread_count") else None
+
+
 @contextlib.contextmanager
 def pinned_threads(threads: int, executorch: bool = True) -> Iterator[dict[str, Any]]:
-    """`set_threads` for the duration of a block, then every runtime back to the count it had: a library
-    call must not leave the caller's process (or the subprocesses it starts later) on another count."""
+    """Every runtime on `threads` threads for the duration of a block, then back to the count it had: a library
+    call must not leave the caller's process (or the subprocesses it starts later) on another count. Yields the
+    count each runtime got: env for OpenMP/MKL, torch, and ExecuTorch's XNNPACK threadpool (it sizes itself
+    from the core count unless reset); onnxruntime and LiteRT take the count when a model is loaded
+    (sdk.Classifier.load(num_threads=...))."""
     import torch
+
     env = {v: os.environ.get(v) for v in THREAD_VARS}
     before = torch.get_num_threads()
-    et_before = _executorch_threads() if executorch else None
+    et = _executorch_pool() if executorch else None
+    et_before = int(et._threadpool_get_thread_count()) if et else None
     try:
-        yield set_threads(threads, executorch)
+        os.environ.update({v: str(threads) for v in THREAD_VARS})
+        torch.set_num_threads(threads)
+        rec: dict[str, Any] = {"torch": torch.get_num_threads(), "onnxruntime": threads, "tflite": threads}
+        if et:
+            et._unsafe_reset_threadpool(threads)
+            rec["executorch"] = int(et._threadpool_get_thread_count())
+        elif executorch:
+            rec["executorch"] = "not set (no threadpool controls in this executorch)"
+        yield rec
     finally:
         for var, val in env.items():
             if val is None:
@@ -169,36 +191,7 @@ def pinned_threads(threads: int, executorch: bool = True) -> Iterator[dict[str, 
                 os.environ[var] = val
         torch.set_num_threads(before)
         if et_before:
-            from executorch.extension.pybindings import portable_lib as et
             et._unsafe_reset_threadpool(et_before)
-
-
-def _executorch_threads() -> int | None:
-    try:
-        from executorch.extension.pybindings import portable_lib as et
-        return int(et._threadpool_get_thread_count())
-    except (ImportError, AttributeError):
-        return None
-
-
-def set_threads(threads: int, executorch: bool = True) -> dict[str, Any]:
-    """Pin every runtime to `threads`: env for OpenMP/MKL, torch, and ExecuTorch's XNNPACK threadpool.
-
-    onnxruntime and LiteRT take the count when a model is loaded (sdk.Classifier.load(num_threads=...))."""
-    for var in THREAD_VARS:
-        os.environ[var] = str(threads)
-    import torch
-    torch.set_num_threads(threads)
-    rec: dict[str, Any] = {"torch": torch.get_num_threads(), "onnxruntime": threads, "tflite": threads}
-    if not executorch:
-        return rec
-    try:  # ExecuTorch sizes its threadpool from the core count unless reset
-        from executorch.extension.pybindings import portable_lib as et
-        et._unsafe_reset_threadpool(threads)
-        rec["executorch"] = int(et._threadpool_get_thread_count())
-    except (ImportError, AttributeError) as e:
-        rec["executorch"] = f"not set ({type(e).__name__})"
-    return rec
 
 
 def _runner_torch(path: Path):

@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import re
 import warnings
-from collections import defaultdict
+from collections import Counter, defaultdict
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable
@@ -17,7 +17,7 @@ from typing import Any, Callable, Iterable
 import numpy as np
 
 from .._common import tool_versions
-from .measure import RUNTIMES, time_batch1
+from .measure import RUNTIMES, pinned_threads, time_batch1
 
 INT8, FLOAT, CONVERT, OTHER, UNKNOWN = "int8", "float", "convert", "other", "?"
 PRECISION_HELP = ("int8 = integer compute (or int8 data moved); float = float compute; convert = (de)quantize or "
@@ -177,10 +177,7 @@ def onnx_node_samples(events: list[dict[str, Any]], warmup: int) -> tuple[list[t
 def graph_op_counts(path: Path) -> dict[str, int]:
     import onnx
 
-    counts: dict[str, int] = defaultdict(int)
-    for node in onnx.load(str(path), load_external_data=False).graph.node:
-        counts[node.op_type] += 1
-    return dict(sorted(counts.items(), key=lambda kv: -kv[1]))
+    return dict(Counter(n.op_type for n in onnx.load(str(path), load_external_data=False).graph.node).most_common())
 
 
 def profile_onnxruntime(prof: Profile, model: Path, image: np.ndarray, workdir: Path, top: int) -> None:
@@ -271,26 +268,20 @@ def executorch_samples(events: list[Any], warmup: int) -> tuple[list[tuple[str, 
 
 def profile_executorch(prof: Profile, model: Path, image: np.ndarray, workdir: Path, top: int) -> None:
     """Run the program with ETDump enabled and read the events back with the devtools Inspector."""
-    from .measure import pinned_threads
-
-    with pinned_threads(prof.threads):
-        _profile_executorch(prof, model, image, workdir, top)
-
-
-def _profile_executorch(prof: Profile, model: Path, image: np.ndarray, workdir: Path, top: int) -> None:
     import torch
     from executorch.runtime import Runtime
 
-    try:
-        program = Runtime.get().load_program(str(model), enable_etdump=True, debug_buffer_size=0)
-    except (RuntimeError, TypeError) as e:  # a runtime built without ETDump support refuses the option
-        raise ProfilerUnavailable(f"this executorch runtime cannot record ETDump ({e})") from None
-    method = program.load_method("forward")
-    x = torch.from_numpy(np.ascontiguousarray(image))
-    for _ in range(prof.warmup + prof.runs):
-        method.execute([x])
     etdump = workdir / "model.etdp"
-    program.write_etdump_result_to_file(str(etdump), str(workdir / "debug.bin"))
+    with pinned_threads(prof.threads):
+        try:
+            program = Runtime.get().load_program(str(model), enable_etdump=True, debug_buffer_size=0)
+        except (RuntimeError, TypeError) as e:  # a runtime built without ETDump support refuses the option
+            raise ProfilerUnavailable(f"this executorch runtime cannot record ETDump ({e})") from None
+        method = program.load_method("forward")
+        x = torch.from_numpy(np.ascontiguousarray(image))
+        for _ in range(prof.warmup + prof.runs):
+            method.execute([x])
+        program.write_etdump_result_to_file(str(etdump), str(workdir / "debug.bin"))
     if not etdump.is_file() or etdump.stat().st_size == 0:
         raise ProfilerUnavailable("this executorch build recorded no ETDump (built without "
                                   "EXECUTORCH_ENABLE_EVENT_TRACER); per-op times need a build with "

@@ -14,10 +14,7 @@ from typing import Callable
 import numpy as np
 
 from .profile import PRECISION_HELP, Profile, ProfileError, profile_model
-
-
-def _ms(x: float | None, fmt: str = ".3f") -> str:
-    return "–" if x is None else format(x, fmt)
+from .report import _f
 
 
 def _pct(x: float | None) -> str:
@@ -32,7 +29,7 @@ def format_profile(p: Profile, top: int = 10) -> str:
         lines.append(f"- whole model through sdk.Classifier (no profiler): {p.sdk_ms:.2f} ms median of {p.runs} runs "
                      f"after {p.warmup} warm-up")
     if p.run_ms is not None:
-        lines.append(f"- whole run under the profiler: {p.run_ms:.2f} ms mean; op times sum to {_ms(p.op_ms, '.2f')} ms "
+        lines.append(f"- whole run under the profiler: {p.run_ms:.2f} ms mean; op times sum to {_f(p.op_ms, '.2f')} ms "
                      f"({_pct((p.op_ms or 0) / p.run_ms)}), the rest is between ops")
     by_prec = p.ms_by_precision()
     if by_prec and p.run_ms:
@@ -43,7 +40,7 @@ def format_profile(p: Profile, top: int = 10) -> str:
     if not p.ops:
         return "\n".join(lines)
     lines += ["", "| op type | count | ms / inference | share | precision |", "|---|---|---|---|---|"]
-    lines += [f"| {o.op_type} | {o.count} | {_ms(o.ms)} | {_pct(o.share)} | {o.precision} |" for o in p.ops]
+    lines += [f"| {o.op_type} | {o.count} | {_f(o.ms, '.3f')} | {_pct(o.share)} | {o.precision} |" for o in p.ops]
     if p.nodes:
         lines += ["", f"Slowest {min(top, len(p.nodes))} nodes:", "", "| node | op type | ms | precision |",
                   "|---|---|---|---|"]

@@ -12,7 +12,7 @@ from sdk import Manifest, atomic_write
 
 from .measure import Row, slug
 from .roofline import machine_line
-from .stats import coverage_at, wilson
+from .stats import wilson
 
 
 def _f(x: Any, fmt: str = ".4f") -> str:
@@ -63,7 +63,6 @@ def _card_head(rec: dict[str, Any], taxonomy, manifest) -> list[str]:
             f"`{cfg.get('backbone', '?')}`, {rec['image_size']} px input.",
             "", f"- file: `{manifest.file}` ({rec['size_mb']:.2f} MB), sha256 `{manifest.sha256}`",
             f"- trained checkpoint sha256: `{rec.get('checkpoint_sha256')}`",
-            f"- MACs per image: {rec['macs'] / 1e6:.0f} M" if rec.get("macs") else "- MACs per image: not counted",
             f"- tool versions at export: {', '.join(f'{k} {v}' for k, v in manifest.tool_versions.items())}", "",
             "## Taxonomy", "",
             f"{taxonomy.depth} levels, {', '.join(f'{s} {n}' for n, s in zip(taxonomy.level_names, taxonomy.sizes))} "
@@ -75,8 +74,7 @@ def _card_head(rec: dict[str, Any], taxonomy, manifest) -> list[str]:
             f"(EXIF orientation, colour modes) exactly as in training.", ""]
 
 
-def _card_measured(rec: dict[str, Any], taxonomy, roof: dict[str, Any], analysis: dict[str, Any] | None,
-                   data: str, split: str) -> list[str]:
+def _card_measured(rec: dict[str, Any], taxonomy, threads: int, data: str, split: str) -> list[str]:
     lines = ["## Measured in this run", ""]
     if rec["status"] != "ok":
         return lines + [f"Not run here: {rec['status']} — {rec.get('note', '')}. The same checkpoint's other exports "
@@ -90,21 +88,10 @@ def _card_measured(rec: dict[str, Any], taxonomy, roof: dict[str, Any], analysis
     lines += [f"- fine top-1 95 % interval (Wilson, n={n}): {lo:.3f} – {hi:.3f}",
               f"- full path: {m['full_path']:.4f}; consistency of the independent heads: {m['consistency']:.4f}; "
               f"mistake severity (mean LCA height of wrong fine answers): {m['mistake_severity']:.2f}",
-              f"- latency batch 1, {roof.get('threads', 1)} thread: median {lat['median_ms']:.2f} ms, p90 "
+              f"- latency batch 1, {threads} thread: median {lat['median_ms']:.2f} ms, p90 "
               f"{lat['p90_ms']:.2f} ms; throughput {rec['throughput_ips']:.1f} img/s at batch {rec['throughput_batch']}"]
     if rec.get("agreement"):
         lines.append(f"- fine top-1 agreement with {rec['agreement']['reference']}: {rec['agreement']['fine']:.4f}")
-    if analysis:
-        cov = analysis["coverage"]
-        lines.append(f"- back-off: with one global threshold on every level, coverage at ≥ 95 % node precision "
-                     f"{coverage_at(cov['backoff'], 0.95):.3f}; answering fine only, coverage at ≥ 95 % precision "
-                     f"{coverage_at(cov['fine'], 0.95):.3f}")
-        lines.append("- calibration (ECE of the consistent marginals): "
-                     + ", ".join(f"{k} {v['ece']:.3f}" for k, v in analysis["reliability"].items()))
-    rr = roof.get("rows", {}).get(rec["label"])
-    if rr:
-        lines.append(f"- roofline: {rr['achieved_gmacs_per_s']:.1f} GMAC/s = {rr['ratio_of_peak'] * 100:.1f} % of "
-                     f"this core's {rr['peak_kind']} peak ({rr['peak_gmacs_per_s']:.1f} GMAC/s)")
     return lines + [""]
 
 
@@ -138,10 +125,10 @@ def _card_use(rec: dict[str, Any], manifest) -> list[str]:
             "- The fine-tuned weights inherit both notices; keep them with redistributed artifacts.", ""]
 
 
-def model_card(rec: dict[str, Any], taxonomy, manifest, roof: dict[str, Any], analysis: dict[str, Any] | None,
-               commands: list[str], data: str, split: str) -> str:
+def model_card(rec: dict[str, Any], taxonomy, manifest, threads: int, commands: list[str], data: str,
+               split: str) -> str:
     """Markdown model card of one shipped artifact, with the figures of this run."""
-    return "\n".join(_card_head(rec, taxonomy, manifest) + _card_measured(rec, taxonomy, roof, analysis, data, split)
+    return "\n".join(_card_head(rec, taxonomy, manifest) + _card_measured(rec, taxonomy, threads, data, split)
                      + _card_use(rec, manifest) + ["## Reproduce", "", "```sh", *commands, "```", ""])
 
 
@@ -167,62 +154,27 @@ def goal_lines(g: dict[str, Any] | None) -> list[str]:
     return lines + [""]
 
 
-def _roofline_lines(machine: dict[str, Any], roof: dict[str, Any]) -> list[str]:
-    peak = machine["peak"]
-    one, every = peak["per_core_macs_per_s"], peak["all_cores_macs_per_s"]
-    return (["## Roofline", "", f"Peak: {peak['derivation']}.", "",
-             f"Per core: fp32 {one['fp32'] / 1e9:.1f} GMAC/s, int8 {one['int8'] / 1e9:.1f} GMAC/s; all "
-             f"{machine['cores']} cores: fp32 {every['fp32'] / 1e9:.1f}, int8 {every['int8'] / 1e9:.1f} GMAC/s. Rows run "
-             f"at {machine['threads']} thread(s), so each is compared with that many cores' peak.", "",
-             "| model | MACs / image | arch | backbone | px |", "|---|---|---|---|---|"]
-            + [f"| {g} | {v['macs'] / 1e6:.0f} M | {v['arch']} | {v['backbone']} | {v['image_size']} |"
-               for g, v in roof["models"].items()]
-            + ["", "| row | achieved GMAC/s | peak GMAC/s | ratio of peak | compute-bound ms | measured / bound |",
-               "|---|---|---|---|---|---|"]
-            + [f"| {k} | {v['achieved_gmacs_per_s']:.1f} | {v['peak_gmacs_per_s']:.1f} ({v['peak_kind']}) | "
-               f"{v['ratio_of_peak']:.3f} | {v['compute_bound_ms']:.2f} | {v['x_above_compute_bound']:.1f}× |"
-               for k, v in roof["rows"].items()])
-
-
-def _analysis_lines(analyses: dict[str, dict[str, Any]], names: Sequence[str]) -> list[str]:
-    lines = ["## Back-off and calibration (focus rows: the fastest row of each model)", "",
-             "| row | " + " | ".join(f"ECE {n}" for n in names) + " | coverage@95% fine-only | coverage@95% back-off |",
-             "|---|" + "---|" * (len(names) + 2)]
-    lines += [f"| {k} | " + " | ".join(f"{v['reliability'][n]['ece']:.3f}" for n in names)
-              + f" | {coverage_at(v['coverage']['fine'], 0.95):.3f} | {coverage_at(v['coverage']['backoff'], 0.95):.3f} |"
-              for k, v in analyses.items()]
-    lines += ["", "Most-confused fine pairs:", ""]
-    return lines + [f"- {k}: " + ("; ".join(f"{q['true']} → {q['predicted']} ×{q['count']}"
-                                            for q in v["confused"][names[-1]][:5]) or "none")
-                    for k, v in analyses.items()]
-
-
-def write_cards(out: Path, rows: list[Row], analyses, taxonomy, machine, roof, settings) -> list[Path]:
+def write_cards(out: Path, rows: list[Row], taxonomy, machine: dict[str, Any], settings: dict[str, Any]) -> list[Path]:
     """A model card per artifact row in `<out>/cards/` (each row's record names its card)."""
     (out / "cards").mkdir(parents=True, exist_ok=True)
     checkpoints = {r.record["checkpoint_sha256"]: str(r.entry.path) for r in rows if r.entry.kind == "torch"}
     cards = []
     for r in (r for r in rows if r.entry.kind == "artifact"):
         cmds = reproduce_commands(r.record, checkpoints, settings["data"], settings["command"])
-        text = model_card(r.record, taxonomy, Manifest.load(r.entry.path), {**roof, "threads": machine["threads"]},
-                          analyses.get(r.entry.label), cmds, settings["data"], settings["split"])
+        text = model_card(r.record, taxonomy, Manifest.load(r.entry.path), machine["threads"], cmds, settings["data"],
+                          settings["split"])
         cards.append(atomic_write(out / "cards" / f"{slug(r.entry.label)}.md", text))
         r.record["model_card"] = str(cards[-1].relative_to(out))
     return cards
 
 
-def write_reports(out: Path, rows: list[Row], analyses: dict[str, dict[str, Any]], taxonomy, machine: dict[str, Any],
-                  roof: dict[str, Any], plots: list[Path], settings: dict[str, Any]) -> dict[str, Path]:
-    """Model cards, benchmark.json (every record) and benchmark.md (the tables a reader compares)."""
-    cards = write_cards(out, rows, analyses, taxonomy, machine, roof, settings)
+def write_reports(out: Path, rows: list[Row], taxonomy, machine: dict[str, Any], settings: dict[str, Any],
+                  ) -> dict[str, Path]:
+    """Model cards, benchmark.json (every record) and benchmark.md (the table a reader compares)."""
+    cards = write_cards(out, rows, taxonomy, machine, settings)
     records, names = [r.record for r in rows], taxonomy.level_names
-    at = {k: {f"{mode}@{p}": coverage_at(v["coverage"][mode], p) for mode in ("fine", "backoff") for p in (0.9, 0.95, 0.98)}
-          for k, v in analyses.items()}
     js = {"command": settings["command"], "settings": settings, "machine": machine, "machine_line": machine_line(machine),
-          "level_names": list(names), "rows": records,
-          "analysis": {k: {"confused": v["confused"], "reliability": v["reliability"], "coverage_at_precision": at[k],
-                           "coverage": v["coverage"]} for k, v in analyses.items()},
-          "roofline": roof, "plots": [p.name for p in plots], "model_cards": [str(p.relative_to(out)) for p in cards]}
+          "level_names": list(names), "rows": records, "model_cards": [str(p.relative_to(out)) for p in cards]}
     notes = [f"- {r['label']}: {r['status']} — {r.get('note', '')}" for r in records if r["status"] != "ok"]
     md = [f"# Benchmark: {settings['data']} split `{settings['split']}` ({settings['n_images']} images)", "",
           "```", machine_line(machine), "```", "",
@@ -232,9 +184,7 @@ def write_reports(out: Path, rows: list[Row], analyses: dict[str, dict[str, Any]
           "tree-consistent path; severity = mean LCA height of wrong fine answers; agree fine = fine top-1 "
           "agreement with the PyTorch fp32 model of the same checkpoint.", "",
           table_markdown(records, names), "", *(["Not measured here:", "", *notes, ""] if notes else []),
-          *goal_lines(settings.get("goals")), *_roofline_lines(machine, roof), "", *_analysis_lines(analyses, names),
-          "", "## Plots", "", *[f"![{p.stem}]({p.name})" for p in plots],
-          "", "## Model cards", "", *[f"- [{p.stem}]({p.relative_to(out)})" for p in cards],
+          *goal_lines(settings.get("goals")), "## Model cards", "", *[f"- [{p.stem}]({p.relative_to(out)})" for p in cards],
           "", "## Reproduce", "", "```sh", settings["command"], "```", ""]
     return {"markdown": atomic_write(out / "benchmark.md", "\n".join(md)),
             "json": atomic_write(out / "benchmark.json", json.dumps(js, indent=1, default=float))}

@@ -7,16 +7,14 @@ import json
 import shlex
 import sys
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable
 
 import numpy as np
 
-from .measure import BenchmarkError, Entry, Row, parse_entries
-from .measure import measure, pinned_threads
-from .plots import plot_all
+from .measure import BenchmarkError, Entry, Row, measure, parse_entries, pinned_threads
 from .report import goal_lines, table_markdown, write_reports
-from .roofline import machine_info, machine_line, roofline
-from .stats import agreement, analyse, goals
+from .roofline import machine_info, machine_line
+from .stats import agreement, goals
 
 
 def common_taxonomy(entries: list[Entry]):
@@ -29,17 +27,6 @@ def common_taxonomy(entries: list[Entry]):
         raise BenchmarkError("entries use different taxonomies, their accuracies are not comparable: "
                              + ", ".join(f"{k}: {t.hash[:12]}" for k, t in taxes.items()))
     return next(iter(taxes.values()))
-
-
-def focus_rows(measured: list[Row], focus: Sequence[str]) -> list[Row]:
-    """The rows `--focus` names, or what each model would ship as: its fastest measured row."""
-    if focus:
-        unknown = sorted(set(focus) - {r.entry.label for r in measured})
-        if unknown:
-            raise BenchmarkError(f"--focus {unknown} not among the measured rows: {[r.entry.label for r in measured]}")
-        return [r for r in measured if r.entry.label in focus]
-    return [min((r for r in measured if r.entry.group == g), key=lambda r: r.record["latency"]["median_ms"])
-            for g in dict.fromkeys(r.entry.group for r in measured)]
 
 
 def measure_all(entries: list[Entry], ds, threads: int, warmup: int, repeats: int, batch: int, log) -> list[Row]:
@@ -64,16 +51,13 @@ def measure_all(entries: list[Entry], ds, threads: int, warmup: int, repeats: in
     return rows
 
 
-def run_benchmark(entries: list[Entry], data: str, split: str = "val", out: str | Path = "runs/benchmark",
-                  threads: int = 1, warmup: int = 10, repeats: int = 50, batch: int = 8, limit: int = 0,
-                  reference: str | None = None, focus: Sequence[str] = (), command: str = "",
-                  student: str | None = None, peer: str | None = None, max_ms: float = 8.0,
-                  log: Callable[[str], None] = print) -> dict[str, Any]:
-    """Measure every entry on `data`/`split` and write benchmark.{md,json}, plots and model cards to `out`."""
+def measure_entries(entries: list[Entry], data: str, split: str = "val", threads: int = 1, warmup: int = 10,
+                    repeats: int = 50, batch: int = 8, limit: int = 0, reference: str | None = None,
+                    log: Callable[[str], None] = print) -> tuple[list[Row], Any, np.ndarray, dict[str, Any]]:
+    """Every entry measured on `data`/`split` (`limit` images spread over it, 0: all) with every runtime on
+    `threads` threads, and its agreement with its reference: (rows, taxonomy, labels, machine record)."""
     from sdk import load_dataset
 
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
     with pinned_threads(threads, executorch=any(e.target == "executorch" for e in entries)) as thread_rec:
         machine = {**machine_info(threads), "runtime_threads": thread_rec}
         log(machine_line(machine))
@@ -83,24 +67,32 @@ def run_benchmark(entries: list[Entry], data: str, split: str = "val", out: str 
             idx = np.linspace(0, len(ds) - 1, num=min(limit, len(ds))).round().astype(int)
             ds = ds.subset(sorted(set(idx.tolist())))
         rows = measure_all(entries, ds, threads, warmup, repeats, batch, log)
-        agreement(rows, reference, taxonomy)
-        chosen = focus_rows([r for r in rows if r.record["status"] == "ok"], focus)
-        analyses = {r.entry.label: analyse(r, taxonomy, ds.labels()) for r in chosen}
-        roof = roofline(rows, taxonomy, machine)
-        plots = plot_all(rows, analyses, taxonomy, out)
-        settings = {"data": str(data), "split": split, "n_images": len(ds), "threads": threads, "warmup": warmup,
-                    "repeats": repeats, "batch": batch, "limit": limit, "reference": reference,
-                    "command": command or "python -m converters benchmark …",
-                    "goals": goals(rows, student, peer, max_ms, taxonomy)}
-        paths = write_reports(out, rows, analyses, taxonomy, machine, roof, plots, settings)
-        log("")
-        log(machine_line(machine))
-        log(table_markdown([r.record for r in rows], taxonomy.level_names))
-        for line in goal_lines(settings["goals"])[2:-1]:  # the bars, one line each, as in benchmark.md
-            log(line)
-        log(f"wrote {paths['markdown']}, {paths['json']}, {len(plots)} plots and "
-            f"{sum(r.entry.kind == 'artifact' for r in rows)} model cards in {out}")
-        return json.loads(paths["json"].read_text())
+    agreement(rows, reference, taxonomy)
+    return rows, taxonomy, ds.labels(), machine
+
+
+def run_benchmark(entries: list[Entry], data: str, split: str = "val", out: str | Path = "runs/benchmark",
+                  threads: int = 1, warmup: int = 10, repeats: int = 50, batch: int = 8, limit: int = 0,
+                  reference: str | None = None, command: str = "", student: str | None = None,
+                  peer: str | None = None, max_ms: float = 8.0, log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Measure every entry on `data`/`split` and write benchmark.{md,json} and model cards to `out`."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    rows, taxonomy, labels, machine = measure_entries(entries, data, split, threads, warmup, repeats, batch, limit,
+                                                      reference, log)
+    settings = {"data": str(data), "split": split, "n_images": len(labels), "threads": threads, "warmup": warmup,
+                "repeats": repeats, "batch": batch, "limit": limit, "reference": reference,
+                "command": command or "python -m converters benchmark …",
+                "goals": goals(rows, student, peer, max_ms, taxonomy)}
+    paths = write_reports(out, rows, taxonomy, machine, settings)
+    log("")
+    log(machine_line(machine))
+    log(table_markdown([r.record for r in rows], taxonomy.level_names))
+    for line in goal_lines(settings["goals"])[2:-1]:  # the bars, one line each, as in benchmark.md
+        log(line)
+    log(f"wrote {paths['markdown']}, {paths['json']} and {sum(r.entry.kind == 'artifact' for r in rows)} model cards "
+        f"in {out}")
+    return json.loads(paths["json"].read_text())
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -113,8 +105,6 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--torch", action="append", default=[], metavar="NAME=MODEL_DIR",
                    help="a `python -m train` model directory evaluated in PyTorch eager (teacher, fp32 reference)")
     p.add_argument("--reference", help="row label to measure agreement against when no PyTorch row shares the checkpoint")
-    p.add_argument("--focus", action="append", default=[], metavar="LABEL",
-                   help="rows to draw confusion / reliability / coverage plots for (default: fastest row of each model)")
     p.add_argument("--student", metavar="NAME", help="model (NAME) whose fastest int8 artifact is judged against --max-ms")
     p.add_argument("--peer", metavar="NAME", help="model whose fastest fp32 artifact the student must beat in speed, match in fine top-1")
     p.add_argument("--max-ms", type=float, default=8.0, help="latency bar for --student at batch 1 (default 8)")
@@ -131,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         entries = parse_entries(a.artifacts, a.torch)
         res = run_benchmark(entries, a.data, a.split, a.out, threads=a.threads, warmup=a.warmup, repeats=a.repeats,
-                            batch=a.batch, limit=a.limit, reference=a.reference, focus=a.focus, command=command,
+                            batch=a.batch, limit=a.limit, reference=a.reference, command=command,
                             student=a.student, peer=a.peer, max_ms=a.max_ms)
     except BenchmarkError as e:
         print(f"error: {e}", file=sys.stderr)

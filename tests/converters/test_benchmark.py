@@ -1,4 +1,4 @@
-"""`python -m converters benchmark` on the tiny real student: table, JSON, plots, model cards.
+"""`python -m converters benchmark` on the tiny real student: table, JSON, model cards.
 
 The figures in benchmark.json are recomputed here from the same images with compute_metrics; timings
 are only checked to be well-formed numbers (speed belongs to benchmarks, not to tests).
@@ -15,8 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from converters.benchmark import (BenchmarkError, coverage_curves, pareto, parse_entries, reliability, wilson)
-from converters.benchmark import peak_macs
+from converters.benchmark import BenchmarkError, parse_entries, wilson
 
 LIMIT = 10
 
@@ -101,7 +100,7 @@ def test_metrics_match_compute_metrics_on_the_same_images(bench, grocery_root, o
     assert rows["tiny/pytorch-fp32"]["agreement"] is None
 
 
-def test_rows_carry_size_latency_throughput_and_roofline(bench, onnx_artifact_dir):
+def test_rows_carry_size_latency_and_throughput(bench, onnx_artifact_dir):
     _, js = bench
     rows = {r["label"]: r for r in js["rows"]}
     onnx = rows["tiny/onnx-fp32"]
@@ -110,11 +109,6 @@ def test_rows_carry_size_latency_throughput_and_roofline(bench, onnx_artifact_di
         lat = r["latency"]
         assert lat["repeats"] == 3 and 0 < lat["median_ms"] <= lat["p90_ms"] and math.isfinite(lat["p90_ms"])
         assert r["throughput_ips"] > 0 and r["throughput_batch"] == 4
-        roof = js["roofline"]["rows"][r["label"]]
-        assert roof["peak_kind"] == "fp32" and roof["ratio_of_peak"] > 0
-        assert roof["achieved_gmacs_per_s"] == pytest.approx(r["macs"] / (r["latency"]["median_ms"] / 1e3) / 1e9)
-    # MACs: Lite0 at 128 px alone is ~120 M; the query head adds to it
-    assert 100e6 < js["roofline"]["models"]["tiny"]["macs"] < 1e9
 
 
 @pytest.mark.skipif(sys.platform == "darwin", reason="Core ML runs on macOS: the row is measured there")
@@ -124,16 +118,6 @@ def test_coreml_row_is_size_and_spec_only_off_macos(bench):
     assert row["status"] == "macOS only" and "metrics" not in row and "latency" not in row
     assert row["size_mb"] > 0 and row["image_size"] == 128
     assert "macOS only" in (out / row["model_card"]).read_text()
-
-
-def test_plots_are_nonempty_pngs(bench):
-    out, js = bench
-    names = set(js["plots"])
-    assert {"accuracy_vs_latency.png", "coverage_precision.png"} <= names
-    assert any(n.startswith("confusion_") for n in names) and any(n.startswith("reliability_") for n in names)
-    for n in names:
-        data = (out / n).read_bytes()
-        assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000, n
 
 
 def test_model_cards(bench, tiny_student_dir, onnx_artifact_dir):
@@ -159,33 +143,9 @@ def test_bad_entries_are_typed_errors(tmp_path):
         parse_entries([], [])
 
 
-def test_pareto_wilson_reliability_coverage():
-    # (latency, accuracy): b is dominated by a (slower and less accurate)
-    assert pareto([(5, 0.8), (6, 0.7), (9, 0.9), (3, 0.5)]) == [3, 0, 2]
+def test_wilson_interval():
     lo, hi = wilson(0.5, 100)
     assert lo < 0.5 < hi and hi - lo == pytest.approx(0.192, abs=0.01)
-    probs = np.array([0.95, 0.95, 0.55, 0.55])
-    rel = reliability(probs, np.array([True, True, True, False]))
-    assert rel["count"][9] == 2 and rel["accuracy"][9] == 1.0 and rel["accuracy"][5] == 0.5
-    assert rel["ece"] == pytest.approx(0.5 * 0.05 + 0.5 * 0.05)
-    p = np.array([[0.9, 0.8], [0.9, 0.4], [0.6, 0.3]])
-    c = np.array([[True, True], [True, False], [False, False]])
-    cov = coverage_curves(p, c, n_thresholds=11)
-    assert cov["fine"]["coverage"][0] == 1.0 and cov["fine"]["precision"][0] == pytest.approx(1 / 3)
-    t5 = cov["threshold"].index(0.5)  # fine: only row 0 answers; back-off: rows 0 (2 levels), 1 (1), 2 (1)
-    assert cov["fine"]["coverage"][t5] == pytest.approx(1 / 3) and cov["fine"]["precision"][t5] == 1.0
-    assert cov["backoff"]["coverage"][t5] == pytest.approx(4 / 6) and cov["backoff"]["precision"][t5] == pytest.approx(3 / 4)
-
-
-def test_peak_is_derived_from_the_flags():
-    base = {"model": "x", "vendor": "GenuineIntel", "cores": 2, "mhz": 2000.0}
-    avx2 = peak_macs({**base, "flags": ["avx2", "fma"]})
-    assert avx2["fp32_macs_per_cycle"] == 16 and not avx2["vnni"]
-    assert avx2["per_core_macs_per_s"]["fp32"] == pytest.approx(2.0e9 * 16)
-    assert avx2["per_core_macs_per_s"]["int8"] == pytest.approx(2.0e9 * 16 * 4 / 3)
-    vnni = peak_macs({**base, "vendor": "AuthenticAMD", "flags": ["avx2", "fma", "avx512f", "avx512_vnni"]})
-    assert vnni["vector_bits"] == 256 and vnni["int8_macs_per_cycle"] == 64  # Zen 4 double-pumps AVX-512
-    assert peak_macs({**base, "flags": ["avx2", "fma", "avx512f"]})["vector_bits"] == 512
 
 
 def test_goals_judge_the_fastest_int8_student_against_the_fp32_peer():

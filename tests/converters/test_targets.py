@@ -222,7 +222,7 @@ def test_coreml_prediction_matches_pytorch_on_macos(all_exports, val_images, tor
 
 def test_unknown_option_is_refused_before_any_work(tmp_path):
     from converters import ExportError
-    from converters._registry import validate_options
+    from converters._common import validate_options
 
     assert validate_options("tflite", {}) == {"batch": 1}
     with pytest.raises(ExportError, match="does not accept option"):

@@ -77,7 +77,7 @@ def start_demo(tmp_path) -> Callable[..., Running]:
         data = DataFolder(tmp_path / name)
         db = data.resolve("scans.sqlite")
         store = SQLiteScanStore(db)
-        app = create_app(classifier, store, data, DemoConfig(data.root, db, token, max_upload_mb))
+        app = create_app(classifier, store, data, DemoConfig(token, max_upload_mb))
         run = Running(DemoServer(app, "127.0.0.1", 0).start(), store, data, db, token)
         started.append(run)
         return run

@@ -11,7 +11,7 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_table_reports_each_runs_own_parameters_macs_and_metrics(tiny_student_dir, tmp_path):
-    from converters.benchmark import count_macs
+    from research.benchmark_figures import count_macs
     from sdk import Taxonomy
     from train.checkpoint import load_model
 

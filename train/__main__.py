@@ -67,6 +67,11 @@ def cmd_train(args: argparse.Namespace) -> int:
     conf = _read_config(args.config)
     mc = _resolve(ModelConfig, args, conf.get("model", {}), base_model)
     tc = _resolve(TrainConfig, args, {**base_train, **conf.get("train", {})})
+    if (mc.part_select or mc.c2f_refine) and "global_ce" in (name.strip() for name in tc.losses.split(",")):
+        # The refined forward (part selection / Coarse2Fine) has no flat read-out for global_ce to supervise.
+        print("error: --part-select / --c2f-refine leave the global read-out untrained: drop global_ce from --losses "
+              "(and set --global-head false)", file=sys.stderr)
+        return 2
     if args.cmd == "distill":
         from .distill import distill
         teachers = args.teacher or conf.get("teacher")

@@ -6,6 +6,7 @@ from __future__ import annotations
 import itertools
 import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -431,3 +432,18 @@ def test_cli_exposes_the_component_options(monkeypatch, tmp_path):
               "--losses", "ce,tree,contrastive,aal", "--relabel-ratio", "0.5"])
     assert seen["mc"].arch == "flat" and seen["mc"].part_select == 8 and seen["mc"].c2f_refine is True
     assert seen["tc"].losses == "ce,tree,contrastive,aal" and seen["tc"].relabel_ratio == 0.5
+
+
+def test_cli_refuses_global_ce_with_a_refined_forward(monkeypatch, tmp_path, capsys):
+    """The shipped student recipe (global_head + global_ce) plus part selection: a usage error before training,
+    not a failure in the first training step."""
+    import train.__main__ as cli
+    import train.loop
+    called = []
+    monkeypatch.setattr(train.loop, "train_model", lambda *a, **k: called.append(a))
+    config = Path(__file__).resolve().parents[2] / "configs" / "student.yaml"
+    assert cli.main(["student", "--config", str(config), "--out", str(tmp_path), "--part-select", "8"]) == 2
+    assert "global_ce" in capsys.readouterr().err and not called
+    assert cli.main(["student", "--config", str(config), "--out", str(tmp_path), "--part-select", "8",
+                     "--losses", "ce,tree"]) == 0
+    assert len(called) == 1

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from .models import ModelConfig
-from .loop import TrainConfig
+from .loop import TrainConfig, check_recipe
 
 # The defaults are the reference recipes of configs/ (student.yaml, teacher.yaml, distill.yaml).
 STUDENT_DEFAULTS = ModelConfig(global_head=True, dropout=0.3)
@@ -67,10 +67,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     conf = _read_config(args.config)
     mc = _resolve(ModelConfig, args, conf.get("model", {}), base_model)
     tc = _resolve(TrainConfig, args, {**base_train, **conf.get("train", {})})
-    if (mc.part_select or mc.c2f_refine) and "global_ce" in (name.strip() for name in tc.losses.split(",")):
-        # The refined forward (part selection / Coarse2Fine) has no flat read-out for global_ce to supervise.
-        print("error: --part-select / --c2f-refine leave the global read-out untrained: drop global_ce from --losses "
-              "(and set --global-head false)", file=sys.stderr)
+    try:
+        check_recipe(mc, tc)  # before a distillation loads its teachers
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
         return 2
     if args.cmd == "distill":
         from .distill import distill

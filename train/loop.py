@@ -400,6 +400,14 @@ def _train_epoch(run: Run, net, opt, sched, ema, epoch: int, tc: TrainConfig, de
     return running / steps
 
 
+def check_recipe(mc: ModelConfig, tc: TrainConfig) -> None:
+    """Refuse, before any work, a model and loss pair that would fail in the first training step."""
+    if (mc.part_select or mc.c2f_refine) and "global_ce" in (name.strip() for name in tc.losses.split(",")):
+        # The refined forward (part selection / Coarse2Fine) has no flat read-out for global_ce to supervise.
+        raise ValueError("--part-select / --c2f-refine leave the global read-out untrained: drop global_ce from "
+                         "--losses (and set --global-head false)")
+
+
 def train_model(mc: ModelConfig, tc: TrainConfig, out: str | Path, resume: bool = False,
                 log=print, teacher=None) -> dict[str, Any]:
     """Train, evaluate every epoch, save the model directory. Returns the final metrics per eval split.
@@ -408,6 +416,7 @@ def train_model(mc: ModelConfig, tc: TrainConfig, out: str | Path, resume: bool 
     shard of every epoch's permutation, rank 0 evaluating and writing. `teacher`: `Batch` -> {"logps",
     "temperature"}, for distillation.
     """
+    check_recipe(mc, tc)
     before = torch.get_num_threads()  # `tc.threads` holds for this run only, not for the caller's process
     try:
         return _train_model(mc, tc, out, resume, log, teacher)

@@ -447,3 +447,11 @@ def test_cli_refuses_global_ce_with_a_refined_forward(monkeypatch, tmp_path, cap
     assert cli.main(["student", "--config", str(config), "--out", str(tmp_path), "--part-select", "8",
                      "--losses", "ce,tree"]) == 0
     assert len(called) == 1
+
+
+def test_train_model_refuses_global_ce_with_a_refined_forward(tmp_path):
+    from train.loop import TrainConfig, train_model
+    mc = ModelConfig(image_size=SIZE, d_model=32, heads=2, global_head=True, c2f_refine=True)
+    with pytest.raises(ValueError, match="global_ce"):
+        train_model(mc, TrainConfig(losses="ce, global_ce"), tmp_path / "run")
+    assert not (tmp_path / "run").exists()

@@ -1,6 +1,5 @@
 """`python -m converters {onnx,…,all} --checkpoint DIR --out DIR` — export with parity on real images;
-`python -m converters benchmark …` — one table across formats and peers (converters/benchmark/);
-`python -m converters profile --model DIR …` — per-op time of artifacts, int8 vs float, per runtime."""
+`python -m converters benchmark …` — one table across formats and peers (converters/benchmark/)."""
 
 from __future__ import annotations
 
@@ -20,9 +19,6 @@ def main(argv: list[str] | None = None) -> int:
     if args[:1] == ["benchmark"]:  # its own options: one table across formats and peers
         from .benchmark import main as benchmark_main
         return benchmark_main(args[1:])
-    if args[:1] == ["profile"]:
-        from .benchmark.profile_report import main as profile_main
-        return profile_main(args[1:])
     p = argparse.ArgumentParser(prog="python -m converters", description="Export a trained hierfg model.")
     p.add_argument("target", choices=[*TARGETS, "all"], help="target format, or all of them")
     p.add_argument("--checkpoint", required=True, help="model directory written by `python -m train`")

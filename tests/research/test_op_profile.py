@@ -1,4 +1,4 @@
-"""`python -m converters profile` on the tiny real student's exports: per-op tables per runtime.
+"""`research/op_profile.py` on the tiny real student's exports: per-op tables per runtime.
 
 Times are only checked for consistency with each other (positive, summing to a sane share of the run the
 profiler timed); speed itself belongs to benchmarks, not tests.
@@ -14,9 +14,8 @@ from collections import Counter
 import numpy as np
 import pytest
 
-from converters.benchmark.profile import (CONVERT, FLOAT, INT8, OTHER, UNKNOWN, onnx_node_samples, onnx_precision,
-                                          profile_model, scope_of, xnnpack_precision)
-from converters.benchmark.profile_report import format_profile, pattern_image
+from research.op_profile import (CONVERT, FLOAT, INT8, OTHER, UNKNOWN, format_profile, main, onnx_node_samples,
+                                 onnx_precision, pattern_image, profile_model, scope_of, xnnpack_precision)
 
 RUNS, WARMUP = 4, 1
 
@@ -114,10 +113,8 @@ def test_xnnpack_precision_reads_the_datatype_tag(name, want):
 
 @pytest.mark.parametrize("target", ["executorch", "tflite", "coreml"])
 def test_other_runtimes_give_a_table_or_say_why_not(all_exports, tmp_path, capsys, target):
-    from converters.__main__ import main
-
     out = tmp_path / "profile.json"
-    assert main(["profile", "--model", str(all_exports / target), "--runs", "2", "--warmup", "1",
+    assert main(["--model", str(all_exports / target), "--runs", "2", "--warmup", "1",
                  "--json", str(out)]) == 0
     (p,), text = json.loads(out.read_text()), capsys.readouterr().out
     assert p["target"] == target and f"### {all_exports / target}" in text
@@ -135,10 +132,8 @@ def test_other_runtimes_give_a_table_or_say_why_not(all_exports, tmp_path, capsy
 
 
 def test_cli_profiles_a_real_photo_and_writes_json(onnx_artifact_dir, grocery_root, tmp_path, capsys):
-    from converters.__main__ import main
-
     out = tmp_path / "p.json"
-    assert main(["profile", "--model", str(onnx_artifact_dir), "--runs", "2", "--warmup", "1", "--top", "3",
+    assert main(["--model", str(onnx_artifact_dir), "--runs", "2", "--warmup", "1", "--top", "3",
                  "--data", str(grocery_root), "--json", str(out)]) == 0
     text = capsys.readouterr().out
     assert "input: photo " in text and "| op type | count | ms / inference | share | precision |" in text
@@ -147,15 +142,13 @@ def test_cli_profiles_a_real_photo_and_writes_json(onnx_artifact_dir, grocery_ro
 
 
 def test_cli_exits_2_on_a_missing_or_untrusted_model_dir(onnx_artifact_dir, tmp_path, capsys):
-    from converters.__main__ import main
-
-    assert main(["profile", "--model", str(tmp_path / "nowhere")]) == 2
+    assert main(["--model", str(tmp_path / "nowhere")]) == 2
     assert "nowhere" in capsys.readouterr().err
     bad = tmp_path / "bad"
     shutil.copytree(onnx_artifact_dir, bad)
     with open(bad / "model.onnx", "ab") as f:
         f.write(b"\0")
-    assert main(["profile", "--model", str(bad)]) == 2
+    assert main(["--model", str(bad)]) == 2
     assert "size" in capsys.readouterr().err
 
 

@@ -140,7 +140,7 @@ class Int8Run:
     def latency(self, t: str, int8_dirs: dict[str, Path]) -> dict[str, dict[str, Any]]:
         """Batch-1, one-thread latency of each int8 artifact and of the target's fp32 export, timed interleaved."""
         from converters.benchmark import time_artifacts
-        from converters.benchmark.roofline import read_cpuinfo
+        from converters.benchmark import read_cpuinfo
         images = next(iter(self.prep.evals.values())).images[:LATENCY_PHOTOS]
         times = time_artifacts({**int8_dirs, "fp32": self.out / "fp32" / t}, images, threads=1)
         cpu = read_cpuinfo()

@@ -31,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from converters.benchmark import BenchmarkError, Row, measure_entries, parse_entries  # noqa: E402
 from converters.benchmark.measure import slug  # noqa: E402
-from converters.benchmark.roofline import read_cpuinfo  # noqa: E402
+from converters.benchmark import read_cpuinfo  # noqa: E402
 from research.output import write_results  # noqa: E402
 from sdk import VNNI_FLAGS  # noqa: E402
 

@@ -11,7 +11,7 @@ import numpy as np
 from sdk import Manifest, atomic_write
 
 from .measure import Row, slug
-from .roofline import machine_line
+from .machine import machine_line
 from .stats import wilson
 
 

@@ -13,7 +13,7 @@ import numpy as np
 
 from .measure import BenchmarkError, Entry, Row, measure, parse_entries, pinned_threads
 from .report import goal_lines, table_markdown, write_reports
-from .roofline import machine_info, machine_line
+from .machine import machine_info, machine_line
 from .stats import agreement, goals
 
 

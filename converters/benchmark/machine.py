@@ -1,5 +1,4 @@
-"""What the numbers were measured on: the CPU (from /proc/cpuinfo), its SIMD flags and the tool versions.
-The compute roofline built on these flags is a study: research/benchmark_figures.py."""
+"""What the numbers were measured on: the CPU (from /proc/cpuinfo), its SIMD flags and the tool versions."""
 
 from __future__ import annotations
 

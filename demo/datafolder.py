@@ -9,7 +9,7 @@ from __future__ import annotations
 import csv
 import os
 import shutil
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -41,8 +41,7 @@ class DatasetExport:
     skipped: int  # confirmed/corrected scans that are not at the fine level or not in this taxonomy
 
     def to_dict(self) -> dict:
-        return {"directory": str(self.directory), "split_file": str(self.split_file), "count": self.count,
-                "skipped": self.skipped}
+        return {**asdict(self), "directory": str(self.directory), "split_file": str(self.split_file)}
 
 
 class DataFolder:
@@ -72,15 +71,11 @@ class DataFolder:
         return rel
 
     def export_dataset(self, store: SQLScanStore, taxonomy: Taxonomy, name: str | None = None) -> DatasetExport:
-        """Write confirmed and corrected scans as a Grocery-style dataset under exports/<name>/.
-
-        Layout: `train.txt` with lines `train/<Category>/<Coarse>/<Fine>/<sha>.jpg, fine_id, coarse_id`
-        (the Grocery split-file format; ids are the taxonomy's level indices, which for Grocery are the
-        dataset's own class ids), the images beside it, `taxonomy.json`, and for a three-level tree a
-        `classes.csv` so `sdk.load_dataset(<dir>, "train")` reads it like the original dataset.
-        Only scans whose final label is at the finest level can be written; the rest are counted as
-        skipped. A photo scanned several times keeps its latest label.
-        """
+        """Write confirmed and corrected scans as a Grocery-style dataset under exports/<name>/: `train.txt`
+        (lines `train/<Category>/<Coarse>/<Fine>/<sha>.jpg, fine_id, coarse_id`, ids being the taxonomy's
+        level indices, which for Grocery are its own class ids), the images, `taxonomy.json` and, for a
+        three-level tree, `classes.csv`, so `sdk.load_dataset(<dir>, "train")` reads it like the original.
+        Scans not labelled down to the finest level are skipped; a photo keeps its latest label."""
         name = name or "dataset-" + datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S-%f")
         if not name.replace("-", "").replace("_", "").isalnum():
             raise ValueError(f"export name must be letters, digits, - and _; got {name!r}")
@@ -88,24 +83,18 @@ class DataFolder:
         if out.exists():
             raise FileExistsError(f"{out} already exists; choose another name")
         fine = taxonomy.depth - 1
-        labelled: list[tuple[str, str, str, int]] = []   # (action time, image sha, image file, fine index)
-        skipped = 0
-        for action in ("confirmed", "corrected"):
-            for scan in store.iter_all(ScanFilter(action=action)):
-                leaf = _leaf_index(taxonomy, scan.final_path)
-                if leaf is None:
-                    skipped += 1
-                    continue
-                labelled.append((scan.action_at or "", scan.image_sha256, scan.image_file, leaf))
-        latest = {sha: (image_file, leaf) for _, sha, image_file, leaf in sorted(labelled)}
+        scans = (s for action in ("confirmed", "corrected") for s in store.iter_all(ScanFilter(action=action)))
+        # (action time, image sha, image file, fine index or None), oldest action first
+        labelled = sorted(((s.action_at or "", s.image_sha256, s.image_file, _leaf_index(taxonomy, s.final_path))
+                           for s in scans), key=lambda t: t[0])
+        latest = {sha: (image_file, leaf) for _, sha, image_file, leaf in labelled if leaf is not None}
         tmp = self.resolve(f"exports/.tmp-{name}")
         shutil.rmtree(tmp, ignore_errors=True)  # left by an export that was killed
         tmp.mkdir(parents=True)
         lines = []
         for sha, (image_file, leaf) in sorted(latest.items(), key=lambda kv: (kv[1][1], kv[0])):
             src = self.resolve(image_file)
-            names = taxonomy.path(fine, leaf)
-            rel = "/".join(["train", *(_safe_part(n) for n in names), sha + src.suffix])
+            rel = "/".join(["train", *map(_safe_part, taxonomy.path(fine, leaf)), sha + src.suffix])
             dest = tmp / rel
             dest.parent.mkdir(parents=True, exist_ok=True)
             try:
@@ -119,7 +108,7 @@ class DataFolder:
         if taxonomy.depth == 3:
             _write_grocery_classes(taxonomy, tmp / "classes.csv")
         os.replace(tmp, out)
-        return DatasetExport(out, out / "train.txt", len(lines), skipped)
+        return DatasetExport(out, out / "train.txt", len(lines), skipped=sum(t[3] is None for t in labelled))
 
 
 def _safe_part(name: str) -> str:

@@ -1,8 +1,6 @@
-"""The demo's data folder: scanned images (content-addressed) and labelled-dataset exports.
-
-Every file the server writes goes through `DataFolder.resolve`, which refuses any path that would land
-outside the folder, so no request can make the server write elsewhere.
-"""
+"""The demo's data folder: scanned images (content-addressed) and labelled-dataset exports. Every file the
+server writes goes through `DataFolder.resolve`, which refuses paths outside the folder, so no request can
+make the server write elsewhere."""
 
 from __future__ import annotations
 
@@ -17,16 +15,11 @@ from sdk import Taxonomy, atomic_write
 
 from .storage import PATH_SEP, ScanFilter, SQLScanStore
 
-# Extension from the content's magic bytes (the SDK has already decoded the bytes and checked the
-# format against its allowlist; this only names the file).
-_MAGIC = ((b"\xff\xd8\xff", ".jpg"), (b"\x89PNG\r\n\x1a\n", ".png"), (b"GIF87a", ".gif"), (b"GIF89a", ".gif"),
-          (b"BM", ".bmp"), (b"II*\x00", ".tif"), (b"MM\x00*", ".tif"))
-
-
-def image_suffix(data: bytes) -> str:
-    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
-        return ".webp"
-    return next((ext for magic, ext in _MAGIC if data.startswith(magic)), ".img")
+# (offset, magic bytes, file extension): the SDK has already decoded the bytes and checked the format
+# against its allowlist; this only names the file.
+_MAGIC = ((0, b"\xff\xd8\xff", ".jpg"), (0, b"\x89PNG\r\n\x1a\n", ".png"), (0, b"GIF87a", ".gif"),
+          (0, b"GIF89a", ".gif"), (0, b"BM", ".bmp"), (0, b"II*\x00", ".tif"), (0, b"MM\x00*", ".tif"),
+          (8, b"WEBP", ".webp"))
 
 
 class OutsideDataFolderError(ValueError):
@@ -63,7 +56,8 @@ class DataFolder:
         Content-addressed, so a rescan of the same photo writes nothing new."""
         if len(sha256) != 64 or not all(c in "0123456789abcdef" for c in sha256):
             raise ValueError(f"not a sha256 hex digest: {sha256!r}")
-        rel = f"images/{sha256[:2]}/{sha256}{image_suffix(data)}"
+        suffix = next((ext for at, magic, ext in _MAGIC if data.startswith(magic, at)), ".img")
+        rel = f"images/{sha256[:2]}/{sha256}{suffix}"
         dest = self.resolve(rel)
         if not dest.exists():
             dest.parent.mkdir(parents=True, exist_ok=True)

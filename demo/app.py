@@ -30,9 +30,11 @@ STATIC = Path(__file__).resolve().parent / "static"
 DEFAULT_MODEL = Path(__file__).resolve().parent / "model"
 # What the page says for "the next level is uncertain" ("Apple — variety uncertain").
 LEVEL_WORDS = {"category": "category", "coarse": "type", "fine": "variety"}
+SECURITY_HEADERS = {"X-Content-Type-Options": "nosniff", "Referrer-Policy": "no-referrer", "Content-Security-Policy":
+                    "default-src 'self'; img-src 'self' blob: data:; media-src 'self' blob:; style-src 'self'"}
 MAX_ID_LEN, MAX_LABEL_LEN = 64, 120
-MIN_PHOTOS = 5  # what the page asks for: fewer photos make a noticeably weaker prototype (research/enrollment.py)
-MAX_PHOTOS = 10
+# What the page asks for: fewer photos make a noticeably weaker prototype (research/enrollment.py).
+MIN_PHOTOS, MAX_PHOTOS = 5, 10
 
 
 class ModelMissingError(sdk.ModelNotFoundError):
@@ -168,10 +170,7 @@ def create_app(classifier: sdk.Classifier, store: SQLScanStore, data: DataFolder
 
     @app.after_request
     def headers(resp: Response) -> Response:
-        resp.headers["X-Content-Type-Options"] = "nosniff"
-        resp.headers["Content-Security-Policy"] = (
-            "default-src 'self'; img-src 'self' blob: data:; media-src 'self' blob:; style-src 'self'")
-        resp.headers["Referrer-Policy"] = "no-referrer"
+        resp.headers.update(SECURITY_HEADERS)
         if request.path.startswith("/api/"):
             resp.headers["Cache-Control"] = "no-store"
         return resp

@@ -90,10 +90,7 @@ class Scan:
     action_station: str | None = None
 
     def to_dict(self, prediction: bool = True) -> dict[str, Any]:
-        d = asdict(self)
-        if not prediction:
-            del d["prediction"]
-        return d
+        return {k: v for k, v in asdict(self).items() if prediction or k != "prediction"}
 
     def _row(self) -> tuple:
         d = {**asdict(self), "is_unknown": int(self.is_unknown),

@@ -1,15 +1,13 @@
-"""The demo's data folder: scanned images (content-addressed) and labelled-dataset exports.
-
-Every file the server writes goes through `DataFolder.resolve`, which refuses any path that would land
-outside the folder, so no request can make the server write elsewhere.
-"""
+"""The demo's data folder: scanned images (content-addressed) and labelled-dataset exports. Every file the
+server writes goes through `DataFolder.resolve`, which refuses paths outside the folder, so no request can
+make the server write elsewhere."""
 
 from __future__ import annotations
 
 import csv
 import os
 import shutil
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -17,16 +15,11 @@ from sdk import Taxonomy, atomic_write
 
 from .storage import PATH_SEP, ScanFilter, SQLScanStore
 
-# Extension from the content's magic bytes (the SDK has already decoded the bytes and checked the
-# format against its allowlist; this only names the file).
-_MAGIC = ((b"\xff\xd8\xff", ".jpg"), (b"\x89PNG\r\n\x1a\n", ".png"), (b"GIF87a", ".gif"), (b"GIF89a", ".gif"),
-          (b"BM", ".bmp"), (b"II*\x00", ".tif"), (b"MM\x00*", ".tif"))
-
-
-def image_suffix(data: bytes) -> str:
-    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
-        return ".webp"
-    return next((ext for magic, ext in _MAGIC if data.startswith(magic)), ".img")
+# (offset, magic bytes, file extension): the SDK has already decoded the bytes and checked the format
+# against its allowlist; this only names the file.
+_MAGIC = ((0, b"\xff\xd8\xff", ".jpg"), (0, b"\x89PNG\r\n\x1a\n", ".png"), (0, b"GIF87a", ".gif"),
+          (0, b"GIF89a", ".gif"), (0, b"BM", ".bmp"), (0, b"II*\x00", ".tif"), (0, b"MM\x00*", ".tif"),
+          (8, b"WEBP", ".webp"))
 
 
 class OutsideDataFolderError(ValueError):
@@ -41,8 +34,7 @@ class DatasetExport:
     skipped: int  # confirmed/corrected scans that are not at the fine level or not in this taxonomy
 
     def to_dict(self) -> dict:
-        return {"directory": str(self.directory), "split_file": str(self.split_file), "count": self.count,
-                "skipped": self.skipped}
+        return {**asdict(self), "directory": str(self.directory), "split_file": str(self.split_file)}
 
 
 class DataFolder:
@@ -64,7 +56,8 @@ class DataFolder:
         Content-addressed, so a rescan of the same photo writes nothing new."""
         if len(sha256) != 64 or not all(c in "0123456789abcdef" for c in sha256):
             raise ValueError(f"not a sha256 hex digest: {sha256!r}")
-        rel = f"images/{sha256[:2]}/{sha256}{image_suffix(data)}"
+        suffix = next((ext for at, magic, ext in _MAGIC if data.startswith(magic, at)), ".img")
+        rel = f"images/{sha256[:2]}/{sha256}{suffix}"
         dest = self.resolve(rel)
         if not dest.exists():
             dest.parent.mkdir(parents=True, exist_ok=True)
@@ -72,15 +65,11 @@ class DataFolder:
         return rel
 
     def export_dataset(self, store: SQLScanStore, taxonomy: Taxonomy, name: str | None = None) -> DatasetExport:
-        """Write confirmed and corrected scans as a Grocery-style dataset under exports/<name>/.
-
-        Layout: `train.txt` with lines `train/<Category>/<Coarse>/<Fine>/<sha>.jpg, fine_id, coarse_id`
-        (the Grocery split-file format; ids are the taxonomy's level indices, which for Grocery are the
-        dataset's own class ids), the images beside it, `taxonomy.json`, and for a three-level tree a
-        `classes.csv` so `sdk.load_dataset(<dir>, "train")` reads it like the original dataset.
-        Only scans whose final label is at the finest level can be written; the rest are counted as
-        skipped. A photo scanned several times keeps its latest label.
-        """
+        """Write confirmed and corrected scans as a Grocery-style dataset under exports/<name>/: `train.txt`
+        (lines `train/<Category>/<Coarse>/<Fine>/<sha>.jpg, fine_id, coarse_id`, ids being the taxonomy's
+        level indices, which for Grocery are its own class ids), the images, `taxonomy.json` and, for a
+        three-level tree, `classes.csv`, so `sdk.load_dataset(<dir>, "train")` reads it like the original.
+        Scans not labelled down to the finest level are skipped; a photo keeps its latest label."""
         name = name or "dataset-" + datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S-%f")
         if not name.replace("-", "").replace("_", "").isalnum():
             raise ValueError(f"export name must be letters, digits, - and _; got {name!r}")
@@ -88,24 +77,18 @@ class DataFolder:
         if out.exists():
             raise FileExistsError(f"{out} already exists; choose another name")
         fine = taxonomy.depth - 1
-        labelled: list[tuple[str, str, str, int]] = []   # (action time, image sha, image file, fine index)
-        skipped = 0
-        for action in ("confirmed", "corrected"):
-            for scan in store.iter_all(ScanFilter(action=action)):
-                leaf = _leaf_index(taxonomy, scan.final_path)
-                if leaf is None:
-                    skipped += 1
-                    continue
-                labelled.append((scan.action_at or "", scan.image_sha256, scan.image_file, leaf))
-        latest = {sha: (image_file, leaf) for _, sha, image_file, leaf in sorted(labelled)}
+        scans = (s for action in ("confirmed", "corrected") for s in store.iter_all(ScanFilter(action=action)))
+        # (action time, image sha, image file, fine index or None), oldest action first
+        labelled = sorted(((s.action_at or "", s.image_sha256, s.image_file, _leaf_index(taxonomy, s.final_path))
+                           for s in scans), key=lambda t: t[0])
+        latest = {sha: (image_file, leaf) for _, sha, image_file, leaf in labelled if leaf is not None}
         tmp = self.resolve(f"exports/.tmp-{name}")
         shutil.rmtree(tmp, ignore_errors=True)  # left by an export that was killed
         tmp.mkdir(parents=True)
         lines = []
         for sha, (image_file, leaf) in sorted(latest.items(), key=lambda kv: (kv[1][1], kv[0])):
             src = self.resolve(image_file)
-            names = taxonomy.path(fine, leaf)
-            rel = "/".join(["train", *(_safe_part(n) for n in names), sha + src.suffix])
+            rel = "/".join(["train", *map(_safe_part, taxonomy.path(fine, leaf)), sha + src.suffix])
             dest = tmp / rel
             dest.parent.mkdir(parents=True, exist_ok=True)
             try:
@@ -119,7 +102,7 @@ class DataFolder:
         if taxonomy.depth == 3:
             _write_grocery_classes(taxonomy, tmp / "classes.csv")
         os.replace(tmp, out)
-        return DatasetExport(out, out / "train.txt", len(lines), skipped)
+        return DatasetExport(out, out / "train.txt", len(lines), skipped=sum(t[3] is None for t in labelled))
 
 
 def _safe_part(name: str) -> str:

@@ -1,9 +1,8 @@
 """The scan log: every scan and every operator action, committed in a transaction each.
 
-`SQLScanStore` keeps it over any DB-API 2 connection, with SQL kept to what SQLite, PostgreSQL and
-MySQL all accept: text ids generated in Python (no AUTOINCREMENT / SERIAL), ISO-8601 UTC timestamps as
-text, DOUBLE PRECISION, no upserts, no RETURNING. Another database needs only a `connect` function and
-its placeholder style; `SQLiteScanStore` is the embedded default.
+`SQLScanStore` keeps it over any DB-API 2 connection, in SQL that SQLite, PostgreSQL and MySQL all accept
+(text ids made in Python, ISO-8601 UTC timestamps as text, no upserts, no RETURNING); `SQLiteScanStore`
+is the embedded default.
 """
 
 from __future__ import annotations
@@ -21,55 +20,42 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
 ACTIONS = ("confirmed", "corrected", "rejected")
+FILTER_ACTIONS = ACTIONS + ("pending",)  # "pending": no action yet
 ENROLLMENT_EVENTS = ("enrolled", "forgotten")
 PATH_SEP = " > "
 
-# (name, type) of each table's columns, in storage order.
+# Each table's column definitions, in storage order.
 SCAN_TABLE = (
-    ("id", "VARCHAR(36) PRIMARY KEY"), ("created_at", "VARCHAR(32) NOT NULL"),
-    ("image_sha256", "CHAR(64) NOT NULL"), ("image_file", "VARCHAR(255) NOT NULL"),
-    ("model_sha256", "CHAR(64) NOT NULL"), ("taxonomy_hash", "CHAR(64) NOT NULL"),
-    ("station", "VARCHAR(64) NOT NULL"), ("operator", "VARCHAR(64) NOT NULL"),
-    ("predicted_path", "VARCHAR(1024) NOT NULL"), ("predicted_level", "INTEGER NOT NULL"),
-    ("confidence", "DOUBLE PRECISION NOT NULL"), ("is_unknown", "INTEGER NOT NULL"),
-    ("confidences", "TEXT NOT NULL"), ("prediction", "TEXT NOT NULL"),
-    ("action", "VARCHAR(16)"), ("final_path", "VARCHAR(1024)"), ("final_level", "INTEGER"),
-    ("action_at", "VARCHAR(32)"), ("action_operator", "VARCHAR(64)"), ("action_station", "VARCHAR(64)"),
-)
+    "id VARCHAR(36) PRIMARY KEY, created_at VARCHAR(32) NOT NULL, image_sha256 CHAR(64) NOT NULL, "
+    "image_file VARCHAR(255) NOT NULL, model_sha256 CHAR(64) NOT NULL, taxonomy_hash CHAR(64) NOT NULL, "
+    "station VARCHAR(64) NOT NULL, operator VARCHAR(64) NOT NULL, predicted_path VARCHAR(1024) NOT NULL, "
+    "predicted_level INTEGER NOT NULL, confidence DOUBLE PRECISION NOT NULL, is_unknown INTEGER NOT NULL, "
+    "confidences TEXT NOT NULL, prediction TEXT NOT NULL, action VARCHAR(16), final_path VARCHAR(1024), "
+    "final_level INTEGER, action_at VARCHAR(32), action_operator VARCHAR(64), action_station VARCHAR(64)")
 # The audit trail: a scan may be confirmed, then corrected; `scans` holds the latest action, `scan_actions` all.
 ACTION_TABLE = (
-    ("id", "VARCHAR(36) PRIMARY KEY"), ("scan_id", "VARCHAR(36) NOT NULL REFERENCES scans (id)"),
-    ("created_at", "VARCHAR(32) NOT NULL"), ("action", "VARCHAR(16) NOT NULL"), ("final_path", "VARCHAR(1024)"),
-    ("final_level", "INTEGER"), ("station", "VARCHAR(64) NOT NULL"), ("operator", "VARCHAR(64) NOT NULL"),
-)
+    "id VARCHAR(36) PRIMARY KEY, scan_id VARCHAR(36) NOT NULL REFERENCES scans (id), created_at VARCHAR(32) NOT NULL, "
+    "action VARCHAR(16) NOT NULL, final_path VARCHAR(1024), final_level INTEGER, station VARCHAR(64) NOT NULL, "
+    "operator VARCHAR(64) NOT NULL")
 # Products enrolled on this station and forgotten again: who, when, from which photos, for which model.
 EVENT_TABLE = (
-    ("id", "VARCHAR(36) PRIMARY KEY"), ("created_at", "VARCHAR(32) NOT NULL"), ("event", "VARCHAR(16) NOT NULL"),
-    ("label", "VARCHAR(255) NOT NULL"), ("parent", "VARCHAR(255) NOT NULL"), ("model_sha256", "CHAR(64) NOT NULL"),
-    ("photos", "TEXT NOT NULL"), ("details", "TEXT NOT NULL"), ("station", "VARCHAR(64) NOT NULL"),
-    ("operator", "VARCHAR(64) NOT NULL"),
-)
-COLUMNS, ACTION_COLUMNS, EVENT_COLUMNS = (tuple(n for n, _ in t) for t in (SCAN_TABLE, ACTION_TABLE, EVENT_TABLE))
-
-
-def _create(table: str, columns: Sequence[tuple[str, str]]) -> str:
-    return f"CREATE TABLE IF NOT EXISTS {table} ({', '.join(f'{n} {t}' for n, t in columns)})"
-
-
+    "id VARCHAR(36) PRIMARY KEY, created_at VARCHAR(32) NOT NULL, event VARCHAR(16) NOT NULL, "
+    "label VARCHAR(255) NOT NULL, parent VARCHAR(255) NOT NULL, model_sha256 CHAR(64) NOT NULL, "
+    "photos TEXT NOT NULL, details TEXT NOT NULL, station VARCHAR(64) NOT NULL, operator VARCHAR(64) NOT NULL")
+COLUMNS, ACTION_COLUMNS, EVENT_COLUMNS = (tuple(c.split()[0] for c in t.split(", "))
+                                          for t in (SCAN_TABLE, ACTION_TABLE, EVENT_TABLE))
 # One statement per string: DB-API drivers other than sqlite3 do not accept scripts.
 SCHEMA = (
-    _create("scans", SCAN_TABLE),
+    f"CREATE TABLE IF NOT EXISTS scans ({SCAN_TABLE})",
     "CREATE INDEX IF NOT EXISTS scans_created ON scans (created_at)",
     "CREATE INDEX IF NOT EXISTS scans_action ON scans (action)",
-    _create("scan_actions", ACTION_TABLE),
+    f"CREATE TABLE IF NOT EXISTS scan_actions ({ACTION_TABLE})",
     "CREATE INDEX IF NOT EXISTS scan_actions_scan ON scan_actions (scan_id)",
-    _create("enrollment_events", EVENT_TABLE),
+    f"CREATE TABLE IF NOT EXISTS enrollment_events ({EVENT_TABLE})",
 )
 
 
 class ScanNotFoundError(KeyError):
-    """No scan with that id."""
-
     def __str__(self) -> str:
         return f"no scan with id {self.args[0]!r}"
 
@@ -103,11 +89,11 @@ class Scan:
     action_operator: str | None = None
     action_station: str | None = None
 
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+    def to_dict(self, prediction: bool = True) -> dict[str, Any]:
+        return {k: v for k, v in asdict(self).items() if prediction or k != "prediction"}
 
     def _row(self) -> tuple:
-        d = {**self.to_dict(), "is_unknown": int(self.is_unknown),
+        d = {**asdict(self), "is_unknown": int(self.is_unknown),
              "confidences": json.dumps(self.confidences, ensure_ascii=False),
              "prediction": json.dumps(self.prediction, ensure_ascii=False)}
         return tuple(d[c] for c in COLUMNS)
@@ -123,12 +109,16 @@ class Scan:
 class ScanFilter:
     """Filters of the recent-scans page; None means any."""
 
-    action: str | None = None      # one of ACTIONS, or "pending" for scans with no action yet
+    action: str | None = None      # one of FILTER_ACTIONS
     station: str | None = None
     operator: str | None = None
     label: str | None = None       # substring of the predicted or final path
     since: str | None = None       # ISO timestamp, inclusive
     until: str | None = None       # ISO timestamp, exclusive
+
+    def __post_init__(self) -> None:
+        if self.action and self.action not in FILTER_ACTIONS:
+            raise ValueError(f"action filter must be one of {', '.join(FILTER_ACTIONS)}")
 
 
 def _csv_safe(v: Any) -> Any:
@@ -167,7 +157,6 @@ class SQLScanStore:
 
     @contextlib.contextmanager
     def _tx(self) -> Iterator[Any]:
-        """One transaction: commit when the block ends, roll back when it raises."""
         with self._lock:
             cur = self._conn.cursor()
             try:
@@ -207,15 +196,12 @@ class SQLScanStore:
         return Scan._from_row(rows[0])
 
     def actions(self, scan_id: str) -> list[dict[str, Any]]:
-        """The audit trail of one scan, oldest first."""
         cols = ("created_at", "action", "final_path", "final_level", "station", "operator")
         rows = self._fetch(f"SELECT {', '.join(cols)} FROM scan_actions WHERE scan_id = ? ORDER BY created_at, id",
                            (scan_id,))
         return [dict(zip(cols, r)) for r in rows]
 
     def _where(self, flt: ScanFilter) -> tuple[str, list[Any]]:
-        if flt.action and flt.action not in ACTIONS + ("pending",):
-            raise ValueError(f"action filter must be one of {ACTIONS + ('pending',)}; got {flt.action!r}")
         terms = ["action IS NULL"] if flt.action == "pending" else []
         args: list[Any] = []
         for term, value in (("action = ?", flt.action != "pending" and flt.action), ("station = ?", flt.station),
@@ -255,7 +241,6 @@ class SQLScanStore:
         return _event(row)
 
     def enrollment_events(self, limit: int = 100) -> list[dict[str, Any]]:
-        """The latest enrollment events, newest first."""
         return [_event(r) for r in self._fetch(f"SELECT {', '.join(EVENT_COLUMNS)} FROM enrollment_events "
                                                f"ORDER BY created_at DESC, id DESC LIMIT {int(limit)}")]
 
@@ -269,15 +254,11 @@ class SQLScanStore:
                 return
             offset += page
 
-    def export_csv(self, out: io.TextIOBase, flt: ScanFilter = ScanFilter()) -> int:
-        """Write matching scans as CSV (one row each, prediction JSON in a column); returns the count."""
+    def export_csv(self, out: io.TextIOBase, flt: ScanFilter = ScanFilter()) -> None:
+        """Write matching scans as CSV, one row each (the prediction JSON in a column)."""
         w = csv.writer(out)
         w.writerow(COLUMNS)
-        n = 0
-        for s in self.iter_all(flt):
-            w.writerow([_csv_safe(v) for v in s._row()])
-            n += 1
-        return n
+        w.writerows([_csv_safe(v) for v in s._row()] for s in self.iter_all(flt))
 
     def close(self) -> None:
         with self._lock:
@@ -300,9 +281,8 @@ class SQLiteScanStore(SQLScanStore):
 
         def connect() -> sqlite3.Connection:
             conn = sqlite3.connect(str(self.path), check_same_thread=False, timeout=30.0)
-            conn.execute("PRAGMA journal_mode=WAL")
-            conn.execute("PRAGMA synchronous=FULL")
-            conn.execute("PRAGMA foreign_keys=ON")
+            for pragma in ("journal_mode=WAL", "synchronous=FULL", "foreign_keys=ON"):
+                conn.execute(f"PRAGMA {pragma}")
             return conn
 
         super().__init__(connect, "?")

@@ -11,13 +11,44 @@ import sys
 import threading
 import warnings
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Generic, Sequence, TypeVar
 
 import numpy as np
 
 from ._errors import Int8FallbackWarning, ModelIntegrityError
 from ._manifest import Manifest
-from ._registry import Registry
+
+T = TypeVar("T")
+
+
+class Registry(Generic[T]):
+    """A small name -> factory registry (timm/torchvision style) that refuses duplicate names."""
+
+    def __init__(self, kind: str, missing: type[Exception] = ValueError):
+        self.kind = kind
+        self._missing = missing
+        self._items: dict[str, T] = {}
+
+    def register(self, name: str) -> Callable[[T], T]:
+        """Decorator: register under `name`; a second registration of the same name is an error."""
+        def deco(obj: T) -> T:
+            self.add(name, obj)
+            return obj
+        return deco
+
+    def add(self, name: str, obj: T) -> None:
+        if name in self._items:
+            raise ValueError(f"{self.kind} {name!r} is already registered")
+        self._items[name] = obj
+
+    def get(self, name: str) -> T:
+        try:
+            return self._items[name]
+        except KeyError:
+            raise self._missing(f"unknown {self.kind} {name!r}; registered: {', '.join(self.names())}") from None
+
+    def names(self) -> list[str]:
+        return sorted(self._items)
 
 
 class BackendUnavailableError(ModelIntegrityError):
@@ -30,10 +61,6 @@ register_backend = _BACKENDS.register
 
 def available_backends() -> list[str]:
     return _BACKENDS.names()
-
-
-def create_backend(name: str, path: Path, manifest: Manifest, num_threads: int | None) -> "Backend":
-    return _BACKENDS.get(name)(path, manifest, num_threads)
 
 
 class Backend:

@@ -1,20 +1,11 @@
-"""Calibrate back-off thresholds and the out-of-catalogue cut-off of an exported model.
+"""Calibrate back-off thresholds and the out-of-catalogue cut-off of an exported model (docs/sdk.md,
+"Calibration"): `python -m sdk calibrate --model DIR --data ROOT --split val --target-precision 0.98`.
 
-`python -m sdk calibrate --model DIR --data ROOT --split val --target-precision 0.98`
-
-Back-off thresholds are chosen level by level, coarsest first. At level l the candidates are the
-images answered down to level l-1 under the thresholds already chosen; the threshold is the smallest
-marginal t such that, for every threshold t' >= t, the nodes answered at level l are right at least
-`target_precision` of the time. Every level then meets the target on the calibration data, so the
-answered nodes of all levels together do too. A level whose precision never reaches the target gets
-threshold 1.0 (the answer stops above it).
-
-Out-of-catalogue ("unknown") detection: each score in `sdk._decode.UNKNOWN_SCORES` gets the in-catalogue
-quantile that flags at most `max_false_unknown` of real items as its threshold; the score that then flags
-the most generated out-of-catalogue images wins (generated because the Grocery Store dataset has no photos
-of non-grocery objects). docs/sdk.md, "Calibration", says the same for users.
-
-numpy only: the coverage/precision curves behind these choices are drawn by `research/calibration_curves.py`.
+Thresholds are chosen coarsest level first, each on the images answered down to the level above: the
+smallest marginal t at which every stricter threshold still answers right `target_precision` of the time
+(1.0 when none does). Each score in `UNKNOWN_SCORES` gets the threshold that flags `max_false_unknown` of
+real items; the one that flags the most generated out-of-catalogue images wins (the Grocery Store dataset
+has no photos of non-grocery objects). numpy only; research/calibration_curves.py draws the curves.
 """
 
 from __future__ import annotations
@@ -138,6 +129,7 @@ def calibrate_thresholds(ds: DecodedSet, target: float) -> list[float]:
         thresholds.append(pick_threshold(probs[reach, lvl], correct[reach, lvl], target))
         reach &= probs[:, lvl] >= thresholds[-1]
     return thresholds
+
 
 def calibrate_unknown(in_scores: dict[str, np.ndarray], ood_scores: dict[str, np.ndarray],
                       max_false_unknown: float) -> tuple[str, float, dict[str, dict[str, float]]]:

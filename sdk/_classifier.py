@@ -12,7 +12,7 @@ from typing import Any, Iterable, Mapping, NamedTuple, Sequence
 
 import numpy as np
 
-from ._backends import Backend, LockedBackend, create_backend
+from ._backends import _BACKENDS, Backend, LockedBackend
 from ._decode import DEFAULT_UNKNOWN_SCORE, UNKNOWN_SCORES, TreeDecoder, unknown_scores
 from ._enroll import (ENROLLMENT_NAME, MIN_PHOTOS, STATS_NAME, EmbeddingStats, Enrollment, EnrolledClass, fit_class,
                       load_enrollment, mirror_views, normalize, save_enrollment, validate_request)
@@ -33,12 +33,8 @@ class LevelPrediction:
 
 @dataclass(frozen=True)
 class HierarchicalPrediction:
-    """One image's answer; each field is described in docs/sdk.md ("HierarchicalPrediction fields").
-
-    Every probability is a tree-consistent marginal: along a path a child's probability never exceeds its
-    parent's. `taxonomy` travels with the answer because another thread may enroll or forget a product
-    while it is read.
-    """
+    """One image's answer (fields: docs/sdk.md, "HierarchicalPrediction fields"). `taxonomy` travels with
+    it because another thread may enroll or forget a product while it is read."""
 
     path: tuple[LevelPrediction, ...]
     full_path: tuple[LevelPrediction, ...]
@@ -110,15 +106,10 @@ _ITEM_ERRORS = (HierfgError, ValueError, OSError, TypeError)
 
 
 class Classifier:
-    """Classify images with an exported hierfg model.
+    """Classify images with an exported hierfg model: `Classifier.load("out/onnx").classify("apple.jpg")`.
 
-    >>> clf = Classifier.load("out/onnx")                                     # doctest: +SKIP
-    >>> clf.classify("apple.jpg").breadcrumb()                               # doctest: +SKIP
-    'Fruit › Apple › Granny-Smith'
-
-    A `Classifier` holds no per-call state: one instance may be used from many threads (backends whose
-    runtime is not thread-safe are wrapped in a lock). `enroll` / `forget` swap in a new immutable view
-    (enrolled classes, extended taxonomy, decoder) under a lock; a call in flight keeps the view it began with.
+    No per-call state: one instance may be used from many threads (a runtime that is not thread-safe is
+    behind a lock). `enroll` / `forget` swap in a new immutable `_View`; a call in flight keeps its own.
     """
 
     def __init__(self, backend: Backend, manifest: Manifest, directory: Path):
@@ -146,17 +137,16 @@ class Classifier:
              enrollment: bool = True) -> "Classifier":
         """Load a model directory (artifact + manifest.json), or the manifest file itself.
 
-        The artifact's size and sha256 are checked against the manifest before any runtime parses it;
-        then the runtime's output shapes are checked against the taxonomy. A path that does not exist
-        raises `ModelNotFoundError`; a model that fails a check, `ModelIntegrityError`. The products
-        enrolled beside the model (`enrolled.json`) are picked up unless `enrollment=False`; a file that
-        is corrupt, altered or made for another model raises `EnrollmentFileError` (never used as is).
+        The artifact's size and sha256 are checked before any runtime parses it, then the runtime's output
+        sizes against the taxonomy: `ModelNotFoundError` for a missing path, `ModelIntegrityError` for a
+        failed check. Products enrolled beside the model (`enrolled.json`) are picked up unless
+        `enrollment=False`; a corrupt or foreign file raises `EnrollmentFileError`.
         """
         path = Path(path)
         manifest = Manifest.load(path)
         directory = path if path.is_dir() else path.parent
         artifact = manifest.verify(directory)
-        be = create_backend(backend or manifest.target, artifact, manifest, num_threads)
+        be = _BACKENDS.get(backend or manifest.target)(artifact, manifest, num_threads)
         clf = cls(be, manifest, directory)
         clf._check_outputs()
         clf._stats = EmbeddingStats.load(directory, manifest)
@@ -230,9 +220,8 @@ class Classifier:
         return [np.asarray(o, dtype=np.float64) for o in outs[:depth]], emb
 
     def logprobs(self, batch: np.ndarray, view: _View | None = None) -> list[np.ndarray]:
-        """Per-level log-probabilities (float64) for a uint8 (N, S, S, 3) batch, over `self.taxonomy`:
-        the model's outputs as they are, unless classes were enrolled (their scores then extend the
-        finest level, renormalized)."""
+        """Per-level log-probabilities (float64) of a uint8 (N, S, S, 3) batch over `self.taxonomy` (the
+        model's own, extended by the enrolled classes)."""
         lps, emb = self._run(batch)
         view = view or self._view
         return view.enrollment.extend(lps, emb, self.base_taxonomy, view.stats)
@@ -243,8 +232,7 @@ class Classifier:
         return normalize(self._run(batch)[1]).astype(np.float32)
 
     def embed(self, images: Sequence[ImageSource]) -> np.ndarray:
-        """(N, dim) float32 L2-normalized embeddings of images (paths, bytes, PIL images or arrays), the
-        space enrolled prototypes live in. A bad image raises its error, naming its index."""
+        """(N, dim) float32 L2-normalized embeddings of images; a bad image raises its error, naming its index."""
         return self.embeddings(self._prepare_all(images))
 
     def _require_embedding(self) -> None:
@@ -270,9 +258,8 @@ class Classifier:
 
     def write_embedding_stats(self, images: Sequence[ImageSource], labels: Sequence[str], source: str = "",
                               batch: int = 32) -> dict[str, Any]:
-        """Fit and save the embedding statistics enrollment needs, from training photos and their fine
-        labels (names of trained classes): `embedding_stats-<sha256[:12]>.npz` beside the model, declared
-        with its sha256 in the manifest (both written atomically). Each photo counts with its mirror image.
+        """Fit the embedding statistics enrollment needs from training photos and their fine labels, and
+        save them atomically beside the model (`embedding_stats-<sha256[:12]>.npz`, declared in the manifest).
         Refused while products are enrolled (their prototypes live in the old statistics' space)."""
         self._require_embedding()
         leaf = self.base_taxonomy.depth - 1
@@ -328,11 +315,10 @@ class Classifier:
     # ---- enrollment ------------------------------------------------------------------------------
     def enroll(self, label: str, parent: str, images: Sequence[ImageSource], save: bool = True) -> EnrolledClass:
         """Add a product as a new leaf under `parent` (a node name at the level above the leaves, or
-        `level:name`) from its photos (at least 2; 5-10 recommended). Answers include it at
-        once; with `save` it is also written to `enrolled.json` beside the model (atomically), which
-        `Classifier.load` picks up. Raises `EmbeddingUnavailableError` for a model without the embedding
-        output, `EnrollmentError` for an unknown parent, a label already in use, or a model without
-        embedding statistics (`write_embedding_stats`)."""
+        `level:name`) from its photos (at least 2; 5-10 recommended). Answers include it at once; with
+        `save` it is also written atomically to `enrolled.json`, which `Classifier.load` picks up. Raises
+        `EmbeddingUnavailableError` (no embedding output) or `EnrollmentError` (unknown parent, label in use,
+        no embedding statistics)."""
         self._require_embedding()
         parent = validate_request(label, parent, self.base_taxonomy, self._view.enrollment)
         batch = self._prepare_all(images)
@@ -410,11 +396,9 @@ class Classifier:
         """Classify one image (path, bytes, PIL image, or uint8 HxWx3 RGB array).
 
         `thresholds`: per-level back-off thresholds (default: the manifest's calibrated ones, else 0).
-        `allow` / `deny`: node names (any level, or `level:name`) restricting the leaves the answer may
-        end in; the tree-consistent distribution is renormalized over the allowed leaves.
-        `unknown_threshold`: out-of-catalogue cut-off (default: the manifest's; None disables).
-        Raises the input's error (`InvalidImageError`, `FileNotFoundError`, `ValueError` …) or
-        `ModelOutputError` when the model's output for it is NaN / Inf.
+        `allow` / `deny`: node names (any level, or `level:name`) the answer must / must not end under;
+        the distribution is renormalized over the allowed leaves. `unknown_threshold`: out-of-catalogue
+        cut-off (default: the manifest's; None disables). Raises the input's error or `ModelOutputError`.
         """
         return self.classify_batch([image], top_k, thresholds, allow, deny, unknown_threshold,  # type: ignore
                                    raise_errors=True)[0]

@@ -362,13 +362,13 @@ class Classifier:
         leaf, errors = dec.leaf_probs(lps)
         marg = dec.node_sums(leaf)
         unk = unknown_scores(self.unknown_score_kind, leaf, marg)  # on the unrestricted distribution
-        allowed_mass = np.ones(len(leaf))
+        allowed_mass, keep = np.ones(len(leaf)), None
         if mask is not None:
             allowed_mass = leaf[:, mask].sum(axis=1)
             masked, masked_errors = dec.leaf_probs(lps, mask)
             errors = {**masked_errors, **errors}
             marg = dec.node_sums(masked)
-        keep = dec.node_allowed(mask)
+            keep = [s[0] > 0 for s in dec.node_sums(mask[None].astype(float))]  # nodes with an allowed leaf
         out: list[HierarchicalPrediction | ModelOutputError] = []
         for row in range(len(leaf)):
             if row in errors:

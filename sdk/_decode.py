@@ -18,7 +18,7 @@ from ._taxonomy import Taxonomy
 
 
 class TreeDecoder:
-    """Precomputed index arrays for one taxonomy; `marginals()` works on batches."""
+    """Precomputed index arrays for one taxonomy; every method works on batches."""
 
     def __init__(self, taxonomy: Taxonomy):
         self.taxonomy = taxonomy
@@ -80,11 +80,8 @@ class TreeDecoder:
 
     def node_sums(self, leaf: np.ndarray) -> list[np.ndarray]:
         """Per level, (batch, n_nodes) sums of leaf probabilities under each node, row by row."""
-        out = []
-        for order, starts in self._groups:
-            # clip float round-off (1.0000000000000002) so probabilities stay in [0, 1]; order is kept
-            out.append(np.minimum(np.add.reduceat(leaf[:, order], starts, axis=1), 1.0))
-        return out
+        # clip float round-off (1.0000000000000002) so probabilities stay in [0, 1]; order is kept
+        return [np.minimum(np.add.reduceat(leaf[:, order], starts, axis=1), 1.0) for order, starts in self._groups]
 
     def leaf_mask(self, allow: Iterable[str] | None = None, deny: Iterable[str] | None = None) -> np.ndarray | None:
         """Boolean mask over leaves: under any node named in `allow` (all leaves if None) and under no node
@@ -109,12 +106,6 @@ class TreeDecoder:
             raise ValueError(f"allow={list(allow) if allow is not None else None} and "
                              f"deny={list(deny) if deny is not None else None} leave no leaf to answer with")
         return mask
-
-    def node_allowed(self, leaf_mask: np.ndarray | None) -> list[np.ndarray] | None:
-        """Per level, which nodes keep at least one allowed leaf."""
-        if leaf_mask is None:
-            return None
-        return [s[0] > 0 for s in self.node_sums(leaf_mask[None].astype(float))]
 
     def greedy_path(self, marg: Sequence[np.ndarray], row: int) -> list[int]:
         """Indices of the top-down most probable path for one batch row (always full depth)."""

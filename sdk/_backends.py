@@ -64,8 +64,8 @@ def available_backends() -> list[str]:
 
 
 class Backend:
-    """Base class. `thread_safe` False means the Classifier serializes calls with a lock. A subclass loads
-    its artifact in `_load`; whatever the runtime raises there becomes a `ModelIntegrityError`."""
+    """Base class. `thread_safe` False: the Classifier serializes calls. A subclass loads its artifact in
+    `_load`; whatever the runtime raises there becomes a `ModelIntegrityError`."""
 
     thread_safe = True
     fixed_batch: int | None = None  # set when the artifact only accepts one batch size
@@ -134,12 +134,9 @@ _DETECT = object()
 
 
 def int8_saturation_risk(manifest: Manifest, machine: str | None = None, vnni=_DETECT) -> str | None:
-    """Why onnxruntime's fused int8 kernels would change this int8 ONNX artifact's answers on this CPU, or None.
-
-    Signed int8 weights (U8S8; S8S8 is converted to it) run, on x86 without VNNI, through kernels that add
-    pairs of uint8 x int8 products in int16 and saturate; ARM CPUs and x86 CPUs with VNNI take other kernels.
-    `machine` and `vnni` (True / False / None for unknown) default to this machine's.
-    """
+    """Why onnxruntime's fused int8 kernels would change this int8 ONNX artifact's answers on this CPU, or None:
+    signed int8 weights on x86 without VNNI run through kernels that add pairs of uint8 x int8 products in
+    int16 and saturate. `machine` and `vnni` (True / False / None for unknown) default to this machine's."""
     if manifest.target != "onnx" or manifest.precision != "int8":
         return None
     q = manifest.metrics.get("quantization") or {}
@@ -199,8 +196,7 @@ class OnnxRuntimeBackend(Backend):
 
 @register_backend("tflite")
 class LiteRtBackend(Backend):
-    """ai-edge-litert's Interpreter. One Interpreter holds its tensors in place: not shareable across
-    threads, so `thread_safe` is False and the Classifier serializes calls with a lock."""
+    """ai-edge-litert's Interpreter: it holds its tensors in place, so calls are serialized."""
 
     thread_safe = False
     runtime = "the LiteRT interpreter"
@@ -228,8 +224,7 @@ class LiteRtBackend(Backend):
 
 @register_backend("executorch")
 class ExecuTorchBackend(Backend):
-    """executorch.runtime (pybindings). Needs torch tensors, so torch is imported here and only here.
-    A loaded Method reuses its planned memory between calls: not thread-safe, calls are serialized."""
+    """executorch.runtime (pybindings). A loaded Method reuses its planned memory: calls are serialized."""
 
     thread_safe = False
     runtime = "the ExecuTorch runtime"
@@ -251,8 +246,8 @@ class ExecuTorchBackend(Backend):
 
 @register_backend("coreml")
 class CoreMLBackend(Backend):
-    """coremltools' MLModel. Prediction runs only on macOS (Core ML framework); elsewhere loading
-    raises `BackendUnavailableError` after the integrity check. One MLModel per Classifier, behind a lock."""
+    """coremltools' MLModel, behind a lock. Prediction needs macOS: elsewhere loading raises
+    `BackendUnavailableError` after the integrity check."""
 
     thread_safe = False
     runtime = "coremltools"

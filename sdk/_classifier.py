@@ -247,15 +247,6 @@ class Classifier:
         """Does this model have what enrollment needs: the embedding output and its statistics?"""
         return self.manifest.embedding is not None and self._stats is not None
 
-    def _require_stats(self) -> EmbeddingStats:
-        self._require_embedding()
-        if self._stats is None:
-            raise EnrollmentError(
-                f"{self.directory}: this model has no embedding statistics ({STATS_NAME}), which enrollment "
-                "compares new products in; write them once from the photos it was trained on: "
-                f"`python -m sdk embedding-stats --model {self.directory} --data DATASET`")
-        return self._stats
-
     def write_embedding_stats(self, images: Sequence[ImageSource], labels: Sequence[str], source: str = "",
                               batch: int = 32) -> dict[str, Any]:
         """Fit the embedding statistics enrollment needs from training photos and their fine labels, and
@@ -327,7 +318,12 @@ class Classifier:
             # one photo is right 40-53 % of the time, five 79-85 % (research/enrollment.py)
             raise EnrollmentError(f"enrolling {label!r} needs at least {MIN_PHOTOS} photos (5-10 recommended); "
                                   f"got {len(batch)}")
-        stats = self._require_stats()
+        stats = self._stats
+        if stats is None:
+            raise EnrollmentError(
+                f"{self.directory}: this model has no embedding statistics ({STATS_NAME}), which enrollment "
+                "compares new products in; write them once from the photos it was trained on: "
+                f"`python -m sdk embedding-stats --model {self.directory} --data DATASET`")
         views, photo = mirror_views(batch)
         cls = fit_class(label, parent, self._run(views)[1], photo, stats, self.base_taxonomy)
         with self._enroll_lock:

@@ -185,7 +185,7 @@ class OnnxRuntimeBackend(Backend):
             opts.add_session_config_entry("session.disable_quant_qdq", "1")
         self.session = ort.InferenceSession(str(path), sess_options=opts, providers=["CPUExecutionProvider"])
         if risk:  # stacklevel: the caller of Classifier.load
-            warnings.warn(f"{path}: {risk}", Int8FallbackWarning, stacklevel=5)
+            warnings.warn(f"{path}: {risk}", Int8FallbackWarning, stacklevel=4)
         self.input_name = self.session.get_inputs()[0].name
         self.output_names = [o.name for o in self.session.get_outputs()]
         self._check_outputs(self.output_names)

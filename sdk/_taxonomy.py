@@ -34,11 +34,8 @@ class Taxonomy:
         self._validate()
         self._index = [{n.name: i for i, n in enumerate(lvl)} for lvl in self._levels]
         # children[l][i]: indices at level l+1 whose parent is node i of level l
-        self._children: list[list[list[int]]] = []
-        for upper, lower in zip(self._levels, self._levels[1:]):
-            self._children.append([[] for _ in upper])
-            for j, node in enumerate(lower):
-                self._children[-1][node.parent].append(j)
+        self._children = [[[j for j, n in enumerate(lower) if n.parent == i] for i in range(len(upper))]
+                          for upper, lower in zip(self._levels, self._levels[1:])]
         self._hash = json_sha256(self._payload())
 
     def _validate(self) -> None:

@@ -48,8 +48,7 @@ def _names(values: Sequence[str] | None) -> list[str] | None:
 def _fmt_pred(pred: Any) -> str:
     if pred.is_unknown:
         return f"unknown item (out-of-catalogue score {pred.unknown_score:.3f})"
-    parts = [f"{p.label} ({p.probability:.0%})" for p in pred.path]
-    text = " › ".join(parts) if parts else "uncertain"
+    text = " › ".join(f"{p.label} ({p.probability:.0%})" for p in pred.path) or "uncertain"
     if not pred.is_complete:
         nxt = pred.full_path[len(pred.path)]
         text += f"  [stopped above {nxt.level}; best guess {nxt.label} {nxt.probability:.0%}]"
@@ -146,9 +145,8 @@ def cmd_enroll(args: argparse.Namespace) -> int:
 def cmd_embedding_stats(args: argparse.Namespace) -> int:
     clf = _classifier(args)
     ds = load_dataset(args.data, args.split, taxonomy=clf.base_taxonomy)
-    keep = list(range(len(ds)))
-    if not args.with_slice:  # the photos training saw: the 20 % slice stays unseen, as in `python -m train`
-        keep, _ = stratified_holdout(ds, 0.2, seed=0)
+    # the photos training saw: the 20 % slice stays unseen, as in `python -m train`
+    keep = list(range(len(ds))) if args.with_slice else stratified_holdout(ds, 0.2, seed=0)[0]
     if args.per_class:
         fine = ds.labels()[:, -1]
         keep = [i for c in np.unique(fine[keep]) for i in [j for j in keep if fine[j] == c][:args.per_class]]
@@ -269,7 +267,7 @@ def build_parser() -> argparse.ArgumentParser:
     k.add_argument("--dry-run", action="store_true", help="do not change the manifest")
     k.add_argument("--seed", type=int, default=0)
 
-    e = command("enroll", cmd_enroll, f"add a product under an existing parent from its photos (writes {ENROLLMENT_NAME})")
+    e = command("enroll", cmd_enroll, f"add a product under a parent from its photos (writes {ENROLLMENT_NAME})")
     e.add_argument("images", nargs="+", help="photos of the product (5-10 recommended)")
     e.add_argument("--label", required=True, help="name of the new product")
     e.add_argument("--parent", required=True, help="the node it belongs under (a name at the level above the leaves)")

@@ -55,9 +55,7 @@ class HierarchicalPrediction:
         return len(self.path) == len(self.full_path)
 
     def breadcrumb(self, sep: str = " › ") -> str:
-        if self.is_unknown:
-            return "unknown item"
-        return sep.join(p.label for p in self.path) if self.path else "uncertain"
+        return "unknown item" if self.is_unknown else sep.join(p.label for p in self.path) or "uncertain"
 
     def to_dict(self) -> dict[str, Any]:
         return {"path": [asdict(p) for p in self.path], "full_path": [asdict(p) for p in self.full_path],
@@ -188,12 +186,9 @@ class Classifier:
 
     @staticmethod
     def _check_unknown(value: Any) -> float | None:
-        if value is None:
-            return None
-        v = float(value)
-        if not 0.0 <= v <= 1.0:
+        if value is not None and not 0.0 <= float(value) <= 1.0:
             raise ValueError(f"unknown_threshold must be in [0, 1] (or None to disable); got {value}")
-        return v
+        return None if value is None else float(value)
 
     def _check_outputs(self) -> None:
         probe = np.zeros((1, self.input_size, self.input_size, 3), np.uint8)
@@ -253,25 +248,25 @@ class Classifier:
         save them atomically beside the model (`embedding_stats-<sha256[:12]>.npz`, declared in the manifest).
         Refused while products are enrolled (their prototypes live in the old statistics' space)."""
         self._require_embedding()
-        leaf = self.base_taxonomy.depth - 1
+        tax, leaf = self.base_taxonomy, self.base_taxonomy.depth - 1
         images, labels = _image_list(images), list(labels)
         if len(images) != len(labels) or len(images) < 2:
-            raise ValueError(f"need at least 2 photos and one label each; got {len(images)} photos, {len(labels)} labels")
-        unknown = sorted(set(labels) - set(self.base_taxonomy.names(leaf)))
+            raise ValueError(f"need at least 2 photos, one label each; got {len(images)} photos, {len(labels)} labels")
+        unknown = sorted(set(labels) - set(tax.names(leaf)))
         if unknown:
-            raise ValueError(f"labels that are not trained {self.base_taxonomy.level_names[leaf]!r} classes: {unknown[:5]}")
+            raise ValueError(f"labels that are not trained {tax.level_names[leaf]!r} classes: {unknown[:5]}")
         with self._enroll_lock:
             if self._view.enrollment.classes:
                 raise EnrollmentError("forget the enrolled products first: their prototypes live in the space of "
                                       "the current statistics")
-            y = np.array([self.base_taxonomy.index(leaf, n) for n in labels])
+            y = np.array([tax.index(leaf, n) for n in labels])
             embs, ys = [], []
             for i in range(0, len(images), batch):
                 views, photo = mirror_views(self._prepare_all(images[i:i + batch]))
                 embs.append(self._run(views)[1])
                 ys.append(y[i + photo])
             ys = np.concatenate(ys)
-            stats = EmbeddingStats.fit(np.concatenate(embs), ys, self.base_taxonomy.sizes[-1])
+            stats = EmbeddingStats.fit(np.concatenate(embs), ys, tax.sizes[-1])
             # a new file under a new name, then the manifest, then the old file goes: a kill at any moment
             # leaves a manifest whose statistics file exists and matches
             data = stats.to_bytes()

@@ -32,10 +32,8 @@ class TreeDecoder:
             self._groups.append((order, np.searchsorted(self.anc[order, lvl], np.arange(n))))
 
     def marginals(self, logprobs: Sequence[np.ndarray], leaf_mask: np.ndarray | None = None) -> list[np.ndarray]:
-        """Per level, (batch, n_nodes) marginal probabilities under the tree-consistent leaf distribution.
-
-        Raises `ModelOutputError` if any row is unusable; `leaf_probs` isolates bad rows instead.
-        """
+        """Per level, (batch, n_nodes) marginals of the tree-consistent leaf distribution; `ModelOutputError` if any
+        row is unusable (`leaf_probs` isolates bad rows instead)."""
         leaf, errors = self.leaf_probs(logprobs, leaf_mask)
         if errors:
             raise next(iter(errors.values()))
@@ -51,7 +49,7 @@ class TreeDecoder:
             raise ModelOutputError(f"model returned {len(logprobs)} outputs; taxonomy has {self.taxonomy.depth} levels")
         lps = [np.atleast_2d(np.asarray(lp, dtype=np.float64)) for lp in logprobs]
         for lvl, lp in enumerate(lps):
-            if lp.ndim != 2 or lp.shape != (lps[0].shape[0], self.sizes[lvl]):
+            if lp.shape != (lps[0].shape[0], self.sizes[lvl]):
                 raise ModelOutputError(f"output of level {lvl} has shape {lp.shape}; expected "
                                        f"({lps[0].shape[0]}, {self.sizes[lvl]}): (batch, nodes of the level)")
         errors: dict[int, ModelOutputError] = {}

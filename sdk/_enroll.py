@@ -234,8 +234,8 @@ class Enrollment:
             raise EnrollmentError("enrolled classes need the model's embedding and its embedding statistics")
         z = stats.space(embeddings)
         protos = np.stack([c.prototype for c in self.classes]).astype(np.float64)
-        d = (z @ protos.T - stats.trained_cosines(z).max(1, keepdims=True)) * np.array([c.scale for c in self.classes]) \
-            + np.array([c.bias for c in self.classes])
+        scale, bias = (np.array([getattr(c, k) for c in self.classes]) for k in ("scale", "bias"))
+        d = (z @ protos.T - stats.trained_cosines(z).max(1, keepdims=True)) * scale + bias
         with np.errstate(invalid="ignore"):  # a NaN row stays NaN: the decoder refuses it per item
             top = np.maximum(d.max(1, keepdims=True), 0.0)
             norm = np.log(np.exp(-top) + np.exp(d - top).sum(1, keepdims=True)) + top
@@ -307,8 +307,7 @@ def load_enrollment(directory: str | os.PathLike, manifest: Manifest) -> Enrollm
         raise EnrollmentFileError(f"{path}: embedding width {payload.get('embedding_dim')} does not match the "
                                   f"model's {(manifest.embedding or {}).get('dim')}{redo}")
     if payload.get("classes") and payload.get("stats_sha256") != stats_sha256(manifest):
-        raise EnrollmentFileError(f"{path}: made with other embedding statistics than the model's "
-                                  f"{((manifest.embedding or {}).get('stats') or {}).get('file', STATS_NAME)} (rewritten "
+        raise EnrollmentFileError(f"{path}: made with other embedding statistics than the model's (rewritten "
                                   f"since?); its prototypes live in their space{redo}")
     enrollment = Enrollment()
     try:

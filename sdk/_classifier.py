@@ -203,7 +203,6 @@ class Classifier:
                 f"{self.directory}: model outputs have sizes {sizes}, the manifest says {want} (the taxonomy's "
                 f"levels{', then the embedding' if self.manifest.embedding else ''})")
 
-    # ---- inference ------------------------------------------------------------------------------
     def preprocess(self, image: ImageSource) -> np.ndarray:
         return prepare(image, self.input_size)
 
@@ -298,7 +297,6 @@ class Classifier:
             raise ValueError("no images given")
         return np.stack(arrays)
 
-    # ---- enrollment ------------------------------------------------------------------------------
     def enroll(self, label: str, parent: str, images: Sequence[ImageSource], save: bool = True) -> EnrolledClass:
         """Add a product as a new leaf under `parent` (a node name at the level above the leaves, or
         `level:name`) from its photos (at least 2; 5-10 recommended). Answers include it at once; with

@@ -125,9 +125,8 @@ class TreeDecoder:
 
 
 # ---- out-of-catalogue scores ----------------------------------------------------------------------
-# Each maps the *unrestricted* leaf distribution (batch, n_leaves) and the marginals to a score in
-# [0, 1], higher = less like anything in the catalogue. `python -m sdk calibrate` picks one and its
-# threshold against generated out-of-catalogue images and stores both in the manifest.
+# Each maps the *unrestricted* leaf distribution (batch, n_leaves) and the marginals to a score in [0, 1],
+# higher = less like anything in the catalogue; `python -m sdk calibrate` picks one and its threshold.
 def _leaf_entropy(leaf: np.ndarray, marg: Sequence[np.ndarray]) -> np.ndarray:
     with np.errstate(divide="ignore", invalid="ignore"):
         h = -np.where(leaf > 0, leaf * np.log(leaf), 0.0).sum(axis=1)

@@ -69,9 +69,8 @@ def _open(source: Any) -> Image.Image:
     return img
 
 
-# Formats people do send (documents, layered or HEIF photos) that are outside the allowlist. Pillow
-# either cannot open them (PDF, HEIF without a plugin) or would open only a header (EPS without
-# Ghostscript), so they are recognised by their leading bytes for a clear `UnsupportedFormatError`.
+# Formats people do send that Pillow cannot open (PDF, HEIF without a plugin) or would open only a header of
+# (EPS without Ghostscript): recognised by their leading bytes for a clear `UnsupportedFormatError`.
 _OTHER_FORMATS = ((b"%PDF", "PDF"), (b"%!PS", "PostScript/EPS"), (b"\xc5\xd0\xd3\xc6", "EPS"), (b"8BPS", "PSD"))
 _HEIF_BRANDS = (b"heic", b"heix", b"hevc", b"mif1", b"msf1", b"avif")
 

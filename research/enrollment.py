@@ -153,6 +153,8 @@ def labels_in(tax: Taxonomy, names: list[str]) -> np.ndarray:
 def enroll_trial(clf, full: Taxonomy, pools: dict, k: int, rng: np.random.Generator, params: list[tuple]) -> dict:
     """One draw of k photos per held-out class: each class enrolled through the SDK (timed), then the
     fits for every (sharpness, margin) in `params` from the same model outputs."""
+    from dataclasses import replace
+
     from sdk._enroll import Enrollment, fit_class, mirror_views
 
     fits: dict[tuple, list] = {p: [] for p in params}
@@ -167,9 +169,9 @@ def enroll_trial(clf, full: Taxonomy, pools: dict, k: int, rng: np.random.Genera
             seconds.append(time.perf_counter() - t0)
             clf.forget(name, save=False)
         views, photo = mirror_views(np.stack([clf.preprocess(s) for s in chosen]))
-        emb = clf._run(views)[1]
-        for sh, mg in params:
-            fits[(sh, mg)].append(fit_class(name, parent, emb, photo, clf._stats, clf.base_taxonomy, sharpness=sh, margin=mg))
+        fit = fit_class(name, parent, clf._run(views)[1], photo, clf._stats, clf.base_taxonomy)
+        for sh, mg in params:  # only scale and bias depend on them: the shipped fit with other ones
+            fits[(sh, mg)].append(replace(fit, scale=sh, bias=-sh * mg))
     return {"seconds": seconds, "enrollments": {p: Enrollment(tuple(c)) for p, c in fits.items()}}
 
 

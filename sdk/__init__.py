@@ -5,7 +5,8 @@ executorch, coremltools) is imported when a model of that kind is loaded. Never 
 """
 
 from . import datasets
-from ._backends import VNNI_FLAGS, BackendUnavailableError, available_backends, concat_levels, register_backend
+from ._backends import (VNNI_FLAGS, BackendUnavailableError, Registry, available_backends, concat_levels,
+                        register_backend)
 from ._calibrate import answered_depth, batch_logprobs, decode_set, lca_height
 from ._classifier import Classifier, HierarchicalPrediction, ItemError, LevelPrediction
 from ._decode import TreeDecoder
@@ -26,7 +27,6 @@ from ._errors import (
 from ._files import atomic_write, sha256_file, size_bytes
 from ._image import load_image, prepare
 from ._manifest import FORMAT_VERSION, InputSpec, Manifest
-from ._registry import Registry
 from ._taxonomy import IMAGE_SUFFIXES, Node, Taxonomy
 from .datasets import HierDataset, Sample, load_dataset, stratified_holdout
 

@@ -1,7 +1,7 @@
-"""`python -m sdk classify|info|calibrate|embedding-stats|enroll|forget --model DIR …` — the SDK from the command line.
+"""`python -m sdk classify|info|calibrate|embedding-stats|enroll|forget --model DIR …`: the SDK's commands.
 
-Errors print one line (`error: …`) to stderr and exit non-zero; no traceback.
-Exit codes: 0 ok, 1 some images could not be classified, 2 usage / model / data error.
+Errors print one line (`error: …`) to stderr, no traceback. Exit codes: 0 ok, 1 some images could not be
+classified, 2 usage / model / data error.
 """
 
 from __future__ import annotations
@@ -42,16 +42,13 @@ class _Progress:
 
 
 def _names(values: Sequence[str] | None) -> list[str] | None:
-    if not values:
-        return None
-    return [n.strip() for v in values for n in v.split(",") if n.strip()]
+    return [n.strip() for v in values for n in v.split(",") if n.strip()] if values else None
 
 
 def _fmt_pred(pred: Any) -> str:
     if pred.is_unknown:
         return f"unknown item (out-of-catalogue score {pred.unknown_score:.3f})"
-    parts = [f"{p.label} ({p.probability:.0%})" for p in pred.path]
-    text = " › ".join(parts) if parts else "uncertain"
+    text = " › ".join(f"{p.label} ({p.probability:.0%})" for p in pred.path) or "uncertain"
     if not pred.is_complete:
         nxt = pred.full_path[len(pred.path)]
         text += f"  [stopped above {nxt.level}; best guess {nxt.label} {nxt.probability:.0%}]"
@@ -148,9 +145,8 @@ def cmd_enroll(args: argparse.Namespace) -> int:
 def cmd_embedding_stats(args: argparse.Namespace) -> int:
     clf = _classifier(args)
     ds = load_dataset(args.data, args.split, taxonomy=clf.base_taxonomy)
-    keep = list(range(len(ds)))
-    if not args.with_slice:  # the photos training saw: the 20 % slice stays unseen, as in `python -m train`
-        keep, _ = stratified_holdout(ds, 0.2, seed=0)
+    # the photos training saw: the 20 % slice stays unseen, as in `python -m train`
+    keep = list(range(len(ds))) if args.with_slice else stratified_holdout(ds, 0.2, seed=0)[0]
     if args.per_class:
         fine = ds.labels()[:, -1]
         keep = [i for c in np.unique(fine[keep]) for i in [j for j in keep if fine[j] == c][:args.per_class]]
@@ -237,15 +233,15 @@ def build_parser() -> argparse.ArgumentParser:
         sp.set_defaults(fn=fn, parser=sp)
         sp.add_argument("--model", metavar="DIR", help=MODEL_HELP)
         if runtime:
-            sp.add_argument("--backend", default=None, help="runtime backend (default: the manifest's target)")
-            sp.add_argument("--threads", type=int, default=None, help="runtime threads")
+            sp.add_argument("--backend", help="runtime backend (default: the manifest's target)")
+            sp.add_argument("--threads", type=int, help="runtime threads")
         return sp
 
     c = command("classify", cmd_classify, "classify image files; prints the (backed-off) path per image")
     c.add_argument("images", nargs="+", help="image files (JPEG, PNG, WebP, GIF, BMP, TIFF)")
     c.add_argument("--json", action="store_true", help="one JSON object per line")
     c.add_argument("--top-k", type=int, default=3)
-    c.add_argument("--thresholds", default=None, help="per-level thresholds, comma separated (default: manifest)")
+    c.add_argument("--thresholds", help="per-level thresholds, comma separated (default: manifest)")
     c.add_argument("--allow", action="append", help="only answer under these nodes (name or level:name; repeatable)")
     c.add_argument("--deny", action="append", help="never answer under these nodes")
     c.add_argument("--no-unknown", action="store_true", help="do not flag out-of-catalogue items")
@@ -259,30 +255,26 @@ def build_parser() -> argparse.ArgumentParser:
     k = command("calibrate", cmd_calibrate, "pick back-off and unknown thresholds on labelled data; write the manifest")
     k.add_argument("--data", required=True, help="dataset root (Grocery Store root or folder tree)")
     k.add_argument("--split", default="val")
-    k.add_argument("--holdout-list", default=None,
-                   help="only the images listed in this file (e.g. a run's holdout.txt)")
+    k.add_argument("--holdout-list", help="only the images listed in this file (e.g. a run's holdout.txt)")
     k.add_argument("--target-precision", type=float, default=0.98)
-    k.add_argument("--max-false-unknown", type=float, default=0.05,
-                   help="share of real items that may be flagged unknown")
+    k.add_argument("--max-false-unknown", type=float, default=0.05, help="share of real items flagged unknown at most")
     k.add_argument("--ood-per-kind", type=int, default=16, help="generated out-of-catalogue images per kind")
     k.add_argument("--eval-split", action="append", help="also report figures on this split (repeatable)")
-    k.add_argument("--eval-list", default=None,
-                   help="evaluate only the images of --eval-split listed in this file (e.g. a run's holdout.txt: "
-                        "calibrate on val, judge on the train slice the model never saw)")
+    k.add_argument("--eval-list", help="evaluate only the images of --eval-split listed in this file (e.g. a run's "
+                   "holdout.txt: calibrate on val, judge on the train slice the model never saw)")
     k.add_argument("--limit", type=int, default=0, help="use at most N images of the split (evenly spaced)")
-    k.add_argument("--report-json", default=None, help="also write the full report here")
+    k.add_argument("--report-json", help="also write the full report here")
     k.add_argument("--dry-run", action="store_true", help="do not change the manifest")
     k.add_argument("--seed", type=int, default=0)
 
-    e = command("enroll", cmd_enroll,
-                f"add a product under an existing parent from its photos (writes {ENROLLMENT_NAME})")
+    e = command("enroll", cmd_enroll, f"add a product under a parent from its photos (writes {ENROLLMENT_NAME})")
     e.add_argument("images", nargs="+", help="photos of the product (5-10 recommended)")
     e.add_argument("--label", required=True, help="name of the new product")
     e.add_argument("--parent", required=True, help="the node it belongs under (a name at the level above the leaves)")
 
     st = command("embedding-stats", cmd_embedding_stats,
                  "fit where the trained classes sit in the embedding (needed once before enrolling)")
-    st.add_argument("--data", required=True, help="the dataset the model was trained on (Grocery Store root or folder tree)")
+    st.add_argument("--data", required=True, help="the dataset the model was trained on (Grocery root or folder tree)")
     st.add_argument("--split", default="train")
     st.add_argument("--with-slice", action="store_true",
                     help="also use the 20 %% of the split that training holds out (default: leave it out)")

@@ -11,13 +11,44 @@ import sys
 import threading
 import warnings
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Generic, Sequence, TypeVar
 
 import numpy as np
 
 from ._errors import Int8FallbackWarning, ModelIntegrityError
 from ._manifest import Manifest
-from ._registry import Registry
+
+T = TypeVar("T")
+
+
+class Registry(Generic[T]):
+    """A small name -> factory registry (timm/torchvision style) that refuses duplicate names."""
+
+    def __init__(self, kind: str, missing: type[Exception] = ValueError):
+        self.kind = kind
+        self._missing = missing
+        self._items: dict[str, T] = {}
+
+    def register(self, name: str) -> Callable[[T], T]:
+        """Decorator: register under `name`; a second registration of the same name is an error."""
+        def deco(obj: T) -> T:
+            self.add(name, obj)
+            return obj
+        return deco
+
+    def add(self, name: str, obj: T) -> None:
+        if name in self._items:
+            raise ValueError(f"{self.kind} {name!r} is already registered")
+        self._items[name] = obj
+
+    def get(self, name: str) -> T:
+        try:
+            return self._items[name]
+        except KeyError:
+            raise self._missing(f"unknown {self.kind} {name!r}; registered: {', '.join(self.names())}") from None
+
+    def names(self) -> list[str]:
+        return sorted(self._items)
 
 
 class BackendUnavailableError(ModelIntegrityError):
@@ -32,13 +63,9 @@ def available_backends() -> list[str]:
     return _BACKENDS.names()
 
 
-def create_backend(name: str, path: Path, manifest: Manifest, num_threads: int | None) -> "Backend":
-    return _BACKENDS.get(name)(path, manifest, num_threads)
-
-
 class Backend:
-    """Base class. `thread_safe` False means the Classifier serializes calls with a lock. A subclass loads
-    its artifact in `_load`; whatever the runtime raises there becomes a `ModelIntegrityError`."""
+    """Base class. `thread_safe` False: the Classifier serializes calls. A subclass loads its artifact in
+    `_load`; whatever the runtime raises there becomes a `ModelIntegrityError`."""
 
     thread_safe = True
     fixed_batch: int | None = None  # set when the artifact only accepts one batch size
@@ -107,12 +134,9 @@ _DETECT = object()
 
 
 def int8_saturation_risk(manifest: Manifest, machine: str | None = None, vnni=_DETECT) -> str | None:
-    """Why onnxruntime's fused int8 kernels would change this int8 ONNX artifact's answers on this CPU, or None.
-
-    Signed int8 weights (U8S8; S8S8 is converted to it) run, on x86 without VNNI, through kernels that add
-    pairs of uint8 x int8 products in int16 and saturate; ARM CPUs and x86 CPUs with VNNI take other kernels.
-    `machine` and `vnni` (True / False / None for unknown) default to this machine's.
-    """
+    """Why onnxruntime's fused int8 kernels would change this int8 ONNX artifact's answers on this CPU, or None:
+    signed int8 weights on x86 without VNNI run through kernels that add pairs of uint8 x int8 products in
+    int16 and saturate. `machine` and `vnni` (True / False / None for unknown) default to this machine's."""
     if manifest.target != "onnx" or manifest.precision != "int8":
         return None
     q = manifest.metrics.get("quantization") or {}
@@ -161,7 +185,7 @@ class OnnxRuntimeBackend(Backend):
             opts.add_session_config_entry("session.disable_quant_qdq", "1")
         self.session = ort.InferenceSession(str(path), sess_options=opts, providers=["CPUExecutionProvider"])
         if risk:  # stacklevel: the caller of Classifier.load
-            warnings.warn(f"{path}: {risk}", Int8FallbackWarning, stacklevel=5)
+            warnings.warn(f"{path}: {risk}", Int8FallbackWarning, stacklevel=4)
         self.input_name = self.session.get_inputs()[0].name
         self.output_names = [o.name for o in self.session.get_outputs()]
         self._check_outputs(self.output_names)
@@ -172,8 +196,7 @@ class OnnxRuntimeBackend(Backend):
 
 @register_backend("tflite")
 class LiteRtBackend(Backend):
-    """ai-edge-litert's Interpreter. One Interpreter holds its tensors in place: not shareable across
-    threads, so `thread_safe` is False and the Classifier serializes calls with a lock."""
+    """ai-edge-litert's Interpreter: it holds its tensors in place, so calls are serialized."""
 
     thread_safe = False
     runtime = "the LiteRT interpreter"
@@ -201,8 +224,7 @@ class LiteRtBackend(Backend):
 
 @register_backend("executorch")
 class ExecuTorchBackend(Backend):
-    """executorch.runtime (pybindings). Needs torch tensors, so torch is imported here and only here.
-    A loaded Method reuses its planned memory between calls: not thread-safe, calls are serialized."""
+    """executorch.runtime (pybindings). A loaded Method reuses its planned memory: calls are serialized."""
 
     thread_safe = False
     runtime = "the ExecuTorch runtime"
@@ -224,8 +246,8 @@ class ExecuTorchBackend(Backend):
 
 @register_backend("coreml")
 class CoreMLBackend(Backend):
-    """coremltools' MLModel. Prediction runs only on macOS (Core ML framework); elsewhere loading
-    raises `BackendUnavailableError` after the integrity check. One MLModel per Classifier, behind a lock."""
+    """coremltools' MLModel, behind a lock. Prediction needs macOS: elsewhere loading raises
+    `BackendUnavailableError` after the integrity check."""
 
     thread_safe = False
     runtime = "coremltools"

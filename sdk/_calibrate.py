@@ -1,20 +1,11 @@
-"""Calibrate back-off thresholds and the out-of-catalogue cut-off of an exported model.
+"""Calibrate back-off thresholds and the out-of-catalogue cut-off of an exported model (docs/sdk.md,
+"Calibration"): `python -m sdk calibrate --model DIR --data ROOT --split val --target-precision 0.98`.
 
-`python -m sdk calibrate --model DIR --data ROOT --split val --target-precision 0.98`
-
-Back-off thresholds are chosen level by level, coarsest first. At level l the candidates are the
-images answered down to level l-1 under the thresholds already chosen; the threshold is the smallest
-marginal t such that, for every threshold t' >= t, the nodes answered at level l are right at least
-`target_precision` of the time. Every level then meets the target on the calibration data, so the
-answered nodes of all levels together do too. A level whose precision never reaches the target gets
-threshold 1.0 (the answer stops above it).
-
-Out-of-catalogue ("unknown") detection: each score in `sdk._decode.UNKNOWN_SCORES` gets the in-catalogue
-quantile that flags at most `max_false_unknown` of real items as its threshold; the score that then flags
-the most generated out-of-catalogue images wins (generated because the Grocery Store dataset has no photos
-of non-grocery objects). docs/sdk.md, "Calibration", says the same for users.
-
-numpy only: the coverage/precision curves behind these choices are drawn by `research/calibration_curves.py`.
+Thresholds are chosen coarsest level first, each on the images answered down to the level above: the
+smallest marginal t at which every stricter threshold still answers right `target_precision` of the time
+(1.0 when none does). Each score in `UNKNOWN_SCORES` gets the threshold that flags `max_false_unknown` of
+real items; the one that flags the most generated out-of-catalogue images wins (the Grocery Store dataset
+has no photos of non-grocery objects). numpy only; research/calibration_curves.py draws the curves.
 """
 
 from __future__ import annotations
@@ -123,8 +114,8 @@ def answered_depth(probs: np.ndarray, thresholds: Sequence[float]) -> np.ndarray
 def _flagged_and_depth(ds: DecodedSet, thresholds: Sequence[float], unknown_kind: str | None,
                        unknown_threshold: float | None) -> tuple[np.ndarray, np.ndarray]:
     """Per row, whether it is flagged unknown, and how many levels its answer keeps (0 when flagged)."""
-    flagged = ds.unknown[unknown_kind] > unknown_threshold if unknown_kind and unknown_threshold is not None \
-        else np.zeros(len(ds.paths), bool)
+    flagged = np.zeros(len(ds.paths), bool) if unknown_kind is None or unknown_threshold is None \
+        else ds.unknown[unknown_kind] > unknown_threshold
     return flagged, np.where(flagged, 0, answered_depth(ds.probs, thresholds))
 
 
@@ -138,6 +129,7 @@ def calibrate_thresholds(ds: DecodedSet, target: float) -> list[float]:
         thresholds.append(pick_threshold(probs[reach, lvl], correct[reach, lvl], target))
         reach &= probs[:, lvl] >= thresholds[-1]
     return thresholds
+
 
 def calibrate_unknown(in_scores: dict[str, np.ndarray], ood_scores: dict[str, np.ndarray],
                       max_false_unknown: float) -> tuple[str, float, dict[str, dict[str, float]]]:
@@ -177,10 +169,8 @@ def decoding_report(ds: DecodedSet, thresholds: Sequence[float], unknown_kind: s
         rep[f"coverage/{name}"] = _mean(answered[:, l])
         rep[f"precision/{name}"] = _mean(correct[answered[:, l], l])
     rep["flagged_unknown"] = _mean(unk)
-    # "argmax" = the full tree-consistent path without back-off; "flat_argmax" = the finest head alone.
-    # An answer is a mistake when its deepest node is wrong; its severity is the height of the LCA of
-    # the full predicted and true paths (1 = sibling … depth = other category). A back-off answer is
-    # wrong from its first wrong level on, so it has the same LCA as the full path.
+    # "argmax": the full path without back-off; "flat_argmax": the finest head alone. A mistake is a wrong
+    # deepest node, its severity the LCA height of the full paths (a back-off answer shares its full path's).
     h_full, h_flat = lca_height(ds.paths, ds.labels), lca_height(ds.flat, ds.labels)
     deepest_right = np.ones(n, bool)
     rows = np.flatnonzero(d > 0)
@@ -198,14 +188,11 @@ def decoding_report(ds: DecodedSet, thresholds: Sequence[float], unknown_kind: s
 def ood_report(ood: DecodedSet, kinds: Sequence[str], thresholds: Sequence[float], unknown_kind: str,
                unknown_threshold: float) -> dict[str, Any]:
     flagged, d = _flagged_and_depth(ood, thresholds, unknown_kind, unknown_threshold)
-    depth = ood.paths.shape[1]
-    kinds_arr = np.asarray(kinds)
-    rep: dict[str, Any] = {"n": int(len(d)), "flagged_unknown": _mean(flagged),
-                           "answered_to_finest": _mean(d == depth)}
+    finest = d == ood.paths.shape[1]
+    rep: dict[str, Any] = {"n": int(len(d)), "flagged_unknown": _mean(flagged), "answered_to_finest": _mean(finest)}
     for k in dict.fromkeys(kinds):
-        m = kinds_arr == k
-        rep[f"{k}/flagged_unknown"] = _mean(flagged[m])
-        rep[f"{k}/answered_to_finest"] = _mean(d[m] == depth)
+        m = np.asarray(kinds) == k
+        rep[f"{k}/flagged_unknown"], rep[f"{k}/answered_to_finest"] = _mean(flagged[m]), _mean(finest[m])
     return rep
 
 
@@ -250,16 +237,13 @@ def calibrate(clf: Classifier, in_logprobs: Sequence[np.ndarray], labels: np.nda
         raise ValueError(f"target precision must be in (0, 1]; got {target}")
     if not 0.0 <= max_false_unknown < 1.0:
         raise ValueError(f"max_false_unknown must be in [0, 1); got {max_false_unknown}")
-    tax = clf.taxonomy
-    ds = decode_set(tax, in_logprobs, labels)
+    ds, ood = decode_set(clf.taxonomy, in_logprobs, labels), decode_set(clf.taxonomy, ood_logprobs)
     if not (ds.labels >= 0).all(1).any():
         raise ValueError("the calibration set has no image labelled at every level")
-    ood = decode_set(tax, ood_logprobs)
     thresholds = calibrate_thresholds(ds, target)
     kind, uthr, table = calibrate_unknown(ds.unknown, ood.unknown, max_false_unknown)
-    rep = decoding_report(ds, thresholds, kind, uthr, tax.level_names)
-    orep = ood_report(ood, ood_kinds, thresholds, kind, uthr)
-    return Calibration(thresholds, kind, uthr, rep, table, orep)
+    return Calibration(thresholds, kind, uthr, decoding_report(ds, thresholds, kind, uthr, clf.taxonomy.level_names),
+                       table, ood_report(ood, ood_kinds, thresholds, kind, uthr))
 
 
 def write_decoding(model_dir: Path, decoding: dict[str, Any]) -> Path:

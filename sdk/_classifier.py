@@ -12,7 +12,7 @@ from typing import Any, Iterable, Mapping, NamedTuple, Sequence
 
 import numpy as np
 
-from ._backends import Backend, LockedBackend, create_backend
+from ._backends import _BACKENDS, Backend, LockedBackend
 from ._decode import DEFAULT_UNKNOWN_SCORE, UNKNOWN_SCORES, TreeDecoder, unknown_scores
 from ._enroll import (ENROLLMENT_NAME, MIN_PHOTOS, STATS_NAME, EmbeddingStats, Enrollment, EnrolledClass, fit_class,
                       load_enrollment, mirror_views, normalize, save_enrollment, validate_request)
@@ -33,12 +33,8 @@ class LevelPrediction:
 
 @dataclass(frozen=True)
 class HierarchicalPrediction:
-    """One image's answer; each field is described in docs/sdk.md ("HierarchicalPrediction fields").
-
-    Every probability is a tree-consistent marginal: along a path a child's probability never exceeds its
-    parent's. `taxonomy` travels with the answer because another thread may enroll or forget a product
-    while it is read.
-    """
+    """One image's answer (fields: docs/sdk.md, "HierarchicalPrediction fields"). `taxonomy` travels with
+    it because another thread may enroll or forget a product while it is read."""
 
     path: tuple[LevelPrediction, ...]
     full_path: tuple[LevelPrediction, ...]
@@ -59,9 +55,7 @@ class HierarchicalPrediction:
         return len(self.path) == len(self.full_path)
 
     def breadcrumb(self, sep: str = " › ") -> str:
-        if self.is_unknown:
-            return "unknown item"
-        return sep.join(p.label for p in self.path) if self.path else "uncertain"
+        return "unknown item" if self.is_unknown else sep.join(p.label for p in self.path) or "uncertain"
 
     def to_dict(self) -> dict[str, Any]:
         return {"path": [asdict(p) for p in self.path], "full_path": [asdict(p) for p in self.full_path],
@@ -110,15 +104,10 @@ _ITEM_ERRORS = (HierfgError, ValueError, OSError, TypeError)
 
 
 class Classifier:
-    """Classify images with an exported hierfg model.
+    """Classify images with an exported hierfg model: `Classifier.load("out/onnx").classify("apple.jpg")`.
 
-    >>> clf = Classifier.load("out/onnx")                                     # doctest: +SKIP
-    >>> clf.classify("apple.jpg").breadcrumb()                               # doctest: +SKIP
-    'Fruit › Apple › Granny-Smith'
-
-    A `Classifier` holds no per-call state: one instance may be used from many threads (backends whose
-    runtime is not thread-safe are wrapped in a lock). `enroll` / `forget` swap in a new immutable view
-    (enrolled classes, extended taxonomy, decoder) under a lock; a call in flight keeps the view it began with.
+    No per-call state: one instance may be used from many threads (a runtime that is not thread-safe is
+    behind a lock). `enroll` / `forget` swap in a new immutable `_View`; a call in flight keeps its own.
     """
 
     def __init__(self, backend: Backend, manifest: Manifest, directory: Path):
@@ -146,17 +135,16 @@ class Classifier:
              enrollment: bool = True) -> "Classifier":
         """Load a model directory (artifact + manifest.json), or the manifest file itself.
 
-        The artifact's size and sha256 are checked against the manifest before any runtime parses it;
-        then the runtime's output shapes are checked against the taxonomy. A path that does not exist
-        raises `ModelNotFoundError`; a model that fails a check, `ModelIntegrityError`. The products
-        enrolled beside the model (`enrolled.json`) are picked up unless `enrollment=False`; a file that
-        is corrupt, altered or made for another model raises `EnrollmentFileError` (never used as is).
+        The artifact's size and sha256 are checked before any runtime parses it, then the runtime's output
+        sizes against the taxonomy: `ModelNotFoundError` for a missing path, `ModelIntegrityError` for a
+        failed check. Products enrolled beside the model (`enrolled.json`) are picked up unless
+        `enrollment=False`; a corrupt or foreign file raises `EnrollmentFileError`.
         """
         path = Path(path)
         manifest = Manifest.load(path)
         directory = path if path.is_dir() else path.parent
         artifact = manifest.verify(directory)
-        be = create_backend(backend or manifest.target, artifact, manifest, num_threads)
+        be = _BACKENDS.get(backend or manifest.target)(artifact, manifest, num_threads)
         clf = cls(be, manifest, directory)
         clf._check_outputs()
         clf._stats = EmbeddingStats.load(directory, manifest)
@@ -198,12 +186,9 @@ class Classifier:
 
     @staticmethod
     def _check_unknown(value: Any) -> float | None:
-        if value is None:
-            return None
-        v = float(value)
-        if not 0.0 <= v <= 1.0:
+        if value is not None and not 0.0 <= float(value) <= 1.0:
             raise ValueError(f"unknown_threshold must be in [0, 1] (or None to disable); got {value}")
-        return v
+        return None if value is None else float(value)
 
     def _check_outputs(self) -> None:
         probe = np.zeros((1, self.input_size, self.input_size, 3), np.uint8)
@@ -218,7 +203,6 @@ class Classifier:
                 f"{self.directory}: model outputs have sizes {sizes}, the manifest says {want} (the taxonomy's "
                 f"levels{', then the embedding' if self.manifest.embedding else ''})")
 
-    # ---- inference ------------------------------------------------------------------------------
     def preprocess(self, image: ImageSource) -> np.ndarray:
         return prepare(image, self.input_size)
 
@@ -230,9 +214,8 @@ class Classifier:
         return [np.asarray(o, dtype=np.float64) for o in outs[:depth]], emb
 
     def logprobs(self, batch: np.ndarray, view: _View | None = None) -> list[np.ndarray]:
-        """Per-level log-probabilities (float64) for a uint8 (N, S, S, 3) batch, over `self.taxonomy`:
-        the model's outputs as they are, unless classes were enrolled (their scores then extend the
-        finest level, renormalized)."""
+        """Per-level log-probabilities (float64) of a uint8 (N, S, S, 3) batch over `self.taxonomy` (the
+        model's own, extended by the enrolled classes)."""
         lps, emb = self._run(batch)
         view = view or self._view
         return view.enrollment.extend(lps, emb, self.base_taxonomy, view.stats)
@@ -243,8 +226,7 @@ class Classifier:
         return normalize(self._run(batch)[1]).astype(np.float32)
 
     def embed(self, images: Sequence[ImageSource]) -> np.ndarray:
-        """(N, dim) float32 L2-normalized embeddings of images (paths, bytes, PIL images or arrays), the
-        space enrolled prototypes live in. A bad image raises its error, naming its index."""
+        """(N, dim) float32 L2-normalized embeddings of images; a bad image raises its error, naming its index."""
         return self.embeddings(self._prepare_all(images))
 
     def _require_embedding(self) -> None:
@@ -259,41 +241,31 @@ class Classifier:
         """Does this model have what enrollment needs: the embedding output and its statistics?"""
         return self.manifest.embedding is not None and self._stats is not None
 
-    def _require_stats(self) -> EmbeddingStats:
-        self._require_embedding()
-        if self._stats is None:
-            raise EnrollmentError(
-                f"{self.directory}: this model has no embedding statistics ({STATS_NAME}), which enrollment "
-                "compares new products in; write them once from the photos it was trained on: "
-                f"`python -m sdk embedding-stats --model {self.directory} --data DATASET`")
-        return self._stats
-
     def write_embedding_stats(self, images: Sequence[ImageSource], labels: Sequence[str], source: str = "",
                               batch: int = 32) -> dict[str, Any]:
-        """Fit and save the embedding statistics enrollment needs, from training photos and their fine
-        labels (names of trained classes): `embedding_stats-<sha256[:12]>.npz` beside the model, declared
-        with its sha256 in the manifest (both written atomically). Each photo counts with its mirror image.
+        """Fit the embedding statistics enrollment needs from training photos and their fine labels, and
+        save them atomically beside the model (`embedding_stats-<sha256[:12]>.npz`, declared in the manifest).
         Refused while products are enrolled (their prototypes live in the old statistics' space)."""
         self._require_embedding()
-        leaf = self.base_taxonomy.depth - 1
+        tax, leaf = self.base_taxonomy, self.base_taxonomy.depth - 1
         images, labels = _image_list(images), list(labels)
         if len(images) != len(labels) or len(images) < 2:
-            raise ValueError(f"need at least 2 photos and one label each; got {len(images)} photos, {len(labels)} labels")
-        unknown = sorted(set(labels) - set(self.base_taxonomy.names(leaf)))
+            raise ValueError(f"need at least 2 photos, one label each; got {len(images)} photos, {len(labels)} labels")
+        unknown = sorted(set(labels) - set(tax.names(leaf)))
         if unknown:
-            raise ValueError(f"labels that are not trained {self.base_taxonomy.level_names[leaf]!r} classes: {unknown[:5]}")
+            raise ValueError(f"labels that are not trained {tax.level_names[leaf]!r} classes: {unknown[:5]}")
         with self._enroll_lock:
             if self._view.enrollment.classes:
                 raise EnrollmentError("forget the enrolled products first: their prototypes live in the space of "
                                       "the current statistics")
-            y = np.array([self.base_taxonomy.index(leaf, n) for n in labels])
+            y = np.array([tax.index(leaf, n) for n in labels])
             embs, ys = [], []
             for i in range(0, len(images), batch):
                 views, photo = mirror_views(self._prepare_all(images[i:i + batch]))
                 embs.append(self._run(views)[1])
                 ys.append(y[i + photo])
             ys = np.concatenate(ys)
-            stats = EmbeddingStats.fit(np.concatenate(embs), ys, self.base_taxonomy.sizes[-1])
+            stats = EmbeddingStats.fit(np.concatenate(embs), ys, tax.sizes[-1])
             # a new file under a new name, then the manifest, then the old file goes: a kill at any moment
             # leaves a manifest whose statistics file exists and matches
             data = stats.to_bytes()
@@ -325,14 +297,12 @@ class Classifier:
             raise ValueError("no images given")
         return np.stack(arrays)
 
-    # ---- enrollment ------------------------------------------------------------------------------
     def enroll(self, label: str, parent: str, images: Sequence[ImageSource], save: bool = True) -> EnrolledClass:
         """Add a product as a new leaf under `parent` (a node name at the level above the leaves, or
-        `level:name`) from its photos (at least 2; 5-10 recommended). Answers include it at
-        once; with `save` it is also written to `enrolled.json` beside the model (atomically), which
-        `Classifier.load` picks up. Raises `EmbeddingUnavailableError` for a model without the embedding
-        output, `EnrollmentError` for an unknown parent, a label already in use, or a model without
-        embedding statistics (`write_embedding_stats`)."""
+        `level:name`) from its photos (at least 2; 5-10 recommended). Answers include it at once; with
+        `save` it is also written atomically to `enrolled.json`, which `Classifier.load` picks up. Raises
+        `EmbeddingUnavailableError` (no embedding output) or `EnrollmentError` (unknown parent, label in use,
+        no embedding statistics)."""
         self._require_embedding()
         parent = validate_request(label, parent, self.base_taxonomy, self._view.enrollment)
         batch = self._prepare_all(images)
@@ -341,7 +311,12 @@ class Classifier:
             # one photo is right 40-53 % of the time, five 79-85 % (research/enrollment.py)
             raise EnrollmentError(f"enrolling {label!r} needs at least {MIN_PHOTOS} photos (5-10 recommended); "
                                   f"got {len(batch)}")
-        stats = self._require_stats()
+        stats = self._stats
+        if stats is None:
+            raise EnrollmentError(
+                f"{self.directory}: this model has no embedding statistics ({STATS_NAME}), which enrollment "
+                "compares new products in; write them once from the photos it was trained on: "
+                f"`python -m sdk embedding-stats --model {self.directory} --data DATASET`")
         views, photo = mirror_views(batch)
         cls = fit_class(label, parent, self._run(views)[1], photo, stats, self.base_taxonomy)
         with self._enroll_lock:
@@ -376,13 +351,13 @@ class Classifier:
         leaf, errors = dec.leaf_probs(lps)
         marg = dec.node_sums(leaf)
         unk = unknown_scores(self.unknown_score_kind, leaf, marg)  # on the unrestricted distribution
-        allowed_mass = np.ones(len(leaf))
+        allowed_mass, keep = np.ones(len(leaf)), None
         if mask is not None:
             allowed_mass = leaf[:, mask].sum(axis=1)
             masked, masked_errors = dec.leaf_probs(lps, mask)
             errors = {**masked_errors, **errors}
             marg = dec.node_sums(masked)
-        keep = dec.node_allowed(mask)
+            keep = [s[0] > 0 for s in dec.node_sums(mask[None].astype(float))]  # nodes with an allowed leaf
         out: list[HierarchicalPrediction | ModelOutputError] = []
         for row in range(len(leaf)):
             if row in errors:
@@ -410,11 +385,9 @@ class Classifier:
         """Classify one image (path, bytes, PIL image, or uint8 HxWx3 RGB array).
 
         `thresholds`: per-level back-off thresholds (default: the manifest's calibrated ones, else 0).
-        `allow` / `deny`: node names (any level, or `level:name`) restricting the leaves the answer may
-        end in; the tree-consistent distribution is renormalized over the allowed leaves.
-        `unknown_threshold`: out-of-catalogue cut-off (default: the manifest's; None disables).
-        Raises the input's error (`InvalidImageError`, `FileNotFoundError`, `ValueError` …) or
-        `ModelOutputError` when the model's output for it is NaN / Inf.
+        `allow` / `deny`: node names (any level, or `level:name`) the answer must / must not end under;
+        the distribution is renormalized over the allowed leaves. `unknown_threshold`: out-of-catalogue
+        cut-off (default: the manifest's; None disables). Raises the input's error or `ModelOutputError`.
         """
         return self.classify_batch([image], top_k, thresholds, allow, deny, unknown_threshold,  # type: ignore
                                    raise_errors=True)[0]

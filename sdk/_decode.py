@@ -18,7 +18,7 @@ from ._taxonomy import Taxonomy
 
 
 class TreeDecoder:
-    """Precomputed index arrays for one taxonomy; `marginals()` works on batches."""
+    """Precomputed index arrays for one taxonomy; every method works on batches."""
 
     def __init__(self, taxonomy: Taxonomy):
         self.taxonomy = taxonomy
@@ -32,10 +32,8 @@ class TreeDecoder:
             self._groups.append((order, np.searchsorted(self.anc[order, lvl], np.arange(n))))
 
     def marginals(self, logprobs: Sequence[np.ndarray], leaf_mask: np.ndarray | None = None) -> list[np.ndarray]:
-        """Per level, (batch, n_nodes) marginal probabilities under the tree-consistent leaf distribution.
-
-        Raises `ModelOutputError` if any row is unusable; `leaf_probs` isolates bad rows instead.
-        """
+        """Per level, (batch, n_nodes) marginals of the tree-consistent leaf distribution; `ModelOutputError` if any
+        row is unusable (`leaf_probs` isolates bad rows instead)."""
         leaf, errors = self.leaf_probs(logprobs, leaf_mask)
         if errors:
             raise next(iter(errors.values()))
@@ -51,7 +49,7 @@ class TreeDecoder:
             raise ModelOutputError(f"model returned {len(logprobs)} outputs; taxonomy has {self.taxonomy.depth} levels")
         lps = [np.atleast_2d(np.asarray(lp, dtype=np.float64)) for lp in logprobs]
         for lvl, lp in enumerate(lps):
-            if lp.ndim != 2 or lp.shape != (lps[0].shape[0], self.sizes[lvl]):
+            if lp.shape != (lps[0].shape[0], self.sizes[lvl]):
                 raise ModelOutputError(f"output of level {lvl} has shape {lp.shape}; expected "
                                        f"({lps[0].shape[0]}, {self.sizes[lvl]}): (batch, nodes of the level)")
         errors: dict[int, ModelOutputError] = {}
@@ -80,11 +78,8 @@ class TreeDecoder:
 
     def node_sums(self, leaf: np.ndarray) -> list[np.ndarray]:
         """Per level, (batch, n_nodes) sums of leaf probabilities under each node, row by row."""
-        out = []
-        for order, starts in self._groups:
-            # clip float round-off (1.0000000000000002) so probabilities stay in [0, 1]; order is kept
-            out.append(np.minimum(np.add.reduceat(leaf[:, order], starts, axis=1), 1.0))
-        return out
+        # clip float round-off (1.0000000000000002) so probabilities stay in [0, 1]; order is kept
+        return [np.minimum(np.add.reduceat(leaf[:, order], starts, axis=1), 1.0) for order, starts in self._groups]
 
     def leaf_mask(self, allow: Iterable[str] | None = None, deny: Iterable[str] | None = None) -> np.ndarray | None:
         """Boolean mask over leaves: under any node named in `allow` (all leaves if None) and under no node
@@ -110,12 +105,6 @@ class TreeDecoder:
                              f"deny={list(deny) if deny is not None else None} leave no leaf to answer with")
         return mask
 
-    def node_allowed(self, leaf_mask: np.ndarray | None) -> list[np.ndarray] | None:
-        """Per level, which nodes keep at least one allowed leaf."""
-        if leaf_mask is None:
-            return None
-        return [s[0] > 0 for s in self.node_sums(leaf_mask[None].astype(float))]
-
     def greedy_path(self, marg: Sequence[np.ndarray], row: int) -> list[int]:
         """Indices of the top-down most probable path for one batch row (always full depth)."""
         tax = self.taxonomy
@@ -136,9 +125,8 @@ class TreeDecoder:
 
 
 # ---- out-of-catalogue scores ----------------------------------------------------------------------
-# Each maps the *unrestricted* leaf distribution (batch, n_leaves) and the marginals to a score in
-# [0, 1], higher = less like anything in the catalogue. `python -m sdk calibrate` picks one and its
-# threshold against generated out-of-catalogue images and stores both in the manifest.
+# Each maps the *unrestricted* leaf distribution (batch, n_leaves) and the marginals to a score in [0, 1],
+# higher = less like anything in the catalogue; `python -m sdk calibrate` picks one and its threshold.
 def _leaf_entropy(leaf: np.ndarray, marg: Sequence[np.ndarray]) -> np.ndarray:
     with np.errstate(divide="ignore", invalid="ignore"):
         h = -np.where(leaf > 0, leaf * np.log(leaf), 0.0).sum(axis=1)

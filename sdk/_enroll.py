@@ -1,28 +1,19 @@
 """Few-shot enrollment: new fine classes from a handful of photos, on the device, without retraining.
 
 A new product becomes a prototype (the renormalized mean of its photos' embeddings, each photo with its
-mirror image) and a leaf appended under an existing parent at the deepest level. It is judged against
-every trained class at once, in a space where nearest-class-mean works: the embedding, L2-normalized,
-centred on the training photos' mean and whitened against the spread *within* the trained classes
-(shrunk towards isotropic, and only along its `rank` strongest directions, so it travels as a small
-file: `embedding_stats.npz`, written once per model by `python -m sdk embedding-stats` from the photos
-it was trained on). In that space each trained class is its mean direction. For a photo x,
+mirror image) and a leaf under an existing parent at the deepest level. It is compared in the
+`EmbeddingStats` space (the L2-normalized embedding, centred on the training photos' mean and whitened
+against the spread within the trained classes), where each trained class is its mean direction. For a photo x,
 
     d_j(x) = SHARPNESS * (cos(x, prototype_j) - max_c cos(x, mean_c) - MARGIN)
 
-are the log-odds of enrolled class j against the trained model's answer as a whole: class j takes the
-share e^d_j / (1 + sum_k e^d_k) of the probability at every level (its leaf, its parent and their
-ancestors), and every trained node keeps its probability times 1 / (1 + sum_k e^d_k). A photo nearer
-the product's prototype than to every trained class's mean is the product; one nearer a trained class
-keeps the model's own answer, almost unchanged. Every level still sums to one and the new leaf's mass
-counts for its ancestors, so the extended tree is decoded like the trained one (tree-consistent,
-back-off, unknown).
+are the log-odds of enrolled class j against the trained model's answer as a whole: class j takes the share
+e^d_j / (1 + sum_k e^d_k) at every level of its lineage, every trained node keeps its probability times
+1 / (1 + sum_k e^d_k). Every level still sums to one, so the extended tree decodes like the trained one.
 
-Measured leave-classes-out on Grocery (research/enrollment.py, a student trained without 8 fine classes,
-judged on `val` + the 20 % train slice; two studies of 8 classes): 5 photos per class enrol them at
-79-85 % fine top-1 while the other classes lose 0.6-0.9 pt; comparing only with the parent's own
-trained children caps the enrolled classes near 70 %, because the model sends a fifth of an unseen
-product's photos to another parent. MARGIN is 0 (plain nearest mean); SHARPNESS only sets how soft the hand-over is near the tie.
+Measured leave-classes-out on Grocery (research/enrollment.py): 5 photos per class enrol at 79-85 % fine
+top-1 while the other classes lose 0.6-0.9 pt; comparing only with the parent's own trained children caps
+them near 70 %, because the model sends a fifth of an unseen product's photos to another parent.
 """
 
 from __future__ import annotations
@@ -117,9 +108,10 @@ class EmbeddingStats:
         rec = (manifest.embedding or {}).get("stats")
         if rec is None:
             return None
-        path = Path(directory) / str(rec.get("file", STATS_NAME))
-        if Path(rec.get("file", STATS_NAME)).name != rec.get("file", STATS_NAME):
-            raise ModelIntegrityError(f"manifest names embedding statistics {rec.get('file')!r} outside the model directory")
+        name = str(rec.get("file", STATS_NAME))
+        if Path(name).name != name:
+            raise ModelIntegrityError(f"manifest names embedding statistics {name!r} outside the model directory")
+        path = Path(directory) / name
         if not path.is_file():
             raise ModelIntegrityError(f"{path}: the embedding statistics the manifest declares are missing; "
                                       "rewrite them with `python -m sdk embedding-stats`")
@@ -172,7 +164,7 @@ class EnrolledClass:
 
 
 def fit_class(label: str, parent: str, views: np.ndarray, photo_of_view: np.ndarray, stats: EmbeddingStats,
-              base: Taxonomy, sharpness: float = SHARPNESS, margin: float = MARGIN) -> EnrolledClass:
+              base: Taxonomy) -> EnrolledClass:
     """Prototype of a new class and what it measures on its own photos.
 
     `views`: (n_views, dim) embeddings of the photos and their mirror images; `photo_of_view` says which
@@ -189,7 +181,7 @@ def fit_class(label: str, parent: str, views: np.ndarray, photo_of_view: np.ndar
         own = z @ proto
     cos = stats.trained_cosines(z)
     nearest = cos.argmax(1)
-    m = own - cos.max(1) - margin
+    m = own - cos.max(1) - MARGIN
     leaf = base.depth - 1
     rivals = {base.node(leaf, int(c)).name: int(k) for c, k in zip(*np.unique(nearest, return_counts=True))}
     calibration = {
@@ -201,8 +193,8 @@ def fit_class(label: str, parent: str, views: np.ndarray, photo_of_view: np.ndar
         "nearest_trained": dict(sorted(rivals.items(), key=lambda kv: -kv[1])[:3]),
     }
     created = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
-    return EnrolledClass(label, parent, proto.astype(np.float32), float(sharpness), float(-sharpness * margin),
-                         int(len(photos)), created, calibration)
+    return EnrolledClass(label, parent, proto.astype(np.float32), SHARPNESS, -SHARPNESS * MARGIN, int(len(photos)),
+                         created, calibration)
 
 
 @dataclass(frozen=True)
@@ -242,8 +234,8 @@ class Enrollment:
             raise EnrollmentError("enrolled classes need the model's embedding and its embedding statistics")
         z = stats.space(embeddings)
         protos = np.stack([c.prototype for c in self.classes]).astype(np.float64)
-        d = (z @ protos.T - stats.trained_cosines(z).max(1, keepdims=True)) * np.array([c.scale for c in self.classes]) \
-            + np.array([c.bias for c in self.classes])
+        scale, bias = (np.array([getattr(c, k) for c in self.classes]) for k in ("scale", "bias"))
+        d = (z @ protos.T - stats.trained_cosines(z).max(1, keepdims=True)) * scale + bias
         with np.errstate(invalid="ignore"):  # a NaN row stays NaN: the decoder refuses it per item
             top = np.maximum(d.max(1, keepdims=True), 0.0)
             norm = np.log(np.exp(-top) + np.exp(d - top).sum(1, keepdims=True)) + top
@@ -315,8 +307,7 @@ def load_enrollment(directory: str | os.PathLike, manifest: Manifest) -> Enrollm
         raise EnrollmentFileError(f"{path}: embedding width {payload.get('embedding_dim')} does not match the "
                                   f"model's {(manifest.embedding or {}).get('dim')}{redo}")
     if payload.get("classes") and payload.get("stats_sha256") != stats_sha256(manifest):
-        raise EnrollmentFileError(f"{path}: made with other embedding statistics than the model's "
-                                  f"{((manifest.embedding or {}).get('stats') or {}).get('file', STATS_NAME)} (rewritten "
+        raise EnrollmentFileError(f"{path}: made with other embedding statistics than the model's (rewritten "
                                   f"since?); its prototypes live in their space{redo}")
     enrollment = Enrollment()
     try:

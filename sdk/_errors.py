@@ -34,8 +34,7 @@ class Int8FallbackWarning(RuntimeWarning):
 
 
 class EmbeddingUnavailableError(HierfgError):
-    """The model has no embedding output (exported before enrollment existed): it classifies, but cannot
-    enroll new products until it is re-exported."""
+    """The model has no embedding output (exported before enrollment existed): it classifies, but cannot enroll."""
 
 
 class EnrollmentError(HierfgError, ValueError):

@@ -38,10 +38,9 @@ def json_sha256(payload: object) -> str:
 
 
 def atomic_write(path: str | os.PathLike, data: str | bytes | Callable[[Path], None]) -> Path:
-    """Write `path` through a temporary file beside it and an atomic rename: a kill or power loss at any
-    moment leaves either the old file or the new one, never half of one. `data` is text, bytes, or a
-    function that writes the file it is given (e.g. safetensors' `save_file`). The temporary name is
-    unique, so threads writing the same path at once never write into one file."""
+    """Write `path` through a uniquely named temporary file beside it and an atomic rename: a crash leaves the
+    old file or the new one, never half of one. `data` is text, bytes, or a function that writes the file it is
+    given (e.g. safetensors' `save_file`)."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:12]}.tmp")
     try:

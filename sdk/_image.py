@@ -59,9 +59,8 @@ def _open(source: Any) -> Image.Image:
     except Exception as e:  # Pillow raises a zoo of errors on hostile headers
         raise InvalidImageError(f"{where}: not a decodable image ({type(e).__name__}: {e})") from None
     if img.format not in ALLOWED_FORMATS:
-        raise UnsupportedFormatError(
-            f"{where}: format {img.format} is not supported; use JPEG, PNG, WebP, GIF, BMP or TIFF"
-        )
+        raise UnsupportedFormatError(f"{where}: format {img.format} is not supported; use JPEG, PNG, WebP, GIF, BMP "
+                                     "or TIFF")
     w, h = img.size
     if w < 1 or h < 1:
         raise InvalidImageError(f"{where}: zero-size image ({w}x{h})")
@@ -70,15 +69,9 @@ def _open(source: Any) -> Image.Image:
     return img
 
 
-# Formats people do send (documents, layered or HEIF photos) that are outside the allowlist. Pillow
-# either cannot open them (PDF, HEIF without a plugin) or would open only a header (EPS without
-# Ghostscript), so they are recognised by their leading bytes for a clear `UnsupportedFormatError`.
-_OTHER_FORMATS = (
-    (b"%PDF", "PDF"),
-    (b"%!PS", "PostScript/EPS"),
-    (b"\xc5\xd0\xd3\xc6", "EPS"),
-    (b"8BPS", "PSD"),
-)
+# Formats people do send that Pillow cannot open (PDF, HEIF without a plugin) or would open only a header of
+# (EPS without Ghostscript): recognised by their leading bytes for a clear `UnsupportedFormatError`.
+_OTHER_FORMATS = ((b"%PDF", "PDF"), (b"%!PS", "PostScript/EPS"), (b"\xc5\xd0\xd3\xc6", "EPS"), (b"8BPS", "PSD"))
 _HEIF_BRANDS = (b"heic", b"heix", b"hevc", b"mif1", b"msf1", b"avif")
 
 
@@ -87,8 +80,7 @@ def _reject_known_other_formats(data: bytes, where: str) -> None:
     if name is None and data[4:8] == b"ftyp" and data[8:12] in _HEIF_BRANDS:
         name = "HEIF/AVIF"
     if name is not None:
-        raise UnsupportedFormatError(
-            f"{where}: format {name} is not supported; convert it to JPEG or PNG first")
+        raise UnsupportedFormatError(f"{where}: format {name} is not supported; convert it to JPEG or PNG first")
 
 
 def _orient(img: Image.Image) -> Image.Image:
@@ -172,11 +164,8 @@ def center_crop_aspect(img: Image.Image) -> Image.Image:
 
 def prepare(source: ImageSource, size: int, crop: tuple[float, float, float, float] | None = None,
             flip: bool = False) -> np.ndarray:
-    """Decode + aspect clamp + resize to a (size, size, 3) uint8 RGB array: the model's input.
-
-    `crop` (left, top, right, bottom, as fractions of the clamped image) and `flip` exist for training
-    augmentation; the device always uses the defaults.
-    """
+    """Decode + aspect clamp + resize to a (size, size, 3) uint8 RGB array: the model's input. `crop` (left, top,
+    right, bottom, as fractions of the clamped image) and `flip` are training augmentation."""
     img = center_crop_aspect(load_image(source, target=size))
     if crop is not None:
         w, h = img.size

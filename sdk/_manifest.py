@@ -92,13 +92,11 @@ class Manifest:
                     f"the taxonomy in it hashes to {tax.hash[:12]}…)")
             if len(d["outputs"]) != tax.depth:
                 raise ModelIntegrityError(f"{where}: {len(d['outputs'])} output names for a {tax.depth}-level taxonomy")
-            return cls(
-                target=d["target"], precision=d["precision"], file=d["file"], sha256=d["sha256"],
-                size_bytes=int(d["size_bytes"]), input=InputSpec(**d["input"]), outputs=list(d["outputs"]),
-                taxonomy=tax, metrics=d.get("metrics", {}), decoding=d.get("decoding", {}),
-                tool_versions=d.get("tool_versions", {}), model=d.get("model", {}), created=d.get("created", ""),
-                format_version=d["format_version"], embedding=_check_embedding(d.get("embedding"), where),
-            )
+            return cls(target=d["target"], precision=d["precision"], file=d["file"], sha256=d["sha256"],
+                       size_bytes=int(d["size_bytes"]), input=InputSpec(**d["input"]), outputs=list(d["outputs"]),
+                       taxonomy=tax, metrics=d.get("metrics", {}), decoding=d.get("decoding", {}),
+                       tool_versions=d.get("tool_versions", {}), model=d.get("model", {}), created=d.get("created", ""),
+                       format_version=d["format_version"], embedding=_check_embedding(d.get("embedding"), where))
         except TaxonomyError as e:
             raise ModelIntegrityError(f"{where}: invalid taxonomy: {e}") from None
         except (KeyError, TypeError, ValueError) as e:

@@ -26,12 +26,7 @@ class Node:
 
 
 class Taxonomy:
-    """A frozen, validated label tree.
-
-    >>> t = Taxonomy(["kind", "item"], [[Node("Fruit", None)], [Node("Apple", 0), Node("Pear", 0)]])
-    >>> t.path(1, 1)
-    ['Fruit', 'Pear']
-    """
+    """A frozen, validated label tree: `Taxonomy(["kind", "item"], [[Node("Fruit", None)], [Node("Apple", 0)]])`."""
 
     def __init__(self, level_names: Sequence[str], levels: Sequence[Sequence[Node]]):
         self._level_names = tuple(str(n) for n in level_names)
@@ -39,11 +34,8 @@ class Taxonomy:
         self._validate()
         self._index = [{n.name: i for i, n in enumerate(lvl)} for lvl in self._levels]
         # children[l][i]: indices at level l+1 whose parent is node i of level l
-        self._children: list[list[list[int]]] = []
-        for upper, lower in zip(self._levels, self._levels[1:]):
-            self._children.append([[] for _ in upper])
-            for j, node in enumerate(lower):
-                self._children[-1][node.parent].append(j)
+        self._children = [[[j for j, n in enumerate(lower) if n.parent == i] for i in range(len(upper))]
+                          for upper, lower in zip(self._levels, self._levels[1:])]
         self._hash = json_sha256(self._payload())
 
     def _validate(self) -> None:
@@ -58,13 +50,13 @@ class Taxonomy:
                 raise TaxonomyError(f"level {lvl} ({names[lvl]!r}) has no nodes")
             seen: set[str] = set()
             for i, node in enumerate(nodes):
-                p = node.parent
                 if not node.name:
                     raise TaxonomyError(f"level {lvl} node {i} has an empty name")
                 if node.name in seen:
                     raise TaxonomyError(f"duplicate name {node.name!r} at level {lvl} ({names[lvl]!r}); "
                                         "names must be unique within a level")
                 seen.add(node.name)
+                p = node.parent
                 if lvl == 0 and p is not None:
                     raise TaxonomyError(f"root-level node {node.name!r} must have parent null")
                 if lvl and (not isinstance(p, int) or isinstance(p, bool) or not 0 <= p < len(levels[lvl - 1])):
@@ -122,9 +114,7 @@ class Taxonomy:
         return self._levels[level][index].parent
 
     def children(self, level: int, index: int) -> list[int]:
-        if level >= self.depth - 1:
-            return []
-        return list(self._children[level][index])
+        return list(self._children[level][index]) if level < self.depth - 1 else []
 
     def ancestors(self, level: int, index: int) -> list[int]:
         """Indices of the node's ancestors at levels 0..level (the node itself last)."""
@@ -200,13 +190,9 @@ class Taxonomy:
 
     @classmethod
     def from_grocery(cls, root: str | os.PathLike) -> "Taxonomy":
-        """Grocery Store: category (first folder under the split) > coarse > fine, indices from classes.csv.
-
-        Fine and coarse indices follow the dataset's own class ids, so labels in the split files map
-        straight to head outputs.
-        """
-        root = Path(root)
-        csv_path = root / "classes.csv"
+        """Grocery Store: category (first folder under the split) > coarse > fine, indexed by classes.csv's own
+        class ids, so labels in the split files map straight to head outputs."""
+        csv_path = Path(root) / "classes.csv"
         if not csv_path.is_file():
             raise FileNotFoundError(f"{csv_path} not found: is {root} a Grocery Store dataset root?")
         with open(csv_path, newline="", encoding="utf-8") as f:
@@ -241,9 +227,7 @@ class Taxonomy:
         if len(depths) != 1:
             raise TaxonomyError(f"images under {root} sit at different depths {sorted(depths)}; "
                                 "every leaf folder must be at the same depth")
-        depth = depths.pop()
-        names = list(level_names) if level_names else [f"level{i}" for i in range(depth)]
-        return cls.from_paths(names, leaf_dirs)
+        return cls.from_paths(list(level_names or [f"level{i}" for i in range(depths.pop())]), leaf_dirs)
 
     def __eq__(self, other: object) -> bool:
         return isinstance(other, Taxonomy) and other.hash == self.hash

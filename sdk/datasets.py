@@ -122,7 +122,7 @@ def stratified_holdout(ds: HierDataset, fraction: float = 0.2, seed: int = 0) ->
         by_class.setdefault(s.labels[-1], []).append(i)
     keep, hold = [], []
     for c in sorted(by_class):
-        idx = by_class[c][:]
+        idx = by_class[c]
         rng.shuffle(idx)
         k = int(round(len(idx) * fraction))
         hold += idx[:k]

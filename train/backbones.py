@@ -46,7 +46,10 @@ class SameConv(nn.Conv2d):
             # times slower than its fp32 one on some CPUs (AMX Xeon), and these convs are a small share of
             # the FLOPs (benchmarks/train_speed.py measures it). Not taken while exporting (no autocast).
             with torch.autocast("cpu", enabled=False):
-                return self._conv_forward(x.float(), weight.float(), None if bias is None else bias.float())
+                return self._same_conv(x.float(), weight.float(), None if bias is None else bias.float())
+        return self._same_conv(x, weight, bias)
+
+    def _same_conv(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         k, s = self.kernel_size[0], self.stride[0]
         if s == 1:
             return F.conv2d(x, weight, bias, 1, k // 2, 1, self.groups)

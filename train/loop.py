@@ -232,7 +232,7 @@ class LiveFeed:
 def _loss(net, model, fwd, batch: Batch, labels, tax, tc: TrainConfig, loss_fns, weights, teacher, device):
     """The step's loss. Under mixing the losses are mixed (they are linear in the target): per-photo
     teacher targets (cached) travel with their photo's label; a live teacher saw the mixed photo itself."""
-    aux: dict = {"index": batch.idx}
+    aux: dict = {}
     logps = [lp.float() for lp in net(*fwd, aux)]
     y = labels[batch.idx].to(device)
     if teacher is not None:

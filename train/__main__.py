@@ -51,20 +51,15 @@ def _resolve(cls, args: argparse.Namespace, file_conf: dict[str, Any], base=None
                           **{k: v for k, v in flags.items() if v is not None}})
 
 
-def _read_config(path: str | None) -> dict[str, Any]:
-    if not path:
-        return {}
-    text = Path(path).read_text()
-    if path.endswith((".yaml", ".yml")):
-        import yaml
-        return yaml.safe_load(text) or {}
-    return json.loads(text)
-
-
 def cmd_train(args: argparse.Namespace) -> int:
     """student / teacher / distill: flags over the config file over the subcommand's defaults."""
     _, base_model, base_train = SUBCOMMANDS[args.cmd]
-    conf = _read_config(args.config)
+    conf: dict[str, Any] = {}
+    if args.config and args.config.endswith((".yaml", ".yml")):
+        import yaml
+        conf = yaml.safe_load(Path(args.config).read_text()) or {}
+    elif args.config:
+        conf = json.loads(Path(args.config).read_text())
     mc = _resolve(ModelConfig, args, conf.get("model", {}), base_model)
     tc = _resolve(TrainConfig, args, {**base_train, **conf.get("train", {})})
     try:
@@ -88,9 +83,32 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from .evaluate import evaluate
+    """Metrics of a model directory or an exported artifact (through the SDK) on a split."""
+    from sdk import Classifier, Manifest, batch_logprobs
+    from sdk.datasets import restrict_to_list
+
+    from .checkpoint import load_model
+    from .data import load_dataset
+    from .loop import predict_logprobs
+    from .metrics import compute_metrics
+    model = Path(args.model)
+    artifact = (model / "manifest.json").is_file() or model.name == "manifest.json"
     try:
-        m = evaluate(args.model, args.data, args.split, limit=args.limit, listing=args.list)
+        if artifact:
+            tax = Manifest.load(model).taxonomy
+        else:
+            net, cfg, tax, _ = load_model(model)
+        ds = load_dataset(args.data, args.split, taxonomy=tax)
+        if args.list:
+            ds = restrict_to_list(ds, args.list)
+        if args.limit:
+            ds = ds.subset(range(min(args.limit, len(ds))))
+        if artifact:
+            classifier = Classifier.load(model if model.is_dir() else model.parent)
+            lp = batch_logprobs(classifier, [s.source for s in ds.samples])
+        else:
+            lp = predict_logprobs(net, ds, cfg.image_size)
+        m = compute_metrics(tax, lp, ds.labels())
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

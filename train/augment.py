@@ -19,9 +19,8 @@ import torch.nn.functional as F
 from sdk import prepare
 
 # TrivialAugment-style operations: each photo gets one, with a uniform random strength.
-GEOMETRIC = ("rotate", "shear_x", "shear_y", "translate_x", "translate_y")
-PHOTOMETRIC = ("brightness", "contrast", "color", "sharpness", "posterize", "solarize", "autocontrast")
-OPS = ("identity",) + GEOMETRIC + PHOTOMETRIC
+OPS = ("identity", "rotate", "shear_x", "shear_y", "translate_x", "translate_y",  # geometric
+       "brightness", "contrast", "color", "sharpness", "posterize", "solarize", "autocontrast")  # photometric
 POLICIES = ("none", "basic", "trivial")
 
 
@@ -39,9 +38,6 @@ class ImageBank:
         with ThreadPoolExecutor(max(threads or torch.get_num_threads(), 1)) as pool:
             for i, img in enumerate(pool.map(lambda s: prepare(s.source, size), samples)):
                 self.images[i].numpy()[:] = img
-
-    def __len__(self) -> int:
-        return len(self.images)
 
     def batch(self, idx: torch.Tensor) -> torch.Tensor:
         """uint8 NHWC photos -> float 0..255 NCHW."""
@@ -72,9 +68,9 @@ class Augmenter:
 
     def draw(self, n: int, g: torch.Generator) -> Views:
         u = lambda *shape: torch.rand(*shape, generator=g)  # noqa: E731
-        eye = torch.tensor([[1.0, 0, 0], [0, 1.0, 0]]).expand(n, 2, 3).clone()
         if self.policy == "none":
-            return Views(eye, torch.ones(n, 3), torch.zeros(n, dtype=torch.long), torch.zeros(n))
+            return Views(torch.eye(2, 3).expand(n, 2, 3).clone(), torch.ones(n, 3), torch.zeros(n, dtype=torch.long),
+                         torch.zeros(n))
         # random resized crop: area in [crop_scale, 1], aspect ratio in [3/4, 4/3] (log-uniform)
         area = self.crop_scale + (1 - self.crop_scale) * u(n)
         ratio = torch.exp(math.log(3 / 4) + (math.log(4 / 3) - math.log(3 / 4)) * u(n))

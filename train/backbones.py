@@ -15,8 +15,6 @@ import torch.nn.functional as F
 from sdk import Registry
 
 STAGE_STRIDES = (1, 2, 2, 2, 1, 2, 1)
-BN_EPS = 1e-3
-BN_MOMENTUM = 0.01
 
 _BACKBONES: Registry = Registry("backbone")
 register_backbone, list_backbones = _BACKBONES.register, _BACKBONES.names
@@ -59,7 +57,7 @@ class SameConv(nn.Conv2d):
 
 
 def _bn(c: int) -> nn.BatchNorm2d:
-    return nn.BatchNorm2d(c, eps=BN_EPS, momentum=BN_MOMENTUM)
+    return nn.BatchNorm2d(c, eps=1e-3, momentum=0.01)  # TensorFlow's
 
 
 @dataclass(frozen=True)
@@ -94,19 +92,17 @@ class MBConv(nn.Module):
 
 
 def _specs_from_state_dict(sd: dict[str, torch.Tensor]) -> list[BlockSpec]:
+    """The blocks' shapes from the weights; a block whose output width changes starts the next stage."""
     n = 1 + max(int(k.split(".")[1]) for k in sd if k.startswith("_blocks."))
     specs, stage, prev_out = [], -1, None
     for i in range(n):
         p = f"_blocks.{i}."
         dw = sd[p + "_depthwise_conv.weight"]
-        proj = sd[p + "_project_conv.weight"]
-        expand = dw.shape[0]
+        expand, cout = dw.shape[0], sd[p + "_project_conv.weight"].shape[0]
         cin = sd[p + "_expand_conv.weight"].shape[1] if (p + "_expand_conv.weight") in sd else expand
-        cout = proj.shape[0]
-        first_of_stage = cout != prev_out
-        if first_of_stage:
-            stage += 1
-        specs.append(BlockSpec(cin, cout, expand, dw.shape[-1], STAGE_STRIDES[stage] if first_of_stage else 1))
+        new_stage = cout != prev_out
+        stage += new_stage
+        specs.append(BlockSpec(cin, cout, expand, dw.shape[-1], STAGE_STRIDES[stage] if new_stage else 1))
         prev_out = cout
     return specs
 
@@ -143,10 +139,8 @@ class EfficientNetLite(nn.Module):
         return 2 * math.prod(s.stride for s in upto)
 
     def forward_range(self, x: torch.Tensor, start: int, taps: tuple[int, ...]) -> dict[int, torch.Tensor]:
-        """Run blocks start.. (start == 0 includes the stem on a normalized image) and return the taps.
-
-        Stops as soon as the deepest tap is computed; tap -1 is the head conv output.
-        """
+        """Run blocks start.. (0: the stem on a normalized image first) up to the deepest of `taps` (-1: the head
+        conv output) and return the taps."""
         out: dict[int, torch.Tensor] = {}
         if any(0 <= t < start - 1 for t in taps):
             raise ValueError(f"taps {taps} include blocks before the input block {start}")
@@ -164,8 +158,7 @@ class EfficientNetLite(nn.Module):
         return out
 
     def prefix(self, x: torch.Tensor, n_blocks: int, taps: tuple[int, ...] = ()) -> dict[int, torch.Tensor]:
-        """Stem + the first n_blocks blocks (the part frozen and cached in training): the output of
-        block n_blocks-1 plus any earlier taps."""
+        """Stem + the first n_blocks blocks (frozen and cached in training): block n_blocks-1's output and taps."""
         return self.forward_range(x, 0, (*taps, n_blocks - 1))
 
     def imagenet_logits(self, x: torch.Tensor) -> torch.Tensor:

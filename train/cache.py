@@ -1,7 +1,6 @@
-"""The cached path for slow machines (`freeze_blocks > 0`, `cache_views > 0`): the frozen prefix's outputs
-for `cache_views` views of every photo (`train.data.load_view`) stored under `.cache/features/`, keyed by
-everything that changes them; each epoch draws one cached view per photo.
-"""
+"""The cached path for slow machines (`freeze_blocks > 0`, `cache_views > 0`): the frozen prefix's outputs for
+`cache_views` views of every photo (`train.data.load_view`) under `.cache/features/`, keyed by all that changes
+them."""
 
 from __future__ import annotations
 
@@ -57,7 +56,7 @@ class FeatureCache:
         bb = model.backbone
         prefix = ("_conv_stem", "_bn0", *(f"_blocks.{i}." for i in range(n_blocks)))
         frozen = [k.encode() + v.numpy().tobytes()[:4096] for k, v in bb.state_dict().items() if k.startswith(prefix)]
-        header = [bb.name, size, n_blocks, seed, "v2"] + ([list(self.taps)] if self.taps else [])
+        header = [bb.name, size, n_blocks, seed, "v3"] + ([list(self.taps)] if self.taps else [])
         self.key = sha256_of(header, *frozen, samples=ds.samples)[:20]
 
     def view(self, v: int) -> dict[str, torch.Tensor]:
@@ -88,7 +87,7 @@ def split_cached(batch: dict[str, torch.Tensor], device) -> tuple[torch.Tensor, 
 
 
 class CachedFeed:
-    """Frozen-prefix features cached per (view, photo); each step one cached view per photo."""
+    """Each step one cached view per photo."""
 
     def __init__(self, feats: dict[str, torch.Tensor], tc: TrainConfig, start: int, device):
         self.feats, self.tc, self.start, self.device = feats, tc, start, device

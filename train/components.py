@@ -1,7 +1,6 @@
 """The seed components as registered options (docs/components.md): the "flat" and "hrn" archs, TransFG
 part selection and Coarse2Fine refinement of the query models, the "contrastive" and "aal" losses.
-Importing this module (train/models.py does, at its end) registers all of them.
-"""
+train/models.py imports this module at its end, which registers them."""
 
 from __future__ import annotations
 
@@ -29,8 +28,7 @@ class TreeMarginals(nn.Module):
             self.register_buffer(f"member_{lvl}", m, persistent=False)
 
     def forward(self, fine_logp: torch.Tensor) -> list[torch.Tensor]:
-        # fine_logp is a log-softmax: exp() is already in [0, 1] and sums to 1, so no max-shift is
-        # needed (and amax would fall outside ExecuTorch's XNNPACK delegate)
+        # a log-softmax: exp() needs no max-shift (amax would fall outside ExecuTorch's XNNPACK delegate)
         p = fine_logp.exp()
         out = [(p @ getattr(self, f"member_{lvl}")).clamp_min(1e-30).log() for lvl in range(self.depth - 1)]
         return out + [fine_logp]
@@ -129,8 +127,7 @@ def token_saliency(attn: torch.Tensor, fine_logp: torch.Tensor) -> torch.Tensor:
 
 
 def _look(model: nn.Module, feats: dict[int, torch.Tensor], aux: dict) -> tuple[list[torch.Tensor], torch.Tensor]:
-    """Tokens + head (+ TransFG part selection). Returns per-level log-probs and the first look's
-    fine-level token saliency (B, N)."""
+    """Tokens + head (+ TransFG part selection): per-level log-probs, the fine-level token saliency (B, N)."""
     head = model.head
     tokens = model.tokens(feats)
     aux["tokens"], aux["pooled"] = tokens, tokens.mean(1)
@@ -142,9 +139,8 @@ def _look(model: nn.Module, feats: dict[int, torch.Tensor], aux: dict) -> tuple[
         k = min(k, tokens.shape[1])
         idx = sal.topk(k, dim=1).indices  # not differentiable (a selection); the gather below is
         parts = tokens.gather(1, idx[:, :, None].expand(-1, -1, tokens.shape[2]))
-        lvl = len(logps) - 1
-        _, logits2 = head.level(lvl, parts, aux["queries"], logps)
-        fine = 0.5 * (aux["logits"][-1] + logits2)  # mean of the two fine logits
+        _, logits2 = head.level(len(logps) - 1, parts, aux["queries"], logps)
+        fine = 0.5 * (aux["logits"][-1] + logits2)
         aux["part_index"], aux["part_logits"] = idx, logits2
         aux["logits"] = aux["logits"][:-1] + [fine]
         logps = logps[:-1] + [F.log_softmax(fine, dim=-1)]
@@ -196,13 +192,9 @@ def crop_resize(x: torch.Tensor, box: torch.Tensor) -> torch.Tensor:
 
 def refined_forward(model: nn.Module, x: torch.Tensor, start: int, cached: dict[int, torch.Tensor] | None,
                     aux: dict | None) -> list[torch.Tensor]:
-    """HierarchicalQueryModel.forward_from with part selection and/or Coarse2Fine refinement.
-
-    Coarse2Fine crops the attended box of the input of block `max(start, cfg.c2f_crop_block)` (a cached
-    feature map in training: set `c2f_crop_block` to `freeze_blocks` so the exported graph crops the same
-    features) and runs the rest again; the two looks' log-probs are averaged and renormalized per level
-    (docs/components.md).
-    """
+    """HierarchicalQueryModel.forward_from with part selection and/or Coarse2Fine, which crops the attended box
+    of the input of block `max(start, cfg.c2f_crop_block)` (set it to `freeze_blocks` so the exported graph crops
+    the cached features) and runs the rest again; the two looks' log-probs are averaged (docs/components.md)."""
     aux = {} if aux is None else aux
     cfg, bb = model.cfg, model.backbone
     crop = max(start, cfg.c2f_crop_block) if cfg.c2f_refine else start
@@ -243,10 +235,7 @@ def contrastive_loss(features: torch.Tensor, labels: torch.Tensor, margin: float
     return per[valid].mean()
 
 
-@register_loss("contrastive")
-def _contrastive(ctx: LossContext) -> torch.Tensor:
-    """TransFG contrastive loss on aux['pooled'] (mean token / pooled backbone features)."""
-    return contrastive_loss(ctx.aux["pooled"], ctx.labels)
+register_loss("contrastive")(lambda ctx: contrastive_loss(ctx.aux["pooled"], ctx.labels))
 
 
 def angular_asymmetric_loss(cos: torch.Tensor, y: torch.Tensor, s: float = 7.0, gamma_neg: float = 1.0,
@@ -281,7 +270,4 @@ def fine_cosines(ctx: LossContext) -> torch.Tensor:
     return F.normalize(ctx.aux["fine_features"].float(), dim=-1) @ F.normalize(clf.weight.float(), dim=-1).T
 
 
-@register_loss("aal")
-def _aal(ctx: LossContext) -> torch.Tensor:
-    """Angular asymmetric loss on the finest level (defaults s=7, gamma-=1, gamma+=0, clip=0.05)."""
-    return angular_asymmetric_loss(fine_cosines(ctx), ctx.labels[:, -1])
+register_loss("aal")(lambda ctx: angular_asymmetric_loss(fine_cosines(ctx), ctx.labels[:, -1]))  # finest level

@@ -5,15 +5,19 @@ reads); this module adds HRN relabelling and the augmented views of the cached p
 
 from __future__ import annotations
 
+import hashlib
 import random
 from dataclasses import replace
 
 import numpy as np
+import torch
 
 from sdk import prepare
 # re-exported: training code and its tests read datasets through train.data
 from sdk.datasets import (SYNTH_TREE, HierDataset, Sample, full_labels, load_dataset, read_folder_tree,  # noqa: F401
                           read_grocery, stratified_holdout, synthetic_dataset, synthetic_taxonomy)
+
+from .augment import Augmenter
 
 
 def relabel_coarse(ds: HierDataset, ratio: float, seed: int = 0) -> HierDataset:
@@ -25,24 +29,12 @@ def relabel_coarse(ds: HierDataset, ratio: float, seed: int = 0) -> HierDataset:
     return HierDataset(ds.taxonomy, out, ds.name + f"+relabel{ratio}")
 
 
-# ---- decoding for training ------------------------------------------------------------------------
-def random_crop_box(rng: random.Random, scale=(0.55, 1.0), ratio=(3 / 4, 4 / 3)) -> tuple[float, float, float, float]:
-    """RandomResizedCrop-style box as fractions of the image."""
-    for _ in range(10):
-        area = rng.uniform(*scale)
-        r = np.exp(rng.uniform(np.log(ratio[0]), np.log(ratio[1])))
-        w, h = np.sqrt(area * r), np.sqrt(area / r)
-        if w <= 1 and h <= 1:
-            l, t = rng.uniform(0, 1 - w), rng.uniform(0, 1 - h)
-            return (l, t, l + w, t + h)
-    return (0.0, 0.0, 1.0, 1.0)
-
-
 def load_view(sample: Sample, size: int, view: int, seed: int) -> np.ndarray:
-    """View 0: the device's exact input. View 1: its mirror. Views >= 2: seeded random crop + flip."""
-    if view == 0:
-        return prepare(sample.source, size)
-    if view == 1:
-        return prepare(sample.source, size, flip=True)
-    rng = random.Random(f"{seed}:{view}:{sample.key}")
-    return prepare(sample.source, size, crop=random_crop_box(rng), flip=rng.random() < 0.5)
+    """View 0: the device's exact input. View 1: its mirror. Views >= 2: a seeded random resized crop (area >= 0.55)
+    and flip, as `Augmenter` draws them, cut from the full photo."""
+    if view < 2:
+        return prepare(sample.source, size, flip=view == 1)
+    g = torch.Generator().manual_seed(int(hashlib.sha256(f"{seed}:{view}:{sample.key}".encode()).hexdigest()[:15], 16))
+    (w, _, cx), (_, h, cy) = Augmenter("basic", crop_scale=0.55).draw(1, g).theta[0].tolist()  # [-1, 1] coordinates
+    box = ((cx - abs(w) + 1) / 2, (cy - h + 1) / 2, (cx + abs(w) + 1) / 2, (cy + h + 1) / 2)
+    return prepare(sample.source, size, crop=box, flip=w < 0)

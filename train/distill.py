@@ -1,10 +1,6 @@
-"""Distillation: `python -m train distill --teacher DIR [--teacher DIR2 …] --data ROOT --out DIR`.
-
-loss = labels (`ce`) + per-level KL to the teachers' temperature-softened distributions (`kd`), several
-teachers averaged in probability. Live path: the teachers run on each step's own augmented view at their own
-resolution. Cached path: their outputs per cached view are computed once and stored on disk, keyed by the
-teachers' sha256, the seed, the views and the training images.
-"""
+"""Distillation (`python -m train distill --teacher DIR [--teacher DIR2 …]`): labels (`ce`) + per-level KL to
+the teachers' temperature-softened distributions (`kd`), teachers averaged in probability. Live path: the teachers
+run on each step's own view at their own resolution; cached path: their outputs per cached view, stored on disk."""
 
 from __future__ import annotations
 
@@ -46,13 +42,13 @@ def teacher_targets(teacher_dir: str | Path, train, views: int, seed: int, log=p
     """Per level, teacher log-probs of shape (views, N, n_level) for every cached view of `train`."""
     teacher, tcfg, _, tconf = load_model(teacher_dir)
     tfz = int(tconf.get("train", {}).get("freeze_blocks", 0)) or tcfg.taps[0]
-    key = sha256_of([seed, views, tcfg.image_size], sha256_file(Path(teacher_dir) / "model.safetensors").encode(),
+    key = sha256_of([seed, views, tcfg.image_size, "v3"], sha256_file(Path(teacher_dir) / "model.safetensors").encode(),
                     samples=train.samples)
     path = CACHE_ROOT.parent / "teacher" / f"{key[:24]}.safetensors"
     if path.is_file():
         log(f"teacher targets from cache {path}")
 
-    def compute() -> dict[str, torch.Tensor]:
+    def compute() -> dict[str, torch.Tensor]:  # keyed above by the teacher's weights, seed, views and images
         cache = FeatureCache(teacher, train, tcfg.image_size, tfz, views, seed)
         per_view = [predict_logprobs(teacher, train, tcfg.image_size, 64, feats=cache.view(v), start=tfz)
                     for v in range(views)]
@@ -70,8 +66,6 @@ def ensemble(per_teacher: list[list[torch.Tensor]]) -> list[torch.Tensor]:
 
 
 class LiveTeachers:
-    """The teachers run on each step's own augmented view, at their own resolution."""
-
     def __init__(self, teacher_dirs: list[str], device, precision: str, channels_last: bool):
         self.models = []
         for d in teacher_dirs:

@@ -1,9 +1,6 @@
-"""Training loop for every model (query student, HSQ-FT teacher, flat, HRN), one process or DDP.
-
-Two ways to feed the network: **live** (the default: photos decoded once, a fresh augmented view of each at
-every step, `train.augment`) and **cached** (`freeze_blocks > 0` and `cache_views > 0`, for slow machines: the
-frozen prefix's outputs computed once per photo and view, `train.cache`).
-"""
+"""Training loop for every model, one process or DDP. Inputs are fed **live** (photos decoded once, a fresh
+augmented view at every step, `train.augment`) or **cached** (`freeze_blocks > 0` and `cache_views > 0`: the
+frozen prefix's outputs per photo and view, `train.cache`)."""
 
 from __future__ import annotations
 
@@ -87,8 +84,7 @@ class WeightEMA:
     (0.998 over 1,000 steps keeps 13.5 % of the random init). `swapped(model)` loads it temporarily."""
 
     def __init__(self, model: torch.nn.Module, decay: float):
-        self.decay = decay
-        self.updates = 0
+        self.decay, self.updates = decay, 0
         self.shadow = {k: v.detach().clone() for k, v in model.state_dict().items() if v.dtype.is_floating_point}
 
     def current_decay(self) -> float:
@@ -113,12 +109,9 @@ class WeightEMA:
 
 
 def _param_groups(model, tc: TrainConfig):
-    bb, rest = [], []
-    for n, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        (bb if n.startswith("backbone.") else rest).append(p)
-    return [{"params": bb, "lr": tc.lr_backbone}, {"params": rest, "lr": tc.lr}]
+    trained = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    return [{"params": [p for n, p in trained if n.startswith("backbone.")], "lr": tc.lr_backbone},
+            {"params": [p for n, p in trained if not n.startswith("backbone.")], "lr": tc.lr}]
 
 
 def _frozen_modules(model, n_blocks: int) -> list[torch.nn.Module]:
@@ -127,26 +120,13 @@ def _frozen_modules(model, n_blocks: int) -> list[torch.nn.Module]:
     return ([bb._conv_stem, bb._bn0] if n_blocks > 0 else []) + list(bb._blocks[:n_blocks])
 
 
-def freeze_prefix(model, n_blocks: int) -> None:
-    for m in _frozen_modules(model, n_blocks):
-        m.requires_grad_(False)
-
-
-def set_train_mode(model, n_blocks: int) -> None:
-    model.train()
-    for m in _frozen_modules(model, n_blocks):
-        m.eval()  # frozen BatchNorm keeps its ImageNet statistics
-
-
 def resolve_precision(name: str, device: torch.device) -> str:
     """auto -> bf16 on CUDA and on CPUs that report avx512_bf16 or amx_bf16 (fast bf16 matmuls), else fp32."""
     if name not in ("auto", "fp32", "bf16"):
         raise ValueError(f"precision {name!r}: choose auto, fp32 or bf16")
     if name != "auto":
         return name
-    if device.type == "cuda":
-        return "bf16"
-    return "bf16" if cpu_flags() & {"avx512_bf16", "amx_bf16"} else "fp32"
+    return "bf16" if device.type == "cuda" or cpu_flags() & {"avx512_bf16", "amx_bf16"} else "fp32"
 
 
 def cpu_flags() -> set[str]:
@@ -224,9 +204,7 @@ def prepare_data(tc: TrainConfig, out: Path | None) -> tuple[Taxonomy, HierDatas
 
 
 def select_device(name: str = "auto") -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+    return torch.device(("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name)
 
 
 class LiveFeed:
@@ -236,7 +214,7 @@ class LiveFeed:
         t0 = time.time()
         self.bank = ImageBank(train.samples, max(round(mc.image_size * tc.decode_scale), mc.image_size),
                               tc.memory_mb, tc.threads)
-        log(f"decoded {len(self.bank)} training photos at {self.bank.size} px in {time.time() - t0:.0f}s")
+        log(f"decoded {len(train)} training photos at {self.bank.size} px in {time.time() - t0:.0f}s")
         self.aug = Augmenter(tc.augment, tc.crop_scale, tc.color_jitter)
         self.tc, self.size, self.device = tc, mc.image_size, device
 
@@ -251,18 +229,10 @@ class LiveFeed:
         return (render_at(self.size), 0, None), Batch(idx, m, render=render_at)
 
 
-def _schedule(opt, steps_per_epoch: int, epochs: int):
-    """Linear warm-up (one epoch at most) then cosine decay to zero, per step."""
-    total = steps_per_epoch * epochs
-    warm = min(steps_per_epoch, total // 10 + 1)
-    return torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min(1.0, (s + 1) / warm) * 0.5 * (1 + math.cos(math.pi * min(s, total) / total)))
-
-
 def _loss(net, model, fwd, batch: Batch, labels, tax, tc: TrainConfig, loss_fns, weights, teacher, device):
     """The step's loss. Under mixing the losses are mixed (they are linear in the target): per-photo
     teacher targets (cached) travel with their photo's label; a live teacher saw the mixed photo itself."""
-    aux: dict = {"index": batch.idx}
+    aux: dict = {}
     logps = [lp.float() for lp in net(*fwd, aux)]
     y = labels[batch.idx].to(device)
     if teacher is not None:
@@ -278,22 +248,11 @@ def _loss(net, model, fwd, batch: Batch, labels, tax, tc: TrainConfig, loss_fns,
     return loss
 
 
-def _evaluate(run: "Run", channels_last: bool, device, precision: str) -> dict[str, Any]:
+def _evaluate(run: Run, channels_last: bool, device, precision: str) -> dict[str, Any]:
     return {name: compute_metrics(d.taxonomy, predict_logprobs(run.model, d, run.model.cfg.image_size, device=device,
                                                                precision=precision, channels_last=channels_last,
                                                                **run.eval_inputs.get(name, {})), d.labels())
             for name, d in run.evals.items()}
-
-
-def _init_distributed(tc: TrainConfig, world: int) -> torch.device:
-    import torch.distributed as dist
-    device = select_device(tc.device)
-    if world > 1 and not dist.is_initialized():
-        if device.type == "cuda":
-            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-            torch.cuda.set_device(device)
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return device
 
 
 def _replica_digests(model, world: int) -> dict[str, Any] | None:
@@ -331,7 +290,8 @@ def _setup(mc: ModelConfig, tc: TrainConfig, out: Path, device, precision: str, 
         (out / "config.resolved.json").write_text(json.dumps({"model": mc.to_dict(), "train": asdict(tc)}, indent=1))
     model = build_model(tax, mc, pretrained=True)
     nfz = tc.freeze_blocks
-    freeze_prefix(model, nfz)
+    for m in _frozen_modules(model, nfz):
+        m.requires_grad_(False)
     init_feats = None
     if nfz > 0 and tc.cache_views > 0:
         t0 = time.time()
@@ -373,7 +333,9 @@ def _train_epoch(run: Run, net, opt, sched, ema, epoch: int, tc: TrainConfig, de
     weights = parse_weights(tc.loss_weights)
     loss_fns = {name: get_loss(name) for name in (l.strip() for l in tc.losses.split(",")) if name}
     steps = math.ceil(len(run.train) / (tc.batch_size * world))
-    set_train_mode(run.model, tc.freeze_blocks)
+    run.model.train()
+    for m in _frozen_modules(run.model, tc.freeze_blocks):
+        m.eval()  # frozen BatchNorm keeps its ImageNet statistics
     # the epoch's order depends only on (seed, epoch): resumable
     perm = torch.randperm(len(run.train), generator=torch.Generator().manual_seed(tc.seed * 1000 + epoch))[rank::world]
     running = 0.0
@@ -416,71 +378,75 @@ def train_model(mc: ModelConfig, tc: TrainConfig, out: str | Path, resume: bool 
     shard of every epoch's permutation, rank 0 evaluating and writing. `teacher`: `Batch` -> {"logps",
     "temperature"}, for distillation.
     """
-    check_recipe(mc, tc)
-    before = torch.get_num_threads()  # `tc.threads` holds for this run only, not for the caller's process
-    try:
-        return _train_model(mc, tc, out, resume, log, teacher)
-    finally:
-        torch.set_num_threads(before)
-
-
-def _train_model(mc: ModelConfig, tc: TrainConfig, out: Path | str, resume: bool, log, teacher) -> dict[str, Any]:
     import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel as DDP
 
+    check_recipe(mc, tc)
     out = Path(out)
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-    device = _init_distributed(tc, world)
+    device = select_device(tc.device)
+    if world > 1 and not dist.is_initialized():
+        if device.type == "cuda":
+            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+            torch.cuda.set_device(device)
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     main_rank = rank == 0
     log = log if main_rank else (lambda *a, **k: None)
     if main_rank:
         out.mkdir(parents=True, exist_ok=True)
-    if tc.threads:
-        torch.set_num_threads(tc.threads)
-    precision = resolve_precision(tc.precision, device)
-    flags = sorted(cpu_flags()) if device.type == "cpu" else [device.type]
-    log(f"precision {precision} (asked {tc.precision}; {'CPU flags ' + ','.join(flags) if flags else device.type}), "
-        f"{'channels_last' if tc.channels_last else 'NCHW'}, {torch.get_num_threads()} threads")
-    run = _setup(mc, tc, out, device, precision, world, main_rank, log)
-    model = run.model
-    opt = torch.optim.AdamW(_param_groups(model, tc), weight_decay=tc.weight_decay)
-    sched = _schedule(opt, math.ceil(len(run.train) / (tc.batch_size * world)), tc.epochs)
-    ema = WeightEMA(model, tc.ema) if tc.ema > 0 else None
-    start_epoch, history = (ckpt.load_training_state(out, model, opt, sched, ema=ema) if resume else (0, []))
-    if resume and start_epoch:
-        log(f"resuming after epoch {start_epoch - 1} from {out / 'checkpoint'}")
-    net = DDP(model, find_unused_parameters=True) if world > 1 else model
-    clock = {"start": time.time(), "images": 0}
-    for epoch in range(start_epoch, tc.epochs):
-        t0 = time.time()
-        loss = _train_epoch(run, net, opt, sched, ema, epoch, tc, device, precision, rank, world, teacher, clock)
+    threads_before = torch.get_num_threads()  # `tc.threads` holds for this run only, not for the caller's process
+    try:
+        if tc.threads:
+            torch.set_num_threads(tc.threads)
+        precision = resolve_precision(tc.precision, device)
+        flags = sorted(cpu_flags()) if device.type == "cpu" else [device.type]
+        log(f"precision {precision} (asked {tc.precision}; {'CPU flags ' + ','.join(flags) if flags else device.type}"
+            f"), {'channels_last' if tc.channels_last else 'NCHW'}, {torch.get_num_threads()} threads")
+        run = _setup(mc, tc, out, device, precision, world, main_rank, log)
+        model = run.model
+        opt = torch.optim.AdamW(_param_groups(model, tc), weight_decay=tc.weight_decay)
+        steps = math.ceil(len(run.train) / (tc.batch_size * world))
+        total, warm = steps * tc.epochs, min(steps, steps * tc.epochs // 10 + 1)  # warm-up: one epoch at most
+        sched = torch.optim.lr_scheduler.LambdaLR(  # per step: linear warm-up, then cosine decay to zero
+            opt, lambda s: min(1.0, (s + 1) / warm) * 0.5 * (1 + math.cos(math.pi * min(s, total) / total)))
+        ema = WeightEMA(model, tc.ema) if tc.ema > 0 else None
+        start_epoch, history = (ckpt.load_training_state(out, model, opt, sched, ema=ema) if resume else (0, []))
+        if resume and start_epoch:
+            log(f"resuming after epoch {start_epoch - 1} from {out / 'checkpoint'}")
+        net = DDP(model, find_unused_parameters=True) if world > 1 else model
+        clock = {"start": time.time(), "images": 0}
+        for epoch in range(start_epoch, tc.epochs):
+            t0 = time.time()
+            loss = _train_epoch(run, net, opt, sched, ema, epoch, tc, device, precision, rank, world, teacher, clock)
+            if main_rank:
+                with ema.swapped(model) if ema is not None else contextlib.nullcontext():
+                    metrics = _evaluate(run, tc.channels_last, device, precision)
+                secs = time.time() - t0
+                rec = {"epoch": epoch, "loss": loss, "seconds": secs, "images_per_second": len(run.train) / secs,
+                       "precision": precision, "eval": metrics}  # per epoch: a resumed run may change it
+                history.append(rec)
+                log(f"epoch {epoch + 1}/{tc.epochs} loss={loss:.3f} {secs:.0f}s ({len(run.train) / secs:.1f} img/s) "
+                    + " | ".join(f"{k}: {format_metrics(v)}" for k, v in metrics.items()))
+                ckpt.save_training_state(out, model, opt, sched, epoch, history, ema=ema)
+            if world > 1:
+                dist.barrier()
+        sync = _replica_digests(model, world)
+        metrics = history[-1]["eval"] if history else {}
         if main_rank:
-            with ema.swapped(model) if ema is not None else contextlib.nullcontext():
-                metrics = _evaluate(run, tc.channels_last, device, precision)
-            secs = time.time() - t0
-            rec = {"epoch": epoch, "loss": loss, "seconds": secs, "images_per_second": len(run.train) / secs,
-                   "precision": precision, "eval": metrics}  # per epoch: a resumed run may change it
-            history.append(rec)
-            log(f"epoch {epoch + 1}/{tc.epochs} loss={loss:.3f} {secs:.0f}s ({len(run.train) / secs:.1f} img/s) " +
-                " | ".join(f"{k}: {format_metrics(v)}" for k, v in metrics.items()))
-            ckpt.save_training_state(out, model, opt, sched, epoch, history, ema=ema)
+            metrics = _save(run, mc, tc, out, ema, precision, flags, history, sync, log)
         if world > 1:
             dist.barrier()
-    sync = _replica_digests(model, world)
-    metrics = history[-1]["eval"] if history else {}
-    if main_rank:
-        metrics = _save(run, mc, tc, out, ema, precision, flags, history, sync, log)
-    if world > 1:
-        dist.barrier()
-        dist.destroy_process_group()
-    return metrics
+            dist.destroy_process_group()
+        return metrics
+    finally:
+        torch.set_num_threads(threads_before)
 
 
 def _save(run: Run, mc: ModelConfig, tc: TrainConfig, out: Path, ema, precision: str, flags: list[str],
           history: list[dict], sync, log) -> dict[str, Any]:
     """Write the model directory (the weight average under --ema) with its fp32 metrics."""
     model = run.model.cpu()  # in place: `run` evaluates this model below
-    if ema is not None:  # the saved model is the weight average (what was evaluated)
+    if ema is not None:
         model.load_state_dict(ema.shadow, strict=False)
     model.to(memory_format=torch.contiguous_format)
     metrics = history[-1]["eval"] if history else {}

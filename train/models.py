@@ -1,9 +1,7 @@
-"""Hierarchical query models: a backbone, multi-scale tokens, per-level class queries, CAMP.
-
-Per level, one learnable query per class cross-attends to the backbone's tokens; a finer query adds its
-parent's attended query times a learned scale. CAMP: each finer query attends over the coarser queries with
-the coarser log-probabilities added to the attention logits, so the coarser prediction guides the finer one
-without forcing it. Attention is Linear projections + SDPA / plain matmuls, the form every target exports.
+"""Hierarchical query models: per level, one learnable query per class cross-attends to the backbone's multi-scale
+tokens; a finer query adds its parent's attended query times a learned scale. CAMP: each finer query attends over
+the coarser queries with the coarser log-probabilities added to the attention logits, so the coarser prediction
+guides the finer one without forcing it. Attention is Linear projections + SDPA / matmuls: every target exports it.
 """
 
 from __future__ import annotations
@@ -61,20 +59,15 @@ class ModelConfig:
 
 
 class Attention(nn.Module):
-    """Multi-head attention from separate Linear projections + SDPA (exports everywhere). No dropout on the
-    attention probabilities: with it CPU SDPA falls back from its fused kernel, and a Lite2 teacher step took
-    about 5x as long."""
+    """Multi-head attention. No dropout on the attention probabilities: with it CPU SDPA falls back from its
+    fused kernel, and a Lite2 teacher step took about 5x as long."""
 
     def __init__(self, d: int, heads: int):
         super().__init__()
         assert d % heads == 0, "d_model must be divisible by heads"
         self.h = heads
-        self.q = nn.Linear(d, d)
-        self.k = nn.Linear(d, d)
-        self.v = nn.Linear(d, d)
-        self.o = nn.Linear(d, d)
-        self.last_attn: torch.Tensor | None = None  # kept only when `keep_attn` (part selection, analysis)
-        self.keep_attn = False
+        self.q, self.k, self.v, self.o = (nn.Linear(d, d) for _ in range(4))
+        self.keep_attn, self.last_attn = False, None  # the attention map, kept for part selection / C2F
 
     def _split(self, x: torch.Tensor) -> torch.Tensor:
         b, n, d = x.shape
@@ -144,18 +137,6 @@ class GroupReadout(nn.Module):
         return (self.norm(q) * self.weight).sum(-1) + self.bias
 
 
-class CAMP(nn.Module):
-    """Finer queries attend over coarser queries; the coarser log-probabilities bias the attention."""
-
-    def __init__(self, d: int, heads: int, mult: int, dropout: float):
-        super().__init__()
-        self.block = CrossBlock(d, heads, mult, dropout)
-
-    def forward(self, fine_q: torch.Tensor, coarse_q: torch.Tensor, coarse_logp: torch.Tensor) -> torch.Tensor:
-        bias = coarse_logp[:, None, None, :]  # (B, heads, n_fine, n_coarse) by broadcast
-        return self.block(fine_q, coarse_q, bias)
-
-
 class HierarchicalQueryHead(nn.Module):
     """The per-level query heads with coarse-to-fine fusion and CAMP, on a token sequence."""
 
@@ -174,8 +155,9 @@ class HierarchicalQueryHead(nn.Module):
                                  persistent=False)
         # learned scale of the parent's query added to each finer query
         self.fuse_scale = nn.Parameter(torch.full((max(taxonomy.depth - 1, 1),), 0.5))
-        self.camp = nn.ModuleList(CAMP(d, cfg.heads, cfg.ffn_mult, cfg.dropout) for _ in range(taxonomy.depth - 1)) \
-            if cfg.camp else None
+        # CAMP per finer level: a cross block over the coarser queries (in a dict: the checkpoints' "camp.i.block")
+        self.camp = nn.ModuleList(nn.ModuleDict({"block": CrossBlock(d, cfg.heads, cfg.ffn_mult, cfg.dropout)})
+                                  for _ in range(taxonomy.depth - 1)) if cfg.camp else None
 
     def level(self, lvl: int, tokens: torch.Tensor, outs: list[torch.Tensor], logps: list[torch.Tensor],
               ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -186,19 +168,15 @@ class HierarchicalQueryHead(nn.Module):
             q = q + self.fuse_scale[lvl - 1] * outs[lvl - 1].index_select(1, getattr(self, f"parent_{lvl}"))
         for blk in self.cross[lvl]:
             q = blk(q, tokens)
-        if lvl > 0 and self.camp is not None:
-            q = self.camp[lvl - 1](q, outs[lvl - 1], logps[lvl - 1])
+        if lvl > 0 and self.camp is not None:  # the coarser log-probs bias the attention, (B, heads, n, n_coarse)
+            q = self.camp[lvl - 1]["block"](q, outs[lvl - 1], logps[lvl - 1][:, None, None, :])
         return q, self.readout[lvl](q)
 
     def forward(self, tokens: torch.Tensor, aux: dict | None = None, global_logits: list | None = None):
-        """Per-level log-probs; when `aux` is a dict it receives 'logits' and 'queries' per level.
-
-        `global_logits` (per level, from a linear read-out of globally pooled features) are added to
-        the query read-out before the softmax, so CAMP's prior already includes them.
-        """
+        """Per-level log-probs (`aux` receives 'logits' and 'queries' per level). `global_logits` are added to the
+        query read-out before the softmax, so CAMP's prior already includes them."""
         logps: list[torch.Tensor] = []
-        logits: list[torch.Tensor] = []
-        outs: list[torch.Tensor] = []
+        logits, outs = [], []
         for lvl in range(len(self.sizes)):
             q, lg = self.level(lvl, tokens, outs, logps)
             outs.append(q)
@@ -242,8 +220,7 @@ class BackboneModel(nn.Module):
 
     def __init__(self, taxonomy: Taxonomy, cfg: ModelConfig, pretrained: bool = True):
         super().__init__()
-        self.cfg = cfg
-        self.taxonomy = taxonomy
+        self.cfg, self.taxonomy = cfg, taxonomy
         self.backbone = create_backbone(cfg.backbone, pretrained=pretrained)
         self.backbone._fc = None
 
@@ -282,15 +259,15 @@ class HierarchicalQueryModel(BackboneModel):
         if aux is not None:
             aux["tokens"], aux["pooled"] = tokens, tokens.mean(1)
         glob = None
+        if -1 in feats and (aux is not None or self.cfg.global_head):
+            pooled_head = feats[-1].mean((2, 3), keepdim=True).flatten(1)  # keepdim: XNNPACK-delegable
         if aux is not None and -1 in feats:
-            # The embedding (DeployWrapper, few-shot enrollment): the pooled head conv, not the mean token nor
-            # the fine queries. The fine queries are one vector per *trained* class (a new product has none),
-            # and the 192-d tokens are a projection trained only to feed those queries; the 1280-d pooled head
-            # conv is what the global read-out's fine decision is a linear function of, and it keeps the
-            # generic ImageNet directions a product the heads never saw is told apart by.
-            aux["embedding"] = feats[-1].mean((2, 3), keepdim=True).flatten(1)  # keepdim: XNNPACK-delegable
+            # The embedding (DeployWrapper, few-shot enrollment) is the pooled head conv: the fine queries exist
+            # only for trained classes and the tokens only feed them, while the head conv keeps the generic
+            # ImageNet directions a product the heads never saw is told apart by.
+            aux["embedding"] = pooled_head
         if self.cfg.global_head:
-            g = self.global_drop(feats[-1].mean((2, 3), keepdim=True).flatten(1))  # keepdim: XNNPACK-delegable
+            g = self.global_drop(pooled_head)
             glob = [lin(g) for lin in self.global_head]
             if aux is not None:
                 aux["global_logits"] = glob  # for deep supervision of the flat read-out (loss global_ce)
@@ -305,12 +282,10 @@ class HierarchicalQueryModel(BackboneModel):
     @torch.no_grad()
     def initialize_from_data(self, labels: torch.Tensor, pooled: Callable[[list[int]], torch.Tensor],
                              per_class: int = 40) -> None:
-        """Query init from a weighted eigen-image of each class (cfg.query_init == "eigen"): from the
-        mean-pooled tokens z (`pooled(rows)`, view 0) of up to `per_class` training images under each node (images
-        labelled only above a level do not count there), q_c = mean_c + sum_{k<=K} r_k * s_k * v_k over the class's
-        leading K principal directions v_k (signed to project the mean positively), their standard deviations s_k
-        and explained-variance ratios r_k, rescaled to unit RMS.
-        """
+        """Query init (query_init "eigen"): from the mean-pooled tokens z (`pooled(rows)`) of up to `per_class`
+        training images under each node, q_c = mean_c + sum_{k<=K} r_k * s_k * v_k over the class's leading K
+        principal directions v_k (signed to project the mean positively), their standard deviations s_k and
+        explained-variance ratios r_k, rescaled to unit RMS."""
         g = torch.Generator().manual_seed(0)
         chosen: set[int] = set()
         for lvl in range(labels.shape[1]):
@@ -343,24 +318,12 @@ class HierarchicalQueryModel(BackboneModel):
 
 
 _ARCHS: Registry = Registry("architecture")
-register_arch = _ARCHS.add
+register_arch, list_archs = _ARCHS.add, _ARCHS.names
 register_arch("hsq_student", HierarchicalQueryModel)
 register_arch("hsq_teacher", HierarchicalQueryModel)
 
 
-def _register_components() -> None:
-    """The peers (flat, HRN) register themselves in train.components, which imports this module: it is
-    imported here, on first use, so `--arch flat` works whichever module the caller imported first."""
-    from . import components  # noqa: F401
-
-
-def list_archs() -> list[str]:
-    _register_components()
-    return _ARCHS.names()
-
-
 def build_model(taxonomy: Taxonomy, cfg: ModelConfig, pretrained: bool = True) -> nn.Module:
-    _register_components()
     return _ARCHS.get(cfg.arch)(taxonomy, cfg, pretrained=pretrained)
 
 
@@ -376,8 +339,7 @@ class DeployWrapper(nn.Module):
 
     def __init__(self, model: nn.Module, embedding: bool = True):
         super().__init__()
-        self.model = model
-        self.embedding = embedding
+        self.model, self.embedding = model, embedding
 
     def forward(self, image: torch.Tensor):
         x = normalize_uint8(image.permute(0, 3, 1, 2))
@@ -389,12 +351,11 @@ class DeployWrapper(nn.Module):
 
     @property
     def embedding_dim(self) -> int | None:
-        """Width of the embedding output (None without one)."""
         return self._probe[0] if self.embedding else None
 
     @property
     def embedding_feature(self) -> str | None:
-        """Which feature the embedding is, in words (None without one)."""
+        """Which feature the embedding is, in words."""
         return self._probe[1] if self.embedding else None
 
     @functools.cached_property
@@ -410,3 +371,6 @@ class DeployWrapper(nn.Module):
         if "embedding" in aux:
             return int(aux["embedding"].shape[-1]), "pooled head conv"
         return int(aux["pooled"].shape[-1]), "aux['pooled'] of the architecture"
+
+
+from . import components  # noqa: E402, F401  (registers the flat and HRN archs; it imports this module)

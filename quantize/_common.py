@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -13,9 +13,10 @@ import torch
 from converters import Artifact, ExportError, ExportSpec, export_model, finish_export
 from sdk import Taxonomy
 
+from .bias import bias_corrected
 from .calibration import ImageSet
 from .sensitivity import Plan
-from .sim import ALWAYS_FLOAT, DynamicScheme, Family, Ranges, families
+from .sim import ALWAYS_FLOAT, DynamicScheme, Family, Ranges, calibrate, dynamic_scheme, families
 
 # int8 parity floor at export: a sanity check that the artifact is not broken. The bar (>= 98.5 % fine
 # agreement, <= 0.5 pt fine top-1 loss, quantize.bar) is judged on the full evaluation sets in the report.
@@ -48,7 +49,8 @@ def failing_as(what: str):
 
 @dataclass
 class QuantContext:
-    """Everything a target needs: the fp32 model, the measured plan and the real-photo sets."""
+    """Everything a target is made from: the fp32 model, its real-photo sets, the measured plan and, for one
+    activation scheme, the bias-corrected int8 source model and the ranges the backends' observers see on it."""
 
     model: torch.nn.Module  # HierarchicalQueryModel, eval mode, fp32
     taxonomy: Taxonomy
@@ -56,8 +58,8 @@ class QuantContext:
     calibration: ImageSet
     parity: ImageSet  # real photos for the export-time parity check through the SDK
     plan: Plan
-    ranges: Ranges  # what the backends' observers see: activation ranges of the int8 source model
-    model_info: dict[str, Any] = field(default_factory=dict)
+    ranges: Ranges  # activation ranges of `int8_model` (before `for_scheme`: of the fp32 model)
+    model_info: dict[str, Any] = field(default_factory=dict)  # what every manifest records about the model
     log: Callable[[str], None] = print
     # the model int8 artifacts are made from: `model` with weight-rounding bias correction (quantize.bias)
     int8_model: torch.nn.Module | None = None
@@ -68,6 +70,25 @@ class QuantContext:
     # ExecuTorch's dynamic activation scheme, whose float layers the int8 model leaves unrounded
     # (None: static, calibrated int8 activations)
     dynamic: DynamicScheme | None = None
+    evals: dict[str, ImageSet] = field(default_factory=dict)  # the judging sets: val and the 20 % train slice
+    int8_shifts: dict[str, torch.Tensor] = field(default_factory=dict)  # mean output shift of int8 weight rounding
+    checkpoint: str = ""
+    data: str = ""
+    conf: dict[str, Any] = field(default_factory=dict)  # the checkpoint's config.json
+
+    def for_scheme(self, dynamic: bool = False) -> QuantContext:
+        """This context for static or (`dynamic`, `quantize.sim.DynamicScheme`) dynamic activations: the plan's
+        quantized families bias-corrected in a copy of the model (the dynamic scheme's float layers neither
+        rounded nor corrected), and the activation ranges of that copy."""
+        cal = self.calibration
+        scheme = dynamic_scheme(self.model, set(self.plan.quantized), cal.images) if dynamic else None
+        skip = scheme.float if scheme is not None else frozenset()
+        quantized = [f for f in self.families if f.name in self.plan.quantized]
+        int8_model, bc = bias_corrected(self.model, {k: v for k, v in self.int8_shifts.items() if k not in skip},
+                                        quantized, len(cal), cal.source)
+        self.log(f"bias correction: {bc.layers} layers (largest shift {bc.max_shift:.3g})")
+        return replace(self, int8_model=int8_model, ranges=calibrate(int8_model, cal.images), dynamic=scheme,
+                       model_info={**self.model_info, "bias_correction": bc.to_dict()})
 
     @property
     def families(self) -> list[Family]:

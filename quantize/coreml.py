@@ -11,10 +11,9 @@ import sys
 from collections import Counter
 from pathlib import Path
 
-from converters import tool_versions
 from converters.coreml import verify_package
 
-from ._common import QuantContext, QuantizeError, TargetResult, failing_as, finish_int8, fp32_artifact, int8_source_artifact
+from ._common import QuantContext, QuantizeError, TargetResult, failing_as, finish_int8, fp32_artifact
 from .recipes import CoreMLRecipe
 
 
@@ -50,9 +49,8 @@ def quantize(ctx: QuantContext, out_dir: Path, recipe: CoreMLRecipe) -> TargetRe
     import coremltools as ct
     import coremltools.optimize.coreml as cto
 
-    fp32 = fp32_artifact(ctx, "coreml", out_dir / "fp32" / "coreml")
-    corrected = corrected_for_coreml(ctx, recipe.weight_threshold)
-    src = int8_source_artifact(ctx, "coreml", out_dir / "fp32" / "coreml", corrected)
+    fp32 = fp32_artifact(ctx, "coreml", out_dir)
+    src = fp32_artifact(ctx, "coreml", out_dir, corrected_for_coreml(ctx, recipe.weight_threshold))
     ctx.log("coreml: linear_quantize_weights int8 per-channel symmetric")
     ml = ct.models.MLModel(str(src.path), skip_model_load=True)
     cfg = cto.OptimizationConfig(global_config=cto.OpLinearQuantizerConfig(
@@ -75,7 +73,7 @@ def quantize(ctx: QuantContext, out_dir: Path, recipe: CoreMLRecipe) -> TargetRe
     notes = [f"constexpr ops: {constexpr}", "spec reloaded and verified on " + sys.platform,
              "activation quantization (linear_quantize_activations) needs macOS: not produced here"]
     export = {**fp32.manifest.metrics.get("export", {}), "spec_check": checked, "op_types": dict(ops)}
-    return finish_int8(ctx, "coreml", path, fp32.manifest.size_bytes, tool_versions("coremltools"), scheme,
+    return finish_int8(ctx, "coreml", path, fp32.manifest.size_bytes, ("coremltools",), scheme,
                        float_layers, notes, export=export,
                        no_parity=None if sys.platform == "darwin" else "Core ML prediction needs macOS",
                        result_extra={"constexpr_ops": constexpr})

@@ -12,10 +12,7 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
-from converters import tool_versions
-
-from ._common import (QuantContext, QuantizeError, TargetResult, failing_as, finish_int8, fp32_artifact,
-                      int8_source_artifact)
+from ._common import QuantContext, QuantizeError, TargetResult, failing_as, finish_int8, fp32_artifact
 from .recipes import OnnxRecipe
 from .sim import ATTENTION, Family
 
@@ -134,8 +131,8 @@ def quantize(ctx: QuantContext, out_dir: Path, recipe: OnnxRecipe) -> TargetResu
     import onnx
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
-    fp32 = fp32_artifact(ctx, "onnx", out_dir / "fp32" / "onnx")
-    src = int8_source_artifact(ctx, "onnx", out_dir / "fp32" / "onnx")
+    fp32 = fp32_artifact(ctx, "onnx", out_dir)
+    src = fp32_artifact(ctx, "onnx", out_dir, ctx.int8_model)
     # ORT's recommended pre-pass: shape inference + graph optimizations (constant folding, fusions)
     # on the fp32 graph, so the quantizer sees the graph ORT will run
     pre = out_dir / "fp32" / "onnx-preprocessed.onnx"
@@ -166,5 +163,5 @@ def quantize(ctx: QuantContext, out_dir: Path, recipe: OnnxRecipe) -> TargetResu
     # read by the SDK at load time: on x86 without VNNI the fused kernels saturate signed int8 weights,
     # so the SDK runs such a graph unfused there
     types = {"activations": "uint8", "weights": "int8", "reduce_range": False}
-    return finish_int8(ctx, "onnx", path, fp32.manifest.size_bytes, tool_versions("onnx", "onnxruntime"), scheme,
+    return finish_int8(ctx, "onnx", path, fp32.manifest.size_bytes, ("onnx", "onnxruntime"), scheme,
                        float_layers, notes, extra={"onnx_types": types}, result_extra={"excluded_nodes": excl})

@@ -14,9 +14,8 @@ import numpy as np
 from converters import parity, run_batched
 from sdk import Classifier, Manifest
 
-from ._common import QuantContext, QuantizeError, TargetResult
+from ._common import QuantContext, QuantizeError, TargetResult, prepare_context
 from .bar import MAX_SIZE_RATIO, MAX_TOP1_DROP, MIN_AGREEMENT, meets_bar
-from .prepare import prepare_context
 from .recipes import resolve_recipes
 from .sensitivity import disagreements, fine_kl
 from .sim import model_logprobs, simulate

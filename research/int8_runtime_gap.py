@@ -90,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"{a.checkpoint}: not a directory")
 
     from quantize.executorch import convert, quantized_module_names, xnnpack_quantizer
-    from quantize.prepare import prepare_context
+    from quantize.run import prepare_context
     from quantize.sim import model_logprobs
     from quantize.tflite import litert_quantizer
     from train.metrics import compute_metrics

@@ -186,7 +186,7 @@ def prepare(ctx: QuantContext, make_quantizer: Callable[[bool], Any], ranges: st
     # nor the int8 source model the post-training artifacts come from
     # QAT starts where post-training int8 starts: the int8 source model (bias-corrected), so step 0 is
     # the PTQ model and training only has to improve on it
-    student = copy.deepcopy(ctx.deploy(int8=True))
+    student = copy.deepcopy(ctx.deploy(ctx.int8_model))
     gm = torch.export.export(student, (example,), dynamic_shapes={"image": {0: batch}}).module()
     # BatchNorm folded into the convs with its eval statistics, exactly as prepare_pt2e does for PTQ:
     # the annotated graph is the PTQ graph, BN stays frozen by construction, and the fake-quantized

@@ -6,7 +6,7 @@
 `python research/qat.py` judges the lowered artifact after training. This looks inside: for
 each activation-range scheme of `research.qat.prepare` (`ptq`: the post-training histogram ranges,
 frozen; `minmax`: min/max over the calibration photos, then moving averages) it builds the ExecuTorch
-QAT graph from the same context `python -m quantize` uses (`quantize.prepare.prepare_context`: calibration,
+QAT graph from the same context `python -m quantize` uses (`quantize.run.prepare_context`: calibration,
 plan, bias correction), judges it before training, then for each learning rate trains a copy with
 `research.qat.train` (KL to fp32, AdamW, random crop + flip) on `--images` training photos outside the
 20 % slice and judges it after every epoch. Judged on all of `val` and the slice against fp32: fine
@@ -64,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
     a = p.parse_args(argv)
 
     from quantize.executorch import quantized_module_names, xnnpack_quantizer
-    from quantize.prepare import prepare_context
+    from quantize.run import prepare_context
     from research import qat as Q
     from quantize.sim import model_logprobs
 

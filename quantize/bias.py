@@ -69,11 +69,7 @@ def rounding_shifts(model: nn.Module, images: np.ndarray, fams: list[Family], ba
             sums[name] = sums.get(name, 0) + e.sum(0)
             counts[name] = counts.get(name, 0) + e.shape[0]
         hooks.append(layer.register_forward_hook(hook))
-    was_training = model.training
-    try:
-        feed(model, images, hooks, batch)
-    finally:
-        model.train(was_training)
+    feed(model, images, hooks, batch)
     return {n: (sums[n] / counts[n]).float() for n in layers if n in sums}
 
 

@@ -105,11 +105,10 @@ def fold_pads(proto) -> int:
         pads = numpy_helper.to_array(inits[pad.input[1]]).tolist()  # [x1_begin, x2_begin, ..., x1_end, ...]
         if (mode != b"constant" or (len(pad.input) > 2 and pad.input[2] and pad.input[2] not in inits)
                 or float(value) != 0.0 or len(pads) != 8 or any(pads[i] for i in (0, 1, 4, 5)) or min(pads) < 0
-                or len(users) != 1 or users[0].op_type != "Conv" or users[0].input[0] != pad.output[0]):
+                or len(users) != 1 or users[0].op_type != "Conv" or users[0].input[0] != pad.output[0]
+                or any(a.name == "auto_pad" and a.s not in (b"", b"NOTSET") for a in users[0].attribute)):
             continue
         conv = users[0]
-        if any(a.name == "auto_pad" and a.s not in (b"", b"NOTSET") for a in conv.attribute):
-            continue
         old = next((list(a.ints) for a in conv.attribute if a.name == "pads"), [0, 0, 0, 0])
         new = [old[0] + pads[2], old[1] + pads[3], old[2] + pads[6], old[3] + pads[7]]
         kept = [a for a in conv.attribute if a.name != "pads"]
@@ -141,9 +140,8 @@ def quantize(ctx: QuantContext, out_dir: Path, recipe: OnnxRecipe) -> TargetResu
     if fold_pads(proto):
         onnx.save(proto, str(pre))
     excl, why = excluded_nodes(proto, ctx.float_layer_families, ATTENTION in ctx.plan.quantized)
-    int8_dir = out_dir / "onnx"
-    int8_dir.mkdir(parents=True, exist_ok=True)
-    path = int8_dir / "model.onnx"
+    path = out_dir / "onnx" / "model.onnx"
+    path.parent.mkdir(parents=True, exist_ok=True)
     ctx.log(f"onnx: quantize_static QDQ per-channel on {len(ctx.calibration)} photos, "
             f"{len(excl)} Conv/MatMul nodes kept float")
     with failing_as("onnxruntime quantize_static"):

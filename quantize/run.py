@@ -184,16 +184,16 @@ class Int8Run:
                                  "fine_top1_drop": judged["fine_top1_drop"], "size_ratio": rec["size_ratio"]}
             chosen = pick_fastest({k: c for k, c in cands.items() if "error" not in c})
             shutil.rmtree(self.out / t, ignore_errors=True)
-            for scheme, (res, _, _) in built.items():
+            for scheme, (res, rec, _) in built.items():
                 if scheme != chosen:
                     shutil.rmtree(res.int8_dir)
+                else:
+                    res.int8_dir = res.int8_dir.rename(self.out / t)
+                    rec["int8_dir"] = str(res.int8_dir)
             self.log(f"{t} activations (auto): " + ", ".join(
                 f"{k} {c['median_ms']:.2f} ms, bar {'met' if c['meets_bar'] else 'not met'}" if "error" not in c
                 else f"{k} failed" for k, c in cands.items()) + f" -> {chosen}")
         res, rec, self.contexts[t] = built[chosen]
-        if requested == "auto":
-            res.int8_dir = res.int8_dir.rename(self.out / t)
-            rec["int8_dir"] = str(res.int8_dir)
         if chosen in lat:
             rec["latency"] = lat[chosen]
         m = Manifest.load(res.int8_dir)

@@ -158,13 +158,6 @@ def fp32_artifact(ctx: QuantContext, target: str, out_dir: Path, model: torch.nn
     return ctx.fp32_exports[target]
 
 
-def _trained_without_slice(checkpoint: Path, conf: dict[str, Any]) -> bool:
-    """Did training hold out the same 20 % stratified train slice (seed 0) that int8 is judged on?"""
-    tc = conf.get("train", {})
-    return ((checkpoint / "holdout.txt").is_file() and abs(float(tc.get("holdout_fraction", 0)) - 0.2) < 1e-9
-            and int(tc.get("seed", 0)) == 0 and tc.get("train_split", "train") == "train")
-
-
 def prepare_context(checkpoint: str | Path, data: str, targets: Sequence[str], n_calibration: int = 300,
                     n_sensitivity: int = 200, eval_limit: int = 0, n_parity: int = 64,
                     log: Callable[[str], None] = print) -> QuantContext:
@@ -177,7 +170,9 @@ def prepare_context(checkpoint: str | Path, data: str, targets: Sequence[str], n
     model, cfg, tax, conf = load_model(checkpoint)
     size = cfg.image_size
     log(f"decoding real photos at {size} px (calibration {n_calibration}, sensitivity {n_sensitivity})")
-    held_out = _trained_without_slice(Path(checkpoint), conf)
+    tc = conf.get("train", {})  # did training hold out the 20 % stratified slice (seed 0) int8 is judged on?
+    held_out = ((Path(checkpoint) / "holdout.txt").is_file() and abs(float(tc.get("holdout_fraction", 0)) - 0.2) < 1e-9
+                and int(tc.get("seed", 0)) == 0 and tc.get("train_split", "train") == "train")
     cal, sen = calibration_sets(data, size, tax, n_calibration, n_sensitivity, sensitivity_from_slice=held_out)
     evals = evaluation_sets(data, size, tax, limit=eval_limit)
     log(f"calibrating activation ranges on {cal.source}")

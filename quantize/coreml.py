@@ -14,6 +14,7 @@ from pathlib import Path
 from converters.coreml import verify_package
 
 from ._common import QuantContext, QuantizeError, TargetResult, failing_as, finish_int8, fp32_artifact
+from .bias import bias_corrected
 from .recipes import CoreMLRecipe
 
 
@@ -34,23 +35,18 @@ def op_types(path: Path) -> Counter:
     return ops
 
 
-def corrected_for_coreml(ctx: QuantContext, weight_threshold: int):
-    """Bias correction only where coremltools rounds: it leaves weights of at most `weight_threshold`
-    elements (early depthwise filters, biases) in float, and a layer that is not rounded must not be
-    corrected."""
-    from .bias import bias_corrected
-    sizes = {n: m.weight.numel() for n, m in ctx.model.named_modules() if hasattr(m, "weight") and m.weight is not None}
-    shifts = {n: e for n, e in (ctx.coreml_shifts or {}).items() if sizes.get(n, 0) > weight_threshold}
-    return bias_corrected(ctx.model, shifts, [f for f in ctx.families if f.prefixes])[0]
-
-
 def quantize(ctx: QuantContext, out_dir: Path, recipe: CoreMLRecipe) -> TargetResult:
     """fp32 package (converters.coreml) -> int8 weights -> `<out_dir>/coreml/model.mlpackage`, spec verified."""
     import coremltools as ct
     import coremltools.optimize.coreml as cto
 
     fp32 = fp32_artifact(ctx, "coreml", out_dir)
-    src = fp32_artifact(ctx, "coreml", out_dir, corrected_for_coreml(ctx, recipe.weight_threshold))
+    # bias correction only where coremltools rounds: it leaves weights of at most `weight_threshold` elements
+    # (early depthwise filters, biases) float, and a layer that is not rounded must not be corrected
+    sizes = {n: m.weight.numel() for n, m in ctx.model.named_modules() if getattr(m, "weight", None) is not None}
+    shifts = {n: e for n, e in (ctx.coreml_shifts or {}).items() if sizes.get(n, 0) > recipe.weight_threshold}
+    corrected = bias_corrected(ctx.model, shifts, [f for f in ctx.families if f.prefixes])[0]
+    src = fp32_artifact(ctx, "coreml", out_dir, corrected)
     ctx.log("coreml: linear_quantize_weights int8 per-channel symmetric")
     ml = ct.models.MLModel(str(src.path), skip_model_load=True)
     cfg = cto.OptimizationConfig(global_config=cto.OpLinearQuantizerConfig(

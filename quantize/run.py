@@ -32,16 +32,13 @@ def sdk_logprobs(directory: Path, images: np.ndarray, batch: int = 16) -> list[n
     return run_batched(Classifier.load(directory).logprobs, images, batch)
 
 
-def _metrics_subset(m: dict[str, float]) -> dict[str, float]:
-    return {k: v for k, v in m.items() if k.startswith("top1/") or k in ("full_path", "n")}
-
-
 def _split_record(taxonomy, source: str, labels, names, lp, lp32, lp_sim) -> dict[str, Any]:
     """int8 (`lp`) against fp32 (`lp32`) and the PyTorch simulation (`lp_sim`) on one set of photos."""
     from train.metrics import compute_metrics
     fine = taxonomy.level_names[-1]
     m8, m32 = compute_metrics(taxonomy, lp, labels), compute_metrics(taxonomy, lp32, labels)
-    return {"images": source, "fp32": _metrics_subset(m32), "int8": _metrics_subset(m8),
+    subset = lambda m: {k: v for k, v in m.items() if k.startswith("top1/") or k in ("full_path", "n")}  # noqa: E731
+    return {"images": source, "fp32": subset(m32), "int8": subset(m8),
             "fine_top1_drop": m32[f"top1/{fine}"] - m8[f"top1/{fine}"], "agreement_with_fp32": parity(lp32, lp, taxonomy),
             "agreement_with_pytorch_simulation": parity(lp_sim, lp, taxonomy),
             "disagreements": disagreements(taxonomy, lp32, lp, names=names), "fine_kl_to_fp32": fine_kl(lp32, lp)}

@@ -62,19 +62,16 @@ def judge(res: TargetResult, evals, fp32_lp, sim_lp, taxonomy, sim_weights_only=
                            **res.extra}
     lps = {split: sdk_logprobs(res.int8_dir, s.images) if res.runnable_here else sim_weights_only[split]
            for split, s in evals.items()}
-    for split, s in evals.items():
-        rec["splits"][split] = _split_record(taxonomy, s.source, s.labels, s.names, lps[split], fp32_lp[split],
-                                             sim_lp[split])
+    rec["splits"] = {split: _split_record(taxonomy, s.source, s.labels, s.names, lps[split], fp32_lp[split],
+                                          sim_lp[split]) for split, s in evals.items()}
     if len(evals) > 1:
         cat = lambda d: [np.concatenate([d[k][lvl] for k in evals]) for lvl in range(taxonomy.depth)]  # noqa: E731
         rec["pooled"] = _split_record(
             taxonomy, " + ".join(evals), np.concatenate([s.labels for s in evals.values()]),
             tuple(n for s in evals.values() for n in s.names), cat(lps), cat(fp32_lp), cat(sim_lp))
     judged = _judged(rec)
-    ok = meets_bar(judged["agreement_with_fp32"][f"agreement/{fine}"], judged["fine_top1_drop"])
-    if rec["size_ratio"] is not None:
-        ok &= rec["size_ratio"] <= MAX_SIZE_RATIO
-    rec["meets_bar"] = bool(ok)
+    rec["meets_bar"] = bool(meets_bar(judged["agreement_with_fp32"][f"agreement/{fine}"], judged["fine_top1_drop"])
+                            and (rec["size_ratio"] is None or rec["size_ratio"] <= MAX_SIZE_RATIO))
     return rec
 
 

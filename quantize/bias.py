@@ -18,7 +18,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .sim import OBSERVER_EPS, Family, bn_after, feed, fold_factors, fq_weight
+from .sim import OBSERVER_EPS, Family, bn_after, feed, fold_factors, fq_weight, layers_of
 
 
 @dataclass
@@ -56,8 +56,7 @@ def rounding_shifts(model: nn.Module, images: np.ndarray, fams: list[Family], ba
     `weight_eps`: the observers' scale clamp (0 for Core ML's rounding)."""
     targets = targets or {}
     folds = fold_factors(model)
-    layers = {n: m for n, m in model.named_modules()
-              if isinstance(m, (nn.Conv2d, nn.Linear)) and any(f.owns(n) for f in fams)}
+    layers = layers_of(model, fams)
     sums: dict[str, torch.Tensor] = {}
     counts: dict[str, int] = {}
     hooks = []

@@ -18,14 +18,13 @@ from sdk import atomic_write
 
 from ._common import QuantContext, QuantizeError, TargetResult, failing_as, finish_int8, fp32_artifact
 from .recipes import ExecuTorchRecipe
-from .sim import BN_AFTER
+from .sim import BN_AFTER, layers_of
 
 
 def quantized_module_names(ctx: QuantContext) -> list[str]:
     """FQNs (inside DeployWrapper) of the Conv2d/Linear layers the plan quantizes."""
     fams = [f for f in ctx.families if f.prefixes and f.name in ctx.plan.quantized]
-    return [f"model.{n}" for n, m in ctx.model.named_modules()
-            if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear)) and any(f.owns(n) for f in fams)]
+    return [f"model.{n}" for n in layers_of(ctx.model, fams)]
 
 
 def layer_filter(names: list[str]):

@@ -36,6 +36,12 @@ class Family:
         return any(module_name == p or module_name.startswith(p + ".") for p in self.prefixes)
 
 
+def layers_of(model: nn.Module, fams: list[Family]) -> dict[str, nn.Module]:
+    """The Conv2d / Linear layers of `model` the families `fams` own, by module name."""
+    return {n: m for n, m in model.named_modules()
+            if isinstance(m, (nn.Conv2d, nn.Linear)) and any(f.owns(n) for f in fams)}
+
+
 def backbone_families(backbone: nn.Module) -> list[Family]:
     """The backbone's families, in graph order (module prefixes under `backbone.`): the stem, each
     EfficientNet stage (the blocks between two changes of output width) and the head conv on their own,
@@ -209,9 +215,7 @@ def dynamic_scheme(model: nn.Module, quantized: set[str], images: np.ndarray) ->
     fams = [f for f in families(model) if f.prefixes and f.name in quantized]
     const = image_independent_layers(model, images)
     dyn, static, flt, why = set(), set(), set(), {}
-    for name, m in model.named_modules():
-        if not isinstance(m, (nn.Conv2d, nn.Linear)) or not any(f.owns(name) for f in fams):
-            continue
+    for name, m in layers_of(model, fams).items():
         if is_depthwise(m):
             flt.add(name)
             why[name] = "depthwise: XNNPACK has no dynamically quantized depthwise conv"
@@ -298,8 +302,9 @@ def simulate(model: nn.Module, ranges: Ranges, quantized: set[str], weights_only
         apply_shifts(sim, shifts, layer_fams)
     folds = fold_factors(sim)
     mods = dict(sim.named_modules())
+    rounded = set(layers_of(sim, layer_fams)) - unrounded
     for name, m in mods.items():
-        if isinstance(m, (nn.Conv2d, nn.Linear)) and any(f.owns(name) for f in layer_fams) and name not in unrounded:
+        if name in rounded:
             with torch.no_grad():
                 m.weight.copy_(fq_weight(m.weight, folds.get(name), weight_eps))
             if dynamic is not None and name in dynamic.dynamic:

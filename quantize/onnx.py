@@ -153,8 +153,7 @@ def quantize(ctx: QuantContext, out_dir: Path, recipe: OnnxRecipe) -> TargetResu
     if n_q == 0:
         raise QuantizeError("quantize_static inserted no QuantizeLinear node: nothing was quantized")
     onnx.save(q, str(path))
-    fams = sorted(set(why))
-    float_layers = [f"{f} ({why.count(f)} nodes)" for f in fams] + \
+    float_layers = [f"{f} ({why.count(f)} nodes)" for f in sorted(set(why))] + \
         ["LayerNorm, softmax, residual adds, log-softmax (ops not quantized)"]
     scheme = "onnxruntime quantize_static, QDQ, U8 activations / S8 weights per channel, MinMax calibration"
     notes = [f"{n_q} QuantizeLinear nodes"]

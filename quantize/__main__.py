@@ -11,7 +11,7 @@ from .recipes import ACTIVATIONS, TARGETS, ExecuTorchRecipe
 from .run import SPEED_TIE, quantize_checkpoint
 
 
-def parser() -> argparse.ArgumentParser:
+def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m quantize",
                                 description="int8 post-training quantization with an accuracy report.")
     p.add_argument("--checkpoint", required=True, help="model directory written by `python -m train`")
@@ -26,11 +26,7 @@ def parser() -> argparse.ArgumentParser:
                         "depthwise convs and the stem stay float), or auto (default): both built, judged and timed (batch 1, "
                         "one thread), the fastest that meets the int8 bar kept (within "
                         f"{SPEED_TIE * 100:.0f} %% of it: the one agreeing more with fp32)")
-    return p
-
-
-def main(argv: list[str] | None = None) -> int:
-    a = parser().parse_args(argv)
+    a = p.parse_args(argv)
     targets = [t.strip() for t in a.targets.split(",") if t.strip()]
     warnings.simplefilter("default")
     recipes = {"executorch": ExecuTorchRecipe(a.executorch_activations)} if "executorch" in targets else None

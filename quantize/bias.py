@@ -18,7 +18,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .sim import OBSERVER_EPS, Family, bn_after, feed, fold_factors, fq_weight
+from .sim import OBSERVER_EPS, Family, bn_after, feed, fold_factors, fq_weight, layers_of
 
 
 @dataclass
@@ -56,8 +56,7 @@ def rounding_shifts(model: nn.Module, images: np.ndarray, fams: list[Family], ba
     `weight_eps`: the observers' scale clamp (0 for Core ML's rounding)."""
     targets = targets or {}
     folds = fold_factors(model)
-    layers = {n: m for n, m in model.named_modules()
-              if isinstance(m, (nn.Conv2d, nn.Linear)) and any(f.owns(n) for f in fams)}
+    layers = layers_of(model, fams)
     sums: dict[str, torch.Tensor] = {}
     counts: dict[str, int] = {}
     hooks = []
@@ -69,11 +68,7 @@ def rounding_shifts(model: nn.Module, images: np.ndarray, fams: list[Family], ba
             sums[name] = sums.get(name, 0) + e.sum(0)
             counts[name] = counts.get(name, 0) + e.shape[0]
         hooks.append(layer.register_forward_hook(hook))
-    was_training = model.training
-    try:
-        feed(model, images, hooks, batch)
-    finally:
-        model.train(was_training)
+    feed(model, images, hooks, batch)
     return {n: (sums[n] / counts[n]).float() for n in layers if n in sums}
 
 

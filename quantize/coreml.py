@@ -11,10 +11,10 @@ import sys
 from collections import Counter
 from pathlib import Path
 
-from converters import tool_versions
 from converters.coreml import verify_package
 
-from ._common import QuantContext, QuantizeError, TargetResult, failing_as, finish_int8, fp32_artifact, int8_source_artifact
+from ._common import QuantContext, QuantizeError, TargetResult, failing_as, finish_int8, fp32_artifact
+from .bias import bias_corrected
 from .recipes import CoreMLRecipe
 
 
@@ -35,24 +35,18 @@ def op_types(path: Path) -> Counter:
     return ops
 
 
-def corrected_for_coreml(ctx: QuantContext, weight_threshold: int):
-    """Bias correction only where coremltools rounds: it leaves weights of at most `weight_threshold`
-    elements (early depthwise filters, biases) in float, and a layer that is not rounded must not be
-    corrected."""
-    from .bias import bias_corrected
-    sizes = {n: m.weight.numel() for n, m in ctx.model.named_modules() if hasattr(m, "weight") and m.weight is not None}
-    shifts = {n: e for n, e in (ctx.coreml_shifts or {}).items() if sizes.get(n, 0) > weight_threshold}
-    return bias_corrected(ctx.model, shifts, [f for f in ctx.families if f.prefixes])[0]
-
-
 def quantize(ctx: QuantContext, out_dir: Path, recipe: CoreMLRecipe) -> TargetResult:
     """fp32 package (converters.coreml) -> int8 weights -> `<out_dir>/coreml/model.mlpackage`, spec verified."""
     import coremltools as ct
     import coremltools.optimize.coreml as cto
 
-    fp32 = fp32_artifact(ctx, "coreml", out_dir / "fp32" / "coreml")
-    corrected = corrected_for_coreml(ctx, recipe.weight_threshold)
-    src = int8_source_artifact(ctx, "coreml", out_dir / "fp32" / "coreml", corrected)
+    fp32 = fp32_artifact(ctx, "coreml", out_dir)
+    # bias correction only where coremltools rounds: it leaves weights of at most `weight_threshold` elements
+    # (early depthwise filters, biases) float, and a layer that is not rounded must not be corrected
+    sizes = {n: m.weight.numel() for n, m in ctx.model.named_modules() if getattr(m, "weight", None) is not None}
+    shifts = {n: e for n, e in (ctx.coreml_shifts or {}).items() if sizes.get(n, 0) > recipe.weight_threshold}
+    corrected = bias_corrected(ctx.model, shifts, [f for f in ctx.families if f.prefixes])[0]
+    src = fp32_artifact(ctx, "coreml", out_dir, corrected)
     ctx.log("coreml: linear_quantize_weights int8 per-channel symmetric")
     ml = ct.models.MLModel(str(src.path), skip_model_load=True)
     cfg = cto.OptimizationConfig(global_config=cto.OpLinearQuantizerConfig(
@@ -75,7 +69,7 @@ def quantize(ctx: QuantContext, out_dir: Path, recipe: CoreMLRecipe) -> TargetRe
     notes = [f"constexpr ops: {constexpr}", "spec reloaded and verified on " + sys.platform,
              "activation quantization (linear_quantize_activations) needs macOS: not produced here"]
     export = {**fp32.manifest.metrics.get("export", {}), "spec_check": checked, "op_types": dict(ops)}
-    return finish_int8(ctx, "coreml", path, fp32.manifest.size_bytes, tool_versions("coremltools"), scheme,
+    return finish_int8(ctx, "coreml", path, fp32.manifest.size_bytes, ("coremltools",), scheme,
                        float_layers, notes, export=export,
                        no_parity=None if sys.platform == "darwin" else "Core ML prediction needs macOS",
                        result_extra={"constexpr_ops": constexpr})

@@ -13,20 +13,18 @@ from pathlib import Path
 
 import torch
 
-from converters import tool_versions
 from converters.executorch import check_delegation, delegate_count, lower_to_xnnpack
 from sdk import atomic_write
 
 from ._common import QuantContext, QuantizeError, TargetResult, failing_as, finish_int8, fp32_artifact
 from .recipes import ExecuTorchRecipe
-from .sim import BN_AFTER
+from .sim import BN_AFTER, layers_of
 
 
 def quantized_module_names(ctx: QuantContext) -> list[str]:
     """FQNs (inside DeployWrapper) of the Conv2d/Linear layers the plan quantizes."""
     fams = [f for f in ctx.families if f.prefixes and f.name in ctx.plan.quantized]
-    return [f"model.{n}" for n, m in ctx.model.named_modules()
-            if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear)) and any(f.owns(n) for f in fams)]
+    return [f"model.{n}" for n in layers_of(ctx.model, fams)]
 
 
 def layer_filter(names: list[str]):
@@ -125,7 +123,7 @@ def convert(ctx: QuantContext, quantizer, fold_quantize: bool = True) -> torch.f
     photos one at a time -> convert_pt2e. The result runs in PyTorch (quantize/dequantize around float
     ops: the quantizer's arithmetic without a backend's kernels), and it is what the backends lower."""
     from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e
-    gm = torch.export.export(ctx.deploy(int8=True), (ctx.example(),)).module()
+    gm = torch.export.export(ctx.deploy(ctx.int8_model), (ctx.example(),)).module()
     return convert_pt2e(calibrated(gm, quantizer, ctx.calibration.images), fold_quantize=fold_quantize)
 
 
@@ -149,15 +147,14 @@ def finish_pte(ctx: QuantContext, path: Path, edge, ops, fp32_size: int | None, 
              "no quantize/dequantize op outside the delegate (asserted)"]
     export = {"fixed_batch": 1, "delegate": "XnnpackPartitioner", "portable_ops": dict(sorted(ops.items())),
               "thread_safe": False}
-    versions = tool_versions("executorch", "torchao")
-    return finish_int8(ctx, "executorch", path, fp32_size, versions, scheme, float_layers, notes, extra=extra,
-                       export=export)
+    return finish_int8(ctx, "executorch", path, fp32_size, ("executorch", "torchao"), scheme, float_layers, notes,
+                       extra=extra, export=export)
 
 
 def quantize(ctx: QuantContext, out_dir: Path, recipe: ExecuTorchRecipe) -> TargetResult:
     """fp32 export (converters.executorch) for size, then pt2e int8 -> `<out_dir>/executorch/model.pte`.
     Static or dynamic as `ctx.dynamic` says: the run resolves `recipe.activations` into the context."""
-    fp32 = fp32_artifact(ctx, "executorch", out_dir / "fp32" / "executorch")
+    fp32 = fp32_artifact(ctx, "executorch", out_dir)
     names = quantized_module_names(ctx)
     dyn = ctx.dynamic
     dynamic = [n for n in names if dyn is not None and n.removeprefix("model.") in dyn.dynamic]

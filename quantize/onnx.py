@@ -12,10 +12,7 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
-from converters import tool_versions
-
-from ._common import (QuantContext, QuantizeError, TargetResult, failing_as, finish_int8, fp32_artifact,
-                      int8_source_artifact)
+from ._common import QuantContext, QuantizeError, TargetResult, failing_as, finish_int8, fp32_artifact
 from .recipes import OnnxRecipe
 from .sim import ATTENTION, Family
 
@@ -108,11 +105,10 @@ def fold_pads(proto) -> int:
         pads = numpy_helper.to_array(inits[pad.input[1]]).tolist()  # [x1_begin, x2_begin, ..., x1_end, ...]
         if (mode != b"constant" or (len(pad.input) > 2 and pad.input[2] and pad.input[2] not in inits)
                 or float(value) != 0.0 or len(pads) != 8 or any(pads[i] for i in (0, 1, 4, 5)) or min(pads) < 0
-                or len(users) != 1 or users[0].op_type != "Conv" or users[0].input[0] != pad.output[0]):
+                or len(users) != 1 or users[0].op_type != "Conv" or users[0].input[0] != pad.output[0]
+                or any(a.name == "auto_pad" and a.s not in (b"", b"NOTSET") for a in users[0].attribute)):
             continue
         conv = users[0]
-        if any(a.name == "auto_pad" and a.s not in (b"", b"NOTSET") for a in conv.attribute):
-            continue
         old = next((list(a.ints) for a in conv.attribute if a.name == "pads"), [0, 0, 0, 0])
         new = [old[0] + pads[2], old[1] + pads[3], old[2] + pads[6], old[3] + pads[7]]
         kept = [a for a in conv.attribute if a.name != "pads"]
@@ -134,8 +130,8 @@ def quantize(ctx: QuantContext, out_dir: Path, recipe: OnnxRecipe) -> TargetResu
     import onnx
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
-    fp32 = fp32_artifact(ctx, "onnx", out_dir / "fp32" / "onnx")
-    src = int8_source_artifact(ctx, "onnx", out_dir / "fp32" / "onnx")
+    fp32 = fp32_artifact(ctx, "onnx", out_dir)
+    src = fp32_artifact(ctx, "onnx", out_dir, ctx.int8_model)
     # ORT's recommended pre-pass: shape inference + graph optimizations (constant folding, fusions)
     # on the fp32 graph, so the quantizer sees the graph ORT will run
     pre = out_dir / "fp32" / "onnx-preprocessed.onnx"
@@ -144,9 +140,8 @@ def quantize(ctx: QuantContext, out_dir: Path, recipe: OnnxRecipe) -> TargetResu
     if fold_pads(proto):
         onnx.save(proto, str(pre))
     excl, why = excluded_nodes(proto, ctx.float_layer_families, ATTENTION in ctx.plan.quantized)
-    int8_dir = out_dir / "onnx"
-    int8_dir.mkdir(parents=True, exist_ok=True)
-    path = int8_dir / "model.onnx"
+    path = out_dir / "onnx" / "model.onnx"
+    path.parent.mkdir(parents=True, exist_ok=True)
     ctx.log(f"onnx: quantize_static QDQ per-channel on {len(ctx.calibration)} photos, "
             f"{len(excl)} Conv/MatMul nodes kept float")
     with failing_as("onnxruntime quantize_static"):
@@ -158,13 +153,12 @@ def quantize(ctx: QuantContext, out_dir: Path, recipe: OnnxRecipe) -> TargetResu
     if n_q == 0:
         raise QuantizeError("quantize_static inserted no QuantizeLinear node: nothing was quantized")
     onnx.save(q, str(path))
-    fams = sorted(set(why))
-    float_layers = [f"{f} ({why.count(f)} nodes)" for f in fams] + \
+    float_layers = [f"{f} ({why.count(f)} nodes)" for f in sorted(set(why))] + \
         ["LayerNorm, softmax, residual adds, log-softmax (ops not quantized)"]
     scheme = "onnxruntime quantize_static, QDQ, U8 activations / S8 weights per channel, MinMax calibration"
     notes = [f"{n_q} QuantizeLinear nodes"]
     # read by the SDK at load time: on x86 without VNNI the fused kernels saturate signed int8 weights,
     # so the SDK runs such a graph unfused there
     types = {"activations": "uint8", "weights": "int8", "reduce_range": False}
-    return finish_int8(ctx, "onnx", path, fp32.manifest.size_bytes, tool_versions("onnx", "onnxruntime"), scheme,
+    return finish_int8(ctx, "onnx", path, fp32.manifest.size_bytes, ("onnx", "onnxruntime"), scheme,
                        float_layers, notes, extra={"onnx_types": types}, result_extra={"excluded_nodes": excl})

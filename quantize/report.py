@@ -13,13 +13,6 @@ def _pct(x) -> str:
     return "–" if x is None else f"{100 * x:.2f}"
 
 
-def _bias_line(bc: dict[str, Any]) -> str:
-    skipped = f"; {len(bc['skipped'])} quantized layers had no bias to take it" if bc["skipped"] else ""
-    return (f"- bias correction: the mean output shift of int8 weight rounding, measured per channel on "
-            f"{bc['images']}, folded into the biases of {bc['layers']} quantized layers (largest shift "
-            f"{bc['max_shift']:.3g}){skipped}; int8 is made from that copy, judged against the unmodified fp32")
-
-
 def _activations_lines(c: dict[str, Any] | None) -> list[str]:
     if not c:
         return []
@@ -95,6 +88,8 @@ def _target_lines(t: str, rec: dict[str, Any]) -> list[str]:
 
 
 def render_markdown(r: dict[str, Any]) -> str:
+    bc = r["bias_correction"]
+    skipped = f"; {len(bc['skipped'])} quantized layers had no bias to take it" if bc["skipped"] else ""
     lines = [f"# int8 report: {r['checkpoint']}", "",
              f"- data: `{r['data']}`, image size {r['image_size']}",
              f"- calibration: {r['calibration']}",
@@ -102,7 +97,10 @@ def render_markdown(r: dict[str, Any]) -> str:
              f"- bar (ONNX, ExecuTorch, TFLite): fine top-1 drop ≤ {100 * r['bar']['max_fine_top1_drop']:.1f} pt, "
              f"fine agreement with fp32 ≥ {100 * r['bar']['min_fine_agreement']:g} % (on the evaluation sets pooled), "
              f"size ≤ {100 * r['bar']['max_size_ratio']:.0f} % of fp32",
-             _bias_line(r["bias_correction"]), "", *_plan_lines(r), "", "## Targets", ""]
+             f"- bias correction: the mean output shift of int8 weight rounding, measured per channel on "
+             f"{bc['images']}, folded into the biases of {bc['layers']} quantized layers (largest shift "
+             f"{bc['max_shift']:.3g}){skipped}; int8 is made from that copy, judged against the unmodified fp32",
+             "", *_plan_lines(r), "", "## Targets", ""]
     lines += [line for t, rec in r["targets"].items() for line in _target_lines(t, rec)]
     return "\n".join(lines + [f"Run time: {r['seconds']} s."]) + "\n"
 

@@ -14,12 +14,11 @@ import numpy as np
 from converters import parity, run_batched
 from sdk import Classifier, Manifest
 
-from ._common import QuantContext, QuantizeError, TargetResult
+from ._common import QuantContext, QuantizeError, TargetResult, prepare_context
 from .bar import MAX_SIZE_RATIO, MAX_TOP1_DROP, MIN_AGREEMENT, meets_bar
-from .prepare import Prepared, prepare_context
 from .recipes import resolve_recipes
 from .sensitivity import disagreements, fine_kl
-from .sim import families, model_logprobs, simulate
+from .sim import model_logprobs, simulate
 
 # `auto` builds ExecuTorch both ways and keeps the fastest artifact that meets the int8 bar; two whose
 # batch-1 times differ by less than this share are a tie (one run's timing moves by a few per cent on a
@@ -33,16 +32,13 @@ def sdk_logprobs(directory: Path, images: np.ndarray, batch: int = 16) -> list[n
     return run_batched(Classifier.load(directory).logprobs, images, batch)
 
 
-def _metrics_subset(m: dict[str, float]) -> dict[str, float]:
-    return {k: v for k, v in m.items() if k.startswith("top1/") or k in ("full_path", "n")}
-
-
 def _split_record(taxonomy, source: str, labels, names, lp, lp32, lp_sim) -> dict[str, Any]:
     """int8 (`lp`) against fp32 (`lp32`) and the PyTorch simulation (`lp_sim`) on one set of photos."""
     from train.metrics import compute_metrics
     fine = taxonomy.level_names[-1]
     m8, m32 = compute_metrics(taxonomy, lp, labels), compute_metrics(taxonomy, lp32, labels)
-    return {"images": source, "fp32": _metrics_subset(m32), "int8": _metrics_subset(m8),
+    subset = lambda m: {k: v for k, v in m.items() if k.startswith("top1/") or k in ("full_path", "n")}  # noqa: E731
+    return {"images": source, "fp32": subset(m32), "int8": subset(m8),
             "fine_top1_drop": m32[f"top1/{fine}"] - m8[f"top1/{fine}"], "agreement_with_fp32": parity(lp32, lp, taxonomy),
             "agreement_with_pytorch_simulation": parity(lp_sim, lp, taxonomy),
             "disagreements": disagreements(taxonomy, lp32, lp, names=names), "fine_kl_to_fp32": fine_kl(lp32, lp)}
@@ -66,19 +62,16 @@ def judge(res: TargetResult, evals, fp32_lp, sim_lp, taxonomy, sim_weights_only=
                            **res.extra}
     lps = {split: sdk_logprobs(res.int8_dir, s.images) if res.runnable_here else sim_weights_only[split]
            for split, s in evals.items()}
-    for split, s in evals.items():
-        rec["splits"][split] = _split_record(taxonomy, s.source, s.labels, s.names, lps[split], fp32_lp[split],
-                                             sim_lp[split])
+    rec["splits"] = {split: _split_record(taxonomy, s.source, s.labels, s.names, lps[split], fp32_lp[split],
+                                          sim_lp[split]) for split, s in evals.items()}
     if len(evals) > 1:
         cat = lambda d: [np.concatenate([d[k][lvl] for k in evals]) for lvl in range(taxonomy.depth)]  # noqa: E731
         rec["pooled"] = _split_record(
             taxonomy, " + ".join(evals), np.concatenate([s.labels for s in evals.values()]),
             tuple(n for s in evals.values() for n in s.names), cat(lps), cat(fp32_lp), cat(sim_lp))
     judged = _judged(rec)
-    ok = meets_bar(judged["agreement_with_fp32"][f"agreement/{fine}"], judged["fine_top1_drop"])
-    if rec["size_ratio"] is not None:
-        ok &= rec["size_ratio"] <= MAX_SIZE_RATIO
-    rec["meets_bar"] = bool(ok)
+    rec["meets_bar"] = bool(meets_bar(judged["agreement_with_fp32"][f"agreement/{fine}"], judged["fine_top1_drop"])
+                            and (rec["size_ratio"] is None or rec["size_ratio"] <= MAX_SIZE_RATIO))
     return rec
 
 
@@ -97,40 +90,39 @@ def pick_fastest(candidates: dict[str, dict[str, Any]]) -> str:
 
 
 class Int8Run:
-    """The targets of one run, built from one `Prepared` and judged against fp32 and against the PyTorch
-    simulation of the scheme each was built from (ExecuTorch: static or dynamic activations); each scheme
-    gets its context and simulation once."""
+    """The targets of one run, built from one static `QuantContext` (`prepare_context`) and judged against fp32
+    and against the PyTorch simulation of the scheme each was built from (ExecuTorch: static or dynamic
+    activations); each scheme gets its context and simulation once."""
 
-    def __init__(self, prep: Prepared, out: str | Path, recipes: dict[str, Any], log: Callable[[str], None] = print):
-        self.prep, self.out, self.recipes, self.log = prep, Path(out), recipes, log
-        self.fine = prep.taxonomy.level_names[-1]
+    def __init__(self, ctx: QuantContext, out: str | Path, recipes: dict[str, Any], log: Callable[[str], None] = print):
+        self.ctx, self.out, self.recipes, self.log = ctx, Path(out), recipes, log
+        self.fine = ctx.taxonomy.level_names[-1]
         log("fp32 references on the evaluation sets")
-        self.fp32_lp = {k: model_logprobs(prep.model, s.images) for k, s in prep.evals.items()}
+        self.fp32_lp = self._logprobs(ctx.model)
         self.contexts: dict[str, QuantContext] = {}  # the context each target was finally built from
         self.choice: dict[str, Any] | None = None  # how ExecuTorch's activations were chosen
         self._variants: dict[bool, tuple[QuantContext, dict[str, list[np.ndarray]]]] = {}
-        self.coreml_lp = self._weights_only_logprobs() if "coreml" in recipes else None
+        self.coreml_lp = None
+        if "coreml" in recipes:  # Core ML's runtime needs macOS: its int8 weights simulated (no scale clamp)
+            layers = {f.name for f in ctx.families if f.prefixes}
+            self.coreml_lp = self._logprobs(simulate(ctx.model, ctx.ranges, layers, weights_only=True,
+                                                     shifts=ctx.coreml_shifts, weight_eps=0.0))
 
-    def _weights_only_logprobs(self) -> dict[str, list[np.ndarray]]:
-        """Core ML's int8 weights simulated (round-to-nearest, no scale clamp): its runtime needs macOS."""
-        p = self.prep
-        sim = simulate(p.model, p.ranges, {f.name for f in families(p.model) if f.prefixes}, weights_only=True,
-                       shifts=p.coreml_shifts, weight_eps=0.0)
-        return {k: model_logprobs(sim, s.images) for k, s in p.evals.items()}
+    def _logprobs(self, model) -> dict[str, list[np.ndarray]]:
+        return {k: model_logprobs(model, s.images) for k, s in self.ctx.evals.items()}
 
     def variant(self, dynamic: bool) -> tuple[QuantContext, dict[str, list[np.ndarray]]]:
         """(context, simulated int8 log-probs on the evaluation sets) of an ExecuTorch activation scheme."""
         if dynamic not in self._variants:
-            p = self.prep
-            c = p.context(dynamic=True) if dynamic else p.ctx
-            sim = simulate(p.model, c.ranges, set(c.plan.quantized), shifts=p.int8_shifts, dynamic=c.dynamic)
-            self._variants[dynamic] = (c, {k: model_logprobs(sim, s.images) for k, s in p.evals.items()})
+            c = self.ctx.for_scheme(dynamic=True) if dynamic else self.ctx
+            sim = simulate(c.model, c.ranges, set(c.plan.quantized), shifts=c.int8_shifts, dynamic=c.dynamic)
+            self._variants[dynamic] = (c, self._logprobs(sim))
         return self._variants[dynamic]
 
     def judge(self, res: TargetResult, ctx: QuantContext) -> dict[str, Any]:
         """`judge` against the simulation of the scheme `ctx` was made for."""
-        return judge(res, self.prep.evals, self.fp32_lp, self.variant(ctx.dynamic is not None)[1],
-                     self.prep.taxonomy, self.coreml_lp)
+        return judge(res, ctx.evals, self.fp32_lp, self.variant(ctx.dynamic is not None)[1], ctx.taxonomy,
+                     self.coreml_lp)
 
     def build(self, target: str, dynamic: bool) -> tuple[TargetResult, dict[str, Any], QuantContext]:
         ctx = self.variant(dynamic)[0]
@@ -139,75 +131,74 @@ class Int8Run:
 
     def latency(self, t: str, int8_dirs: dict[str, Path]) -> dict[str, dict[str, Any]]:
         """Batch-1, one-thread latency of each int8 artifact and of the target's fp32 export, timed interleaved."""
-        from converters.benchmark import time_artifacts
-        from converters.benchmark import read_cpuinfo
-        images = next(iter(self.prep.evals.values())).images[:LATENCY_PHOTOS]
+        from converters.benchmark import machine_info, time_artifacts
+
+        if not int8_dirs:
+            return {}
+        images = next(iter(self.ctx.evals.values())).images[:LATENCY_PHOTOS]
         times = time_artifacts({**int8_dirs, "fp32": self.out / "fp32" / t}, images, threads=1)
-        cpu = read_cpuinfo()
-        simd = [f for f in ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_int8") if f in cpu["flags"]]
+        machine = machine_info(threads=1)
         f32 = times["fp32"]["median_ms"]
         return {k: {"int8_ms": times[k]["median_ms"], "int8_p90_ms": times[k]["p90_ms"], "fp32_ms": f32,
                     "int8_vs_fp32": times[k]["median_ms"] / f32, "threads": 1, "batch": 1, "photos": len(images),
-                    "rounds": times[k]["rounds"], "cpu": f"{cpu['model']} ({'+'.join(simd) or 'no AVX'})"}
+                    "rounds": times[k]["rounds"], "cpu": f"{machine['cpu']} ({'+'.join(machine['simd']) or 'no AVX'})"}
                 for k in int8_dirs}
 
-    def build_fastest_executorch(self) -> tuple[TargetResult, dict[str, Any], QuantContext]:
-        """`auto`: ExecuTorch built with static and with dynamic activations, each judged and timed (one
-        thread, batch 1, interleaved); the one `pick_fastest` keeps becomes `<out>/executorch`."""
-        built, cands = {}, {}
-        for scheme in ("static", "dynamic"):
+    def build_target(self, t: str) -> dict[str, Any]:
+        """Build, judge and time one target; its manifest gets the evaluation, the latency and, for ExecuTorch,
+        how its activations were chosen. ExecuTorch `auto`: built with static and with dynamic activations, each
+        judged and timed (one thread, batch 1, interleaved); the one `pick_fastest` keeps becomes `<out>/executorch`."""
+        requested = getattr(self.recipes[t], "activations", "static")
+        schemes = ("static", "dynamic") if requested == "auto" else (requested,)
+        built: dict[str, tuple[TargetResult, dict[str, Any], QuantContext]] = {}
+        cands: dict[str, dict[str, Any]] = {}
+        for scheme in schemes:
             try:
-                res, rec, ctx = self.build("executorch", scheme == "dynamic")
-            except Exception as e:  # one scheme failing must not cost the target
-                self.log(f"executorch ({scheme}): FAILED: {type(e).__name__}: {e}")
+                res, rec, ctx = self.build(t, scheme == "dynamic")
+            except Exception as e:  # under `auto`, one scheme failing must not cost the target
+                if len(schemes) == 1:
+                    raise
+                self.log(f"{t} ({scheme}): FAILED: {type(e).__name__}: {e}")
                 cands[scheme] = {"error": f"{type(e).__name__}: {e}"}
                 continue
-            park = self.out / f"executorch-{scheme}"
-            shutil.rmtree(park, ignore_errors=True)
-            res.int8_dir.rename(park)
-            built[scheme] = (res, rec, ctx, park)
+            if len(schemes) > 1:  # parked while the other scheme is built
+                park = self.out / f"{t}-{scheme}"
+                shutil.rmtree(park, ignore_errors=True)
+                res.int8_dir = res.int8_dir.rename(park)
+            built[scheme] = (res, rec, ctx)
         if not built:
             raise QuantizeError(f"ExecuTorch: neither scheme could be built: {cands}")
-        lat = self.latency("executorch", {k: v[3] for k, v in built.items()})
-        for scheme, (_, rec, _, _) in built.items():
-            judged = _judged(rec)
-            cands[scheme] = {"median_ms": lat[scheme]["int8_ms"], "meets_bar": rec["meets_bar"],
-                             "fine_agreement": judged["agreement_with_fp32"][f"agreement/{self.fine}"],
-                             "fine_top1_drop": judged["fine_top1_drop"], "size_ratio": rec["size_ratio"]}
-        chosen = pick_fastest({k: c for k, c in cands.items() if "error" not in c})
-        final = self.out / "executorch"
-        shutil.rmtree(final, ignore_errors=True)
-        for scheme, (*_, park) in built.items():
-            if scheme != chosen:
-                shutil.rmtree(park)
-        res, rec, ctx, park = built[chosen]
-        park.rename(final)
-        res.int8_dir, rec["int8_dir"] = final, str(final)
-        rec["latency"] = lat[chosen]
-        self.choice = {"requested": "auto", "chosen": chosen, "candidates": cands, "measured_on": rec["latency"]["cpu"],
-                       "rule": f"the fastest that meets the int8 bar (batch 1, one thread, {rec['latency']['photos']} "
-                               f"val photos); within {SPEED_TIE:.0%} of it, the one agreeing more with fp32"}
-        self.log(f"executorch activations (auto): " + ", ".join(
-            f"{k} {c['median_ms']:.2f} ms, bar {'met' if c['meets_bar'] else 'not met'}" if "error" not in c
-            else f"{k} failed" for k, c in cands.items()) + f" -> {chosen}")
-        return res, rec, ctx
-
-    def build_target(self, t: str) -> dict[str, Any]:
-        """Build, judge and time one target (ExecuTorch `auto`: `build_fastest_executorch`); its manifest
-        gets the evaluation, the latency and, for ExecuTorch, how its activations were chosen."""
-        if t == "executorch" and self.recipes[t].activations == "auto":
-            res, rec, ctx = self.build_fastest_executorch()
-        else:
-            activations = getattr(self.recipes[t], "activations", None)
-            res, rec, ctx = self.build(t, activations == "dynamic")
-            if t == "executorch":
-                self.choice = {"requested": activations, "chosen": activations}
-            if res.runnable_here:
-                rec["latency"] = self.latency(t, {"int8": res.int8_dir})["int8"]
-        self.contexts[t] = ctx
+        lat = self.latency(t, {k: res.int8_dir for k, (res, _, _) in built.items() if res.runnable_here})
+        chosen = requested
+        if requested == "auto":
+            for scheme, (_, rec, _) in built.items():
+                judged = _judged(rec)
+                cands[scheme] = {"median_ms": lat[scheme]["int8_ms"], "meets_bar": rec["meets_bar"],
+                                 "fine_agreement": judged["agreement_with_fp32"][f"agreement/{self.fine}"],
+                                 "fine_top1_drop": judged["fine_top1_drop"], "size_ratio": rec["size_ratio"]}
+            chosen = pick_fastest({k: c for k, c in cands.items() if "error" not in c})
+            shutil.rmtree(self.out / t, ignore_errors=True)
+            for scheme, (res, rec, _) in built.items():
+                if scheme != chosen:
+                    shutil.rmtree(res.int8_dir)
+                else:
+                    res.int8_dir = res.int8_dir.rename(self.out / t)
+                    rec["int8_dir"] = str(res.int8_dir)
+            self.log(f"{t} activations (auto): " + ", ".join(
+                f"{k} {c['median_ms']:.2f} ms, bar {'met' if c['meets_bar'] else 'not met'}" if "error" not in c
+                else f"{k} failed" for k, c in cands.items()) + f" -> {chosen}")
+        res, rec, self.contexts[t] = built[chosen]
+        if chosen in lat:
+            rec["latency"] = lat[chosen]
         m = Manifest.load(res.int8_dir)
         m.metrics["int8_evaluation"] = {k: v for k, v in rec.items() if k not in ("float_layers", "notes", "scheme")}
         if t == "executorch":  # its manifest says how its activations were chosen
+            self.choice = {"requested": requested, "chosen": chosen}
+            if requested == "auto":
+                self.choice.update(candidates=cands, measured_on=rec["latency"]["cpu"],
+                                   rule=f"the fastest that meets the int8 bar (batch 1, one thread, "
+                                        f"{rec['latency']['photos']} val photos); within {SPEED_TIE:.0%} of it, "
+                                        "the one agreeing more with fp32")
             m.metrics["quantization"]["activations_choice"] = self.choice
         m.save(res.int8_dir)
         return rec
@@ -236,9 +227,9 @@ class Int8Run:
         return results
 
     def report(self, results: dict[str, Any], seconds: float) -> dict[str, Any]:
-        p = self.prep
+        p = self.ctx
         return {"checkpoint": p.checkpoint, "data": p.data, "image_size": p.image_size,
-                "calibration": p.calibration.source, "bias_correction": p.ctx.model_info.get("bias_correction"),
+                "calibration": p.calibration.source, "bias_correction": p.model_info.get("bias_correction"),
                 "sensitivity": p.plan.to_dict(), "evaluation_sets": {k: s.source for k, s in p.evals.items()},
                 "bar": {"max_fine_top1_drop": MAX_TOP1_DROP, "min_fine_agreement": MIN_AGREEMENT,
                         "max_size_ratio": MAX_SIZE_RATIO},
@@ -254,9 +245,9 @@ def quantize_checkpoint(checkpoint: str | Path, data: str, targets: Sequence[str
 
     t0 = time.time()
     recipes = resolve_recipes(targets, recipes)
-    prep = prepare_context(checkpoint, data, targets, n_calibration, n_sensitivity, eval_limit, n_parity, log)
+    ctx = prepare_context(checkpoint, data, targets, n_calibration, n_sensitivity, eval_limit, n_parity, log)
     Path(out).mkdir(parents=True, exist_ok=True)
-    run = Int8Run(prep, out, recipes, log)
+    run = Int8Run(ctx, out, recipes, log)
     report = run.report(run.build_all(), round(time.time() - t0, 1))
     write_report(report, out)
     return report

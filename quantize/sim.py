@@ -36,19 +36,23 @@ class Family:
         return any(module_name == p or module_name.startswith(p + ".") for p in self.prefixes)
 
 
+def layers_of(model: nn.Module, fams: list[Family]) -> dict[str, nn.Module]:
+    """The Conv2d / Linear layers of `model` the families `fams` own, by module name."""
+    return {n: m for n, m in model.named_modules()
+            if isinstance(m, (nn.Conv2d, nn.Linear)) and any(f.owns(n) for f in fams)}
+
+
 def backbone_families(backbone: nn.Module) -> list[Family]:
     """The backbone's families, in graph order (module prefixes under `backbone.`): the stem, each
     EfficientNet stage (the blocks between two changes of output width) and the head conv on their own,
     so a float plan can keep a small early stage float without its larger neighbours."""
-    nb = backbone.num_blocks
-    blk = lambda a, b: tuple(f"backbone._blocks.{i}" for i in range(a, b))  # noqa: E731
-    starts = [i for i, s in enumerate(backbone.specs) if i == 0 or s.cout != backbone.specs[i - 1].cout] + [nb]
+    specs = backbone.specs
+    starts = [i for i, s in enumerate(specs) if i == 0 or s.cout != specs[i - 1].cout] + [backbone.num_blocks]
     fams = [Family("backbone stem", ("backbone._conv_stem",))]
     for k, (a, b) in enumerate(zip(starts, starts[1:])):
         span = f"block {a}" if b == a + 1 else f"blocks {a}-{b - 1}"
-        fams.append(Family(f"backbone stage {k} ({span})", blk(a, b)))
-    fams.append(Family("backbone head conv", ("backbone._conv_head",)))
-    return fams
+        fams.append(Family(f"backbone stage {k} ({span})", tuple(f"backbone._blocks.{i}" for i in range(a, b))))
+    return fams + [Family("backbone head conv", ("backbone._conv_head",))]
 
 
 def families(model: nn.Module) -> list[Family]:
@@ -62,13 +66,9 @@ def families(model: nn.Module) -> list[Family]:
                         and any(isinstance(x, (nn.Linear, nn.Conv2d)) for x in m.modules()))
         return fams + [Family("read-out", readout)] * bool(readout) + [Family(n) for n in ALWAYS_FLOAT]
     fams.append(Family("token projections", ("tokens.proj",)))
-    attn, ffn = [], []
-    for lvl, blocks in enumerate(head.cross):
-        for b in range(len(blocks)):
-            attn.append(f"head.cross.{lvl}.{b}.attn")
-            ffn.append(f"head.cross.{lvl}.{b}.ffn")
-    fams.append(Family("query cross-attention projections", tuple(attn)))
-    fams.append(Family("query FFNs", tuple(ffn)))
+    blocks = [f"head.cross.{lvl}.{b}" for lvl, level in enumerate(head.cross) for b in range(len(level))]
+    fams.append(Family("query cross-attention projections", tuple(f"{b}.attn" for b in blocks)))
+    fams.append(Family("query FFNs", tuple(f"{b}.ffn" for b in blocks)))
     if getattr(head, "camp", None) is not None:
         fams.append(Family("CAMP block", ("head.camp",)))
     if getattr(model.tokens, "fusion", None) is not None and len(model.tokens.fusion):
@@ -87,52 +87,45 @@ class Ranges:
     outputs: dict[str, tuple[float, float]] = field(default_factory=dict)
 
 
-def _update(d: dict, k: str, t: torch.Tensor) -> None:
-    lo, hi = float(t.min()), float(t.max())
-    if k in d:
-        lo, hi = min(lo, d[k][0]), max(hi, d[k][1])
-    d[k] = (lo, hi)
-
-
 @torch.inference_mode()
 def calibrate(model: nn.Module, images: np.ndarray, batch: int = 25) -> Ranges:
     """Record min/max of every Conv2d/Linear/LayerNorm/BatchNorm/read-out input and output on real uint8 photos."""
     from train.models import GroupReadout
     r = Ranges()
-    hooks = []
-    for name, m in model.named_modules():
-        if isinstance(m, (nn.Conv2d, nn.Linear, nn.LayerNorm, nn.BatchNorm2d, GroupReadout)):
-            def hook(mod, inp, out, name=name):
-                _update(r.inputs, name, inp[0])
-                _update(r.outputs, name, out)
-            hooks.append(m.register_forward_hook(hook))
+
+    def record(name: str, inp, out) -> None:
+        for d, t in ((r.inputs, inp[0]), (r.outputs, out)):
+            lo, hi = float(t.min()), float(t.max())
+            d[name] = (min(lo, d[name][0]), max(hi, d[name][1])) if name in d else (lo, hi)
+    hooks = [m.register_forward_hook(lambda mod, inp, out, name=name: record(name, inp, out))
+             for name, m in model.named_modules()
+             if isinstance(m, (nn.Conv2d, nn.Linear, nn.LayerNorm, nn.BatchNorm2d, GroupReadout))]
     feed(model, images, hooks, batch)
     return r
 
 
 def feed(model: nn.Module, images: np.ndarray, hooks: list, batch: int = 25) -> None:
-    """Run uint8 NHWC photos through `model` in eval mode for the forward `hooks` it carries, then remove them."""
+    """Run uint8 NHWC photos through `model` in eval mode for the forward `hooks` it carries, then remove them
+    and restore the model's mode."""
     from train.backbones import normalize_uint8
+    was_training = model.training
     try:
         model.eval()
         for i in range(0, len(images), batch):
             x = torch.from_numpy(np.ascontiguousarray(images[i:i + batch]))
             model(normalize_uint8(x.permute(0, 3, 1, 2)))
     finally:
+        model.train(was_training)
         for h in hooks:
             h.remove()
 
 
-def _qparams(lo: float, hi: float) -> tuple[float, int]:
-    lo, hi = min(lo, 0.0), max(hi, 0.0)
-    scale = max((hi - lo) / 255.0, 1e-8)
-    zp = int(round(-128 - lo / scale))
-    return scale, max(-128, min(127, zp))
-
-
 def fq_act(x: torch.Tensor, rng: tuple[float, float]) -> torch.Tensor:
-    scale, zp = _qparams(*rng)
-    return torch.fake_quantize_per_tensor_affine(x, scale, zp, -128, 127)
+    """int8 asymmetric per tensor on the range `rng` widened to contain 0."""
+    lo, hi = min(rng[0], 0.0), max(rng[1], 0.0)
+    scale = max((hi - lo) / 255.0, 1e-8)
+    zero_point = max(-128, min(127, int(round(-128 - lo / scale))))
+    return torch.fake_quantize_per_tensor_affine(x, scale, zero_point, -128, 127)
 
 
 # The weight observers of pt2e's XNNPACKQuantizer and of litert-torch's PT2EQuantizer clamp a channel's
@@ -157,12 +150,9 @@ def fold_factors(model: nn.Module) -> dict[str, torch.Tensor]:
     """Per conv followed by a BatchNorm: |gamma| / sqrt(var + eps) per output channel, the factor BatchNorm
     folding multiplies its weights by (bias correction moves the mean only, so corrected copies share it)."""
     mods = dict(model.named_modules())
-    out = {}
-    for name, m in mods.items():
-        bn = bn_after(mods, name)
-        if isinstance(m, nn.Conv2d) and bn is not None:
-            out[name] = (bn.weight.detach().abs() / torch.sqrt(bn.running_var + bn.eps)).float()
-    return out
+    bns = {name: bn_after(mods, name) for name, m in mods.items() if isinstance(m, nn.Conv2d)}
+    return {name: (bn.weight.detach().abs() / torch.sqrt(bn.running_var + bn.eps)).float()
+            for name, bn in bns.items() if bn is not None}
 
 
 def weight_scale(w: torch.Tensor, fold: torch.Tensor | None = None, eps: float = 0.0) -> torch.Tensor:
@@ -225,9 +215,7 @@ def dynamic_scheme(model: nn.Module, quantized: set[str], images: np.ndarray) ->
     fams = [f for f in families(model) if f.prefixes and f.name in quantized]
     const = image_independent_layers(model, images)
     dyn, static, flt, why = set(), set(), set(), {}
-    for name, m in model.named_modules():
-        if not isinstance(m, (nn.Conv2d, nn.Linear)) or not any(f.owns(name) for f in fams):
-            continue
+    for name, m in layers_of(model, fams).items():
         if is_depthwise(m):
             flt.add(name)
             why[name] = "depthwise: XNNPACK has no dynamically quantized depthwise conv"
@@ -259,8 +247,7 @@ def _attention_forward(self, xq, xkv, bias=None):
         logits = logits + bias
     attn = fq_act(logits.softmax(-1), (0.0, 1.0))
     y = attn @ v
-    b, h, n, dh = y.shape
-    return self.o(y.transpose(1, 2).reshape(b, n, h * dh))
+    return self.o(y.transpose(1, 2).flatten(2))
 
 
 def _output_point(name: str) -> str | None:
@@ -285,8 +272,7 @@ def _static_hooks(mods: dict[str, nn.Module], name: str, ranges: Ranges, clip_ou
     elif clip_output:
         bn = bn_after(mods, name)
         out_at = next(n for n, mod in mods.items() if mod is bn)
-        lo, hi = ranges.outputs[out_at]
-        orng = (max(lo, 0.0), min(hi, 6.0))
+        orng = (max(ranges.outputs[out_at][0], 0.0), min(ranges.outputs[out_at][1], 6.0))
     else:
         return
     mods[out_at].register_forward_hook(lambda mod, inp, out, rng=orng: fq_act(out, rng))
@@ -316,8 +302,9 @@ def simulate(model: nn.Module, ranges: Ranges, quantized: set[str], weights_only
         apply_shifts(sim, shifts, layer_fams)
     folds = fold_factors(sim)
     mods = dict(sim.named_modules())
+    rounded = set(layers_of(sim, layer_fams)) - unrounded
     for name, m in mods.items():
-        if isinstance(m, (nn.Conv2d, nn.Linear)) and any(f.owns(name) for f in layer_fams) and name not in unrounded:
+        if name in rounded:
             with torch.no_grad():
                 m.weight.copy_(fq_weight(m.weight, folds.get(name), weight_eps))
             if dynamic is not None and name in dynamic.dynamic:

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from converters import embedded_metadata, embedding_record, tool_versions
+from converters import embedded_metadata, embedding_record
 from converters.tflite import finish_file
 
 from ._common import QuantContext, QuantizeError, TargetResult, failing_as, finish_int8, fp32_artifact
@@ -60,13 +60,13 @@ def finish_tflite(ctx: QuantContext, path: Path, fp32_size: int | None, scheme: 
              "normalizes it)", *notes[1:]]
     export = {"fixed_batch": 1, "runtime": "ai_edge_litert.interpreter.Interpreter", "signature": "serving_default",
               "thread_safe": False}
-    return finish_int8(ctx, "tflite", path, fp32_size, tool_versions(*versions), scheme, ctx.float_layers("float ops"),
+    return finish_int8(ctx, "tflite", path, fp32_size, versions, scheme, ctx.float_layers("float ops"),
                        notes, export=export)
 
 
 def quantize(ctx: QuantContext, out_dir: Path, recipe: TFLiteRecipe) -> TargetResult:
     """fp32 export (converters.tflite) for size, then PT2E int8 -> `<out_dir>/tflite/model.tflite`."""
-    fp32 = fp32_artifact(ctx, "tflite", out_dir / "fp32" / "tflite")
+    fp32 = fp32_artifact(ctx, "tflite", out_dir)
     names = quantized_module_names(ctx)
     ctx.log(f"tflite: litert PT2E quantizer on {len(names)} Conv/Linear layers, calibrating on "
             f"{len(ctx.calibration)} photos")

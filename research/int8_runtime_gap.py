@@ -90,30 +90,30 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"{a.checkpoint}: not a directory")
 
     from quantize.executorch import convert, quantized_module_names, xnnpack_quantizer
-    from quantize.prepare import prepare_context
+    from quantize.run import prepare_context
     from quantize.sim import model_logprobs
     from quantize.tflite import litert_quantizer
     from train.metrics import compute_metrics
 
-    prep = prepare_context(a.checkpoint, a.data, targets, a.calibration_images, a.sensitivity_images, a.limit)
-    ctx, tax = prep.ctx, prep.ctx.taxonomy
+    ctx = prepare_context(a.checkpoint, a.data, targets, a.calibration_images, a.sensitivity_images, a.limit)
+    tax = ctx.taxonomy
     fine = tax.level_names[-1]
     names = quantized_module_names(ctx)
-    fp32 = {k: model_logprobs(ctx.model, s.images) for k, s in prep.evals.items()}
-    fp32_top1 = {k: compute_metrics(tax, fp32[k], s.labels)[f"top1/{fine}"] for k, s in prep.evals.items()}
+    fp32 = {k: model_logprobs(ctx.model, s.images) for k, s in ctx.evals.items()}
+    fp32_top1 = {k: compute_metrics(tax, fp32[k], s.labels)[f"top1/{fine}"] for k, s in ctx.evals.items()}
     graphs: dict[str, dict] = {}
-    out: dict[str, dict] = {"images": {k: s.source for k, s in prep.evals.items()}, "targets": {}}
+    out: dict[str, dict] = {"images": {k: s.source for k, s in ctx.evals.items()}, "targets": {}}
     with tempfile.TemporaryDirectory() as tmp:
         for t in targets:
             quantizer = xnnpack_quantizer(names) if t == "executorch" else litert_quantizer(names)
             converted = convert(ctx, quantizer, fold_quantize=(t == "executorch"))
             # the levels only: the embedding output follows them
-            graph = {k: graph_logprobs(converted, s.images)[:tax.depth] for k, s in prep.evals.items()}
+            graph = {k: graph_logprobs(converted, s.images)[:tax.depth] for k, s in ctx.evals.items()}
             graphs[t] = graph
             (Path(tmp) / t).mkdir()
             backend = runtime_backend(t, ctx, converted, quantizer, Path(tmp) / t)
             rec = out["targets"].setdefault(t, {})
-            for split, s in prep.evals.items():
+            for split, s in ctx.evals.items():
                 rt = [o.astype(np.float64) for o in backend.run(s.images)[:tax.depth]]  # in the fixed batch
                 r = {"fp32_top1": fp32_top1[split],
                      "graph_top1": compute_metrics(tax, graph[split], s.labels)[f"top1/{fine}"],
@@ -129,7 +129,7 @@ def main(argv: list[str] | None = None) -> int:
     if len(targets) == 2:
         x, y = targets
         out["graph_vs_graph"] = {}
-        for split in prep.evals:
+        for split in ctx.evals:
             v = compare(tax, graphs[x][split], graphs[y][split])
             out["graph_vs_graph"][split] = v
             print(f"{x} graph vs {y} graph {split}: {v['agreement']:.4f} ({v['changed']} changed), KL {v['fine_kl']:.2e}")

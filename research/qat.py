@@ -186,7 +186,7 @@ def prepare(ctx: QuantContext, make_quantizer: Callable[[bool], Any], ranges: st
     # nor the int8 source model the post-training artifacts come from
     # QAT starts where post-training int8 starts: the int8 source model (bias-corrected), so step 0 is
     # the PTQ model and training only has to improve on it
-    student = copy.deepcopy(ctx.deploy(int8=True))
+    student = copy.deepcopy(ctx.deploy(ctx.int8_model))
     gm = torch.export.export(student, (example,), dynamic_shapes={"image": {0: batch}}).module()
     # BatchNorm folded into the convs with its eval statistics, exactly as prepare_pt2e does for PTQ:
     # the annotated graph is the PTQ graph, BN stays frozen by construction, and the fake-quantized
@@ -587,12 +587,12 @@ def quantize_with_qat(checkpoint: str | Path, data: str, targets, out: str | Pat
 
     t0 = time.time()
     recipes = resolve_recipes(targets, {"executorch": ExecuTorchRecipe("static")} if "executorch" in targets else {})
-    prep = prepare_context(checkpoint, data, targets, n_calibration, n_sensitivity, eval_limit, n_parity, log)
+    ctx = prepare_context(checkpoint, data, targets, n_calibration, n_sensitivity, eval_limit, n_parity, log)
     Path(out).mkdir(parents=True, exist_ok=True)
-    run = Int8Run(prep, out, recipes, log)
+    run = Int8Run(ctx, out, recipes, log)
     results = run.build_all()
-    cfg = QATConfig(**{"freeze_blocks": int(prep.conf.get("train", {}).get("freeze_blocks", 0)), **qat})
-    results.update(run_qat(prep.ctx, results, out, data, cfg, run.judge, MAX_TOP1_DROP, MIN_AGREEMENT, run.contexts))
+    cfg = QATConfig(**{"freeze_blocks": int(ctx.conf.get("train", {}).get("freeze_blocks", 0)), **qat})
+    results.update(run_qat(ctx, results, out, data, cfg, run.judge, MAX_TOP1_DROP, MIN_AGREEMENT, run.contexts))
     report = run.report(results, round(time.time() - t0, 1))
     ptq = {**report, "targets": {t: r for t, r in results.items() if not t.endswith("_qat")}}
     atomic_write(Path(out) / "report.json", json.dumps(report, indent=1, default=str))

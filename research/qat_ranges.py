@@ -6,7 +6,7 @@
 `python research/qat.py` judges the lowered artifact after training. This looks inside: for
 each activation-range scheme of `research.qat.prepare` (`ptq`: the post-training histogram ranges,
 frozen; `minmax`: min/max over the calibration photos, then moving averages) it builds the ExecuTorch
-QAT graph from the same context `python -m quantize` uses (`quantize.prepare.prepare_context`: calibration,
+QAT graph from the same context `python -m quantize` uses (`quantize.run.prepare_context`: calibration,
 plan, bias correction), judges it before training, then for each learning rate trains a copy with
 `research.qat.train` (KL to fp32, AdamW, random crop + flip) on `--images` training photos outside the
 20 % slice and judges it after every epoch. Judged on all of `val` and the slice against fp32: fine
@@ -64,26 +64,26 @@ def main(argv: list[str] | None = None) -> int:
     a = p.parse_args(argv)
 
     from quantize.executorch import quantized_module_names, xnnpack_quantizer
-    from quantize.prepare import prepare_context
+    from quantize.run import prepare_context
     from research import qat as Q
     from quantize.sim import model_logprobs
 
     ranges = [r.strip() for r in a.ranges.split(",") if r.strip()]
     lrs = [float(x) for x in a.lrs.split(",") if x.strip()]
-    prep = prepare_context(a.checkpoint, a.data, ["executorch"], a.calibration_images, a.sensitivity_images, a.limit)
-    ctx, tax = prep.ctx, prep.ctx.taxonomy
-    ref = {k: model_logprobs(ctx.model, s.images) for k, s in prep.evals.items()}
+    ctx = prepare_context(a.checkpoint, a.data, ["executorch"], a.calibration_images, a.sensitivity_images, a.limit)
+    tax = ctx.taxonomy
+    ref = {k: model_logprobs(ctx.model, s.images) for k, s in ctx.evals.items()}
     names = quantized_module_names(ctx)
     photos = Q.training_set(a.data, ctx.image_size, tax, a.images, 0)
-    ckpt_freeze = int(prep.conf.get("train", {}).get("freeze_blocks", 0))
+    ckpt_freeze = int(ctx.conf.get("train", {}).get("freeze_blocks", 0))
     freezes = [ckpt_freeze if f.strip() == "ckpt" else int(f) for f in a.freeze_blocks.split(",") if f.strip()]
-    out = {"checkpoint": a.checkpoint, "images": {k: s.source for k, s in prep.evals.items()},
+    out = {"checkpoint": a.checkpoint, "images": {k: s.source for k, s in ctx.evals.items()},
            "qat_images": photos.source, "float_families": ctx.plan.float_families, "runs": []}
     for r in ranges:
         start = Q.prepare(ctx, lambda is_qat: xnnpack_quantizer(names, is_qat=is_qat), r)
-        rec = {"ranges": r, "lr": None, "epoch": 0, **judge(start, prep.evals, ref, tax)}
+        rec = {"ranges": r, "lr": None, "epoch": 0, **judge(start, ctx.evals, ref, tax)}
         out["runs"].append(rec)
-        print(_line(f"{r:6s} start          ", {k: rec[k] for k in prep.evals}), flush=True)
+        print(_line(f"{r:6s} start          ", {k: rec[k] for k in ctx.evals}), flush=True)
         for lr in lrs:
             for fz in freezes:
                 gm = copy.deepcopy(start)
@@ -94,9 +94,9 @@ def main(argv: list[str] | None = None) -> int:
                                    log=lambda *_: None)
                     rec = {"ranges": r, "lr": lr, "freeze_blocks": fz, "epoch": e + 1,
                            "train_kl": hist["history"][0]["kl_to_fp32"], "trainable_params": hist["trainable_params"],
-                           "seconds": round(time.time() - t0, 1), **judge(gm, prep.evals, ref, tax)}
+                           "seconds": round(time.time() - t0, 1), **judge(gm, ctx.evals, ref, tax)}
                     out["runs"].append(rec)
-                    print(_line(f"{r:6s} lr {lr:.0e} freeze {fz:2d} epoch {e + 1}", {k: rec[k] for k in prep.evals})
+                    print(_line(f"{r:6s} lr {lr:.0e} freeze {fz:2d} epoch {e + 1}", {k: rec[k] for k in ctx.evals})
                           + f"  (train KL {rec['train_kl']:.2e})", flush=True)
     if a.json:
         Path(a.json).write_text(json.dumps(out, indent=1))

@@ -32,7 +32,8 @@ def machine_info(threads: int) -> dict[str, Any]:
     """What the numbers were measured on: CPU, cores, versions, thread count."""
     cpu = read_cpuinfo()
     versions = {"python": sys.version.split()[0], **tool_versions(*VERSION_PACKAGES, base=(), missing="absent")}
-    simd = [f for f in ("avx2", "fma", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16") if f in cpu["flags"]]
+    simd = [f for f in ("avx2", "fma", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_int8")
+            if f in cpu["flags"]]
     return {"cpu": cpu["model"], "vendor": cpu["vendor"], "cores": cpu["cores"], "logical_cpus": cpu["logical_cpus"],
             "mhz": cpu["mhz"], "simd": simd, "os": platform.platform(), "threads": threads, "versions": versions}
 

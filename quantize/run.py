@@ -167,7 +167,7 @@ class Int8Run:
                 res.int8_dir = res.int8_dir.rename(park)
             built[scheme] = (res, rec, ctx)
         if not built:
-            raise QuantizeError(f"ExecuTorch: neither scheme could be built: {cands}")
+            raise QuantizeError(f"{t}: no activation scheme could be built: {cands}")
         lat = self.latency(t, {k: res.int8_dir for k, (res, _, _) in built.items() if res.runnable_here})
         chosen = requested
         if requested == "auto":
